@@ -1,0 +1,325 @@
+"""Data sets as in-memory tensors: the embedded MNIST, torchvision image sets
+and the user's own arrays, with the binarisation a Bernoulli likelihood needs.
+
+Every data set becomes a :class:`Dataset` with three :class:`Split` s
+(``train``, ``val``, ``test``) of float tensors shaped ``(N, *x_shape)`` plus
+optional integer labels. Batches are sliced from those tensors; no per-item
+PIL transform is ever run.
+
+Binarisation (a Bernoulli likelihood is a density only for binary data):
+
+* ``"dynamic"`` -- every training batch is resampled, ``x ~ Bernoulli(pixels)``,
+  as in Burda et al. (2015);
+* ``"fixed"`` -- the training set is binarised once with the seed;
+* ``"none"`` -- the pixels stay in [0, 1] (use a likelihood for continuous data).
+
+Whatever the mode, the validation and test sets are binarised once with a
+fixed seed (unless the mode is ``"none"``), so evaluations stay comparable
+between epochs and between runs.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+
+BINARIZE_MODES = ("dynamic", "fixed", "none")
+TORCHVISION_DATASETS = {"fashion-mnist": "FashionMNIST", "kmnist": "KMNIST", "mnist-torchvision": "MNIST"}
+DATASET_NAMES = ("mnist", *TORCHVISION_DATASETS)
+
+#: The seed with which validation and test sets are binarised, whatever the run's seed.
+EVALUATION_BINARIZATION_SEED = 0
+
+_MNIST_FILES = {
+    "train-images-idx3-ubyte.gz": "71524e2cd1ad2968737f7f2f2ff69cbfc32df8ccddff51593f7cb2d4e0eb5b64",
+    "train-labels-idx1-ubyte.gz": "fe03b8bd7915f70bf5aa08be480aa413fbd85afcaa58b35d230d335f284fd88e",
+    "t10k-images-idx3-ubyte.gz": "5634745efa576a17e7d4cf5cd9d09123c75e6538e5114267c2d156edaf519341",
+    "t10k-labels-idx1-ubyte.gz": "ae18e77e031ccde52407f794d123116439864147d33ac992975f85dd4dc42af6",
+}
+
+
+class DataError(ValueError):
+    """Data that cannot be used as given; the message names the fix."""
+
+
+@dataclass
+class Split:
+    """One split of a data set: ``x`` of shape ``(N, *x_shape)``, float32; ``y`` labels or None."""
+
+    x: torch.Tensor
+    y: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def to(self, device) -> Split:
+        return Split(self.x.to(device), None if self.y is None else self.y.to(device))
+
+    def subset(self, n: int) -> Split:
+        """The first ``n`` points (all of them when ``n`` is None or larger)."""
+        return Split(self.x[:n], None if self.y is None else self.y[:n])
+
+
+@dataclass
+class Dataset:
+    """A data set held in memory, split three ways, with its binarisation mode."""
+
+    name: str
+    train: Split
+    val: Split
+    test: Split
+    binarize: str = "none"
+    #: How to load this data set again (the arguments of :func:`load_dataset`); None for user tensors.
+    spec: dict | None = None
+
+    @property
+    def x_shape(self) -> tuple[int, ...]:
+        return tuple(self.train.x.shape[1:])
+
+    def to(self, device) -> Dataset:
+        return replace(self, train=self.train.to(device), val=self.val.to(device), test=self.test.to(device))
+
+    def subset(self, train: int | None = None, val: int | None = None, test: int | None = None) -> Dataset:
+        """A smaller copy, for smoke tests and quick experiments."""
+        spec = None if self.spec is None else {**self.spec, "subset": {"train": train, "val": val, "test": test}}
+        return replace(
+            self, train=self.train.subset(train), val=self.val.subset(val), test=self.test.subset(test), spec=spec
+        )
+
+    def batches(
+        self, batch_size: int, *, shuffle: bool = True, generator: torch.Generator | None = None
+    ) -> Iterator[torch.Tensor]:
+        """Training batches sliced from memory; dynamically binarised when the mode says so."""
+        x = self.train.x
+        n = x.shape[0]
+        order = torch.randperm(n, device=x.device, generator=generator) if shuffle else None
+        for start in range(0, n, batch_size):
+            batch = x[order[start : start + batch_size]] if shuffle else x[start : start + batch_size]
+            if self.binarize == "dynamic":
+                batch = torch.bernoulli(batch, generator=generator)
+            yield batch
+
+    def num_batches(self, batch_size: int) -> int:
+        return math.ceil(len(self.train) / batch_size)
+
+
+def check_finite_and_nonempty(x: torch.Tensor, what: str = "data") -> None:
+    """Refuse empty data and data holding NaN or inf, naming the problem."""
+    if x.ndim == 0 or x.shape[0] == 0:
+        raise DataError(f"The {what} is empty (shape {tuple(x.shape)}): give at least one data point.")
+    if not torch.is_floating_point(x):
+        raise DataError(f"The {what} has dtype {x.dtype}; convert it to a floating-point tensor.")
+    bad = ~torch.isfinite(x)
+    if bad.any():
+        nan, inf = int(torch.isnan(x).sum()), int(torch.isinf(x).sum())
+        first = int(bad.reshape(x.shape[0], -1).any(-1).nonzero()[0])
+        raise DataError(
+            f"The {what} holds {nan} NaN and {inf} infinite values (the first in data point {first}). "
+            "Remove or impute them before training."
+        )
+
+
+def binarize_once(x: torch.Tensor, seed: int) -> torch.Tensor:
+    """Binarise pixel intensities in [0, 1] once: ``x_bin ~ Bernoulli(x)`` with a fixed seed."""
+    if x.numel() and (x.min() < 0 or x.max() > 1):
+        raise DataError(
+            f"Binarisation needs values in [0, 1]; the data spans [{float(x.min()):g}, {float(x.max()):g}]. "
+            "Rescale it to [0, 1], or use binarize='none' with a likelihood for real-valued data (gaussian)."
+        )
+    generator = torch.Generator(device=x.device).manual_seed(seed)
+    return torch.bernoulli(x, generator=generator)
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """Read a gzip-compressed IDX file (the MNIST format): big-endian header, then raw uint8."""
+    raw = gzip.decompress(path.read_bytes())
+    if len(raw) < 8 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise DataError(f"{path} is not an unsigned-byte IDX file; replace it with the original.")
+    ndim = raw[3]
+    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    offset = 4 + 4 * ndim
+    if len(raw) - offset != math.prod(dims):
+        raise DataError(f"{path} is truncated: its header promises {dims} but the file is shorter.")
+    return np.frombuffer(raw, dtype=np.uint8, offset=offset).reshape(dims)
+
+
+def _embedded_mnist() -> tuple[Split, Split]:
+    root = resources.files("pyro_vae") / "datasets" / "mnist"
+    arrays = {}
+    for filename, sha256 in _MNIST_FILES.items():
+        path = Path(str(root / filename))
+        if not path.exists():
+            raise DataError(f"The embedded MNIST file {filename} is missing from {path.parent}; reinstall pyro-vae.")
+        if hashlib.sha256(path.read_bytes()).hexdigest() != sha256:
+            raise DataError(f"The embedded MNIST file {path} is corrupt (sha256 mismatch); reinstall pyro-vae.")
+        arrays[filename] = _read_idx(path)
+
+    def split(prefix: str) -> Split:
+        images = torch.from_numpy(arrays[f"{prefix}-images-idx3-ubyte.gz"].copy())
+        labels = torch.from_numpy(arrays[f"{prefix}-labels-idx1-ubyte.gz"].astype(np.int64))
+        return Split(images.unsqueeze(1).float() / 255.0, labels)
+
+    return split("train"), split("t10k")
+
+
+def _torchvision(name: str, data_dir: str | None, download: bool) -> tuple[Split, Split]:
+    import torchvision
+
+    if data_dir is None:
+        raise DataError(f"Data set {name!r} is served by torchvision: give its folder with data_dir= (--data-dir).")
+    cls = getattr(torchvision.datasets, TORCHVISION_DATASETS[name])
+    splits = []
+    for train in (True, False):
+        try:
+            ds = cls(root=data_dir, train=train, download=download)
+        except RuntimeError as err:
+            raise DataError(
+                f"{name} was not found under {data_dir} ({err}). Pass download=True (--download) to fetch it, "
+                "which needs a network."
+            ) from err
+        splits.append(Split(ds.data.unsqueeze(1).float() / 255.0, ds.targets.long()))
+    return splits[0], splits[1]
+
+
+def _as_float(array) -> torch.Tensor:
+    x = torch.as_tensor(np.asarray(array))
+    return x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+
+
+def _from_file(path: Path) -> tuple[Split, Split | None]:
+    """A ``.npy`` array of data points, or an ``.npz`` with ``x`` [``y``, ``x_test``, ``y_test``]."""
+    if not path.exists():
+        raise DataError(f"Data file {path} does not exist.")
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except ValueError as err:
+        raise DataError(f"{path} could not be read as a NumPy file without pickle ({err}).") from err
+    if path.suffix == ".npy":
+        return Split(_as_float(loaded)), None
+    keys = set(loaded.files)
+    if "x" not in keys:
+        raise DataError(
+            f"{path} has arrays {sorted(keys)}; it needs one named 'x' (and optionally 'y', 'x_test', 'y_test')."
+        )
+    labels = lambda key: torch.as_tensor(loaded[key]).long() if key in keys else None  # noqa: E731
+    train = Split(_as_float(loaded["x"]), labels("y"))
+    test = Split(_as_float(loaded["x_test"]), labels("y_test")) if "x_test" in keys else None
+    return train, test
+
+
+def _split_off(split: Split, n: int, seed: int) -> tuple[Split, Split]:
+    """Hold ``n`` random points (seeded) out of ``split``: returns (rest, held_out)."""
+    if not 0 < n < len(split):
+        raise DataError(
+            f"Cannot hold {n} of {len(split)} data points out; choose a size between 1 and {len(split) - 1}."
+        )
+    order = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))
+    rest, held = order[n:], order[:n]
+    pick = lambda idx: Split(split.x[idx], None if split.y is None else split.y[idx])  # noqa: E731
+    return pick(rest), pick(held)
+
+
+def make_dataset(
+    x,
+    y=None,
+    *,
+    x_test=None,
+    y_test=None,
+    name: str = "user",
+    binarize: str = "none",
+    val_size: int | float = 0.1,
+    test_size: int | float = 0.1,
+    seed: int = 0,
+) -> Dataset:
+    """A :class:`Dataset` from the user's own tensors or arrays.
+
+    ``x`` has shape ``(N, *x_shape)``; uint8 arrays are read as pixels and scaled
+    to [0, 1]. Without ``x_test`` a test split of ``test_size`` is held out;
+    sizes below 1 are fractions.
+    """
+    train = Split(_as_float(x), None if y is None else torch.as_tensor(np.asarray(y)).long())
+    test = (
+        None
+        if x_test is None
+        else Split(_as_float(x_test), None if y_test is None else torch.as_tensor(np.asarray(y_test)).long())
+    )
+    return _assemble(name, train, test, binarize=binarize, val_size=val_size, test_size=test_size, seed=seed)
+
+
+def _assemble(name, train: Split, test: Split | None, *, binarize, val_size, test_size, seed) -> Dataset:
+    if binarize not in BINARIZE_MODES:
+        raise DataError(f"Unknown binarisation {binarize!r}; choose one of {BINARIZE_MODES}.")
+    check_finite_and_nonempty(train.x, "training data")
+    if train.x.ndim < 2:
+        raise DataError(
+            f"Data must have shape (N, *x_shape) with at least one data dimension; got {tuple(train.x.shape)}."
+        )
+    if train.y is not None and len(train.y) != len(train):
+        raise DataError(f"There are {len(train.y)} labels for {len(train)} data points; give one label per point.")
+    as_count = lambda size, n: int(round(size * n)) if size < 1 else int(size)  # noqa: E731
+    if test is None:
+        train, test = _split_off(train, as_count(test_size, len(train)), seed + 1)
+    elif tuple(test.x.shape[1:]) != tuple(train.x.shape[1:]):
+        raise DataError(
+            f"Test points have shape {tuple(test.x.shape[1:])} but training points {tuple(train.x.shape[1:])}."
+        )
+    check_finite_and_nonempty(test.x, "test data")
+    train, val = _split_off(train, as_count(val_size, len(train)), seed)
+    if binarize != "none":
+        if binarize == "fixed":
+            train = Split(binarize_once(train.x, seed), train.y)
+        elif train.x.min() < 0 or train.x.max() > 1:
+            binarize_once(train.x, seed)  # raises the range error
+        val = Split(binarize_once(val.x, EVALUATION_BINARIZATION_SEED), val.y)
+        test = Split(binarize_once(test.x, EVALUATION_BINARIZATION_SEED), test.y)
+    return Dataset(name, train, val, test, binarize)
+
+
+def load_dataset(
+    name: str = "mnist",
+    *,
+    binarize: str = "dynamic",
+    val_size: int | float = 10_000,
+    seed: int = 0,
+    data_dir: str | None = None,
+    download: bool = False,
+) -> Dataset:
+    """Load a data set into memory, split into train / validation / test.
+
+    :param name: ``"mnist"`` (the embedded copy, no network), a torchvision set
+        (``"fashion-mnist"``, ``"kmnist"``, ``"mnist-torchvision"``, read from
+        ``data_dir``), or the path of a ``.npy`` / ``.npz`` file.
+    :param binarize: ``"dynamic"``, ``"fixed"`` or ``"none"`` (see the module docstring).
+    :param val_size: points held out of training for validation (a count, or a fraction if below 1).
+    :param seed: seeds the validation split and fixed binarisation.
+    :param download: let torchvision fetch a missing data set (needs a network).
+    """
+    path, spec_name = Path(name), name
+    if name == "mnist":
+        train, test = _embedded_mnist()
+    elif name in TORCHVISION_DATASETS:
+        train, test = _torchvision(name, data_dir, download)
+    elif path.suffix in (".npy", ".npz"):
+        train, test = _from_file(path)
+        name = path.stem
+    else:
+        raise DataError(f"Unknown data set {name!r}; use one of {DATASET_NAMES} or the path of a .npy/.npz file.")
+    dataset = _assemble(name, train, test, binarize=binarize, val_size=val_size, test_size=0.1, seed=seed)
+    dataset.spec = {"name": spec_name, "binarize": binarize, "val_size": val_size, "seed": seed, "data_dir": data_dir}
+    return dataset
+
+
+def dataset_from_spec(spec: dict) -> Dataset:
+    """Load the data set that :attr:`Dataset.spec` describes (as a run's config records it)."""
+    spec = dict(spec)
+    subset = spec.pop("subset", None)
+    dataset = load_dataset(**spec)
+    return dataset.subset(**subset) if subset else dataset

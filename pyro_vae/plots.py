@@ -1,0 +1,126 @@
+"""Matplotlib figures of a trained VAE: reconstructions, prior samples,
+learning curves and the latent space.
+
+Image figures need data shaped like images, ``(channels, height, width)``
+with 1 or 3 channels; :func:`save_figures` skips them for other data.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from torchvision.utils import make_grid  # noqa: E402
+
+from .data import Dataset  # noqa: E402
+from .vae import VAE  # noqa: E402
+
+
+def is_image_shape(x_shape) -> bool:
+    return len(x_shape) == 3 and x_shape[0] in (1, 3)
+
+
+def _show_grid(ax, images: torch.Tensor, nrow: int) -> None:
+    grid = make_grid(images.detach().cpu().clamp(0, 1), nrow=nrow, padding=2, pad_value=1.0)
+    ax.imshow(grid.permute(1, 2, 0).numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_axis_off()
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def plot_reconstructions(vae: VAE, x: torch.Tensor, path: Path, n: int = 16) -> Path:
+    """Top row: data; bottom row: the means of p(x | z) at z = loc(x)."""
+    x = x[:n]
+    fig, ax = plt.subplots(figsize=(n * 0.6, 1.5))
+    _show_grid(ax, torch.cat([x, vae.reconstruct(x)]), nrow=len(x))
+    ax.set_title("data (top) and reconstructions (bottom)", fontsize=9)
+    return _save(fig, path)
+
+
+def plot_samples(vae: VAE, path: Path, n: int = 64) -> Path:
+    """Means of p(x | z) for z drawn from the prior."""
+    fig, ax = plt.subplots(figsize=(6, 6))
+    _show_grid(ax, vae.sample(n), nrow=int(n**0.5))
+    ax.set_title(f"samples: mean of p(x|z), z ~ {vae.prior.name} prior", fontsize=9)
+    return _save(fig, path)
+
+
+def plot_learning_curves(history: list[dict], path: Path) -> Path:
+    """Training objective and validation ELBO per epoch, in nats per data point."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    trained = [row for row in history if "train_objective" in row]
+    ax.plot([r["epoch"] for r in trained], [r["train_objective"] for r in trained], label="training objective")
+    ax.plot([r["epoch"] for r in history], [r["val_elbo"] for r in history], marker="o", ms=3, label="validation ELBO")
+    if len(history) > 2:  # the untrained epoch 0 would flatten the rest of the curve
+        low = min(min(r["val_elbo"] for r in history[1:]), min((r["train_objective"] for r in trained), default=0))
+        high = max(max(r["val_elbo"] for r in history), max((r["train_objective"] for r in trained), default=low))
+        ax.set_ylim(low - 0.1 * (high - low + 1), high + 0.1 * (high - low + 1))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("nats per data point")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, path)
+
+
+@torch.no_grad()
+def plot_latent_space(vae: VAE, x: torch.Tensor, y: torch.Tensor | None, path: Path) -> Path:
+    """The posterior means loc(x), coloured by label; projected by PCA when z_dim > 2."""
+    loc = vae.encode(x)[0].cpu()
+    if vae.z_dim > 2:
+        centred = loc - loc.mean(0)
+        _, s, v = torch.linalg.svd(centred, full_matrices=False)
+        points, explained = centred @ v[:2].T, (s[:2] ** 2).sum() / (s**2).sum()
+        labels = ("PC 1", "PC 2")
+        title = f"latent means, PCA of {vae.z_dim} dims ({100 * float(explained):.0f}% of variance)"
+    else:
+        points = loc if vae.z_dim == 2 else torch.cat([loc, torch.zeros_like(loc)], 1)
+        labels, title = ("z1", "z2"), "latent means"
+    fig, ax = plt.subplots(figsize=(6, 5))
+    colours = None if y is None else y.cpu().numpy()
+    scatter = ax.scatter(points[:, 0], points[:, 1], c=colours, cmap="tab10", s=3, alpha=0.7)
+    if y is not None:
+        fig.colorbar(scatter, ax=ax, ticks=sorted(set(colours.tolist())), label="label")
+    ax.set(xlabel=labels[0], ylabel=labels[1], title=title)
+    return _save(fig, path)
+
+
+def plot_manifold(vae: VAE, path: Path, n: int = 20) -> Path:
+    """For z_dim = 2: decoded means over a grid of standard-normal quantiles (Kingma & Welling, fig. 4)."""
+    if vae.z_dim != 2:
+        raise ValueError("The manifold grid needs z_dim = 2.")
+    quantiles = torch.distributions.Normal(0.0, 1.0).icdf(torch.linspace(0.05, 0.95, n))
+    z1, z2 = torch.meshgrid(quantiles, quantiles.flip(0), indexing="xy")
+    z = torch.stack([z1.reshape(-1), z2.reshape(-1)], -1).to(next(vae.parameters()).device)
+    with torch.no_grad():
+        images = vae.decode(z).mean
+    fig, ax = plt.subplots(figsize=(7, 7))
+    _show_grid(ax, images, nrow=n)
+    ax.set_title("decoded manifold over N(0, I) quantiles", fontsize=9)
+    return _save(fig, path)
+
+
+def save_figures(
+    vae: VAE, data: Dataset, history: list[dict], folder: str | Path, num_points: int = 5000
+) -> list[Path]:
+    """Every figure that fits this model and data, saved as PNG files in ``folder``."""
+    folder = Path(folder)
+    vae.eval()
+    test = data.test.subset(num_points)
+    paths = [plot_learning_curves(history, folder / "learning_curves.png")]
+    paths.append(plot_latent_space(vae, test.x, test.y, folder / "latent_space.png"))
+    if is_image_shape(vae.x_shape):
+        paths.append(plot_reconstructions(vae, test.x, folder / "reconstructions.png"))
+        paths.append(plot_samples(vae, folder / "samples.png"))
+        if vae.z_dim == 2:
+            paths.append(plot_manifold(vae, folder / "manifold.png"))
+    return paths

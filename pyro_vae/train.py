@@ -1,0 +1,239 @@
+"""Training: stochastic variational inference on a VAE's model and guide.
+
+Each step draws a minibatch, computes Pyro's differentiable ELBO loss
+(``Trace_ELBO`` or ``TraceMeanField_ELBO``) of ``vae.model`` and
+``vae.guide`` and takes one Adam step over all the VAE's parameters -- what
+``SVI.step`` does, with one torch optimiser instead of one per parameter.
+
+KL warm-up and beta: the KL weight ``kl_weight = beta * min(1, step / warmup_steps)``
+reaches the model and guide through ``poutine.scale`` on the "z" site, so the
+objective is E_q[log p(x|z)] - kl_weight * KL(q(z|x) || p(z)) (Bowman et al. 2016;
+Higgins et al. 2017 for beta). The validation ELBO is always the true ELBO,
+evaluated with unscaled densities.
+
+Every number is per data point, in nats. With a ``run_dir``, a checkpoint
+(model, optimiser, history, RNG state) is written atomically after every
+epoch, and ``resume=True`` continues exactly where the last complete epoch ended.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import pyro
+import torch
+from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
+from tqdm.auto import tqdm
+
+from . import __version__
+from .checkpoint import (
+    CHECKPOINT,
+    CONFIG,
+    HISTORY,
+    METRICS,
+    CheckpointError,
+    load_checkpoint,
+    restore_rng,
+    save_checkpoint,
+    write_history_csv,
+    write_json,
+)
+from .data import Dataset
+from .marginal import elbo_per_point
+from .vae import VAE
+
+ELBOS = {"trace": Trace_ELBO, "meanfield": TraceMeanField_ELBO}
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``"auto"`` picks CUDA when there is a GPU; an unavailable CUDA gets a clear error."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but PyTorch sees no GPU here; use --device cpu.")
+    return device
+
+
+def check_dataset(vae: VAE, data: Dataset) -> None:
+    """Check every split as the model will see it, before any training starts."""
+    for split in ("train", "val", "test"):
+        x = getattr(data, split).x
+        if split == "train" and data.binarize == "dynamic":
+            x = x.round()  # batches are resampled binary; the pixels were checked to lie in [0, 1]
+        vae.check_data(x, f"{split} data")
+
+
+def kl_weight_schedule(step: int, *, beta: float, warmup_steps: int) -> float:
+    """Linear KL warm-up from ``beta / warmup_steps`` to ``beta``; constant ``beta`` without warm-up."""
+    if warmup_steps <= 0:
+        return beta
+    return beta * min(1.0, (step + 1) / warmup_steps)
+
+
+def evaluate_elbo(
+    vae: VAE, x: torch.Tensor, *, num_particles: int = 1, batch_size: int = 1000, prefix: str = ""
+) -> dict:
+    """Mean ELBO per data point (with standard error), reconstruction and KL terms."""
+    was_training = vae.training
+    vae.eval()
+    try:
+        estimate = elbo_per_point(vae.model, vae.guide, x, num_particles=num_particles, batch_size=batch_size)
+    finally:
+        vae.train(was_training)
+    return estimate.summary(prefix)
+
+
+def fit(
+    vae: VAE,
+    data: Dataset,
+    *,
+    epochs: int = 20,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    elbo: str = "trace",
+    num_particles: int = 1,
+    warmup_epochs: float = 0.0,
+    beta: float = 1.0,
+    seed: int = 0,
+    device: str | torch.device | None = "cpu",
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> list[dict]:
+    """Train ``vae`` on ``data`` and return the history, one dict per epoch.
+
+    Row 0 evaluates the untrained model. Each row holds ``train_objective``
+    (the mean annealed objective over the epoch's batches; the ELBO once
+    ``kl_weight`` is 1), ``val_elbo`` with its terms, ``kl_weight`` and
+    ``seconds``.
+
+    :param elbo: ``"trace"`` (``Trace_ELBO``) or ``"meanfield"``
+        (``TraceMeanField_ELBO``: analytic KL where one exists).
+    :param warmup_epochs: epochs over which the KL weight rises linearly to ``beta``.
+    :param beta: final weight of the KL term (1 gives the ELBO).
+    :param run_dir: write config, checkpoint, history and metrics here.
+    :param resume: continue from ``run_dir``'s checkpoint up to ``epochs`` in all.
+    """
+    if elbo not in ELBOS:
+        raise ValueError(f"Unknown ELBO {elbo!r}; choose one of {sorted(ELBOS)}.")
+    if epochs < 0 or batch_size < 1 or lr <= 0 or beta <= 0 or num_particles < 1:
+        raise ValueError("Need epochs >= 0, batch_size >= 1, lr > 0, beta > 0 and num_particles >= 1.")
+    device = resolve_device(device)
+    vae.to(device)
+    data = data.to(device)
+    check_dataset(vae, data)
+
+    optimizer = torch.optim.Adam(vae.parameters(), lr=lr)
+    loss_fn = ELBOS[elbo](num_particles=num_particles, vectorize_particles=num_particles > 1, max_plate_nesting=1)
+    steps_per_epoch = data.num_batches(batch_size)
+    warmup_steps = round(warmup_epochs * steps_per_epoch)
+    config = {
+        "pyro_vae_version": __version__,
+        "model": None if vae.custom_nets else vae.config(),
+        "data": data.spec,
+        "train": {
+            "epochs": epochs,
+            "batch_size": batch_size,
+            "lr": lr,
+            "elbo": elbo,
+            "num_particles": num_particles,
+            "warmup_epochs": warmup_epochs,
+            "beta": beta,
+            "seed": seed,
+            "device": str(device),
+        },
+    }
+    run_dir = None if run_dir is None else Path(run_dir)
+    history, start_epoch = _start(vae, optimizer, data, run_dir, config, resume, seed)
+
+    for epoch in range(start_epoch + 1, epochs + 1):
+        started = time.perf_counter()
+        total, count = 0.0, 0
+        vae.train()
+        bar = tqdm(
+            data.batches(batch_size),
+            total=steps_per_epoch,
+            desc=f"epoch {epoch}/{epochs}",
+            leave=False,
+            disable=not progress,
+        )
+        for step, x in enumerate(bar):
+            kl_weight = kl_weight_schedule((epoch - 1) * steps_per_epoch + step, beta=beta, warmup_steps=warmup_steps)
+            loss = loss_fn.differentiable_loss(vae.model, vae.guide, x, kl_weight=kl_weight)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                raise TrainingDiverged(
+                    f"The loss became {loss_value} at epoch {epoch}, step {step + 1}. Lower the learning rate "
+                    f"(now {lr:g}) or check the data for extreme values"
+                    + (f"; the checkpoint of epoch {epoch - 1} in {run_dir} is kept." if run_dir else ".")
+                )
+            optimizer.step()
+            total, count = total + loss_value, count + x.shape[0]
+            if step % 25 == 0:
+                bar.set_postfix(objective=f"{-total / count:.2f}")
+        row = {"epoch": epoch, "train_objective": -total / count, "kl_weight": kl_weight}
+        row.update(evaluate_elbo(vae, data.val.x, prefix="val_"))
+        row["seconds"] = time.perf_counter() - started
+        history.append(row)
+        if progress:
+            tqdm.write(
+                f"epoch {epoch:3d}  train objective {row['train_objective']:9.3f}  "
+                f"val ELBO {row['val_elbo']:9.3f}  ({row['seconds']:.1f} s)"
+            )
+        if run_dir is not None:
+            _save(run_dir, vae, optimizer, epoch, history, config)
+
+    if run_dir is not None:
+        metrics = evaluate_elbo(vae, data.test.x, prefix="test_")
+        metrics.update({"num_test": len(data.test), "epochs": epochs, "binarize": data.binarize})
+        write_json(run_dir / METRICS, metrics)
+    return history
+
+
+def _start(vae, optimizer, data, run_dir, config, resume, seed) -> tuple[list[dict], int]:
+    """Fresh start (seeded, epoch-0 evaluation) or the state of the last complete epoch."""
+    checkpoint_path = None if run_dir is None else run_dir / CHECKPOINT
+    if resume:
+        if checkpoint_path is None:
+            raise ValueError("resume=True needs the run_dir to resume from.")
+        state = load_checkpoint(checkpoint_path, map_location=next(vae.parameters()).device)
+        saved = state["config"]["model"]
+        if saved != config["model"]:
+            raise CheckpointError(
+                f"The checkpoint in {run_dir} was written for the model {saved}, not {config['model']}; "
+                "rebuild the VAE from the run's config.json (pyro_vae.load_run)."
+            )
+        vae.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        restore_rng(state)
+        write_json(run_dir / CONFIG, config)  # records the new epoch target
+        return list(state["history"]), state["epoch"]
+    if checkpoint_path is not None and checkpoint_path.exists():
+        raise CheckpointError(f"{run_dir} already holds a run; resume it (--resume) or choose another name.")
+    pyro.set_rng_seed(seed)
+    history = [{"epoch": 0, **evaluate_elbo(vae, data.val.x, prefix="val_")}]
+    if run_dir is not None:
+        write_json(run_dir / CONFIG, config)
+        _save(run_dir, vae, optimizer, 0, history, config)
+    return history, 0
+
+
+def _save(run_dir: Path, vae, optimizer, epoch: int, history: list[dict], config: dict) -> None:
+    save_checkpoint(
+        run_dir / CHECKPOINT,
+        model_state=vae.state_dict(),
+        optimizer_state=optimizer.state_dict(),
+        epoch=epoch,
+        history=history,
+        config=config,
+    )
+    write_history_csv(run_dir / HISTORY, history)

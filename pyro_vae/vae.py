@@ -1,0 +1,173 @@
+"""The Variational Autoencoder of Kingma & Welling, *Auto-Encoding Variational
+Bayes* (ICLR 2014), as an ordinary Pyro model and guide.
+
+Generative model (``VAE.model``)::
+
+    z_n ~ p(z)                      site "z", event dim 1
+    x_n ~ p(x | z_n) = likelihood(decoder(z_n))   site "x", event dims = x_shape
+
+Inference network (``VAE.guide``)::
+
+    z_n ~ q(z | x_n) = N(loc(x_n), diag(scale(x_n)^2))
+
+both inside one plate named ``"data"`` at dim -1. Pyro's ``Trace_ELBO``
+estimates ELBO(x) = E_q[log p(x|z)] - KL(q(z|x) || p(z)) with the
+reparameterised draw z = loc + scale * eps, eps ~ N(0, I);
+``TraceMeanField_ELBO`` uses the closed-form KL where one exists.
+
+Both programs take the same keyword arguments, as SVI requires:
+
+* ``kl_weight`` scales the "z" site in model and guide through
+  ``poutine.scale``, which multiplies the KL term (warm-up, beta-VAE);
+* ``num_data`` sizes the plate for the whole data set, so that a minibatch
+  is scaled by ``num_data / batch_size``;
+* ``batch_size`` is how many x to draw when the model runs without data.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+
+import pyro
+import pyro.poutine as poutine
+import torch
+from torch import nn
+
+from .data import DataError, check_finite_and_nonempty
+from .likelihoods import Bernoulli, Likelihood, build_likelihood
+from .nets import build_nets
+from .priors import Prior, StandardNormal, build_prior
+
+_instance_ids = itertools.count()
+
+
+class VAE(nn.Module):
+    """A VAE with pluggable prior, likelihood, encoder and decoder.
+
+    :param x_shape: shape of one data point, e.g. ``(1, 28, 28)``.
+    :param z_dim: latent dimension.
+    :param prior: a :class:`~pyro_vae.priors.Prior` (default standard normal).
+    :param likelihood: a :class:`~pyro_vae.likelihoods.Likelihood` (default Bernoulli).
+    :param hidden: hidden sizes of the default networks.
+    :param arch: ``"mlp"`` or ``"conv"``, the default networks' architecture.
+    :param encoder, decoder: modules with the signatures in :mod:`pyro_vae.nets`,
+        replacing the default networks.
+    :param name: prefix of this VAE's parameters in Pyro's param store; by
+        default unique per instance, so that two VAEs never share parameters.
+    """
+
+    def __init__(
+        self,
+        x_shape: Sequence[int],
+        z_dim: int = 50,
+        prior: Prior | None = None,
+        likelihood: Likelihood | None = None,
+        *,
+        hidden: Sequence[int] = (400,),
+        arch: str = "mlp",
+        encoder: nn.Module | None = None,
+        decoder: nn.Module | None = None,
+        name: str | None = None,
+    ):
+        super().__init__()
+        self.x_shape, self.z_dim = tuple(x_shape), int(z_dim)
+        self.hidden, self.arch = tuple(hidden), arch
+        self.custom_nets = encoder is not None or decoder is not None
+        self.likelihood = Bernoulli() if likelihood is None else likelihood
+        self.likelihood.setup(self.x_shape)
+        default_encoder, default_decoder = (
+            build_nets(arch, self.x_shape, self.z_dim, self.hidden, self.likelihood.params_per_dim)
+            if encoder is None or decoder is None
+            else (None, None)
+        )
+        self.encoder = encoder if encoder is not None else default_encoder
+        self.decoder = decoder if decoder is not None else default_decoder
+        self.prior = StandardNormal() if prior is None else prior
+        self.prior.setup(self.z_dim, x_shape=self.x_shape, encoder=self.encoder)
+        self.pyro_name = name or f"vae{next(_instance_ids)}"
+
+    # ----------------------------------------------------------------- Pyro
+    def _plate(self, batch_size: int, num_data: int | None, device) -> pyro.plate:
+        if num_data is None or num_data == batch_size:
+            return pyro.plate("data", batch_size, dim=-1)
+        return pyro.plate("data", num_data, subsample=torch.arange(batch_size, device=device), dim=-1)
+
+    def model(self, x=None, *, kl_weight: float = 1.0, num_data: int | None = None, batch_size: int | None = None):
+        """p(z) p(x | z) over a batch; with ``x=None`` it draws ``batch_size`` new points."""
+        pyro.module(f"{self.pyro_name}.decoder", self.decoder)
+        pyro.module(f"{self.pyro_name}.prior", self.prior)
+        pyro.module(f"{self.pyro_name}.likelihood", self.likelihood)
+        n = x.shape[0] if x is not None else (batch_size or 1)
+        device = x.device if x is not None else next(self.decoder.parameters()).device
+        with self._plate(n, num_data, device):
+            with poutine.scale(scale=kl_weight):
+                z = pyro.sample("z", self.prior())
+            return pyro.sample("x", self.likelihood(self.decoder(z)), obs=x)
+
+    def guide(self, x=None, *, kl_weight: float = 1.0, num_data: int | None = None, batch_size: int | None = None):
+        """q(z | x) = N(loc(x), diag(scale(x)^2)) over a batch."""
+        if x is None:
+            raise ValueError("The guide q(z | x) needs data x.")
+        pyro.module(f"{self.pyro_name}.encoder", self.encoder)
+        loc, scale = self.encoder(x)
+        with self._plate(x.shape[0], num_data, x.device):
+            with poutine.scale(scale=kl_weight):
+                return pyro.sample("z", pyro.distributions.Normal(loc, scale).to_event(1))
+
+    # ------------------------------------------------------------ utilities
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loc, scale) of q(z | x)."""
+        return self.encoder(x)
+
+    def decode(self, z: torch.Tensor):
+        """The distribution p(x | z)."""
+        return self.likelihood(self.decoder(z))
+
+    @torch.no_grad()
+    def sample(self, num_samples: int) -> torch.Tensor:
+        """Means of p(x | z) for z drawn from the prior: new data points, shape ``(num_samples, *x_shape)``."""
+        return self.decode(self.prior.sample(num_samples)).mean
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """Means of p(x | z) at the posterior mean z = loc(x)."""
+        return self.decode(self.encode(x)[0]).mean
+
+    def check_data(self, x: torch.Tensor, what: str = "data") -> None:
+        """Refuse data this model cannot take, naming the fix: empty, NaN/inf, wrong shape, outside the support."""
+        check_finite_and_nonempty(x, what)
+        if tuple(x.shape[1:]) != self.x_shape:
+            raise DataError(
+                f"The {what} has points of shape {tuple(x.shape[1:])} but the model expects {self.x_shape} "
+                f"(full shape (N, *x_shape); got {tuple(x.shape)}). Reshape the data or build the VAE with "
+                f"x_shape={tuple(x.shape[1:])}."
+            )
+        self.likelihood.check_data(x)
+
+    # --------------------------------------------------------------- config
+    def config(self) -> dict:
+        """Everything needed to rebuild this VAE with :meth:`from_config`."""
+        if self.custom_nets:
+            raise ValueError(
+                "A VAE with a custom encoder or decoder cannot be described by a config; save its state_dict."
+            )
+        return {
+            "x_shape": list(self.x_shape),
+            "z_dim": self.z_dim,
+            "hidden": list(self.hidden),
+            "arch": self.arch,
+            "prior": self.prior.config(),
+            "likelihood": self.likelihood.config(),
+        }
+
+    @classmethod
+    def from_config(cls, config: dict) -> VAE:
+        return cls(
+            x_shape=config["x_shape"],
+            z_dim=config["z_dim"],
+            prior=build_prior(config["prior"]),
+            likelihood=build_likelihood(config["likelihood"]),
+            hidden=config["hidden"],
+            arch=config["arch"],
+        )
