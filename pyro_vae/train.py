@@ -153,6 +153,7 @@ def fit(
     run_dir = None if run_dir is None else Path(run_dir)
     history, start_epoch = _start(vae, optimizer, data, run_dir, config, resume, seed)
 
+    validate = True
     for epoch in range(start_epoch + 1, epochs + 1):
         started = time.perf_counter()
         total, count = 0.0, 0
@@ -166,7 +167,10 @@ def fit(
         )
         for step, x in enumerate(bar):
             kl_weight = kl_weight_schedule((epoch - 1) * steps_per_epoch + step, beta=beta, warmup_steps=warmup_steps)
-            loss = loss_fn.differentiable_loss(vae.model, vae.guide, x, kl_weight=kl_weight)
+            # Pyro's argument and support checks run on the first step only; they cost time on every step.
+            with pyro.validation_enabled(validate):
+                loss = loss_fn.differentiable_loss(vae.model, vae.guide, x, kl_weight=kl_weight)
+            validate = False
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             loss_value = loss.item()

@@ -1,0 +1,92 @@
+"""The pyro-vae command: a smoke run on a subset, resume, --help, and its errors."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from pyro_vae.cli import main
+
+SMALL = ["--subset", "500", "--hidden", "64", "--no-progress"]
+
+
+def test_train_smoke_writes_a_readable_run_directory(tmp_path, capsys):
+    args = ["train", *SMALL, "--z-dim", "2", "--epochs", "1", "--out", str(tmp_path), "--name", "smoke"]
+    assert main(args) == 0
+    run = tmp_path / "smoke"
+    assert {p.name for p in run.iterdir()} >= {"config.json", "checkpoint.pt", "history.csv", "metrics.json", "figures"}
+    figures = {p.name for p in (run / "figures").iterdir()}
+    assert figures == {"learning_curves.png", "latent_space.png", "reconstructions.png", "samples.png", "manifold.png"}
+    config = json.loads((run / "config.json").read_text())
+    assert config["model"]["z_dim"] == 2 and config["data"]["subset"]["train"] == 500
+    assert "test ELBO" in capsys.readouterr().out
+
+    assert main(["train", "--resume", str(run), "--epochs", "2", "--no-progress"]) == 0
+    history = (run / "history.csv").read_text().splitlines()
+    assert [line.split(",")[0] for line in history[1:]] == ["0", "1", "2"]
+
+
+def test_gaussian_likelihood_on_grayscale(tmp_path):
+    args = ["train", *SMALL, "--binarize", "none", "--likelihood", "gaussian", "--sigma", "shared", "--epochs", "1"]
+    assert main([*args, "--arch", "conv", "--out", str(tmp_path), "--name", "g"]) == 0
+    assert json.loads((tmp_path / "g" / "config.json").read_text())["model"]["likelihood"]["sigma"] == "shared"
+
+
+def test_bernoulli_on_grayscale_is_refused_with_the_fix(tmp_path, capsys):
+    assert main(["train", *SMALL, "--binarize", "none", "--out", str(tmp_path), "--name", "bad"]) == 2
+    err = capsys.readouterr().err
+    assert "binarise" in err and "--binarize dynamic" in err
+    assert not (tmp_path / "bad" / "checkpoint.pt").exists()
+
+
+@pytest.mark.parametrize(
+    "flag, value",
+    [
+        ("--prior", "gamma"),
+        ("--likelihood", "poisson"),
+        ("--arch", "transformer"),
+        ("--dataset", "cifar"),
+        ("--elbo", "x"),
+    ],
+)
+def test_unknown_names_are_refused(flag, value, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", flag, value])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert value in err and ("invalid choice" in err or "unknown data set" in err)
+
+
+def test_resume_of_a_missing_run(tmp_path, capsys):
+    assert main(["train", "--resume", str(tmp_path / "nope")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(shutil.which("pyro-vae") is None, reason="console script not installed")
+def test_console_script_help():
+    out = subprocess.run(["pyro-vae", "train", "--help"], capture_output=True, text=True, check=True).stdout
+    for flag in (
+        "--dataset",
+        "--binarize",
+        "--z-dim",
+        "--hidden",
+        "--arch",
+        "--prior",
+        "--likelihood",
+        "--epochs",
+        "--batch-size",
+        "--lr",
+        "--warmup-epochs",
+        "--seed",
+        "--device",
+        "--out",
+        "--resume",
+    ):
+        assert flag in out
+
+
+def test_module_entry_point():
+    out = subprocess.run([sys.executable, "-m", "pyro_vae.cli", "--help"], capture_output=True, text=True, check=True)
+    assert "train" in out.stdout

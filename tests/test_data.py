@@ -1,0 +1,113 @@
+"""The embedded MNIST, binarisation, user data, and the errors bad data gets."""
+
+import numpy as np
+import pytest
+import torch
+
+import pyro_vae as pv
+
+
+def test_embedded_mnist_is_complete(mnist):
+    assert (len(mnist.train), len(mnist.val), len(mnist.test)) == (50_000, 10_000, 10_000)
+    assert mnist.x_shape == (1, 28, 28)
+    all_train = torch.cat([mnist.train.y, mnist.val.y])
+    assert all_train.bincount().tolist() == [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+    assert 0 <= mnist.train.x.min() and mnist.train.x.max() <= 1 and len(mnist.train.x.unique()) > 2
+    assert set(mnist.test.x.unique().tolist()) == {0.0, 1.0}
+    assert mnist.test.y.bincount().tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+
+
+def test_test_set_binarisation_does_not_depend_on_the_run_seed(mnist):
+    other = pv.load_dataset("mnist", binarize="fixed", seed=7)
+    assert torch.equal(mnist.test.x, other.test.x)
+
+
+def test_dynamic_batches_are_resampled(small_mnist):
+    torch.manual_seed(0)
+    first = next(small_mnist.batches(64, shuffle=False))
+    second = next(small_mnist.batches(64, shuffle=False))
+    assert set(first.unique().tolist()) == {0.0, 1.0}
+    assert not torch.equal(first, second)
+    assert abs(float(first.mean() - small_mnist.train.x[:64].mean())) < 0.01
+
+
+def test_fixed_binarisation_is_seeded():
+    a = pv.make_dataset(torch.rand(50, 4), binarize="fixed", seed=1)
+    b = pv.make_dataset(torch.rand(50, 4), binarize="fixed", seed=1)
+    assert set(a.train.x.unique().tolist()) <= {0.0, 1.0}
+    torch.manual_seed(0)
+    assert torch.equal(next(a.batches(10, shuffle=False)), a.train.x[:10])
+    assert a.train.x.shape == b.train.x.shape
+
+
+def test_user_arrays_from_npz(tmp_path):
+    x = (np.random.default_rng(0).random((100, 3, 8, 8)) * 255).astype(np.uint8)
+    np.savez(tmp_path / "mine.npz", x=x, y=np.arange(100) % 3)
+    data = pv.load_dataset(str(tmp_path / "mine.npz"), binarize="none", val_size=10)
+    assert data.x_shape == (3, 8, 8) and (len(data.train), len(data.val), len(data.test)) == (80, 10, 10)
+    assert data.train.x.dtype == torch.float32 and data.train.x.max() <= 1
+
+
+def test_batches_cover_the_data_once(small_mnist):
+    data = small_mnist.subset(train=300)
+    sizes = [len(b) for b in data.batches(128)]
+    assert sizes == [128, 128, 44] and data.num_batches(128) == 3
+
+
+# ------------------------------------------------------------- bad input
+
+
+def test_grayscale_with_bernoulli_says_to_binarise(mnist):
+    vae = pv.VAE((1, 28, 28), 2, hidden=(8,))
+    with pytest.raises(pv.DataError, match="binarise"):
+        vae.check_data(mnist.train.x[:100])
+
+
+def test_nan_and_inf_are_refused():
+    vae = pv.VAE((4,), 2, likelihood=pv.likelihoods.Gaussian(), hidden=(8,))
+    x = torch.zeros(5, 4)
+    x[3, 1] = float("nan")
+    with pytest.raises(pv.DataError, match=r"1 NaN .* data point 3"):
+        vae.check_data(x)
+    x[3, 1] = float("inf")
+    with pytest.raises(pv.DataError, match="infinite"):
+        vae.check_data(x)
+    with pytest.raises(pv.DataError, match="NaN"):
+        pv.make_dataset(torch.full((10, 4), float("nan")))
+
+
+def test_wrong_shape_is_refused():
+    vae = pv.VAE((1, 28, 28), 2, hidden=(8,))
+    with pytest.raises(pv.DataError, match=r"expects \(1, 28, 28\)"):
+        vae.check_data(torch.zeros(3, 784))
+
+
+def test_empty_data_is_refused():
+    with pytest.raises(pv.DataError, match="empty"):
+        pv.make_dataset(torch.zeros(0, 4))
+    with pytest.raises(pv.DataError, match="empty"):
+        pv.VAE((4,), 2, hidden=(8,)).check_data(torch.zeros(0, 4))
+
+
+def test_binarising_data_outside_unit_interval_is_refused():
+    with pytest.raises(pv.DataError, match=r"\[0, 1\]"):
+        pv.make_dataset(torch.randn(20, 4), binarize="dynamic")
+
+
+def test_fit_refuses_bad_data_before_training(small_mnist):
+    data = pv.make_dataset(torch.rand(40, 1, 28, 28), binarize="none", val_size=5, test_size=5)
+    vae = pv.VAE((1, 28, 28), 2, hidden=(8,))
+    before = [p.detach().clone() for p in vae.parameters()]
+    with pytest.raises(pv.DataError, match="binarise"):
+        pv.fit(vae, data, epochs=1, progress=False)
+    assert all(torch.equal(b, p) for b, p in zip(before, vae.parameters(), strict=True))
+
+
+def test_unknown_data_set_name():
+    with pytest.raises(pv.DataError, match="Unknown data set"):
+        pv.load_dataset("cifar-1000")
+
+
+def test_torchvision_sets_never_download_unasked(tmp_path):
+    with pytest.raises(pv.DataError, match="download"):
+        pv.load_dataset("fashion-mnist", data_dir=str(tmp_path))

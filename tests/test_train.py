@@ -1,0 +1,138 @@
+"""Training, checkpoints, save/load and resume."""
+
+import json
+
+import pyro
+import pytest
+import torch
+from conftest import small_vae
+from torch import nn
+
+import pyro_vae as pv
+from pyro_vae.checkpoint import load_checkpoint
+from pyro_vae.train import kl_weight_schedule
+
+
+def test_short_run_clearly_improves_the_validation_elbo(small_mnist):
+    history = pv.fit(small_vae(), small_mnist, epochs=3, batch_size=64, progress=False)
+    assert [row["epoch"] for row in history] == [0, 1, 2, 3]
+    untrained, trained = history[0]["val_elbo"], history[-1]["val_elbo"]
+    # Untrained: ~-545 nats (784 log 2); three epochs on 2,000 digits reach about -200.
+    assert trained > untrained + 250
+    assert all(row["val_elbo"] < 0 and row["val_kl"] > 0 for row in history)
+
+
+def test_meanfield_elbo_and_warmup_train(small_mnist):
+    history = pv.fit(small_vae(), small_mnist, epochs=2, elbo="meanfield", warmup_epochs=1.5, progress=False)
+    assert history[1]["kl_weight"] < 1.0 and history[2]["kl_weight"] == 1.0
+    assert history[-1]["val_elbo"] > history[0]["val_elbo"] + 200
+
+
+def test_kl_weight_schedule():
+    weights = [kl_weight_schedule(step, beta=2.0, warmup_steps=4) for step in range(6)]
+    assert weights == [0.5, 1.0, 1.5, 2.0, 2.0, 2.0]
+    assert kl_weight_schedule(0, beta=0.5, warmup_steps=0) == 0.5
+
+
+def test_run_directory_and_round_trip(small_mnist, tmp_path):
+    vae = small_vae()
+    pv.fit(vae, small_mnist, epochs=1, run_dir=tmp_path / "run", progress=False)
+    files = {p.name for p in (tmp_path / "run").iterdir()}
+    assert {"config.json", "checkpoint.pt", "history.csv", "metrics.json"} <= files
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["test_elbo"] < 0 and metrics["num_test"] == 500
+
+    run = pv.load_run(tmp_path / "run")
+    assert run.epoch == 1 and len(run.history) == 2
+    x = small_mnist.test.x[:32]
+    vae.eval()
+    for a, b in zip(vae.encode(x), run.vae.encode(x), strict=True):
+        assert torch.equal(a, b)
+    assert torch.equal(vae.decode(vae.encode(x)[0]).mean, run.vae.decode(run.vae.encode(x)[0]).mean)
+    torch.manual_seed(5)
+    before = pv.evaluate_elbo(vae, x)
+    torch.manual_seed(5)
+    assert pv.evaluate_elbo(run.vae, x) == before
+    assert len(run.load_data().train) == 2000
+
+
+def test_resume_continues_exactly(small_mnist, tmp_path):
+    """Two epochs, then two more on resume, equal four epochs straight: same weights, same history."""
+    straight_vae = small_vae()
+    straight = pv.fit(straight_vae, small_mnist, epochs=4, run_dir=tmp_path / "straight", progress=False)
+
+    pyro.set_rng_seed(0)
+    vae = small_vae()
+    pv.fit(vae, small_mnist, epochs=2, run_dir=tmp_path / "resumed", progress=False)
+    pyro.set_rng_seed(123)  # resuming must not depend on the state of the caller's RNG
+    resumed_vae = small_vae()
+    resumed = pv.fit(resumed_vae, small_mnist, epochs=4, run_dir=tmp_path / "resumed", resume=True, progress=False)
+
+    assert [r["epoch"] for r in resumed] == [0, 1, 2, 3, 4]
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert strip(resumed) == strip(straight)
+    for a, b in zip(straight_vae.state_dict().values(), resumed_vae.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    config = json.loads((tmp_path / "resumed" / "config.json").read_text())
+    assert config["train"]["epochs"] == 4
+
+
+def test_a_finished_run_is_not_overwritten(small_mnist, tmp_path):
+    pv.fit(small_vae(), small_mnist.subset(train=200), epochs=1, run_dir=tmp_path, progress=False)
+    with pytest.raises(pv.CheckpointError, match="resume"):
+        pv.fit(small_vae(), small_mnist.subset(train=200), epochs=1, run_dir=tmp_path, progress=False)
+
+
+def test_resume_refuses_another_model(small_mnist, tmp_path):
+    pv.fit(small_vae(), small_mnist.subset(train=200), epochs=1, run_dir=tmp_path, progress=False)
+    with pytest.raises(pv.CheckpointError, match="written for the model"):
+        pv.fit(
+            small_vae(z_dim=3), small_mnist.subset(train=200), epochs=2, run_dir=tmp_path, resume=True, progress=False
+        )
+
+
+def test_missing_truncated_and_pickled_checkpoints_are_refused(small_mnist, tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "config.json").write_text("{}")
+    with pytest.raises(pv.CheckpointError, match="No checkpoint"):
+        pv.load_run(tmp_path / "empty")
+    run_dir = tmp_path / "run"
+    pv.fit(small_vae(), small_mnist.subset(train=200), epochs=1, run_dir=run_dir, progress=False)
+    checkpoint = run_dir / "checkpoint.pt"
+    good = checkpoint.read_bytes()
+
+    checkpoint.write_bytes(good[: len(good) // 2])
+    with pytest.raises(pv.CheckpointError, match="truncated or corrupt"):
+        pv.load_run(run_dir)
+
+    class Exploit:
+        def __reduce__(self):
+            return (exec, ("raise SystemExit('code ran')",))
+
+    torch.save({"format": "pyro-vae-checkpoint", "payload": Exploit()}, checkpoint)
+    with pytest.raises(pv.CheckpointError, match="not trusted"):
+        pv.load_run(run_dir)
+
+
+class PoisonedDecoder(nn.Module):
+    """A decoder that starts returning NaN after a number of healthy calls."""
+
+    def __init__(self, inner, healthy_calls):
+        super().__init__()
+        self.inner, self.healthy_calls, self.calls = inner, healthy_calls, 0
+
+    def forward(self, z):
+        self.calls += 1
+        out = self.inner(z)
+        return out if self.calls <= self.healthy_calls else out * float("nan")
+
+
+@pytest.mark.filterwarnings("ignore:Encountered NaN")
+def test_divergence_stops_with_epoch_and_step_and_keeps_the_last_checkpoint(small_mnist, tmp_path):
+    data = small_mnist.subset(train=256)
+    base = small_vae()
+    # Healthy calls: validation at epoch 0, two training steps, validation at epoch 1.
+    vae = pv.VAE((1, 28, 28), 8, encoder=base.encoder, decoder=PoisonedDecoder(base.decoder, healthy_calls=4))
+    with pytest.raises(pv.TrainingDiverged, match=r"epoch 2, step 1\. Lower the learning rate"):
+        pv.fit(vae, data, epochs=2, batch_size=128, run_dir=tmp_path, progress=False)
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["epoch"] == 1

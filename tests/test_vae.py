@@ -1,0 +1,130 @@
+"""The model and guide are ordinary Pyro programs that follow the conventions in DESIGN.md."""
+
+import pyro
+import pyro.poutine as poutine
+import pytest
+import torch
+from conftest import small_vae
+from pyro.infer import SVI, Predictive, Trace_ELBO, TraceMeanField_ELBO
+from torch import nn
+
+import pyro_vae as pv
+
+
+def test_sites_plates_and_shapes(small_mnist):
+    vae = small_vae()
+    x = small_mnist.val.x[:5]
+    guide_trace = poutine.trace(vae.guide).get_trace(x)
+    model_trace = poutine.trace(poutine.replay(vae.model, trace=guide_trace)).get_trace(x)
+    z, obs = model_trace.nodes["z"], model_trace.nodes["x"]
+    for site in (z, obs, guide_trace.nodes["z"]):
+        assert [(f.name, f.dim) for f in site["cond_indep_stack"]] == [("data", -1)]
+    assert z["fn"].batch_shape == (5,) and z["fn"].event_shape == (8,)
+    assert obs["is_observed"] and obs["fn"].batch_shape == (5,) and obs["fn"].event_shape == (1, 28, 28)
+    assert guide_trace.nodes["z"]["value"].shape == (5, 8)
+
+
+def test_svi_by_hand_with_pyro_optim(small_mnist):
+    vae = small_vae()
+    svi = SVI(vae.model, vae.guide, pyro.optim.Adam({"lr": 1e-3}), Trace_ELBO())
+    x = small_mnist.val.x[:200]
+    first = svi.step(x)
+    for _ in range(60):
+        last = svi.step(x)
+    assert last < first - 50 * len(x)  # the untrained loss is ~545 nats per point
+
+
+def test_two_vaes_never_share_parameters(small_mnist):
+    """Each VAE registers its modules under its own name in Pyro's param store."""
+    x = small_mnist.val.x[:64]
+    first, second = small_vae(), small_vae()
+    SVI(first.model, first.guide, pyro.optim.Adam({"lr": 1e-3}), Trace_ELBO()).step(x)
+    before = [p.detach().clone() for p in second.parameters()]
+    svi = SVI(second.model, second.guide, pyro.optim.Adam({"lr": 1e-3}), TraceMeanField_ELBO())
+    svi.step(x)
+    assert all(not torch.equal(b, p) for b, p in zip(before, second.parameters(), strict=True))
+
+
+def test_predictive_draws_latents_and_new_data(small_mnist):
+    vae = small_vae()
+    x = small_mnist.val.x[:4]
+    posterior = Predictive(vae.model, guide=vae.guide, num_samples=3, return_sites=("z",))(x)
+    assert posterior["z"].shape == (3, 4, 8)
+    prior = Predictive(vae.model, num_samples=2)(None, batch_size=5)
+    assert prior["x"].shape == (2, 5, 1, 28, 28) and set(prior["x"].unique().tolist()) <= {0.0, 1.0}
+
+
+def test_vectorized_particles(small_mnist):
+    vae = small_vae(arch="conv", hidden=(32,))
+    loss = Trace_ELBO(num_particles=4, vectorize_particles=True, max_plate_nesting=1).loss(
+        vae.model, vae.guide, small_mnist.val.x[:6]
+    )
+    assert torch.isfinite(torch.tensor(loss))
+
+
+def test_sample_reconstruct_encode(small_mnist):
+    vae = small_vae()
+    x = small_mnist.val.x[:3]
+    loc, scale = vae.encode(x)
+    assert loc.shape == scale.shape == (3, 8) and (scale > 0).all()
+    assert vae.reconstruct(x).shape == x.shape
+    samples = vae.sample(7)
+    assert samples.shape == (7, 1, 28, 28) and 0 <= samples.min() and samples.max() <= 1
+
+
+def test_encoder_scale_stays_positive_for_extreme_inputs():
+    encoder = pv.nets.MLPEncoder((4,), 2, hidden=(8,))
+    with torch.no_grad():
+        for layer in encoder.net:
+            if isinstance(layer, nn.Linear):
+                layer.weight.fill_(-1e3)
+        _, scale = encoder(torch.full((3, 4), 1e3))
+    assert torch.isfinite(scale).all() and (scale > 0).all()
+
+
+@pytest.mark.parametrize("mode, trainable", [("fixed", 0), ("shared", 1), ("per-dim", 784)])
+def test_gaussian_sigma_modes(mode, trainable):
+    likelihood = pv.likelihoods.Gaussian(sigma=mode, init_sigma=0.2)
+    vae = pv.VAE((1, 28, 28), 4, likelihood=likelihood, hidden=(16,))
+    assert sum(p.numel() for p in likelihood.parameters()) == trainable
+    torch.testing.assert_close(likelihood.sigma.min(), torch.tensor(0.2))
+    x = torch.rand(3, 1, 28, 28)
+    loss = Trace_ELBO().differentiable_loss(vae.model, vae.guide, x)
+    loss.backward()
+    if trainable:
+        assert likelihood.raw_sigma.grad is not None
+
+
+def test_config_round_trip():
+    vae = pv.VAE(
+        (1, 28, 28),
+        6,
+        likelihood=pv.likelihoods.Gaussian(sigma="per-dim", init_sigma=0.3),
+        hidden=(32, 16),
+        arch="mlp",
+    )
+    rebuilt = pv.VAE.from_config(vae.config())
+    assert rebuilt.config() == vae.config()
+    rebuilt.load_state_dict(vae.state_dict())
+
+
+def test_custom_networks_follow_the_documented_signature():
+    class Encoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 4)
+
+        def forward(self, x):
+            loc, raw = self.lin(x).chunk(2, -1)
+            return loc, nn.functional.softplus(raw) + 1e-3
+
+    decoder = nn.Sequential(nn.Linear(2, 3), nn.Unflatten(-1, (1, 3)))
+    vae = pv.VAE((3,), 2, likelihood=pv.likelihoods.Gaussian(), encoder=Encoder(), decoder=decoder)
+    assert torch.isfinite(torch.tensor(Trace_ELBO().loss(vae.model, vae.guide, torch.randn(5, 3))))
+    with pytest.raises(ValueError, match="custom encoder"):
+        vae.config()
+
+
+def test_conv_architecture_rejects_non_image_shapes():
+    with pytest.raises(ValueError, match="divisible by 4"):
+        pv.VAE((1, 30, 30), 4, arch="conv")
