@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 from . import likelihoods, nets, priors  # noqa: E402
 from .checkpoint import CheckpointError  # noqa: E402
 from .data import DataError, Dataset, Split, load_dataset, make_dataset  # noqa: E402
-from .marginal import elbo_per_point, site_log_densities  # noqa: E402
+from .marginal import MarginalLikelihoodEstimate, elbo_per_point, log_marginal_likelihood, site_log_densities  # noqa: E402
 from .runs import Run, load_run  # noqa: E402
 from .train import TrainingDiverged, evaluate_elbo, fit  # noqa: E402
 from .vae import VAE  # noqa: E402
@@ -27,7 +27,9 @@ __all__ = [
     "Run",
     "Split",
     "TrainingDiverged",
+    "MarginalLikelihoodEstimate",
     "elbo_per_point",
+    "log_marginal_likelihood",
     "evaluate_elbo",
     "fit",
     "likelihoods",
