@@ -77,8 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument("--epochs", type=int, help="epochs in all [default: 30; with --resume: the run's own]")
     training.add_argument("--batch-size", type=int, default=128)
     training.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
-    training.add_argument("--elbo", choices=sorted(ELBOS), default="trace", help="Trace_ELBO or TraceMeanField_ELBO")
-    training.add_argument("--particles", type=int, default=1, help="particles per ELBO estimate")
+    training.add_argument(
+        "--elbo", choices=sorted(ELBOS), default="trace", help="Trace_ELBO, TraceMeanField_ELBO or the IWAE bound"
+    )
+    training.add_argument("--particles", type=int, default=1, help="particles per ELBO estimate (K of the IWAE bound)")
     training.add_argument("--warmup-epochs", type=float, default=0.0, help="linear KL warm-up over this many epochs")
     training.add_argument("--beta", type=float, default=1.0, help="final weight of the KL term (1 is the ELBO)")
     training.add_argument("--seed", type=int, default=0)

@@ -40,6 +40,7 @@ class SiteLogDensities:
     observed: dict[str, torch.Tensor]  # log p(x | ...) of the model's observed sites
     latent_prior: dict[str, torch.Tensor]  # log p(z | ...) of the model's latent sites
     latent_guide: dict[str, torch.Tensor]  # log q(z | ...) of the guide's sites
+    reparameterized: bool = True  # whether every guide site was drawn with rsample
 
     @property
     def log_weights(self) -> torch.Tensor:
@@ -95,6 +96,7 @@ def site_log_densities(
     for name, site in guide_trace.nodes.items():
         if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site):
             out.latent_guide[name] = _per_point(site, particle_dim)
+            out.reparameterized &= bool(site["fn"].has_rsample)
     k = num_particles
     n = out.log_weights.shape[-1]
     for group in (out.observed, out.latent_prior, out.latent_guide):

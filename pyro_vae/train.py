@@ -41,10 +41,11 @@ from .checkpoint import (
     write_json,
 )
 from .data import Dataset
+from .iwae import IWAE_ELBO
 from .marginal import elbo_per_point
 from .vae import VAE
 
-ELBOS = {"trace": Trace_ELBO, "meanfield": TraceMeanField_ELBO}
+ELBOS = {"trace": Trace_ELBO, "meanfield": TraceMeanField_ELBO, "iwae": IWAE_ELBO}
 
 
 class TrainingDiverged(RuntimeError):
@@ -114,8 +115,9 @@ def fit(
     ``kl_weight`` is 1), ``val_elbo`` with its terms, ``kl_weight`` and
     ``seconds``.
 
-    :param elbo: ``"trace"`` (``Trace_ELBO``) or ``"meanfield"``
-        (``TraceMeanField_ELBO``: analytic KL where one exists).
+    :param elbo: ``"trace"`` (``Trace_ELBO``), ``"meanfield"``
+        (``TraceMeanField_ELBO``: analytic KL where one exists) or ``"iwae"``
+        (the importance-weighted bound with ``num_particles`` samples, :mod:`pyro_vae.iwae`).
     :param warmup_epochs: epochs over which the KL weight rises linearly to ``beta``.
     :param beta: final weight of the KL term (1 gives the ELBO).
     :param run_dir: write config, checkpoint, history and metrics here.
@@ -131,7 +133,12 @@ def fit(
     check_dataset(vae, data)
 
     optimizer = torch.optim.Adam(vae.parameters(), lr=lr)
-    loss_fn = ELBOS[elbo](num_particles=num_particles, vectorize_particles=num_particles > 1, max_plate_nesting=1)
+    if elbo == "iwae":
+        if warmup_epochs or beta != 1.0:
+            raise ValueError("KL warm-up and beta do not apply to the IWAE bound; use elbo='trace' for them.")
+        loss_fn = IWAE_ELBO(num_particles=num_particles)
+    else:
+        loss_fn = ELBOS[elbo](num_particles=num_particles, vectorize_particles=num_particles > 1, max_plate_nesting=1)
     steps_per_epoch = data.num_batches(batch_size)
     warmup_steps = round(warmup_epochs * steps_per_epoch)
     config = {
