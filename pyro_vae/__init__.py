@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 from . import likelihoods, nets, priors  # noqa: E402
 from .checkpoint import CheckpointError  # noqa: E402
 from .data import DataError, Dataset, Split, load_dataset, make_dataset  # noqa: E402
+from .evaluate import active_units, compare_runs, evaluate_run  # noqa: E402
 from .marginal import MarginalLikelihoodEstimate, elbo_per_point, log_marginal_likelihood, site_log_densities  # noqa: E402
 from .runs import Run, load_run  # noqa: E402
 from .train import TrainingDiverged, evaluate_elbo, fit  # noqa: E402
@@ -21,6 +22,9 @@ from .vae import VAE  # noqa: E402
 
 __all__ = [
     "VAE",
+    "active_units",
+    "compare_runs",
+    "evaluate_run",
     "CheckpointError",
     "DataError",
     "Dataset",

@@ -324,15 +324,16 @@ def log_marginal_likelihood(
     with torch.random.fork_rng(devices=devices, enabled=seed is not None):
         if seed is not None:
             torch.manual_seed(seed)
-        results = []
+        results, validate = [], pyro.is_validation_enabled()
         batches = range(0, x.shape[0], batch_size)
         for start in tqdm(batches, desc=f"log p(x), K={num_samples}", disable=not progress, leave=False):
             xb = x[start : start + batch_size]
             chunk = max(1, min(num_samples, max_samples_per_pass // xb.shape[0]))
             stats = _Accumulator(num_samples)
             for done in range(0, num_samples, chunk):
-                stats.add(
-                    site_log_densities(
+                # Pyro's argument and support checks run on the first chunk only: they cost a pass over every tensor.
+                with pyro.validation_enabled(validate):
+                    densities = site_log_densities(
                         model,
                         guide,
                         xb,
@@ -341,7 +342,8 @@ def log_marginal_likelihood(
                         max_plate_nesting=max_plate_nesting,
                         **kwargs,
                     )
-                )
+                validate = False
+                stats.add(densities)
             results.append(stats.result())
     columns = [torch.cat([r[i].cpu() for r in results]) for i in range(6)]
     return MarginalLikelihoodEstimate(*columns, num_samples=num_samples)

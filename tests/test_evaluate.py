@@ -1,0 +1,69 @@
+"""pyro-vae evaluate and compare on small trained runs."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import small_vae
+
+import pyro_vae as pv
+from pyro_vae.cli import main
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory, mnist):
+    """Two small runs on the same 200 test points: z_dim 8 and z_dim 2."""
+    root = tmp_path_factory.mktemp("runs")
+    data = mnist.subset(train=1000, val=200, test=200)
+    for name, z_dim in (("wide", 8), ("narrow", 2)):
+        torch.manual_seed(0)
+        pv.fit(small_vae(z_dim=z_dim), data, epochs=2, run_dir=root / name, progress=False)
+    return root / "wide", root / "narrow"
+
+
+def test_evaluate_writes_metrics_and_per_point_values(two_runs, capsys):
+    wide, _ = two_runs
+    assert main(["evaluate", str(wide), "--samples", "200", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "test log p(x)" in out and "active units" in out and "Pareto k" in out
+    metrics = json.loads((wide / "metrics.json").read_text())
+    log_px = np.load(wide / "test_log_px.npy")
+    assert log_px.shape == (200,) and metrics["test_log_px"] == pytest.approx(log_px.mean())
+    assert metrics["test_log_px"] > metrics["test_elbo"]  # importance sampling tightens the bound
+    assert 0 < metrics["active_units"] <= 8 and metrics["test_num_samples"] == 200
+    assert metrics["test_elbo"] == pytest.approx(metrics["test_reconstruction"] - metrics["test_kl"], abs=1e-3)
+
+
+def test_active_units_counts_dimensions_the_encoder_uses(small_mnist):
+    vae = small_vae(z_dim=4)
+    with torch.no_grad():  # silence two latent dimensions: their posterior means no longer vary with x
+        head = vae.encoder.net[-1]
+        head.weight[[1, 3]] = 0.0
+    assert pv.active_units(vae, small_mnist.test.x) == 2
+
+
+def test_compare_gives_paired_differences(two_runs, tmp_path, capsys):
+    wide, narrow = two_runs
+    for run in two_runs:
+        assert main(["evaluate", str(run), "--samples", "100", "--no-progress"]) == 0
+    assert main(["compare", str(wide), str(narrow), "--out", str(tmp_path / "table")]) == 0
+    rows = pv.compare_runs([wide, narrow])
+    best, other = rows
+    assert best["diff_to_best"] == 0 and best["log_px"] >= other["log_px"]
+    a, b = np.load(wide / "test_log_px.npy"), np.load(narrow / "test_log_px.npy")
+    diff = (b - a) if best["run"] == str(wide) else (a - b)
+    assert other["diff_to_best"] == pytest.approx(diff.mean())
+    assert other["diff_se"] == pytest.approx(diff.std(ddof=1) / np.sqrt(len(diff)))
+    assert "paired difference to best" in (tmp_path / "table.md").read_text()
+    assert (tmp_path / "table.csv").read_text().startswith("run,")
+
+
+def test_compare_refuses_unevaluated_runs_and_different_test_points(two_runs, tmp_path, mnist, capsys):
+    pv.fit(small_vae(), mnist.subset(train=200, val=50, test=50), epochs=1, run_dir=tmp_path / "other", progress=False)
+    assert main(["compare", str(two_runs[0]), str(tmp_path / "other")]) == 2
+    assert "pyro-vae evaluate" in capsys.readouterr().err
+    assert main(["evaluate", str(tmp_path / "other"), "--samples", "10", "--no-progress"]) == 0
+    main(["evaluate", str(two_runs[0]), "--samples", "10", "--no-progress"])
+    assert main(["compare", str(two_runs[0]), str(tmp_path / "other")]) == 2
+    assert "different test points" in capsys.readouterr().err
