@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import pyro
 import pyro.poutine as poutine
 import torch
+from pyro.infer.util import is_validation_enabled
 from pyro.poutine.util import site_is_subsample
 from tqdm.auto import tqdm
 
@@ -324,7 +325,7 @@ def log_marginal_likelihood(
     with torch.random.fork_rng(devices=devices, enabled=seed is not None):
         if seed is not None:
             torch.manual_seed(seed)
-        results, validate = [], pyro.is_validation_enabled()
+        results, validate = [], is_validation_enabled()
         batches = range(0, x.shape[0], batch_size)
         for start in tqdm(batches, desc=f"log p(x), K={num_samples}", disable=not progress, leave=False):
             xb = x[start : start + batch_size]
