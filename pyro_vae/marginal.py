@@ -289,7 +289,7 @@ def log_marginal_likelihood(
     *args,
     num_samples: int = 5000,
     batch_size: int = 100,
-    max_samples_per_pass: int = 32_768,
+    max_samples_per_pass: int = 4096,
     max_plate_nesting: int | None = None,
     seed: int | None = 0,
     progress: bool = False,
