@@ -94,17 +94,15 @@ class Dataset:
             self, train=self.train.subset(train), val=self.val.subset(val), test=self.test.subset(test), spec=spec
         )
 
-    def batches(
-        self, batch_size: int, *, shuffle: bool = True, generator: torch.Generator | None = None
-    ) -> Iterator[torch.Tensor]:
-        """Training batches sliced from memory; dynamically binarised when the mode says so."""
+    def batches(self, batch_size: int, *, shuffle: bool = True) -> Iterator[torch.Tensor]:
+        """Training batches sliced from memory (global torch RNG); dynamically binarised when the mode says so."""
         x = self.train.x
         n = x.shape[0]
-        order = torch.randperm(n, device=x.device, generator=generator) if shuffle else None
+        order = torch.randperm(n, device=x.device) if shuffle else None
         for start in range(0, n, batch_size):
             batch = x[order[start : start + batch_size]] if shuffle else x[start : start + batch_size]
             if self.binarize == "dynamic":
-                batch = torch.bernoulli(batch, generator=generator)
+                batch = torch.bernoulli(batch)
             yield batch
 
     def num_batches(self, batch_size: int) -> int:
@@ -127,13 +125,18 @@ def check_finite_and_nonempty(x: torch.Tensor, what: str = "data") -> None:
         )
 
 
-def binarize_once(x: torch.Tensor, seed: int) -> torch.Tensor:
-    """Binarise pixel intensities in [0, 1] once: ``x_bin ~ Bernoulli(x)`` with a fixed seed."""
+def check_unit_interval(x: torch.Tensor) -> None:
+    """Binarisation reads values as Bernoulli probabilities: refuse anything outside [0, 1]."""
     if x.numel() and (x.min() < 0 or x.max() > 1):
         raise DataError(
             f"Binarisation needs values in [0, 1]; the data spans [{float(x.min()):g}, {float(x.max()):g}]. "
             "Rescale it to [0, 1], or use binarize='none' with a likelihood for real-valued data (gaussian)."
         )
+
+
+def binarize_once(x: torch.Tensor, seed: int) -> torch.Tensor:
+    """Binarise pixel intensities in [0, 1] once: ``x_bin ~ Bernoulli(x)`` with a fixed seed."""
+    check_unit_interval(x)
     generator = torch.Generator(device=x.device).manual_seed(seed)
     return torch.bernoulli(x, generator=generator)
 
@@ -276,8 +279,8 @@ def _assemble(name, train: Split, test: Split | None, *, binarize, val_size, tes
     if binarize != "none":
         if binarize == "fixed":
             train = Split(binarize_once(train.x, seed), train.y)
-        elif train.x.min() < 0 or train.x.max() > 1:
-            binarize_once(train.x, seed)  # raises the range error
+        else:  # dynamic: resampled per batch, so only the range is checked here
+            check_unit_interval(train.x)
         val = Split(binarize_once(val.x, EVALUATION_BINARIZATION_SEED), val.y)
         test = Split(binarize_once(test.x, EVALUATION_BINARIZATION_SEED), test.y)
     return Dataset(name, train, val, test, binarize)
