@@ -61,7 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--download", action="store_true", help="let torchvision download a missing data set (needs a network)"
     )
     data.add_argument(
-        "--binarize", choices=BINARIZE_MODES, default="dynamic", help="binarisation of the training pixels"
+        "--binarize",
+        choices=BINARIZE_MODES,
+        help="binarisation of the pixels [default: dynamic for the bernoulli likelihood, none for the others]",
     )
     data.add_argument("--subset", type=int, metavar="N", help="train on the first N training points only (quick tries)")
 
@@ -72,9 +74,23 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--prior", choices=sorted(PRIORS), default="standard-normal", help="prior p(z)")
     model.add_argument("--likelihood", choices=sorted(LIKELIHOODS), default="bernoulli", help="likelihood p(x|z)")
     model.add_argument(
-        "--sigma", choices=Gaussian.SIGMA_MODES, default="fixed", help="gaussian likelihood: fixed or learned sigma"
+        "--components",
+        type=int,
+        metavar="K",
+        help="mixture and vamp priors: number of components / pseudo-inputs [default: 10 and 500]",
     )
-    model.add_argument("--init-sigma", type=float, default=0.1, help="gaussian likelihood: (initial) sigma")
+    model.add_argument("--flow-layers", type=int, default=4, help="flow prior: number of autoregressive layers")
+    model.add_argument(
+        "--scale",
+        "--sigma",
+        dest="scale",
+        choices=Gaussian.SCALE_MODES,
+        default="fixed",
+        help="gaussian and laplace likelihoods: fixed, learned (shared or per-dim) or decoder-predicted scale",
+    )
+    model.add_argument(
+        "--init-scale", "--init-sigma", dest="init_scale", type=float, default=0.1, help="the (initial) scale"
+    )
 
     training = train.add_argument_group("training")
     training.add_argument("--epochs", type=int, help="epochs in all [default: 30; with --resume: the run's own]")
@@ -153,6 +169,23 @@ def _compare(args) -> None:
     print(table + f"\nwritten to {out.with_suffix('.md')} and {out.with_suffix('.csv')}")
 
 
+def _prior_config(args) -> dict:
+    config = {"name": args.prior}
+    if args.prior in ("mixture", "vamp") and args.components is not None:
+        config["num_components"] = args.components
+    if args.prior == "flow":
+        config["num_layers"] = args.flow_layers
+    return config
+
+
+def _likelihood_config(args) -> dict:
+    if args.likelihood == "gaussian":
+        return {"name": "gaussian", "sigma": args.scale, "init_sigma": args.init_scale}
+    if args.likelihood == "laplace":
+        return {"name": "laplace", "scale": args.scale, "init_scale": args.init_scale}
+    return {"name": args.likelihood}
+
+
 def _train(args) -> Path:
     if args.resume:
         run_dir = Path(args.resume)
@@ -164,18 +197,19 @@ def _train(args) -> Path:
     else:
         pyro.set_rng_seed(args.seed)
         data = load_dataset(
-            args.dataset, binarize=args.binarize, seed=args.seed, data_dir=args.data_dir, download=args.download
+            args.dataset,
+            binarize=args.binarize or ("dynamic" if args.likelihood == "bernoulli" else "none"),
+            seed=args.seed,
+            data_dir=args.data_dir,
+            download=args.download,
         )
         if args.subset:
             data = data.subset(train=args.subset, val=max(args.subset // 5, 1), test=max(args.subset // 5, 1))
-        likelihood = {"name": args.likelihood}
-        if args.likelihood == "gaussian":
-            likelihood.update(sigma=args.sigma, init_sigma=args.init_sigma)
         vae = VAE(
             data.x_shape,
             args.z_dim,
-            prior=build_prior(args.prior),
-            likelihood=build_likelihood(likelihood),
+            prior=build_prior(_prior_config(args)),
+            likelihood=build_likelihood(_likelihood_config(args)),
             hidden=args.hidden,
             arch=args.arch,
         )

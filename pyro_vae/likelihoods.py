@@ -12,8 +12,9 @@ A likelihood is a small :class:`torch.nn.Module` in the pattern of
   refuses data outside it with a message that names the fix.
 
 To add a likelihood, subclass :class:`Likelihood`, set ``name``,
-``params_per_dim`` and ``support``, implement :meth:`forward`, and list the
-class in :data:`LIKELIHOODS`.
+``params_per_dim`` and ``support``, implement :meth:`forward` (and
+:meth:`~Likelihood.config` if it takes arguments), and pass the class to
+:func:`register_likelihood` so that configs and the command line know it.
 """
 
 from __future__ import annotations
@@ -78,57 +79,138 @@ class Bernoulli(Likelihood):
     def fix_hint(self):
         return (
             "A Bernoulli is a density only for binary data: binarise grayscale pixels "
-            "(--binarize dynamic or fixed; load_dataset(..., binarize='dynamic')), or use a likelihood "
-            "for continuous data such as gaussian (the continuous Bernoulli is planned)."
+            "(--binarize dynamic or fixed; load_dataset(..., binarize='dynamic')), or use the "
+            "continuous-bernoulli likelihood, which is a proper density on [0, 1]."
         )
+
+
+class ContinuousBernoulli(Likelihood):
+    """p(x | z) = prod_d CB(x_d; sigmoid(logit_d(z))) on [0, 1] (Loaiza-Ganem & Cunningham, NeurIPS 2019).
+
+    CB(x; lambda) = C(lambda) lambda^x (1 - lambda)^(1 - x): the Bernoulli
+    formula with the normalising constant C(lambda) that makes it a density
+    on [0, 1], so that its log-likelihood of grayscale pixels is a real
+    log-density. Its mean is not lambda; :attr:`mean` (used for images) is
+    the distribution's own.
+    """
+
+    name = "continuous-bernoulli"
+    support = constraints.unit_interval
+
+    def forward(self, params):
+        return dist.ContinuousBernoulli(logits=self._param(params, 0)).to_event(len(self.x_shape))
+
+    def fix_hint(self):
+        return "Scale the data into [0, 1] (for 8-bit images divide by 255), or use the gaussian or laplace likelihood."
 
 
 def _inverse_softplus(y: float) -> float:
     return y + math.log(-math.expm1(-y))
 
 
-class Gaussian(Likelihood):
-    """p(x | z) = prod_d N(x_d; mu_d(z), sigma_d^2).
+class _LocationScale(Likelihood):
+    """p(x | z) = prod_d family(x_d; loc_d(z), scale_d), the decoder giving loc.
 
-    ``sigma="fixed"`` keeps sigma at ``init_sigma``; ``"shared"`` learns one
-    sigma for all dimensions; ``"per-dim"`` learns one per data dimension.
-    Learned sigmas are ``min_sigma + softplus(raw)``, so they never fall to
-    the bound where the density would degenerate.
+    The scale is chosen by ``scale_mode``:
+
+    * ``"fixed"``: ``init_scale`` throughout;
+    * ``"shared"``: one learned scale for all dimensions;
+    * ``"per-dim"``: one learned scale per data dimension;
+    * ``"decoder"``: predicted by the decoder for each x (a second output per dimension).
+
+    Learned and predicted scales are ``min_scale + softplus(raw)``: the
+    density stays proper (bounded by 1 / min_scale) however the
+    optimiser pushes the raw value.
     """
 
-    name = "gaussian"
-    SIGMA_MODES = ("fixed", "shared", "per-dim")
+    family: ClassVar[type[dist.TorchDistribution]]
+    SCALE_MODES = ("fixed", "shared", "per-dim", "decoder")
 
-    def __init__(self, sigma: str = "fixed", init_sigma: float = 0.1, min_sigma: float = 1e-3):
+    def __init__(self, scale_mode: str, init_scale: float, min_scale: float):
         super().__init__()
-        if sigma not in self.SIGMA_MODES:
-            raise ValueError(f"Unknown sigma mode {sigma!r}; choose one of {self.SIGMA_MODES}.")
-        if not init_sigma > min_sigma > 0:
-            raise ValueError(f"Need init_sigma > min_sigma > 0; got init_sigma={init_sigma}, min_sigma={min_sigma}.")
-        self.sigma_mode, self.init_sigma, self.min_sigma = sigma, init_sigma, min_sigma
+        if scale_mode not in self.SCALE_MODES:
+            raise ValueError(f"Unknown scale mode {scale_mode!r} for {self.name}; choose one of {self.SCALE_MODES}.")
+        if not init_scale > min_scale > 0:
+            raise ValueError(f"Need init > min > 0 for the {self.name} scale; got {init_scale} and {min_scale}.")
+        self.scale_mode, self.init_scale, self.min_scale = scale_mode, init_scale, min_scale
+        self.params_per_dim = 2 if scale_mode == "decoder" else 1
 
     def setup(self, x_shape):
         super().setup(x_shape)
-        shape = {"fixed": (), "shared": (), "per-dim": self.x_shape}[self.sigma_mode]
-        raw = torch.full(shape, _inverse_softplus(self.init_sigma - self.min_sigma))
-        if self.sigma_mode == "fixed":
-            self.register_buffer("raw_sigma", raw)
+        if self.scale_mode == "decoder":
+            # an offset on the decoder's raw output, so that a fresh decoder starts near init_scale
+            self.register_buffer("raw_scale", torch.tensor(_inverse_softplus(self.init_scale - self.min_scale)))
+            return
+        shape = self.x_shape if self.scale_mode == "per-dim" else ()
+        raw = torch.full(shape, _inverse_softplus(self.init_scale - self.min_scale))
+        if self.scale_mode == "fixed":
+            self.register_buffer("raw_scale", raw)
         else:
-            self.raw_sigma = nn.Parameter(raw)
+            self.raw_scale = nn.Parameter(raw)
 
-    @property
-    def sigma(self) -> torch.Tensor:
-        return self.min_sigma + F.softplus(self.raw_sigma)
+    def scale(self, params: torch.Tensor | None = None) -> torch.Tensor:
+        """The scale; with ``scale_mode="decoder"`` it depends on the decoder output ``params``."""
+        if self.scale_mode != "decoder":
+            return self.min_scale + F.softplus(self.raw_scale)
+        if params is None:
+            raise ValueError("A scale predicted by the decoder needs the decoder's output.")
+        return self.min_scale + F.softplus(self.raw_scale + self._param(params, 1))
 
     def forward(self, params):
         loc = self._param(params, 0)
-        return dist.Normal(loc, self.sigma.expand(loc.shape)).to_event(len(self.x_shape))
+        return self.family(loc, self.scale(params).expand(loc.shape)).to_event(len(self.x_shape))
+
+
+class Gaussian(_LocationScale):
+    """p(x | z) = prod_d N(x_d; mu_d(z), sigma_d^2), sigma fixed, learned or predicted (see ``sigma``).
+
+    :param sigma: ``"fixed"``, ``"shared"``, ``"per-dim"`` or ``"decoder"``.
+    :param init_sigma: the fixed or initial sigma.
+    :param min_sigma: the lower bound of learned and predicted sigmas.
+    """
+
+    name = "gaussian"
+    family = dist.Normal
+    SIGMA_MODES = _LocationScale.SCALE_MODES
+
+    def __init__(self, sigma: str = "fixed", init_sigma: float = 0.1, min_sigma: float = 1e-3):
+        super().__init__(sigma, init_sigma, min_sigma)
 
     def config(self):
-        return {"name": self.name, "sigma": self.sigma_mode, "init_sigma": self.init_sigma, "min_sigma": self.min_sigma}
+        return {"name": self.name, "sigma": self.scale_mode, "init_sigma": self.init_scale, "min_sigma": self.min_scale}
 
 
-LIKELIHOODS: dict[str, type[Likelihood]] = {cls.name: cls for cls in (Bernoulli, Gaussian)}
+class Laplace(_LocationScale):
+    """p(x | z) = prod_d Laplace(x_d; mu_d(z), b_d), b fixed, learned or predicted (see ``scale``).
+
+    Heavier tails than the Gaussian: an L1 reconstruction error, robust to outlying pixels.
+
+    :param scale: ``"fixed"``, ``"shared"``, ``"per-dim"`` or ``"decoder"``.
+    :param init_scale: the fixed or initial b.
+    :param min_scale: the lower bound of learned and predicted b.
+    """
+
+    name = "laplace"
+    family = dist.Laplace
+
+    def __init__(self, scale: str = "fixed", init_scale: float = 0.1, min_scale: float = 1e-3):
+        super().__init__(scale, init_scale, min_scale)
+
+    def config(self):
+        return {"name": self.name, "scale": self.scale_mode, "init_scale": self.init_scale, "min_scale": self.min_scale}
+
+
+LIKELIHOODS: dict[str, type[Likelihood]] = {
+    cls.name: cls for cls in (Bernoulli, ContinuousBernoulli, Gaussian, Laplace)
+}
+
+
+def register_likelihood(cls: type[Likelihood]) -> type[Likelihood]:
+    """Make a likelihood known by its ``name`` to configs and the command line (usable as a decorator)."""
+    if cls.name in LIKELIHOODS and LIKELIHOODS[cls.name] is not cls:
+        raise ValueError(f"A different likelihood is already registered as {cls.name!r}.")
+    LIKELIHOODS[cls.name] = cls
+    return cls
 
 
 def build_likelihood(config: dict | str) -> Likelihood:

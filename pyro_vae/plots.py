@@ -55,6 +55,16 @@ def plot_samples(vae: VAE, path: Path, n: int = 64) -> Path:
     return _save(fig, path)
 
 
+def plot_samples_side_by_side(vaes: dict[str, VAE], path: Path, n: int = 36, seed: int = 0) -> Path:
+    """One panel of prior samples per model, e.g. to compare priors; each panel is drawn with the same seed."""
+    fig, axes = plt.subplots(1, len(vaes), figsize=(3.2 * len(vaes), 3.5), squeeze=False)
+    for ax, (label, vae) in zip(axes[0], vaes.items(), strict=True):
+        torch.manual_seed(seed)
+        _show_grid(ax, vae.sample(n), nrow=int(n**0.5))
+        ax.set_title(label, fontsize=9)
+    return _save(fig, path)
+
+
 def plot_learning_curves(history: list[dict], path: Path) -> Path:
     """Training objective and validation ELBO per epoch, in nats per data point."""
     fig, ax = plt.subplots(figsize=(6, 4))

@@ -205,7 +205,14 @@ def fit(
 
     if run_dir is not None:
         metrics = evaluate_elbo(vae, data.test.x, prefix="test_")
-        metrics.update({"num_test": len(data.test), "epochs": epochs, "binarize": data.binarize})
+        metrics.update(
+            {
+                "num_test": len(data.test),
+                "epochs": epochs,
+                "binarize": data.binarize,
+                "train_seconds": sum(row["seconds"] for row in history[1:]),
+            }
+        )
         write_json(run_dir / METRICS, metrics)
     return history
 

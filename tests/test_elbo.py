@@ -39,7 +39,7 @@ def closed_form_elbo(vae, x):
     """E_q[log N(x; Wz+b, s^2 I)] - KL(N(mu, diag sigma^2) || N(0, I)), per data point."""
     mu, sigma = vae.encoder(x)
     W, b = vae.decoder.lin.weight, vae.decoder.lin.bias
-    s = float(vae.likelihood.sigma)
+    s = float(vae.likelihood.scale())
     d = x.shape[-1]
     mean_sq = ((x - mu @ W.T - b) ** 2).sum(-1) + (W**2 @ sigma.T**2).sum(0)
     expected_log_lik = -0.5 * d * math.log(2 * math.pi * s**2) - mean_sq / (2 * s**2)

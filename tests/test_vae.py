@@ -82,17 +82,26 @@ def test_encoder_scale_stays_positive_for_extreme_inputs():
     assert torch.isfinite(scale).all() and (scale > 0).all()
 
 
-@pytest.mark.parametrize("mode, trainable", [("fixed", 0), ("shared", 1), ("per-dim", 784)])
-def test_gaussian_sigma_modes(mode, trainable):
-    likelihood = pv.likelihoods.Gaussian(sigma=mode, init_sigma=0.2)
+@pytest.mark.parametrize("family", [pv.likelihoods.Gaussian, pv.likelihoods.Laplace])
+@pytest.mark.parametrize("mode, trainable", [("fixed", 0), ("shared", 1), ("per-dim", 784), ("decoder", 0)])
+def test_location_scale_modes(family, mode, trainable):
+    likelihood = family(mode, 0.2)
     vae = pv.VAE((1, 28, 28), 4, likelihood=likelihood, hidden=(16,))
     assert sum(p.numel() for p in likelihood.parameters()) == trainable
-    torch.testing.assert_close(likelihood.sigma.min(), torch.tensor(0.2))
+    assert vae.decoder(torch.zeros(2, 4)).shape == (2, 2 if mode == "decoder" else 1, 1, 28, 28)
+    if mode == "decoder":
+        # a decoder output of zero gives the initial scale; huge negative outputs stop at the lower bound
+        torch.testing.assert_close(likelihood.scale(torch.zeros(2, 2, 1, 28, 28)).min(), torch.tensor(0.2))
+        assert likelihood.scale(torch.full((2, 2, 1, 28, 28), -1e4)).min() == likelihood.min_scale
+    else:
+        torch.testing.assert_close(likelihood.scale().min(), torch.tensor(0.2))
     x = torch.rand(3, 1, 28, 28)
     loss = Trace_ELBO().differentiable_loss(vae.model, vae.guide, x)
     loss.backward()
+    assert torch.isfinite(loss)
     if trainable:
-        assert likelihood.raw_sigma.grad is not None
+        assert likelihood.raw_scale.grad is not None
+    assert pv.likelihoods.build_likelihood(likelihood.config()).config() == likelihood.config()
 
 
 def test_config_round_trip():
