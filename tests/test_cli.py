@@ -34,6 +34,24 @@ def test_gaussian_likelihood_on_grayscale(tmp_path):
     assert json.loads((tmp_path / "g" / "config.json").read_text())["model"]["likelihood"]["sigma"] == "shared"
 
 
+@pytest.mark.parametrize(
+    "flags, prior, likelihood",
+    [
+        (["--prior", "vamp", "--components", "7", "--likelihood", "laplace", "--scale", "decoder"],
+         {"name": "vamp", "num_components": 7}, {"name": "laplace", "scale": "decoder"}),
+        (["--prior", "flow", "--flow-layers", "2", "--likelihood", "continuous-bernoulli", "--z-dim", "2"],
+         {"name": "flow", "num_layers": 2}, {"name": "continuous-bernoulli"}),
+    ],
+)  # fmt: skip
+def test_prior_and_likelihood_flags_reach_the_config(tmp_path, flags, prior, likelihood):
+    assert main(["train", *SMALL, *flags, "--epochs", "1", "--out", str(tmp_path), "--name", "r"]) == 0
+    config = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert config["model"]["prior"].items() >= prior.items()
+    assert config["model"]["likelihood"].items() >= likelihood.items()
+    assert config["data"]["binarize"] == "none"  # grayscale by default for likelihoods other than bernoulli
+    assert main(["evaluate", str(tmp_path / "r"), "--samples", "4", "--no-progress"]) == 0
+
+
 def test_bernoulli_on_grayscale_is_refused_with_the_fix(tmp_path, capsys):
     assert main(["train", *SMALL, "--binarize", "none", "--out", str(tmp_path), "--name", "bad"]) == 2
     err = capsys.readouterr().err
