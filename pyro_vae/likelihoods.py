@@ -67,6 +67,24 @@ class Likelihood(nn.Module):
         return {"name": self.name}
 
 
+class BinaryBernoulli(dist.Bernoulli):
+    """Pyro's Bernoulli with a log-density in fewer passes over memory, for x in {0, 1}.
+
+    log p(x | l) = x l - softplus(l) = -softplus((1 - 2x) l) when x is 0 or 1:
+    one multiplication and one fused softplus, where
+    ``binary_cross_entropy_with_logits`` takes half a dozen elementwise passes.
+    With 784 outputs per sample those passes cost about as much as the
+    decoder's matrix products in the log p(x) evaluator. The :class:`Bernoulli`
+    likelihood refuses non-binary data, for which the two forms differ.
+    """
+
+    def log_prob(self, value):
+        if self._validate_args:
+            self._validate_sample(value)
+        # softplus's gradient needs only its input, so negating its output in place is safe under autograd
+        return F.softplus((1 - 2 * value) * self.logits).neg_()
+
+
 class Bernoulli(Likelihood):
     """p(x | z) = prod_d Bernoulli(x_d; sigmoid(logit_d(z))), for binary data only."""
 
@@ -74,7 +92,7 @@ class Bernoulli(Likelihood):
     support = constraints.boolean
 
     def forward(self, params):
-        return dist.Bernoulli(logits=self._param(params, 0)).to_event(len(self.x_shape))
+        return BinaryBernoulli(logits=self._param(params, 0)).to_event(len(self.x_shape))
 
     def fix_hint(self):
         return (
