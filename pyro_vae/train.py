@@ -78,6 +78,26 @@ def kl_weight_schedule(step: int, *, beta: float, warmup_steps: int) -> float:
     return beta * min(1.0, (step + 1) / warmup_steps)
 
 
+def training_step(
+    loss_fn, vae: VAE, optimizer: torch.optim.Optimizer, x: torch.Tensor, *, kl_weight: float = 1.0, validate=False
+) -> float:
+    """One step of stochastic variational inference; returns the loss (the negative annealed objective).
+
+    The same update as ``SVI(vae.model, vae.guide, pyro.optim.Adam(...), loss_fn).step(x)``
+    (``tests/test_train.py`` checks that the parameters agree), with one torch
+    optimiser over all parameters instead of one per parameter and without
+    the param-store round trip. A non-finite loss leaves the parameters untouched.
+    """
+    with pyro.validation_enabled(validate):
+        loss = loss_fn.differentiable_loss(vae.model, vae.guide, x, kl_weight=kl_weight)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    loss_value = loss.item()
+    if math.isfinite(loss_value):
+        optimizer.step()
+    return loss_value
+
+
 def evaluate_elbo(
     vae: VAE, x: torch.Tensor, *, num_particles: int = 1, batch_size: int = 1000, prefix: str = ""
 ) -> dict:
@@ -112,8 +132,8 @@ def fit(
 
     Row 0 evaluates the untrained model. Each row holds ``train_objective``
     (the mean annealed objective over the epoch's batches; the ELBO once
-    ``kl_weight`` is 1), ``val_elbo`` with its terms, ``kl_weight`` and
-    ``seconds``.
+    ``kl_weight`` is 1), ``val_elbo`` with its terms, ``kl_weight``,
+    ``seconds`` (the optimisation pass) and ``val_seconds`` (the validation).
 
     :param elbo: ``"trace"`` (``Trace_ELBO``), ``"meanfield"``
         (``TraceMeanField_ELBO``: analytic KL where one exists) or ``"iwae"``
@@ -175,25 +195,21 @@ def fit(
         for step, x in enumerate(bar):
             kl_weight = kl_weight_schedule((epoch - 1) * steps_per_epoch + step, beta=beta, warmup_steps=warmup_steps)
             # Pyro's argument and support checks run on the first step only; they cost time on every step.
-            with pyro.validation_enabled(validate):
-                loss = loss_fn.differentiable_loss(vae.model, vae.guide, x, kl_weight=kl_weight)
+            loss_value = training_step(loss_fn, vae, optimizer, x, kl_weight=kl_weight, validate=validate)
             validate = False
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            loss_value = loss.item()
             if not math.isfinite(loss_value):
                 raise TrainingDiverged(
                     f"The loss became {loss_value} at epoch {epoch}, step {step + 1}. Lower the learning rate "
                     f"(now {lr:g}) or check the data for extreme values"
                     + (f"; the checkpoint of epoch {epoch - 1} in {run_dir} is kept." if run_dir else ".")
                 )
-            optimizer.step()
             total, count = total + loss_value, count + x.shape[0]
-            if step % 25 == 0:
+            if progress and step % 25 == 0:
                 bar.set_postfix(objective=f"{-total / count:.2f}")
+        trained = time.perf_counter()
         row = {"epoch": epoch, "train_objective": -total / count, "kl_weight": kl_weight}
         row.update(evaluate_elbo(vae, data.val.x, prefix="val_"))
-        row["seconds"] = time.perf_counter() - started
+        row.update(seconds=trained - started, val_seconds=time.perf_counter() - trained)
         history.append(row)
         if progress:
             tqdm.write(
@@ -210,7 +226,7 @@ def fit(
                 "num_test": len(data.test),
                 "epochs": epochs,
                 "binarize": data.binarize,
-                "train_seconds": sum(row["seconds"] for row in history[1:]),
+                "train_seconds": sum(row["seconds"] + row["val_seconds"] for row in history[1:]),
             }
         )
         write_json(run_dir / METRICS, metrics)
