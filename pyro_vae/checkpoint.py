@@ -76,13 +76,26 @@ def write_history_csv(path: Path, history: list[dict]) -> None:
 
 
 def save_checkpoint(
-    path: Path, *, model_state: dict, optimizer_state: dict, epoch: int, history: list[dict], config: dict
+    path: Path,
+    *,
+    model_state: dict,
+    optimizer_state: dict,
+    epoch: int,
+    history: list[dict],
+    config: dict,
+    position: dict | None = None,
 ) -> None:
-    """Atomically save everything needed to continue training exactly where it stopped."""
+    """Atomically save everything needed to continue training exactly where it stopped.
+
+    ``epoch`` is the last complete epoch; ``position`` describes an epoch
+    interrupted part-way (its number, next step, batch order and running
+    totals), or is None.
+    """
     state = {
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,
         "epoch": epoch,
+        "position": position,
         "config": config,
         "model": model_state,
         "optimizer": optimizer_state,
@@ -107,12 +120,12 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
     except pickle.UnpicklingError as err:
         raise CheckpointError(
             f"{path} holds objects other than tensors and plain data, and was refused unread: a checkpoint that "
-            f"can run code when loaded is not trusted ({str(err).splitlines()[0]}). "
+            f"can run code when loaded is not trusted ({_first_line(err)}). "
             "Use a checkpoint written by pyro-vae."
         ) from err
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
         raise CheckpointError(
-            f"{path} is truncated or corrupt ({str(err).splitlines()[0]}). Delete it and train again, "
+            f"{path} is truncated or corrupt ({_first_line(err)}). Delete it and train again, "
             "or restore a copy."
         ) from err
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
@@ -123,6 +136,10 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
             f"{CHECKPOINT_VERSION}. Use the pyro-vae version that wrote it."
         )
     return state
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).splitlines() or [type(err).__name__])[0]
 
 
 def restore_rng(state: dict) -> None:

@@ -24,7 +24,7 @@ from .likelihoods import LIKELIHOODS, Gaussian, build_likelihood
 from .nets import ARCHITECTURES
 from .plots import save_figures
 from .priors import PRIORS, build_prior
-from .train import ELBOS, TrainingDiverged, fit, resolve_device
+from .train import ELBOS, TrainingDiverged, TrainingInterrupted, fit, resolve_device
 from .vae import VAE
 
 DEFAULT_EPOCHS = 30
@@ -248,6 +248,12 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, CheckpointError, TrainingDiverged, ValueError) as err:
         print(f"pyro-vae: error: {err}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as err:
+        print(f"pyro-vae: {err}", file=sys.stderr)
+        return 130  # the shell's code for a SIGINT
+    except KeyboardInterrupt:
+        print("pyro-vae: interrupted; every completed epoch is saved in the run directory.", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -96,14 +96,17 @@ class Dataset:
 
     def batches(self, batch_size: int, *, shuffle: bool = True) -> Iterator[torch.Tensor]:
         """Training batches sliced from memory (global torch RNG); dynamically binarised when the mode says so."""
-        x = self.train.x
-        n = x.shape[0]
-        order = torch.randperm(n, device=x.device) if shuffle else None
+        n = len(self.train)
+        order = (
+            torch.randperm(n, device=self.train.x.device) if shuffle else torch.arange(n, device=self.train.x.device)
+        )
         for start in range(0, n, batch_size):
-            batch = x[order[start : start + batch_size]] if shuffle else x[start : start + batch_size]
-            if self.binarize == "dynamic":
-                batch = torch.bernoulli(batch)
-            yield batch
+            yield self.batch(order[start : start + batch_size])
+
+    def batch(self, indices: torch.Tensor) -> torch.Tensor:
+        """The training points at ``indices``, dynamically binarised when the mode says so."""
+        batch = self.train.x[indices]
+        return torch.bernoulli(batch) if self.binarize == "dynamic" else batch
 
     def num_batches(self, batch_size: int) -> int:
         return math.ceil(len(self.train) / batch_size)
@@ -193,7 +196,15 @@ def _torchvision(name: str, data_dir: str | None, download: bool) -> tuple[Split
 
 
 def _as_float(array) -> torch.Tensor:
-    x = torch.as_tensor(np.asarray(array))
+    """Data as float32: uint8 is read as pixels and scaled to [0, 1]; booleans, integers and floats as numbers."""
+    if isinstance(array, torch.Tensor):
+        array = array.detach().cpu().numpy()
+    array = np.asarray(array)
+    if array.dtype.kind not in "buif":
+        raise DataError(
+            f"Data of dtype {array.dtype} cannot be modelled; give numbers (uint8 pixels, integers or floats)."
+        )
+    x = torch.from_numpy(np.ascontiguousarray(array))
     return x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
 
 

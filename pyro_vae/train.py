@@ -19,6 +19,8 @@ epoch, and ``resume=True`` continues exactly where the last complete epoch ended
 from __future__ import annotations
 
 import math
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -50,6 +52,35 @@ ELBOS = {"trace": Trace_ELBO, "meanfield": TraceMeanField_ELBO, "iwae": IWAE_ELB
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """Training stopped at a SIGINT (Ctrl-C) after finishing its current step and saving."""
+
+
+class _InterruptRequests:
+    """While active, the first SIGINT only sets ``requested``, so the current step can finish and be saved.
+
+    A second SIGINT interrupts at once, as usual. Outside the main thread
+    (where Python cannot install signal handlers) it does nothing.
+    """
+
+    def __enter__(self):
+        self.requested = False
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        tqdm.write("Interrupt: finishing the current step and saving (press Ctrl-C again to stop at once).")
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -178,46 +209,63 @@ def fit(
         },
     }
     run_dir = None if run_dir is None else Path(run_dir)
-    history, start_epoch = _start(vae, optimizer, data, run_dir, config, resume, seed)
+    history, start_epoch, position = _start(vae, optimizer, data, run_dir, config, resume, seed)
 
     validate = True
-    for epoch in range(start_epoch + 1, epochs + 1):
-        started = time.perf_counter()
-        total, count = 0.0, 0
-        vae.train()
-        bar = tqdm(
-            data.batches(batch_size),
-            total=steps_per_epoch,
-            desc=f"epoch {epoch}/{epochs}",
-            leave=False,
-            disable=not progress,
-        )
-        for step, x in enumerate(bar):
-            kl_weight = kl_weight_schedule((epoch - 1) * steps_per_epoch + step, beta=beta, warmup_steps=warmup_steps)
-            # Pyro's argument and support checks run on the first step only; they cost time on every step.
-            loss_value = training_step(loss_fn, vae, optimizer, x, kl_weight=kl_weight, validate=validate)
-            validate = False
-            if not math.isfinite(loss_value):
-                raise TrainingDiverged(
-                    f"The loss became {loss_value} at epoch {epoch}, step {step + 1}. Lower the learning rate "
-                    f"(now {lr:g}) or check the data for extreme values"
-                    + (f"; the checkpoint of epoch {epoch - 1} in {run_dir} is kept." if run_dir else ".")
+    with _InterruptRequests() as interrupt:
+        for epoch in range(start_epoch + 1, epochs + 1):
+            started = time.perf_counter()
+            if position is None:
+                position = {"epoch": epoch, "step": 0, "total": 0.0, "count": 0}
+                position["order"] = torch.randperm(len(data.train), device=device)
+            vae.train()
+            steps = range(position["step"], steps_per_epoch)
+            bar = tqdm(steps, desc=f"epoch {epoch}/{epochs}", leave=False, disable=not progress)
+            for step in bar:
+                global_step = (epoch - 1) * steps_per_epoch + step
+                kl_weight = kl_weight_schedule(global_step, beta=beta, warmup_steps=warmup_steps)
+                x = data.batch(position["order"][step * batch_size : (step + 1) * batch_size])
+                # Pyro's argument and support checks run on the first step only; they cost time on every step.
+                loss_value = training_step(loss_fn, vae, optimizer, x, kl_weight=kl_weight, validate=validate)
+                validate = False
+                if not math.isfinite(loss_value):
+                    raise TrainingDiverged(
+                        f"The loss became {loss_value} at epoch {epoch}, step {step + 1}. Lower the learning rate "
+                        f"(now {lr:g}) or check the data for extreme values"
+                        + (f"; the checkpoint of epoch {epoch - 1} in {run_dir} is kept." if run_dir else ".")
+                    )
+                position.update(step=step + 1, total=position["total"] + loss_value, count=position["count"] + len(x))
+                if progress and step % 25 == 0:
+                    bar.set_postfix(objective=f"{-position['total'] / position['count']:.2f}")
+                if interrupt.requested and step + 1 < steps_per_epoch:
+                    if run_dir is not None:
+                        _save(run_dir, vae, optimizer, epoch - 1, history, config, position)
+                    raise TrainingInterrupted(
+                        f"Interrupted at epoch {epoch}, step {step + 1} of {steps_per_epoch}"
+                        + (
+                            f"; saved to {run_dir}. Continue with: pyro-vae train --resume {run_dir}"
+                            if run_dir
+                            else "."
+                        )
+                    )
+            trained = time.perf_counter()
+            row = {"epoch": epoch, "train_objective": -position["total"] / position["count"], "kl_weight": kl_weight}
+            row.update(evaluate_elbo(vae, data.val.x, prefix="val_"))
+            row.update(seconds=trained - started, val_seconds=time.perf_counter() - trained)
+            history.append(row)
+            position = None
+            if progress:
+                tqdm.write(
+                    f"epoch {epoch:3d}  train objective {row['train_objective']:9.3f}  "
+                    f"val ELBO {row['val_elbo']:9.3f}  ({row['seconds']:.1f} s)"
                 )
-            total, count = total + loss_value, count + x.shape[0]
-            if progress and step % 25 == 0:
-                bar.set_postfix(objective=f"{-total / count:.2f}")
-        trained = time.perf_counter()
-        row = {"epoch": epoch, "train_objective": -total / count, "kl_weight": kl_weight}
-        row.update(evaluate_elbo(vae, data.val.x, prefix="val_"))
-        row.update(seconds=trained - started, val_seconds=time.perf_counter() - trained)
-        history.append(row)
-        if progress:
-            tqdm.write(
-                f"epoch {epoch:3d}  train objective {row['train_objective']:9.3f}  "
-                f"val ELBO {row['val_elbo']:9.3f}  ({row['seconds']:.1f} s)"
-            )
-        if run_dir is not None:
-            _save(run_dir, vae, optimizer, epoch, history, config)
+            if run_dir is not None:
+                _save(run_dir, vae, optimizer, epoch, history, config)
+            if interrupt.requested and epoch < epochs:
+                raise TrainingInterrupted(
+                    f"Interrupted after epoch {epoch}"
+                    + (f"; saved to {run_dir}. Continue with: pyro-vae train --resume {run_dir}" if run_dir else ".")
+                )
 
     if run_dir is not None:
         metrics = evaluate_elbo(vae, data.test.x, prefix="test_")
@@ -233,12 +281,14 @@ def fit(
     return history
 
 
-def _start(vae, optimizer, data, run_dir, config, resume, seed) -> tuple[list[dict], int]:
-    """Fresh start (seeded, epoch-0 evaluation) or the state of the last complete epoch."""
+def _start(vae, optimizer, data, run_dir, config, resume, seed) -> tuple[list[dict], int, dict | None]:
+    """A fresh start (seeded, epoch-0 evaluation), or the last complete epoch and any saved position after it."""
     checkpoint_path = None if run_dir is None else run_dir / CHECKPOINT
     if resume:
         if checkpoint_path is None:
             raise ValueError("resume=True needs the run_dir to resume from.")
+        for stale in run_dir.glob(".*.tmp"):  # left by a process killed while writing
+            stale.unlink()
         state = load_checkpoint(checkpoint_path, map_location=next(vae.parameters()).device)
         saved = state["config"]["model"]
         if saved != config["model"]:
@@ -250,7 +300,7 @@ def _start(vae, optimizer, data, run_dir, config, resume, seed) -> tuple[list[di
         optimizer.load_state_dict(state["optimizer"])
         restore_rng(state)
         write_json(run_dir / CONFIG, config)  # records the new epoch target
-        return list(state["history"]), state["epoch"]
+        return list(state["history"]), state["epoch"], state.get("position")
     if checkpoint_path is not None and checkpoint_path.exists():
         raise CheckpointError(f"{run_dir} already holds a run; resume it (--resume) or choose another name.")
     pyro.set_rng_seed(seed)
@@ -258,10 +308,10 @@ def _start(vae, optimizer, data, run_dir, config, resume, seed) -> tuple[list[di
     if run_dir is not None:
         write_json(run_dir / CONFIG, config)
         _save(run_dir, vae, optimizer, 0, history, config)
-    return history, 0
+    return history, 0, None
 
 
-def _save(run_dir: Path, vae, optimizer, epoch: int, history: list[dict], config: dict) -> None:
+def _save(run_dir: Path, vae, optimizer, epoch: int, history: list[dict], config: dict, position=None) -> None:
     save_checkpoint(
         run_dir / CHECKPOINT,
         model_state=vae.state_dict(),
@@ -269,5 +319,6 @@ def _save(run_dir: Path, vae, optimizer, epoch: int, history: list[dict], config
         epoch=epoch,
         history=history,
         config=config,
+        position=position,
     )
     write_history_csv(run_dir / HISTORY, history)

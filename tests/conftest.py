@@ -1,3 +1,5 @@
+import sys
+
 import pyro
 import pytest
 
@@ -28,3 +30,11 @@ def small_vae(**kwargs):
     """A small MLP VAE for MNIST that trains in a second."""
     kwargs.setdefault("hidden", (128,))
     return pv.VAE((1, 28, 28), kwargs.pop("z_dim", 8), **kwargs)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The counts of kills survived and bad inputs refused, from tests/test_robustness.py."""
+    robustness = sys.modules.get("test_robustness")
+    if robustness is not None and robustness.REPORT:
+        counts = ", ".join(f"{name}: {count}" for name, count in sorted(robustness.REPORT.items()))
+        terminalreporter.write_line(f"robustness: {counts}, nothing lost")
