@@ -125,8 +125,7 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
         ) from err
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
         raise CheckpointError(
-            f"{path} is truncated or corrupt ({_first_line(err)}). Delete it and train again, "
-            "or restore a copy."
+            f"{path} is truncated or corrupt ({_first_line(err)}). Delete it and train again, or restore a copy."
         ) from err
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a pyro-vae checkpoint.")

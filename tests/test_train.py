@@ -11,7 +11,7 @@ from torch import nn
 
 import pyro_vae as pv
 from pyro_vae.checkpoint import load_checkpoint
-from pyro_vae.train import kl_weight_schedule, training_step
+from pyro_vae.train import adam, kl_weight_schedule, training_step
 
 
 def test_short_run_clearly_improves_the_validation_elbo(small_mnist):
@@ -30,7 +30,7 @@ def test_fast_step_gives_the_same_parameters_as_svi_with_pyro_optim(small_mnist,
     slow.load_state_dict(fast.state_dict())
     initial = fast.decoder.net[0].weight.detach().clone()
     batches = [small_mnist.train.x[i : i + 32].bernoulli() for i in range(0, 32 * 6, 32)]
-    optimizer = torch.optim.Adam(fast.parameters(), lr=1e-3)
+    optimizer = adam(fast.parameters(), 1e-3, torch.device("cpu"))  # fit's optimiser
     svi = pyro.infer.SVI(slow.model, slow.guide, pyro.optim.Adam({"lr": 1e-3}), elbo())
     for step, x in enumerate(batches):
         pyro.set_rng_seed(step)  # the same reparameterisation noise in both
