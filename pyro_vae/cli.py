@@ -108,7 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
     output = train.add_argument_group("output")
     output.add_argument("--out", default="runs", help="folder of run directories")
     output.add_argument("--name", help="run name (default: <dataset>-<likelihood>-<prior>-<time>)")
-    output.add_argument("--resume", metavar="RUN_DIR", help="continue this run from its last complete epoch")
+    output.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue this run where it stopped (its last complete epoch, or where Ctrl-C saved it)",
+    )
     output.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     evaluate = commands.add_parser(

@@ -109,11 +109,17 @@ def kl_weight_schedule(step: int, *, beta: float, warmup_steps: int) -> float:
     return beta * min(1.0, (step + 1) / warmup_steps)
 
 
+def _interrupted(where: str, run_dir: Path | None) -> TrainingInterrupted:
+    resume = f"; saved to {run_dir}. Continue with: pyro-vae train --resume {run_dir}" if run_dir else "."
+    return TrainingInterrupted(f"Interrupted {where}{resume}")
+
+
 def adam(parameters, lr: float, device: torch.device) -> torch.optim.Adam:
     """torch's Adam, fused into one kernel for all parameters where torch has one (CPU and CUDA).
 
-    The default, one small kernel per tensor, cost a millisecond per step on
-    the 784-400-20 VAE: a third of the step (benchmarks/train_speed.py).
+    The default, a few small kernels per tensor, took about a millisecond of
+    a 5 ms step of the 784-400-20 VAE at batch 128 (cProfile); see
+    benchmarks/train_speed.py for the effect on an epoch.
     """
     return torch.optim.Adam(parameters, lr=lr, fused=device.type in ("cpu", "cuda"))
 
@@ -249,14 +255,7 @@ def fit(
                 if interrupt.requested and step + 1 < steps_per_epoch:
                     if run_dir is not None:
                         _save(run_dir, vae, optimizer, epoch - 1, history, config, position)
-                    raise TrainingInterrupted(
-                        f"Interrupted at epoch {epoch}, step {step + 1} of {steps_per_epoch}"
-                        + (
-                            f"; saved to {run_dir}. Continue with: pyro-vae train --resume {run_dir}"
-                            if run_dir
-                            else "."
-                        )
-                    )
+                    raise _interrupted(f"at epoch {epoch}, step {step + 1} of {steps_per_epoch}", run_dir)
             trained = time.perf_counter()
             row = {"epoch": epoch, "train_objective": -position["total"] / position["count"], "kl_weight": kl_weight}
             row.update(evaluate_elbo(vae, data.val.x, prefix="val_"))
@@ -271,10 +270,7 @@ def fit(
             if run_dir is not None:
                 _save(run_dir, vae, optimizer, epoch, history, config)
             if interrupt.requested and epoch < epochs:
-                raise TrainingInterrupted(
-                    f"Interrupted after epoch {epoch}"
-                    + (f"; saved to {run_dir}. Continue with: pyro-vae train --resume {run_dir}" if run_dir else ".")
-                )
+                raise _interrupted(f"after epoch {epoch}", run_dir)
 
     if run_dir is not None:
         metrics = evaluate_elbo(vae, data.test.x, prefix="test_")
