@@ -12,7 +12,9 @@ standard error, and each model's paired difference to the best.
 Every step is the ``pyro-vae`` command, so the study is also a recipe:
 ``pyro-vae train --prior vamp ...``, ``pyro-vae evaluate``, ``pyro-vae
 compare``. It is resumable: run it again after an interruption and finished
-runs are kept, a half-trained one continues from its last epoch.
+runs are kept, a half-trained one continues from its last epoch; run it
+again with more ``--epochs`` and every run trains on from where it stopped
+(bit-identical to training that long in one go) and is evaluated again.
 """
 
 import argparse
@@ -41,8 +43,8 @@ def train_and_evaluate(prior: str, args, out: Path) -> Path:
             "--epochs", str(args.epochs), "--warmup-epochs", str(args.warmup_epochs), "--seed", str(args.seed),
             "--out", str(out), "--name", prior, "--no-progress",
         )  # fmt: skip
-    elif read_json(run / "config.json")["train"]["epochs"] > load_run(run).epoch:
-        run_cli("train", "--resume", str(run), "--no-progress")
+    elif max(args.epochs, read_json(run / "config.json")["train"]["epochs"]) > load_run(run).epoch:
+        run_cli("train", "--resume", str(run), "--epochs", str(args.epochs), "--no-progress")
     metrics = read_json(run / "metrics.json")
     if metrics.get("test_num_samples") != args.samples:
         run_cli("evaluate", str(run), "--samples", str(args.samples), "--no-progress")

@@ -105,6 +105,15 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument("--seed", type=int, default=0)
     training.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
 
+    parallel = train.add_argument_group(
+        'distributed (Lightning DDP; needs pip install "pyro-vae[distributed]")',
+        "Any of these options trains with PyTorch Lightning on several processes; --batch-size is then per process.",
+    )
+    parallel.add_argument("--devices", help="processes (CPU) or GPUs per node, e.g. 2, or auto")
+    parallel.add_argument("--num-nodes", type=int, help="machines [default: 1]")
+    parallel.add_argument("--strategy", help="Lightning strategy [default: ddp]")
+    parallel.add_argument("--accelerator", choices=["cpu", "gpu", "auto"], help="[default: cpu]")
+
     output = train.add_argument_group("output")
     output.add_argument("--out", default="runs", help="folder of run directories")
     output.add_argument("--name", help="run name (default: <dataset>-<likelihood>-<prior>-<time>)")
@@ -231,8 +240,13 @@ def _train(args) -> Path:
             "device": args.device,
         }
         resume = False
-    print(f"run directory: {run_dir}")
-    history = fit(vae, data, **train, run_dir=run_dir, resume=resume, progress=not args.no_progress)
+    if args.devices or args.num_nodes or args.strategy or args.accelerator:
+        history = _fit_distributed(args, vae, data, train, run_dir, resume)
+        if history is None:  # not process 0: it writes the run
+            return run_dir
+    else:
+        print(f"run directory: {run_dir}")
+        history = fit(vae, data, **train, run_dir=run_dir, resume=resume, progress=not args.no_progress)
     vae.cpu()
     figures = save_figures(vae, data.to("cpu"), history, run_dir / "figures")
     metrics = read_json(run_dir / "metrics.json")
@@ -242,6 +256,26 @@ def _train(args) -> Path:
     )
     print(f"figures: {', '.join(p.name for p in figures)} in {run_dir / 'figures'}")
     return run_dir
+
+
+def _fit_distributed(args, vae, data, train, run_dir, resume):
+    try:
+        from .distributed import fit_distributed
+    except ImportError as err:
+        raise ValueError(
+            f"Training on several processes needs PyTorch Lightning ({err}); "
+            'install it with: pip install "pyro-vae[distributed]"'
+        ) from err
+    distributed = {
+        "devices": int(args.devices) if str(args.devices).isdigit() else (args.devices or "auto"),
+        "num_nodes": args.num_nodes or 1,
+        "strategy": args.strategy or "ddp",
+        "accelerator": args.accelerator or "cpu",
+    }
+    train = {key: value for key, value in train.items() if key != "device"}
+    return fit_distributed(
+        vae, data, **train, **distributed, run_dir=run_dir, resume=resume, progress=not args.no_progress
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -189,40 +189,36 @@ def fit(
     :param run_dir: write config, checkpoint, history and metrics here.
     :param resume: continue from ``run_dir``'s checkpoint up to ``epochs`` in all.
     """
-    if elbo not in ELBOS:
-        raise ValueError(f"Unknown ELBO {elbo!r}; choose one of {sorted(ELBOS)}.")
-    if epochs < 0 or batch_size < 1 or lr <= 0 or beta <= 0 or num_particles < 1:
-        raise ValueError("Need epochs >= 0, batch_size >= 1, lr > 0, beta > 0 and num_particles >= 1.")
+    loss_fn = build_elbo(
+        elbo,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        num_particles=num_particles,
+        warmup_epochs=warmup_epochs,
+        beta=beta,
+    )
     device = resolve_device(device)
     vae.to(device)
     data = data.to(device)
     check_dataset(vae, data)
 
     optimizer = adam(vae.parameters(), lr, device)
-    if elbo == "iwae":
-        if warmup_epochs or beta != 1.0:
-            raise ValueError("KL warm-up and beta do not apply to the IWAE bound; use elbo='trace' for them.")
-        loss_fn = IWAE_ELBO(num_particles=num_particles)
-    else:
-        loss_fn = ELBOS[elbo](num_particles=num_particles, vectorize_particles=num_particles > 1, max_plate_nesting=1)
     steps_per_epoch = data.num_batches(batch_size)
     warmup_steps = round(warmup_epochs * steps_per_epoch)
-    config = {
-        "pyro_vae_version": __version__,
-        "model": None if vae.custom_nets else vae.config(),
-        "data": data.spec,
-        "train": {
-            "epochs": epochs,
-            "batch_size": batch_size,
-            "lr": lr,
-            "elbo": elbo,
-            "num_particles": num_particles,
-            "warmup_epochs": warmup_epochs,
-            "beta": beta,
-            "seed": seed,
-            "device": str(device),
-        },
-    }
+    config = run_config(
+        vae,
+        data,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        elbo=elbo,
+        num_particles=num_particles,
+        warmup_epochs=warmup_epochs,
+        beta=beta,
+        seed=seed,
+        device=str(device),
+    )
     run_dir = None if run_dir is None else Path(run_dir)
     history, start_epoch, position = _start(vae, optimizer, data, run_dir, config, resume, seed)
 
@@ -254,7 +250,7 @@ def fit(
                     bar.set_postfix(objective=f"{-position['total'] / position['count']:.2f}")
                 if interrupt.requested and step + 1 < steps_per_epoch:
                     if run_dir is not None:
-                        _save(run_dir, vae, optimizer, epoch - 1, history, config, position)
+                        save_run_state(run_dir, vae, optimizer, epoch - 1, history, config, position)
                     raise _interrupted(f"at epoch {epoch}, step {step + 1} of {steps_per_epoch}", run_dir)
             trained = time.perf_counter()
             row = {"epoch": epoch, "train_objective": -position["total"] / position["count"], "kl_weight": kl_weight}
@@ -268,55 +264,95 @@ def fit(
                     f"val ELBO {row['val_elbo']:9.3f}  ({row['seconds']:.1f} s)"
                 )
             if run_dir is not None:
-                _save(run_dir, vae, optimizer, epoch, history, config)
+                save_run_state(run_dir, vae, optimizer, epoch, history, config)
             if interrupt.requested and epoch < epochs:
                 raise _interrupted(f"after epoch {epoch}", run_dir)
 
     if run_dir is not None:
-        metrics = evaluate_elbo(vae, data.test.x, prefix="test_")
-        metrics.update(
-            {
-                "num_test": len(data.test),
-                "epochs": epochs,
-                "binarize": data.binarize,
-                "train_seconds": sum(row["seconds"] + row["val_seconds"] for row in history[1:]),
-            }
-        )
-        write_json(run_dir / METRICS, metrics)
+        write_test_metrics(run_dir, vae, data, history, epochs=epochs)
     return history
+
+
+def build_elbo(
+    elbo: str, *, epochs: int, batch_size: int, lr: float, num_particles: int, warmup_epochs: float, beta: float
+):
+    """The training objective named ``elbo``, after checking the training settings."""
+    if elbo not in ELBOS:
+        raise ValueError(f"Unknown ELBO {elbo!r}; choose one of {sorted(ELBOS)}.")
+    if epochs < 0 or batch_size < 1 or lr <= 0 or beta <= 0 or num_particles < 1:
+        raise ValueError("Need epochs >= 0, batch_size >= 1, lr > 0, beta > 0 and num_particles >= 1.")
+    if elbo == "iwae":
+        if warmup_epochs or beta != 1.0:
+            raise ValueError("KL warm-up and beta do not apply to the IWAE bound; use elbo='trace' for them.")
+        return IWAE_ELBO(num_particles=num_particles)
+    return ELBOS[elbo](num_particles=num_particles, vectorize_particles=num_particles > 1, max_plate_nesting=1)
+
+
+def run_config(vae: VAE, data: Dataset, **train) -> dict:
+    """The run's ``config.json``: enough to rebuild the model and data and to resume training."""
+    return {
+        "pyro_vae_version": __version__,
+        "model": None if vae.custom_nets else vae.config(),
+        "data": data.spec,
+        "train": train,
+    }
+
+
+def write_test_metrics(run_dir: Path, vae: VAE, data: Dataset, history: list[dict], **extra) -> dict:
+    """The test ELBO and its terms, with the training budget, into the run's ``metrics.json``."""
+    metrics = evaluate_elbo(vae, data.test.x, prefix="test_")
+    metrics.update(
+        num_test=len(data.test),
+        binarize=data.binarize,
+        train_seconds=sum(row["seconds"] + row["val_seconds"] for row in history[1:]),
+        **extra,
+    )
+    write_json(run_dir / METRICS, metrics)
+    return metrics
 
 
 def _start(vae, optimizer, data, run_dir, config, resume, seed) -> tuple[list[dict], int, dict | None]:
     """A fresh start (seeded, epoch-0 evaluation), or the last complete epoch and any saved position after it."""
-    checkpoint_path = None if run_dir is None else run_dir / CHECKPOINT
     if resume:
-        if checkpoint_path is None:
+        if run_dir is None:
             raise ValueError("resume=True needs the run_dir to resume from.")
-        for stale in run_dir.glob(".*.tmp"):  # left by a process killed while writing
-            stale.unlink()
-        state = load_checkpoint(checkpoint_path, map_location=next(vae.parameters()).device)
-        saved = state["config"]["model"]
-        if saved != config["model"]:
-            raise CheckpointError(
-                f"The checkpoint in {run_dir} was written for the model {saved}, not {config['model']}; "
-                "rebuild the VAE from the run's config.json (pyro_vae.load_run)."
-            )
-        vae.load_state_dict(state["model"])
+        state = load_for_resume(run_dir, vae, config)
         optimizer.load_state_dict(state["optimizer"])
         restore_rng(state)
         write_json(run_dir / CONFIG, config)  # records the new epoch target
         return list(state["history"]), state["epoch"], state.get("position")
-    if checkpoint_path is not None and checkpoint_path.exists():
-        raise CheckpointError(f"{run_dir} already holds a run; resume it (--resume) or choose another name.")
+    check_fresh(run_dir)
     pyro.set_rng_seed(seed)
     history = [{"epoch": 0, **evaluate_elbo(vae, data.val.x, prefix="val_")}]
     if run_dir is not None:
         write_json(run_dir / CONFIG, config)
-        _save(run_dir, vae, optimizer, 0, history, config)
+        save_run_state(run_dir, vae, optimizer, 0, history, config)
     return history, 0, None
 
 
-def _save(run_dir: Path, vae, optimizer, epoch: int, history: list[dict], config: dict, position=None) -> None:
+def check_fresh(run_dir: Path | None) -> None:
+    """A new run must not overwrite a finished or interrupted one."""
+    if run_dir is not None and (run_dir / CHECKPOINT).exists():
+        raise CheckpointError(f"{run_dir} already holds a run; resume it (--resume) or choose another name.")
+
+
+def load_for_resume(run_dir: Path, vae: VAE, config: dict) -> dict:
+    """Load the run's checkpoint into ``vae`` (after checking it is the same model) and return the whole state."""
+    for stale in run_dir.glob(".*.tmp"):  # left by a process killed while writing
+        stale.unlink(missing_ok=True)
+    state = load_checkpoint(run_dir / CHECKPOINT, map_location=next(vae.parameters()).device)
+    saved = state["config"]["model"]
+    if saved != config["model"]:
+        raise CheckpointError(
+            f"The checkpoint in {run_dir} was written for the model {saved}, not {config['model']}; "
+            "rebuild the VAE from the run's config.json (pyro_vae.load_run)."
+        )
+    vae.load_state_dict(state["model"])
+    return state
+
+
+def save_run_state(run_dir: Path, vae, optimizer, epoch: int, history: list[dict], config: dict, position=None) -> None:
+    """The checkpoint (atomically) and the history table, after ``epoch`` (and ``position`` within the next)."""
     save_checkpoint(
         run_dir / CHECKPOINT,
         model_state=vae.state_dict(),
