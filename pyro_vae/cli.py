@@ -17,13 +17,15 @@ from pathlib import Path
 
 import pyro
 
-from .checkpoint import CheckpointError, read_json
-from .data import BINARIZE_MODES, DATASET_NAMES, DataError, dataset_from_spec, load_dataset
+from .checkpoint import CONFIG, METRICS, CheckpointError, read_json
+from .data import BINARIZE_MODES, DATASET_NAMES, DataError, Dataset, dataset_from_spec, load_dataset
 from .evaluate import compare_runs, comparison_csv, comparison_markdown, evaluate_run
 from .likelihoods import LIKELIHOODS, Gaussian, build_likelihood
 from .nets import ARCHITECTURES
-from .plots import save_figures
+from .plots import save_figures, save_ssl_figures
 from .priors import PRIORS, build_prior
+from .semisupervised import fit_ssvae
+from .ssvae import CLASS_PRIORS, SSVAE
 from .train import ELBOS, TrainingDiverged, TrainingInterrupted, fit, resolve_device
 from .vae import VAE
 
@@ -104,6 +106,19 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument("--beta", type=float, default=1.0, help="final weight of the KL term (1 is the ELBO)")
     training.add_argument("--seed", type=int, default=0)
     training.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+
+    ssl = train.add_argument_group(
+        "semi-supervised (M2 of Kingma et al. 2014)",
+        "Train pv.SSVAE from a few labels: y is summed out exactly for unlabelled points (TraceEnum_ELBO).",
+    )
+    ssl.add_argument("--semi-supervised", action="store_true", help="train the semi-supervised SSVAE")
+    ssl.add_argument("--labels", type=int, default=100, help="labelled training points, drawn class-balanced")
+    ssl.add_argument("--label-seed", type=int, default=0, help="seed of the label draw")
+    ssl.add_argument(
+        "--aux-weight", type=float, help="alpha per labelled point on log q(y|x) [default: 0.1 N / labels]"
+    )
+    ssl.add_argument("--class-prior", choices=CLASS_PRIORS, default="uniform", help="p(y)")
+    ssl.add_argument("--eval-samples", type=int, default=1000, help="K of the final test log p(x); 0 skips it")
 
     parallel = train.add_argument_group(
         'distributed (Lightning DDP; needs pip install "pyro-vae[distributed]")',
@@ -199,7 +214,22 @@ def _likelihood_config(args) -> dict:
     return {"name": args.likelihood}
 
 
+def _load_data(args) -> Dataset:
+    data = load_dataset(
+        args.dataset,
+        binarize=args.binarize or ("dynamic" if args.likelihood == "bernoulli" else "none"),
+        seed=args.seed,
+        data_dir=args.data_dir,
+        download=args.download,
+    )
+    if args.subset:
+        data = data.subset(train=args.subset, val=max(args.subset // 5, 1), test=max(args.subset // 5, 1))
+    return data
+
+
 def _train(args) -> Path:
+    if args.semi_supervised or (args.resume and read_json(Path(args.resume) / CONFIG)["train"].get("semi_supervised")):
+        return _train_semi_supervised(args)
     if args.resume:
         run_dir = Path(args.resume)
         config = read_json(run_dir / "config.json")
@@ -209,15 +239,7 @@ def _train(args) -> Path:
         resume = True
     else:
         pyro.set_rng_seed(args.seed)
-        data = load_dataset(
-            args.dataset,
-            binarize=args.binarize or ("dynamic" if args.likelihood == "bernoulli" else "none"),
-            seed=args.seed,
-            data_dir=args.data_dir,
-            download=args.download,
-        )
-        if args.subset:
-            data = data.subset(train=args.subset, val=max(args.subset // 5, 1), test=max(args.subset // 5, 1))
+        data = _load_data(args)
         vae = VAE(
             data.x_shape,
             args.z_dim,
@@ -254,6 +276,64 @@ def _train(args) -> Path:
         f"test ELBO {metrics['test_elbo']:.2f} +- {metrics['test_elbo_se']:.2f} nats per data point "
         f"(reconstruction {metrics['test_reconstruction']:.2f}, KL {metrics['test_kl']:.2f})"
     )
+    print(f"figures: {', '.join(p.name for p in figures)} in {run_dir / 'figures'}")
+    return run_dir
+
+
+def _train_semi_supervised(args) -> Path:
+    if args.resume:
+        run_dir = Path(args.resume)
+        config = read_json(run_dir / CONFIG)
+        data = dataset_from_spec(config["data"])
+        ssvae = SSVAE.from_config(config["model"])
+        train = {key: value for key, value in config["train"].items() if key != "semi_supervised"}
+        train["epochs"] = args.epochs or train["epochs"]
+    else:
+        pyro.set_rng_seed(args.seed)
+        data = _load_data(args)
+        ssvae = SSVAE(
+            data.x_shape,
+            args.z_dim,
+            prior=build_prior(_prior_config(args)),
+            likelihood=build_likelihood(_likelihood_config(args)),
+            hidden=args.hidden,
+            class_prior=args.class_prior,
+        )
+        run_dir = Path(args.out) / (
+            args.name or f"{data.name}-ssvae-{args.labels}-labels-{time.strftime('%Y%m%d-%H%M%S')}"
+        )
+        train = {
+            "num_labels": args.labels,
+            "label_seed": args.label_seed,
+            "epochs": args.epochs or DEFAULT_EPOCHS,
+            "batch_size": args.batch_size,
+            "lr": args.lr,
+            "aux_weight": args.aux_weight,
+            "seed": args.seed,
+            "device": args.device,
+        }
+    print(f"run directory: {run_dir}")
+    history = fit_ssvae(
+        ssvae,
+        data,
+        **train,
+        run_dir=run_dir,
+        resume=bool(args.resume),
+        eval_samples=args.eval_samples,
+        progress=not args.no_progress,
+    )
+    ssvae.cpu()
+    figures = save_ssl_figures(ssvae, data.to("cpu"), history, run_dir / "figures")
+    metrics = read_json(run_dir / METRICS)
+    print(
+        f"best epoch {metrics['best_epoch']}: validation accuracy {100 * metrics['val_accuracy']:.2f}%, "
+        f"test accuracy {100 * metrics['test_accuracy']:.2f}%"
+    )
+    if "test_log_px" in metrics:
+        print(
+            f"test log p(x) {metrics['test_log_px']:.2f} +- {metrics['test_log_px_se']:.2f} "
+            f"(K = {metrics['test_num_samples']}, y drawn from q(y|x))"
+        )
     print(f"figures: {', '.join(p.name for p in figures)} in {run_dir / 'figures'}")
     return run_dir
 

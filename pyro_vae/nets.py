@@ -61,6 +61,18 @@ class MLPEncoder(nn.Module):
         return self.head(self.net(x.flatten(start_dim=x.ndim - len(self.x_shape))))
 
 
+class MLPClassifier(nn.Module):
+    """A fully connected net from the flattened x to the logits of ``num_classes`` classes."""
+
+    def __init__(self, x_shape, num_classes: int, hidden: Sequence[int] = (400,), activation=nn.ReLU):
+        super().__init__()
+        self.x_shape = tuple(x_shape)
+        self.net = _mlp([math.prod(self.x_shape), *hidden, num_classes], activation)
+
+    def forward(self, x):
+        return self.net(x.flatten(start_dim=x.ndim - len(self.x_shape)))
+
+
 class MLPDecoder(nn.Module):
     """A fully connected net from z to ``params_per_dim`` outputs per data dimension."""
 

@@ -1,5 +1,6 @@
 """Matplotlib figures of a trained VAE: reconstructions, prior samples,
-learning curves and the latent space.
+learning curves and the latent space; for the semi-supervised M2, the
+class-conditional samples and the style-transfer grid.
 
 Image figures need data shaped like images, ``(channels, height, width)``
 with 1 or 3 channels; :func:`save_figures` skips them for other data.
@@ -124,6 +125,58 @@ def plot_manifold(vae: VAE, path: Path, n: int = 20) -> Path:
     _show_grid(ax, images, nrow=n)
     ax.set_title(f"decoded manifold over the {vae.prior.name} prior's quantiles", fontsize=9)
     return _save(fig, path)
+
+
+@torch.no_grad()
+def plot_style_transfer(ssvae, x: torch.Tensor, y: torch.Tensor | None, path: Path, n: int = 10) -> Path:
+    """Kingma et al. (2014), fig. 1: each row decodes one test image's style z = loc(x, y) with every class.
+
+    The first column is the test image itself.
+    """
+    x = x[:n]
+    transferred = ssvae.transfer_style(x, None if y is None else y[:n])  # (n, classes, *x_shape)
+    rows = torch.cat([x.unsqueeze(1), transferred], dim=1).flatten(0, 1)
+    fig, ax = plt.subplots(figsize=(0.6 * (ssvae.num_classes + 1), 0.6 * len(x) + 0.4))
+    _show_grid(ax, rows, nrow=ssvae.num_classes + 1)
+    ax.set_title("test image, then its style decoded with y = 0, 1, 2, ...", fontsize=9)
+    return _save(fig, path)
+
+
+@torch.no_grad()
+def plot_class_conditional_samples(ssvae, path: Path, n: int = 10) -> Path:
+    """Each row: one z from the prior, decoded with every class y."""
+    z = ssvae.prior.sample(n)
+    classes = torch.eye(ssvae.num_classes, device=z.device)
+    images = ssvae.decode(z.unsqueeze(1), classes).mean.flatten(0, 1)
+    fig, ax = plt.subplots(figsize=(0.6 * ssvae.num_classes, 0.6 * n + 0.4))
+    _show_grid(ax, images, nrow=ssvae.num_classes)
+    ax.set_title(f"one z ~ {ssvae.prior.name} prior per row, decoded with y = 0, 1, 2, ...", fontsize=9)
+    return _save(fig, path)
+
+
+def plot_accuracy(history: list[dict], path: Path) -> Path:
+    """Validation accuracy of the classifier q(y|x) per epoch."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([r["epoch"] for r in history], [100 * r["val_accuracy"] for r in history], marker="o", ms=3)
+    ax.set(xlabel="epoch", ylabel="validation accuracy (%)", title="classifier q(y|x)")
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def save_ssl_figures(ssvae, data: Dataset, history: list[dict], folder: str | Path, num_points: int = 5000):
+    """The semi-supervised model's figures: learning curves, accuracy, latent scatter and class-conditional grids."""
+    folder = Path(folder)
+    ssvae.eval()
+    test = data.test.subset(num_points)
+    paths = [
+        plot_learning_curves(history, folder / "learning_curves.png"),
+        plot_accuracy(history, folder / "accuracy.png"),
+        plot_latent_space(ssvae, test.x, test.y, folder / "latent_space.png"),
+    ]
+    if is_image_shape(ssvae.x_shape):
+        paths.append(plot_style_transfer(ssvae, test.x, test.y, folder / "style_transfer.png"))
+        paths.append(plot_class_conditional_samples(ssvae, folder / "class_samples.png"))
+    return paths
 
 
 def save_figures(

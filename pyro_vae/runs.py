@@ -9,7 +9,10 @@ import torch
 
 from .checkpoint import CHECKPOINT, CONFIG, CheckpointError, load_checkpoint, read_json
 from .data import Dataset, dataset_from_spec
+from .ssvae import SSVAE
 from .vae import VAE
+
+MODEL_TYPES = {"vae": VAE, "ssvae": SSVAE}
 
 
 @dataclass
@@ -46,7 +49,7 @@ def load_run(path: str | Path, *, vae: VAE | None = None, map_location="cpu") ->
     if vae is None:
         if config["model"] is None:
             raise ValueError(f"{path} used custom networks; build the same VAE and pass it as vae=.")
-        vae = VAE.from_config(config["model"])
+        vae = MODEL_TYPES[config["model"].get("type", "vae")].from_config(config["model"])
     try:
         vae.load_state_dict(state["model"])
     except RuntimeError as err:

@@ -292,7 +292,7 @@ def run_config(vae: VAE, data: Dataset, **train) -> dict:
     """The run's ``config.json``: enough to rebuild the model and data and to resume training."""
     return {
         "pyro_vae_version": __version__,
-        "model": None if vae.custom_nets else vae.config(),
+        "model": None if getattr(vae, "custom_nets", False) else vae.config(),
         "data": data.spec,
         "train": train,
     }

@@ -1,0 +1,292 @@
+"""The semi-supervised VAE M2 of Kingma, Rezende, Mohamed & Welling,
+*Semi-Supervised Learning with Deep Generative Models* (NeurIPS 2014).
+
+Generative model (``SSVAE.model``), in the plate "data"::
+
+    y_n ~ p(y) = Categorical(pi)          site "y" (one-hot), pi uniform or learned
+    z_n ~ p(z)                            site "z", any prior of :mod:`pyro_vae.priors`
+    x_n ~ p(x | y_n, z_n) = likelihood(decoder(z_n, y_n))   site "x"
+
+Inference network (``SSVAE.guide``)::
+
+    y_n ~ q(y | x_n) = Categorical(softmax(classifier(x_n)))   only where y is unobserved
+    z_n ~ q(z | x_n, y_n) = N(loc(x_n, y_n), diag(scale(x_n, y_n)^2))
+
+A labelled point contributes the ELBO of the VAE given y, plus log p(y):
+
+    L(x, y) = E_q(z|x,y)[log p(x | y, z)] - KL(q(z|x,y) || p(z)) + log p(y).
+
+An unlabelled point sums y out of the ELBO exactly,
+
+    U(x) = sum_y q(y|x) L(x, y) + H(q(y|x)),
+
+which Pyro computes when the guide's "y" site is enumerated
+(``config_enumerate`` with ``TraceEnum_ELBO``): all ten values at once in a
+tensor dimension left of the plate, not one sampled value.
+
+The classifier q(y|x) appears only in U, so it would never learn from the
+labels directly. Kingma et al. add ``alpha * log q(y|x)`` for every labelled
+point; with ``aux_weight=alpha`` the model includes it as the observed site
+"y_aux" (scaled by ``poutine.scale``), so the labelled loss is
+-(L(x, y) + alpha * log q(y | x)). :mod:`pyro_vae.semisupervised` sets alpha
+to the paper's 0.1 * N / N_labelled per labelled point (their alpha = 0.1 N
+on the mean over the labelled set) unless told otherwise. With
+``aux_weight=0`` (the default) the model is the plain generative model, and
+the importance-sampled log p(x) of :mod:`pyro_vae.marginal` applies, with y
+drawn from q(y | x).
+
+The plate and keyword conventions are those of :class:`pyro_vae.VAE`
+(``num_data``, ``kl_weight``, ``batch_size``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+
+import pyro
+import pyro.distributions as dist
+import pyro.poutine as poutine
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import DataError, check_finite_and_nonempty
+from .likelihoods import Bernoulli, Likelihood, build_likelihood
+from .nets import MLPClassifier, MLPDecoder, MLPEncoder
+from .priors import Prior, StandardNormal, build_prior
+
+_instance_ids = itertools.count()
+CLASS_PRIORS = ("uniform", "learned")
+
+
+def concat_broadcast(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Concatenate along the last dimension after broadcasting the leading ones.
+
+    Under enumeration y has shape ``(10, 1, 10)`` while x has ``(batch, D)``;
+    the result then has shape ``(10, batch, D + 10)``.
+    """
+    shape = torch.broadcast_shapes(a.shape[:-1], b.shape[:-1])
+    return torch.cat([a.expand(*shape, a.shape[-1]), b.expand(*shape, b.shape[-1])], dim=-1)
+
+
+class ClassPrior(nn.Module):
+    """p(y) = Categorical(softmax(logits)): uniform (fixed zeros) or with learned logits."""
+
+    def __init__(self, num_classes: int, learned: bool):
+        super().__init__()
+        logits = torch.zeros(num_classes)
+        if learned:
+            self.logits = nn.Parameter(logits)
+        else:
+            self.register_buffer("logits", logits)
+
+    def forward(self) -> dist.OneHotCategorical:
+        return dist.OneHotCategorical(logits=self.logits)
+
+
+class SSVAE(nn.Module):
+    """M2: a VAE with a partly observed class label y next to the continuous code z.
+
+    :param x_shape: shape of one data point, e.g. ``(1, 28, 28)``.
+    :param z_dim: dimension of z (the "style").
+    :param num_classes: number of values of y.
+    :param prior: a :class:`~pyro_vae.priors.Prior` for z (default standard normal). The
+        VampPrior's pseudo-inputs go through q(z | u, y) with y the classifier's
+        soft prediction for u.
+    :param likelihood: a :class:`~pyro_vae.likelihoods.Likelihood` (default Bernoulli).
+    :param hidden: hidden sizes of the classifier, encoder and decoder MLPs.
+    :param class_prior: ``"uniform"`` p(y), or ``"learned"`` class probabilities.
+    :param name: prefix in Pyro's param store, unique per instance by default.
+    """
+
+    def __init__(
+        self,
+        x_shape: Sequence[int],
+        z_dim: int = 50,
+        num_classes: int = 10,
+        prior: Prior | None = None,
+        likelihood: Likelihood | None = None,
+        *,
+        hidden: Sequence[int] = (500,),
+        class_prior: str = "uniform",
+        name: str | None = None,
+    ):
+        super().__init__()
+        if class_prior not in CLASS_PRIORS:
+            raise ValueError(f"Unknown class prior {class_prior!r}; choose one of {CLASS_PRIORS}.")
+        if num_classes < 2:
+            raise ValueError(f"A class label needs at least 2 classes; got num_classes={num_classes}.")
+        self.x_shape, self.z_dim, self.num_classes = tuple(x_shape), int(z_dim), int(num_classes)
+        self.hidden, self.class_prior = tuple(hidden), class_prior
+        self.likelihood = Bernoulli() if likelihood is None else likelihood
+        self.likelihood.setup(self.x_shape)
+        x_dim = math.prod(self.x_shape)
+        self.classifier = MLPClassifier(self.x_shape, self.num_classes, self.hidden)
+        self.encoder = MLPEncoder((x_dim + self.num_classes,), self.z_dim, self.hidden)
+        self.decoder = MLPDecoder(
+            self.z_dim + self.num_classes, self.x_shape, self.hidden, self.likelihood.params_per_dim
+        )
+        self.class_prior_net = ClassPrior(self.num_classes, learned=class_prior == "learned")
+        self.prior = StandardNormal() if prior is None else prior
+        self.prior.setup(self.z_dim, x_shape=self.x_shape, encoder=self._encode_with_predicted_label)
+        self.pyro_name = name or f"ssvae{next(_instance_ids)}"
+
+    # ----------------------------------------------------------------- Pyro
+    def _plate(self, batch_size: int, num_data: int | None, device) -> pyro.plate:
+        if num_data is None or num_data == batch_size:
+            return pyro.plate("data", batch_size, dim=-1)
+        return pyro.plate("data", num_data, subsample=torch.arange(batch_size, device=device), dim=-1)
+
+    def model(
+        self,
+        x=None,
+        y=None,
+        *,
+        aux_weight: float = 0.0,
+        kl_weight: float = 1.0,
+        num_data: int | None = None,
+        batch_size: int | None = None,
+    ):
+        """p(y) p(z) p(x | y, z); observes y where given, plus ``aux_weight * log q(y|x)`` for labelled x."""
+        pyro.module(f"{self.pyro_name}.decoder", self.decoder)
+        pyro.module(f"{self.pyro_name}.prior", self.prior)
+        pyro.module(f"{self.pyro_name}.likelihood", self.likelihood)
+        pyro.module(f"{self.pyro_name}.class_prior", self.class_prior_net)
+        n = x.shape[0] if x is not None else (y.shape[0] if y is not None else (batch_size or 1))
+        device = self.class_prior_net.logits.device
+        y_onehot = None if y is None else self.one_hot(y)
+        with self._plate(n, num_data, device):
+            y_onehot = pyro.sample("y", self.class_prior_net(), obs=y_onehot)
+            with poutine.scale(scale=kl_weight):
+                z = pyro.sample("z", self.prior())
+            x = pyro.sample("x", self.likelihood(self.decoder(concat_broadcast(z, y_onehot))), obs=x)
+            if y is not None and aux_weight:
+                pyro.module(f"{self.pyro_name}.classifier", self.classifier)
+                with poutine.scale(scale=aux_weight):
+                    pyro.sample("y_aux", dist.OneHotCategorical(logits=self.classifier(x)), obs=y_onehot)
+            return x
+
+    def guide(
+        self,
+        x=None,
+        y=None,
+        *,
+        aux_weight: float = 0.0,
+        kl_weight: float = 1.0,
+        num_data: int | None = None,
+        batch_size: int | None = None,
+    ):
+        """q(y | x) where y is unobserved, and q(z | x, y)."""
+        if x is None:
+            raise ValueError("The guide q(y, z | x) needs data x.")
+        pyro.module(f"{self.pyro_name}.classifier", self.classifier)
+        pyro.module(f"{self.pyro_name}.encoder", self.encoder)
+        with self._plate(x.shape[0], num_data, x.device):
+            if y is None:
+                y_onehot = pyro.sample("y", dist.OneHotCategorical(logits=self.classifier(x)))
+            else:
+                y_onehot = self.one_hot(y)
+            loc, scale = self.encode(x, y_onehot)
+            with poutine.scale(scale=kl_weight):
+                return pyro.sample("z", dist.Normal(loc, scale).to_event(1))
+
+    # ------------------------------------------------------------ utilities
+    def one_hot(self, y: torch.Tensor) -> torch.Tensor:
+        return F.one_hot(y.long(), self.num_classes).to(self.class_prior_net.logits.dtype)
+
+    def encode(self, x: torch.Tensor, y_onehot: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loc, scale) of q(z | x, y), for one-hot (or soft) labels that broadcast against x.
+
+        Without labels, y is the classifier's most probable class.
+        """
+        if y_onehot is None:
+            y_onehot = self.one_hot(self.classifier(x).argmax(-1))
+        flat = x.flatten(start_dim=x.ndim - len(self.x_shape))
+        return self.encoder(concat_broadcast(flat, y_onehot))
+
+    def _encode_with_predicted_label(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.encode(x, self.classifier(x).softmax(-1))
+
+    def decode(self, z: torch.Tensor, y_onehot: torch.Tensor):
+        """The distribution p(x | y, z)."""
+        return self.likelihood(self.decoder(concat_broadcast(z, y_onehot)))
+
+    @torch.no_grad()
+    def classify(self, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+        """The most probable class under q(y | x), for each point."""
+        return torch.cat([self.classifier(x[i : i + batch_size]).argmax(-1) for i in range(0, len(x), batch_size)])
+
+    @torch.no_grad()
+    def accuracy(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        """The fraction of points that :meth:`classify` labels correctly."""
+        return (self.classify(x) == y.to(x.device)).double().mean().item()
+
+    @torch.no_grad()
+    def sample(self, num_samples: int, y: torch.Tensor | None = None) -> torch.Tensor:
+        """Means of p(x | y, z) with z from the prior and y given (or drawn from p(y))."""
+        if y is None:
+            y = self.class_prior_net().sample((num_samples,)).argmax(-1)
+        return self.decode(self.prior.sample(num_samples), self.one_hot(y)).mean
+
+    @torch.no_grad()
+    def transfer_style(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """Each x's style z = loc(x, y) decoded with every class: shape ``(len(x), num_classes, *x_shape)``.
+
+        y defaults to the classifier's prediction.
+        """
+        y = self.classify(x) if y is None else y
+        z = self.encode(x, self.one_hot(y))[0]
+        classes = torch.eye(self.num_classes, device=z.device)
+        return self.decode(z.unsqueeze(1), classes).mean
+
+    def check_data(self, x: torch.Tensor, what: str = "data") -> None:
+        """Refuse data this model cannot take, naming the fix."""
+        check_finite_and_nonempty(x, what)
+        if tuple(x.shape[1:]) != self.x_shape:
+            raise DataError(
+                f"The {what} has points of shape {tuple(x.shape[1:])} but the model expects {self.x_shape}; "
+                f"reshape the data or build the SSVAE with x_shape={tuple(x.shape[1:])}."
+            )
+        self.likelihood.check_data(x)
+
+    def check_labels(self, y: torch.Tensor, x: torch.Tensor, what: str = "labels") -> None:
+        """Labels must be integers in [0, num_classes), one per data point."""
+        if y.ndim != 1 or len(y) != len(x):
+            raise DataError(
+                f"The {what} have shape {tuple(y.shape)} for {len(x)} data points; give one integer label per point."
+            )
+        if y.dtype.is_floating_point and not torch.equal(y, y.round()):
+            raise DataError(f"The {what} are not whole numbers; give class indices 0..{self.num_classes - 1}.")
+        if len(y) and (y.min() < 0 or y.max() >= self.num_classes):
+            raise DataError(
+                f"The {what} range over [{int(y.min())}, {int(y.max())}] but the model has classes "
+                f"0..{self.num_classes - 1}; relabel the data or build the SSVAE with num_classes={int(y.max()) + 1}."
+            )
+
+    # --------------------------------------------------------------- config
+    def config(self) -> dict:
+        """Everything needed to rebuild this model with :meth:`from_config`."""
+        return {
+            "type": "ssvae",
+            "x_shape": list(self.x_shape),
+            "z_dim": self.z_dim,
+            "num_classes": self.num_classes,
+            "hidden": list(self.hidden),
+            "class_prior": self.class_prior,
+            "prior": self.prior.config(),
+            "likelihood": self.likelihood.config(),
+        }
+
+    @classmethod
+    def from_config(cls, config: dict) -> SSVAE:
+        return cls(
+            x_shape=config["x_shape"],
+            z_dim=config["z_dim"],
+            num_classes=config["num_classes"],
+            prior=build_prior(config["prior"]),
+            likelihood=build_likelihood(config["likelihood"]),
+            hidden=config["hidden"],
+            class_prior=config["class_prior"],
+        )
