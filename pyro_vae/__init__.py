@@ -17,11 +17,15 @@ from .data import DataError, Dataset, Split, load_dataset, make_dataset  # noqa:
 from .evaluate import active_units, compare_runs, evaluate_run  # noqa: E402
 from .marginal import MarginalLikelihoodEstimate, elbo_per_point, log_marginal_likelihood, site_log_densities  # noqa: E402
 from .runs import Run, load_run  # noqa: E402
+from .semisupervised import fit_ssvae  # noqa: E402
+from .ssvae import SSVAE  # noqa: E402
 from .train import TrainingDiverged, TrainingInterrupted, evaluate_elbo, fit  # noqa: E402
 from .vae import VAE  # noqa: E402
 
 __all__ = [
     "VAE",
+    "SSVAE",
+    "fit_ssvae",
     "active_units",
     "compare_runs",
     "evaluate_run",
