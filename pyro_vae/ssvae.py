@@ -52,10 +52,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import DataError, check_finite_and_nonempty
+from .data import DataError
 from .likelihoods import Bernoulli, Likelihood, build_likelihood
 from .nets import MLPClassifier, MLPDecoder, MLPEncoder
 from .priors import Prior, StandardNormal, build_prior
+from .vae import check_points, data_plate
 
 _instance_ids = itertools.count()
 CLASS_PRIORS = ("uniform", "learned")
@@ -134,11 +135,6 @@ class SSVAE(nn.Module):
         self.pyro_name = name or f"ssvae{next(_instance_ids)}"
 
     # ----------------------------------------------------------------- Pyro
-    def _plate(self, batch_size: int, num_data: int | None, device) -> pyro.plate:
-        if num_data is None or num_data == batch_size:
-            return pyro.plate("data", batch_size, dim=-1)
-        return pyro.plate("data", num_data, subsample=torch.arange(batch_size, device=device), dim=-1)
-
     def model(
         self,
         x=None,
@@ -157,7 +153,7 @@ class SSVAE(nn.Module):
         n = x.shape[0] if x is not None else (y.shape[0] if y is not None else (batch_size or 1))
         device = self.class_prior_net.logits.device
         y_onehot = None if y is None else self.one_hot(y)
-        with self._plate(n, num_data, device):
+        with data_plate(n, num_data, device):
             y_onehot = pyro.sample("y", self.class_prior_net(), obs=y_onehot)
             with poutine.scale(scale=kl_weight):
                 z = pyro.sample("z", self.prior())
@@ -183,7 +179,7 @@ class SSVAE(nn.Module):
             raise ValueError("The guide q(y, z | x) needs data x.")
         pyro.module(f"{self.pyro_name}.classifier", self.classifier)
         pyro.module(f"{self.pyro_name}.encoder", self.encoder)
-        with self._plate(x.shape[0], num_data, x.device):
+        with data_plate(x.shape[0], num_data, x.device):
             if y is None:
                 y_onehot = pyro.sample("y", dist.OneHotCategorical(logits=self.classifier(x)))
             else:
@@ -243,13 +239,7 @@ class SSVAE(nn.Module):
 
     def check_data(self, x: torch.Tensor, what: str = "data") -> None:
         """Refuse data this model cannot take, naming the fix."""
-        check_finite_and_nonempty(x, what)
-        if tuple(x.shape[1:]) != self.x_shape:
-            raise DataError(
-                f"The {what} has points of shape {tuple(x.shape[1:])} but the model expects {self.x_shape}; "
-                f"reshape the data or build the SSVAE with x_shape={tuple(x.shape[1:])}."
-            )
-        self.likelihood.check_data(x)
+        check_points(x, self.x_shape, self.likelihood, what, "SSVAE")
 
     def check_labels(self, y: torch.Tensor, x: torch.Tensor, what: str = "labels") -> None:
         """Labels must be integers in [0, num_classes), one per data point."""

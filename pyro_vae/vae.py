@@ -42,6 +42,25 @@ from .priors import Prior, StandardNormal, build_prior
 _instance_ids = itertools.count()
 
 
+def data_plate(batch_size: int, num_data: int | None, device) -> pyro.plate:
+    """The plate "data" over a batch, scaled by ``num_data / batch_size`` when the batch is a subsample."""
+    if num_data is None or num_data == batch_size:
+        return pyro.plate("data", batch_size, dim=-1)
+    return pyro.plate("data", num_data, subsample=torch.arange(batch_size, device=device), dim=-1)
+
+
+def check_points(x: torch.Tensor, x_shape: tuple[int, ...], likelihood: Likelihood, what: str, model: str) -> None:
+    """Refuse data a model cannot take, naming the fix: empty, NaN/inf, wrong shape, outside the support."""
+    check_finite_and_nonempty(x, what)
+    if tuple(x.shape[1:]) != x_shape:
+        raise DataError(
+            f"The {what} has points of shape {tuple(x.shape[1:])} but the model expects {x_shape} "
+            f"(full shape (N, *x_shape); got {tuple(x.shape)}). Reshape the data or build the {model} with "
+            f"x_shape={tuple(x.shape[1:])}."
+        )
+    likelihood.check_data(x)
+
+
 class VAE(nn.Module):
     """A VAE with pluggable prior, likelihood, encoder and decoder.
 
@@ -88,11 +107,6 @@ class VAE(nn.Module):
         self.pyro_name = name or f"vae{next(_instance_ids)}"
 
     # ----------------------------------------------------------------- Pyro
-    def _plate(self, batch_size: int, num_data: int | None, device) -> pyro.plate:
-        if num_data is None or num_data == batch_size:
-            return pyro.plate("data", batch_size, dim=-1)
-        return pyro.plate("data", num_data, subsample=torch.arange(batch_size, device=device), dim=-1)
-
     def model(self, x=None, *, kl_weight: float = 1.0, num_data: int | None = None, batch_size: int | None = None):
         """p(z) p(x | z) over a batch; with ``x=None`` it draws ``batch_size`` new points."""
         pyro.module(f"{self.pyro_name}.decoder", self.decoder)
@@ -100,7 +114,7 @@ class VAE(nn.Module):
         pyro.module(f"{self.pyro_name}.likelihood", self.likelihood)
         n = x.shape[0] if x is not None else (batch_size or 1)
         device = x.device if x is not None else next(self.decoder.parameters()).device
-        with self._plate(n, num_data, device):
+        with data_plate(n, num_data, device):
             with poutine.scale(scale=kl_weight):
                 z = pyro.sample("z", self.prior())
             return pyro.sample("x", self.likelihood(self.decoder(z)), obs=x)
@@ -111,7 +125,7 @@ class VAE(nn.Module):
             raise ValueError("The guide q(z | x) needs data x.")
         pyro.module(f"{self.pyro_name}.encoder", self.encoder)
         loc, scale = self.encoder(x)
-        with self._plate(x.shape[0], num_data, x.device):
+        with data_plate(x.shape[0], num_data, x.device):
             with poutine.scale(scale=kl_weight):
                 return pyro.sample("z", pyro.distributions.Normal(loc, scale).to_event(1))
 
@@ -136,14 +150,7 @@ class VAE(nn.Module):
 
     def check_data(self, x: torch.Tensor, what: str = "data") -> None:
         """Refuse data this model cannot take, naming the fix: empty, NaN/inf, wrong shape, outside the support."""
-        check_finite_and_nonempty(x, what)
-        if tuple(x.shape[1:]) != self.x_shape:
-            raise DataError(
-                f"The {what} has points of shape {tuple(x.shape[1:])} but the model expects {self.x_shape} "
-                f"(full shape (N, *x_shape); got {tuple(x.shape)}). Reshape the data or build the VAE with "
-                f"x_shape={tuple(x.shape[1:])}."
-            )
-        self.likelihood.check_data(x)
+        check_points(x, self.x_shape, self.likelihood, what, "VAE")
 
     # --------------------------------------------------------------- config
     def config(self) -> dict:
