@@ -46,7 +46,7 @@ def train_and_evaluate(prior: str, args, out: Path) -> Path:
     elif max(args.epochs, read_json(run / "config.json")["train"]["epochs"]) > load_run(run).epoch:
         run_cli("train", "--resume", str(run), "--epochs", str(args.epochs), "--no-progress")
     metrics = read_json(run / "metrics.json")
-    if metrics.get("test_num_samples") != args.samples:
+    if metrics.get("test_num_samples") != args.samples or metrics.get("epochs") != load_run(run).epoch:
         run_cli("evaluate", str(run), "--samples", str(args.samples), "--no-progress")
     return run
 

@@ -304,7 +304,7 @@ def write_test_metrics(run_dir: Path, vae: VAE, data: Dataset, history: list[dic
     metrics.update(
         num_test=len(data.test),
         binarize=data.binarize,
-        train_seconds=sum(row["seconds"] + row["val_seconds"] for row in history[1:]),
+        train_seconds=sum(row["seconds"] + row.get("val_seconds", 0.0) for row in history[1:]),  # older runs lack it
         **extra,
     )
     write_json(run_dir / METRICS, metrics)

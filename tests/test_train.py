@@ -10,7 +10,7 @@ from conftest import small_vae
 from torch import nn
 
 import pyro_vae as pv
-from pyro_vae.checkpoint import load_checkpoint
+from pyro_vae.checkpoint import load_checkpoint, save_checkpoint
 from pyro_vae.train import adam, kl_weight_schedule, training_step
 
 
@@ -106,6 +106,25 @@ def test_resume_continues_exactly(small_mnist, tmp_path):
         assert torch.equal(a, b)
     config = json.loads((tmp_path / "resumed" / "config.json").read_text())
     assert config["train"]["epochs"] == 4
+
+
+def test_a_run_from_an_older_version_extends(small_mnist, tmp_path):
+    """Histories written before rows had ``val_seconds`` still resume, extend and report their budget."""
+    pv.fit(small_vae(), small_mnist, epochs=1, run_dir=tmp_path / "old", progress=False)
+    state = load_checkpoint(tmp_path / "old" / "checkpoint.pt")
+    for row in state["history"]:
+        row.pop("val_seconds", None)
+    save_checkpoint(
+        tmp_path / "old" / "checkpoint.pt",
+        model_state=state["model"],
+        optimizer_state=state["optimizer"],
+        epoch=state["epoch"],
+        history=state["history"],
+        config=state["config"],
+    )
+    history = pv.fit(small_vae(), small_mnist, epochs=2, run_dir=tmp_path / "old", resume=True, progress=False)
+    metrics = json.loads((tmp_path / "old" / "metrics.json").read_text())
+    assert len(history) == 3 and metrics["epochs"] == 2 and metrics["train_seconds"] > 0
 
 
 def test_a_finished_run_is_not_overwritten(small_mnist, tmp_path):
