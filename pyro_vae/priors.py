@@ -90,8 +90,8 @@ class DiagonalNormalMixture(dist.TorchDistribution):
         sum_d (z_d - m_kd)^2 / s_kd^2 = z^2 . (1/s_k^2) - 2 z . (m_k/s_k^2) + sum_d m_kd^2 / s_kd^2,
 
     needs two (batch, z_dim) x (z_dim, K) products. Its float32 rounding error
-    is about 1e-7 (|z| / s)^2 per dimension, negligible for the scales an
-    encoder produces (1e-3 nats at |z| = 3, s = 0.01).
+    is about 1e-7 (abs(z) / s)^2 per dimension, negligible for the scales an
+    encoder produces (1e-3 nats at abs(z) = 3, s = 0.01).
     """
 
     arg_constraints = {}

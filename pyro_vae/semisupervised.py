@@ -93,10 +93,11 @@ def fit_ssvae(
 ) -> list[dict]:
     """Train ``ssvae`` on ``data`` with ``num_labels`` of its training labels; return the history.
 
-    :param aux_weight: alpha per labelled point; default :func:`default_aux_weight`.
-    :param eval_samples: K of the final test log p(x) (y drawn from q(y|x)); 0 skips it.
     Each history row holds the training objective (-J / N), the validation
     accuracy and the validation ELBO with y summed out.
+
+    :param aux_weight: alpha per labelled point; default :func:`default_aux_weight`.
+    :param eval_samples: K of the final test log p(x) (y drawn from q(y|x)); 0 skips it.
     """
     if data.train.y is None or data.val.y is None or data.test.y is None:
         raise DataError("Semi-supervised training needs labels for the train, validation and test splits.")

@@ -1,0 +1,30 @@
+"""Sphinx configuration of the pyro-vae documentation (built with ``-W`` by ``tests/test_docs.py``)."""
+
+import pyro_vae
+
+project = "pyro-vae"
+author = "the pyro-vae developers"
+copyright = "2026, the pyro-vae developers"
+release = version = pyro_vae.__version__
+
+extensions = [
+    "myst_parser",
+    "sphinx.ext.autodoc",
+    "sphinx.ext.mathjax",
+    "sphinx.ext.viewcode",
+]
+source_suffix = {".md": "markdown", ".rst": "restructuredtext"}
+root_doc = "index"
+exclude_patterns = ["_build"]
+
+myst_enable_extensions = ["dollarmath", "amsmath"]
+myst_heading_anchors = 3
+
+autodoc_member_order = "bysource"
+autodoc_default_options = {"members": True, "show-inheritance": True}
+autodoc_typehints = "description"
+autodoc_inherit_docstrings = False
+
+html_theme = "sphinx_rtd_theme"
+html_title = f"pyro-vae {release}"
+html_static_path = []
