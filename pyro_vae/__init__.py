@@ -19,12 +19,15 @@ from .marginal import MarginalLikelihoodEstimate, elbo_per_point, log_marginal_l
 from .runs import Run, load_run  # noqa: E402
 from .semisupervised import fit_ssvae  # noqa: E402
 from .ssvae import SSVAE  # noqa: E402
+from .stacked import LatentFeatures, StackedSSVAE  # noqa: E402
 from .train import TrainingDiverged, TrainingInterrupted, evaluate_elbo, fit  # noqa: E402
 from .vae import VAE  # noqa: E402
 
 __all__ = [
     "VAE",
     "SSVAE",
+    "StackedSSVAE",
+    "LatentFeatures",
     "fit_ssvae",
     "active_units",
     "compare_runs",

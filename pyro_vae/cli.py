@@ -24,8 +24,10 @@ from .likelihoods import LIKELIHOODS, Gaussian, build_likelihood
 from .nets import ARCHITECTURES
 from .plots import save_figures, save_ssl_figures
 from .priors import PRIORS, build_prior
+from .runs import MODEL_TYPES, load_run
 from .semisupervised import fit_ssvae
 from .ssvae import CLASS_PRIORS, SSVAE
+from .stacked import LatentFeatures, StackedSSVAE
 from .train import ELBOS, TrainingDiverged, TrainingInterrupted, fit, resolve_device
 from .vae import VAE
 
@@ -118,6 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--aux-weight", type=float, help="alpha per labelled point on log q(y|x) [default: 0.1 N / labels]"
     )
     ssl.add_argument("--class-prior", choices=CLASS_PRIORS, default="uniform", help="p(y)")
+    ssl.add_argument(
+        "--m1",
+        metavar="RUN",
+        help="stack M2 on the code of this trained VAE run (Kingma et al.'s M1+M2); its data set is used",
+    )
     ssl.add_argument("--eval-samples", type=int, default=1000, help="K of the final test log p(x); 0 skips it")
 
     parallel = train.add_argument_group(
@@ -228,7 +235,11 @@ def _load_data(args) -> Dataset:
 
 
 def _train(args) -> Path:
-    if args.semi_supervised or (args.resume and read_json(Path(args.resume) / CONFIG)["train"].get("semi_supervised")):
+    if (
+        args.semi_supervised
+        or args.m1
+        or (args.resume and read_json(Path(args.resume) / CONFIG)["train"].get("semi_supervised"))
+    ):
         return _train_semi_supervised(args)
     if args.resume:
         run_dir = Path(args.resume)
@@ -285,22 +296,35 @@ def _train_semi_supervised(args) -> Path:
         run_dir = Path(args.resume)
         config = read_json(run_dir / CONFIG)
         data = dataset_from_spec(config["data"])
-        ssvae = SSVAE.from_config(config["model"])
+        ssvae = MODEL_TYPES[config["model"]["type"]].from_config(config["model"])
         train = {key: value for key, value in config["train"].items() if key != "semi_supervised"}
         train["epochs"] = args.epochs or train["epochs"]
     else:
         pyro.set_rng_seed(args.seed)
-        data = _load_data(args)
-        ssvae = SSVAE(
-            data.x_shape,
-            args.z_dim,
-            prior=build_prior(_prior_config(args)),
-            likelihood=build_likelihood(_likelihood_config(args)),
-            hidden=args.hidden,
-            class_prior=args.class_prior,
-        )
+        prior = build_prior(_prior_config(args))
+        if args.m1:
+            m1 = load_run(args.m1)
+            if m1.config["model"].get("type", "vae") != "vae":
+                raise ValueError(f"--m1 needs the run of a plain VAE; {args.m1} holds a {m1.config['model']['type']}.")
+            data = m1.load_data()
+            features = LatentFeatures.fit(m1.vae, data.train.x)
+            ssvae = StackedSSVAE(
+                m1.vae, features, args.z_dim, prior=prior, hidden=args.hidden, class_prior=args.class_prior
+            )
+            print(f"M1: {args.m1}, {features.num_active} of its {m1.vae.z_dim} latent units active")
+        else:
+            data = _load_data(args)
+            ssvae = SSVAE(
+                data.x_shape,
+                args.z_dim,
+                prior=prior,
+                likelihood=build_likelihood(_likelihood_config(args)),
+                hidden=args.hidden,
+                class_prior=args.class_prior,
+            )
+        kind = "m1m2" if args.m1 else "ssvae"
         run_dir = Path(args.out) / (
-            args.name or f"{data.name}-ssvae-{args.labels}-labels-{time.strftime('%Y%m%d-%H%M%S')}"
+            args.name or f"{data.name}-{kind}-{args.labels}-labels-{time.strftime('%Y%m%d-%H%M%S')}"
         )
         train = {
             "num_labels": args.labels,

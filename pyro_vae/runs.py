@@ -10,9 +10,10 @@ import torch
 from .checkpoint import CHECKPOINT, CONFIG, CheckpointError, load_checkpoint, read_json
 from .data import Dataset, dataset_from_spec
 from .ssvae import SSVAE
+from .stacked import StackedSSVAE
 from .vae import VAE
 
-MODEL_TYPES = {"vae": VAE, "ssvae": SSVAE}
+MODEL_TYPES = {"vae": VAE, "ssvae": SSVAE, "stacked-ssvae": StackedSSVAE}
 
 
 @dataclass

@@ -16,6 +16,11 @@ TINY = {
         "samples from each prior",
     ),
     "semi_supervised.py": (["--epochs", "1", "--subset", "2000", "--samples", "10"], "model argmax L(x, y)"),
+    "semi_supervised_study.py": (
+        ["--m1-epochs", "1", "--epochs", "1", "--subset", "2000", "--labels", "100", "--label-seeds", "0", "1"]
+        + ["--samples", "5", "--jobs", "2", "--out", "study"],
+        "| 100 |",
+    ),
     "hand_written_model.py": (["--steps", "50", "--subset", "500", "--test", "50"], "exact test log p(x)"),
 }
 

@@ -1,0 +1,142 @@
+"""M1+M2: the stacked model's log p(x) against quadrature, the feature split, a frozen M1, a run, the command."""
+
+import math
+
+import pytest
+import torch
+
+import pyro_vae as pv
+from pyro_vae import cli
+from pyro_vae.stacked import LatentFeatures, StackedSSVAE
+
+
+def _set_scale(encoder: torch.nn.Module, z_dim: int, scale: float) -> None:
+    """Make an MLP encoder's scale head output ``scale`` whatever the input."""
+    last = encoder.net[-1]
+    with torch.no_grad():
+        last.weight[z_dim:] = 0.0
+        last.bias[z_dim:] = math.log(math.expm1(scale))
+
+
+@pytest.fixture
+def tiny():
+    """x in R^2, M1's z1 in R^2 with unit 0 active (standardised by m = 0.3, s = 2) and unit 1 inactive,
+    M2 with z in R^1 and two classes: three continuous latents and y, small enough for quadrature."""
+    torch.manual_seed(1)
+    m1 = pv.VAE((2,), z_dim=2, hidden=(8,), likelihood=pv.likelihoods.Gaussian("fixed", init_sigma=2.0))
+    features = LatentFeatures(2, [0])
+    features.mean.fill_(0.3)
+    features.std.fill_(2.0)
+    stacked = StackedSSVAE(m1, features, z_dim=1, num_classes=2, hidden=(8,))
+    # Proposals wider than the posteriors, so that the importance weights have a finite variance.
+    _set_scale(m1.encoder, 2, 2.4)
+    _set_scale(stacked.m2.encoder, 1, 1.5)
+    return stacked
+
+
+def log_px_by_quadrature(stacked: StackedSSVAE, x: torch.Tensor, n: int = 481) -> torch.Tensor:
+    """log p(x) = log sum_y p(y) int p(z) p(f | y, z) p(u) p(x | m + s f, u) dz df du on a grid.
+
+    Computed from the networks' forward passes alone, none of the Pyro model code.
+    """
+    z = torch.linspace(-8, 8, n, dtype=torch.float64)
+    f = torch.linspace(-12, 12, n, dtype=torch.float64)
+    u = torch.linspace(-8, 8, n, dtype=torch.float64)
+    log_cell = math.log(z[1] - z[0]) + math.log(f[1] - f[0]) + math.log(u[1] - u[0])
+    normal = torch.distributions.Normal(0.0, 1.0)
+    m2 = stacked.m2.double()
+    m1 = stacked.m1.double()
+    features = stacked.features.double()
+    # a[f, u] for each point: log p(u) + log p(x | z1(f, u)).
+    grid = torch.stack(torch.meshgrid(f, u, indexing="ij"), -1)  # (n, n, 2) with z1 = (m + s f, u)
+    z1 = torch.stack([features.mean + features.std * grid[..., 0], grid[..., 1]], -1)
+    log_lik = m1.decode(z1.reshape(-1, 2)).log_prob(x[:, None, :]).reshape(len(x), n, n)
+    a = torch.logsumexp(log_lik + normal.log_prob(u), -1)  # (N, f)
+    # b[y, z, f]: log p(y) + log p(z) + log p(f | y, z).
+    b = []
+    for label in range(stacked.num_classes):
+        onehot = torch.nn.functional.one_hot(torch.full((n,), label), stacked.num_classes).double()
+        p_f = m2.decode(z[:, None], onehot)  # batch (z,), event (1,)
+        b.append(
+            math.log(1 / stacked.num_classes) + normal.log_prob(z)[:, None] + p_f.log_prob(f[:, None, None]).T
+        )  # (z, f)
+    b = torch.stack(b)  # (y, z, f)
+    stacked.float()
+    return torch.logsumexp((b[None] + a[:, None, None, :]).flatten(1), -1) + log_cell
+
+
+def test_the_stacked_log_px_matches_quadrature(tiny):
+    x = tiny.model(batch_size=3).detach()
+    truth = log_px_by_quadrature(tiny, x.double())
+    estimate = pv.log_marginal_likelihood(tiny.model, tiny.guide, x, num_samples=20000, seed=0)
+    # Seeded, the effective sample sizes are 6,000-7,000 of 20,000, so the estimate's sd is about
+    # sqrt((K / ESS - 1) / K) = 0.01 nats (measured errors: -0.012, -0.015, +0.004; the ELBO is 2 nats lower).
+    # 0.03 allows 3 sd; a wrong Jacobian of z1 = m + s f would be off by log s = 0.69.
+    assert estimate.ess.min() > 1000
+    torch.testing.assert_close(estimate.log_px.double(), truth, atol=0.03, rtol=0)
+
+
+def test_features_split_and_reassemble_the_code():
+    features = LatentFeatures(5, [1, 3])
+    features.mean.copy_(torch.tensor([0.5, -1.0]))
+    features.std.copy_(torch.tensor([2.0, 0.25]))
+    z1 = torch.randn(7, 5)
+    torch.testing.assert_close(features.assemble(features.standardise(z1), z1[:, features.inactive]), z1)
+
+
+def test_features_keep_the_active_units_and_standardise_them(small_mnist):
+    m1 = pv.VAE((1, 28, 28), z_dim=6, hidden=(64,))
+    pv.fit(m1, small_mnist, epochs=2, batch_size=100, progress=False)
+    features = LatentFeatures.fit(m1, small_mnist.train.x)
+    means = torch.cat([m1.encode(small_mnist.train.x)[0]]).detach()
+    assert features.active.tolist() == (means.var(0) > 0.01).nonzero().squeeze(1).tolist()
+    f = features.standardise(means)
+    torch.testing.assert_close(f.mean(0), torch.zeros(features.num_active), atol=1e-4, rtol=0)
+    torch.testing.assert_close(f.std(0), torch.ones(features.num_active), atol=1e-4, rtol=0)
+
+
+def test_no_active_unit_is_refused():
+    with pytest.raises(ValueError, match="no active latent units; train it longer"):
+        LatentFeatures(4, [])
+
+
+@pytest.fixture
+def m1_run(tmp_path_factory, small_mnist):
+    run_dir = tmp_path_factory.mktemp("m1") / "m1"
+    m1 = pv.VAE((1, 28, 28), z_dim=8, hidden=(128,))
+    pv.fit(m1, small_mnist, epochs=10, batch_size=100, run_dir=run_dir, progress=False)
+    return run_dir
+
+
+def test_training_leaves_m1_frozen_and_learns_to_classify(m1_run, small_mnist, tmp_path):
+    m1 = pv.load_run(m1_run)
+    before = {name: value.clone() for name, value in m1.vae.state_dict().items()}
+    stacked = StackedSSVAE(m1.vae, LatentFeatures.fit(m1.vae, small_mnist.train.x), z_dim=4, hidden=(64,))
+    history = pv.fit_ssvae(
+        stacked, small_mnist, num_labels=100, epochs=8, batch_size=50, lr=1e-3, aux_weight=50.0,
+        run_dir=tmp_path / "m1m2", eval_samples=5, progress=False,
+    )  # fmt: skip
+    for name, value in stacked.m1.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    metrics = pv.checkpoint.read_json(tmp_path / "m1m2" / "metrics.json")
+    # Chance is 10%; seeded, 8 epochs on 2,000 points reach about 60%.
+    assert metrics["test_accuracy"] > 0.4, history
+    assert math.isfinite(metrics["test_log_px"])
+    run = pv.load_run(tmp_path / "m1m2")  # rebuilt from config.json, last epoch's weights
+    assert isinstance(run.vae, StackedSSVAE) and run.epoch == 8
+    run.vae.load_state_dict(pv.checkpoint.load_checkpoint(tmp_path / "m1m2" / "best.pt")["model"])
+    x = small_mnist.test.x[:50]
+    assert torch.equal(run.vae.classify(x), stacked.classify(x))  # stacked holds the best epoch's weights
+
+
+def test_the_command_stacks_on_a_vae_run(m1_run, tmp_path, capsys):
+    args = ["train", "--m1", str(m1_run), "--labels", "20", "--epochs", "1", "--z-dim", "3", "--hidden", "32"]
+    assert cli.main([*args, "--eval-samples", "2", "--no-progress", "--out", str(tmp_path), "--name", "s"]) == 0
+    out = capsys.readouterr().out
+    assert "of its 8 latent units active" in out and "test accuracy" in out
+    assert {p.name for p in (tmp_path / "s" / "figures").iterdir()} >= {"style_transfer.png", "latent_space.png"}
+    assert cli.main(["train", "--resume", str(tmp_path / "s"), "--epochs", "2", "--no-progress"]) == 0
+
+    code = cli.main(["train", "--m1", str(tmp_path / "s"), "--out", str(tmp_path), "--no-progress"])
+    assert code == 2
+    assert "--m1 needs the run of a plain VAE" in capsys.readouterr().err
