@@ -53,7 +53,7 @@ def train_and_evaluate(prior: str, args, out: Path) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--epochs", type=int, default=200)
+    parser.add_argument("--epochs", type=int, default=250)
     parser.add_argument("--warmup-epochs", type=float, default=10, help="linear KL warm-up")
     parser.add_argument("--samples", type=int, default=5000, help="K, importance samples per test point")
     parser.add_argument("--components", type=int, help="mixture components and pseudo-inputs [10 and 500]")
