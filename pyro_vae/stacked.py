@@ -66,6 +66,7 @@ class LatentFeatures(nn.Module):
 
     :param z_dim: M1's latent dimension.
     :param active: indices of the active units.
+
     The buffers ``mean`` and ``std`` hold the standardisation; :meth:`fit` sets them.
     """
 
