@@ -23,6 +23,7 @@ import torch
 from .checkpoint import METRICS, atomic_write_bytes, read_json, write_json
 from .marginal import log_marginal_likelihood
 from .runs import load_run
+from .stacked import posterior_means
 from .vae import VAE
 
 LOG_PX = "test_log_px.npy"
@@ -31,8 +32,7 @@ LOG_PX = "test_log_px.npy"
 @torch.no_grad()
 def active_units(vae: VAE, x: torch.Tensor, threshold: float = 0.01, batch_size: int = 1000) -> int:
     """Latent dimensions u with Cov_x(E_{q(u|x)}[u]) > threshold (Burda et al. 2015, section 5.2)."""
-    means = torch.cat([vae.encode(x[i : i + batch_size])[0] for i in range(0, x.shape[0], batch_size)])
-    return int((means.var(0) > threshold).sum())
+    return int((posterior_means(vae, x, batch_size).var(0) > threshold).sum())
 
 
 def evaluate_run(
