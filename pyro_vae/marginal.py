@@ -30,6 +30,8 @@ from pyro.infer.util import is_validation_enabled
 from pyro.poutine.util import site_is_subsample
 from tqdm.auto import tqdm
 
+from .fused import compiled_evaluation
+
 DATA_PLATE = "data"
 PARTICLE_PLATE = "_pyro_vae_particles"
 
@@ -308,7 +310,8 @@ def log_marginal_likelihood(
     Particles are drawn in vectorised chunks (a particle plate left of the
     model's plates) of at most ``max_samples_per_pass`` particle x point
     evaluations, and the statistics are accumulated in a streaming logsumexp,
-    so memory does not grow with K.
+    so memory does not grow with K. The Bernoulli likelihood's log-density
+    runs compiled here (:mod:`pyro_vae.fused`).
 
     :param num_samples: K, importance samples per data point (5000 is the literature's standard).
     :param batch_size: data points per batch.
@@ -322,7 +325,7 @@ def log_marginal_likelihood(
     if max_plate_nesting is None:
         max_plate_nesting = guess_max_plate_nesting(model, guide, x[:batch_size], *args, **kwargs)
     devices = [x.device] if x.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices, enabled=seed is not None):
+    with torch.random.fork_rng(devices=devices, enabled=seed is not None), compiled_evaluation():
         if seed is not None:
             torch.manual_seed(seed)
         results, validate = [], is_validation_enabled()

@@ -1,0 +1,95 @@
+"""The compiled Bernoulli log-density of the evaluator against the plain formula."""
+
+import pytest
+import torch
+
+import pyro_vae as pv
+from pyro_vae import fused
+from pyro_vae.likelihoods import Bernoulli
+
+
+def reference(logits, value):
+    """sum_d log Bernoulli(value_d; sigmoid(logits_d)) in float64 by torch.distributions, and sum_d |its terms|."""
+    terms = torch.distributions.Bernoulli(logits=logits.double()).log_prob(value.double())
+    return terms.sum(-1), terms.abs().sum(-1)
+
+
+def float32_tolerance(magnitude):
+    """8 float32 epsilons of the terms' total size: a float32 sum of D terms is only that exact (the eager
+    softplus errs by up to 2 epsilons here); the 64-factor products add ~64 eps per group, far below it."""
+    return 8 * torch.finfo(torch.float32).eps * magnitude + 1e-5
+
+
+# D = 784 (MNIST), a multiple of the 64-pixel group, one short of it, and fewer pixels than a group
+@pytest.mark.parametrize("size", [784, 128, 127, 7])
+def test_fused_sum_matches_the_float64_formula(size):
+    torch.manual_seed(size)
+    logits = 5 * torch.randn(30, 8, size)  # broadcast: (K, N, D) logits, (N, D) data, as in the evaluator
+    value = torch.rand(8, size).round()
+    with torch.no_grad(), fused.compiled_evaluation():
+        fast = fused.bernoulli_log_prob_sum(logits, value)
+    assert fast.shape == (30, 8)
+    exact, magnitude = reference(logits, value)
+    assert ((fast.double() - exact).abs() <= float32_tolerance(magnitude)).all()
+
+
+def test_fused_sum_is_exact_at_infinite_and_huge_logits():
+    logits = torch.tensor([[-torch.inf, torch.inf, 200.0, -200.0]])
+    value = torch.tensor([0.0, 1.0, 1.0, 0.0])
+    with torch.no_grad(), fused.compiled_evaluation():
+        assert fused.bernoulli_log_prob_sum(logits, value).item() == 0.0
+        assert fused.bernoulli_log_prob_sum(logits, 1 - value).item() == -torch.inf
+
+
+def test_likelihood_density_is_compiled_only_in_evaluation_and_only_without_gradient(monkeypatch):
+    calls = []
+    compiled = fused._compiled_log_sigmoid_sum
+    monkeypatch.setattr(fused, "_compiled_log_sigmoid_sum", lambda *args: calls.append(1) or compiled(*args))
+    likelihood = Bernoulli()
+    likelihood.setup((1, 28, 28))
+    params = (4 * torch.randn(6, 5, 1, 1, 28, 28)).requires_grad_()
+    x = torch.rand(5, 1, 28, 28).round()
+    with fused.compiled_evaluation():
+        with_grad = likelihood(params).log_prob(x)  # eager softplus, differentiable
+    with torch.no_grad():
+        eager = likelihood(params).log_prob(x)  # training's validation: eager
+        assert not calls
+        with fused.compiled_evaluation():
+            evaluated = likelihood(params).log_prob(x)
+            plated = likelihood(params).expand((2, 6, 5)).log_prob(x)  # Pyro's plates expand the distribution
+        assert len(calls) == 2
+    assert with_grad.requires_grad and with_grad.shape == evaluated.shape == (6, 5)
+    assert torch.equal(with_grad.detach(), eager)
+    assert torch.allclose(evaluated, eager, rtol=2e-6, atol=0)  # ~16 float32 eps of |log p| ~ 1000
+    assert torch.equal(plated, evaluated.expand(2, 6, 5))
+    with_grad.sum().backward()
+    expected = x - torch.sigmoid(params.detach()[..., 0, :, :, :])  # d/dl [x l - softplus(l)]
+    assert torch.allclose(params.grad[..., 0, :, :, :], expected, atol=1e-6)
+
+
+def test_the_evaluator_compiles_and_agrees_with_the_eager_density(monkeypatch):
+    vae = pv.VAE((1, 28, 28), 4, hidden=(16,))
+    x = torch.rand(6, 1, 28, 28).round()
+    calls = []
+    kernel = fused._compiled_log_sigmoid_sum
+    monkeypatch.setattr(fused, "_compiled_log_sigmoid_sum", lambda *args: calls.append(1) or kernel(*args))
+    compiled = pv.log_marginal_likelihood(vae.model, vae.guide, x, num_samples=50)
+    assert calls
+    monkeypatch.setattr(fused, "_compiled_log_sigmoid_sum", fused._softplus_sum)
+    eager = pv.log_marginal_likelihood(vae.model, vae.guide, x, num_samples=50)
+    assert torch.allclose(compiled.log_px, eager.log_px, rtol=2e-6, atol=0)
+
+
+def test_a_failed_compile_warns_once_and_falls_back_to_the_same_numbers():
+    def broken(*args):
+        raise RuntimeError("no C++ compiler\nsecond line")
+
+    kernel = fused._CompiledOnce(fused._grouped_log_sigmoid_sum, fused._softplus_sum)
+    kernel.compiled = broken
+    logits, value = torch.randn(4, 784), torch.rand(4, 784).round()
+    with pytest.warns(RuntimeWarning, match="no C.. compiler.*falls back to eager"):
+        first = kernel(logits, value)
+    second = kernel(logits, value)  # no second warning: pytest's default would show it, -W error would fail
+    assert kernel.failed and torch.equal(first, second)
+    exact, magnitude = reference(logits, value)
+    assert ((first.double() - exact).abs() <= float32_tolerance(magnitude)).all()
