@@ -12,8 +12,9 @@ label draw. The script prints and writes (``ssl_table.md``) the test
 accuracy of each run, the mean and standard deviation over the label draws,
 and the stacked model's test log p(x).
 
-Every step is the ``pyro-vae`` command; finished runs are kept and
-interrupted ones resume, so the study can be run again after a stop.
+Every step is the ``pyro-vae`` command; finished runs are kept, interrupted
+ones resume, and a larger ``--epochs`` trains the finished runs further, so
+the study can be run again after a stop.
 ``--jobs 2`` trains two M2s at a time, each on one thread.
 """
 
@@ -58,10 +59,13 @@ def train_m1(args, out: Path) -> Path:
 
 def train_m2(m1: Path, labels: int, label_seed: int, args, out: Path, threads: int | None) -> Path:
     run = out / f"m1m2-{labels}-labels-draw-{label_seed}"
-    if (run / "metrics.json").exists():
+    if (run / "metrics.json").exists() and load_run(run).epoch >= args.epochs:
         return run
     if (run / "config.json").exists():
-        run_cli(["train", "--resume", str(run), "--no-progress"], threads)
+        run_cli([
+            "train", "--resume", str(run), "--epochs", str(args.epochs), "--eval-samples", str(args.samples),
+            "--no-progress",
+        ], threads)  # fmt: skip
     else:
         run_cli([
             "train", "--m1", str(m1), "--labels", str(labels), "--label-seed", str(label_seed),
