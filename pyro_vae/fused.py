@@ -5,7 +5,7 @@ sample costs about as much as the decoder's matrix products: a softplus is an
 exp and a log1p per pixel, and eager PyTorch makes several passes over a
 ``(K, N, 784)`` tensor. :func:`bernoulli_log_prob_sum` computes the same sum
 in one pass compiled by TorchInductor (``torch.compile``), with one exp per
-pixel and one log per 64 pixels. For x in {0, 1} and t_d = (2 x_d - 1) l_d:
+pixel and one log per 64 pixels. For x in {0, 1} and t_d = (2 x_d - 1) l_d::
 
     sum_d log Bernoulli(x_d; sigmoid(l_d)) = sum_d log sigmoid(t_d)
         = sum_d min(t_d, 0) - sum_groups log prod_{d in group} (1 + exp(-|t_d|)).
