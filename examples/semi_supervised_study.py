@@ -100,7 +100,7 @@ def main() -> None:
     parser.add_argument("--m1-epochs", type=int, default=250, help="epochs of M1 when the script trains it")
     parser.add_argument("--labels", type=int, nargs="+", default=list(TARGETS), help="label counts")
     parser.add_argument("--label-seeds", type=int, nargs="+", default=[0], help="label draws per count")
-    parser.add_argument("--epochs", type=int, default=60, help="epochs of each M2")
+    parser.add_argument("--epochs", type=int, default=200, help="epochs of each M2")
     parser.add_argument("--samples", type=int, default=1000, help="K of each test log p(x)")
     parser.add_argument("--subset", type=int, help="train M1 on this many points only (smoke tests)")
     parser.add_argument("--jobs", type=int, default=1, help="M2 runs at a time, one thread each when above 1")
