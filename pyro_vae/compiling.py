@@ -1,0 +1,33 @@
+"""``torch.compile`` with a way out: where the compiler cannot run, the eager code runs instead."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+
+class CompiledOnce:
+    """``torch.compile(fn, options=...)``, falling back to ``eager`` for good after the first failure to compile.
+
+    :param what: names the code in the warning, e.g. "the Bernoulli log-density".
+    :param options: TorchInductor options for ``torch.compile``.
+    """
+
+    def __init__(self, fn, eager, what: str, options: dict | None = None):
+        self.compiled, self.eager, self.what, self.failed = torch.compile(fn, options=options), eager, what, False
+
+    def __call__(self, *args):
+        if not self.failed:
+            try:
+                return self.compiled(*args)
+            except Exception as err:  # the compiler's errors come from many libraries (C++ toolchain, triton)
+                self.failed = True
+                warnings.warn(
+                    f"torch.compile failed ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+                    f"{self.what} falls back to eager PyTorch, which gives the same numbers more slowly. "
+                    "A C++ compiler (e.g. apt install g++) makes it fast.",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+        return self.eager(*args)
