@@ -1,6 +1,6 @@
 """Throughput of the log p(x) evaluator against this machine's own matmul bound, and against pythae.
 
-    python benchmarks/eval_throughput.py [--points 1000] [--samples 5000] [--peer-points 20]
+    python benchmarks/eval_throughput.py [--points 2000] [--samples 5000] [--peer-points 20]
 
 Network: the 784-400-20 Bernoulli MLP VAE. Each importance sample costs the
 decoder's two matmuls, 2 * (20 * 400 + 400 * 784) FLOPs (the encoder runs
@@ -8,7 +8,7 @@ once per data point, not per sample). The bound is the float32 matmul
 throughput measured here, in the same run, on the decoder's own shapes:
 bound rate = matmul FLOP/s / FLOPs per sample. The evaluator's time is that of
 whole calls, so it includes recording and compiling the replayed pass
-(:mod:`pyro_vae.replay`), which a call of 1,000 points at K = 5000 (1,250
+(:mod:`pyro_vae.replay`), which a call of 2,000 points at K = 5000 (2,500
 passes) pays once.
 
 The peer is pythae's ``VAE.get_nll`` (``pip install pythae``; skipped when it
@@ -129,7 +129,7 @@ def main(points: int, samples: int, peer_points: int) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--points", type=int, default=1000)
+    parser.add_argument("--points", type=int, default=2000)
     parser.add_argument("--samples", type=int, default=5000)
     parser.add_argument("--peer-points", type=int, default=20, help="test points for the (slower) pythae peer")
     main(**vars(parser.parse_args()))
