@@ -18,8 +18,11 @@ differs from the softplus form by at most about 5e-5 nats per 784-pixel
 image (7 groups), against a Monte Carlo standard error of log p(x) near 0.2
 nats.
 
-The compiled sum is the custom operator ``torch.ops.pyro_vae.bernoulli_log_prob_sum``,
-so that a graph recorded by :mod:`pyro_vae.replay` keeps it as one opaque call.
+The compiled sum is the custom operator ``torch.ops.pyro_vae.bernoulli_log_prob_sum``.
+Eagerly it is one opaque call to the compiled kernel; a graph recorded by
+:mod:`pyro_vae.replay` takes in its definition instead (:data:`pyro_vae.replay.DECOMPOSITIONS`),
+so that Inductor compiles it together with the decoder's last layer and adds
+that layer's bias inside the same pass over the logits.
 
 The compiled path serves the evaluator only: inside :func:`compiled_evaluation`
 (which :func:`~pyro_vae.marginal.log_marginal_likelihood` enters) and when no
@@ -38,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from .compiling import CompiledOnce
+from .replay import DECOMPOSITIONS
 
 MAX_GROUP = 112  # pixels per product: each factor is at most 2 and 2^112 < 2^128, float32's overflow
 LANES = 16  # float32 lanes of an AVX-512 register: groups are whole vectors
@@ -80,6 +84,8 @@ def _bernoulli_log_prob_sum_op(logits: torch.Tensor, value: torch.Tensor) -> tor
 def _(logits: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     return logits.new_empty(torch.broadcast_shapes(logits.shape, value.shape)[:-1])
 
+
+DECOMPOSITIONS[torch.ops.pyro_vae.bernoulli_log_prob_sum.default] = _grouped_log_sigmoid_sum
 
 _in_evaluation: ContextVar[bool] = ContextVar("pyro_vae_compiled_evaluation", default=False)
 

@@ -10,10 +10,22 @@ run as dozens of small ATen calls one after another.
 :func:`record` runs the pass once on fake tensors under ``make_fx``
 (``torch.fx.experimental.proxy_tensor``), which writes down every ATen
 operation the program performs, the random draws included, as an FX graph.
-TorchInductor compiles the graph with ``fallback_random=True``: a replay
-draws with the same ATen random functions, in the same order, as the eager
-pass. For the same seed it gives the eager pass's numbers, up to the float
-rounding of the fused kernels.
+The graph is already ATen, so it goes to TorchInductor directly
+(``torch._inductor.compile``, without TorchDynamo) with two options:
+
+* ``fallback_random``: a replay draws with the same ATen random functions, in
+  the same order, as the eager pass. For the same seed it gives the eager
+  pass's numbers, up to the float rounding of the fused kernels.
+* ``freezing``: the parameters the pass reads are constants for the length of
+  one evaluation, so Inductor folds them in. On CPU a ``Linear`` layer then
+  runs as MKL's GEMM on weights packed once (``mkl._mkl_linear``) with its
+  bias and activation fused into the next kernel, instead of copying the bias
+  into every output before each product.
+
+Custom operators that run compiled code eagerly (the Bernoulli density of
+:mod:`pyro_vae.fused`) enter the recording as their plain PyTorch definitions,
+listed in :data:`DECOMPOSITIONS`, so that Inductor fuses them with their
+neighbours: the decoder's output bias is added inside the density's reduction.
 
 A recording fixes the shapes (one graph per batch and particle shape) and
 every Python decision the program took. A decision on tensor values
@@ -27,28 +39,61 @@ with ``replay=False``.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable
 
 import pyro
 import torch
+import torch._inductor
+import torch.utils._pytree as pytree
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from .compiling import CompiledOnce
-
 logger = logging.getLogger(__name__)
+
+#: Operator -> plain PyTorch function that computes it, substituted while recording.
+DECOMPOSITIONS: dict[torch._ops.OpOverload, Callable] = {}
 
 
 def record(fn: Callable, *inputs: torch.Tensor) -> Callable | None:
     """``fn(*inputs)`` as a compiled graph that replays it for new inputs of the same shapes, or None.
 
-    Tensors other than ``inputs`` that ``fn`` reads (parameters, closed-over
-    tensors) enter the graph as constants. Pyro's validation is off while
-    recording: its support checks take decisions on tensor values.
+    ``fn`` returns any nesting of tuples, lists and dicts of tensors; the
+    replay returns the same structure. Tensors other than ``inputs`` that
+    ``fn`` reads (parameters, closed-over tensors) enter the graph as
+    constants, frozen at their values now. The replay computes no gradients.
+    Pyro's validation is off while recording: its support checks take
+    decisions on tensor values.
     """
+    structure = []
+
+    def flat_fn(*args):
+        leaves, spec = pytree.tree_flatten(fn(*args))
+        structure.append(spec)
+        return tuple(leaves)
+
     try:
         with pyro.validation_enabled(False):
-            graph = make_fx(fn, tracing_mode="fake", _allow_non_fake_inputs=True)(*inputs)
+            graph = make_fx(
+                flat_fn, decomposition_table=DECOMPOSITIONS, tracing_mode="fake", _allow_non_fake_inputs=True
+            )(*inputs)
     except Exception as err:  # what fake tensors cannot run: data-dependent Python, ops without a fake kernel
         logger.info("The pass cannot be recorded (%s: %s); it runs eagerly.", type(err).__name__, err)
         return None
-    return CompiledOnce(graph, graph, "the recorded evaluation pass", options={"fallback_random": True})
+    try:
+        with torch.no_grad():
+            compiled = torch._inductor.compile(graph, list(inputs), options={"fallback_random": True, "freezing": True})
+    except Exception as err:  # the compiler's errors come from many libraries (C++ toolchain, MKL)
+        warnings.warn(
+            f"torch.compile failed ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+            "the evaluation passes run eagerly, which gives the same numbers more slowly. "
+            "A C++ compiler (e.g. apt install g++) makes them fast.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return None
+
+    def replay(*args: torch.Tensor):
+        with torch.no_grad():
+            return pytree.tree_unflatten(list(compiled(*args)), structure[0])
+
+    return replay

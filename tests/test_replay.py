@@ -116,3 +116,30 @@ def test_replay_is_chosen_by_the_amount_of_work(monkeypatch):
     counted.calls = 0
     pv.log_marginal_likelihood(model, counted, x, num_samples=200, batch_size=10, max_samples_per_pass=500)
     assert counted.calls == 3
+
+
+def test_a_compiler_failure_warns_and_runs_every_pass_eagerly(monkeypatch):
+    model, guide, x = linear_gaussian()
+
+    def broken_compiler(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(torch._inductor, "compile", broken_compiler)
+    counted = Counted(guide)
+    with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler.*run eagerly"):
+        replayed = evaluate(model, counted, x, replay=True)
+    assert counted.calls == 1 + 1 + 8  # the nesting, the recording, every pass eagerly
+    assert torch.equal(replayed.log_px, evaluate(model, guide, x, replay=False).log_px)
+
+
+def test_each_call_records_the_parameters_it_is_given():
+    # A recording freezes the parameters it reads; a later call, after training changed them, records anew.
+    vae, x = small_vae(hidden=(32,), z_dim=4), torch.rand(20, 1, 28, 28).round()
+    before = evaluate(vae.model, vae.guide, x, replay=True)
+    with torch.no_grad():
+        for parameter in vae.parameters():
+            parameter.mul_(1.5)
+    after = evaluate(vae.model, vae.guide, x, replay=True)
+    assert not torch.allclose(after.log_px, before.log_px, rtol=1e-3)
+    eager = evaluate(vae.model, vae.guide, x, replay=False)
+    torch.testing.assert_close(after.log_px, eager.log_px, rtol=1e-5, atol=1e-4)
