@@ -35,7 +35,7 @@ from .replay import record
 
 DATA_PLATE = "data"
 PARTICLE_PLATE = "_pyro_vae_particles"
-MIN_REPLAYED_PASSES = 500  # compiling a recorded pass takes 0.5-2 s, which replays save back at ~1.5 ms a pass
+MIN_REPLAYED_PASSES = 500  # recording and compiling a pass takes 1-3 s, which replays save back at ~4 ms a pass
 
 
 @dataclass
@@ -262,31 +262,50 @@ def _pareto_k(top_log_weights: torch.Tensor, num_samples: int) -> torch.Tensor:
 
 
 class _Accumulator:
-    """Streaming statistics over chunks of particles, for one batch of points: memory does not grow with K."""
+    """Streaming statistics over chunks of particles, for one batch of points: memory does not grow with K.
+
+    The Pareto fit needs each point's M + 1 largest log weights. Chunks are
+    kept as candidates until they hold several times that many rows, then
+    pruned to the largest in one ``topk``. Its cost depends little on how many
+    rows it chooses from, so pruning every few chunks costs a fraction of
+    pruning each one.
+    """
+
+    PRUNE_FACTOR = 4  # prune the candidates when they exceed this many times the M + 1 rows kept
 
     def __init__(self, num_samples: int):
         self.num_samples, self.tail = num_samples, _tail_size(num_samples) + 1
-        self.lse = self.lse2 = self.top = None
+        self.lse = self.lse2 = None
+        self.candidates, self.num_candidates = [], 0
         self.sums = [0.0, 0.0, 0.0]
 
     def add(self, d: SiteLogDensities) -> None:
         lw = d.log_weights
         chunk_lse, chunk_lse2 = lw.logsumexp(0), (2 * lw).logsumexp(0)
         if self.lse is None:
-            self.lse, self.lse2, self.top = chunk_lse, chunk_lse2, lw.topk(min(self.tail, lw.shape[0]), dim=0).values
+            self.lse, self.lse2 = chunk_lse, chunk_lse2
         else:
             self.lse, self.lse2 = torch.logaddexp(self.lse, chunk_lse), torch.logaddexp(self.lse2, chunk_lse2)
-            merged = torch.cat([self.top, lw])
-            self.top = merged.topk(min(self.tail, merged.shape[0]), dim=0).values
+        self.candidates.append(lw)
+        self.num_candidates += lw.shape[0]
+        if self.num_candidates > self.PRUNE_FACTOR * self.tail:
+            self._prune()
         for i, term in enumerate((lw, d.reconstruction, d.kl)):
             self.sums[i] = self.sums[i] + term.sum(0)
 
+    def _prune(self) -> None:
+        """Keep the M + 1 largest candidate log weights of every point, in descending order."""
+        merged = torch.cat(self.candidates)
+        self.candidates = [merged.topk(min(self.tail, merged.shape[0]), dim=0).values]
+        self.num_candidates = self.candidates[0].shape[0]
+
     def result(self) -> tuple[torch.Tensor, ...]:
+        self._prune()
         k = self.num_samples
         log_px = self.lse - math.log(k)
         ess = (2 * self.lse - self.lse2).exp()
         elbo, reconstruction, kl = (total / k for total in self.sums)
-        return log_px, elbo, reconstruction, kl, ess, _pareto_k(self.top, k)
+        return log_px, elbo, reconstruction, kl, ess, _pareto_k(self.candidates[0], k)
 
 
 class _Passes:

@@ -10,6 +10,7 @@ import torch
 from pyro.ops.stats import fit_generalized_pareto
 
 import pyro_vae as pv
+from pyro_vae import marginal
 from pyro_vae.marginal import fit_generalized_pareto_k
 
 D, Z = 5, 2
@@ -205,6 +206,35 @@ def test_batched_pareto_fit_matches_pyro():
     ours = fit_generalized_pareto_k(torch.stack(rows))
     theirs = torch.tensor([fit_generalized_pareto(r)[0] for r in rows], dtype=torch.double)
     torch.testing.assert_close(ours, theirs)
+
+
+def test_streamed_statistics_equal_those_of_all_the_weights_at_once():
+    # 5000 heavy-tailed log weights per point, in chunks of 40: the candidates for the Pareto tail are
+    # pruned many times, yet the tail, ESS, log p(x) and ELBO are those of the whole (K, N) tensor.
+    g = torch.Generator().manual_seed(0)
+    num_samples, num_points = 5000, 7
+    log_weights = torch.rand(num_samples, num_points, generator=g).pow(-0.6).log() - 90.0
+    reconstruction = log_weights - 20.0  # so that kl = reconstruction - log_weights = -20 exactly
+    stats = marginal._Accumulator(num_samples)
+    for chunk in range(0, num_samples, 40):
+        stats.add(
+            marginal.SiteLogDensities(
+                {"x": reconstruction[chunk : chunk + 40]},
+                {"z": torch.zeros(40, num_points)},
+                {"z": torch.full((40, num_points), -20.0)},
+            )
+        )
+    log_px, elbo, _, kl, ess, pareto_k = stats.result()
+    tail = log_weights.topk(marginal._tail_size(num_samples) + 1, dim=0).values
+    torch.testing.assert_close(pareto_k, marginal._pareto_k(tail, num_samples))
+    torch.testing.assert_close(log_px, log_weights.logsumexp(0) - math.log(num_samples))
+    # ESS = exp(2 lse - lse2): chunked logsumexps round differently from one over all K, by a few float32
+    # ulps of |2 log w| ~ 180 (2e-5 each), which the exp turns into a relative error; 8 ulps leave room.
+    ulps = 8 * torch.finfo(torch.float32).eps * float(2 * log_weights.abs().max())
+    full_ess = (2 * log_weights.logsumexp(0) - (2 * log_weights).logsumexp(0)).exp()
+    torch.testing.assert_close(ess, full_ess, rtol=ulps, atol=0)
+    torch.testing.assert_close(elbo, log_weights.mean(0))
+    torch.testing.assert_close(kl, torch.full((num_points,), -20.0))
 
 
 def test_vae_estimate_bounds_the_elbo_and_is_deterministic(small_mnist):
