@@ -272,10 +272,7 @@ class StackedSSVAE(nn.Module):
             ]
         )
 
-    @torch.no_grad()
-    def accuracy(self, x: torch.Tensor, y: torch.Tensor) -> float:
-        """The fraction of points that :meth:`classify` labels correctly."""
-        return (self.classify(x) == y.to(x.device)).double().mean().item()
+    accuracy = SSVAE.accuracy  # the fraction of points that :meth:`classify` labels correctly
 
     @torch.no_grad()
     def sample(self, num_samples: int, y: torch.Tensor | None = None) -> torch.Tensor:
