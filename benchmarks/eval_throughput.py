@@ -5,8 +5,9 @@
 Network: the 784-400-20 Bernoulli MLP VAE. Each importance sample costs the
 decoder's two matmuls, 2 * (20 * 400 + 400 * 784) FLOPs (the encoder runs
 once per data point, not per sample). The bound is the float32 matmul
-throughput measured here, in the same run, on the decoder's own shapes:
-bound rate = matmul FLOP/s / FLOPs per sample. The evaluator's time is that of
+throughput measured here, in the same run, on the decoder's own shapes, by
+the fastest method PyTorch offers on this CPU (``torch.mm`` or MKL's GEMM on
+packed weights): bound rate = matmul FLOP/s / FLOPs per sample. The evaluator's time is that of
 whole calls, so it includes recording and compiling the replayed pass
 (:mod:`pyro_vae.replay`), which a call of 2,000 points at K = 5000 (2,500
 passes) pays once.

@@ -35,7 +35,7 @@ from .replay import record
 
 DATA_PLATE = "data"
 PARTICLE_PLATE = "_pyro_vae_particles"
-MIN_REPLAYED_PASSES = 500  # recording and compiling a pass takes 1-3 s, which replays save back at ~4 ms a pass
+MIN_REPLAYED_PASSES = 500  # recording and compiling a pass takes 0.7-2.7 s; each replay saves ~4 ms
 
 
 @dataclass
