@@ -15,11 +15,14 @@ class CompiledOnce:
     """
 
     def __init__(self, fn, eager, what: str, options: dict | None = None):
-        self.compiled, self.eager, self.what, self.failed = torch.compile(fn, options=options), eager, what, False
+        self.fn, self.eager, self.what, self.options = fn, eager, what, options
+        self.compiled, self.failed = None, False
 
     def __call__(self, *args):
         if not self.failed:
             try:
+                if self.compiled is None:  # compiled on first use: importing TorchDynamo takes about a second
+                    self.compiled = torch.compile(self.fn, options=self.options)
                 return self.compiled(*args)
             except Exception as err:  # the compiler's errors come from many libraries (C++ toolchain, triton)
                 self.failed = True

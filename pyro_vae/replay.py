@@ -44,9 +44,7 @@ from collections.abc import Callable
 
 import pyro
 import torch
-import torch._inductor
 import torch.utils._pytree as pytree
-from torch.fx.experimental.proxy_tensor import make_fx
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +62,9 @@ def record(fn: Callable, *inputs: torch.Tensor) -> Callable | None:
     Pyro's validation is off while recording: its support checks take
     decisions on tensor values.
     """
+    import torch._inductor  # imported here: TorchInductor takes about a second to import
+    from torch.fx.experimental.proxy_tensor import make_fx
+
     structure = []
 
     def flat_fn(*args):
