@@ -26,11 +26,16 @@ class CompiledOnce:
                 return self.compiled(*args)
             except Exception as err:  # the compiler's errors come from many libraries (C++ toolchain, triton)
                 self.failed = True
-                warnings.warn(
-                    f"torch.compile failed ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
-                    f"{self.what} falls back to eager PyTorch, which gives the same numbers more slowly. "
-                    "A C++ compiler (e.g. apt install g++) makes it fast.",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
+                warn_compiler_failed(err, f"{self.what} falls back to eager PyTorch", stacklevel=4)
         return self.eager(*args)
+
+
+def warn_compiler_failed(err: Exception, fallback: str, stacklevel: int) -> None:
+    """Warn that TorchInductor failed with ``err`` and that ``fallback`` happens instead, with the fix."""
+    message = str(err).splitlines()[0] if str(err) else ""
+    warnings.warn(
+        f"Compiling with TorchInductor failed ({type(err).__name__}: {message}); {fallback}, which gives the same "
+        "numbers more slowly. A C++ compiler (e.g. apt install g++) makes it fast.",
+        RuntimeWarning,
+        stacklevel=stacklevel,
+    )

@@ -39,12 +39,13 @@ with ``replay=False``.
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Callable
 
 import pyro
 import torch
 import torch.utils._pytree as pytree
+
+from .compiling import warn_compiler_failed
 
 logger = logging.getLogger(__name__)
 
@@ -84,13 +85,7 @@ def record(fn: Callable, *inputs: torch.Tensor) -> Callable | None:
         with torch.no_grad():
             compiled = torch._inductor.compile(graph, list(inputs), options={"fallback_random": True, "freezing": True})
     except Exception as err:  # the compiler's errors come from many libraries (C++ toolchain, MKL)
-        warnings.warn(
-            f"torch.compile failed ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
-            "the evaluation passes run eagerly, which gives the same numbers more slowly. "
-            "A C++ compiler (e.g. apt install g++) makes them fast.",
-            RuntimeWarning,
-            stacklevel=2,
-        )
+        warn_compiler_failed(err, "the evaluation passes run eagerly", stacklevel=3)
         return None
 
     def replay(*args: torch.Tensor):
