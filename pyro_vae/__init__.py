@@ -7,48 +7,80 @@ ordinary Pyro model and guide, with pluggable priors and likelihoods.
                  prior=pv.priors.StandardNormal(),
                  likelihood=pv.likelihoods.Bernoulli())
     history = pv.fit(vae, data, epochs=20, batch_size=128)
+
+The package in layers, each importing only those before it:
+:mod:`~pyro_vae.data` and :mod:`~pyro_vae.registry`;
+:mod:`~pyro_vae.components` (priors, likelihoods, networks);
+:mod:`~pyro_vae.models`; :mod:`~pyro_vae.accel` (compiled kernels and replay);
+:mod:`~pyro_vae.infer` (densities, importance sampling, objectives);
+:mod:`~pyro_vae.runs` (the run directory); :mod:`~pyro_vae.training` (the engine);
+and the interface: :mod:`~pyro_vae.evaluate`, :mod:`~pyro_vae.plots`,
+:mod:`~pyro_vae.workflow`, :mod:`~pyro_vae.cli`.
 """
 
-__version__ = "0.1.0"
-
-from . import likelihoods, nets, priors  # noqa: E402
-from .checkpoint import CheckpointError  # noqa: E402
-from .data import DataError, Dataset, Split, load_dataset, make_dataset  # noqa: E402
-from .evaluate import active_units, compare_runs, evaluate_run  # noqa: E402
-from .marginal import MarginalLikelihoodEstimate, elbo_per_point, log_marginal_likelihood, site_log_densities  # noqa: E402
-from .runs import Run, load_run  # noqa: E402
-from .semisupervised import fit_ssvae  # noqa: E402
-from .ssvae import SSVAE  # noqa: E402
-from .stacked import LatentFeatures, StackedSSVAE  # noqa: E402
-from .train import TrainingDiverged, TrainingInterrupted, evaluate_elbo, fit  # noqa: E402
-from .vae import VAE  # noqa: E402
+from ._version import __version__
+from .components import likelihoods, nets, priors
+from .data import DataError, Dataset, Split, load_dataset, make_dataset
+from .evaluate import active_units, compare_runs, evaluate_run
+from .infer import (
+    OBJECTIVES,
+    MarginalLikelihoodEstimate,
+    Objective,
+    elbo_per_point,
+    evaluate_elbo,
+    log_marginal_likelihood,
+    register_objective,
+    site_log_densities,
+)
+from .infer.elbo import ELBO, MeanFieldELBO
+from .infer.iwae import IWAEBound
+from .infer.semisupervised import SemiSupervisedELBO
+from .models import MODELS, SSVAE, VAE, LatentFeatures, Model, StackedSSVAE, register_model
+from .runs import CheckpointError, Run, RunDirectory, RunLocked, load_run
+from .training import LightningProcesses, TrainingDiverged, TrainingInterrupted, fit
+from .workflow import resume_run, train_run
 
 __all__ = [
-    "VAE",
+    "ELBO",
+    "MODELS",
+    "OBJECTIVES",
     "SSVAE",
-    "StackedSSVAE",
-    "LatentFeatures",
-    "fit_ssvae",
-    "active_units",
-    "compare_runs",
-    "evaluate_run",
+    "VAE",
     "CheckpointError",
     "DataError",
     "Dataset",
+    "IWAEBound",
+    "LatentFeatures",
+    "LightningProcesses",
+    "MarginalLikelihoodEstimate",
+    "MeanFieldELBO",
+    "Model",
+    "Objective",
     "Run",
+    "RunDirectory",
+    "RunLocked",
+    "SemiSupervisedELBO",
     "Split",
+    "StackedSSVAE",
     "TrainingDiverged",
     "TrainingInterrupted",
-    "MarginalLikelihoodEstimate",
+    "__version__",
+    "active_units",
+    "compare_runs",
     "elbo_per_point",
-    "log_marginal_likelihood",
     "evaluate_elbo",
+    "evaluate_run",
     "fit",
     "likelihoods",
     "load_dataset",
     "load_run",
+    "log_marginal_likelihood",
     "make_dataset",
     "nets",
     "priors",
+    "register_model",
+    "register_objective",
+    "resume_run",
     "site_log_densities",
+    "train_run",
 ]

@@ -1,37 +1,72 @@
 """The ``pyro-vae`` command.
 
-``pyro-vae train`` trains a VAE and leaves a run directory (config,
-checkpoint, history, metrics, figures); ``pyro-vae train --resume RUN``
+``pyro-vae train`` trains a model and leaves a run directory (config,
+checkpoints, history, metrics, figures); ``pyro-vae train --resume RUN``
 continues it. ``pyro-vae evaluate RUN`` estimates its test log p(x);
 ``pyro-vae compare RUN RUN ...`` tabulates evaluated runs with paired
 differences. Every piece is picked by a short name, recorded in the run's
-config.json, so the run can be rebuilt exactly.
+config.json, so the run can be rebuilt exactly. Every value is checked
+before any work starts: a bad one gets a one-line error and exit code 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
 
 import pyro
 
-from .checkpoint import CONFIG, METRICS, CheckpointError, read_json
-from .data import BINARIZE_MODES, DATASET_NAMES, DataError, Dataset, dataset_from_spec, load_dataset
+from .components.likelihoods import LIKELIHOODS, Gaussian, build_likelihood
+from .components.nets import ARCHITECTURES
+from .components.priors import PRIORS, build_prior
+from .data import BINARIZE_MODES, DATASET_NAMES, DataError, Dataset, load_dataset
 from .evaluate import compare_runs, comparison_csv, comparison_markdown, evaluate_run
-from .likelihoods import LIKELIHOODS, Gaussian, build_likelihood
-from .nets import ARCHITECTURES
-from .plots import save_figures, save_ssl_figures
-from .priors import PRIORS, build_prior
-from .runs import MODEL_TYPES, load_run
-from .semisupervised import fit_ssvae
-from .ssvae import CLASS_PRIORS, SSVAE
-from .stacked import LatentFeatures, StackedSSVAE
-from .train import ELBOS, TrainingDiverged, TrainingInterrupted, fit, resolve_device
-from .vae import VAE
+from .models import SSVAE, VAE, LatentFeatures, StackedSSVAE
+from .models.ssvae import CLASS_PRIORS
+from .runs import CheckpointError, RunDirectory, load_run
+from .training import LightningProcesses, TrainingDiverged, TrainingInterrupted
+from .training.engine import resolve_device
+from .workflow import resume_run, train_run
 
 DEFAULT_EPOCHS = 30
+MAX_SEED = 2**32 - 1  # numpy's seeds, which pyro.set_rng_seed sets too
+VAE_OBJECTIVES = ("trace", "meanfield", "iwae")
+
+
+# ------------------------------------------------------------ value checks
+def _number(kind, low=None, high=None, *, low_open=False, what=None):
+    """An argparse type: ``kind`` (int or float) within [low, high] (low excluded with ``low_open``)."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if kind is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+        too_low = low is not None and (value <= low if low_open else value < low)
+        if too_low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{text} is out of range; {what or _range(low, high, low_open)}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+def _range(low, high, low_open) -> str:
+    if high is None:
+        return f"give a value {'>' if low_open else '>='} {low}"
+    return f"give a value in [{low}, {high}]"
+
+
+positive_int = _number(int, 1)
+count_or_zero = _number(int, 0)
+seed_value = _number(int, 0, MAX_SEED)
+positive_float = _number(float, 0, low_open=True)
+non_negative_float = _number(float, 0)
 
 
 def _dataset_name(value: str) -> str:
@@ -42,19 +77,58 @@ def _dataset_name(value: str) -> str:
     )
 
 
+def _run_name(value: str) -> str:
+    if not value or value in (".", "..") or "/" in value or "\\" in value:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a folder name; give a name without slashes")
+    return value
+
+
+def _devices(value: str) -> int | str:
+    if value == "auto":
+        return value
+    return positive_int(value)
+
+
+def _device(value: str) -> str:
+    try:
+        resolve_device(value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors on one line: the command, the problem, and where to read more."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Each default stated once: appended where the help text does not state it already."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        default = " ".join(map(str, action.default)) if isinstance(action.default, list) else action.default
+        return f"{text} (default: {default})" if text else f"(default: {default})"
+
+
+# ------------------------------------------------------------------ parser
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="pyro-vae",
         description="Variational Autoencoders as Pyro models and guides (Kingma & Welling, 2014).",
     )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     train = commands.add_parser(
         "train",
-        help="train a VAE and write a run directory",
-        description="Train a VAE with SVI and write runs/<name>/: config.json, checkpoint.pt, history.csv, "
+        help="train a model and write a run directory",
+        description="Train with SVI and write OUT/NAME/: config.json, checkpoint.pt, best.pt, history.csv, "
         "metrics.json and figures/. Without flags: a 784-400-20 Bernoulli VAE on the embedded, dynamically "
         "binarised MNIST, in about two minutes on two CPU cores.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     data = train.add_argument_group("data")
     data.add_argument(
@@ -69,21 +143,27 @@ def build_parser() -> argparse.ArgumentParser:
         choices=BINARIZE_MODES,
         help="binarisation of the pixels [default: dynamic for the bernoulli likelihood, none for the others]",
     )
-    data.add_argument("--subset", type=int, metavar="N", help="train on the first N training points only (quick tries)")
+    data.add_argument(
+        "--subset", type=positive_int, metavar="N", help="train on the first N training points only (quick tries)"
+    )
 
     model = train.add_argument_group("model")
-    model.add_argument("--z-dim", type=int, default=20, help="latent dimension")
-    model.add_argument("--hidden", type=int, nargs="+", default=[400], metavar="SIZE", help="hidden layer sizes")
+    model.add_argument("--z-dim", type=positive_int, default=20, help="latent dimension")
+    model.add_argument(
+        "--hidden", type=positive_int, nargs="+", default=[400], metavar="SIZE", help="hidden layer sizes"
+    )
     model.add_argument("--arch", choices=ARCHITECTURES, default="mlp", help="encoder/decoder architecture")
     model.add_argument("--prior", choices=sorted(PRIORS), default="standard-normal", help="prior p(z)")
     model.add_argument("--likelihood", choices=sorted(LIKELIHOODS), default="bernoulli", help="likelihood p(x|z)")
     model.add_argument(
         "--components",
-        type=int,
+        type=positive_int,
         metavar="K",
         help="mixture and vamp priors: number of components / pseudo-inputs [default: 10 and 500]",
     )
-    model.add_argument("--flow-layers", type=int, default=4, help="flow prior: number of autoregressive layers")
+    model.add_argument(
+        "--flow-layers", type=positive_int, default=4, help="flow prior: number of autoregressive layers"
+    )
     model.add_argument(
         "--scale",
         "--sigma",
@@ -93,31 +173,55 @@ def build_parser() -> argparse.ArgumentParser:
         help="gaussian and laplace likelihoods: fixed, learned (shared or per-dim) or decoder-predicted scale",
     )
     model.add_argument(
-        "--init-scale", "--init-sigma", dest="init_scale", type=float, default=0.1, help="the (initial) scale"
+        "--init-scale",
+        "--init-sigma",
+        dest="init_scale",
+        type=_number(float, 1e-3, low_open=True, what="give a scale > 0.001 (the lower bound of learned scales)"),
+        default=0.1,
+        help="the (initial) scale",
     )
 
     training = train.add_argument_group("training")
-    training.add_argument("--epochs", type=int, help="epochs in all [default: 30; with --resume: the run's own]")
-    training.add_argument("--batch-size", type=int, default=128)
-    training.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     training.add_argument(
-        "--elbo", choices=sorted(ELBOS), default="trace", help="Trace_ELBO, TraceMeanField_ELBO or the IWAE bound"
+        "--epochs", type=positive_int, help=f"epochs in all [default: {DEFAULT_EPOCHS}; with --resume: the run's own]"
     )
-    training.add_argument("--particles", type=int, default=1, help="particles per ELBO estimate (K of the IWAE bound)")
-    training.add_argument("--warmup-epochs", type=float, default=0.0, help="linear KL warm-up over this many epochs")
-    training.add_argument("--beta", type=float, default=1.0, help="final weight of the KL term (1 is the ELBO)")
-    training.add_argument("--seed", type=int, default=0)
-    training.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    training.add_argument("--batch-size", type=positive_int, default=128)
+    training.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate")
+    training.add_argument(
+        "--elbo",
+        choices=VAE_OBJECTIVES,
+        default="trace",
+        help="VAE objective: Trace_ELBO, TraceMeanField_ELBO or the IWAE bound",
+    )
+    training.add_argument(
+        "--particles", type=positive_int, default=1, help="particles per ELBO estimate (K of the IWAE bound)"
+    )
+    training.add_argument(
+        "--warmup-epochs", type=non_negative_float, default=0.0, help="linear KL warm-up over this many epochs"
+    )
+    training.add_argument(
+        "--beta", type=positive_float, default=1.0, help="final weight of the KL term (1 is the ELBO)"
+    )
+    training.add_argument("--seed", type=seed_value, default=0, help=f"random seed, 0 to {MAX_SEED}")
+    training.add_argument("--device", type=_device, default="cpu", help="cpu, cuda, cuda:N or auto")
+    training.add_argument(
+        "--eval-samples",
+        type=count_or_zero,
+        default=1000,
+        help="K of the best checkpoint's test log p(x) in metrics.json; 0 skips it",
+    )
 
     ssl = train.add_argument_group(
         "semi-supervised (M2 of Kingma et al. 2014)",
         "Train pv.SSVAE from a few labels: y is summed out exactly for unlabelled points (TraceEnum_ELBO).",
     )
     ssl.add_argument("--semi-supervised", action="store_true", help="train the semi-supervised SSVAE")
-    ssl.add_argument("--labels", type=int, default=100, help="labelled training points, drawn class-balanced")
-    ssl.add_argument("--label-seed", type=int, default=0, help="seed of the label draw")
+    ssl.add_argument("--labels", type=positive_int, default=100, help="labelled training points, drawn class-balanced")
+    ssl.add_argument("--label-seed", type=seed_value, default=0, help="seed of the label draw")
     ssl.add_argument(
-        "--aux-weight", type=float, help="alpha per labelled point on log q(y|x) [default: 0.1 N / labels]"
+        "--aux-weight",
+        type=non_negative_float,
+        help="alpha per labelled point on log q(y|x) [default: 0.1 N / labels]",
     )
     ssl.add_argument("--class-prior", choices=CLASS_PRIORS, default="uniform", help="p(y)")
     ssl.add_argument(
@@ -125,20 +229,19 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="RUN",
         help="stack M2 on the code of this trained VAE run (Kingma et al.'s M1+M2); its data set is used",
     )
-    ssl.add_argument("--eval-samples", type=int, default=1000, help="K of the final test log p(x); 0 skips it")
 
     parallel = train.add_argument_group(
         'distributed (Lightning DDP; needs pip install "pyro-vae[distributed]")',
         "Any of these options trains with PyTorch Lightning on several processes; --batch-size is then per process.",
     )
-    parallel.add_argument("--devices", help="processes (CPU) or GPUs per node, e.g. 2, or auto")
-    parallel.add_argument("--num-nodes", type=int, help="machines [default: 1]")
+    parallel.add_argument("--devices", type=_devices, help="processes (CPU) or GPUs per node, e.g. 2, or auto")
+    parallel.add_argument("--num-nodes", type=positive_int, help="machines [default: 1]")
     parallel.add_argument("--strategy", help="Lightning strategy [default: ddp]")
     parallel.add_argument("--accelerator", choices=["cpu", "gpu", "auto"], help="[default: cpu]")
 
     output = train.add_argument_group("output")
     output.add_argument("--out", default="runs", help="folder of run directories")
-    output.add_argument("--name", help="run name (default: <dataset>-<likelihood>-<prior>-<time>)")
+    output.add_argument("--name", type=_run_name, help="run name [default: <dataset>-<likelihood>-<prior>-<time>]")
     output.add_argument(
         "--resume",
         metavar="RUN_DIR",
@@ -149,17 +252,17 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser(
         "evaluate",
         help="estimate a run's test log p(x) by importance sampling",
-        description="Estimate the test log p(x) of a run with K importance samples per point "
+        description="Estimate the test log p(x) of a run's best checkpoint with K importance samples per point "
         "(logsumexp_k [log p(x, z_k) - log q(z_k|x)] - log K), with its standard error, the ELBO and its terms, "
         "the active units, and the importance-sampling diagnostics (ESS, Pareto k). Writes metrics.json and "
         "the per-point values test_log_px.npy into the run directory.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     evaluate.add_argument("run", help="the run directory")
-    evaluate.add_argument("--samples", type=int, default=5000, help="K, importance samples per test point")
-    evaluate.add_argument("--batch-size", type=int, default=100, help="test points per batch")
-    evaluate.add_argument("--seed", type=int, default=0)
-    evaluate.add_argument("--device", default="cpu")
+    evaluate.add_argument("--samples", type=positive_int, default=5000, help="K, importance samples per test point")
+    evaluate.add_argument("--batch-size", type=positive_int, default=100, help="test points per batch")
+    evaluate.add_argument("--seed", type=seed_value, default=0, help=f"random seed, 0 to {MAX_SEED}")
+    evaluate.add_argument("--device", type=_device, default="cpu", help="cpu, cuda, cuda:N or auto")
     evaluate.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     compare = commands.add_parser(
@@ -168,14 +271,50 @@ def build_parser() -> argparse.ArgumentParser:
         description="Tabulate evaluated runs by test log p(x) +- standard error, with each run's paired "
         "difference to the best (the same test points, so the difference is paired). Writes the table as "
         "markdown and CSV.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     compare.add_argument("runs", nargs="+", help="evaluated run directories")
     compare.add_argument("--out", default="comparison", help="write OUT.md and OUT.csv")
+    parser.commands = commands.choices  # the sub-parsers by name, for the checks across flags
     return parser
 
 
+#: Flags that the run's config fixes on --resume, and those that only one kind of training takes.
+MODEL_AND_DATA_FLAGS = (
+    "dataset", "data_dir", "download", "binarize", "subset", "z_dim", "hidden", "arch", "prior", "likelihood",
+    "components", "flow_layers", "scale", "init_scale", "elbo", "particles", "warmup_epochs", "beta", "batch_size",
+    "lr", "seed", "semi_supervised", "labels", "label_seed", "aux_weight", "class_prior", "m1", "name", "out",
+)  # fmt: skip
+SEMI_SUPERVISED_FLAGS = ("labels", "label_seed", "aux_weight", "class_prior")
+VAE_ONLY_FLAGS = ("elbo", "particles")
+
+
+def check_flag_combinations(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse flags that would be silently ignored, before any work starts."""
+    if args.command != "train":
+        return
+    train = parser.commands["train"]
+    given = [dest for dest in MODEL_AND_DATA_FLAGS if getattr(args, dest) != train.get_default(dest)]
+    flag = lambda dest: "--" + dest.replace("_", "-")  # noqa: E731
+    if args.resume and given:
+        train.error(
+            f"{', '.join(map(flag, given))} cannot change a run on --resume (its config.json fixes them); "
+            "only --epochs, --eval-samples, --device, --no-progress and the distributed flags apply"
+        )
+    semi_supervised = args.semi_supervised or args.m1
+    if not semi_supervised and (wrong := [flag(d) for d in SEMI_SUPERVISED_FLAGS if d in given]):
+        train.error(f"{', '.join(wrong)} apply only with --semi-supervised or --m1")
+    if semi_supervised and (wrong := [flag(d) for d in VAE_ONLY_FLAGS if d in given]):
+        train.error(f"{', '.join(wrong)} apply only to VAE training, not to the semi-supervised objective")
+    if args.m1 and (wrong := [flag(d) for d in ("dataset", "binarize", "subset", "likelihood", "arch") if d in given]):
+        train.error(f"{', '.join(wrong)} cannot be used with --m1 (M1's run fixes the data and the likelihood)")
+    if args.elbo == "iwae" and ("warmup_epochs" in given or "beta" in given):
+        train.error("--warmup-epochs and --beta do not apply to the IWAE bound; use --elbo trace for them")
+
+
+# --------------------------------------------------------------- commands
 def _evaluate(args) -> None:
+    RunDirectory(args.run).check_resumable()
     metrics = evaluate_run(
         args.run,
         num_samples=args.samples,
@@ -195,6 +334,8 @@ def _evaluate(args) -> None:
 
 
 def _compare(args) -> None:
+    for run in args.runs:
+        RunDirectory(run).check_resumable()
     rows = compare_runs(args.runs)
     table = comparison_markdown(rows)
     out = Path(args.out)
@@ -234,157 +375,128 @@ def _load_data(args) -> Dataset:
     return data
 
 
-def _train(args) -> Path:
-    if (
-        args.semi_supervised
-        or args.m1
-        or (args.resume and read_json(Path(args.resume) / CONFIG)["train"].get("semi_supervised"))
-    ):
-        return _train_semi_supervised(args)
-    if args.resume:
-        run_dir = Path(args.resume)
-        config = read_json(run_dir / "config.json")
-        data = dataset_from_spec(config["data"])
-        vae = VAE.from_config(config["model"])
-        train = {**config["train"], "epochs": args.epochs or config["train"]["epochs"]}
-        resume = True
-    else:
-        pyro.set_rng_seed(args.seed)
+def _processes(args) -> LightningProcesses | None:
+    """Lightning's processes when any distributed flag is given (this launches them), else None."""
+    if not (args.devices or args.num_nodes or args.strategy or args.accelerator):
+        return None
+    return LightningProcesses(
+        devices=args.devices or "auto",
+        num_nodes=args.num_nodes or 1,
+        strategy=args.strategy or "ddp",
+        accelerator=args.accelerator or "cpu",
+    )
+
+
+def _new_model(args):
+    """The model, the data and the objective that the flags describe, and the run's default name."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    prior = build_prior(_prior_config(args))
+    if args.m1:
+        m1 = load_run(args.m1)
+        if not isinstance(m1.model, VAE):
+            raise ValueError(f"--m1 needs the run of a plain VAE; {args.m1} holds a {m1.config['model']['type']}.")
+        data = m1.load_data()
+        features = LatentFeatures.fit(m1.model, data.train.x)
+        model = StackedSSVAE(
+            m1.model, features, args.z_dim, prior=prior, hidden=args.hidden, class_prior=args.class_prior
+        )
+        print(f"M1: {args.m1}, {features.num_active} of its {m1.model.z_dim} latent units active")
+        name = f"{data.name}-m1m2-{args.labels}-labels-{stamp}"
+    elif args.semi_supervised:
         data = _load_data(args)
-        vae = VAE(
+        model = SSVAE(
             data.x_shape,
             args.z_dim,
-            prior=build_prior(_prior_config(args)),
+            prior=prior,
+            likelihood=build_likelihood(_likelihood_config(args)),
+            hidden=args.hidden,
+            class_prior=args.class_prior,
+        )
+        name = f"{data.name}-ssvae-{args.labels}-labels-{stamp}"
+    else:
+        data = _load_data(args)
+        model = VAE(
+            data.x_shape,
+            args.z_dim,
+            prior=prior,
             likelihood=build_likelihood(_likelihood_config(args)),
             hidden=args.hidden,
             arch=args.arch,
         )
-        name = args.name or f"{data.name}-{args.likelihood}-{args.prior}-{time.strftime('%Y%m%d-%H%M%S')}"
-        run_dir = Path(args.out) / name
-        train = {
-            "epochs": args.epochs or DEFAULT_EPOCHS,
-            "batch_size": args.batch_size,
-            "lr": args.lr,
-            "elbo": args.elbo,
-            "num_particles": args.particles,
-            "warmup_epochs": args.warmup_epochs,
-            "beta": args.beta,
-            "seed": args.seed,
-            "device": args.device,
-        }
-        resume = False
-    if args.devices or args.num_nodes or args.strategy or args.accelerator:
-        history = _fit_distributed(args, vae, data, train, run_dir, resume)
-        if history is None:  # not process 0: it writes the run
-            return run_dir
+        return (
+            model,
+            data,
+            {"name": args.elbo, "num_particles": args.particles},
+            f"{data.name}-{args.likelihood}-{args.prior}-{stamp}",
+        )
+    objective = {"name": "semi-supervised", "num_labels": args.labels, "label_seed": args.label_seed}
+    objective["aux_weight"] = args.aux_weight
+    return model, data, objective, name
+
+
+def _train(args) -> None:
+    processes = _processes(args)
+    common = {"progress": not args.no_progress, "eval_samples": args.eval_samples}
+    if processes is None:
+        common["device"] = args.device
     else:
-        print(f"run directory: {run_dir}")
-        history = fit(vae, data, **train, run_dir=run_dir, resume=resume, progress=not args.no_progress)
-    vae.cpu()
-    figures = save_figures(vae, data.to("cpu"), history, run_dir / "figures")
-    metrics = read_json(run_dir / "metrics.json")
-    print(
-        f"test ELBO {metrics['test_elbo']:.2f} +- {metrics['test_elbo_se']:.2f} nats per data point "
-        f"(reconstruction {metrics['test_reconstruction']:.2f}, KL {metrics['test_kl']:.2f})"
-    )
-    print(f"figures: {', '.join(p.name for p in figures)} in {run_dir / 'figures'}")
-    return run_dir
-
-
-def _train_semi_supervised(args) -> Path:
+        common["processes"] = processes
     if args.resume:
-        run_dir = Path(args.resume)
-        config = read_json(run_dir / CONFIG)
-        data = dataset_from_spec(config["data"])
-        ssvae = MODEL_TYPES[config["model"]["type"]].from_config(config["model"])
-        train = {key: value for key, value in config["train"].items() if key != "semi_supervised"}
-        train["epochs"] = args.epochs or train["epochs"]
+        run_dir = RunDirectory(args.resume)
+        run_dir.check_resumable()
+        _announce(run_dir.path, processes)
+        run = resume_run(run_dir.path, epochs=args.epochs, **common)
     else:
         pyro.set_rng_seed(args.seed)
-        prior = build_prior(_prior_config(args))
-        if args.m1:
-            m1 = load_run(args.m1)
-            if m1.config["model"].get("type", "vae") != "vae":
-                raise ValueError(f"--m1 needs the run of a plain VAE; {args.m1} holds a {m1.config['model']['type']}.")
-            data = m1.load_data()
-            features = LatentFeatures.fit(m1.vae, data.train.x)
-            ssvae = StackedSSVAE(
-                m1.vae, features, args.z_dim, prior=prior, hidden=args.hidden, class_prior=args.class_prior
-            )
-            print(f"M1: {args.m1}, {features.num_active} of its {m1.vae.z_dim} latent units active")
-        else:
-            data = _load_data(args)
-            ssvae = SSVAE(
-                data.x_shape,
-                args.z_dim,
-                prior=prior,
-                likelihood=build_likelihood(_likelihood_config(args)),
-                hidden=args.hidden,
-                class_prior=args.class_prior,
-            )
-        kind = "m1m2" if args.m1 else "ssvae"
-        run_dir = Path(args.out) / (
-            args.name or f"{data.name}-{kind}-{args.labels}-labels-{time.strftime('%Y%m%d-%H%M%S')}"
+        model, data, objective, name = _new_model(args)
+        run_dir = RunDirectory(Path(args.out) / (args.name or name))
+        run_dir.check_fresh()
+        _announce(run_dir.path, processes)
+        settings = dict(
+            objective=objective,
+            epochs=args.epochs or DEFAULT_EPOCHS,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            warmup_epochs=args.warmup_epochs,
+            beta=args.beta,
+            seed=args.seed,
         )
-        train = {
-            "num_labels": args.labels,
-            "label_seed": args.label_seed,
-            "epochs": args.epochs or DEFAULT_EPOCHS,
-            "batch_size": args.batch_size,
-            "lr": args.lr,
-            "aux_weight": args.aux_weight,
-            "seed": args.seed,
-            "device": args.device,
-        }
-    print(f"run directory: {run_dir}")
-    history = fit_ssvae(
-        ssvae,
-        data,
-        **train,
-        run_dir=run_dir,
-        resume=bool(args.resume),
-        eval_samples=args.eval_samples,
-        progress=not args.no_progress,
-    )
-    ssvae.cpu()
-    figures = save_ssl_figures(ssvae, data.to("cpu"), history, run_dir / "figures")
-    metrics = read_json(run_dir / METRICS)
-    print(
-        f"best epoch {metrics['best_epoch']}: validation accuracy {100 * metrics['val_accuracy']:.2f}%, "
-        f"test accuracy {100 * metrics['test_accuracy']:.2f}%"
-    )
+        run = train_run(model, data, run_dir.path, **settings, **common)
+    if run is not None:
+        _report(run)
+
+
+def _announce(path: Path, processes) -> None:
+    if processes is None or processes.is_writer:
+        print(f"run directory: {path}", flush=True)
+
+
+def _report(run) -> None:
+    metrics = RunDirectory(run.path).read_metrics()
+    best = metrics["best_epoch"]
+    if "test_accuracy" in metrics:
+        print(
+            f"best epoch {best}: validation accuracy {100 * metrics['val_accuracy']:.2f}%, "
+            f"test accuracy {100 * metrics['test_accuracy']:.2f}%"
+        )
+    else:
+        print(
+            f"best epoch {best}: test ELBO {metrics['test_elbo']:.2f} +- {metrics['test_elbo_se']:.2f} nats per data "
+            f"point (reconstruction {metrics['test_reconstruction']:.2f}, KL {metrics['test_kl']:.2f})"
+        )
     if "test_log_px" in metrics:
         print(
-            f"test log p(x) {metrics['test_log_px']:.2f} +- {metrics['test_log_px_se']:.2f} "
-            f"(K = {metrics['test_num_samples']}, y drawn from q(y|x))"
+            f"test log p(x) {metrics['test_log_px']:.2f} +- {metrics['test_log_px_se']:.2f} nats "
+            f"(K = {metrics['test_num_samples']}; Pareto k > 0.7 on {metrics['test_num_unreliable']} points)"
         )
-    print(f"figures: {', '.join(p.name for p in figures)} in {run_dir / 'figures'}")
-    return run_dir
-
-
-def _fit_distributed(args, vae, data, train, run_dir, resume):
-    try:
-        from .distributed import fit_distributed
-    except ImportError as err:
-        raise ValueError(
-            f"Training on several processes needs PyTorch Lightning ({err}); "
-            'install it with: pip install "pyro-vae[distributed]"'
-        ) from err
-    distributed = {
-        "devices": int(args.devices) if str(args.devices).isdigit() else (args.devices or "auto"),
-        "num_nodes": args.num_nodes or 1,
-        "strategy": args.strategy or "ddp",
-        "accelerator": args.accelerator or "cpu",
-    }
-    train = {key: value for key, value in train.items() if key != "device"}
-    return fit_distributed(
-        vae, data, **train, **distributed, run_dir=run_dir, resume=resume, progress=not args.no_progress
-    )
+    figures = RunDirectory(run.path).figures
+    print(f"figures: {', '.join(sorted(p.name for p in figures.glob('*.png')))} in {figures}")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv)  # exits with code 2 and one line on a bad value
+    check_flag_combinations(parser, args)
     try:
         {"train": _train, "evaluate": _evaluate, "compare": _compare}[args.command](args)
     except (DataError, CheckpointError, TrainingDiverged, ValueError) as err:

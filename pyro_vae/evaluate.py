@@ -17,22 +17,17 @@ import io
 import math
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from .checkpoint import METRICS, atomic_write_bytes, read_json, write_json
-from .marginal import log_marginal_likelihood
-from .runs import load_run
-from .stacked import posterior_means
-from .vae import VAE
-
-LOG_PX = "test_log_px.npy"
+from .infer import log_marginal_likelihood
+from .models import Model
+from .runs import RunDirectory, load_run
 
 
 @torch.no_grad()
-def active_units(vae: VAE, x: torch.Tensor, threshold: float = 0.01, batch_size: int = 1000) -> int:
+def active_units(model: Model, x: torch.Tensor, threshold: float = 0.01, batch_size: int = 1000) -> int:
     """Latent dimensions u with Cov_x(E_{q(u|x)}[u]) > threshold (Burda et al. 2015, section 5.2)."""
-    return int((posterior_means(vae, x, batch_size).var(0) > threshold).sum())
+    return int((model.latent_means(x, batch_size).var(0) > threshold).sum())
 
 
 def evaluate_run(
@@ -44,22 +39,30 @@ def evaluate_run(
     device: str = "cpu",
     progress: bool = True,
 ) -> dict:
-    """Test log p(x) with its standard error, the ELBO and its terms, and the active units of a run."""
-    run_dir = Path(run_dir)
-    run = load_run(run_dir, map_location=device)
+    """Test log p(x) with its standard error, the ELBO and its terms, and the active units of a run.
+
+    The run's best checkpoint is evaluated, the one whose test numbers ``metrics.json`` already holds.
+    """
+    directory = RunDirectory(run_dir)
+    run = load_run(directory.path, map_location=device)
     x = run.load_data().test.x.to(device)
-    run.vae.check_data(x, "test data")
+    run.model.check_data(x, "test data")
     estimate = log_marginal_likelihood(
-        run.vae.model, run.vae.guide, x, num_samples=num_samples, batch_size=batch_size, seed=seed, progress=progress
+        run.model.model,
+        run.model.guide,
+        x,
+        num_samples=num_samples,
+        batch_size=batch_size,
+        seed=seed,
+        progress=progress,
     )
     summary = estimate.summary()
-    metrics = read_json(run_dir / METRICS) if (run_dir / METRICS).exists() else {}
-    metrics.update({f"test_{key}": value for key, value in summary.items()})
-    metrics.update({"active_units": active_units(run.vae, x), "z_dim": run.vae.z_dim, "log_px_seed": seed})
-    buffer = io.BytesIO()
-    np.save(buffer, estimate.log_px.double().numpy())
-    atomic_write_bytes(run_dir / LOG_PX, buffer.getvalue())
-    write_json(run_dir / METRICS, metrics)
+    with directory.lock():
+        metrics = directory.read_metrics()
+        metrics.update({f"test_{key}": value for key, value in summary.items()})
+        metrics.update({"active_units": active_units(run.model, x), "z_dim": run.model.z_dim, "log_px_seed": seed})
+        directory.write_log_px(estimate.log_px.double().numpy())
+        directory.write_metrics(metrics)
     return metrics
 
 
@@ -76,10 +79,9 @@ def compare_runs(run_dirs: list[str | Path]) -> list[dict]:
         raise ValueError("Give at least one run directory to compare.")
     runs = []
     for run_dir in map(Path, run_dirs):
-        if not (run_dir / LOG_PX).exists():
-            raise ValueError(f"{run_dir} has no per-point log p(x); run `pyro-vae evaluate {run_dir}` first.")
-        metrics = read_json(run_dir / METRICS)
-        runs.append((run_dir, read_json(run_dir / "config.json"), metrics, np.load(run_dir / LOG_PX)))
+        directory = RunDirectory(run_dir)
+        log_px = directory.read_log_px()
+        runs.append((run_dir, directory.read_config(), directory.read_metrics(), log_px))
     identities = {_test_set_identity(config) for _, config, _, _ in runs}
     lengths = {len(log_px) for *_, log_px in runs}
     if len(identities) > 1 or len(lengths) > 1:

@@ -2,8 +2,10 @@
 learning curves and the latent space; for the semi-supervised M2, the
 class-conditional samples and the style-transfer grid.
 
-Image figures need data shaped like images, ``(channels, height, width)``
-with 1 or 3 channels; :func:`save_figures` skips them for other data.
+Each model lists the figures that apply to it (``model.figures``, names of
+:data:`FIGURES`); :func:`save_figures` draws those. Image figures need data
+shaped like images, ``(channels, height, width)`` with 1 or 3 channels, and
+are skipped for other data.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch  # noqa: E402
 from torchvision.utils import make_grid  # noqa: E402
 
 from .data import Dataset  # noqa: E402
-from .vae import VAE  # noqa: E402
+from .models import VAE  # noqa: E402
 
 
 def is_image_shape(x_shape) -> bool:
@@ -85,8 +87,8 @@ def plot_learning_curves(history: list[dict], path: Path) -> Path:
 
 @torch.no_grad()
 def plot_latent_space(vae: VAE, x: torch.Tensor, y: torch.Tensor | None, path: Path) -> Path:
-    """The posterior means loc(x), coloured by label; projected by PCA when z_dim > 2."""
-    loc = vae.encode(x)[0].cpu()
+    """The posterior means E_q[z | x] (``latent_means``), coloured by label; projected by PCA when z_dim > 2."""
+    loc = vae.latent_means(x).cpu()
     if vae.z_dim > 2:
         centred = loc - loc.mean(0)
         _, s, v = torch.linalg.svd(centred, full_matrices=False)
@@ -163,34 +165,34 @@ def plot_accuracy(history: list[dict], path: Path) -> Path:
     return _save(fig, path)
 
 
-def save_ssl_figures(ssvae, data: Dataset, history: list[dict], folder: str | Path, num_points: int = 5000):
-    """The semi-supervised model's figures: learning curves, accuracy, latent scatter and class-conditional grids."""
-    folder = Path(folder)
-    ssvae.eval()
-    test = data.test.subset(num_points)
-    paths = [
-        plot_learning_curves(history, folder / "learning_curves.png"),
-        plot_accuracy(history, folder / "accuracy.png"),
-        plot_latent_space(ssvae, test.x, test.y, folder / "latent_space.png"),
-    ]
-    if is_image_shape(ssvae.x_shape):
-        paths.append(plot_style_transfer(ssvae, test.x, test.y, folder / "style_transfer.png"))
-        paths.append(plot_class_conditional_samples(ssvae, folder / "class_samples.png"))
-    return paths
+#: Figure name -> (file name, a function (model, test split, history, path) -> path or None, needs images).
+FIGURES = {
+    "learning_curves": ("learning_curves.png", lambda m, test, h, p: plot_learning_curves(h, p), False),
+    "accuracy": ("accuracy.png", lambda m, test, h, p: plot_accuracy(h, p), False),
+    "latent_space": ("latent_space.png", lambda m, test, h, p: plot_latent_space(m, test.x, test.y, p), False),
+    "reconstructions": ("reconstructions.png", lambda m, test, h, p: plot_reconstructions(m, test.x, p), True),
+    "samples": ("samples.png", lambda m, test, h, p: plot_samples(m, p), True),
+    "manifold": ("manifold.png", lambda m, test, h, p: plot_manifold(m, p) if m.z_dim == 2 else None, True),
+    "style_transfer": ("style_transfer.png", lambda m, test, h, p: plot_style_transfer(m, test.x, test.y, p), True),
+    "class_samples": ("class_samples.png", lambda m, test, h, p: plot_class_conditional_samples(m, p), True),
+}
 
 
-def save_figures(
-    vae: VAE, data: Dataset, history: list[dict], folder: str | Path, num_points: int = 5000
-) -> list[Path]:
-    """Every figure that fits this model and data, saved as PNG files in ``folder``."""
+def save_figures(model, data: Dataset, history: list[dict], folder: str | Path, num_points: int = 5000) -> list[Path]:
+    """Every figure the model declares (``model.figures``) that fits its data, as PNG files in ``folder``."""
     folder = Path(folder)
-    vae.eval()
+    model.eval()
     test = data.test.subset(num_points)
-    paths = [plot_learning_curves(history, folder / "learning_curves.png")]
-    paths.append(plot_latent_space(vae, test.x, test.y, folder / "latent_space.png"))
-    if is_image_shape(vae.x_shape):
-        paths.append(plot_reconstructions(vae, test.x, folder / "reconstructions.png"))
-        paths.append(plot_samples(vae, folder / "samples.png"))
-        if vae.z_dim == 2:
-            paths.append(plot_manifold(vae, folder / "manifold.png"))
+    paths = []
+    for name in model.figures:
+        if name not in FIGURES:
+            raise ValueError(
+                f"{type(model).__name__} declares the figure {name!r}, which is not one of {sorted(FIGURES)}."
+            )
+        filename, draw, needs_images = FIGURES[name]
+        if needs_images and not is_image_shape(model.x_shape):
+            continue
+        path = draw(model, test, history, folder / filename)
+        if path is not None:
+            paths.append(path)
     return paths

@@ -8,10 +8,10 @@ import pytest
 
 import pyro_vae as pv
 from pyro_vae import cli
-from pyro_vae.checkpoint import read_json
+from pyro_vae.runs.files import read_json
 
 pytest.importorskip("lightning")
-from pyro_vae.distributed import parameter_digest  # noqa: E402 (needs lightning)
+from pyro_vae.training.parallel import parameter_digest  # noqa: E402
 
 SMALL = ["--subset", "512", "--hidden", "32", "--z-dim", "4", "--batch-size", "32", "--no-progress"]
 
@@ -64,8 +64,7 @@ def test_a_distributed_run_never_overwrites_another(tmp_path):
 
 def test_without_lightning_the_error_names_the_extra(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "lightning", None)  # import lightning now fails
-    monkeypatch.setitem(sys.modules, "lightning.pytorch", None)
-    monkeypatch.delitem(sys.modules, "pyro_vae.distributed")
+    monkeypatch.setitem(sys.modules, "lightning.fabric", None)
     code = cli.main(["train", "--devices", "2", *SMALL, "--epochs", "1", "--out", str(tmp_path)])
     assert code == 2
     assert 'pip install "pyro-vae[distributed]"' in capsys.readouterr().err

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 import pyro_vae as pv
-from pyro_vae import fused
-from pyro_vae.compiling import CompiledOnce
-from pyro_vae.likelihoods import Bernoulli
+from pyro_vae.accel import bernoulli as fused
+from pyro_vae.accel.compiling import CompiledOnce
+from pyro_vae.components.likelihoods import Bernoulli, bernoulli_log_prob_sum
 
 
 def reference(logits, value):
@@ -27,8 +27,8 @@ def test_fused_sum_matches_the_float64_formula(size):
     torch.manual_seed(size)
     logits = 5 * torch.randn(30, 8, size)  # broadcast: (K, N, D) logits, (N, D) data, as in the evaluator
     value = torch.rand(8, size).round()
-    with torch.no_grad(), fused.compiled_evaluation():
-        fast = fused.bernoulli_log_prob_sum(logits, value)
+    with torch.no_grad():
+        fast = fused.compiled_bernoulli_log_prob_sum(logits, value)
     assert fast.shape == (30, 8)
     exact, magnitude = reference(logits, value)
     assert ((fast.double() - exact).abs() <= float32_tolerance(magnitude)).all()
@@ -37,12 +37,12 @@ def test_fused_sum_matches_the_float64_formula(size):
 def test_fused_sum_is_exact_at_infinite_and_huge_logits():
     logits = torch.tensor([[-torch.inf, torch.inf, 200.0, -200.0]])
     value = torch.tensor([0.0, 1.0, 1.0, 0.0])
-    with torch.no_grad(), fused.compiled_evaluation():
-        assert fused.bernoulli_log_prob_sum(logits, value).item() == 0.0
-        assert fused.bernoulli_log_prob_sum(logits, 1 - value).item() == -torch.inf
+    with torch.no_grad():
+        assert fused.compiled_bernoulli_log_prob_sum(logits, value).item() == 0.0
+        assert fused.compiled_bernoulli_log_prob_sum(logits, 1 - value).item() == -torch.inf
 
 
-def test_likelihood_density_is_compiled_only_in_evaluation_and_only_without_gradient(monkeypatch):
+def test_the_likelihood_stays_eager_and_the_evaluator_kernel_compiles_only_without_gradient(monkeypatch):
     calls = []
     compiled = fused._compiled_log_sigmoid_sum
     monkeypatch.setattr(fused, "_compiled_log_sigmoid_sum", lambda *args: calls.append(1) or compiled(*args))
@@ -50,17 +50,17 @@ def test_likelihood_density_is_compiled_only_in_evaluation_and_only_without_grad
     likelihood.setup((1, 28, 28))
     params = (4 * torch.randn(6, 5, 1, 1, 28, 28)).requires_grad_()
     x = torch.rand(5, 1, 28, 28).round()
-    with fused.compiled_evaluation():
-        with_grad = likelihood(params).log_prob(x)  # eager softplus, differentiable
+    kernel = fused.LOG_DENSITY_KERNELS[type(likelihood(params))]
+    with_grad = likelihood(params).log_prob(x)  # the likelihood itself: eager softplus, differentiable
+    kernel_with_grad = kernel(likelihood(params), x)  # the kernel falls back to it where a gradient is needed
     with torch.no_grad():
         eager = likelihood(params).log_prob(x)  # training's validation: eager
         assert not calls
-        with fused.compiled_evaluation():
-            evaluated = likelihood(params).log_prob(x)
-            plated = likelihood(params).expand((2, 6, 5)).log_prob(x)  # Pyro's plates expand the distribution
+        evaluated = kernel(likelihood(params), x)
+        plated = kernel(likelihood(params).expand((2, 6, 5)), x)  # Pyro's plates expand the distribution
         assert len(calls) == 2
-    assert with_grad.requires_grad and with_grad.shape == evaluated.shape == (6, 5)
-    assert torch.equal(with_grad.detach(), eager)
+    assert with_grad.requires_grad and kernel_with_grad.requires_grad and with_grad.shape == evaluated.shape == (6, 5)
+    assert torch.equal(with_grad.detach(), eager) and torch.equal(kernel_with_grad.detach(), eager)
     assert torch.allclose(evaluated, eager, rtol=2e-6, atol=0)  # ~16 float32 eps of |log p| ~ 1000
     # a kernel compiled for another shape may sum in another order: equal up to float32 rounding
     assert torch.allclose(plated, evaluated.expand(2, 6, 5), rtol=2e-6, atol=0)
@@ -77,7 +77,7 @@ def test_the_evaluator_compiles_and_agrees_with_the_eager_density(monkeypatch):
     monkeypatch.setattr(fused, "_compiled_log_sigmoid_sum", lambda *args: calls.append(1) or kernel(*args))
     compiled = pv.log_marginal_likelihood(vae.model, vae.guide, x, num_samples=50)
     assert calls
-    monkeypatch.setattr(fused, "_compiled_log_sigmoid_sum", fused._softplus_sum)
+    monkeypatch.setattr(fused, "_compiled_log_sigmoid_sum", bernoulli_log_prob_sum)
     eager = pv.log_marginal_likelihood(vae.model, vae.guide, x, num_samples=50)
     assert torch.allclose(compiled.log_px, eager.log_px, rtol=2e-6, atol=0)
 
@@ -86,7 +86,7 @@ def test_a_failed_compile_warns_once_and_falls_back_to_the_same_numbers():
     def broken(*args):
         raise RuntimeError("no C++ compiler\nsecond line")
 
-    kernel = CompiledOnce(fused._grouped_log_sigmoid_sum, fused._softplus_sum, "the Bernoulli log-density")
+    kernel = CompiledOnce(fused.grouped_log_sigmoid_sum, bernoulli_log_prob_sum, "the Bernoulli log-density")
     kernel.compiled = broken
     logits, value = torch.randn(4, 784), torch.rand(4, 784).round()
     with pytest.warns(RuntimeWarning, match="no C.. compiler.*falls back to eager"):

@@ -7,7 +7,7 @@ from conftest import small_vae
 from pyro.infer import RenyiELBO, Trace_ELBO
 
 import pyro_vae as pv
-from pyro_vae.iwae import IWAE_ELBO
+from pyro_vae.infer.iwae import IWAE_ELBO
 
 
 def test_one_particle_is_the_elbo(small_mnist):
@@ -39,10 +39,10 @@ def test_bound_tightens_with_k(small_mnist):
 
 
 def test_iwae_training_improves_and_refuses_warmup(small_mnist):
-    history = pv.fit(small_vae(), small_mnist, epochs=1, elbo="iwae", num_particles=5, progress=False)
+    history = pv.fit(small_vae(), small_mnist, epochs=1, objective=pv.IWAEBound(num_particles=5), progress=False)
     assert history[1]["val_elbo"] > history[0]["val_elbo"] + 200
     with pytest.raises(ValueError, match="warm-up"):
-        pv.fit(small_vae(), small_mnist, epochs=1, elbo="iwae", warmup_epochs=1, progress=False)
+        pv.fit(small_vae(), small_mnist, epochs=1, objective="iwae", warmup_epochs=1, progress=False)
 
 
 def test_non_reparameterised_guide_is_refused():

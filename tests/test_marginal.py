@@ -10,8 +10,8 @@ import torch
 from pyro.ops.stats import fit_generalized_pareto
 
 import pyro_vae as pv
-from pyro_vae import marginal
-from pyro_vae.marginal import fit_generalized_pareto_k
+from pyro_vae.infer import importance
+from pyro_vae.infer.importance import fit_generalized_pareto_k
 
 D, Z = 5, 2
 
@@ -215,18 +215,18 @@ def test_streamed_statistics_equal_those_of_all_the_weights_at_once():
     num_samples, num_points = 5000, 7
     log_weights = torch.rand(num_samples, num_points, generator=g).pow(-0.6).log() - 90.0
     reconstruction = log_weights - 20.0  # so that kl = reconstruction - log_weights = -20 exactly
-    stats = marginal._Accumulator(num_samples)
+    stats = importance._Accumulator(num_samples)
     for chunk in range(0, num_samples, 40):
         stats.add(
-            marginal.SiteLogDensities(
+            importance.SiteLogDensities(
                 {"x": reconstruction[chunk : chunk + 40]},
                 {"z": torch.zeros(40, num_points)},
                 {"z": torch.full((40, num_points), -20.0)},
             )
         )
     log_px, elbo, _, kl, ess, pareto_k = stats.result()
-    tail = log_weights.topk(marginal._tail_size(num_samples) + 1, dim=0).values
-    torch.testing.assert_close(pareto_k, marginal._pareto_k(tail, num_samples))
+    tail = log_weights.topk(importance._tail_size(num_samples) + 1, dim=0).values
+    torch.testing.assert_close(pareto_k, importance._pareto_k(tail, num_samples))
     torch.testing.assert_close(log_px, log_weights.logsumexp(0) - math.log(num_samples))
     # ESS = exp(2 lse - lse2): chunked logsumexps round differently from one over all K, by a few float32
     # ulps of |2 log w| ~ 180 (2e-5 each), which the exp turns into a relative error; 8 ulps leave room.

@@ -9,8 +9,8 @@ import torch
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 
 import pyro_vae as pv
-from pyro_vae.likelihoods import LIKELIHOODS, build_likelihood
-from pyro_vae.priors import PRIORS, build_prior
+from pyro_vae.components.likelihoods import LIKELIHOODS, build_likelihood
+from pyro_vae.components.priors import PRIORS, build_prior
 
 X_SHAPE, Z_DIM = (1, 4, 4), 3
 SMALL_PRIORS = {

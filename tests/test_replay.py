@@ -9,7 +9,7 @@ import torch
 from conftest import small_vae
 
 import pyro_vae as pv
-from pyro_vae import marginal
+from pyro_vae.infer import importance
 
 
 class Counted:
@@ -99,7 +99,7 @@ def test_python_that_decides_on_tensor_values_is_not_recorded_but_runs_eagerly(c
         return guide(-x)
 
     counted = Counted(branching_guide)
-    with caplog.at_level(logging.INFO, logger="pyro_vae.replay"):
+    with caplog.at_level(logging.INFO, logger="pyro_vae.accel.replay"):
         replayed = evaluate(model, counted, x, replay=True)
     assert "cannot be recorded" in caplog.text
     assert counted.calls == 1 + 1 + 8  # the nesting, the failed recording, every pass eagerly
@@ -112,7 +112,7 @@ def test_replay_is_chosen_by_the_amount_of_work(monkeypatch):
     counted = Counted(guide)
     pv.log_marginal_likelihood(model, counted, x, num_samples=200, batch_size=10, max_samples_per_pass=500)
     assert counted.calls == 9  # 8 passes, below MIN_REPLAYED_PASSES: not worth compiling
-    monkeypatch.setattr(marginal, "MIN_REPLAYED_PASSES", 8)
+    monkeypatch.setattr(importance, "MIN_REPLAYED_PASSES", 8)
     counted.calls = 0
     pv.log_marginal_likelihood(model, counted, x, num_samples=200, batch_size=10, max_samples_per_pass=500)
     assert counted.calls == 3

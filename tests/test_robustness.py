@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import pyro_vae as pv
-from pyro_vae.checkpoint import load_checkpoint
+from pyro_vae.runs.files import load_checkpoint
 
 REPORT: Counter = Counter()
 # about 0.7 s per epoch: long enough for a signal to land anywhere in it
@@ -169,7 +169,7 @@ def _rewrite_checkpoint(run: Path, **changes) -> None:
 def test_broken_run_files_are_refused_with_the_fix(trained_run, damage, message):
     damage(trained_run)
     with pytest.raises(pv.CheckpointError, match=message):
-        pv.load_run(trained_run)
+        pv.load_run(trained_run, checkpoint="last")
     REPORT["bad inputs refused or cleaned"] += 1
 
 
@@ -182,7 +182,7 @@ def test_a_pickle_that_runs_code_is_never_executed(trained_run, tmp_path):
 
     torch.save({"format": "pyro-vae-checkpoint", "version": 1, "payload": Exploit()}, trained_run / "checkpoint.pt")
     with pytest.raises(pv.CheckpointError, match="not trusted"):
-        pv.load_run(trained_run)
+        pv.load_run(trained_run, checkpoint="last")
     assert not marker.exists()
     REPORT["bad inputs refused or cleaned"] += 1
 

@@ -7,7 +7,7 @@ import torch
 
 import pyro_vae as pv
 from pyro_vae import cli
-from pyro_vae.stacked import LatentFeatures, StackedSSVAE
+from pyro_vae.models.stacked import LatentFeatures, StackedSSVAE
 
 
 def _set_scale(encoder: torch.nn.Module, z_dim: int, scale: float) -> None:
@@ -112,19 +112,19 @@ def test_training_leaves_m1_frozen_and_learns_to_classify(m1_run, small_mnist, t
     m1 = pv.load_run(m1_run)
     before = {name: value.clone() for name, value in m1.vae.state_dict().items()}
     stacked = StackedSSVAE(m1.vae, LatentFeatures.fit(m1.vae, small_mnist.train.x), z_dim=4, hidden=(64,))
-    history = pv.fit_ssvae(
-        stacked, small_mnist, num_labels=100, epochs=8, batch_size=50, lr=1e-3, aux_weight=50.0,
-        run_dir=tmp_path / "m1m2", eval_samples=5, progress=False,
+    history = pv.fit(
+        stacked, small_mnist, objective=pv.SemiSupervisedELBO(num_labels=100, aux_weight=50.0), epochs=8,
+        batch_size=50, lr=1e-3, run_dir=tmp_path / "m1m2", eval_samples=5, progress=False,
     )  # fmt: skip
     for name, value in stacked.m1.state_dict().items():
         assert torch.equal(value, before[name]), name
-    metrics = pv.checkpoint.read_json(tmp_path / "m1m2" / "metrics.json")
+    metrics = pv.RunDirectory(tmp_path / "m1m2").read_metrics()
     # Chance is 10%; seeded, 8 epochs on 2,000 points reach about 60%.
     assert metrics["test_accuracy"] > 0.4, history
     assert math.isfinite(metrics["test_log_px"])
-    run = pv.load_run(tmp_path / "m1m2")  # rebuilt from config.json, last epoch's weights
+    run = pv.load_run(tmp_path / "m1m2", checkpoint="last")  # rebuilt from config.json, last epoch's weights
     assert isinstance(run.vae, StackedSSVAE) and run.epoch == 8
-    run.vae.load_state_dict(pv.checkpoint.load_checkpoint(tmp_path / "m1m2" / "best.pt")["model"])
+    run.vae.load_state_dict(pv.RunDirectory(tmp_path / "m1m2").load_checkpoint("best")["model"])
     x = small_mnist.test.x[:50]
     assert torch.equal(run.vae.classify(x), stacked.classify(x))  # stacked holds the best epoch's weights
 

@@ -10,8 +10,10 @@ from conftest import small_vae
 from torch import nn
 
 import pyro_vae as pv
-from pyro_vae.checkpoint import load_checkpoint, save_checkpoint
-from pyro_vae.train import adam, kl_weight_schedule, training_step
+from pyro_vae.infer.elbo import ELBO, MeanFieldELBO
+from pyro_vae.runs.files import load_checkpoint, save_checkpoint
+from pyro_vae.training.engine import adam, take_step
+from pyro_vae.training.schedules import kl_weight_schedule
 
 
 def test_short_run_clearly_improves_the_validation_elbo(small_mnist):
@@ -23,18 +25,24 @@ def test_short_run_clearly_improves_the_validation_elbo(small_mnist):
     assert all(row["val_elbo"] < 0 and row["val_kl"] > 0 for row in history)
 
 
-@pytest.mark.parametrize("elbo", [pyro.infer.Trace_ELBO, pyro.infer.TraceMeanField_ELBO])
-def test_fast_step_gives_the_same_parameters_as_svi_with_pyro_optim(small_mnist, elbo):
-    """fit's step (differentiable_loss + one torch Adam) against the textbook SVI + pyro.optim.Adam loop."""
+@pytest.mark.parametrize(
+    "objective, elbo", [(ELBO, pyro.infer.Trace_ELBO), (MeanFieldELBO, pyro.infer.TraceMeanField_ELBO)]
+)
+def test_fast_step_gives_the_same_parameters_as_svi_with_pyro_optim(small_mnist, objective, elbo):
+    """fit's step (the objective's differentiable loss + one torch Adam) against the textbook SVI + pyro.optim.Adam."""
     fast, slow = small_vae(), small_vae()
     slow.load_state_dict(fast.state_dict())
     initial = fast.decoder.net[0].weight.detach().clone()
     batches = [small_mnist.train.x[i : i + 32].bernoulli() for i in range(0, 32 * 6, 32)]
+    points = pv.Split(torch.cat(batches))
+    data = pv.Dataset("batches", points, points, points, binarize="none")
     optimizer = adam(fast.parameters(), 1e-3, torch.device("cpu"))  # fit's optimiser
     svi = pyro.infer.SVI(slow.model, slow.guide, pyro.optim.Adam({"lr": 1e-3}), elbo())
     for step, x in enumerate(batches):
         pyro.set_rng_seed(step)  # the same reparameterisation noise in both
-        fast_loss = training_step(elbo(), fast, optimizer, x, kl_weight=0.5)
+        indices = torch.arange(32 * step, 32 * (step + 1))
+        fast_loss, count = take_step(fast, objective(), optimizer, data, indices, kl_weight=0.5)
+        assert count == 32
         pyro.set_rng_seed(step)
         slow_loss = svi.step(x, kl_weight=0.5)
         assert fast_loss == pytest.approx(slow_loss, rel=1e-5)
@@ -49,12 +57,14 @@ def test_a_non_finite_loss_leaves_the_parameters_untouched():
     before = [p.detach().clone() for p in vae.parameters()]
     x = torch.full((4, 1, 28, 28), 1e30)  # the squared error overflows float32
     optimizer = torch.optim.Adam(vae.parameters())
-    assert not math.isfinite(training_step(pyro.infer.Trace_ELBO(), vae, optimizer, x))
+    data = pv.Dataset("huge", pv.Split(x), pv.Split(x), pv.Split(x), binarize="none")
+    loss, _ = take_step(vae, ELBO(), optimizer, data, torch.arange(4))
+    assert not math.isfinite(loss)
     assert all(torch.equal(p, q) for p, q in zip(vae.parameters(), before, strict=True))
 
 
 def test_meanfield_elbo_and_warmup_train(small_mnist):
-    history = pv.fit(small_vae(), small_mnist, epochs=2, elbo="meanfield", warmup_epochs=1.5, progress=False)
+    history = pv.fit(small_vae(), small_mnist, epochs=2, objective="meanfield", warmup_epochs=1.5, progress=False)
     assert history[1]["kl_weight"] < 1.0 and history[2]["kl_weight"] == 1.0
     assert history[-1]["val_elbo"] > history[0]["val_elbo"] + 200
 
@@ -153,7 +163,7 @@ def test_missing_truncated_and_pickled_checkpoints_are_refused(small_mnist, tmp_
 
     checkpoint.write_bytes(good[: len(good) // 2])
     with pytest.raises(pv.CheckpointError, match="truncated or corrupt"):
-        pv.load_run(run_dir)
+        pv.load_run(run_dir, checkpoint="last")
 
     class Exploit:
         def __reduce__(self):
@@ -161,7 +171,7 @@ def test_missing_truncated_and_pickled_checkpoints_are_refused(small_mnist, tmp_
 
     torch.save({"format": "pyro-vae-checkpoint", "payload": Exploit()}, checkpoint)
     with pytest.raises(pv.CheckpointError, match="not trusted"):
-        pv.load_run(run_dir)
+        pv.load_run(run_dir, checkpoint="last")
 
 
 class PoisonedDecoder(nn.Module):

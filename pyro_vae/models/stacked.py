@@ -26,11 +26,11 @@ Inference network (``StackedSSVAE.guide``)::
 
 Because q(z1 | x) is diagonal, splitting it into f and u is exact, and the
 affine map z1 <-> f has the same Jacobian under p and q, so the
-importance-sampled log p(x) of :mod:`pyro_vae.marginal` is the stacked
+importance-sampled log p(x) of :mod:`pyro_vae.infer.importance` is the stacked
 model's marginal likelihood of the pixels, with y summed over q(y | f).
 
 M1's weights are frozen: its terms in the ELBO are constants, so training
-the stacked model by :func:`~pyro_vae.semisupervised.fit_ssvae` trains M2 on
+the stacked model with the semi-supervised objective trains M2 on
 draws of z1 from q(z1 | x), as Kingma et al. did. The classifier predicts
 from the posterior means, q(y | f = E[f | x]). Kingma et al. report 96.67%
 MNIST test accuracy from 100 labels with M1+M2 against 88.03% with M2 alone.
@@ -46,19 +46,14 @@ import pyro.poutine as poutine
 import torch
 from torch import nn
 
-from .likelihoods import Gaussian
-from .priors import Prior, build_prior
-from .ssvae import SSVAE
-from .vae import VAE, data_plate
+from ..components.likelihoods import Gaussian
+from ..components.priors import Prior, build_prior
+from .base import data_plate, register_model
+from .ssvae import SSVAE, SemiSupervisedModel
+from .vae import VAE
 
 _instance_ids = itertools.count()
 ACTIVITY_THRESHOLD = 0.01
-
-
-@torch.no_grad()
-def posterior_means(vae: VAE, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
-    """loc(x) of q(z | x) for every point, in batches."""
-    return torch.cat([vae.encode(x[i : i + batch_size])[0] for i in range(0, x.shape[0], batch_size)])
 
 
 class LatentFeatures(nn.Module):
@@ -84,7 +79,7 @@ class LatentFeatures(nn.Module):
     @classmethod
     def fit(cls, m1: VAE, x: torch.Tensor, threshold: float = ACTIVITY_THRESHOLD) -> LatentFeatures:
         """Choose the units whose posterior means vary more than ``threshold`` over ``x``; standardise them."""
-        means = posterior_means(m1, x)
+        means = m1.latent_means(x)
         variance = means.var(0)
         features = cls(m1.z_dim, (variance > threshold).nonzero().squeeze(1).tolist())
         features.mean.copy_(means[:, features.active].mean(0))
@@ -108,12 +103,13 @@ class LatentFeatures(nn.Module):
         return z1
 
 
-class StackedSSVAE(nn.Module):
+@register_model
+class StackedSSVAE(SemiSupervisedModel):
     """M1+M2: a semi-supervised M2 on the code of a trained, frozen VAE (M1).
 
-    Same interface as :class:`~pyro_vae.ssvae.SSVAE` (``model``, ``guide``,
-    ``classify``, ``transfer_style``, ...), so :func:`~pyro_vae.semisupervised.fit_ssvae`,
-    the evaluator and the figures take either.
+    Same interface as :class:`~pyro_vae.models.ssvae.SSVAE` (``model``, ``guide``,
+    ``classify``, ``transfer_style``, ...), so the training engine, the
+    evaluator and the figures take either.
 
     :param m1: the trained VAE; its weights are frozen.
     :param features: the split of M1's code, from :meth:`LatentFeatures.fit` on the training data.
@@ -151,6 +147,8 @@ class StackedSSVAE(nn.Module):
             class_prior=class_prior,
         )
         self.pyro_name = name or f"stacked{next(_instance_ids)}"
+
+    name = "stacked-ssvae"
 
     @property
     def x_shape(self) -> tuple[int, ...]:
@@ -272,21 +270,9 @@ class StackedSSVAE(nn.Module):
             ]
         )
 
-    accuracy = SSVAE.accuracy  # the fraction of points that :meth:`classify` labels correctly
-
-    @torch.no_grad()
-    def sample(self, num_samples: int, y: torch.Tensor | None = None) -> torch.Tensor:
-        """Means of p(x | z1) with z1 from the model's mean path and y given (or drawn from p(y))."""
-        if y is None:
-            y = self.m2.class_prior_net().sample((num_samples,)).argmax(-1)
-        return self.decode(self.prior.sample(num_samples), self.one_hot(y)).mean
-
-    @torch.no_grad()
-    def transfer_style(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """Each x's style z decoded with every class: shape ``(len(x), num_classes, *x_shape)``."""
-        y = self.classify(x) if y is None else y
-        z = self.encode(x, self.one_hot(y))[0]
-        return self.decode(z.unsqueeze(1), torch.eye(self.num_classes, device=z.device)).mean
+    def sample_labels(self, num_samples: int) -> torch.Tensor:
+        """Class indices drawn from p(y)."""
+        return self.m2.sample_labels(num_samples)
 
     def check_data(self, x: torch.Tensor, what: str = "data") -> None:
         """Refuse data M1 cannot take, naming the fix."""
@@ -299,7 +285,7 @@ class StackedSSVAE(nn.Module):
     def config(self) -> dict:
         """Everything needed to rebuild this model with :meth:`from_config` (the weights are in the checkpoint)."""
         return {
-            "type": "stacked-ssvae",
+            "type": self.name,
             "m1": self.m1.config(),
             "active_units": self.features.active.tolist(),
             "m2": self.m2.config(),
@@ -307,6 +293,7 @@ class StackedSSVAE(nn.Module):
 
     @classmethod
     def from_config(cls, config: dict) -> StackedSSVAE:
+        """The M1+M2 model that :meth:`config` describes, with fresh weights."""
         m1, m2 = VAE.from_config(config["m1"]), config["m2"]
         return cls(
             m1,

@@ -52,11 +52,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import DataError
-from .likelihoods import Bernoulli, Likelihood, build_likelihood
-from .nets import MLPClassifier, MLPDecoder, MLPEncoder
-from .priors import Prior, StandardNormal, build_prior
-from .vae import check_points, data_plate
+from ..components.likelihoods import Bernoulli, Likelihood, build_likelihood
+from ..components.nets import MLPClassifier, MLPDecoder, MLPEncoder
+from ..components.priors import Prior, StandardNormal, build_prior
+from ..data import DataError
+from .base import Model, check_points, data_plate, register_model
 
 _instance_ids = itertools.count()
 CLASS_PRIORS = ("uniform", "learned")
@@ -87,7 +87,54 @@ class ClassPrior(nn.Module):
         return dist.OneHotCategorical(logits=self.logits)
 
 
-class SSVAE(nn.Module):
+class SemiSupervisedModel(Model):
+    """What M2 and M1+M2 share: a class label y beside the code z, a classifier q(y | x), labels to check.
+
+    Subclasses provide ``model(x, y, *, aux_weight, kl_weight, num_data, batch_size)``,
+    the guide with the same signature, ``num_classes``, ``classify``,
+    ``encode(x, y_onehot)``, ``decode(z, y_onehot)``, ``one_hot`` and
+    ``sample_labels``; the rest follows from those.
+    """
+
+    default_objective = "semi-supervised"
+    validation_metric = "val_accuracy"
+    figures = ("learning_curves", "accuracy", "latent_space", "style_transfer", "class_samples")
+    num_classes: int
+
+    @torch.no_grad()
+    def accuracy(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        """The fraction of points that :meth:`classify` labels correctly."""
+        return (self.classify(x) == y.to(x.device)).double().mean().item()
+
+    @torch.no_grad()
+    def sample(self, num_samples: int, y: torch.Tensor | None = None) -> torch.Tensor:
+        """Means of p(x | y, z) with z from the prior and y given (or drawn from p(y))."""
+        if y is None:
+            y = self.sample_labels(num_samples)
+        return self.decode(self.prior.sample(num_samples), self.one_hot(y)).mean
+
+    @torch.no_grad()
+    def transfer_style(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """Each x's style z = loc(x, y) decoded with every class: shape ``(len(x), num_classes, *x_shape)``.
+
+        y defaults to the classifier's prediction.
+        """
+        y = self.classify(x) if y is None else y
+        z = self.encode(x, self.one_hot(y))[0]
+        return self.decode(z.unsqueeze(1), torch.eye(self.num_classes, device=z.device)).mean
+
+    def check_dataset(self, data) -> None:
+        """Every split's points and labels, before any training starts."""
+        super().check_dataset(data)
+        for split in ("train", "val", "test"):
+            part = getattr(data, split)
+            if part.y is None:
+                raise DataError("Semi-supervised training needs labels for the train, validation and test splits.")
+            self.check_labels(part.y, part.x, f"{split} labels")
+
+
+@register_model
+class SSVAE(SemiSupervisedModel):
     """M2: a VAE with a partly observed class label y next to the continuous code z.
 
     :param x_shape: shape of one data point, e.g. ``(1, 28, 28)``.
@@ -101,6 +148,8 @@ class SSVAE(nn.Module):
     :param class_prior: ``"uniform"`` p(y), or ``"learned"`` class probabilities.
     :param name: prefix in Pyro's param store, unique per instance by default.
     """
+
+    name = "ssvae"
 
     def __init__(
         self,
@@ -214,28 +263,9 @@ class SSVAE(nn.Module):
         """The most probable class under q(y | x), for each point."""
         return torch.cat([self.classifier(x[i : i + batch_size]).argmax(-1) for i in range(0, len(x), batch_size)])
 
-    @torch.no_grad()
-    def accuracy(self, x: torch.Tensor, y: torch.Tensor) -> float:
-        """The fraction of points that :meth:`classify` labels correctly."""
-        return (self.classify(x) == y.to(x.device)).double().mean().item()
-
-    @torch.no_grad()
-    def sample(self, num_samples: int, y: torch.Tensor | None = None) -> torch.Tensor:
-        """Means of p(x | y, z) with z from the prior and y given (or drawn from p(y))."""
-        if y is None:
-            y = self.class_prior_net().sample((num_samples,)).argmax(-1)
-        return self.decode(self.prior.sample(num_samples), self.one_hot(y)).mean
-
-    @torch.no_grad()
-    def transfer_style(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """Each x's style z = loc(x, y) decoded with every class: shape ``(len(x), num_classes, *x_shape)``.
-
-        y defaults to the classifier's prediction.
-        """
-        y = self.classify(x) if y is None else y
-        z = self.encode(x, self.one_hot(y))[0]
-        classes = torch.eye(self.num_classes, device=z.device)
-        return self.decode(z.unsqueeze(1), classes).mean
+    def sample_labels(self, num_samples: int) -> torch.Tensor:
+        """Class indices drawn from p(y)."""
+        return self.class_prior_net().sample((num_samples,)).argmax(-1)
 
     def check_data(self, x: torch.Tensor, what: str = "data") -> None:
         """Refuse data this model cannot take, naming the fix."""
@@ -259,7 +289,7 @@ class SSVAE(nn.Module):
     def config(self) -> dict:
         """Everything needed to rebuild this model with :meth:`from_config`."""
         return {
-            "type": "ssvae",
+            "type": self.name,
             "x_shape": list(self.x_shape),
             "z_dim": self.z_dim,
             "num_classes": self.num_classes,
@@ -271,6 +301,7 @@ class SSVAE(nn.Module):
 
     @classmethod
     def from_config(cls, config: dict) -> SSVAE:
+        """The SSVAE that :meth:`config` describes, with fresh weights."""
         return cls(
             x_shape=config["x_shape"],
             z_dim=config["z_dim"],

@@ -20,7 +20,8 @@ import math
 
 import torch
 
-from .marginal import site_log_densities
+from .densities import site_log_densities
+from .objective import Objective, register_objective
 
 
 class IWAE_ELBO:  # noqa: N801 (named like Pyro's ELBOs)
@@ -48,3 +49,22 @@ class IWAE_ELBO:  # noqa: N801 (named like Pyro's ELBOs)
     @torch.no_grad()
     def loss(self, model, guide, *args, **kwargs) -> float:
         return float(self.differentiable_loss(model, guide, *args, **kwargs))
+
+
+@register_objective
+class IWAEBound(Objective):
+    """L_K of Burda et al. as a training objective, with K = ``num_particles`` vectorised samples per point."""
+
+    name = "iwae"
+    supports_kl_weight = False  # the bound has no separate KL term to weigh
+
+    def __init__(self, num_particles: int = 5):
+        self.bound = IWAE_ELBO(num_particles=int(num_particles))
+        self.num_particles = self.bound.num_particles
+
+    def loss(self, model, data, indices, *, kl_weight):
+        x = data.batch(indices)
+        return self.bound.differentiable_loss(model.model, model.guide, x), len(x)
+
+    def config(self):
+        return {"name": self.name, "num_particles": self.num_particles}

@@ -1,22 +1,19 @@
-"""Checkpoints and the files of a run directory, written atomically.
-
-A run directory holds::
-
-    config.json     everything needed to rebuild the model, the data and the training
-    checkpoint.pt   model and optimiser state, history and RNG state (every epoch)
-    history.csv     one row per epoch
-    metrics.json    final evaluation numbers
-    figures/        PNG figures
+"""The files of a run directory, written atomically; checkpoints loaded safely.
 
 Every file is written to a temporary name in the same folder, flushed to
-disk and then renamed over the old one, so a run killed at any moment leaves
-either the old file or the new one, never half of one. Checkpoints are
-loaded with ``torch.load(..., weights_only=True)``, which refuses pickled code.
+disk and then renamed over the old one, so a run killed at any moment, or a
+disk that fills while writing, leaves either the old file or the new one,
+never half of one. A write that fails (a full disk, say) removes its
+temporary file and raises :class:`CheckpointError` saying that the previous
+file is intact. Checkpoints are loaded with ``torch.load(..., weights_only=True)``,
+which refuses pickled code. The names of the files are
+:class:`pyro_vae.runs.directory.RunDirectory`'s.
 """
 
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import os
@@ -28,8 +25,8 @@ from pathlib import Path
 import torch
 
 CHECKPOINT_FORMAT = "pyro-vae-checkpoint"
-CHECKPOINT_VERSION = 1
-CONFIG, CHECKPOINT, HISTORY, METRICS, FIGURES = "config.json", "checkpoint.pt", "history.csv", "metrics.json", "figures"
+CHECKPOINT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # version 1 lacks the objective's state and the best epoch, which default
 
 
 class CheckpointError(RuntimeError):
@@ -40,15 +37,25 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see the old or the new file, never a partial one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        kept = f"the previous {path.name} is intact" if path.exists() else f"no {path.name} was written"
+        cause = "the disk is full" if err.errno in (errno.ENOSPC, errno.EDQUOT) else f"{err.strerror or err}"
+        raise CheckpointError(
+            f"Could not write {path}: {cause}; {kept}. Free space (or fix the folder) and run the command again; a training run continues with --resume."
+        ) from err
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         raise
 
 
@@ -84,12 +91,18 @@ def save_checkpoint(
     history: list[dict],
     config: dict,
     position: dict | None = None,
+    objective_state: dict | None = None,
+    best_epoch: int | None = None,
+    rng: dict | None = None,
 ) -> None:
     """Atomically save everything needed to continue training exactly where it stopped.
 
     ``epoch`` is the last complete epoch; ``position`` describes an epoch
     interrupted part-way (its number, next step, batch order and running
-    totals), or is None.
+    totals), or is None. ``objective_state`` is the objective's own
+    (:meth:`pyro_vae.infer.objective.Objective.state_dict`); ``best_epoch`` the
+    epoch of the best checkpoint so far; ``rng`` the random number generators'
+    states (by default this process's, :func:`rng_state`).
     """
     state = {
         "format": CHECKPOINT_FORMAT,
@@ -100,10 +113,9 @@ def save_checkpoint(
         "model": model_state,
         "optimizer": optimizer_state,
         "history": history,
-        "rng": {
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        },
+        "objective": objective_state or {},
+        "best_epoch": best_epoch,
+        "rng": rng_state() if rng is None else rng,
     }
     buffer = io.BytesIO()
     torch.save(state, buffer)
@@ -129,11 +141,13 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
         ) from err
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a pyro-vae checkpoint.")
-    if state.get("version") != CHECKPOINT_VERSION:
+    if state.get("version") not in READABLE_VERSIONS:
         raise CheckpointError(
-            f"{path} has checkpoint format version {state.get('version')}, but this pyro-vae reads version "
-            f"{CHECKPOINT_VERSION}. Use the pyro-vae version that wrote it."
+            f"{path} has checkpoint format version {state.get('version')}, but this pyro-vae reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}. Use the pyro-vae version that wrote it."
         )
+    state.setdefault("objective", {})
+    state.setdefault("best_epoch", None)
     return state
 
 
@@ -141,7 +155,16 @@ def _first_line(err: BaseException) -> str:
     return (str(err).splitlines() or [type(err).__name__])[0]
 
 
-def restore_rng(state: dict) -> None:
-    torch.set_rng_state(state["rng"]["torch"])
-    if state["rng"]["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+def rng_state() -> dict:
+    """This process's torch random number generators' states."""
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def restore_rng(rng: dict) -> None:
+    """Set this process's generators to the states :func:`rng_state` returned."""
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])

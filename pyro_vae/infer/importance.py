@@ -1,21 +1,13 @@
-"""Per-data-point log densities of any Pyro model and guide: the ELBO and the
-importance-sampled marginal likelihood log p(x).
+"""The importance-sampled marginal likelihood log p(x) of any Pyro model and guide, with diagnostics.
 
-For a model p(x, z) and guide q(z | x) that put their data points in a plate
-named ``"data"``, :func:`site_log_densities` draws K particles z_k ~ q(z | x)
-in one vectorised pass (a particle plate left of every model plate), replays
-the model on them, and returns every site's log density per particle and per
-data point, shape ``(K, N)``. From these:
+    log p(x) ~= logsumexp_k [log p(x, z_k) - log q(z_k | x)] - log K,  z_k ~ q(z | x),
 
-* log w_k = log p(x, z_k) - log q(z_k | x)  (the importance weights);
-* ELBO(x) ~= mean_k log w_k = E_q[log p(x|z)] - KL(q(z|x) || p(z));
-* log p(x) ~= logsumexp_k log w_k - log K (:func:`log_marginal_likelihood`),
-  a lower bound in expectation that tightens as K grows (Burda, Grosse &
-  Salakhutdinov, *Importance Weighted Autoencoders*, 2015).
-
-The densities are the **unscaled** ``site["fn"].log_prob(value)`` (masks
-kept), so minibatch plate scaling and ``poutine.scale`` (KL warm-up, beta)
-never leak into an evaluation.
+a lower bound in expectation that tightens as K grows (Burda, Grosse &
+Salakhutdinov, *Importance Weighted Autoencoders*, 2015). The densities are
+the unscaled per-site ones of :mod:`pyro_vae.infer.densities`, so minibatch
+scaling and ``poutine.scale`` never leak into the estimate. Each point's
+weights are diagnosed by their effective sample size and by the Pareto-k of
+their tail (Vehtari et al., *Pareto Smoothed Importance Sampling*).
 """
 
 from __future__ import annotations
@@ -24,142 +16,15 @@ import math
 from dataclasses import dataclass, field
 
 import pyro
-import pyro.poutine as poutine
 import torch
 from pyro.infer.util import is_validation_enabled
-from pyro.poutine.util import site_is_subsample
 from tqdm.auto import tqdm
 
-from .fused import compiled_evaluation
-from .replay import record
+from ..accel.bernoulli import LOG_DENSITY_KERNELS
+from ..accel.replay import record
+from .densities import SiteLogDensities, guess_max_plate_nesting, site_log_densities
 
-DATA_PLATE = "data"
-PARTICLE_PLATE = "_pyro_vae_particles"
 MIN_REPLAYED_PASSES = 500  # recording and compiling a pass takes 0.7-2.7 s; each replay saves ~4 ms
-
-
-@dataclass
-class SiteLogDensities:
-    """Per-site log densities, each of shape ``(K, N)``."""
-
-    observed: dict[str, torch.Tensor]  # log p(x | ...) of the model's observed sites
-    latent_prior: dict[str, torch.Tensor]  # log p(z | ...) of the model's latent sites
-    latent_guide: dict[str, torch.Tensor]  # log q(z | ...) of the guide's sites
-    reparameterized: bool = True  # whether every guide site was drawn with rsample
-
-    def as_tuple(self) -> tuple[dict[str, torch.Tensor], ...]:
-        """The three groups of densities, the constructor's arguments."""
-        return self.observed, self.latent_prior, self.latent_guide
-
-    @property
-    def log_weights(self) -> torch.Tensor:
-        """log p(x, z_k) - log q(z_k | x), shape ``(K, N)``."""
-        return self.reconstruction + sum(self.latent_prior.values()) - sum(self.latent_guide.values())
-
-    @property
-    def reconstruction(self) -> torch.Tensor:
-        """log p(x | z_k), shape ``(K, N)``."""
-        return sum(self.observed.values())
-
-    @property
-    def kl(self) -> torch.Tensor:
-        """log q(z_k | x) - log p(z_k): a one-sample estimate of KL(q || p) per particle."""
-        return sum(self.latent_guide.values()) - sum(self.latent_prior.values())
-
-
-def _per_point(site: dict, particle_dim: int) -> torch.Tensor:
-    """A site's unscaled log density reduced to shape ``(K or 1, N or 1)``."""
-    log_prob = site["fn"].log_prob(site["value"])
-    if site["mask"] is not None:
-        log_prob = log_prob.masked_fill(~site["mask"], 0.0)
-    data_dims = [f.dim for f in site["cond_indep_stack"] if f.name == DATA_PLATE]
-    if not data_dims:
-        raise ValueError(
-            f"Site {site['name']!r} lies outside the plate named {DATA_PLATE!r}, so its density cannot be split "
-            "per data point; put every site of the model and guide inside pyro.plate('data', ...)."
-        )
-    log_prob = log_prob.reshape((1,) * (-particle_dim - log_prob.dim()) + log_prob.shape)
-    keep = {log_prob.dim() + particle_dim, log_prob.dim() + data_dims[0]}
-    other = [d for d in range(log_prob.dim()) if d not in keep]
-    return log_prob.sum(other) if other else log_prob
-
-
-def site_log_densities(
-    model, guide, *args, num_particles: int = 1, max_plate_nesting: int = 1, **kwargs
-) -> SiteLogDensities:
-    """Trace the guide with ``num_particles`` vectorised particles, replay the model on them.
-
-    :param max_plate_nesting: how many plates the model nests (the particle
-        plate goes one dim further left).
-    :returns: :class:`SiteLogDensities` with tensors of shape ``(num_particles, N)``.
-    """
-    particle_dim = -max_plate_nesting - 1
-    with pyro.plate(PARTICLE_PLATE, num_particles, dim=particle_dim):
-        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
-    out = SiteLogDensities({}, {}, {})
-    for name, site in model_trace.nodes.items():
-        if site["type"] == "sample" and not site_is_subsample(site):
-            target = out.observed if site["is_observed"] else out.latent_prior
-            target[name] = _per_point(site, particle_dim)
-    for name, site in guide_trace.nodes.items():
-        if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site):
-            out.latent_guide[name] = _per_point(site, particle_dim)
-            out.reparameterized &= bool(site["fn"].has_rsample)
-    k = num_particles
-    n = out.log_weights.shape[-1]
-    for group in (out.observed, out.latent_prior, out.latent_guide):
-        for name in group:
-            group[name] = group[name].expand(k, n)
-    return out
-
-
-@dataclass
-class ELBOEstimate:
-    """Per-point ELBO and its two terms, each of shape ``(N,)``, in nats."""
-
-    elbo: torch.Tensor
-    reconstruction: torch.Tensor
-    kl: torch.Tensor
-
-    def summary(self, prefix: str = "") -> dict[str, float]:
-        """Means over the data points, with the standard error of the ELBO's mean."""
-        n = self.elbo.numel()
-        se = float(self.elbo.std() / n**0.5) if n > 1 else float("nan")
-        return {
-            f"{prefix}elbo": float(self.elbo.mean()),
-            f"{prefix}elbo_se": se,
-            f"{prefix}reconstruction": float(self.reconstruction.mean()),
-            f"{prefix}kl": float(self.kl.mean()),
-        }
-
-
-@torch.no_grad()
-def elbo_per_point(
-    model, guide, x: torch.Tensor, *, num_particles: int = 1, batch_size: int = 1000, **kwargs
-) -> ELBOEstimate:
-    """ELBO(x_n) for every data point, averaged over ``num_particles`` draws from the guide."""
-    parts = []
-    for start in range(0, x.shape[0], batch_size):
-        d = site_log_densities(model, guide, x[start : start + batch_size], num_particles=num_particles, **kwargs)
-        parts.append((d.log_weights.mean(0), d.reconstruction.mean(0), d.kl.mean(0)))
-    return ELBOEstimate(*(torch.cat(column) for column in zip(*parts, strict=True)))
-
-
-def guess_max_plate_nesting(model, guide, *args, **kwargs) -> int:
-    """How many plates the model and guide nest, read off one trace."""
-    with torch.no_grad():
-        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
-    dims = [
-        -frame.dim
-        for trace in (guide_trace, model_trace)
-        for site in trace.nodes.values()
-        if site["type"] == "sample"
-        for frame in site["cond_indep_stack"]
-        if frame.vectorized
-    ]
-    return max(dims, default=1)
 
 
 @dataclass
@@ -333,6 +198,7 @@ class _Passes:
             *self.args,
             num_particles=num_particles,
             max_plate_nesting=self.max_plate_nesting,
+            kernels=LOG_DENSITY_KERNELS,
             **self.kwargs,
         )
 
@@ -366,8 +232,8 @@ def log_marginal_likelihood(
     model's plates) of at most ``max_samples_per_pass`` particle x point
     evaluations, and the statistics are accumulated in a streaming logsumexp,
     so memory does not grow with K. The Bernoulli likelihood's log-density
-    runs compiled here (:mod:`pyro_vae.fused`), and the passes over full
-    batches are recorded once and replayed compiled (:mod:`pyro_vae.replay`).
+    runs compiled here (:mod:`pyro_vae.accel.bernoulli`), and the passes over full
+    batches are recorded once and replayed compiled (:mod:`pyro_vae.accel.replay`).
 
     :param num_samples: K, importance samples per data point (5000 is the literature's standard).
     :param batch_size: data points per batch.
@@ -389,7 +255,7 @@ def log_marginal_likelihood(
         replay = replayed_passes >= MIN_REPLAYED_PASSES
     passes = _Passes(model, guide, args, kwargs, max_plate_nesting, (batch_size, full_chunk) if replay else None)
     devices = [x.device] if x.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices, enabled=seed is not None), compiled_evaluation():
+    with torch.random.fork_rng(devices=devices, enabled=seed is not None):
         if seed is not None:
             torch.manual_seed(seed)
         results, validate = [], is_validation_enabled()

@@ -34,34 +34,16 @@ import pyro.poutine as poutine
 import torch
 from torch import nn
 
-from .data import DataError, check_finite_and_nonempty
-from .likelihoods import Bernoulli, Likelihood, build_likelihood
-from .nets import build_nets
-from .priors import Prior, StandardNormal, build_prior
+from ..components.likelihoods import Bernoulli, Likelihood, build_likelihood
+from ..components.nets import build_nets
+from ..components.priors import Prior, StandardNormal, build_prior
+from .base import Model, check_points, data_plate, register_model
 
 _instance_ids = itertools.count()
 
 
-def data_plate(batch_size: int, num_data: int | None, device) -> pyro.plate:
-    """The plate "data" over a batch, scaled by ``num_data / batch_size`` when the batch is a subsample."""
-    if num_data is None or num_data == batch_size:
-        return pyro.plate("data", batch_size, dim=-1)
-    return pyro.plate("data", num_data, subsample=torch.arange(batch_size, device=device), dim=-1)
-
-
-def check_points(x: torch.Tensor, x_shape: tuple[int, ...], likelihood: Likelihood, what: str, model: str) -> None:
-    """Refuse data a model cannot take, naming the fix: empty, NaN/inf, wrong shape, outside the support."""
-    check_finite_and_nonempty(x, what)
-    if tuple(x.shape[1:]) != x_shape:
-        raise DataError(
-            f"The {what} has points of shape {tuple(x.shape[1:])} but the model expects {x_shape} "
-            f"(full shape (N, *x_shape); got {tuple(x.shape)}). Reshape the data or build the {model} with "
-            f"x_shape={tuple(x.shape[1:])}."
-        )
-    likelihood.check_data(x)
-
-
-class VAE(nn.Module):
+@register_model
+class VAE(Model):
     """A VAE with pluggable prior, likelihood, encoder and decoder.
 
     :param x_shape: shape of one data point, e.g. ``(1, 28, 28)``.
@@ -75,6 +57,9 @@ class VAE(nn.Module):
     :param name: prefix of this VAE's parameters in Pyro's param store; by
         default unique per instance, so that two VAEs never share parameters.
     """
+
+    name = "vae"
+    figures = ("learning_curves", "latent_space", "reconstructions", "samples", "manifold")
 
     def __init__(
         self,
@@ -153,6 +138,10 @@ class VAE(nn.Module):
         check_points(x, self.x_shape, self.likelihood, what, "VAE")
 
     # --------------------------------------------------------------- config
+    @property
+    def describable(self) -> bool:
+        return not self.custom_nets
+
     def config(self) -> dict:
         """Everything needed to rebuild this VAE with :meth:`from_config`."""
         if self.custom_nets:
@@ -160,6 +149,7 @@ class VAE(nn.Module):
                 "A VAE with a custom encoder or decoder cannot be described by a config; save its state_dict."
             )
         return {
+            "type": self.name,
             "x_shape": list(self.x_shape),
             "z_dim": self.z_dim,
             "hidden": list(self.hidden),
@@ -170,6 +160,7 @@ class VAE(nn.Module):
 
     @classmethod
     def from_config(cls, config: dict) -> VAE:
+        """The VAE that :meth:`config` describes, with fresh weights."""
         return cls(
             x_shape=config["x_shape"],
             z_dim=config["z_dim"],

@@ -39,6 +39,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributions import constraints
 
+from ..registry import Registry
+
 
 class Prior(nn.Module):
     """Base class: ``prior()`` returns a distribution with event shape ``(z_dim,)``."""
@@ -65,6 +67,14 @@ class Prior(nn.Module):
         return {"name": self.name}
 
 
+PRIORS: Registry[type[Prior]] = Registry("prior")
+#: Make a prior known by its ``name`` to configs and the command line (usable as a decorator).
+register_prior = PRIORS.register
+#: A prior from its short name, or from the dict that :meth:`Prior.config` wrote.
+build_prior = PRIORS.build
+
+
+@register_prior
 class StandardNormal(Prior):
     """p(z) = N(0, I), the prior of Kingma & Welling (2014)."""
 
@@ -124,6 +134,7 @@ def _inverse_softplus(y: torch.Tensor) -> torch.Tensor:
     return y + torch.log(-torch.expm1(-y))
 
 
+@register_prior
 class LearnedGaussian(Prior):
     """p(z) = N(m, diag(s^2)) with learned m and s = softplus(raw) (closed-form KL)."""
 
@@ -138,6 +149,7 @@ class LearnedGaussian(Prior):
         return dist.Normal(self.loc, F.softplus(self.raw_scale)).to_event(1)
 
 
+@register_prior
 class MixtureOfGaussians(Prior):
     """p(z) = sum_k pi_k N(z; m_k, diag(s_k^2)), with learned weights, locs and scales.
 
@@ -166,6 +178,7 @@ class MixtureOfGaussians(Prior):
         return {"name": self.name, "num_components": self.num_components}
 
 
+@register_prior
 class VampPrior(Prior):
     """The VampPrior of Tomczak & Welling (2018): p(z) = (1/K) sum_k q(z | u_k).
 
@@ -207,6 +220,7 @@ class VampPrior(Prior):
         }
 
 
+@register_prior
 class FlowPrior(Prior):
     """p(z): N(0, I) pushed through a masked autoregressive flow (MAF, Papamakarios et al. 2017).
 
@@ -244,25 +258,3 @@ class FlowPrior(Prior):
 
     def config(self):
         return {"name": self.name, "num_layers": self.num_layers, "hidden": self.hidden}
-
-
-PRIORS: dict[str, type[Prior]] = {
-    cls.name: cls for cls in (StandardNormal, LearnedGaussian, MixtureOfGaussians, VampPrior, FlowPrior)
-}
-
-
-def register_prior(cls: type[Prior]) -> type[Prior]:
-    """Make a prior known by its ``name`` to configs and the command line (usable as a decorator)."""
-    if cls.name in PRIORS and PRIORS[cls.name] is not cls:
-        raise ValueError(f"A different prior is already registered as {cls.name!r}.")
-    PRIORS[cls.name] = cls
-    return cls
-
-
-def build_prior(config: dict | str) -> Prior:
-    """A prior from its short name, or from the dict that :meth:`Prior.config` wrote."""
-    config = {"name": config} if isinstance(config, str) else dict(config)
-    name = config.pop("name")
-    if name not in PRIORS:
-        raise ValueError(f"Unknown prior {name!r}; choose one of {sorted(PRIORS)}.")
-    return PRIORS[name](**config)

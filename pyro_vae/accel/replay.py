@@ -1,6 +1,6 @@
 """Record one particle pass of a Pyro model and guide, and replay it compiled.
 
-:func:`~pyro_vae.marginal.log_marginal_likelihood` runs one program many
+:func:`~pyro_vae.infer.importance.log_marginal_likelihood` runs one program many
 times: trace the guide with a plate of particles, replay the model on the
 draws, read off every site's log density. At K = 5000 that is about a hundred
 passes per batch that differ only in their random draws. Eagerly, each pass
@@ -23,7 +23,7 @@ The graph is already ATen, so it goes to TorchInductor directly
   into every output before each product.
 
 Custom operators that run compiled code eagerly (the Bernoulli density of
-:mod:`pyro_vae.fused`) enter the recording as their plain PyTorch definitions,
+:mod:`pyro_vae.accel.bernoulli`) enter the recording as their plain PyTorch definitions,
 listed in :data:`DECOMPOSITIONS`, so that Inductor fuses them with their
 neighbours: the decoder's output bias is added inside the density's reduction.
 

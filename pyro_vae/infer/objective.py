@@ -1,0 +1,84 @@
+"""The interface of a training objective, and the registry of objectives.
+
+An objective turns a model, the training data and a batch of indices into
+a differentiable loss: the negative of an estimate of the objective
+(an ELBO, a tighter bound, the semi-supervised J) summed over the points
+the loss stands for. The training engine (:mod:`pyro_vae.training.engine`)
+owns the loop, the optimiser, checkpoints and every guarantee; the objective
+owns only what is particular to it:
+
+* :meth:`Objective.setup`: checks and preparation before training (the
+  semi-supervised objective draws its labelled points);
+* :meth:`Objective.training_points`: the indices an epoch runs over;
+* :meth:`Objective.loss`: one step's loss and how many points it sums over;
+* :meth:`Objective.validate`: the metrics of a split after every epoch;
+* :meth:`Objective.state_dict`: whatever it keeps between steps (a
+  cursor, an order), saved in every checkpoint so that a resumed run
+  continues exactly.
+
+Adding an objective is one module: subclass :class:`Objective`, give it a
+``name`` and decorate it with ``@register_objective``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import torch
+
+from ..data import Dataset, Split
+from ..registry import Registry
+from .densities import elbo_per_point
+
+
+class Objective(ABC):
+    """Base class: a training objective for the engine."""
+
+    name: ClassVar[str]
+    #: Whether the KL weight of warm-up and beta (``poutine.scale`` on the latent sites) applies.
+    supports_kl_weight: ClassVar[bool] = True
+
+    def setup(self, model, data: Dataset, *, batch_size: int) -> None:  # noqa: B027 (a hook; most need nothing)
+        """Check that the objective fits ``model`` and ``data`` and prepare for training."""
+
+    def training_points(self, data: Dataset) -> torch.Tensor:
+        """Indices of the training points one epoch runs over (by default all of them)."""
+        return torch.arange(len(data.train), device=data.train.x.device)
+
+    @abstractmethod
+    def loss(self, model, data: Dataset, indices: torch.Tensor, *, kl_weight: float) -> tuple[torch.Tensor, float]:
+        """The differentiable loss of the training points at ``indices``, and how many points it sums over."""
+
+    def validate(self, model, split: Split, prefix: str) -> dict:
+        """Metrics of ``split`` with names starting ``prefix``: by default the ELBO and its terms."""
+        return evaluate_elbo(model, split.x, prefix=prefix)
+
+    def state_dict(self) -> dict:
+        """What the objective keeps between steps, as tensors and plain data."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:  # noqa: B027 (a hook; most keep no state)
+        """Restore :meth:`state_dict`."""
+
+    def config(self) -> dict:
+        """The short name and arguments that rebuild this objective (see :data:`OBJECTIVES`)."""
+        return {"name": self.name}
+
+
+def evaluate_elbo(model, x: torch.Tensor, *, num_particles: int = 1, batch_size: int = 1000, prefix: str = "") -> dict:
+    """Mean ELBO per data point (with standard error), reconstruction and KL terms, with unscaled densities."""
+    was_training = model.training
+    model.eval()
+    try:
+        estimate = elbo_per_point(model.model, model.guide, x, num_particles=num_particles, batch_size=batch_size)
+    finally:
+        model.train(was_training)
+    return estimate.summary(prefix)
+
+
+OBJECTIVES: Registry[type[Objective]] = Registry("objective")
+#: Make an objective known by its ``name`` to configs and the command line (usable as a decorator).
+register_objective = OBJECTIVES.register
+#: An objective from its short name, or from the dict that :meth:`Objective.config` wrote.
+build_objective = OBJECTIVES.build

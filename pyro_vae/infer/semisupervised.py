@@ -1,0 +1,161 @@
+"""The semi-supervised objective of M2 (Kingma, Rezende, Mohamed & Welling,
+*Semi-Supervised Learning with Deep Generative Models*, NeurIPS 2014, eq. 9):
+
+    J = sum_labelled [L(x, y) + alpha * log q(y | x)] + sum_unlabelled U(x),
+
+with U summed over y exactly by ``TraceEnum_ELBO`` on the enumerated guide.
+Every step takes one unlabelled batch and one labelled batch and adds their
+losses. Each loss is scaled to its whole set by sizing the plate
+(``num_data``), so the step's loss is an unbiased estimate of -J however
+few labels there are. An epoch is one pass over the unlabelled points; the
+labelled ones are cycled through in a fresh order as often as needed, and
+that order and its cursor are part of the objective's state, saved in every
+checkpoint.
+
+The labels are drawn class-balanced (the same number per class) with their
+own seed, so that a label draw can be repeated or varied independently of
+the training seed. After every epoch the validation accuracy and the
+validation ELBO with y summed out are measured; the models choose the
+accuracy to pick their best checkpoint.
+"""
+
+from __future__ import annotations
+
+import torch
+from pyro.infer import Trace_ELBO, TraceEnum_ELBO, config_enumerate
+
+from ..data import DataError
+from .objective import Objective, register_objective
+
+
+def draw_labelled(y: torch.Tensor, num_labels: int, num_classes: int, seed: int = 0) -> torch.Tensor:
+    """Indices of ``num_labels`` points, as many of each class as possible (the first classes get any remainder).
+
+    Raises :class:`~pyro_vae.data.DataError` when the count is impossible.
+    """
+    if not 1 <= num_labels <= len(y):
+        raise DataError(f"--labels must lie in [1, {len(y)}] (the training points); got {num_labels}.")
+    if num_labels < num_classes:
+        raise DataError(
+            f"{num_labels} labels cannot cover {num_classes} classes; give at least {num_classes} (one per class)."
+        )
+    generator = torch.Generator().manual_seed(seed)
+    per_class = [num_labels // num_classes + (c < num_labels % num_classes) for c in range(num_classes)]
+    chosen = []
+    for c, count in enumerate(per_class):
+        members = (y.cpu() == c).nonzero().squeeze(1)
+        if len(members) < count:
+            raise DataError(f"Class {c} has {len(members)} training points; {count} labelled ones were asked for.")
+        chosen.append(members[torch.randperm(len(members), generator=generator)[:count]])
+    return torch.cat(chosen).sort().values
+
+
+def default_aux_weight(num_data: int, num_labels: int) -> float:
+    """Kingma et al.'s alpha = 0.1 N on the mean over the labelled set, i.e. 0.1 N / N_labelled per labelled point."""
+    return 0.1 * num_data / num_labels
+
+
+@register_objective
+class SemiSupervisedELBO(Objective):
+    """-J of M2 per step: the enumerated unlabelled ELBO plus the labelled ELBO and alpha * log q(y | x).
+
+    :param num_labels: how many training labels are kept, drawn class-balanced.
+    :param label_seed: seed of that draw.
+    :param aux_weight: alpha per labelled point; default :func:`default_aux_weight`.
+    """
+
+    name = "semi-supervised"
+
+    def __init__(self, num_labels: int = 100, label_seed: int = 0, aux_weight: float | None = None):
+        if aux_weight is not None and not aux_weight >= 0:
+            raise ValueError(f"aux_weight must be >= 0 (or None for 0.1 N / labels); got {aux_weight}.")
+        self.num_labels, self.label_seed, self.aux_weight = int(num_labels), int(label_seed), aux_weight
+        self.unlabelled_elbo = TraceEnum_ELBO(max_plate_nesting=1)
+        self.labelled_elbo = Trace_ELBO(max_plate_nesting=1)
+        self.labelled_order, self.cursor = None, 0
+
+    def setup(self, model, data, *, batch_size):
+        if not hasattr(model, "num_classes"):
+            raise ValueError(
+                f"The semi-supervised objective needs a model with a class label (pv.SSVAE, pv.StackedSSVAE); "
+                f"got {type(model).__name__}."
+            )
+        if data.train.y is None or data.val.y is None or data.test.y is None:
+            raise DataError("Semi-supervised training needs labels for the train, validation and test splits.")
+        device = data.train.x.device
+        self.labelled = draw_labelled(data.train.y, self.num_labels, model.num_classes, self.label_seed).to(device)
+        is_labelled = torch.zeros(len(data.train), dtype=torch.bool, device=device)
+        is_labelled[self.labelled] = True
+        self.unlabelled = (~is_labelled).nonzero().squeeze(1)
+        if len(self.unlabelled) == 0:
+            raise DataError("Every training point is labelled; use fewer --labels, or train a VAE.")
+        self.num_data = len(data.train)
+        if self.aux_weight is None:
+            self.aux_weight = default_aux_weight(self.num_data, self.num_labels)
+        self.labelled_batch = min(batch_size, self.num_labels)
+        self._enumerated_guide = {}
+
+    def training_points(self, data):
+        return self.unlabelled
+
+    def enumerated_guide(self, model):
+        """The model's guide with y enumerated in parallel (built once per model)."""
+        if id(model) not in self._enumerated_guide:
+            self._enumerated_guide = {id(model): config_enumerate(model.guide, "parallel")}
+        return self._enumerated_guide[id(model)]
+
+    def _next_labelled(self) -> torch.Tensor:
+        """The next labelled batch, from a fresh random order whenever the current one runs out."""
+        if self.labelled_order is None or self.cursor + self.labelled_batch > self.num_labels:
+            self.labelled_order = self.labelled[torch.randperm(self.num_labels, device=self.labelled.device)]
+            self.cursor = 0
+        chosen = self.labelled_order[self.cursor : self.cursor + self.labelled_batch]
+        self.cursor += self.labelled_batch
+        return chosen
+
+    def loss(self, model, data, indices, *, kl_weight):
+        chosen = self._next_labelled()
+        unlabelled = self.unlabelled_elbo.differentiable_loss(
+            model.model,
+            self.enumerated_guide(model),
+            data.batch(indices),
+            kl_weight=kl_weight,
+            num_data=len(self.unlabelled),
+        )
+        labelled = self.labelled_elbo.differentiable_loss(
+            model.model,
+            model.guide,
+            data.batch(chosen),
+            data.train.y[chosen],
+            aux_weight=self.aux_weight,
+            kl_weight=kl_weight,
+            num_data=self.num_labels,
+        )
+        return unlabelled + labelled, self.num_data
+
+    @torch.no_grad()
+    def validate(self, model, split, prefix):
+        was_training = model.training
+        model.eval()
+        guide = self.enumerated_guide(model)
+        loss = sum(
+            self.unlabelled_elbo.loss(model.model, guide, split.x[i : i + 1000]) for i in range(0, len(split), 1000)
+        )
+        model.train(was_training)
+        return {f"{prefix}accuracy": model.accuracy(split.x, split.y), f"{prefix}elbo": -loss / len(split)}
+
+    def state_dict(self):
+        return {"labelled_order": self.labelled_order, "cursor": self.cursor}
+
+    def load_state_dict(self, state):
+        self.labelled_order, self.cursor = state["labelled_order"], state["cursor"]
+        if self.labelled_order is not None:
+            self.labelled_order = self.labelled_order.to(self.labelled.device)
+
+    def config(self):
+        return {
+            "name": self.name,
+            "num_labels": self.num_labels,
+            "label_seed": self.label_seed,
+            "aux_weight": self.aux_weight,
+        }

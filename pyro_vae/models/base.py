@@ -1,0 +1,120 @@
+"""The interface every model implements, and the registry of model types.
+
+A model is an :class:`torch.nn.Module` whose :meth:`~Model.model` and
+:meth:`~Model.guide` are ordinary Pyro programs under the conventions of
+``docs/conventions.md``: one plate named ``"data"`` at dim -1 over the batch,
+the observation site ``"x"``, latent sites inside that plate. Around the two
+programs, the training engine, the run directory, the evaluator and the
+figures rely on a few more members, declared here:
+
+* ``name`` (class attribute): the model's type name, ``"type"`` in its
+  ``config()`` and its key in :data:`MODELS`; :meth:`from_config` rebuilds it;
+* ``x_shape`` and ``z_dim``;
+* :meth:`check_dataset`: refuse data the model cannot take, before any work;
+* ``default_objective``: the training objective that fits the model
+  (a name or config of :data:`pyro_vae.infer.objective.OBJECTIVES`);
+* ``validation_metric``: the history column whose maximum picks the best
+  checkpoint;
+* ``figures``: the names of the figures of :mod:`pyro_vae.plots` that apply,
+  each of which uses only the methods it documents (``sample``,
+  ``reconstruct``, ``latent_means``, ``transfer_style``, ...).
+
+Adding a model is one module: subclass :class:`Model` and decorate it with
+``@register_model``; the command line (``--resume``), :func:`pyro_vae.load_run`,
+the evaluator and the figures then take it.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from typing import TYPE_CHECKING, ClassVar
+
+import pyro
+import torch
+from torch import nn
+
+from ..data import DataError, check_finite_and_nonempty
+from ..registry import Registry
+
+if TYPE_CHECKING:
+    from ..data import Dataset
+
+
+def data_plate(batch_size: int, num_data: int | None, device) -> pyro.plate:
+    """The plate "data" over a batch, scaled by ``num_data / batch_size`` when the batch is a subsample."""
+    if num_data is None or num_data == batch_size:
+        return pyro.plate("data", batch_size, dim=-1)
+    return pyro.plate("data", num_data, subsample=torch.arange(batch_size, device=device), dim=-1)
+
+
+def check_points(x: torch.Tensor, x_shape: tuple[int, ...], likelihood, what: str, model: str) -> None:
+    """Refuse data a model cannot take, naming the fix: empty, NaN/inf, wrong shape, outside the support."""
+    check_finite_and_nonempty(x, what)
+    if tuple(x.shape[1:]) != x_shape:
+        raise DataError(
+            f"The {what} has points of shape {tuple(x.shape[1:])} but the model expects {x_shape} "
+            f"(full shape (N, *x_shape); got {tuple(x.shape)}). Reshape the data or build the {model} with "
+            f"x_shape={tuple(x.shape[1:])}."
+        )
+    likelihood.check_data(x)
+
+
+class Model(nn.Module):
+    """Base class of pyro-vae's models: a Pyro model p(x, z) and guide q(z | x) with what the library needs."""
+
+    name: ClassVar[str]
+    default_objective: ClassVar[str | dict] = "trace"
+    validation_metric: ClassVar[str] = "val_elbo"
+    figures: ClassVar[tuple[str, ...]] = ("learning_curves",)
+    x_shape: tuple[int, ...]
+    z_dim: int
+
+    @abstractmethod
+    def model(self, x=None, *args, **kwargs):
+        """The generative model p(z) p(x | z) as a Pyro program, data in the plate ``"data"``."""
+
+    @abstractmethod
+    def guide(self, x=None, *args, **kwargs):
+        """The inference network q(z | x) as a Pyro program with the model's arguments."""
+
+    @abstractmethod
+    def check_data(self, x: torch.Tensor, what: str = "data") -> None:
+        """Raise :class:`~pyro_vae.data.DataError` naming the fix if the model cannot take ``x``."""
+
+    def check_dataset(self, data: Dataset) -> None:
+        """Check every split as the model will see it, before any training starts."""
+        for split in ("train", "val", "test"):
+            x = getattr(data, split).x
+            if split == "train" and data.binarize == "dynamic":
+                x = x.round()  # batches are resampled binary; the pixels were checked to lie in [0, 1]
+            self.check_data(x, f"{split} data")
+
+    @torch.no_grad()
+    def latent_means(self, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+        """E_q[z | x] of the latent code that the active-unit count and the latent plot use, in batches."""
+        return torch.cat([self.encode(x[i : i + batch_size])[0] for i in range(0, x.shape[0], batch_size)])
+
+    @property
+    def describable(self) -> bool:
+        """Whether :meth:`config` describes the model completely (not so with user-supplied networks)."""
+        return True
+
+    @abstractmethod
+    def config(self) -> dict:
+        """Everything needed to rebuild the model with :meth:`from_config`, with ``"type": self.name``."""
+
+    @classmethod
+    @abstractmethod
+    def from_config(cls, config: dict) -> Model:
+        """The model that :meth:`config` describes (with fresh weights; the checkpoint holds the trained ones)."""
+
+
+#: Model types by name: :func:`build_model` rebuilds a model from its ``config()``.
+MODELS: Registry[type[Model]] = Registry("model type")
+#: Make a model type known by its ``name`` to run directories and the command line (usable as a decorator).
+register_model = MODELS.register
+
+
+def build_model(config: dict) -> Model:
+    """A model from the dict its ``config()`` wrote (its ``"type"``; configs that predate types are VAEs)."""
+    return MODELS.lookup(config.get("type", "vae")).from_config(config)

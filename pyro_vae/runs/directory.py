@@ -1,0 +1,222 @@
+"""The run directory: one module owns its layout, its lock, and loading a run back.
+
+A run directory holds::
+
+    config.json       everything needed to rebuild the model, the data and the training
+    checkpoint.pt     model, optimiser, objective and RNG state, history (after every epoch)
+    best.pt           the same, at the epoch with the best validation metric
+    history.csv       one row per epoch
+    metrics.json      the test evaluation of the best checkpoint
+    test_log_px.npy   per-point test log p(x), written by ``pyro-vae evaluate``
+    figures/          PNG figures
+
+Only one process writes a run directory at a time: :meth:`RunDirectory.lock`
+takes an exclusive ``flock`` on ``.lock`` (which names the holder's process
+id). The kernel drops the lock when its process ends, however it ends, so a
+lock left by a killed process never blocks the next run.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import io
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..data import Dataset, dataset_from_spec
+from ..models import Model, build_model
+from .files import (
+    CheckpointError,
+    atomic_write_bytes,
+    load_checkpoint,
+    read_json,
+    save_checkpoint,
+    write_history_csv,
+    write_json,
+)
+
+
+class RunLocked(CheckpointError):
+    """Another process is writing the run directory."""
+
+
+class RunDirectory:
+    """The files of one run, by name; every read and write of a run goes through here."""
+
+    CONFIG = "config.json"
+    CHECKPOINT = "checkpoint.pt"
+    BEST = "best.pt"
+    HISTORY = "history.csv"
+    METRICS = "metrics.json"
+    LOG_PX = "test_log_px.npy"
+    FIGURES = "figures"
+    LOCK = ".lock"
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunDirectory({str(self.path)!r})"
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    @property
+    def figures(self) -> Path:
+        return self.path / self.FIGURES
+
+    def holds_run(self) -> bool:
+        """Whether a run has been started here (it has a checkpoint)."""
+        return self.file(self.CHECKPOINT).exists()
+
+    def check_fresh(self) -> None:
+        """A new run must not overwrite a finished or interrupted one."""
+        if self.holds_run():
+            raise CheckpointError(f"{self.path} already holds a run; resume it (--resume) or choose another name.")
+
+    def check_resumable(self) -> None:
+        """A run to resume must be here; a folder of runs gets a message that names them."""
+        if self.file(self.CONFIG).exists():
+            return
+        runs = sorted(p for p in self.path.glob(f"*/{self.CONFIG}")) if self.path.is_dir() else []
+        if runs:
+            names = ", ".join(p.parent.name for p in runs)
+            raise CheckpointError(
+                f"{self.path} is a folder of runs ({names}), not a run; resume one of them, "
+                f"e.g. pyro-vae train --resume {runs[-1].parent}"
+            )
+        if not self.path.exists():
+            raise CheckpointError(f"{self.path} does not exist; give the folder of a run, such as runs/<name>.")
+        raise CheckpointError(f"{self.path} holds no pyro-vae run (no {self.CONFIG}); give the folder of a run.")
+
+    # ------------------------------------------------------------- the lock
+    @contextmanager
+    def lock(self):
+        """Hold the run directory for writing; refuse, naming the holder, while another process holds it."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.file(self.LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+                raise RunLocked(
+                    f"{self.path} is being written by another process (pid {holder}); wait for it to finish or stop "
+                    "it, or choose another run name."
+                ) from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            yield self
+        finally:
+            os.close(fd)  # closing drops the lock
+
+    # ---------------------------------------------------------------- files
+    def read_config(self) -> dict:
+        return read_json(self.file(self.CONFIG))
+
+    def write_config(self, config: dict) -> None:
+        write_json(self.file(self.CONFIG), config)
+
+    def save_checkpoint(self, *, best: bool = False, **state) -> None:
+        """The checkpoint (atomically) and the history table; with ``best``, also as the best checkpoint."""
+        save_checkpoint(self.file(self.CHECKPOINT), **state)
+        if best:
+            atomic_write_bytes(self.file(self.BEST), self.file(self.CHECKPOINT).read_bytes())
+        write_history_csv(self.file(self.HISTORY), state["history"])
+
+    def load_checkpoint(self, which: str = "last", map_location="cpu") -> dict:
+        """The last checkpoint, or the best one (``which="best"``; runs older than best.pt give the last)."""
+        if which not in ("last", "best"):
+            raise ValueError(f"checkpoint must be 'last' or 'best'; got {which!r}.")
+        name = self.BEST if which == "best" and self.file(self.BEST).exists() else self.CHECKPOINT
+        return load_checkpoint(self.file(name), map_location=map_location)
+
+    def remove_stale_temporaries(self) -> None:
+        """Temporary files left by a process killed while writing."""
+        for stale in self.path.glob(".*.tmp"):
+            stale.unlink(missing_ok=True)
+
+    def read_metrics(self) -> dict:
+        return read_json(self.file(self.METRICS)) if self.file(self.METRICS).exists() else {}
+
+    def write_metrics(self, metrics: dict) -> None:
+        write_json(self.file(self.METRICS), metrics)
+
+    def write_log_px(self, log_px: np.ndarray) -> None:
+        buffer = io.BytesIO()
+        np.save(buffer, np.asarray(log_px, dtype=np.float64))
+        atomic_write_bytes(self.file(self.LOG_PX), buffer.getvalue())
+
+    def read_log_px(self) -> np.ndarray:
+        if not self.file(self.LOG_PX).exists():
+            raise ValueError(f"{self.path} has no per-point log p(x); run `pyro-vae evaluate {self.path}` first.")
+        return np.load(self.file(self.LOG_PX))
+
+
+def model_config_matches(saved: dict | None, current: dict | None) -> bool:
+    """Whether two model configs describe the same model (configs that predate model types are VAEs)."""
+    if saved is None or current is None:
+        return saved == current
+    return {"type": "vae", **saved} == {"type": "vae", **current}
+
+
+@dataclass
+class Run:
+    """A trained run: the model with its weights, the config, the per-epoch history and the checkpoint's epoch."""
+
+    path: Path
+    model: Model
+    config: dict
+    history: list[dict]
+    epoch: int
+
+    @property
+    def vae(self) -> Model:
+        """The run's model (of any type; the name is kept from when every run held a VAE)."""
+        return self.model
+
+    @property
+    def directory(self) -> RunDirectory:
+        return RunDirectory(self.path)
+
+    def load_data(self) -> Dataset:
+        """The data set the run was trained on, rebuilt from its config."""
+        if self.config["data"] is None:
+            raise ValueError(f"{self.path} was trained on user tensors; load them yourself.")
+        return dataset_from_spec(self.config["data"])
+
+
+def load_run(path: str | Path, *, model: Model | None = None, checkpoint: str = "best", map_location="cpu") -> Run:
+    """Rebuild a run's model from ``config.json`` and load a checkpoint into it (``weights_only=True``).
+
+    :param model: for a run whose model has custom networks (its config cannot
+        describe them): its weights are loaded into this module.
+    :param checkpoint: ``"best"`` (by the model's validation metric; what
+        ``metrics.json`` reports) or ``"last"``.
+    """
+    run = RunDirectory(path)
+    config = run.read_config()
+    state = run.load_checkpoint(checkpoint, map_location=map_location)
+    if not model_config_matches(state["config"]["model"], config["model"]):
+        raise CheckpointError(
+            f"{run.file(run.CONFIG)} describes a different model than {run.file(run.CHECKPOINT)}; "
+            "restore the config.json that was written with this checkpoint."
+        )
+    if model is None:
+        if config["model"] is None:
+            raise ValueError(f"{run.path} used custom networks; build the same model and pass it as model=.")
+        model = build_model(config["model"])
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as err:
+        raise CheckpointError(f"The weights in {run.path} do not fit the model: {err}") from err
+    model.to(torch.device(map_location) if isinstance(map_location, str) else map_location)
+    return Run(run.path, model.eval(), config, list(state["history"]), state["epoch"])

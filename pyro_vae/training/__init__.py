@@ -1,0 +1,6 @@
+"""Training: the one engine (:mod:`.engine`), its KL schedule, Ctrl-C handling, and several processes."""
+
+from .engine import TrainingDiverged, TrainingInterrupted, fit
+from .parallel import LightningProcesses, ReplicasDiverged, SingleProcess
+
+__all__ = ["LightningProcesses", "ReplicasDiverged", "SingleProcess", "TrainingDiverged", "TrainingInterrupted", "fit"]

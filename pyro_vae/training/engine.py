@@ -1,0 +1,452 @@
+"""The training engine: one loop for every model and objective.
+
+:func:`fit` trains any :class:`~pyro_vae.models.Model` (a VAE, M2, M1+M2, or
+a model of the user's) with any :class:`~pyro_vae.infer.objective.Objective`
+(the ELBO, the IWAE bound, the semi-supervised J) by stochastic variational
+inference: each step computes the objective's differentiable loss of the
+model and guide on a minibatch and takes one Adam step over all the model's
+parameters. That is what ``SVI(model, guide, pyro.optim.Adam(...), loss).step``
+does, with one torch optimiser instead of one per parameter.
+
+Whatever the model and objective, the engine guarantees:
+
+* **exact resume**: a checkpoint after every epoch holds the model, the
+  optimiser, the objective's state, every random number generator, the
+  history and, after Ctrl-C, the position within the epoch (its batch order
+  and running totals); ``resume=True`` continues bit for bit as if the run
+  had never stopped;
+* **Ctrl-C** finishes the current step, saves that position and raises
+  :class:`TrainingInterrupted`, whose message is the command that resumes;
+* **a non-finite loss** leaves the parameters untouched and raises
+  :class:`TrainingDiverged`, naming the epoch, the step and the fix; the
+  last checkpoint on disk is kept;
+* **the best checkpoint** by the model's ``validation_metric`` (the
+  validation ELBO for a VAE, the accuracy for M2) in ``best.pt``; at the end
+  the model holds the best epoch's weights and ``metrics.json`` their test
+  evaluation;
+* a progress bar, and one summary line per epoch even without it;
+* **one writer**: the run directory is locked while the run writes it.
+
+KL warm-up and beta: the KL weight ``beta * min(1, step / warmup_steps)``
+(:mod:`.schedules`) reaches the latent sites through ``poutine.scale``. The
+validation numbers are always the true ELBO, with unscaled densities.
+Several processes (Lightning DDP) run this same loop; :mod:`.parallel` holds
+what differs.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import pyro
+import torch
+from tqdm.auto import tqdm
+
+from .._version import __version__
+from ..data import Dataset, make_dataset
+from ..infer import build_objective, log_marginal_likelihood
+from ..infer.objective import Objective
+from ..models import Model
+from ..runs.directory import RunDirectory, model_config_matches
+from ..runs.files import CheckpointError, restore_rng, rng_state
+from .interrupts import InterruptRequests
+from .parallel import ReplicasDiverged, SingleProcess, parameter_digest
+from .schedules import kl_weight_schedule
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """Training stopped at a SIGINT (Ctrl-C) after finishing its current step and saving."""
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``"auto"`` picks CUDA when there is a GPU; an unavailable CUDA gets a clear error."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"Unknown device {device!r}; use cpu, cuda, cuda:N or auto.") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but PyTorch sees no GPU here; use --device cpu.")
+    return device
+
+
+def adam(parameters, lr: float, device: torch.device) -> torch.optim.Adam:
+    """torch's Adam, fused into one kernel for all parameters where torch has one (CPU and CUDA)."""
+    return torch.optim.Adam(parameters, lr=lr, fused=device.type in ("cpu", "cuda"))
+
+
+def as_dataset(data) -> Dataset:
+    """``data`` itself, or a tensor or array of points (N, *x_shape) wrapped by :func:`pyro_vae.make_dataset`."""
+    if isinstance(data, Dataset):
+        return data
+    if isinstance(data, torch.Tensor | np.ndarray):
+        return make_dataset(data)
+    raise TypeError(
+        f"fit needs a pv.Dataset, or a tensor or array of shape (N, *x_shape); got {type(data).__name__}. "
+        "Build a Dataset with pv.load_dataset(...) or pv.make_dataset(x, y)."
+    )
+
+
+def as_objective(objective, model: Model) -> Objective:
+    """An :class:`Objective`, from itself, a short name, a config dict, or None (the model's default)."""
+    if isinstance(objective, Objective):
+        return objective
+    return build_objective(model.default_objective if objective is None else objective)
+
+
+def check_settings(objective: Objective, **settings) -> None:
+    """Refuse impossible training settings before any work, naming the valid range."""
+    checks = {
+        "epochs": (settings["epochs"] >= 0, "an integer >= 0"),
+        "batch_size": (settings["batch_size"] >= 1, "an integer >= 1"),
+        "lr": (settings["lr"] > 0 and math.isfinite(settings["lr"]), "a number > 0"),
+        "beta": (settings["beta"] > 0 and math.isfinite(settings["beta"]), "a number > 0"),
+        "warmup_epochs": (settings["warmup_epochs"] >= 0 and math.isfinite(settings["warmup_epochs"]), "a number >= 0"),
+        "eval_samples": (settings["eval_samples"] >= 0, "an integer >= 0 (0 skips the test log p(x))"),
+    }
+    for name, (valid, what) in checks.items():
+        if not valid:
+            raise ValueError(f"{name} must be {what}; got {settings[name]}.")
+    if not objective.supports_kl_weight and (settings["warmup_epochs"] or settings["beta"] != 1.0):
+        raise ValueError(
+            f"KL warm-up and beta do not apply to the {objective.name!r} objective; use the 'trace' ELBO for them."
+        )
+
+
+def take_step(
+    model: Model,
+    objective: Objective,
+    optimizer: torch.optim.Optimizer,
+    data: Dataset,
+    indices: torch.Tensor,
+    *,
+    kl_weight: float = 1.0,
+    processes: SingleProcess | None = None,
+) -> tuple[float, float]:
+    """One step of stochastic variational inference on the points at ``indices``, over every process.
+
+    Returns the loss summed over the processes and the number of points it
+    stands for. The same update as ``SVI(model.model, model.guide,
+    pyro.optim.Adam(...), loss).step(x)`` (``tests/test_train.py`` checks that
+    the parameters agree), with one torch optimiser over all parameters. A
+    non-finite loss leaves the parameters untouched.
+    """
+    processes = processes or SingleProcess()
+    loss, count = objective.loss(model, data, indices, kl_weight=kl_weight)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    totals = torch.tensor([loss.item(), float(count)], dtype=torch.float64)
+    if processes.world_size > 1:
+        totals = processes.all_reduce(totals.to(processes.device)).cpu()
+    total, count = totals.tolist()
+    if math.isfinite(total):
+        processes.average_gradients([p for p in model.parameters() if p.requires_grad])
+        optimizer.step()
+    return total, count
+
+
+def fit(
+    model: Model,
+    data,
+    *,
+    objective: Objective | str | dict | None = None,
+    epochs: int = 20,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    warmup_epochs: float = 0.0,
+    beta: float = 1.0,
+    seed: int = 0,
+    device: str | torch.device | None = "cpu",
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+    eval_samples: int = 0,
+    progress: bool = True,
+    processes: SingleProcess | None = None,
+) -> list[dict]:
+    """Train ``model`` on ``data`` and return the history, one dict per epoch.
+
+    Row 0 evaluates the untrained model. Each row holds ``train_objective``
+    (the mean annealed objective per point over the epoch's batches),
+    ``kl_weight``, the objective's validation metrics (``val_elbo`` and its
+    terms; ``val_accuracy`` for the semi-supervised objective), ``seconds``
+    (the optimisation pass) and ``val_seconds`` (the validation).
+
+    :param data: a :class:`~pyro_vae.data.Dataset`, or a tensor or array of points.
+    :param objective: an :class:`~pyro_vae.infer.objective.Objective`, its short name
+        (``"trace"``, ``"meanfield"``, ``"iwae"``, ``"semi-supervised"``) or config
+        dict (``{"name": "iwae", "num_particles": 50}``); by default the model's own.
+    :param warmup_epochs: epochs over which the KL weight rises linearly to ``beta``.
+    :param beta: final weight of the KL term (1 gives the ELBO).
+    :param run_dir: write config, checkpoints, history and metrics here.
+    :param resume: continue from ``run_dir``'s checkpoint up to ``epochs`` in all.
+    :param eval_samples: K of a test log p(x) of the best checkpoint in ``metrics.json``; 0 skips it.
+    :param processes: :class:`~pyro_vae.training.parallel.LightningProcesses` to train on several.
+    """
+    objective = as_objective(objective, model)
+    settings = dict(
+        epochs=epochs, batch_size=batch_size, lr=lr, warmup_epochs=warmup_epochs, beta=beta, eval_samples=eval_samples
+    )
+    check_settings(objective, **settings)
+    if resume and run_dir is None:
+        raise ValueError("resume=True needs the run_dir to resume from.")
+    processes = processes or SingleProcess()
+    device = processes.device or resolve_device(device)
+    data = as_dataset(data)
+    engine = _Engine(model, data.to(device), objective, processes, device, settings, seed, progress)
+    run = None if run_dir is None else RunDirectory(run_dir)
+    if run is None or not processes.is_writer:
+        return engine.train(run, resume)
+    if resume:
+        run.check_resumable()
+    else:
+        run.check_fresh()  # before the lock makes the folder, so that a refused run leaves nothing behind
+    with run.lock():
+        if not resume:
+            run.check_fresh()  # again: another process may have started it meanwhile
+        return engine.train(run, resume)
+
+
+class _Engine:
+    """One call of :func:`fit`: the model, data, objective and optimiser, and the loop over them."""
+
+    def __init__(self, model, data, objective, processes, device, settings, seed, progress):
+        self.model, self.data, self.objective, self.processes = model, data, objective, processes
+        self.device, self.settings, self.seed, self.progress = device, settings, seed, progress
+        model.to(device)
+        model.check_dataset(data)
+        objective.setup(model, data, batch_size=settings["batch_size"])
+        processes.share(model)
+        self.optimizer = adam(model.parameters(), settings["lr"], device)
+        self.points = objective.training_points(data)
+        self.global_batch = settings["batch_size"] * processes.world_size
+        self.steps_per_epoch = math.ceil(len(self.points) / self.global_batch)
+        self.warmup_steps = round(settings["warmup_epochs"] * self.steps_per_epoch)
+        self.config = {
+            "pyro_vae_version": __version__,
+            "model": model.config() if model.describable else None,
+            "data": data.spec,
+            "train": {
+                "epochs": settings["epochs"],
+                "batch_size": settings["batch_size"],
+                "lr": settings["lr"],
+                "objective": objective.config(),
+                "warmup_epochs": settings["warmup_epochs"],
+                "beta": settings["beta"],
+                "seed": seed,
+                "device": str(device),
+                "eval_samples": settings["eval_samples"],
+            },
+        }
+        if processes.config() is not None:
+            self.config["distributed"] = processes.config()
+        self.metric = model.validation_metric
+        self.history: list[dict] = []
+        self.best_epoch, self.best_state = 0, None
+        self.run: RunDirectory | None = None
+
+    # --------------------------------------------------------------- start
+    def train(self, run: RunDirectory | None, resume: bool) -> list[dict]:
+        self.run = run if self.processes.is_writer else None
+        position, start_epoch = self._resume(run) if resume else self._start_fresh()
+        epochs = self.settings["epochs"]
+        with InterruptRequests() as interrupt:
+            for epoch in range(start_epoch + 1, epochs + 1):
+                self._train_epoch(epoch, position, interrupt)
+                position = None
+                if self._interrupted(interrupt) and epoch < epochs:
+                    raise self._interruption(f"after epoch {epoch}")
+        self._finish()
+        return self.history
+
+    def _start_fresh(self) -> tuple[None, int]:
+        pyro.set_rng_seed(self.seed + self.processes.rank)
+        self.history = [{"epoch": 0, **self._validate()}]
+        self.best_epoch = 0
+        if self.run is not None:
+            self.run.write_config(self.config)
+        self._save(0, best=True)
+        return None, 0
+
+    def _resume(self, run: RunDirectory) -> tuple[dict | None, int]:
+        if self.processes.is_writer:
+            run.remove_stale_temporaries()
+        state = run.load_checkpoint("last", map_location=self.device)
+        saved = state["config"]["model"]
+        if not model_config_matches(saved, self.config["model"]):
+            raise CheckpointError(
+                f"The checkpoint in {run.path} was written for the model {saved}, not {self.config['model']}; "
+                "rebuild the model from the run's config.json (pyro_vae.load_run)."
+            )
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.history, epoch = list(state["history"]), state["epoch"]
+        self.best_epoch = state["best_epoch"] if state["best_epoch"] is not None else self._best_epoch_of_history()
+        world, rank = self.processes.world_size, self.processes.rank
+        per_rank = state["rng"].get("per_rank")
+        if world == 1 and per_rank is None:
+            restore_rng(state["rng"])
+            self.objective.load_state_dict(state["objective"])
+        elif per_rank is not None and len(per_rank) == world:
+            restore_rng(per_rank[rank])
+            self.objective.load_state_dict(state["objective"]["per_rank"][rank])
+        else:  # another number of processes: a fresh stream per process and resumption
+            pyro.set_rng_seed(self.seed + world * epoch + rank)
+        if self.run is not None:
+            self.run.write_config(self.config)  # records the new epoch target
+        return state["position"], epoch
+
+    def _best_epoch_of_history(self) -> int:
+        scored = [row for row in self.history if self.metric in row]
+        return max(scored, key=lambda row: row[self.metric])["epoch"] if scored else self.history[-1]["epoch"]
+
+    # --------------------------------------------------------------- epochs
+    def _train_epoch(self, epoch: int, position: dict | None, interrupt: InterruptRequests) -> None:
+        started = time.perf_counter()
+        if position is None:
+            order = self.points[torch.randperm(len(self.points), device=self.device)]
+            position = {"epoch": epoch, "step": 0, "total": 0.0, "count": 0, "order": self.processes.broadcast(order)}
+        order, rank, world = position["order"], self.processes.rank, self.processes.world_size
+        self.model.train()
+        bar = tqdm(
+            range(position["step"], self.steps_per_epoch),
+            desc=f"epoch {epoch}/{self.settings['epochs']}",
+            leave=False,
+            disable=not (self.progress and self.processes.is_writer),
+        )
+        kl_weight = self.settings["beta"]
+        for step in bar:
+            global_step = (epoch - 1) * self.steps_per_epoch + step
+            kl_weight = kl_weight_schedule(global_step, beta=self.settings["beta"], warmup_steps=self.warmup_steps)
+            batch = order[step * self.global_batch : (step + 1) * self.global_batch][rank::world]
+            # Pyro's argument and support checks run on the first step only; they cost time on every step.
+            with pyro.validation_enabled(global_step == 0):
+                total, count = take_step(
+                    self.model, self.objective, self.optimizer, self.data, batch, kl_weight=kl_weight,
+                    processes=self.processes,
+                )  # fmt: skip
+            stop = self._interrupted(interrupt)
+            if not math.isfinite(total):
+                last = f"; the last checkpoint in {self.run.path} is kept." if self.run is not None else "."
+                raise TrainingDiverged(
+                    f"The loss became {total} at epoch {epoch}, step {step + 1}. Lower the learning rate "
+                    f"(now {self.settings['lr']:g}) or check the data for extreme values{last}"
+                )
+            position.update(step=step + 1, total=position["total"] + total, count=position["count"] + count)
+            if self.progress and step % 25 == 0:
+                bar.set_postfix(objective=f"{-position['total'] / position['count']:.2f}")
+            if stop and step + 1 < self.steps_per_epoch:
+                self._save(epoch - 1, position=position)
+                raise self._interruption(f"at epoch {epoch}, step {step + 1} of {self.steps_per_epoch}")
+        bar.close()
+        trained = time.perf_counter()
+        row = {"epoch": epoch, "train_objective": -position["total"] / position["count"], "kl_weight": kl_weight}
+        row.update(self._validate())
+        row.update(seconds=trained - started, val_seconds=time.perf_counter() - trained)
+        self.history.append(row)
+        self._summarise(row)
+        best = self.metric not in row or row[self.metric] > self.history[self.best_epoch_index][self.metric]
+        best = bool(self.processes.broadcast(torch.tensor([float(best)], device=self.device)).item())  # process 0's
+        if best:
+            self.best_epoch = epoch
+        self._save(epoch, best=best)
+
+    @property
+    def best_epoch_index(self) -> int:
+        return next(i for i, row in enumerate(self.history) if row["epoch"] == self.best_epoch)
+
+    def _interrupted(self, interrupt: InterruptRequests) -> bool:
+        flag = torch.tensor([float(interrupt.requested)], dtype=torch.float64, device=self.device)
+        return bool(self.processes.all_reduce(flag).item() > 0)
+
+    def _interruption(self, where: str) -> TrainingInterrupted:
+        resume = (
+            f"; saved to {self.run.path}. Continue with: pyro-vae train --resume {self.run.path}" if self.run else "."
+        )
+        return TrainingInterrupted(f"Interrupted {where}{resume}")
+
+    def _validate(self) -> dict:
+        if not self.processes.is_writer:
+            return {}
+        return self.objective.validate(self.model, self.data.val, "val_")
+
+    def _summarise(self, row: dict) -> None:
+        if not self.processes.is_writer:
+            return
+        metrics = "  ".join(
+            f"{key} {100 * value:.2f}%" if key.endswith("accuracy") else f"{key} {value:.3f}"
+            for key, value in row.items()
+            if key.startswith("val_") and key in ("val_elbo", "val_accuracy", self.metric)
+        )
+        tqdm.write(
+            f"epoch {row['epoch']:3d}/{self.settings['epochs']}  train objective {row['train_objective']:.3f}  "
+            f"{metrics}  ({row['seconds']:.1f} s)"
+        )
+
+    # ---------------------------------------------------------------- saving
+    def _save(self, epoch: int, *, best: bool = False, position: dict | None = None) -> None:
+        """The checkpoint after ``epoch`` (every process's RNG and objective state), and the best weights."""
+        rngs = self.processes.gather(rng_state())
+        objective_states = self.processes.gather(self.objective.state_dict())
+        if self.run is None:
+            if best:  # kept in memory, since there is no best.pt
+                self.best_state = copy.deepcopy(self.model.state_dict())
+            return
+        world = self.processes.world_size
+        self.run.save_checkpoint(
+            best=best,
+            model_state=self.model.state_dict(),
+            optimizer_state=self.optimizer.state_dict(),
+            epoch=epoch,
+            history=self.history,
+            config=self.config,
+            position=position,
+            objective_state=objective_states[0] if world == 1 else {"per_rank": objective_states},
+            best_epoch=self.best_epoch,
+            rng=rngs[0] if world == 1 else {**rngs[0], "per_rank": rngs},
+        )
+
+    def _finish(self) -> None:
+        """Every process ends with the best weights; process 0 writes their test metrics."""
+        digests = self.processes.gather(parameter_digest(self.model))
+        if len(set(digests)) != 1:
+            raise ReplicasDiverged(f"The {len(digests)} processes ended with different parameters: {digests}.")
+        if self.run is not None and self.run.file(self.run.BEST).exists():
+            self.best_state = self.run.load_checkpoint("best", map_location=self.device)["model"]
+        best = self.best_state if self.best_state is not None else self.model.state_dict()
+        self.model.load_state_dict(best)
+        if self.run is None:
+            return
+        metrics = {"best_epoch": self.best_epoch}
+        best_row = self.history[self.best_epoch_index]
+        if self.metric in best_row:
+            metrics[self.metric] = best_row[self.metric]
+        metrics.update(self.objective.validate(self.model, self.data.test, "test_"))
+        if self.settings["eval_samples"]:
+            self.model.eval()
+            estimate = log_marginal_likelihood(
+                self.model.model,
+                self.model.guide,
+                self.data.test.x,
+                num_samples=self.settings["eval_samples"],
+                batch_size=100,
+                progress=self.progress,
+            )
+            metrics.update({f"test_{key}": value for key, value in estimate.summary().items()})
+        metrics.update(
+            num_test=len(self.data.test),
+            binarize=self.data.binarize,
+            epochs=self.settings["epochs"],
+            train_seconds=sum(row["seconds"] + row.get("val_seconds", 0.0) for row in self.history[1:]),
+        )
+        if self.processes.world_size > 1:
+            metrics.update(world_size=self.processes.world_size, replica_parameter_digests=digests)
+        self.run.write_metrics(metrics)

@@ -1,0 +1,142 @@
+"""The processes a training run spans: one, or many through Lightning Fabric (data-parallel, DDP).
+
+The training engine runs the same loop on every process. What differs is
+collected here, behind one small interface:
+
+* :class:`SingleProcess`: the ordinary case, where every collective is the identity;
+* :class:`LightningProcesses`: ``lightning.fabric.Fabric`` launches and connects
+  the processes (``devices`` per node on ``num_nodes`` machines; Lightning's
+  ``ddp`` strategy starts the local ones by re-running the command, and
+  ``torchrun`` or SLURM can start them all). Each process draws its own
+  share of every global batch; after each backward pass the gradients are
+  averaged over the processes in one all-reduce (what DDP does), so that
+  every replica takes the same Adam step.
+
+Lightning is an optional dependency: ``pip install "pyro-vae[distributed]"``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+
+def parameter_digest(module: torch.nn.Module) -> str:
+    """SHA-256 of every parameter's bytes, in ``state_dict`` order: equal digests mean identical parameters."""
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+class ReplicasDiverged(RuntimeError):
+    """The processes of a data-parallel run ended with different parameters."""
+
+
+class SingleProcess:
+    """One process: collectives are the identity."""
+
+    world_size = 1
+    rank = 0
+    device: torch.device | None = None
+
+    @property
+    def is_writer(self) -> bool:
+        """Whether this process writes the run directory (process 0)."""
+        return self.rank == 0
+
+    def config(self) -> dict | None:
+        """How the processes were launched, for the run's config (None for one process)."""
+        return None
+
+    def share(self, model: torch.nn.Module) -> None:
+        """Give every process process 0's parameters."""
+
+    def broadcast(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Process 0's ``tensor`` on every process."""
+        return tensor
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The sum of ``tensor`` over the processes."""
+        return tensor
+
+    def average_gradients(self, parameters: list[torch.nn.Parameter]) -> None:
+        """Replace every gradient by its mean over the processes."""
+
+    def gather(self, obj) -> list:
+        """``obj`` of every process, in rank order."""
+        return [obj]
+
+    def barrier(self) -> None:
+        """Wait for every process."""
+
+
+class LightningProcesses(SingleProcess):
+    """Several processes launched and connected by ``lightning.fabric.Fabric``.
+
+    :param devices: processes (CPU) or GPUs per node, or ``"auto"``.
+    :param num_nodes: machines.
+    :param strategy: a Fabric strategy with a process group, e.g. ``"ddp"``.
+    :param accelerator: ``"cpu"``, ``"gpu"`` or ``"auto"``.
+    """
+
+    def __init__(self, devices: int | str = "auto", num_nodes: int = 1, strategy: str = "ddp", accelerator="cpu"):
+        try:
+            from lightning.fabric import Fabric
+        except ImportError as err:
+            raise ValueError(
+                f"Training on several processes needs PyTorch Lightning ({err}); "
+                'install it with: pip install "pyro-vae[distributed]"'
+            ) from err
+        self.settings = {"devices": devices, "num_nodes": num_nodes, "strategy": strategy, "accelerator": accelerator}
+        self.fabric = Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy)
+        self.fabric.launch()
+        self.world_size, self.rank, self.device = self.fabric.world_size, self.fabric.global_rank, self.fabric.device
+
+    def config(self) -> dict:
+        return {**self.settings, "world_size": self.world_size}
+
+    def _distributed(self) -> bool:
+        return self.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
+
+    def share(self, model):
+        if self._distributed():
+            for tensor in model.state_dict().values():
+                torch.distributed.broadcast(tensor, src=0)
+
+    def broadcast(self, tensor):
+        if self._distributed():
+            tensor = tensor.contiguous()
+            torch.distributed.broadcast(tensor, src=0)
+        return tensor
+
+    def all_reduce(self, tensor):
+        if self._distributed():
+            tensor = tensor.clone()
+            torch.distributed.all_reduce(tensor)
+        return tensor
+
+    def average_gradients(self, parameters):
+        if not self._distributed():
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        torch.distributed.all_reduce(flat)
+        flat /= self.world_size
+        offset = 0
+        for p, g in zip(parameters, grads, strict=True):
+            p.grad = flat[offset : offset + g.numel()].view_as(p).clone()
+            offset += g.numel()
+
+    def gather(self, obj):
+        if not self._distributed():
+            return [obj]
+        out = [None] * self.world_size
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def barrier(self):
+        if self._distributed():
+            torch.distributed.barrier()

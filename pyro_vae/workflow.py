@@ -1,0 +1,84 @@
+"""Train and write a complete run directory, figures included; resume one from its directory alone.
+
+:func:`train_run` is what ``pyro-vae train`` does, for any model and data
+set from Python: :func:`~pyro_vae.training.engine.fit` writes the config,
+checkpoints, history and test metrics, then the figures the model declares
+are drawn into ``figures/``. :func:`resume_run` rebuilds the model, the data
+and the objective from the run's ``config.json`` and continues it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .data import Dataset, dataset_from_spec
+from .models import Model, build_model
+from .plots import save_figures
+from .runs import CheckpointError, Run, RunDirectory
+from .training.engine import as_dataset, fit
+
+
+def train_run(model: Model, data, run_dir: str | Path, **settings) -> Run | None:
+    """Train ``model`` on ``data`` with :func:`~pyro_vae.training.engine.fit` into ``run_dir``, then draw its figures.
+
+    Takes every keyword argument of ``fit``. Returns the :class:`~pyro_vae.runs.Run`, whose
+    model holds the best epoch's weights; on a data-parallel run's processes other than
+    the first (which writes the run), None.
+    """
+    data = as_dataset(data)
+    history = fit(model, data, run_dir=run_dir, **settings)
+    processes = settings.get("processes")
+    if processes is not None and not processes.is_writer:
+        return None
+    directory = RunDirectory(run_dir)
+    model.cpu()
+    with directory.lock():
+        save_figures(model, data.to("cpu"), history, directory.figures)
+    state = directory.load_checkpoint("best")
+    return Run(directory.path, model, directory.read_config(), history, state["epoch"])
+
+
+def training_settings(config: dict) -> dict:
+    """The keyword arguments of ``fit`` that a run's ``config.json`` recorded (older runs' layout included)."""
+    train = dict(config["train"])
+    if "objective" not in train:  # written before objectives were pluggable
+        if train.pop("semi_supervised", False):
+            keys = ("num_labels", "label_seed", "aux_weight")
+            train["objective"] = {"name": "semi-supervised", **{key: train.pop(key) for key in keys if key in train}}
+        else:
+            train["objective"] = {"name": train.pop("elbo", "trace"), "num_particles": train.pop("num_particles", 1)}
+    return train
+
+
+def resume_run(
+    run_dir: str | Path,
+    *,
+    epochs: int | None = None,
+    model: Model | None = None,
+    data: Dataset | None = None,
+    **settings,
+) -> Run | None:
+    """Continue the run in ``run_dir`` up to ``epochs`` in all (by default its own target), then redraw its figures.
+
+    The model, data and objective are rebuilt from ``config.json``; pass
+    ``model`` for a run with custom networks and ``data`` for one trained on
+    your own tensors. Other keyword arguments (``progress``, ``processes``,
+    ``device``) override the recorded ones.
+    """
+    directory = RunDirectory(run_dir)
+    directory.check_resumable()
+    config = directory.read_config()
+    if model is None:
+        if config["model"] is None:
+            raise CheckpointError(f"{directory.path} used custom networks; pass the same model as model=.")
+        model = build_model(config["model"])
+    if data is None:
+        if config["data"] is None:
+            raise CheckpointError(f"{directory.path} was trained on your own tensors; pass them as data=.")
+        data = dataset_from_spec(config["data"])
+    train = {**training_settings(config), **settings}
+    if epochs is not None:
+        train["epochs"] = epochs
+    if "processes" in settings:
+        train.pop("device", None)
+    return train_run(model, data, directory.path, resume=True, **train)
