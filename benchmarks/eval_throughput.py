@@ -9,7 +9,7 @@ throughput measured here, in the same run, on the decoder's own shapes, by
 the fastest method PyTorch offers on this CPU (``torch.mm`` or MKL's GEMM on
 packed weights): bound rate = matmul FLOP/s / FLOPs per sample. The evaluator's time is that of
 whole calls, so it includes recording and compiling the replayed pass
-(:mod:`pyro_vae.replay`), which a call of 2,000 points at K = 5000 (2,500
+(:mod:`pyro_vae.accel.replay`), which a call of 2,000 points at K = 5000 (2,500
 passes) pays once.
 
 The peer is pythae's ``VAE.get_nll`` (``pip install pythae``; skipped when it

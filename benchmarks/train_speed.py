@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 import pyro_vae as pv
-from pyro_vae.nets import MLPDecoder, MLPEncoder
+from pyro_vae.components.nets import MLPDecoder, MLPEncoder
 
 Z_DIM, HIDDEN, LR = 20, (400,), 1e-3
 

@@ -11,6 +11,10 @@ extensions = [
     "myst_parser",
     "sphinx.ext.autodoc",
     "sphinx.ext.mathjax",
+    # Copies MathJax 3.2.2 (script and fonts) into _static/mathjax and sets mathjax_path to it, so the
+    # equations render without a network (sphinx.ext.mathjax alone loads MathJax from a CDN). It does
+    # not declare parallel-read safety, so a build with -j N warns, which -W turns into an error.
+    "sphinx-mathjax-offline",
     "sphinx.ext.viewcode",
 ]
 source_suffix = {".md": "markdown", ".rst": "restructuredtext"}

@@ -9,45 +9,67 @@ dynamically binarised MNIST, estimates each one's test log p(x) with K
 importance samples, and prints the ``pyro-vae compare`` table: log p(x) +-
 standard error, and each model's paired difference to the best.
 
-Every step is the ``pyro-vae`` command, so the study is also a recipe:
-``pyro-vae train --prior vamp ...``, ``pyro-vae evaluate``, ``pyro-vae
-compare``. It is resumable: run it again after an interruption and finished
-runs are kept, a half-trained one continues from its last epoch; run it
-again with more ``--epochs`` and every run trains on from where it stopped
-(bit-identical to training that long in one go) and is evaluated again.
+Every step is one call of the Python API that the ``pyro-vae`` command
+runs, so the study is also a recipe: ``pv.train_run`` is ``pyro-vae train
+--prior vamp ...``, ``pv.evaluate_run`` is ``pyro-vae evaluate`` and
+``pv.compare_runs`` is ``pyro-vae compare``. It is resumable: run it again
+after an interruption and finished runs are kept, a half-trained one
+continues from its last epoch (``pv.resume_run``); run it again with more
+``--epochs`` and every run trains on from where it stopped (bit-identical to
+training that long in one go) and is evaluated again.
 """
 
 import argparse
 from pathlib import Path
 
-from pyro_vae import cli, load_run
-from pyro_vae.checkpoint import read_json
+import pyro
+
+import pyro_vae as pv
+from pyro_vae.evaluate import comparison_csv, comparison_markdown
 from pyro_vae.plots import plot_samples_side_by_side
 
 PRIORS = {"standard-normal": "standard normal", "mixture": "mixture of Gaussians", "vamp": "VampPrior"}
 
 
-def run_cli(*argv: str) -> None:
-    if cli.main(list(argv)) != 0:
-        raise SystemExit(f"pyro-vae {argv[0]} failed")
+def new_run(prior: str, args, run: Path) -> None:
+    """``pyro-vae train --prior PRIOR --z-dim 40 --hidden 300 300 --batch-size 100 ...``, from Python."""
+    pyro.set_rng_seed(args.seed)
+    prior_config = {"name": prior}
+    if args.components and prior != "standard-normal":
+        prior_config["num_components"] = args.components
+    prior_module = pv.priors.build_prior(prior_config)
+    data = pv.load_dataset("mnist", binarize="dynamic", seed=args.seed)  # the embedded copy, no network
+    if args.subset:
+        data = data.subset(train=args.subset, val=max(args.subset // 5, 1), test=max(args.subset // 5, 1))
+    vae = pv.VAE(
+        data.x_shape,
+        z_dim=40,
+        prior=prior_module,
+        likelihood=pv.likelihoods.Bernoulli(),
+        hidden=(300, 300),
+    )
+    pv.train_run(
+        vae, data, run, objective="trace", epochs=args.epochs, batch_size=100, lr=1e-3,
+        warmup_epochs=args.warmup_epochs, seed=args.seed, eval_samples=0, progress=False,
+    )  # fmt: skip
 
 
 def train_and_evaluate(prior: str, args, out: Path) -> Path:
     run = out / prior
-    if not (run / "config.json").exists():
-        components = ["--components", str(args.components)] if args.components and prior != "standard-normal" else []
-        subset = ["--subset", str(args.subset)] if args.subset else []
-        run_cli(
-            "train", "--prior", prior, *components, *subset,
-            "--z-dim", "40", "--hidden", "300", "300", "--batch-size", "100", "--lr", "1e-3",
-            "--epochs", str(args.epochs), "--warmup-epochs", str(args.warmup_epochs), "--seed", str(args.seed),
-            "--out", str(out), "--name", prior, "--no-progress",
-        )  # fmt: skip
-    elif max(args.epochs, read_json(run / "config.json")["train"]["epochs"]) > load_run(run).epoch:
-        run_cli("train", "--resume", str(run), "--epochs", str(args.epochs), "--no-progress")
-    metrics = read_json(run / "metrics.json")
-    if metrics.get("test_num_samples") != args.samples or metrics.get("epochs") != load_run(run).epoch:
-        run_cli("evaluate", str(run), "--samples", str(args.samples), "--no-progress")
+    directory = pv.RunDirectory(run)
+    if not directory.holds_run():
+        new_run(prior, args, run)
+    elif max(args.epochs, directory.read_config()["train"]["epochs"]) > directory.load_checkpoint("last")["epoch"]:
+        pv.resume_run(run, epochs=args.epochs, progress=False)
+    metrics = directory.read_metrics()
+    last_epoch = directory.load_checkpoint("last")["epoch"]
+    evaluated = directory.file(directory.LOG_PX).exists() and metrics.get("test_num_samples") == args.samples
+    if not evaluated or metrics.get("epochs") != last_epoch:
+        metrics = pv.evaluate_run(run, num_samples=args.samples, progress=False)
+    print(
+        f"{prior}: best epoch {metrics['best_epoch']} of {last_epoch}, test log p(x) = "
+        f"{metrics['test_log_px']:.2f} +- {metrics['test_log_px_se']:.2f} nats (K = {metrics['test_num_samples']})"
+    )
     return run
 
 
@@ -64,9 +86,16 @@ def main() -> None:
     out = Path(args.out)
 
     runs = [train_and_evaluate(prior, args, out) for prior in PRIORS]
-    run_cli("compare", *map(str, runs), "--out", str(out / "comparison"))
-    figure = plot_samples_side_by_side({PRIORS[run.name]: load_run(run).vae for run in runs}, out / "prior_samples.png")
-    print(f"training seconds: { {run.name: round(read_json(run / 'metrics.json')['train_seconds']) for run in runs} }")
+    rows = pv.compare_runs(runs)
+    comparison = out / "comparison"
+    markdown, csv = comparison.with_suffix(".md"), comparison.with_suffix(".csv")
+    markdown.write_text(comparison_markdown(rows))
+    csv.write_text(comparison_csv(rows))
+    print(f"{comparison_markdown(rows)}\nwritten to {markdown} and {csv}")
+    models = {PRIORS[run.name]: pv.load_run(run).model for run in runs}  # each run's best checkpoint
+    figure = plot_samples_side_by_side(models, out / "prior_samples.png")
+    seconds = {run.name: round(pv.RunDirectory(run).read_metrics()["train_seconds"]) for run in runs}
+    print(f"training seconds: {seconds}")
     print(f"samples from each prior: {figure}")
 
 

@@ -67,7 +67,7 @@ def main(epochs: int, subset: int | None, samples: int, out: str) -> None:
         print(f"{name}: test log p(x) {metrics['test_log_px']:.1f} +- {metrics['test_log_px_se']:.1f} nats")
         runs.append(run_dir)
 
-    fitted = pv.load_run(runs[0]).vae.likelihood  # rebuilt from config.json by its registered name
+    fitted = pv.load_run(runs[0]).model.likelihood  # rebuilt from config.json by its registered name
     df, scale = 1 + fitted.raw_df.exp().item(), (fitted.min_scale + F.softplus(fitted.raw_scale)).item()
     print(f"learned Student-t: nu = {df:.2f}, s = {scale:.4f}")
     print(comparison_markdown(pv.compare_runs(runs)))

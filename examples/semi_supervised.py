@@ -3,9 +3,10 @@
     python examples/semi_supervised.py --epochs 20
     python examples/semi_supervised.py --epochs 1 --subset 2000 --samples 10   # a smoke test
 
-Trains Kingma et al.'s M2 with ``pv.fit_ssvae`` (class-balanced labels, the
-auxiliary classification term, the best epoch by validation accuracy kept),
-then uses the trained model three ways:
+Trains Kingma et al.'s M2 with ``pv.train_run`` and the objective
+``pv.SemiSupervisedELBO`` (class-balanced labels, the auxiliary
+classification term; the best epoch by validation accuracy is kept, and the
+model ends with its weights), then uses the trained model three ways:
 
 * as a classifier, q(y | x);
 * as a density model: test log p(x) by importance sampling, with y drawn from
@@ -21,7 +22,6 @@ from pathlib import Path
 import torch
 
 import pyro_vae as pv
-from pyro_vae.plots import plot_style_transfer
 
 
 def main(epochs: int, labels: int, subset: int | None, samples: int, out: str) -> None:
@@ -29,14 +29,13 @@ def main(epochs: int, labels: int, subset: int | None, samples: int, out: str) -
     if subset:
         data = data.subset(train=subset, val=subset // 5, test=subset // 5)
     ssvae = pv.SSVAE(data.x_shape, z_dim=50, hidden=(500,))
-    run_dir = Path(out)
-    history = pv.fit_ssvae(
-        ssvae, data, num_labels=labels, epochs=epochs, batch_size=200, lr=5e-4,
-        run_dir=run_dir, eval_samples=samples, progress=False,
+    run = pv.train_run(
+        ssvae, data, Path(out), objective=pv.SemiSupervisedELBO(num_labels=labels),
+        epochs=epochs, batch_size=200, lr=5e-4, eval_samples=samples, progress=False,
     )  # fmt: skip
-    best = max(history, key=lambda row: row["val_accuracy"])
-    print(f"best epoch {best['epoch']}: validation accuracy {100 * best['val_accuracy']:.1f}%")
-    metrics = pv.checkpoint.read_json(run_dir / "metrics.json")  # the best epoch's test numbers
+    directory = pv.RunDirectory(run.path)
+    metrics = directory.read_metrics()  # the best epoch's validation and test numbers
+    print(f"best epoch {metrics['best_epoch']}: validation accuracy {100 * metrics['val_accuracy']:.1f}%")
     print(f"test accuracy {100 * metrics['test_accuracy']:.1f}% from {labels} labels")
     if samples:
         print(f"test log p(x) {metrics['test_log_px']:.2f} +- {metrics['test_log_px_se']:.2f} nats (K = {samples})")
@@ -50,7 +49,8 @@ def main(epochs: int, labels: int, subset: int | None, samples: int, out: str) -
     print(f"true digits           {data.test.y[:8].tolist()}")
     print(f"classifier q(y | x)   {ssvae.classify(x).tolist()}")
     print(f"model argmax L(x, y)  {y_model.tolist()}")
-    print(f"style transfer figure: {plot_style_transfer(ssvae, data.test.x[:10], None, run_dir / 'style.png')}")
+    figures = ", ".join(sorted(path.name for path in directory.figures.glob("*.png")))
+    print(f"figures (style transfer, class samples, ...): {figures} in {directory.figures}")
 
 
 if __name__ == "__main__":

@@ -7,72 +7,85 @@
 Kingma et al.'s (2014) M1+M2: M1 is a VAE trained without labels (the
 standard-normal VAE of ``examples/compare_priors.py``: 784-300-300-40,
 Bernoulli, dynamically binarised MNIST, 250 epochs); M2 is then trained on
-its code by ``pyro-vae train --m1 RUN --labels N``, once per label count and
-label draw. The script prints and writes (``ssl_table.md``) the test
-accuracy of each run, the mean and standard deviation over the label draws,
-and the stacked model's test log p(x).
+its code, once per label count and label draw: a ``pv.StackedSSVAE`` on
+M1's active units, trained by ``pv.train_run`` with the objective
+``pv.SemiSupervisedELBO``, which is what ``pyro-vae train --m1 RUN --labels
+N`` does. The script prints and writes (``ssl_table.md``) the test accuracy
+of each run, the mean and standard deviation over the label draws, and the
+stacked model's test log p(x).
 
-Every step is the ``pyro-vae`` command; finished runs are kept, interrupted
-ones resume, and a larger ``--epochs`` trains the finished runs further, so
-the study can be run again after a stop.
-``--jobs 2`` trains two M2s at a time, each on one thread.
+Every run is an ordinary run directory; finished runs are kept,
+interrupted ones resume (``pv.resume_run``), and a larger ``--epochs``
+trains the finished runs further, so the study can be run again after a
+stop. ``--jobs 2`` trains two M2s at a time, each in its own process on one
+thread.
 """
 
 import argparse
-import os
+import multiprocessing
 import statistics
-import subprocess
-import sys
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from pyro_vae import cli, load_run
-from pyro_vae.checkpoint import read_json
+import pyro
+import torch
+
+import pyro_vae as pv
 
 TARGETS = {100: 93.5, 600: 94.5, 1000: 95.0, 3000: 96.0}
 
 
-def run_cli(argv: list[str], threads: int | None = None) -> None:
-    """``pyro-vae ARGV`` in this process, or in a child process on ``threads`` threads."""
-    if threads is None:
-        code = cli.main(argv)
-    else:
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-        code = subprocess.run([sys.executable, "-m", "pyro_vae.cli", *argv], env=env).returncode
-    if code != 0:
-        raise SystemExit(f"pyro-vae {' '.join(argv)} failed with exit code {code}")
+def last_epoch(run: Path) -> int:
+    """The epoch of a run's last checkpoint (``pv.load_run`` loads the best one)."""
+    return pv.RunDirectory(run).load_checkpoint("last")["epoch"]
 
 
 def train_m1(args, out: Path) -> Path:
+    """``pyro-vae train --z-dim 40 --hidden 300 300 --batch-size 100 --warmup-epochs 10 ...``, from Python."""
     run = out / "m1"
-    subset = ["--subset", str(args.subset)] if args.subset else []
-    if not (run / "config.json").exists():
-        run_cli([
-            "train", *subset, "--z-dim", "40", "--hidden", "300", "300", "--batch-size", "100", "--lr", "1e-3",
-            "--epochs", str(args.m1_epochs), "--warmup-epochs", "10", "--seed", "0",
-            "--out", str(out), "--name", "m1", "--no-progress",
-        ])  # fmt: skip
-    elif load_run(run).epoch < args.m1_epochs:
-        run_cli(["train", "--resume", str(run), "--epochs", str(args.m1_epochs), "--no-progress"])
+    if not pv.RunDirectory(run).holds_run():
+        pyro.set_rng_seed(0)
+        data = pv.load_dataset("mnist", binarize="dynamic", seed=0)  # the embedded copy, no network
+        if args.subset:
+            data = data.subset(train=args.subset, val=max(args.subset // 5, 1), test=max(args.subset // 5, 1))
+        vae = pv.VAE(data.x_shape, z_dim=40, hidden=(300, 300), likelihood=pv.likelihoods.Bernoulli())
+        pv.train_run(
+            vae, data, run, epochs=args.m1_epochs, batch_size=100, lr=1e-3, warmup_epochs=10, seed=0,
+            eval_samples=0, progress=False,
+        )  # fmt: skip
+    elif last_epoch(run) < args.m1_epochs:
+        pv.resume_run(run, epochs=args.m1_epochs, progress=False)
     return run
 
 
-def train_m2(m1: Path, labels: int, label_seed: int, args, out: Path, threads: int | None) -> Path:
+def train_m2(m1: Path, labels: int, label_seed: int, args, out: Path) -> Path:
+    """``pyro-vae train --m1 M1 --labels N --label-seed S --z-dim 10 --hidden 500 ...``, from Python."""
     run = out / f"m1m2-{labels}-labels-draw-{label_seed}"
-    if (run / "metrics.json").exists() and load_run(run).epoch >= args.epochs:
+    directory = pv.RunDirectory(run)
+    if directory.file(directory.METRICS).exists() and last_epoch(run) >= args.epochs:
         return run
-    if (run / "config.json").exists():
-        run_cli([
-            "train", "--resume", str(run), "--epochs", str(args.epochs), "--eval-samples", str(args.samples),
-            "--no-progress",
-        ], threads)  # fmt: skip
-    else:
-        run_cli([
-            "train", "--m1", str(m1), "--labels", str(labels), "--label-seed", str(label_seed),
-            "--z-dim", "10", "--hidden", "500", "--batch-size", "200", "--lr", "1e-3", "--epochs", str(args.epochs),
-            "--eval-samples", str(args.samples), "--out", str(out), "--name", run.name, "--no-progress",
-        ], threads)  # fmt: skip
+    if directory.holds_run():
+        pv.resume_run(run, epochs=args.epochs, eval_samples=args.samples, progress=False)
+        return run
+    pyro.set_rng_seed(0)
+    m1_run = pv.load_run(m1)  # M1's best checkpoint, frozen inside the stacked model
+    vae, data = m1_run.model, m1_run.load_data()
+    if not isinstance(vae, pv.VAE):
+        raise SystemExit(f"--m1 needs the run of a plain VAE; {m1} holds a {type(vae).__name__}.")
+    features = pv.LatentFeatures.fit(vae, data.train.x)
+    print(f"M2 on {labels} labels (draw {label_seed}): {features.num_active} of M1's {vae.z_dim} units active")
+    stacked = pv.StackedSSVAE(vae, features, z_dim=10, prior=pv.priors.StandardNormal(), hidden=(500,))
+    objective = pv.SemiSupervisedELBO(num_labels=labels, label_seed=label_seed)
+    pv.train_run(
+        stacked, data, run, objective=objective, epochs=args.epochs, batch_size=200, lr=1e-3, seed=0,
+        eval_samples=args.samples, progress=False,
+    )  # fmt: skip
     return run
+
+
+def one_thread() -> None:
+    """Each job's process computes on one thread, so that ``--jobs`` processes share the cores."""
+    torch.set_num_threads(1)
 
 
 def table(runs: dict[int, list[Path]]) -> str:
@@ -81,7 +94,7 @@ def table(runs: dict[int, list[Path]]) -> str:
         "|---|---|---|---|---|",
     ]
     for labels, dirs in runs.items():
-        metrics = [read_json(run / "metrics.json") for run in dirs]
+        metrics = [pv.RunDirectory(run).read_metrics() for run in dirs]
         accuracies = [100 * m["test_accuracy"] for m in metrics]
         spread = f" +- {statistics.stdev(accuracies):.2f}" if len(accuracies) > 1 else ""
         log_px = metrics[0].get("test_log_px")
@@ -110,9 +123,13 @@ def main() -> None:
 
     m1 = Path(args.m1) if args.m1 else train_m1(args, out)
     jobs = [(labels, seed) for labels in args.labels for seed in args.label_seeds]
-    threads = 1 if args.jobs > 1 else None
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        done = list(pool.map(lambda job: train_m2(m1, *job, args, out, threads), jobs))
+    if args.jobs > 1:  # separate processes, started afresh ("spawn"), one thread each
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=args.jobs, mp_context=context, initializer=one_thread) as pool:
+            futures = [pool.submit(train_m2, m1, labels, seed, args, out) for labels, seed in jobs]
+            done = [future.result() for future in futures]
+    else:
+        done = [train_m2(m1, labels, seed, args, out) for labels, seed in jobs]
     runs = {
         labels: [run for (count, _), run in zip(jobs, done, strict=True) if count == labels] for labels in args.labels
     }

@@ -1,5 +1,5 @@
 """pyro-vae: the Variational Autoencoder of Kingma & Welling (2014) as an
-ordinary Pyro model and guide, with pluggable priors and likelihoods.
+ordinary Pyro model and guide, with pluggable priors and likelihoods::
 
     import pyro_vae as pv
     data = pv.load_dataset("mnist")

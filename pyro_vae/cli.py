@@ -32,6 +32,7 @@ from .training.engine import resolve_device
 from .workflow import resume_run, train_run
 
 DEFAULT_EPOCHS = 30
+DEFAULT_EVAL_SAMPLES = 1000
 MAX_SEED = 2**32 - 1  # numpy's seeds, which pyro.set_rng_seed sets too
 VAE_OBJECTIVES = ("trace", "meanfield", "iwae")
 
@@ -109,7 +110,8 @@ class _HelpFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+        unstated = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if "default" in text or unstated or not action.option_strings:
             return text
         default = " ".join(map(str, action.default)) if isinstance(action.default, list) else action.default
         return f"{text} (default: {default})" if text else f"(default: {default})"
@@ -185,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument(
         "--epochs", type=positive_int, help=f"epochs in all [default: {DEFAULT_EPOCHS}; with --resume: the run's own]"
     )
-    training.add_argument("--batch-size", type=positive_int, default=128)
+    training.add_argument("--batch-size", type=positive_int, default=128, help="training points per step")
     training.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate")
     training.add_argument(
         "--elbo",
@@ -203,12 +205,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--beta", type=positive_float, default=1.0, help="final weight of the KL term (1 is the ELBO)"
     )
     training.add_argument("--seed", type=seed_value, default=0, help=f"random seed, 0 to {MAX_SEED}")
-    training.add_argument("--device", type=_device, default="cpu", help="cpu, cuda, cuda:N or auto")
+    training.add_argument(
+        "--device", type=_device, help="cpu, cuda, cuda:N or auto [default: cpu; with --resume: the run's own]"
+    )
     training.add_argument(
         "--eval-samples",
         type=count_or_zero,
-        default=1000,
-        help="K of the best checkpoint's test log p(x) in metrics.json; 0 skips it",
+        help=f"K of the best checkpoint's test log p(x) in metrics.json, 0 skips it "
+        f"[default: {DEFAULT_EVAL_SAMPLES}; with --resume: the run's own]",
     )
 
     ssl = train.add_argument_group(
@@ -436,9 +440,12 @@ def _new_model(args):
 
 def _train(args) -> None:
     processes = _processes(args)
-    common = {"progress": not args.no_progress, "eval_samples": args.eval_samples}
+    common = {"progress": not args.no_progress}
+    if args.eval_samples is not None:
+        common["eval_samples"] = args.eval_samples
     if processes is None:
-        common["device"] = args.device
+        if args.device is not None or not args.resume:
+            common["device"] = args.device or "cpu"
     else:
         common["processes"] = processes
     if args.resume:
@@ -461,6 +468,7 @@ def _train(args) -> None:
             beta=args.beta,
             seed=args.seed,
         )
+        common.setdefault("eval_samples", DEFAULT_EVAL_SAMPLES)
         run = train_run(model, data, run_dir.path, **settings, **common)
     if run is not None:
         _report(run)
@@ -495,7 +503,7 @@ def _report(run) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)  # exits with code 2 and one line on a bad value
+    args = parser.parse_args(argv)  # a bad value: its one-line message, then SystemExit(2)
     check_flag_combinations(parser, args)
     try:
         {"train": _train, "evaluate": _evaluate, "compare": _compare}[args.command](args)

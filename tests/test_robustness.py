@@ -25,12 +25,37 @@ import pyro_vae as pv
 from pyro_vae.runs.files import load_checkpoint
 
 REPORT: Counter = Counter()
-# about 0.7 s per epoch: long enough for a signal to land anywhere in it
-TRAIN = ["--subset", "3000", "--hidden", "32", "--z-dim", "2", "--batch-size", "10", "--epochs", "4", "--no-progress"]
+# about 0.7 s per epoch for the VAE, 1-2 s for M2: long enough for a signal to land anywhere in it
+COMMON = ["--subset", "3000", "--hidden", "32", "--z-dim", "2", "--batch-size", "10", "--epochs", "4"]
+TRAIN = {
+    "vae": [*COMMON, "--eval-samples", "10", "--no-progress"],
+    "ssvae": [*COMMON, "--semi-supervised", "--labels", "100", "--eval-samples", "10", "--no-progress"],
+    "m1m2": [*COMMON[2:], "--labels", "100", "--eval-samples", "10", "--no-progress"],  # M1's data: its subset
+}
+KILLS = {"vae": 8, "ssvae": 5, "m1m2": 5}
 
 
-def start_training(run: Path, resume: bool) -> subprocess.Popen:
-    args = ["--resume", str(run), "--no-progress"] if resume else [*TRAIN, "--out", str(run.parent), "--name", run.name]
+@pytest.fixture(scope="module")
+def m1_run(tmp_path_factory) -> Path:
+    """A small trained VAE for M1+M2 to stack on."""
+    out = tmp_path_factory.mktemp("m1")
+    args = ["--subset", "3000", "--hidden", "32", "--z-dim", "4", "--epochs", "2", "--eval-samples", "0"]
+    done = subprocess.run(
+        [sys.executable, "-m", "pyro_vae.cli", "train", *args, "--no-progress", "--out", str(out), "--name", "m1"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return out / "m1"
+
+
+def start_training(run: Path, resume: bool, kind: str, m1: Path | None) -> subprocess.Popen:
+    if resume:
+        args = ["--resume", str(run), "--no-progress"]
+    else:
+        args = [*TRAIN[kind], *(["--m1", str(m1)] if kind == "m1m2" else []), "--out", str(run.parent)]
+        args += ["--name", run.name]
     return subprocess.Popen(
         [sys.executable, "-m", "pyro_vae.cli", "train", *args],
         stdout=subprocess.PIPE,
@@ -40,8 +65,8 @@ def start_training(run: Path, resume: bool) -> subprocess.Popen:
     )
 
 
-def finish(run: Path) -> None:
-    process = start_training(run, resume=(run / "checkpoint.pt").exists())
+def finish(run: Path, kind: str, m1: Path | None) -> None:
+    process = start_training(run, (run / "checkpoint.pt").exists(), kind, m1)
     _, err = process.communicate(timeout=300)
     assert process.returncode == 0, err[-2000:]
 
@@ -49,6 +74,8 @@ def finish(run: Path) -> None:
 def wait_for_training(process: subprocess.Popen) -> None:
     """Until the command has imported everything and announced its run directory."""
     line = process.stdout.readline()
+    while line.startswith("M1:"):  # M1+M2 first says which units of M1 it stacks on
+        line = process.stdout.readline()
     assert line.startswith("run directory:"), line + process.communicate()[1][-2000:]
 
 
@@ -62,50 +89,58 @@ def assert_same_training_state(run: Path, reference: Path) -> None:
             assert torch.equal(value, b["optimizer"]["state"][key][name]), (key, name)
     strip = lambda rows: [{k: v for k, v in r.items() if not k.endswith("seconds")} for r in rows]  # noqa: E731
     assert strip(a["history"]) == strip(b["history"])
+    for key in a["objective"]:  # the semi-supervised objective's labelled order and cursor
+        assert str(a["objective"][key]) == str(b["objective"][key]), key
 
 
-@pytest.fixture(scope="module")
-def reference_run(tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("reference") / "run"
-    finish(run)
-    return run
+@pytest.fixture(scope="module", params=["vae", "ssvae", "m1m2"])
+def reference_run(request, tmp_path_factory) -> tuple[Path, str, Path | None]:
+    kind = request.param
+    m1 = request.getfixturevalue("m1_run") if kind == "m1m2" else None
+    run = tmp_path_factory.mktemp(f"reference-{kind}") / "run"
+    finish(run, kind, m1)
+    return run, kind, m1
 
 
 def test_sigkill_at_random_moments_loses_nothing(tmp_path, reference_run):
     """SIGKILL at random moments until training is done; each resume continues from the last complete epoch."""
+    reference, kind, m1 = reference_run
     run = tmp_path / "run"
     rng = random.Random(0)
     epochs_seen = []
-    for _ in range(8):
-        process = start_training(run, resume=(run / "checkpoint.pt").exists())
+    for _ in range(KILLS[kind]):
+        process = start_training(run, (run / "checkpoint.pt").exists(), kind, m1)
         wait_for_training(process)
-        time.sleep(rng.uniform(0.2, 1.2))
+        time.sleep(rng.uniform(0.2, 1.2) * (1 if kind == "vae" else 2))
         process.send_signal(signal.SIGKILL)
         process.wait()
-        REPORT["SIGKILLs survived"] += 1
+        REPORT[f"SIGKILLs survived ({kind})"] += 1
+        if not (run / "checkpoint.pt").exists():
+            continue  # killed before its first checkpoint: the next start begins afresh
         state = load_checkpoint(run / "checkpoint.pt")  # never half-written
         assert state["position"] is None  # a kill saves nothing part-way: the last complete epoch stands
         epochs_seen.append(state["epoch"])
         if state["epoch"] == 4:
             break
     assert epochs_seen == sorted(epochs_seen) and len(epochs_seen) >= 3
-    finish(run)
-    assert_same_training_state(run, reference_run)
+    finish(run, kind, m1)
+    assert_same_training_state(run, reference)
     assert json.loads((run / "metrics.json").read_text())["test_elbo"] == pytest.approx(
-        json.loads((reference_run / "metrics.json").read_text())["test_elbo"]
+        json.loads((reference / "metrics.json").read_text())["test_elbo"]
     )
 
 
 def test_sigint_finishes_the_step_saves_and_exits_cleanly(tmp_path, reference_run):
+    reference, kind, m1 = reference_run
     run = tmp_path / "run"
     interrupted_at = []
     for delay in (1.2, 0.8):  # after loading the data, part-way through an epoch
-        process = start_training(run, resume=(run / "checkpoint.pt").exists())
+        process = start_training(run, (run / "checkpoint.pt").exists(), kind, m1)
         wait_for_training(process)
         time.sleep(delay)
         process.send_signal(signal.SIGINT)
         _, err = process.communicate(timeout=60)
-        REPORT["SIGINTs survived"] += 1
+        REPORT[f"SIGINTs survived ({kind})"] += 1
         if process.returncode == 0:  # it finished before the signal arrived
             break
         assert process.returncode == 130 and "Traceback" not in err, err[-2000:]
@@ -115,8 +150,8 @@ def test_sigint_finishes_the_step_saves_and_exits_cleanly(tmp_path, reference_ru
         state = load_checkpoint(run / "checkpoint.pt")
         interrupted_at.append((state["epoch"], state["position"] and state["position"]["step"]))
     assert any(step for _, step in interrupted_at), f"no SIGINT landed part-way through an epoch: {interrupted_at}"
-    finish(run)
-    assert_same_training_state(run, reference_run)  # a mid-epoch save resumes to the very same numbers
+    finish(run, kind, m1)
+    assert_same_training_state(run, reference)  # a mid-epoch save resumes to the very same numbers
 
 
 def test_stale_temporary_files_do_not_block_a_resume(tmp_path, small_mnist):

@@ -126,10 +126,14 @@ class RunDirectory:
         write_json(self.file(self.CONFIG), config)
 
     def save_checkpoint(self, *, best: bool = False, **state) -> None:
-        """The checkpoint (atomically) and the history table; with ``best``, also as the best checkpoint."""
-        save_checkpoint(self.file(self.CHECKPOINT), **state)
-        if best:
-            atomic_write_bytes(self.file(self.BEST), self.file(self.CHECKPOINT).read_bytes())
+        """The checkpoint (atomically) and the history table; with ``best``, first as the best checkpoint.
+
+        The best checkpoint goes first: if the disk fills between the two
+        writes, the last checkpoint is the previous one, and resuming from it
+        retrains the same epoch bit for bit.
+        """
+        paths = (self.file(self.BEST), self.file(self.CHECKPOINT)) if best else (self.file(self.CHECKPOINT),)
+        save_checkpoint(paths, **state)
         write_history_csv(self.file(self.HISTORY), state["history"])
 
     def load_checkpoint(self, which: str = "last", map_location="cpu") -> dict:

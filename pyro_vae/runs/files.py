@@ -83,7 +83,7 @@ def write_history_csv(path: Path, history: list[dict]) -> None:
 
 
 def save_checkpoint(
-    path: Path,
+    paths: Path | tuple[Path, ...],
     *,
     model_state: dict,
     optimizer_state: dict,
@@ -95,7 +95,7 @@ def save_checkpoint(
     best_epoch: int | None = None,
     rng: dict | None = None,
 ) -> None:
-    """Atomically save everything needed to continue training exactly where it stopped.
+    """Atomically save everything needed to continue training exactly where it stopped, to each of ``paths``.
 
     ``epoch`` is the last complete epoch; ``position`` describes an epoch
     interrupted part-way (its number, next step, batch order and running
@@ -119,7 +119,8 @@ def save_checkpoint(
     }
     buffer = io.BytesIO()
     torch.save(state, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
+    for path in (paths,) if isinstance(paths, str | Path) else paths:
+        atomic_write_bytes(path, buffer.getvalue())
 
 
 def load_checkpoint(path: Path, map_location="cpu") -> dict:

@@ -85,7 +85,7 @@ def adam(parameters, lr: float, device: torch.device) -> torch.optim.Adam:
 
 
 def as_dataset(data) -> Dataset:
-    """``data`` itself, or a tensor or array of points (N, *x_shape) wrapped by :func:`pyro_vae.make_dataset`."""
+    """``data`` itself, or a tensor or array of points ``(N, *x_shape)`` wrapped by :func:`pyro_vae.make_dataset`."""
     if isinstance(data, Dataset):
         return data
     if isinstance(data, torch.Tensor | np.ndarray):
@@ -256,9 +256,9 @@ class _Engine:
     # --------------------------------------------------------------- start
     def train(self, run: RunDirectory | None, resume: bool) -> list[dict]:
         self.run = run if self.processes.is_writer else None
-        position, start_epoch = self._resume(run) if resume else self._start_fresh()
         epochs = self.settings["epochs"]
-        with InterruptRequests() as interrupt:
+        with InterruptRequests() as interrupt:  # a Ctrl-C while starting stops after the first step, saved
+            position, start_epoch = self._resume(run) if resume else self._start_fresh()
             for epoch in range(start_epoch + 1, epochs + 1):
                 self._train_epoch(epoch, position, interrupt)
                 position = None

@@ -1,0 +1,165 @@
+"""Every invalid value on the command line: one line naming the valid range, exit code 2, nothing left behind."""
+
+import argparse
+import json
+import subprocess
+import sys
+
+import pytest
+
+from pyro_vae import cli
+
+SMALL = ["--subset", "200", "--hidden", "16", "--epochs", "1", "--no-progress"]
+
+TRAIN_VALUES = [
+    (["--z-dim", "0"], "give a value >= 1"),
+    (["--z-dim", "-3"], "give a value >= 1"),
+    (["--z-dim", "two"], "is not an integer"),
+    (["--hidden", "0"], "give a value >= 1"),
+    (["--hidden", "64", "0"], "give a value >= 1"),
+    (["--epochs", "-1"], "give a value >= 1"),
+    (["--epochs", "0"], "give a value >= 1"),
+    (["--subset", "0"], "give a value >= 1"),
+    (["--batch-size", "0"], "give a value >= 1"),
+    (["--lr", "0"], "give a value > 0"),
+    (["--lr=-1e-3"], "give a value > 0"),
+    (["--lr", "nan"], "not a finite number"),
+    (["--lr", "inf"], "not a finite number"),
+    (["--particles", "0"], "give a value >= 1"),
+    (["--warmup-epochs", "-1"], "give a value >= 0"),
+    (["--beta", "0"], "give a value > 0"),
+    (["--seed", "-1"], "give a value in [0, 4294967295]"),
+    (["--seed", str(2**32)], "give a value in [0, 4294967295]"),
+    (["--device", "gpu9"], "Unknown device"),
+    (["--device", "cuda"], "sees no GPU"),
+    (["--eval-samples", "-1"], "give a value >= 0"),
+    (["--components", "0"], "give a value >= 1"),
+    (["--flow-layers", "0"], "give a value >= 1"),
+    (["--init-scale", "0"], "give a scale > 0.001"),
+    (["--init-scale", "0.0005"], "give a scale > 0.001"),
+    (["--semi-supervised", "--labels", "0"], "give a value >= 1"),
+    (["--semi-supervised", "--labels", "70000"], "--labels must lie in [1, "),
+    (["--semi-supervised", "--labels", "5"], "cannot cover 10 classes"),
+    (["--semi-supervised", "--label-seed", "-2"], "give a value in [0, 4294967295]"),
+    (["--semi-supervised", "--aux-weight", "-1"], "give a value >= 0"),
+    (["--devices", "0"], "give a value >= 1"),
+    (["--devices", "many"], "is not an integer"),
+    (["--num-nodes", "0"], "give a value >= 1"),
+    (["--name", "a/b"], "without slashes"),
+    (["--name", ""], "without slashes"),
+    (["--dataset", "cifar"], "unknown data set"),
+    (["--dataset", "missing.npy"], "missing.npy"),
+    (["--prior", "laplace"], "invalid choice"),
+    (["--likelihood", "poisson"], "invalid choice"),
+    (["--binarize", "sometimes"], "invalid choice"),
+    (["--arch", "transformer"], "invalid choice"),
+    (["--scale", "huge"], "invalid choice"),
+    (["--elbo", "renyi"], "invalid choice"),
+    (["--accelerator", "tpu"], "invalid choice"),
+    (["--semi-supervised", "--class-prior", "zipf"], "invalid choice"),
+    # flags that would be silently ignored
+    (["--labels", "50"], "apply only with --semi-supervised or --m1"),
+    (["--aux-weight", "3"], "apply only with --semi-supervised or --m1"),
+    (["--semi-supervised", "--elbo", "iwae"], "apply only to VAE training"),
+    (["--elbo", "iwae", "--beta", "2"], "do not apply to the IWAE bound"),
+    (["--elbo", "iwae", "--warmup-epochs", "1"], "do not apply to the IWAE bound"),
+    (["--binarize", "none"], "--binarize dynamic"),  # Bernoulli on grayscale: the fix named
+    (["--likelihood", "bernoulli", "--binarize", "none"], "binarise"),
+]
+
+
+def _run(argv, capsys):
+    """The exit code and standard error of ``pyro-vae ARGV`` (argparse's refusals exit; the others return)."""
+    try:
+        code = cli.main(argv)
+    except SystemExit as done:
+        code = done.code
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", TRAIN_VALUES, ids=[" ".join(f) for f, _ in TRAIN_VALUES])
+def test_an_invalid_train_value_is_refused_before_any_work(flags, message, tmp_path, capsys):
+    code, err = _run(["train", *SMALL, *flags, "--out", str(tmp_path / "runs")], capsys)
+    assert code == 2, err
+    assert message in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err, err  # one line
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())  # no run directory
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    assert cli.main(["train", *SMALL, "--z-dim", "2", "--eval-samples", "0", "--out", str(out), "--name", "r"]) == 0
+    return out / "r"
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--z-dim", "5"], "--z-dim cannot change a run on --resume"),
+        (["--prior", "vamp", "--lr", "0.1"], "--prior, --lr cannot change a run on --resume"),
+        (["--semi-supervised"], "cannot change a run on --resume"),
+        (["--epochs", "0"], "give a value >= 1"),
+    ],
+)
+def test_resume_refuses_flags_its_config_fixes(finished_run, flags, message, capsys):
+    before = (finished_run / "config.json").read_text()
+    code, err = _run(["train", "--resume", str(finished_run), *flags, "--no-progress"], capsys)
+    assert code == 2 and message in err and err.count("\n") == 1, err
+    assert (finished_run / "config.json").read_text() == before
+
+
+def test_resuming_a_folder_of_runs_names_them_and_the_fix(finished_run, capsys):
+    code, err = _run(["train", "--resume", str(finished_run.parent)], capsys)
+    assert code == 2
+    assert "is a folder of runs (r)" in err and f"pyro-vae train --resume {finished_run}" in err
+
+
+def test_a_new_run_never_overwrites_an_old_one(finished_run, capsys):
+    config = (finished_run / "config.json").read_text()
+    code, err = _run(["train", *SMALL, "--out", str(finished_run.parent), "--name", "r"], capsys)
+    assert code == 2 and "already holds a run" in err
+    assert (finished_run / "config.json").read_text() == config
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["evaluate", "RUN", "--samples", "0"], "give a value >= 1"),
+        (["evaluate", "RUN", "--batch-size", "0"], "give a value >= 1"),
+        (["evaluate", "RUN", "--seed", "-1"], "give a value in [0, 4294967295]"),
+        (["evaluate", "RUN", "--device", "tpu"], "Unknown device"),
+        (["evaluate", "NOWHERE"], "does not exist"),
+        (["compare", "NOWHERE"], "does not exist"),
+        (["compare", "RUN"], "has no per-point log p(x); run `pyro-vae evaluate"),
+        (["train", "--m1", "NOWHERE"], "does not exist"),
+    ],
+)
+def test_evaluate_compare_and_m1_refuse_bad_values(finished_run, tmp_path, argv, message, capsys):
+    argv = [str(finished_run) if a == "RUN" else str(tmp_path / "nowhere") if a == "NOWHERE" else a for a in argv]
+    metrics = (finished_run / "metrics.json").read_text()
+    code, err = _run(argv, capsys)
+    assert code == 2 and message in err and err.count("\n") == 1, err
+    assert (finished_run / "metrics.json").read_text() == metrics
+
+
+def test_help_states_each_default_once():
+    parser = cli.build_parser()
+    for command, sub in parser.commands.items():
+        formatter = cli._HelpFormatter(command)
+        for action in sub._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            text = formatter._get_help_string(action)
+            assert "None" not in text, (command, action.dest, text)
+            assert text.count("default") <= 1, (command, action.dest, text)
+    out = subprocess.run(
+        [sys.executable, "-m", "pyro_vae.cli", "train", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    assert "(default: None)" not in out and "(default: 128)" in out and "[default: 30; with --resume" in out
+
+
+def test_the_config_records_what_the_flags_said(finished_run):
+    config = json.loads((finished_run / "config.json").read_text())
+    assert config["train"]["objective"] == {"name": "trace", "num_particles": 1}
+    assert config["model"]["type"] == "vae" and config["model"]["z_dim"] == 2

@@ -1,0 +1,204 @@
+"""The run directory: one writer at a time, a full disk that loses nothing, and the package's layers."""
+
+import ast
+import errno
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import small_vae
+
+import pyro_vae as pv
+from pyro_vae import cli
+from pyro_vae.runs import files
+from pyro_vae.runs.files import load_checkpoint
+
+PACKAGE = Path(pv.__file__).parent
+
+
+def test_a_second_writer_is_refused_and_named(small_mnist, tmp_path):
+    run = tmp_path / "run"
+    pv.fit(small_vae(), small_mnist.subset(train=200), epochs=1, run_dir=run, progress=False)
+    with pv.RunDirectory(run).lock():  # as if another process were training it now
+        with pytest.raises(pv.RunLocked, match=rf"another process \(pid {os.getpid()}\)"):
+            pv.fit(small_vae(), small_mnist.subset(train=200), epochs=2, run_dir=run, resume=True, progress=False)
+        with pytest.raises(pv.RunLocked):
+            pv.evaluate_run(run, num_samples=2, progress=False)
+    assert load_checkpoint(run / "checkpoint.pt")["epoch"] == 1  # the refused writer wrote nothing
+    pv.fit(small_vae(), small_mnist.subset(train=200), epochs=2, run_dir=run, resume=True, progress=False)
+    assert load_checkpoint(run / "checkpoint.pt")["epoch"] == 2  # released with its holder
+
+
+def test_a_training_process_holds_its_run_and_a_killed_one_releases_it(tmp_path, capsys):
+    args = ["--subset", "3000", "--hidden", "32", "--z-dim", "2", "--batch-size", "10", "--epochs", "50"]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pyro_vae.cli", "train", *args, "--no-progress", "--out", str(tmp_path), "--name", "r"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    try:
+        assert process.stdout.readline().startswith("run directory:")
+        while not (tmp_path / "r" / "checkpoint.pt").exists():
+            assert process.poll() is None, process.communicate()[1][-2000:]
+        assert cli.main(["train", "--resume", str(tmp_path / "r"), "--epochs", "51", "--no-progress"]) == 2
+        assert f"being written by another process (pid {process.pid})" in capsys.readouterr().err
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    # the kernel dropped the killed process's lock: the next run goes ahead (and stops at once, epochs reached)
+    epoch = load_checkpoint(tmp_path / "r" / "checkpoint.pt")["epoch"]
+    assert cli.main(["train", "--resume", str(tmp_path / "r"), "--epochs", str(epoch), "--no-progress"]) == 0
+
+
+def _full_disk_after(monkeypatch, writes: int):
+    """Every ``os.fsync`` after the first ``writes`` fails as on a full disk."""
+    calls = []
+    real = os.fsync
+
+    def fsync(fd):
+        calls.append(fd)
+        if len(calls) > writes:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd)
+
+    monkeypatch.setattr(files.os, "fsync", fsync)
+
+
+def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(small_mnist, tmp_path, monkeypatch, capsys):
+    data = small_mnist.subset(train=200)
+    run = tmp_path / "run"
+    pv.fit(small_vae(), data, epochs=1, run_dir=run, progress=False)
+    before = (run / "checkpoint.pt").read_bytes()
+    _full_disk_after(monkeypatch, 1)  # the new config.json is written; the next checkpoint is not
+    with pytest.raises(pv.CheckpointError, match=r"the disk is full; the previous (best|checkpoint)\.pt is intact"):
+        pv.fit(small_vae(), data, epochs=3, run_dir=run, resume=True, progress=False)
+    assert (run / "checkpoint.pt").read_bytes() == before and load_checkpoint(run / "checkpoint.pt")["epoch"] == 1
+    assert not list(run.glob(".*.tmp"))
+    monkeypatch.undo()
+    pv.fit(small_vae(), data, epochs=3, run_dir=run, resume=True, progress=False)  # space freed: it continues
+    assert load_checkpoint(run / "checkpoint.pt")["epoch"] == 3
+
+
+def test_a_full_disk_while_writing_results_keeps_the_previous_results(small_mnist, tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    pv.fit(small_vae(), small_mnist.subset(train=200), epochs=1, run_dir=run, progress=False)
+    assert cli.main(["evaluate", str(run), "--samples", "4", "--no-progress"]) == 0
+    metrics, log_px = (run / "metrics.json").read_bytes(), (run / "test_log_px.npy").read_bytes()
+    _full_disk_after(monkeypatch, 0)
+    assert cli.main(["evaluate", str(run), "--samples", "4", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "the disk is full" in err and "is intact" in err and "Traceback" not in err
+    assert (run / "metrics.json").read_bytes() == metrics and (run / "test_log_px.npy").read_bytes() == log_px
+
+
+def test_fit_takes_a_tensor_or_names_make_dataset(small_mnist):
+    x = small_mnist.train.x[:300].round()
+    history = pv.fit(small_vae(), x, epochs=1, progress=False)
+    assert len(history) == 2 and history[1]["val_elbo"] > history[0]["val_elbo"]
+    with pytest.raises(TypeError, match="pv.make_dataset"):
+        pv.fit(small_vae(), [[0.0, 1.0]], epochs=1, progress=False)
+
+
+# ------------------------------------------------------------ a new model is one module
+@pv.register_model
+class BetaBinomialFreeVAE(pv.VAE):
+    """A model written outside the package: a VAE subclass with its own type name and one figure less."""
+
+    name = "test-model"
+    figures = ("learning_curves", "samples")
+
+
+def test_a_model_registered_outside_the_package_trains_resumes_loads_and_plots(small_mnist, tmp_path):
+    model = BetaBinomialFreeVAE((1, 28, 28), 2, hidden=(16,))
+    run = pv.train_run(model, small_mnist.subset(train=200), tmp_path / "new", epochs=1, progress=False)
+    assert run.config["model"]["type"] == "test-model"
+    assert {p.name for p in (tmp_path / "new" / "figures").iterdir()} == {"learning_curves.png", "samples.png"}
+    resumed = pv.resume_run(tmp_path / "new", epochs=2, progress=False)
+    assert isinstance(resumed.model, BetaBinomialFreeVAE) and len(resumed.history) == 3
+    assert isinstance(pv.load_run(tmp_path / "new").model, BetaBinomialFreeVAE)
+    assert cli.main(["train", "--resume", str(tmp_path / "new"), "--epochs", "3", "--no-progress"]) == 0
+
+
+# ------------------------------------------------------------------ the layers
+#: Each layer imports only layers before it (and itself); the interface modules come last.
+LAYERS = [
+    {"_version", "registry", "data"},
+    {"components"},
+    {"models"},
+    {"accel"},
+    {"infer"},
+    {"runs"},
+    {"training"},
+    {"evaluate", "plots"},
+    {"workflow"},
+    {"cli"},
+]
+
+
+def _layer(module: str) -> int:
+    return next(i for i, names in enumerate(LAYERS) if module.split(".")[0] in names)
+
+
+def _imports(path: Path) -> set[str]:
+    """The pyro_vae modules a file imports, as dotted names below pyro_vae."""
+    module = path.relative_to(PACKAGE).with_suffix("").parts
+    package = module[:-1] if module[-1] != "__init__" else module[:-1]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = package[: len(package) - node.level + 1]
+            target = (*base, *(node.module.split(".") if node.module else ()))
+            found.add(".".join(target) if target else (node.names[0].name))
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pyro_vae."):
+            found.add(node.module.removeprefix("pyro_vae."))
+    return {name for name in found if name and name != "__init__"}
+
+
+def test_every_import_runs_down_the_layers_and_components_and_models_use_no_compiler():
+    sources = sorted(p for p in PACKAGE.rglob("*.py"))
+    assert len(sources) > 20
+    for path in sources:
+        module = ".".join(path.relative_to(PACKAGE).with_suffix("").parts)
+        if module == "__init__":
+            continue  # the package's face re-exports every layer
+        for target in _imports(path):
+            assert _layer(target) <= _layer(module), f"{module} imports {target}, a layer above it"
+            if module.startswith(("components", "models")):
+                assert not target.startswith("accel"), f"{module} imports the compiler machinery ({target})"
+        if module.startswith(("components", "models")):
+            assert "torch._inductor" not in path.read_text() and "torch.compile" not in path.read_text()
+
+
+def test_importing_the_package_has_no_cycle():
+    """Each module imports on its own in a fresh interpreter, whatever was imported first."""
+    modules = ["pyro_vae.models.vae", "pyro_vae.training.engine", "pyro_vae.infer.importance", "pyro_vae.cli"]
+    for module in modules:
+        done = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_layers_cover_every_module():
+    for path in PACKAGE.rglob("*.py"):
+        module = ".".join(path.relative_to(PACKAGE).with_suffix("").parts)
+        if module != "__init__":
+            _layer(module)  # raises StopIteration for a module outside every layer
+
+
+def test_nothing_but_the_run_directory_spells_its_file_names():
+    spelled = []
+    for path in PACKAGE.rglob("*.py"):
+        if path.parent.name == "runs":
+            continue
+        text = path.read_text()
+        spelled += [f"{path.name}: {name}" for name in ('"config.json"', '"checkpoint.pt"', '"metrics.json"',
+                                                        '"best.pt"', '"history.csv"') if name in text]  # fmt: skip
+    assert not spelled
+
+
+assert torch  # the fixtures' tensors
