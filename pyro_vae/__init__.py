@@ -24,8 +24,12 @@ from .data import DataError, Dataset, Split, load_dataset, make_dataset
 from .evaluate import active_units, compare_runs, evaluate_run
 from .infer import (
     OBJECTIVES,
+    AISEstimate,
+    BDMCEstimate,
     MarginalLikelihoodEstimate,
     Objective,
+    ais_log_marginal_likelihood,
+    bdmc,
     elbo_per_point,
     evaluate_elbo,
     log_marginal_likelihood,
@@ -41,6 +45,10 @@ from .training import LightningProcesses, TrainingDiverged, TrainingInterrupted,
 from .workflow import resume_run, train_run
 
 __all__ = [
+    "AISEstimate",
+    "BDMCEstimate",
+    "ais_log_marginal_likelihood",
+    "bdmc",
     "ELBO",
     "MODELS",
     "OBJECTIVES",

@@ -1,4 +1,4 @@
-"""Inference: per-site densities, the importance-sampled log p(x), and the training objectives.
+"""Inference: per-site densities, log p(x) by importance sampling and by AIS, and the training objectives.
 
 Importing this package registers the objectives: ``"trace"`` and
 ``"meanfield"`` (:mod:`.elbo`), ``"iwae"`` (:mod:`.iwae`) and
@@ -6,11 +6,16 @@ Importing this package registers the objectives: ``"trace"`` and
 """
 
 from . import elbo, iwae, semisupervised  # noqa: F401 (registers the objectives)
+from .ais import AISEstimate, BDMCEstimate, ais_log_marginal_likelihood, bdmc
 from .densities import SiteLogDensities, elbo_per_point, site_log_densities
 from .importance import MarginalLikelihoodEstimate, log_marginal_likelihood
 from .objective import OBJECTIVES, Objective, build_objective, evaluate_elbo, register_objective
 
 __all__ = [
+    "AISEstimate",
+    "BDMCEstimate",
+    "ais_log_marginal_likelihood",
+    "bdmc",
     "OBJECTIVES",
     "MarginalLikelihoodEstimate",
     "Objective",

@@ -144,10 +144,10 @@ def take_step(
     loss, count = objective.loss(model, data, indices, kl_weight=kl_weight)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    totals = torch.tensor([loss.item(), float(count)], dtype=torch.float64)
+    total = loss.item()
     if processes.world_size > 1:
-        totals = processes.all_reduce(totals.to(processes.device)).cpu()
-    total, count = totals.tolist()
+        totals = torch.tensor([total, float(count)], dtype=torch.float64, device=processes.device)
+        total, count = processes.all_reduce(totals).tolist()
     if math.isfinite(total):
         processes.average_gradients([p for p in model.parameters() if p.requires_grad])
         optimizer.step()
@@ -364,6 +364,9 @@ class _Engine:
         return next(i for i, row in enumerate(self.history) if row["epoch"] == self.best_epoch)
 
     def _interrupted(self, interrupt: InterruptRequests) -> bool:
+        """Whether any process was asked to stop (every process stops at the same step)."""
+        if self.processes.world_size == 1:
+            return interrupt.requested
         flag = torch.tensor([float(interrupt.requested)], dtype=torch.float64, device=self.device)
         return bool(self.processes.all_reduce(flag).item() > 0)
 

@@ -1,0 +1,507 @@
+"""Annealed importance sampling (AIS) of log p(x) from the guide, and bidirectional Monte Carlo bounds.
+
+AIS (Neal, *Annealed Importance Sampling*, 2001) in the form Wu, Burda,
+Salakhutdinov & Grosse (*On the Quantitative Analysis of Decoder-Based
+Generative Models*, ICLR 2017) use for VAEs ("AIS + encoder"): for every
+data point x, C independent chains start from the guide, z_0 ~ q(z | x), and
+follow the geometric path
+
+    f_t(z) = q(z | x)^(1 - beta_t) p(x, z)^beta_t,   0 = beta_0 < beta_1 < ... < beta_T = 1,
+
+with one Hamiltonian Monte Carlo transition (L leapfrog steps) that leaves
+f_t invariant at every step. Each chain's log weight
+
+    log w = sum_{t=1}^T (beta_t - beta_{t-1}) [log p(x, z_{t-1}) - log q(z_{t-1} | x)]
+
+has E[w] = p(x), so log p(x) ~= logmeanexp over the chains of log w, a
+stochastic lower bound (Jensen) that tightens as T grows. With
+``start="prior"`` the chains start from p(z) instead (f_0 = p(z)).
+
+Bidirectional Monte Carlo (Grosse, Ghahramani & Adams, *Sandwiching the
+marginal likelihood using bidirectional Monte Carlo*, 2015): on data
+simulated from the model, (z, x) ~ p(z) p(x | z), z is an exact posterior
+sample for x. AIS run in reverse from it, from beta = 1 down to 0, gives
+log w_rev with E[w_rev] = 1 / p(x), so -logmeanexp(log w_rev) is a
+stochastic *upper* bound. The gap between the two bounds bounds the error
+of AIS at those settings.
+
+Latent sites with constrained supports are moved to the reals through
+``torch.distributions.biject_to`` with the log-Jacobian added; a discrete
+latent site is refused. The densities are the unscaled per-site ones of
+:mod:`pyro_vae.infer.densities`, so plate scaling and ``poutine.scale``
+never change the answer. Every point and chain runs at once (a particle
+plate of chains left of the model's plates); the step size is adapted per
+data point towards a target acceptance rate.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import pyro
+import pyro.poutine as poutine
+import torch
+from pyro.infer.util import is_validation_enabled
+from pyro.poutine.util import site_is_subsample
+from torch.distributions import biject_to, constraints
+from tqdm.auto import tqdm
+
+from .densities import PARTICLE_PLATE, _per_point, guess_max_plate_nesting
+from .importance import log_marginal_likelihood
+
+SCHEDULES = ("sigmoid", "linear")
+STARTS = ("guide", "prior")
+
+
+def beta_schedule(num_steps: int, kind: str = "sigmoid", delta: float = 4.0) -> torch.Tensor:
+    """beta_0 = 0 < ... < beta_T = 1 (float64): linear, or sigmoidal (Grosse et al. 2015), dense near both ends."""
+    if num_steps < 1:
+        raise ValueError(f"AIS needs num_steps >= 1; got {num_steps}.")
+    if kind not in SCHEDULES:
+        raise ValueError(f"Unknown schedule {kind!r}; choose one of {SCHEDULES}.")
+    t = torch.linspace(0.0, 1.0, num_steps + 1, dtype=torch.float64)
+    if kind == "linear":
+        return t
+    s = torch.sigmoid(delta * (2 * t - 1))
+    return (s - s[0]) / (s[-1] - s[0])
+
+
+@dataclass
+class AISEstimate:
+    """Per-point AIS results, each of shape ``(N,)`` unless said otherwise.
+
+    * ``log_px``: logmeanexp over the chains of the chains' log weights (a lower bound in expectation);
+    * ``chain_log_weights``: every chain's log weight, shape ``(C, N)``;
+    * ``chain_std``: the spread of the log weights across chains;
+    * ``acceptance``: the HMC acceptance rate, averaged over steps and chains;
+    * ``step_size``: the adapted leapfrog step size at the end;
+    * ``is_log_px``, ``is_pareto_k``: the importance-sampling estimate of the same points, for comparison
+      (None when not asked for).
+    """
+
+    log_px: torch.Tensor
+    chain_log_weights: torch.Tensor
+    acceptance: torch.Tensor
+    step_size: torch.Tensor
+    settings: dict
+    is_log_px: torch.Tensor | None = None
+    is_pareto_k: torch.Tensor | None = None
+
+    @property
+    def chain_std(self) -> torch.Tensor:
+        return self.chain_log_weights.std(0) if self.chain_log_weights.shape[0] > 1 else torch.zeros_like(self.log_px)
+
+    @property
+    def mean(self) -> float:
+        return float(self.log_px.mean())
+
+    @property
+    def stderr(self) -> float:
+        n = self.log_px.numel()
+        return float(self.log_px.std() / math.sqrt(n)) if n > 1 else float("nan")
+
+    def summary(self) -> dict:
+        out = {
+            "log_px": self.mean,
+            "log_px_se": self.stderr,
+            "nll": -self.mean,
+            "num_points": self.log_px.numel(),
+            "chain_std_mean": float(self.chain_std.mean()),
+            "acceptance_mean": float(self.acceptance.mean()),
+            "step_size_median": float(self.step_size.median()),
+            **{f"ais_{key}": value for key, value in self.settings.items()},
+        }
+        if self.is_log_px is not None:
+            diff = self.log_px - self.is_log_px
+            out.update(
+                is_log_px=float(self.is_log_px.mean()),
+                ais_minus_is=float(diff.mean()),
+                ais_minus_is_se=float(diff.std() / math.sqrt(diff.numel())) if diff.numel() > 1 else float("nan"),
+                is_num_unreliable=int((self.is_pareto_k > 0.7).sum()),
+            )
+        return out
+
+
+class _LatentSpace:
+    """The latent sites of a guide, moved to the reals: unconstrained values <-> site values, with log-Jacobians."""
+
+    def __init__(self, guide_trace):
+        self.sites = {}
+        for name, site in guide_trace.nodes.items():
+            if site["type"] != "sample" or site["is_observed"] or site_is_subsample(site):
+                continue
+            fn = site["fn"]
+            support = fn.support
+            if support.is_discrete:
+                raise ValueError(
+                    f"AIS needs continuous latent sites, but the guide's site {name!r} is discrete ({support}). "
+                    "Sum it out of the model, or estimate log p(x) by importance sampling (method 'is')."
+                )
+            self.sites[name] = (biject_to(support), fn.event_dim)
+        if not self.sites:
+            raise ValueError("The guide has no latent sample site; there is nothing to anneal.")
+
+    def unconstrain(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {name: transform.inv(values[name]) for name, (transform, _) in self.sites.items()}
+
+    def constrain(self, u: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Site values from unconstrained ones, and sum of log |det Jacobian| per (chain, point)."""
+        values, log_det = {}, 0.0
+        for name, (transform, event_dim) in self.sites.items():
+            values[name] = transform(u[name])
+            if transform is not biject_to(constraints.real):
+                jac = transform.log_abs_det_jacobian(u[name], values[name])
+                extra = event_dim - (u[name].dim() - jac.dim())  # dims the Jacobian did not sum
+                log_det = log_det + (jac.sum(list(range(-extra, 0))) if extra > 0 else jac)
+        return values, log_det
+
+
+class _Densities:
+    """log q(z | x) and log p(x, z) per (chain, point) at given latent values, unscaled."""
+
+    def __init__(self, model, guide, x, args, kwargs, num_chains: int, max_plate_nesting: int):
+        self.model, self.guide, self.x, self.args, self.kwargs = model, guide, x, args, kwargs
+        self.num_chains, self.particle_dim = num_chains, -max_plate_nesting - 1
+
+    def _plate(self):
+        return pyro.plate(PARTICLE_PLATE, self.num_chains, dim=self.particle_dim)
+
+    def draw_guide(self) -> dict[str, torch.Tensor]:
+        with torch.no_grad(), self._plate():
+            trace = poutine.trace(self.guide).get_trace(self.x, *self.args, **self.kwargs)
+        return {name: site["value"] for name, site in trace.nodes.items() if site["type"] == "sample"}
+
+    def trace_guide(self):
+        with torch.no_grad(), self._plate():
+            return poutine.trace(self.guide).get_trace(self.x, *self.args, **self.kwargs)
+
+    def __call__(self, values: dict[str, torch.Tensor], prior_start: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log f_0, log p(x, z)): f_0 is q(z | x), or p(z) when the chains start from the prior."""
+        with self._plate():
+            guide_trace = poutine.trace(poutine.condition(self.guide, data=values)).get_trace(
+                self.x, *self.args, **self.kwargs
+            )
+            model_trace = poutine.trace(poutine.condition(self.model, data=values)).get_trace(
+                self.x, *self.args, **self.kwargs
+            )
+        shape = (self.num_chains, self.x.shape[0])
+        log_p = log_prior = torch.zeros(shape, device=self.x.device)
+        for name, site in model_trace.nodes.items():
+            if site["type"] == "sample" and not site_is_subsample(site):
+                term = _per_point(site, self.particle_dim, {})
+                log_p = log_p + term
+                if name in values:
+                    log_prior = log_prior + term
+        if prior_start:
+            return log_prior.expand(shape), log_p.expand(shape)
+        log_q = torch.zeros(shape, device=self.x.device)
+        for name, site in guide_trace.nodes.items():
+            if site["type"] == "sample" and name in values:
+                log_q = log_q + _per_point(site, self.particle_dim, {})
+        return log_q.expand(shape), log_p.expand(shape)
+
+
+class _Annealer:
+    """The chains of one batch of points: HMC transitions along the path, and the weights they carry."""
+
+    def __init__(self, space: _LatentSpace, densities: _Densities, prior_start: bool, leapfrog_steps: int):
+        self.space, self.densities = space, densities
+        self.prior_start, self.leapfrog_steps = prior_start, leapfrog_steps
+        self.validate = is_validation_enabled()
+
+    def evaluate(self, u: dict[str, torch.Tensor], beta: float, grad: bool = True):
+        """log f_0, log p(x, z) (both with the log-Jacobian) and the gradient of log f_beta in u.
+
+        Pyro's argument and support checks run on the first evaluation only: a leapfrog trajectory that
+        diverges may leave the support in floating point (exp(u) = 0), and its energy is then not finite,
+        which rejects the proposal, as it should.
+        """
+        u = {name: value.detach().requires_grad_(grad) for name, value in u.items()}
+        validate, self.validate = self.validate, False
+        with torch.set_grad_enabled(grad), pyro.validation_enabled(validate):
+            values, log_det = self.space.constrain(u)
+            log_f0, log_p = self.densities(values, self.prior_start)
+            log_f0, log_p = log_f0 + log_det, log_p + log_det
+            if not grad:
+                return u, log_f0, log_p, None
+            log_f = (1 - beta) * log_f0 + beta * log_p
+            grads = torch.autograd.grad(log_f.sum(), list(u.values()))
+        return u, log_f0.detach(), log_p.detach(), dict(zip(u, (g.detach() for g in grads), strict=True))
+
+    def transition(self, u, beta: float, step_size: torch.Tensor):
+        """One HMC transition leaving f_beta invariant.
+
+        Returns the new state, the acceptance probability, and log f_0 and log p(x, z) at the old state
+        (which the AIS weight needs, whatever beta).
+        """
+        per_point = _align
+        u0, log_f0, log_p, grad = self.evaluate(u, beta)
+        # each chain's step size jittered by up to 50%, so that no trajectory length resonates with the
+        # target's periods (which on a Gaussian can bring a trajectory back to where it started)
+        step_size = _align(step_size, log_f0) * (0.5 + torch.rand_like(log_f0))
+        momentum = {name: torch.randn_like(value) for name, value in u0.items()}
+        kinetic = lambda m: sum(v.pow(2).reshape(*v.shape[:2], -1).sum(-1) for v in m.values()) / 2  # noqa: E731
+        h0 = -((1 - beta) * log_f0 + beta * log_p) + kinetic(momentum)
+        position = {name: value.detach() for name, value in u0.items()}
+        p = {name: m + per_point(step_size, m) / 2 * grad[name] for name, m in momentum.items()}
+        for step in range(self.leapfrog_steps):
+            position = {name: value + per_point(step_size, value) * p[name] for name, value in position.items()}
+            _, new_f0, new_p, grad = self.evaluate(position, beta)
+            scale = 1.0 if step + 1 < self.leapfrog_steps else 0.5
+            p = {name: m + scale * per_point(step_size, m) * grad[name] for name, m in p.items()}
+        h1 = -((1 - beta) * new_f0 + beta * new_p) + kinetic(p)
+        log_accept = (h0 - h1).nan_to_num(nan=-math.inf).clamp(max=0.0)
+        accept = torch.rand_like(log_accept).log() < log_accept
+        new_u = {
+            name: torch.where(per_point(accept, value), position[name], value.detach()) for name, value in u0.items()
+        }
+        return new_u, log_accept.exp(), log_f0, log_p
+
+
+def _align(t: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """A per-point ``(N,)`` or per-chain-and-point ``(C, N)`` tensor, shaped to broadcast against ``(C, N, ...)``."""
+    if t.dim() == 1:
+        t = t.unsqueeze(0)
+    return t.reshape(t.shape + (1,) * (value.dim() - t.dim()))
+
+
+def _anneal(annealer: _Annealer, u, betas, step_size, target_acceptance, progress_bar):
+    """Run the path forwards (betas increasing) or backwards; returns log weights, acceptance, step size."""
+    num_chains, n = next(iter(u.values())).shape[:2]
+    device = step_size.device
+    log_w = torch.zeros(num_chains, n, dtype=torch.float64, device=device)
+    accepted = torch.zeros(n, dtype=torch.float64, device=device)
+    for t in range(1, len(betas)):
+        u, accept, log_f0, log_p = annealer.transition(u, float(betas[t]), step_size)
+        log_w += (betas[t] - betas[t - 1]) * (log_p - log_f0).double()  # at the state before the transition
+        rate = accept.mean(0)
+        accepted += rate.double()
+        # per point, towards the target acceptance rate (a Robbins-Monro step on log epsilon)
+        step_size = step_size * torch.exp(0.5 * (rate - target_acceptance)).clamp(0.5, 2.0)
+        progress_bar.update(1)
+    return log_w, accepted / (len(betas) - 1), step_size
+
+
+def _check_settings(num_steps, num_chains, leapfrog_steps, step_size, target_acceptance, schedule, start, batch_size):
+    checks = [
+        (num_steps >= 1, f"num_steps must be >= 1; got {num_steps}"),
+        (num_chains >= 1, f"num_chains must be >= 1; got {num_chains}"),
+        (leapfrog_steps >= 1, f"leapfrog_steps must be >= 1; got {leapfrog_steps}"),
+        (step_size > 0 and math.isfinite(step_size), f"step_size must be > 0; got {step_size}"),
+        (0 < target_acceptance < 1, f"target_acceptance must lie in (0, 1); got {target_acceptance}"),
+        (schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}; got {schedule!r}"),
+        (start in STARTS, f"start must be one of {STARTS}; got {start!r}"),
+        (batch_size >= 1, f"batch_size must be >= 1; got {batch_size}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message + ".")
+
+
+def ais_log_marginal_likelihood(
+    model,
+    guide,
+    x: torch.Tensor,
+    *args,
+    num_steps: int = 500,
+    num_chains: int = 32,
+    leapfrog_steps: int = 2,
+    step_size: float = 0.05,
+    target_acceptance: float = 0.65,
+    schedule: str = "sigmoid",
+    start: str = "guide",
+    batch_size: int = 100,
+    max_plate_nesting: int | None = None,
+    compare_is_samples: int = 0,
+    seed: int | None = 0,
+    progress: bool = False,
+    **kwargs,
+) -> AISEstimate:
+    """log p(x) per data point by annealed importance sampling from the guide (see the module docstring).
+
+    :param num_steps: T, intermediate distributions (HMC transitions) per chain.
+    :param num_chains: C, independent chains per point.
+    :param leapfrog_steps: L, leapfrog steps per HMC transition.
+    :param step_size: initial leapfrog step size, then adapted per point.
+    :param target_acceptance: the acceptance rate the step size is adapted towards.
+    :param schedule: ``"sigmoid"`` or ``"linear"`` spacing of beta.
+    :param start: ``"guide"`` (q(z | x), Wu et al.'s AIS + encoder) or ``"prior"`` (p(z)).
+    :param batch_size: points annealed at once (memory grows with ``batch_size * num_chains``).
+    :param compare_is_samples: K of an importance-sampling estimate of the same points; 0 skips it.
+    :param seed: makes the estimate deterministic (each batch is seeded on its own, so a batch's result does
+        not depend on the others); None uses the global RNG.
+    """
+    _check_settings(num_steps, num_chains, leapfrog_steps, step_size, target_acceptance, schedule, start, batch_size)
+    if x.shape[0] == 0:
+        raise ValueError("x is empty: give at least one data point.")
+    if max_plate_nesting is None:
+        with _seeded(x, seed):  # one trace, drawn without touching the caller's RNG
+            max_plate_nesting = guess_max_plate_nesting(model, guide, x[:batch_size], *args, **kwargs)
+    settings = {
+        "num_steps": num_steps,
+        "num_chains": num_chains,
+        "leapfrog_steps": leapfrog_steps,
+        "schedule": schedule,
+        "start": start,
+        "target_acceptance": target_acceptance,
+    }
+    betas = beta_schedule(num_steps, schedule)
+    results = []
+    batches = range(0, x.shape[0], batch_size)
+    with tqdm(total=len(batches) * num_steps, desc="AIS", disable=not progress, leave=False) as bar:
+        for index, begin in enumerate(batches):
+            with _seeded(x, None if seed is None else seed + index):
+                results.append(
+                    _forward_batch(
+                        model,
+                        guide,
+                        x[begin : begin + batch_size],
+                        args,
+                        kwargs,
+                        betas,
+                        settings,
+                        step_size,
+                        max_plate_nesting,
+                        bar,
+                    )  # fmt: skip
+                )
+    log_w, acceptance, final_step = (torch.cat(column, dim=-1).cpu() for column in zip(*results, strict=True))
+    estimate = AISEstimate((log_w.logsumexp(0) - math.log(num_chains)).float(), log_w, acceptance, final_step, settings)
+    if compare_is_samples:
+        is_estimate = log_marginal_likelihood(
+            model, guide, x, *args, num_samples=compare_is_samples, seed=seed, max_plate_nesting=max_plate_nesting,
+            **kwargs,
+        )  # fmt: skip
+        estimate.is_log_px, estimate.is_pareto_k = is_estimate.log_px, is_estimate.pareto_k
+    return estimate
+
+
+class _seeded:
+    """Within the block, the torch RNG is seeded (and the caller's state restored after); None leaves it alone."""
+
+    def __init__(self, x, seed):
+        self.fork = torch.random.fork_rng(
+            devices=[x.device] if x.device.type == "cuda" else [], enabled=seed is not None
+        )
+        self.seed = seed
+
+    def __enter__(self):
+        self.fork.__enter__()
+        if self.seed is not None:
+            torch.manual_seed(self.seed)
+
+    def __exit__(self, *exc):
+        return self.fork.__exit__(*exc)
+
+
+def _forward_batch(model, guide, xb, args, kwargs, betas, settings, step_size, max_plate_nesting, bar):
+    densities = _Densities(model, guide, xb, args, kwargs, settings["num_chains"], max_plate_nesting)
+    space = _LatentSpace(densities.trace_guide())
+    prior_start = settings["start"] == "prior"
+    if prior_start:
+        with torch.no_grad(), densities._plate():
+            trace = poutine.trace(model).get_trace(xb, *args, **kwargs)
+        values = {name: trace.nodes[name]["value"] for name in space.sites}
+    else:
+        values = densities.draw_guide()
+    u = space.unconstrain({name: values[name] for name in space.sites})
+    annealer = _Annealer(space, densities, prior_start, settings["leapfrog_steps"])
+    step = torch.full((xb.shape[0],), float(step_size), device=xb.device)
+    log_w, acceptance, step = _anneal(annealer, u, betas, step, settings["target_acceptance"], bar)
+    return log_w, acceptance, step
+
+
+@dataclass
+class BDMCEstimate:
+    """Sandwich bounds of log p(x) per simulated point, each of shape ``(N,)``.
+
+    ``lower`` is forward AIS, ``upper`` is reverse AIS from the exact posterior sample; ``gap = upper - lower``.
+    """
+
+    lower: torch.Tensor
+    upper: torch.Tensor
+    x: torch.Tensor
+    settings: dict
+
+    @property
+    def gap(self) -> torch.Tensor:
+        return self.upper - self.lower
+
+    def summary(self) -> dict:
+        return {
+            "bdmc_lower": float(self.lower.mean()),
+            "bdmc_upper": float(self.upper.mean()),
+            "bdmc_gap_mean": float(self.gap.mean()),
+            "bdmc_gap_max": float(self.gap.max()),
+            "bdmc_num_points": self.lower.numel(),
+            **{f"ais_{key}": value for key, value in self.settings.items()},
+        }
+
+
+def simulate(model, num_points: int, *args, **kwargs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(x, latent values) drawn from the model p(z) p(x | z): z is an exact posterior sample for its x."""
+    with torch.no_grad():
+        trace = poutine.trace(model).get_trace(None, *args, batch_size=num_points, **kwargs)
+    latents = {
+        name: site["value"]
+        for name, site in trace.nodes.items()
+        if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site)
+    }
+    observed = [site["value"] for site in trace.nodes.values() if site["type"] == "sample" and site["is_observed"]]
+    x = trace.nodes["x"]["value"] if "x" in trace.nodes else observed[0]
+    return x, latents
+
+
+def bdmc(
+    model,
+    guide,
+    num_points: int = 100,
+    *args,
+    num_steps: int = 500,
+    num_chains: int = 32,
+    leapfrog_steps: int = 2,
+    step_size: float = 0.05,
+    target_acceptance: float = 0.65,
+    schedule: str = "sigmoid",
+    batch_size: int = 100,
+    seed: int | None = 0,
+    progress: bool = False,
+    **kwargs,
+) -> BDMCEstimate:
+    """Bidirectional Monte Carlo on ``num_points`` points simulated from the model: AIS lower and upper bounds.
+
+    The model must draw data when called with ``x=None`` and ``batch_size=N`` (the convention of
+    :class:`pyro_vae.VAE`). The forward chains start from the guide; the reverse chains start from the
+    simulated z, an exact sample of p(z | x), and anneal from beta = 1 to 0.
+    """
+    _check_settings(num_steps, num_chains, leapfrog_steps, step_size, target_acceptance, schedule, "guide", batch_size)
+    if num_points < 1:
+        raise ValueError(f"num_points must be >= 1; got {num_points}.")
+    with _seeded(torch.zeros(()), seed):
+        x, latents = simulate(model, num_points, *args, **kwargs)
+    lower = ais_log_marginal_likelihood(
+        model, guide, x, *args, num_steps=num_steps, num_chains=num_chains, leapfrog_steps=leapfrog_steps,
+        step_size=step_size, target_acceptance=target_acceptance, schedule=schedule, batch_size=batch_size,
+        seed=None if seed is None else seed + 1, progress=progress, **kwargs,
+    )  # fmt: skip
+    with _seeded(x, seed):
+        max_plate_nesting = guess_max_plate_nesting(model, guide, x[:batch_size], *args, **kwargs)
+    betas = beta_schedule(num_steps, schedule).flip(0)
+    settings = dict(lower.settings)
+    uppers = []
+    batches = range(0, num_points, batch_size)
+    with tqdm(total=len(batches) * num_steps, desc="BDMC reverse", disable=not progress, leave=False) as bar:
+        for index, begin in enumerate(batches):
+            with _seeded(x, None if seed is None else seed + 2 + index):
+                xb = x[begin : begin + batch_size]
+                densities = _Densities(model, guide, xb, args, kwargs, num_chains, max_plate_nesting)
+                space = _LatentSpace(densities.trace_guide())
+                exact = {name: latents[name][begin : begin + batch_size] for name in space.sites}
+                u = space.unconstrain({name: value.expand(num_chains, *value.shape) for name, value in exact.items()})
+                annealer = _Annealer(space, densities, False, leapfrog_steps)
+                step = torch.full((xb.shape[0],), float(step_size), device=xb.device)
+                log_w_rev, _, _ = _anneal(annealer, u, betas, step, target_acceptance, bar)
+                # the reverse weights estimate 1 / p(x): log p(x) <= -logmeanexp(log w_rev) in expectation
+                uppers.append(-(log_w_rev.logsumexp(0) - math.log(num_chains)))
+    return BDMCEstimate(lower.log_px, torch.cat(uppers).float(), x, settings)

@@ -1,0 +1,208 @@
+"""Annealed importance sampling and BDMC against answers known in closed form or by quadrature."""
+
+import math
+
+import pyro
+import pyro.distributions as dist
+import pyro.poutine as poutine
+import pytest
+import torch
+
+import pyro_vae as pv
+from pyro_vae.infer.ais import beta_schedule
+
+D, Z = 5, 2
+
+
+@pytest.fixture(scope="module")
+def linear_gaussian():
+    """p(z) = N(0, I), p(x | z) = N(Wz + b, diag sigma^2), so log p(x) = log N(x; b, W W^T + diag sigma^2).
+
+    The guide is deliberately poor: mean-field, shifted by 0.5 and too narrow (0.6 of the posterior's
+    standard deviations), so that importance sampling from it has heavy-tailed weights.
+    """
+    g = torch.Generator().manual_seed(1)
+    W, b = torch.randn(D, Z, generator=g), torch.randn(D, generator=g)
+    sigma = 0.5 + torch.rand(D, generator=g)
+    marginal = dist.MultivariateNormal(b, W @ W.T + torch.diag(sigma**2))
+    post_cov = torch.linalg.inv(torch.eye(Z) + W.T @ torch.diag(sigma**-2) @ W)
+
+    def model(x=None, scale=1.0, batch_size=None):
+        n = x.shape[0] if x is not None else batch_size
+        with pyro.plate("data", n):
+            with poutine.scale(scale=scale):
+                z = pyro.sample("z", dist.Normal(torch.zeros(Z), 1.0).to_event(1))
+            return pyro.sample("x", dist.Normal(z @ W.T + b, sigma).to_event(1), obs=x)
+
+    def poor_guide(x, scale=1.0, batch_size=None):
+        loc = (x - b) @ torch.diag(sigma**-2) @ W @ post_cov
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(loc + 0.5, 0.6 * post_cov.diagonal().sqrt()).to_event(1))
+
+    return model, poor_guide, marginal
+
+
+def test_the_sigmoid_schedule_runs_from_zero_to_one_densest_at_the_ends():
+    betas = beta_schedule(100)
+    assert betas[0] == 0 and betas[-1] == 1 and (betas.diff() > 0).all()
+    steps = betas.diff()
+    assert steps[0] < steps[50] and steps[-1] < steps[50]
+    assert torch.equal(beta_schedule(4, "linear"), torch.tensor([0, 0.25, 0.5, 0.75, 1], dtype=torch.float64))
+
+
+def test_ais_finds_the_closed_form_where_importance_sampling_at_equal_cost_does_not(linear_gaussian):
+    model, guide, marginal = linear_gaussian
+    x = marginal.sample((40,))
+    truth = marginal.log_prob(x)
+    ais = pv.ais_log_marginal_likelihood(model, guide, x, num_steps=200, num_chains=8, leapfrog_steps=5)
+    # the same number of density evaluations per point: C chains x T steps x (L + 1) evaluations
+    is_ = pv.log_marginal_likelihood(model, guide, x, num_samples=8 * 200 * 6)
+    ais_error, is_error = (ais.log_px - truth).mean(), (is_.log_px - truth).mean()
+    # 0.02 nats: the issue's target; the Monte Carlo spread of the mean over 40 points is about 0.003 here
+    assert abs(ais_error) < 0.02, (ais_error, is_error)
+    assert abs(is_error) > 2 * abs(ais_error), (ais_error, is_error)
+    assert (ais.acceptance > 0.4).all() and (ais.acceptance < 0.95).all()  # adapted towards 0.65
+
+
+def test_ais_rises_towards_the_truth_with_more_steps(linear_gaussian):
+    model, guide, marginal = linear_gaussian
+    x = marginal.sample((30,))
+    truth = marginal.log_prob(x)
+    gaps = [
+        float(
+            (
+                truth
+                - pv.ais_log_marginal_likelihood(model, guide, x, num_steps=t, num_chains=8, leapfrog_steps=5).log_px
+            ).mean()
+        )
+        for t in (1, 4, 100)
+    ]
+    # a lower bound that tightens with T: about 0.74, 0.28 and 0.00 nats here, against a Monte Carlo
+    # spread of the mean gap of about 0.05 (chain spread ~1 nat / sqrt(8 chains x 30 points))
+    assert gaps[0] > gaps[1] + 0.2 > abs(gaps[2]) + 0.2, gaps
+
+
+def test_scaling_never_changes_the_answer(linear_gaussian):
+    model, guide, marginal = linear_gaussian
+    x = marginal.sample((6,))
+    plain = pv.ais_log_marginal_likelihood(model, guide, x, num_steps=20, num_chains=2)
+    scaled = pv.ais_log_marginal_likelihood(model, guide, x, 0.1, num_steps=20, num_chains=2)  # poutine.scale
+    torch.testing.assert_close(plain.log_px, scaled.log_px)
+
+
+def test_bdmc_brackets_the_truth_on_simulated_data(linear_gaussian):
+    model, guide, marginal = linear_gaussian
+    bounds = pv.bdmc(model, guide, 300, num_steps=10, num_chains=4, batch_size=300)
+    truth = marginal.log_prob(bounds.x)
+    # At 10 steps the bounds sit about 0.6 nats below and 1.7 above the truth, against standard errors
+    # of their means over 300 points of about 0.05 and 0.15 (measured on 1,000 points): a clear bracket.
+    assert bounds.lower.mean() < truth.mean() - 0.2 and truth.mean() + 0.5 < bounds.upper.mean()
+    tight = pv.bdmc(model, guide, 300, num_steps=100, num_chains=4, batch_size=300)
+    assert 0 < tight.gap.mean() < bounds.gap.mean() / 4  # more steps, a tighter sandwich
+
+
+def test_a_discrete_latent_site_is_refused_with_the_limitation():
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            y = pyro.sample("y", dist.Bernoulli(0.5))
+            pyro.sample("x", dist.Normal(y, 1.0), obs=x)
+
+    def guide(x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("y", dist.Bernoulli(0.3))
+
+    with pytest.raises(ValueError, match="continuous latent sites.*'y' is discrete"):
+        pv.ais_log_marginal_likelihood(model, guide, torch.zeros(3), num_steps=2)
+
+
+def test_a_constrained_latent_goes_through_its_bijection():
+    """z ~ Gamma(2, 1), x | z ~ Poisson(z): p(x) = Gamma(x + 2) / (x! Gamma(2)) 2^-(x + 2) (negative binomial)."""
+
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Gamma(2.0, 1.0))
+            pyro.sample("x", dist.Poisson(z), obs=x)
+
+    def guide(x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.LogNormal(torch.log(x + 1.0), 0.5))
+
+    x = torch.tensor([0.0, 1.0, 3.0, 7.0])
+    truth = torch.lgamma(x + 2) - torch.lgamma(x + 1) - math.lgamma(2.0) - (x + 2) * math.log(2.0)
+    estimate = pv.ais_log_marginal_likelihood(model, guide, x, num_steps=1000, num_chains=32)
+    # the chains' log weights spread by about 0.07 nats, so each estimate's standard error is about 0.013:
+    # 0.06 is some 4.5 standard errors
+    torch.testing.assert_close(estimate.log_px, truth, atol=0.06, rtol=0)
+
+
+def test_ais_is_deterministic_given_a_seed_and_leaves_the_global_rng(linear_gaussian):
+    model, guide, marginal = linear_gaussian
+    x = marginal.sample((4,))
+    state = torch.get_rng_state()
+    a = pv.ais_log_marginal_likelihood(model, guide, x, num_steps=10, num_chains=2, seed=3)
+    assert torch.equal(torch.get_rng_state(), state)
+    b = pv.ais_log_marginal_likelihood(model, guide, x, num_steps=10, num_chains=2, seed=3)
+    assert torch.equal(a.log_px, b.log_px)
+    # each batch is seeded on its own: a point's result does not depend on the batches before it
+    c = pv.ais_log_marginal_likelihood(model, guide, x, num_steps=10, num_chains=2, seed=3, batch_size=2)
+    d = pv.ais_log_marginal_likelihood(model, guide, x[:2], num_steps=10, num_chains=2, seed=3, batch_size=2)
+    assert torch.equal(c.log_px[:2], d.log_px)
+
+
+@pytest.mark.parametrize(
+    "setting, value, message",
+    [("num_steps", 0, "num_steps"), ("num_chains", 0, "num_chains"), ("leapfrog_steps", 0, "leapfrog_steps"),
+     ("step_size", -1.0, "step_size"), ("target_acceptance", 1.5, "target_acceptance"),
+     ("schedule", "cosine", "schedule"), ("start", "middle", "start")],
+)  # fmt: skip
+def test_bad_settings_are_refused(linear_gaussian, setting, value, message):
+    model, guide, marginal = linear_gaussian
+    with pytest.raises(ValueError, match=message):
+        pv.ais_log_marginal_likelihood(model, guide, marginal.sample((2,)), **{setting: value})
+
+
+def log_px_by_quadrature(vae: pv.VAE, x: torch.Tensor, n: int = 800, half_width: float = 12.0):
+    """log p(x) = log int p(z) p(x | z) dz for a 2-D latent, by the midpoint rule on [-w, w]^2 in float64.
+
+    Returns the estimate and the share of the mass in the grid's outermost cells (a check on the
+    truncation). For smooth, fast-decaying integrands the midpoint rule converges faster than any power
+    of the spacing; the test checks the resolution by halving the grid.
+    """
+    step = 2 * half_width / n
+    grid = torch.linspace(-half_width + step / 2, half_width - step / 2, n, dtype=torch.float64)
+    xs = x.flatten(1).double()
+    total = border = torch.full((x.shape[0],), -math.inf, dtype=torch.float64)
+    rows_per_chunk = 25
+    with torch.no_grad():
+        for first in range(0, n, rows_per_chunk):
+            rows = torch.arange(first, min(first + rows_per_chunk, n))
+            z = torch.cartesian_prod(grid[rows], grid)  # (rows * n, 2), row-major
+            logits = vae.decoder(z.float())[:, 0].flatten(1).double()
+            # for binary x: log p(x | z) = sum_d x_d l_d - softplus(l_d), one product for all points
+            log_terms = logits @ xs.T - torch.nn.functional.softplus(logits).sum(-1, keepdim=True)
+            log_terms = (log_terms + dist.Normal(0.0, 1.0).log_prob(z).sum(-1, keepdim=True)).reshape(len(rows), n, -1)
+            total = torch.logaddexp(total, log_terms.logsumexp((0, 1)))
+            outer = log_terms[:, [0, -1]].flatten(0, 1)
+            outer = torch.cat([outer, *(log_terms[i] for i, r in enumerate(rows) if r in (0, n - 1))])
+            border = torch.logaddexp(border, outer.logsumexp(0))
+    log_px = total + 2 * math.log(step)
+    return log_px.float(), (border - total).float()
+
+
+def test_ais_at_its_defaults_matches_quadrature_on_a_trained_2d_vae():
+    pyro.set_rng_seed(0)
+    data = pv.load_dataset("mnist", binarize="dynamic").subset(train=3000, val=300, test=100)
+    vae = pv.VAE((1, 28, 28), 2, hidden=(32,))
+    pv.fit(vae, data, epochs=3, batch_size=100, progress=False)
+    x = data.test.x[:100]  # benchmarks/ais_accuracy.py runs the same check on 500 points
+    truth, border = log_px_by_quadrature(vae, x)
+    assert border.max() < math.log(1e-6)  # the grid holds all but a millionth of every posterior's mass
+    coarse, _ = log_px_by_quadrature(vae, x, n=400)
+    assert (coarse - truth).abs().max() < 1e-3  # and resolves it: half the points give the same answer
+    ais = pv.ais_log_marginal_likelihood(vae.model, vae.guide, x, compare_is_samples=1000, batch_size=100)
+    error = ais.log_px - truth
+    # The issue's targets at the default settings: 0.05 nats on average, 0.5 at the worst point. The
+    # chains' log weights spread by about 0.25 nats here, so each point's estimate has a standard error
+    # near 0.25 / sqrt(32) = 0.045 and the mean absolute error is expected near 0.035.
+    assert error.abs().mean() < 0.05 and error.abs().max() < 0.5, (error.abs().mean(), error.abs().max())
+    assert (ais.is_log_px - truth).abs().mean() > error.abs().mean()  # importance sampling is further off
