@@ -23,7 +23,8 @@ from .components.likelihoods import LIKELIHOODS, Gaussian, build_likelihood
 from .components.nets import ARCHITECTURES
 from .components.priors import PRIORS, build_prior
 from .data import BINARIZE_MODES, DATASET_NAMES, DataError, Dataset, load_dataset
-from .evaluate import compare_runs, comparison_csv, comparison_markdown, evaluate_run
+from .evaluate import METHODS, EvaluationInterrupted, compare_runs, comparison_csv, comparison_markdown, evaluate_run
+from .infer.ais import DEFAULT_CHAINS, DEFAULT_LEAPFROG_STEPS, DEFAULT_STEPS, SCHEDULES
 from .models import SSVAE, VAE, LatentFeatures, StackedSSVAE
 from .models.ssvae import CLASS_PRIORS
 from .runs import CheckpointError, RunDirectory, load_run
@@ -255,15 +256,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser(
         "evaluate",
-        help="estimate a run's test log p(x) by importance sampling",
-        description="Estimate the test log p(x) of a run's best checkpoint with K importance samples per point "
-        "(logsumexp_k [log p(x, z_k) - log q(z_k|x)] - log K), with its standard error, the ELBO and its terms, "
-        "the active units, and the importance-sampling diagnostics (ESS, Pareto k). Writes metrics.json and "
-        "the per-point values test_log_px.npy into the run directory.",
+        help="estimate a run's test log p(x): importance sampling, AIS, or BDMC bounds",
+        description="Estimate the test log p(x) of a run's best checkpoint. --method is: K importance samples per "
+        "point (logsumexp_k [log p(x, z_k) - log q(z_k|x)] - log K) with the ELBO, the active units and the "
+        "diagnostics (ESS, Pareto k), into metrics.json and test_log_px.npy. --method ais: annealed importance "
+        "sampling from the encoder (HMC along a sigmoid path). --method auto: importance sampling, then AIS on "
+        "the points whose Pareto k exceeds 0.7. --method bdmc: lower and upper bounds on points simulated from "
+        "the model, whose gap bounds the error of AIS at its settings. Every method's per-point values go to "
+        "evaluations/<method and settings>.npz; an interrupted AIS evaluation continues where it stopped.",
         formatter_class=_HelpFormatter,
     )
     evaluate.add_argument("run", help="the run directory")
+    evaluate.add_argument("--method", choices=METHODS, default="is", help="how to estimate log p(x)")
     evaluate.add_argument("--samples", type=positive_int, default=5000, help="K, importance samples per test point")
+    evaluate.add_argument("--steps", type=positive_int, default=DEFAULT_STEPS, help="AIS: intermediate distributions")
+    evaluate.add_argument("--chains", type=positive_int, default=DEFAULT_CHAINS, help="AIS: chains per point")
+    evaluate.add_argument(
+        "--leapfrog", type=positive_int, default=DEFAULT_LEAPFROG_STEPS, help="AIS: leapfrog steps per HMC transition"
+    )
+    evaluate.add_argument("--schedule", choices=SCHEDULES, default="sigmoid", help="AIS: spacing of the path")
+    evaluate.add_argument("--points", type=positive_int, default=1000, help="BDMC: points simulated from the model")
     evaluate.add_argument("--batch-size", type=positive_int, default=100, help="test points per batch")
     evaluate.add_argument("--seed", type=seed_value, default=0, help=f"random seed, 0 to {MAX_SEED}")
     evaluate.add_argument("--device", type=_device, default="cpu", help="cpu, cuda, cuda:N or auto")
@@ -278,6 +290,12 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_HelpFormatter,
     )
     compare.add_argument("runs", nargs="+", help="evaluated run directories")
+    compare.add_argument(
+        "--evaluation",
+        metavar="NAME",
+        help="the evaluation to compare, e.g. ais-T500-C32-L2-sigmoid (a file name in RUN/evaluations/) "
+        "[default: the importance-sampled test_log_px.npy]",
+    )
     compare.add_argument("--out", default="comparison", help="write OUT.md and OUT.csv")
     parser.commands = commands.choices  # the sub-parsers by name, for the checks across flags
     return parser
@@ -321,12 +339,33 @@ def _evaluate(args) -> None:
     RunDirectory(args.run).check_resumable()
     metrics = evaluate_run(
         args.run,
+        method=args.method,
         num_samples=args.samples,
+        num_steps=args.steps,
+        num_chains=args.chains,
+        leapfrog_steps=args.leapfrog,
+        schedule=args.schedule,
+        num_points=args.points,
         batch_size=args.batch_size,
         seed=args.seed,
         device=resolve_device(args.device),
         progress=not args.no_progress,
     )
+    where = Path(args.run) / RunDirectory.EVALUATIONS / f"{metrics['evaluation']}.npz"
+    if args.method == "bdmc":
+        print(
+            f"{args.run}: BDMC on {metrics['bdmc_num_points']} simulated points: lower {metrics['bdmc_lower']:.3f}, "
+            f"upper {metrics['bdmc_upper']:.3f}, gap {metrics['bdmc_gap_mean']:.3f} on average "
+            f"({metrics['bdmc_gap_max']:.3f} at most) nats\n  per point: {where}"
+        )
+        return
+    if args.method in ("ais", "auto"):
+        escalated = f", AIS on {metrics['num_escalated']} points whose Pareto k > 0.7" if args.method == "auto" else ""
+        print(
+            f"{args.run}: test log p(x) = {metrics['log_px']:.2f} +- {metrics['log_px_se']:.2f} nats "
+            f"({args.method}{escalated}, {metrics['num_points']} points)\n  per point: {where}"
+        )
+        return
     print(
         f"{args.run}: test log p(x) = {metrics['test_log_px']:.2f} +- {metrics['test_log_px_se']:.2f} nats "
         f"(K = {metrics['test_num_samples']}, {metrics['test_num_points']} points)\n"
@@ -340,7 +379,7 @@ def _evaluate(args) -> None:
 def _compare(args) -> None:
     for run in args.runs:
         RunDirectory(run).check_resumable()
-    rows = compare_runs(args.runs)
+    rows = compare_runs(args.runs, evaluation=args.evaluation)
     table = comparison_markdown(rows)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -510,7 +549,7 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, CheckpointError, TrainingDiverged, ValueError) as err:
         print(f"pyro-vae: error: {err}", file=sys.stderr)
         return 2
-    except TrainingInterrupted as err:
+    except (TrainingInterrupted, EvaluationInterrupted) as err:
         print(f"pyro-vae: {err}", file=sys.stderr)
         return 130  # the shell's code for a SIGINT
     except KeyboardInterrupt:

@@ -1,10 +1,26 @@
 """Evaluating trained runs by their marginal likelihood, and comparing them.
 
-:func:`evaluate_run` estimates the test log p(x) of a run with K importance
-samples, stores the per-point values (``test_log_px.npy``) next to the
-run's ``metrics.json``, and counts the active units.
+:func:`evaluate_run` estimates the test log p(x) of a run's best checkpoint
+by one of four methods:
 
-:func:`compare_runs` reads those per-point values. All runs are scored on the
+* ``"is"``: importance sampling with K samples from the guide
+  (:func:`~pyro_vae.infer.importance.log_marginal_likelihood`), with ESS and
+  Pareto-k diagnostics; its per-point values also go to ``test_log_px.npy``;
+* ``"ais"``: annealed importance sampling from the guide
+  (:func:`~pyro_vae.infer.ais.ais_log_marginal_likelihood`);
+* ``"auto"``: importance sampling on every point, then AIS on the points
+  whose Pareto-k exceeds 0.7, where importance sampling cannot be trusted;
+* ``"bdmc"``: bidirectional Monte Carlo bounds on points simulated from the
+  model (:func:`~pyro_vae.infer.ais.bdmc`), which bound the error of AIS at
+  its settings.
+
+Each evaluation's per-point values go to ``evaluations/<name>.npz`` under a
+name that records the method and its settings, and its summary to
+``metrics.json`` under ``evaluations``. An AIS evaluation is saved batch by
+batch: a killed or interrupted one continues where it stopped, with the
+same numbers (each batch has its own seed).
+
+:func:`compare_runs` reads the per-point values. All runs are scored on the
 same test points, so the difference between two models is a *paired*
 difference: its standard error is that of the per-point differences, much
 smaller than the two separate standard errors would suggest.
@@ -15,13 +31,24 @@ from __future__ import annotations
 import csv
 import io
 import math
+import time
 from pathlib import Path
 
+import numpy as np
 import torch
+from tqdm.auto import tqdm
 
-from .infer import log_marginal_likelihood
+from .infer import ais_log_marginal_likelihood, bdmc, log_marginal_likelihood
+from .infer.ais import DEFAULT_CHAINS, DEFAULT_LEAPFROG_STEPS, DEFAULT_STEPS, SCHEDULES
 from .models import Model
 from .runs import RunDirectory, load_run
+
+METHODS = ("is", "ais", "auto", "bdmc")
+PARETO_THRESHOLD = 0.7  # above it importance sampling cannot be trusted (Vehtari et al.)
+
+
+class EvaluationInterrupted(RuntimeError):
+    """An evaluation stopped at Ctrl-C; its finished batches are saved."""
 
 
 @torch.no_grad()
@@ -30,40 +57,141 @@ def active_units(model: Model, x: torch.Tensor, threshold: float = 0.01, batch_s
     return int((model.latent_means(x, batch_size).var(0) > threshold).sum())
 
 
+def evaluation_name(method: str, *, num_samples: int, ais: dict, num_points: int) -> str:
+    """The file name of an evaluation: its method and every setting that changes its numbers."""
+    if method not in METHODS:
+        raise ValueError(f"Unknown method {method!r}; choose one of {METHODS}.")
+    annealing = f"T{ais['num_steps']}-C{ais['num_chains']}-L{ais['leapfrog_steps']}-{ais['schedule']}"
+    return {
+        "is": f"is-K{num_samples}",
+        "ais": f"ais-{annealing}",
+        "auto": f"auto-K{num_samples}-{annealing}",
+        "bdmc": f"bdmc-N{num_points}-{annealing}",
+    }[method]
+
+
 def evaluate_run(
     run_dir: str | Path,
     *,
+    method: str = "is",
     num_samples: int = 5000,
     batch_size: int = 100,
+    num_steps: int = DEFAULT_STEPS,
+    num_chains: int = DEFAULT_CHAINS,
+    leapfrog_steps: int = DEFAULT_LEAPFROG_STEPS,
+    schedule: str = "sigmoid",
+    num_points: int = 1000,
     seed: int = 0,
     device: str = "cpu",
     progress: bool = True,
 ) -> dict:
-    """Test log p(x) with its standard error, the ELBO and its terms, and the active units of a run.
+    """Evaluate a run's best checkpoint (the one ``metrics.json`` reports) by ``method``; returns the summary.
 
-    The run's best checkpoint is evaluated, the one whose test numbers ``metrics.json`` already holds.
+    :param num_samples: K of importance sampling (``"is"``, ``"auto"``).
+    :param num_steps, num_chains, leapfrog_steps, schedule: the AIS settings (``"ais"``, ``"auto"``, ``"bdmc"``).
+    :param num_points: simulated points of ``"bdmc"``.
     """
+    ais = {"num_steps": num_steps, "num_chains": num_chains, "leapfrog_steps": leapfrog_steps, "schedule": schedule}
+    name = evaluation_name(method, num_samples=num_samples, ais=ais, num_points=num_points)
+    for key, value in (("num_samples", num_samples), ("batch_size", batch_size), ("num_points", num_points)):
+        if value < 1:
+            raise ValueError(f"{key} must be >= 1; got {value}.")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}; got {schedule!r}.")
     directory = RunDirectory(run_dir)
+    directory.check_resumable()
     run = load_run(directory.path, map_location=device)
     x = run.load_data().test.x.to(device)
     run.model.check_data(x, "test data")
-    estimate = log_marginal_likelihood(
-        run.model.model,
-        run.model.guide,
-        x,
-        num_samples=num_samples,
-        batch_size=batch_size,
-        seed=seed,
-        progress=progress,
-    )
-    summary = estimate.summary()
+    model, started = run.model, time.perf_counter()
     with directory.lock():
+        if method == "bdmc":
+            bounds = bdmc(
+                model.model, model.guide, num_points, **ais, batch_size=batch_size, seed=seed, progress=progress
+            )
+            arrays = {"lower": bounds.lower.numpy(), "upper": bounds.upper.numpy()}
+            summary = bounds.summary()
+        else:
+            arrays, summary = _evaluate_test_points(directory, name, model, x, method, num_samples, batch_size,
+                                                    ais, seed, progress)  # fmt: skip
+        summary.update(method=method, seconds=time.perf_counter() - started, seed=seed)
+        directory.write_evaluation(name, arrays)
         metrics = directory.read_metrics()
-        metrics.update({f"test_{key}": value for key, value in summary.items()})
-        metrics.update({"active_units": active_units(run.model, x), "z_dim": run.model.z_dim, "log_px_seed": seed})
-        directory.write_log_px(estimate.log_px.double().numpy())
+        metrics.setdefault("evaluations", {})[name] = summary
+        if method == "is":  # the headline numbers, and test_log_px.npy, as before there were other methods
+            metrics.update({f"test_{key}": value for key, value in summary.items() if key not in ("method", "seed")})
+            metrics.update({"active_units": active_units(model, x), "z_dim": model.z_dim, "log_px_seed": seed})
+            directory.write_log_px(arrays["log_px"])
         directory.write_metrics(metrics)
-    return metrics
+    if method == "is":
+        return {"evaluation": name, **{key: value for key, value in metrics.items() if key != "evaluations"}}
+    return {"evaluation": name, **summary}
+
+
+def _evaluate_test_points(directory, name, model, x, method, num_samples, batch_size, ais, seed, progress):
+    """Per-point arrays and summary of an ``is``, ``ais`` or ``auto`` evaluation of the test points."""
+    if method == "ais":
+        estimate = _resumable_ais(directory, name, model, x, np.arange(len(x)), batch_size, ais, seed, progress)
+        return {"log_px": estimate["log_px"]}, _ais_summary(estimate, ais)
+    importance = log_marginal_likelihood(
+        model.model, model.guide, x, num_samples=num_samples, batch_size=batch_size, seed=seed, progress=progress
+    )
+    if method == "is":
+        arrays = {"log_px": importance.log_px.double().numpy(), "pareto_k": importance.pareto_k.numpy()}
+        return arrays, importance.summary()
+    unreliable = np.flatnonzero(importance.pareto_k.numpy() > PARETO_THRESHOLD)
+    log_px = importance.log_px.double().numpy().copy()
+    summary = {"num_points": len(x), "num_escalated": len(unreliable), "is_log_px": float(log_px.mean())}
+    if len(unreliable):
+        estimate = _resumable_ais(directory, name, model, x, unreliable, batch_size, ais, seed, progress)
+        log_px[unreliable] = estimate["log_px"]
+        summary.update({f"escalated_{key}": value for key, value in _ais_summary(estimate, ais).items()})
+    summary.update(log_px=float(log_px.mean()), log_px_se=float(log_px.std(ddof=1) / math.sqrt(len(x))))
+    summary["nll"] = -summary["log_px"]
+    escalated = np.zeros(len(x), dtype=bool)
+    escalated[unreliable] = True
+    return {"log_px": log_px, "pareto_k": importance.pareto_k.numpy(), "escalated": escalated}, summary
+
+
+def _resumable_ais(directory, name, model, x, indices, batch_size, ais, seed, progress) -> dict:
+    """AIS of the points ``x[indices]`` in batches, each saved as it finishes; a saved batch is not rerun."""
+    done = directory.read_evaluation(name, partial=True) or {}
+    if done and not np.array_equal(done.get("indices", []), indices):
+        done = {}  # begun on other points (the importance-sampling pass changed): start again
+    columns = {key: list(done.get(key, [])) for key in ("log_px", "chain_std", "acceptance", "step_size")}
+    batches = range(0, len(indices), batch_size)
+    try:
+        for index, begin in enumerate(tqdm(batches, desc=f"AIS {name}", disable=not progress, leave=False)):
+            if begin < len(columns["log_px"]):
+                continue
+            chosen = torch.as_tensor(indices[begin : begin + batch_size])
+            estimate = ais_log_marginal_likelihood(
+                model.model, model.guide, x[chosen.to(x.device)], **ais, batch_size=batch_size, seed=seed + index
+            )
+            for key, value in (("log_px", estimate.log_px), ("chain_std", estimate.chain_std),
+                               ("acceptance", estimate.acceptance), ("step_size", estimate.step_size)):  # fmt: skip
+                columns[key].extend(value.double().tolist())
+            directory.write_evaluation(name, {"indices": indices, **columns}, partial=True)
+    except KeyboardInterrupt:
+        raise EvaluationInterrupted(
+            f"Interrupted after {len(columns['log_px'])} of {len(indices)} points; they are saved. "
+            f"Run the same pyro-vae evaluate command to continue."
+        ) from None
+    return {key: np.asarray(value) for key, value in columns.items()}
+
+
+def _ais_summary(estimate: dict, ais: dict) -> dict:
+    log_px, n = estimate["log_px"], len(estimate["log_px"])
+    return {
+        "log_px": float(log_px.mean()),
+        "log_px_se": float(log_px.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan"),
+        "nll": -float(log_px.mean()),
+        "num_points": n,
+        "chain_std_mean": float(estimate["chain_std"].mean()),
+        "acceptance_mean": float(estimate["acceptance"].mean()),
+        "step_size_median": float(np.median(estimate["step_size"])),
+        **{f"ais_{key}": value for key, value in ais.items()},
+    }
 
 
 def _test_set_identity(config: dict) -> tuple:
@@ -73,14 +201,22 @@ def _test_set_identity(config: dict) -> tuple:
     return data.get("name"), data.get("binarize") != "none", subset
 
 
-def compare_runs(run_dirs: list[str | Path]) -> list[dict]:
-    """One row per run: test log p(x) +- se, and the paired difference to the best run +- its se."""
+def compare_runs(run_dirs: list[str | Path], evaluation: str | None = None) -> list[dict]:
+    """One row per run: test log p(x) +- se, and the paired difference to the best run +- its se.
+
+    :param evaluation: the name of the evaluation to compare (method and settings, e.g.
+        ``ais-T500-C32-L2-sigmoid``); by default the importance-sampled ``test_log_px.npy``.
+        Runs are paired only on the same evaluation of the same test points.
+    """
     if len(run_dirs) < 1:
         raise ValueError("Give at least one run directory to compare.")
+    if evaluation is not None and evaluation.startswith("bdmc-"):
+        raise ValueError("BDMC bounds are of points simulated from each model, not of shared test points; "
+                         "compare an is, ais or auto evaluation.")  # fmt: skip
     runs = []
     for run_dir in map(Path, run_dirs):
         directory = RunDirectory(run_dir)
-        log_px = directory.read_log_px()
+        log_px = directory.read_log_px() if evaluation is None else directory.read_evaluation(evaluation)["log_px"]
         runs.append((run_dir, directory.read_config(), directory.read_metrics(), log_px))
     identities = {_test_set_identity(config) for _, config, _, _ in runs}
     lengths = {len(log_px) for *_, log_px in runs}

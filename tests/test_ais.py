@@ -194,7 +194,7 @@ def test_ais_at_its_defaults_matches_quadrature_on_a_trained_2d_vae():
     data = pv.load_dataset("mnist", binarize="dynamic").subset(train=3000, val=300, test=100)
     vae = pv.VAE((1, 28, 28), 2, hidden=(32,))
     pv.fit(vae, data, epochs=3, batch_size=100, progress=False)
-    x = data.test.x[:100]  # benchmarks/ais_accuracy.py runs the same check on 500 points
+    x = data.test.x[:100]  # benchmarks/ais_throughput.py runs the same check on 500 points
     truth, border = log_px_by_quadrature(vae, x)
     assert border.max() < math.log(1e-6)  # the grid holds all but a millionth of every posterior's mass
     coarse, _ = log_px_by_quadrature(vae, x, n=400)

@@ -68,3 +68,69 @@ def test_compare_refuses_unevaluated_runs_and_different_test_points(two_runs, tm
     main(["evaluate", str(two_runs[0]), "--samples", "10", "--no-progress"])
     assert main(["compare", str(two_runs[0]), str(tmp_path / "other")]) == 2
     assert "different test points" in capsys.readouterr().err
+
+
+FAST_AIS = ["--steps", "20", "--chains", "4", "--leapfrog", "1"]
+
+
+def test_ais_auto_and_bdmc_from_the_command_line(two_runs, capsys):
+    wide, narrow = two_runs
+    for run in (wide, narrow):
+        assert main(["evaluate", str(run), "--method", "ais", *FAST_AIS, "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "(ais, 200 points)" in out and "evaluations/ais-T20-C4-L1-sigmoid.npz" in out
+    ais = np.load(wide / "evaluations" / "ais-T20-C4-L1-sigmoid.npz")["log_px"]
+    metrics = json.loads((wide / "metrics.json").read_text())
+    assert metrics["evaluations"]["ais-T20-C4-L1-sigmoid"]["log_px"] == pytest.approx(ais.mean())
+    # compare pairs runs on the same evaluation of the same points
+    assert main(["compare", str(wide), str(narrow), "--evaluation", "ais-T20-C4-L1-sigmoid"]) == 0
+    assert "paired difference to best" in capsys.readouterr().out
+    assert main(["compare", str(wide), "--evaluation", "ais-T999-C4-L1-sigmoid"]) == 2
+    assert "has no evaluation 'ais-T999-C4-L1-sigmoid' (it has: ais-T20-C4-L1-sigmoid" in capsys.readouterr().err
+
+    assert main(["evaluate", str(wide), "--method", "auto", "--samples", "20", *FAST_AIS, "--no-progress"]) == 0
+    auto = np.load(wide / "evaluations" / "auto-K20-T20-C4-L1-sigmoid.npz")
+    escalated = auto["escalated"]
+    assert escalated.sum() == (auto["pareto_k"] > 0.7).sum() > 0  # K = 20 leaves many weights unreliable
+    assert f"AIS on {escalated.sum()} points whose Pareto k > 0.7" in capsys.readouterr().out
+
+    assert main(["evaluate", str(wide), "--method", "bdmc", "--points", "30", *FAST_AIS, "--no-progress"]) == 0
+    assert "BDMC on 30 simulated points" in capsys.readouterr().out
+    bounds = np.load(wide / "evaluations" / "bdmc-N30-T20-C4-L1-sigmoid.npz")
+    assert bounds["upper"].mean() > bounds["lower"].mean()
+    assert main(["compare", str(wide), "--evaluation", "bdmc-N30-T20-C4-L1-sigmoid"]) == 2
+
+
+def test_an_interrupted_ais_evaluation_continues_to_the_same_result(two_runs, monkeypatch, tmp_path):
+    import shutil
+
+    from pyro_vae import evaluate
+
+    wide, _ = two_runs
+    reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
+    shutil.copytree(wide, reference)
+    shutil.copytree(wide, interrupted)
+    settings = dict(method="ais", num_steps=10, num_chains=2, leapfrog_steps=1, batch_size=50, progress=False)
+    pv.evaluate_run(reference, **settings)
+
+    real, calls = evaluate.ais_log_marginal_likelihood, []
+
+    def interrupted_after_two_batches(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "ais_log_marginal_likelihood", interrupted_after_two_batches)
+    with pytest.raises(evaluate.EvaluationInterrupted, match="after 100 of 200 points; they are saved"):
+        pv.evaluate_run(interrupted, **settings)
+    monkeypatch.setattr(evaluate, "ais_log_marginal_likelihood", real)
+    calls.clear()
+    monkeypatch.setattr(evaluate, "ais_log_marginal_likelihood", lambda *a, **k: calls.append(1) or real(*a, **k))
+    pv.evaluate_run(interrupted, **settings)
+    assert len(calls) == 2  # only the two batches that were not saved
+    name = "ais-T10-C2-L1-sigmoid"
+    a = np.load(reference / "evaluations" / f"{name}.npz")["log_px"]
+    b = np.load(interrupted / "evaluations" / f"{name}.npz")["log_px"]
+    assert np.array_equal(a, b)
+    assert not (interrupted / "evaluations" / f"{name}.partial.npz").exists()

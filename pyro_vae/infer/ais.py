@@ -51,6 +51,8 @@ from .densities import PARTICLE_PLATE, _per_point, guess_max_plate_nesting
 from .importance import log_marginal_likelihood
 
 SCHEDULES = ("sigmoid", "linear")
+#: The default settings: within 0.05 nats of quadrature on a trained 2-D VAE (tests/test_ais.py).
+DEFAULT_STEPS, DEFAULT_CHAINS, DEFAULT_LEAPFROG_STEPS = 500, 32, 2
 STARTS = ("guide", "prior")
 
 
@@ -304,9 +306,9 @@ def ais_log_marginal_likelihood(
     guide,
     x: torch.Tensor,
     *args,
-    num_steps: int = 500,
-    num_chains: int = 32,
-    leapfrog_steps: int = 2,
+    num_steps: int = DEFAULT_STEPS,
+    num_chains: int = DEFAULT_CHAINS,
+    leapfrog_steps: int = DEFAULT_LEAPFROG_STEPS,
     step_size: float = 0.05,
     target_acceptance: float = 0.65,
     schedule: str = "sigmoid",
@@ -458,9 +460,9 @@ def bdmc(
     guide,
     num_points: int = 100,
     *args,
-    num_steps: int = 500,
-    num_chains: int = 32,
-    leapfrog_steps: int = 2,
+    num_steps: int = DEFAULT_STEPS,
+    num_chains: int = DEFAULT_CHAINS,
+    leapfrog_steps: int = DEFAULT_LEAPFROG_STEPS,
     step_size: float = 0.05,
     target_acceptance: float = 0.65,
     schedule: str = "sigmoid",

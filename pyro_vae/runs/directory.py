@@ -7,7 +7,8 @@ A run directory holds::
     best.pt           the same, at the epoch with the best validation metric
     history.csv       one row per epoch
     metrics.json      the test evaluation of the best checkpoint
-    test_log_px.npy   per-point test log p(x), written by ``pyro-vae evaluate``
+    test_log_px.npy   per-point test log p(x) by importance sampling, written by ``pyro-vae evaluate``
+    evaluations/      per-point results of every evaluation, one .npz per method and settings
     figures/          PNG figures
 
 Only one process writes a run directory at a time: :meth:`RunDirectory.lock`
@@ -54,6 +55,7 @@ class RunDirectory:
     HISTORY = "history.csv"
     METRICS = "metrics.json"
     LOG_PX = "test_log_px.npy"
+    EVALUATIONS = "evaluations"
     FIGURES = "figures"
     LOCK = ".lock"
 
@@ -158,6 +160,36 @@ class RunDirectory:
         buffer = io.BytesIO()
         np.save(buffer, np.asarray(log_px, dtype=np.float64))
         atomic_write_bytes(self.file(self.LOG_PX), buffer.getvalue())
+
+    def _evaluation_file(self, name: str, partial: bool = False) -> Path:
+        return self.path / self.EVALUATIONS / f"{name}{'.partial' if partial else ''}.npz"
+
+    def evaluation_names(self) -> list[str]:
+        """The names of the finished evaluations (method and settings, e.g. ``ais-T500-C32-L2-sigmoid``)."""
+        folder = self.path / self.EVALUATIONS
+        return sorted(p.name.removesuffix(".npz") for p in folder.glob("*.npz") if ".partial" not in p.name)
+
+    def write_evaluation(self, name: str, arrays: dict[str, np.ndarray], *, partial: bool = False) -> None:
+        """Per-point arrays of an evaluation, atomically; ``partial`` for the batches done so far."""
+        buffer = io.BytesIO()
+        np.savez(buffer, **{key: np.asarray(value) for key, value in arrays.items()})
+        atomic_write_bytes(self._evaluation_file(name, partial), buffer.getvalue())
+        if not partial:
+            self._evaluation_file(name, partial=True).unlink(missing_ok=True)
+
+    def read_evaluation(self, name: str, *, partial: bool = False) -> dict[str, np.ndarray] | None:
+        """An evaluation's per-point arrays; None for a partial one not begun, an error naming the others."""
+        path = self._evaluation_file(name, partial)
+        if not path.exists():
+            if partial:
+                return None
+            known = ", ".join(self.evaluation_names()) or "none yet"
+            raise ValueError(
+                f"{self.path} has no evaluation {name!r} (it has: {known}); run pyro-vae evaluate with that method "
+                "and those settings first."
+            )
+        with np.load(path, allow_pickle=False) as arrays:
+            return {key: arrays[key] for key in arrays.files}
 
     def read_log_px(self) -> np.ndarray:
         if not self.file(self.LOG_PX).exists():

@@ -1,0 +1,102 @@
+"""AIS throughput in gradient evaluations per second, against this machine's matmul bound, and AIS accuracy.
+
+    python benchmarks/ais_throughput.py [--points 100] [--steps 20] [--accuracy-points 500]
+
+Throughput: the 784-400-20 Bernoulli MLP VAE (untrained: the cost does not
+depend on the weights). One gradient evaluation of log f_t for one chain
+costs the decoder's forward products and, for the gradient in z, the same
+products backwards: 2 x 2 x (20 x 400 + 400 x 784) FLOPs (the encoder runs
+once per point per evaluation, not per chain, and needs no gradient). The
+bound is the float32 ``torch.mm`` rate on those shapes, measured in the
+same run, as the best of several repeats.
+
+Accuracy: the check of ``tests/test_ais.py`` (a 2-D VAE trained 3 epochs on
+3,000 points, AIS at the default settings against quadrature) on more test
+points.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import pyro
+import torch
+
+import pyro_vae as pv
+from pyro_vae.infer.ais import DEFAULT_CHAINS, DEFAULT_LEAPFROG_STEPS
+
+X_DIM, HIDDEN, Z_DIM = 784, 400, 20
+FLOPS_PER_GRADIENT = 2 * 2 * (Z_DIM * HIDDEN + HIDDEN * X_DIM)
+
+
+def matmul_rate(rows: int, repeats: int = 5) -> float:
+    """FLOP/s of the decoder's products forwards and backwards at ``rows`` chains x points."""
+    z, w1, h, w2 = (
+        torch.randn(rows, Z_DIM),
+        torch.randn(Z_DIM, HIDDEN),
+        torch.randn(rows, HIDDEN),
+        torch.randn(HIDDEN, X_DIM),
+    )
+    g = torch.randn(rows, X_DIM)
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(5):
+            torch.mm(z, w1), torch.mm(h, w2), torch.mm(g, w2.T), torch.mm(h, w1.T)
+        best = min(best, (time.perf_counter() - start) / 5)
+    return FLOPS_PER_GRADIENT * rows / best
+
+
+def throughput(points: int, steps: int) -> None:
+    torch.manual_seed(0)
+    vae = pv.VAE((1, 28, 28), Z_DIM, hidden=(HIDDEN,))
+    x = torch.rand(points, 1, 28, 28).round()
+    chains, leapfrog = DEFAULT_CHAINS, DEFAULT_LEAPFROG_STEPS
+    pv.ais_log_marginal_likelihood(vae.model, vae.guide, x[:10], num_steps=2, num_chains=chains)  # warm up
+    start = time.perf_counter()
+    pv.ais_log_marginal_likelihood(vae.model, vae.guide, x, num_steps=steps, num_chains=chains, batch_size=points)
+    seconds = time.perf_counter() - start
+    gradients = points * chains * steps * (leapfrog + 1)
+    rate, bound = gradients / seconds, matmul_rate(points * chains) / FLOPS_PER_GRADIENT
+    print(f"AIS, {points} points x {chains} chains x {steps} steps x {leapfrog + 1} gradients: {seconds:.1f} s")
+    print(f"  {rate:,.0f} gradient evaluations/s; matmul bound {bound:,.0f}/s; ratio {rate / bound:.2f}")
+    full = 10_000 * chains * 500 * (leapfrog + 1) / rate
+    print(f"  the default settings (500 steps) on 10,000 test points would take {full / 3600:.1f} h at this rate")
+
+
+def accuracy(points: int) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from test_ais import log_px_by_quadrature
+
+    pyro.set_rng_seed(0)
+    data = pv.load_dataset("mnist", binarize="dynamic").subset(train=3000, val=300, test=points)
+    vae = pv.VAE((1, 28, 28), 2, hidden=(32,))
+    pv.fit(vae, data, epochs=3, batch_size=100, progress=False)
+    x = data.test.x
+    truth, border = log_px_by_quadrature(vae, x)
+    start = time.perf_counter()
+    ais = pv.ais_log_marginal_likelihood(vae.model, vae.guide, x, compare_is_samples=5000, batch_size=100)
+    seconds = time.perf_counter() - start
+    error, is_error = (ais.log_px - truth).abs(), (ais.is_log_px - truth).abs()
+    print(f"AIS at the default settings against quadrature on {points} test points of a 2-D VAE ({seconds:.0f} s):")
+    print(
+        f"  mean |error| {error.mean():.3f} nats, max {error.max():.3f}; mean signed {(ais.log_px - truth).mean():+.3f}"
+    )
+    print(f"  importance sampling, K = 5000: mean |error| {is_error.mean():.3f}, max {is_error.max():.3f}")
+    print(f"  quadrature: largest share of mass on the grid's border {border.exp().max():.1e}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--points", type=int, default=100)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--accuracy-points", type=int, default=500, help="0 skips the accuracy check")
+    args = parser.parse_args()
+    torch.set_num_threads(torch.get_num_threads())
+    throughput(args.points, args.steps)
+    if args.accuracy_points:
+        accuracy(args.accuracy_points)
