@@ -276,6 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--schedule", choices=SCHEDULES, default="sigmoid", help="AIS: spacing of the path")
     evaluate.add_argument("--points", type=positive_int, default=1000, help="BDMC: points simulated from the model")
+    evaluate.add_argument(
+        "--test-points", type=positive_int, metavar="N", help="evaluate the first N test points only [default: all]"
+    )
     evaluate.add_argument("--batch-size", type=positive_int, default=100, help="test points per batch")
     evaluate.add_argument("--seed", type=seed_value, default=0, help=f"random seed, 0 to {MAX_SEED}")
     evaluate.add_argument("--device", type=_device, default="cpu", help="cpu, cuda, cuda:N or auto")
@@ -313,6 +316,8 @@ VAE_ONLY_FLAGS = ("elbo", "particles")
 
 def check_flag_combinations(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Refuse flags that would be silently ignored, before any work starts."""
+    if args.command == "evaluate":
+        check_evaluate_flags(parser.commands["evaluate"], args)
     if args.command != "train":
         return
     train = parser.commands["train"]
@@ -330,8 +335,37 @@ def check_flag_combinations(parser: argparse.ArgumentParser, args: argparse.Name
         train.error(f"{', '.join(wrong)} apply only to VAE training, not to the semi-supervised objective")
     if args.m1 and (wrong := [flag(d) for d in ("dataset", "binarize", "subset", "likelihood", "arch") if d in given]):
         train.error(f"{', '.join(wrong)} cannot be used with --m1 (M1's run fixes the data and the likelihood)")
+    if semi_supervised and "arch" in given:
+        train.error(
+            "--arch applies only to the VAE; the semi-supervised models are MLPs (set their sizes with --hidden)"
+        )
+    if "components" in given and args.prior not in ("mixture", "vamp"):
+        train.error(f"--components applies only to the mixture and vamp priors, not to --prior {args.prior}")
+    if "flow_layers" in given and args.prior != "flow":
+        train.error(f"--flow-layers applies only to the flow prior, not to --prior {args.prior}")
+    if ("scale" in given or "init_scale" in given) and (args.m1 or args.likelihood not in ("gaussian", "laplace")):
+        train.error("--scale and --init-scale apply only to the gaussian and laplace likelihoods")
+    if args.m1 and (wrong := [flag(d) for d in ("data_dir", "download") if d in given]):
+        train.error(f"{', '.join(wrong)} cannot be used with --m1 (M1's run fixes the data)")
     if args.elbo == "iwae" and ("warmup_epochs" in given or "beta" in given):
         train.error("--warmup-epochs and --beta do not apply to the IWAE bound; use --elbo trace for them")
+
+
+#: The evaluate flags each method takes (the others would be ignored, so they are refused).
+METHOD_FLAGS = {
+    "is": {"samples", "test_points"},
+    "ais": {"steps", "chains", "leapfrog", "schedule", "test_points"},
+    "auto": {"samples", "steps", "chains", "leapfrog", "schedule", "test_points"},
+    "bdmc": {"steps", "chains", "leapfrog", "schedule", "points"},
+}
+
+
+def check_evaluate_flags(evaluate: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    all_flags = set().union(*METHOD_FLAGS.values())
+    given = {dest for dest in all_flags if getattr(args, dest) != evaluate.get_default(dest)}
+    if wrong := sorted(given - METHOD_FLAGS[args.method]):
+        flags = ", ".join("--" + dest.replace("_", "-") for dest in wrong)
+        evaluate.error(f"{flags} do not apply to --method {args.method}")
 
 
 # --------------------------------------------------------------- commands
@@ -346,6 +380,7 @@ def _evaluate(args) -> None:
         leapfrog_steps=args.leapfrog,
         schedule=args.schedule,
         num_points=args.points,
+        test_points=args.test_points,
         batch_size=args.batch_size,
         seed=args.seed,
         device=resolve_device(args.device),
@@ -359,7 +394,7 @@ def _evaluate(args) -> None:
             f"({metrics['bdmc_gap_max']:.3f} at most) nats\n  per point: {where}"
         )
         return
-    if args.method in ("ais", "auto"):
+    if args.method in ("ais", "auto") or args.test_points:
         escalated = f", AIS on {metrics['num_escalated']} points whose Pareto k > 0.7" if args.method == "auto" else ""
         print(
             f"{args.run}: test log p(x) = {metrics['log_px']:.2f} +- {metrics['log_px_se']:.2f} nats "

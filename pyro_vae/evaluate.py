@@ -42,6 +42,7 @@ from .infer import ais_log_marginal_likelihood, bdmc, log_marginal_likelihood
 from .infer.ais import DEFAULT_CHAINS, DEFAULT_LEAPFROG_STEPS, DEFAULT_STEPS, SCHEDULES
 from .models import Model
 from .runs import RunDirectory, load_run
+from .training.parallel import parameter_digest
 
 METHODS = ("is", "ais", "auto", "bdmc")
 PARETO_THRESHOLD = 0.7  # above it importance sampling cannot be trusted (Vehtari et al.)
@@ -57,8 +58,10 @@ def active_units(model: Model, x: torch.Tensor, threshold: float = 0.01, batch_s
     return int((model.latent_means(x, batch_size).var(0) > threshold).sum())
 
 
-def evaluation_name(method: str, *, num_samples: int, ais: dict, num_points: int) -> str:
-    """The file name of an evaluation: its method and every setting that changes its numbers."""
+def evaluation_name(
+    method: str, *, num_samples: int, ais: dict, num_points: int, test_points: int | None = None
+) -> str:
+    """The file name of an evaluation: its method, every setting that changes its numbers, and its points."""
     if method not in METHODS:
         raise ValueError(f"Unknown method {method!r}; choose one of {METHODS}.")
     annealing = f"T{ais['num_steps']}-C{ais['num_chains']}-L{ais['leapfrog_steps']}-{ais['schedule']}"
@@ -67,7 +70,7 @@ def evaluation_name(method: str, *, num_samples: int, ais: dict, num_points: int
         "ais": f"ais-{annealing}",
         "auto": f"auto-K{num_samples}-{annealing}",
         "bdmc": f"bdmc-N{num_points}-{annealing}",
-    }[method]
+    }[method] + ("" if test_points is None or method == "bdmc" else f"-first{test_points}")
 
 
 def evaluate_run(
@@ -81,6 +84,7 @@ def evaluate_run(
     leapfrog_steps: int = DEFAULT_LEAPFROG_STEPS,
     schedule: str = "sigmoid",
     num_points: int = 1000,
+    test_points: int | None = None,
     seed: int = 0,
     device: str = "cpu",
     progress: bool = True,
@@ -90,10 +94,13 @@ def evaluate_run(
     :param num_samples: K of importance sampling (``"is"``, ``"auto"``).
     :param num_steps, num_chains, leapfrog_steps, schedule: the AIS settings (``"ais"``, ``"auto"``, ``"bdmc"``).
     :param num_points: simulated points of ``"bdmc"``.
+    :param test_points: evaluate only the first this many test points (the name records it, and
+        :func:`compare_runs` pairs only evaluations of the same points); None evaluates all of them.
     """
     ais = {"num_steps": num_steps, "num_chains": num_chains, "leapfrog_steps": leapfrog_steps, "schedule": schedule}
-    name = evaluation_name(method, num_samples=num_samples, ais=ais, num_points=num_points)
-    for key, value in (("num_samples", num_samples), ("batch_size", batch_size), ("num_points", num_points)):
+    name = evaluation_name(method, num_samples=num_samples, ais=ais, num_points=num_points, test_points=test_points)
+    sizes = [("num_samples", num_samples), ("batch_size", batch_size), ("num_points", num_points)]
+    for key, value in sizes + ([("test_points", test_points)] if test_points is not None else []):
         if value < 1:
             raise ValueError(f"{key} must be >= 1; got {value}.")
     if schedule not in SCHEDULES:
@@ -101,9 +108,10 @@ def evaluate_run(
     directory = RunDirectory(run_dir)
     directory.check_resumable()
     run = load_run(directory.path, map_location=device)
-    x = run.load_data().test.x.to(device)
+    x = run.load_data().test.x[:test_points].to(device)
     run.model.check_data(x, "test data")
     model, started = run.model, time.perf_counter()
+    identity = {"model_digest": parameter_digest(model), "seed": seed, "batch_size": batch_size}
     with directory.lock():
         if method == "bdmc":
             bounds = bdmc(
@@ -113,26 +121,29 @@ def evaluate_run(
             summary = bounds.summary()
         else:
             arrays, summary = _evaluate_test_points(directory, name, model, x, method, num_samples, batch_size,
-                                                    ais, seed, progress)  # fmt: skip
+                                                    ais, seed, progress, identity)  # fmt: skip
         summary.update(method=method, seconds=time.perf_counter() - started, seed=seed)
-        directory.write_evaluation(name, arrays)
+        directory.write_evaluation(name, {**arrays, "model_digest": identity["model_digest"]})
         metrics = directory.read_metrics()
         metrics.setdefault("evaluations", {})[name] = summary
-        if method == "is":  # the headline numbers, and test_log_px.npy, as before there were other methods
-            metrics.update({f"test_{key}": value for key, value in summary.items() if key not in ("method", "seed")})
+        if method == "is" and test_points is None:  # the headline numbers and test_log_px.npy: all test points
+            headline = {key: value for key, value in summary.items() if key not in ("method", "seed", "seconds")}
+            metrics.update({f"test_{key}": value for key, value in headline.items()})
             metrics.update({"active_units": active_units(model, x), "z_dim": model.z_dim, "log_px_seed": seed})
             directory.write_log_px(arrays["log_px"])
         directory.write_metrics(metrics)
-    if method == "is":
+    if method == "is" and test_points is None:
         return {"evaluation": name, **{key: value for key, value in metrics.items() if key != "evaluations"}}
     return {"evaluation": name, **summary}
 
 
-def _evaluate_test_points(directory, name, model, x, method, num_samples, batch_size, ais, seed, progress):
+def _evaluate_test_points(directory, name, model, x, method, num_samples, batch_size, ais, seed, progress, identity):
     """Per-point arrays and summary of an ``is``, ``ais`` or ``auto`` evaluation of the test points."""
     if method == "ais":
-        estimate = _resumable_ais(directory, name, model, x, np.arange(len(x)), batch_size, ais, seed, progress)
-        return {"log_px": estimate["log_px"]}, _ais_summary(estimate, ais)
+        estimate = _resumable_ais(
+            directory, name, model, x, np.arange(len(x)), batch_size, ais, seed, progress, identity
+        )
+        return estimate, _ais_summary(estimate, ais)
     importance = log_marginal_likelihood(
         model.model, model.guide, x, num_samples=num_samples, batch_size=batch_size, seed=seed, progress=progress
     )
@@ -143,7 +154,7 @@ def _evaluate_test_points(directory, name, model, x, method, num_samples, batch_
     log_px = importance.log_px.double().numpy().copy()
     summary = {"num_points": len(x), "num_escalated": len(unreliable), "is_log_px": float(log_px.mean())}
     if len(unreliable):
-        estimate = _resumable_ais(directory, name, model, x, unreliable, batch_size, ais, seed, progress)
+        estimate = _resumable_ais(directory, name, model, x, unreliable, batch_size, ais, seed, progress, identity)
         log_px[unreliable] = estimate["log_px"]
         summary.update({f"escalated_{key}": value for key, value in _ais_summary(estimate, ais).items()})
     summary.update(log_px=float(log_px.mean()), log_px_se=float(log_px.std(ddof=1) / math.sqrt(len(x))))
@@ -153,11 +164,18 @@ def _evaluate_test_points(directory, name, model, x, method, num_samples, batch_
     return {"log_px": log_px, "pareto_k": importance.pareto_k.numpy(), "escalated": escalated}, summary
 
 
-def _resumable_ais(directory, name, model, x, indices, batch_size, ais, seed, progress) -> dict:
-    """AIS of the points ``x[indices]`` in batches, each saved as it finishes; a saved batch is not rerun."""
+def _resumable_ais(directory, name, model, x, indices, batch_size, ais, seed, progress, identity) -> dict:
+    """AIS of the points ``x[indices]`` in batches, each saved as it finishes; a saved batch is not rerun.
+
+    A saved partial evaluation is continued only if it was begun on the same points, with the same
+    weights, seed and batch size; otherwise it starts again.
+    """
     done = directory.read_evaluation(name, partial=True) or {}
-    if done and not np.array_equal(done.get("indices", []), indices):
-        done = {}  # begun on other points (the importance-sampling pass changed): start again
+    same = np.array_equal(done.get("indices", []), indices) and all(
+        str(done.get(key)) == str(value) for key, value in identity.items()
+    )
+    if not same:
+        done = {}
     columns = {key: list(done.get(key, [])) for key in ("log_px", "chain_std", "acceptance", "step_size")}
     batches = range(0, len(indices), batch_size)
     try:
@@ -171,7 +189,7 @@ def _resumable_ais(directory, name, model, x, indices, batch_size, ais, seed, pr
             for key, value in (("log_px", estimate.log_px), ("chain_std", estimate.chain_std),
                                ("acceptance", estimate.acceptance), ("step_size", estimate.step_size)):  # fmt: skip
                 columns[key].extend(value.double().tolist())
-            directory.write_evaluation(name, {"indices": indices, **columns}, partial=True)
+            directory.write_evaluation(name, {"indices": indices, **identity, **columns}, partial=True)
     except KeyboardInterrupt:
         raise EvaluationInterrupted(
             f"Interrupted after {len(columns['log_px'])} of {len(indices)} points; they are saved. "
@@ -216,7 +234,17 @@ def compare_runs(run_dirs: list[str | Path], evaluation: str | None = None) -> l
     runs = []
     for run_dir in map(Path, run_dirs):
         directory = RunDirectory(run_dir)
-        log_px = directory.read_log_px() if evaluation is None else directory.read_evaluation(evaluation)["log_px"]
+        if evaluation is None:
+            log_px = directory.read_log_px()
+        else:
+            arrays = directory.read_evaluation(evaluation)
+            current = parameter_digest(load_run(directory.path).model)
+            if str(arrays.get("model_digest", current)) != current:
+                raise ValueError(
+                    f"The evaluation {evaluation!r} of {run_dir} was made of other weights than its best "
+                    f"checkpoint now (the run trained further); run pyro-vae evaluate {run_dir} again."
+                )
+            log_px = arrays["log_px"]
         runs.append((run_dir, directory.read_config(), directory.read_metrics(), log_px))
     identities = {_test_set_identity(config) for _, config, _, _ in runs}
     lengths = {len(log_px) for *_, log_px in runs}

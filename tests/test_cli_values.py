@@ -63,6 +63,11 @@ TRAIN_VALUES = [
     (["--semi-supervised", "--elbo", "iwae"], "apply only to VAE training"),
     (["--elbo", "iwae", "--beta", "2"], "do not apply to the IWAE bound"),
     (["--elbo", "iwae", "--warmup-epochs", "1"], "do not apply to the IWAE bound"),
+    (["--semi-supervised", "--arch", "conv"], "--arch applies only to the VAE"),
+    (["--components", "5"], "--components applies only to the mixture and vamp priors"),
+    (["--flow-layers", "2"], "--flow-layers applies only to the flow prior"),
+    (["--scale", "shared"], "apply only to the gaussian and laplace likelihoods"),
+    (["--seed", "4294967295", "--epochs", "0"], "give a value >= 1"),
     (["--binarize", "none"], "--binarize dynamic"),  # Bernoulli on grayscale: the fix named
     (["--likelihood", "bernoulli", "--binarize", "none"], "binarise"),
 ]

@@ -134,3 +134,40 @@ def test_an_interrupted_ais_evaluation_continues_to_the_same_result(two_runs, mo
     b = np.load(interrupted / "evaluations" / f"{name}.npz")["log_px"]
     assert np.array_equal(a, b)
     assert not (interrupted / "evaluations" / f"{name}.partial.npz").exists()
+
+
+def test_a_subset_of_test_points_is_named_and_paired_only_with_itself(two_runs, capsys):
+    wide, narrow = two_runs
+    for run in (wide, narrow):
+        assert main(["evaluate", str(run), "--samples", "50", "--test-points", "40", "--no-progress"]) == 0
+    assert "40 points" in capsys.readouterr().out
+    assert len(np.load(wide / "evaluations" / "is-K50-first40.npz")["log_px"]) == 40
+    assert main(["compare", str(wide), str(narrow), "--evaluation", "is-K50-first40"]) == 0
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--method", "is", "--steps", "10"], "--steps do not apply to --method is"),
+        (["--method", "ais", "--samples", "10"], "--samples do not apply to --method ais"),
+        (["--method", "bdmc", "--test-points", "10"], "--test-points do not apply to --method bdmc"),
+        (["--method", "auto", "--points", "10"], "--points do not apply to --method auto"),
+    ],
+)
+def test_evaluate_refuses_flags_its_method_ignores(two_runs, flags, message, capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["evaluate", str(two_runs[0]), *flags])
+    assert done.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_an_evaluation_of_older_weights_is_not_compared(two_runs, tmp_path, capsys):
+    import shutil
+
+    wide, _ = two_runs
+    run = tmp_path / "run"
+    shutil.copytree(wide, run)
+    assert main(["evaluate", str(run), "--samples", "20", "--test-points", "20", "--no-progress"]) == 0
+    assert main(["train", "--resume", str(run), "--epochs", "3", "--eval-samples", "0", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["compare", str(run), "--evaluation", "is-K20-first20"]) == 2
+    assert "made of other weights than its best checkpoint now" in capsys.readouterr().err

@@ -196,3 +196,10 @@ def test_divergence_stops_with_epoch_and_step_and_keeps_the_last_checkpoint(smal
     with pytest.raises(pv.TrainingDiverged, match=r"epoch 2, step 1\. Lower the learning rate"):
         pv.fit(vae, data, epochs=2, batch_size=128, run_dir=tmp_path, progress=False)
     assert load_checkpoint(tmp_path / "checkpoint.pt")["epoch"] == 1
+
+
+def test_resume_refuses_other_training_settings(small_mnist, tmp_path):
+    data = small_mnist.subset(train=200)
+    pv.fit(small_vae(), data, epochs=1, run_dir=tmp_path, progress=False)
+    with pytest.raises(pv.CheckpointError, match=r"other settings \(batch_size 128 -> 64\)"):
+        pv.fit(small_vae(), data, epochs=2, batch_size=64, run_dir=tmp_path, resume=True, progress=False)

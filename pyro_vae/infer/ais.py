@@ -51,6 +51,7 @@ from .densities import PARTICLE_PLATE, _per_point, guess_max_plate_nesting
 from .importance import log_marginal_likelihood
 
 SCHEDULES = ("sigmoid", "linear")
+REVERSE_SEED_OFFSET = 1_000_003  # BDMC's reverse batches draw streams apart from the forward ones
 #: The default settings: within 0.05 nats of quadrature on a trained 2-D VAE (tests/test_ais.py).
 DEFAULT_STEPS, DEFAULT_CHAINS, DEFAULT_LEAPFROG_STEPS = 500, 32, 2
 STARTS = ("guide", "prior")
@@ -338,8 +339,9 @@ def ais_log_marginal_likelihood(
     if x.shape[0] == 0:
         raise ValueError("x is empty: give at least one data point.")
     if max_plate_nesting is None:
-        with _seeded(x, seed):  # one trace, drawn without touching the caller's RNG
+        with _seeded(seed):  # one trace, drawn without touching the caller's RNG
             max_plate_nesting = guess_max_plate_nesting(model, guide, x[:batch_size], *args, **kwargs)
+    _check_one_plate(max_plate_nesting)
     settings = {
         "num_steps": num_steps,
         "num_chains": num_chains,
@@ -353,7 +355,7 @@ def ais_log_marginal_likelihood(
     batches = range(0, x.shape[0], batch_size)
     with tqdm(total=len(batches) * num_steps, desc="AIS", disable=not progress, leave=False) as bar:
         for index, begin in enumerate(batches):
-            with _seeded(x, None if seed is None else seed + index):
+            with _seeded(None if seed is None else seed + index):
                 results.append(
                     _forward_batch(
                         model,
@@ -379,13 +381,20 @@ def ais_log_marginal_likelihood(
     return estimate
 
 
+def _check_one_plate(max_plate_nesting: int) -> None:
+    if max_plate_nesting != 1:
+        raise ValueError(
+            f"AIS takes models whose sites lie in the one plate 'data' (max_plate_nesting = 1); this one nests "
+            f"{max_plate_nesting}. Estimate its log p(x) by importance sampling (method 'is')."
+        )
+
+
 class _seeded:
     """Within the block, the torch RNG is seeded (and the caller's state restored after); None leaves it alone."""
 
-    def __init__(self, x, seed):
-        self.fork = torch.random.fork_rng(
-            devices=[x.device] if x.device.type == "cuda" else [], enabled=seed is not None
-        )
+    def __init__(self, seed):
+        devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+        self.fork = torch.random.fork_rng(devices=devices, enabled=seed is not None)  # manual_seed reseeds them all
         self.seed = seed
 
     def __enter__(self):
@@ -480,22 +489,23 @@ def bdmc(
     _check_settings(num_steps, num_chains, leapfrog_steps, step_size, target_acceptance, schedule, "guide", batch_size)
     if num_points < 1:
         raise ValueError(f"num_points must be >= 1; got {num_points}.")
-    with _seeded(torch.zeros(()), seed):
+    with _seeded(seed):
         x, latents = simulate(model, num_points, *args, **kwargs)
     lower = ais_log_marginal_likelihood(
         model, guide, x, *args, num_steps=num_steps, num_chains=num_chains, leapfrog_steps=leapfrog_steps,
         step_size=step_size, target_acceptance=target_acceptance, schedule=schedule, batch_size=batch_size,
-        seed=None if seed is None else seed + 1, progress=progress, **kwargs,
+        seed=None if seed is None else seed + 1, progress=progress, **kwargs,  # forward batches: seed + 1 + i
     )  # fmt: skip
-    with _seeded(x, seed):
+    with _seeded(seed):
         max_plate_nesting = guess_max_plate_nesting(model, guide, x[:batch_size], *args, **kwargs)
+    _check_one_plate(max_plate_nesting)
     betas = beta_schedule(num_steps, schedule).flip(0)
     settings = dict(lower.settings)
     uppers = []
     batches = range(0, num_points, batch_size)
     with tqdm(total=len(batches) * num_steps, desc="BDMC reverse", disable=not progress, leave=False) as bar:
         for index, begin in enumerate(batches):
-            with _seeded(x, None if seed is None else seed + 2 + index):
+            with _seeded(None if seed is None else seed + REVERSE_SEED_OFFSET + index):
                 xb = x[begin : begin + batch_size]
                 densities = _Densities(model, guide, xb, args, kwargs, num_chains, max_plate_nesting)
                 space = _LatentSpace(densities.trace_guide())
@@ -506,4 +516,4 @@ def bdmc(
                 log_w_rev, _, _ = _anneal(annealer, u, betas, step, target_acceptance, bar)
                 # the reverse weights estimate 1 / p(x): log p(x) <= -logmeanexp(log w_rev) in expectation
                 uppers.append(-(log_w_rev.logsumexp(0) - math.log(num_chains)))
-    return BDMCEstimate(lower.log_px, torch.cat(uppers).float(), x, settings)
+    return BDMCEstimate(lower.log_px, torch.cat(uppers).float().cpu(), x.cpu(), settings)

@@ -148,7 +148,7 @@ class SemiSupervisedELBO(Objective):
         return {"labelled_order": self.labelled_order, "cursor": self.cursor}
 
     def load_state_dict(self, state):
-        self.labelled_order, self.cursor = state["labelled_order"], state["cursor"]
+        self.labelled_order, self.cursor = state.get("labelled_order"), state.get("cursor", 0)  # {} from version 1
         if self.labelled_order is not None:
             self.labelled_order = self.labelled_order.to(self.labelled.device)
 

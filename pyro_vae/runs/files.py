@@ -166,6 +166,7 @@ def rng_state() -> dict:
 
 def restore_rng(rng: dict) -> None:
     """Set this process's generators to the states :func:`rng_state` returned."""
-    torch.set_rng_state(rng["torch"])
+    torch.set_rng_state(rng["torch"].cpu())  # a checkpoint loaded onto a GPU brings its states along
     if rng["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
+        for device, state in enumerate(rng["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(state.cpu(), device)

@@ -141,10 +141,13 @@ def take_step(
     non-finite loss leaves the parameters untouched.
     """
     processes = processes or SingleProcess()
-    loss, count = objective.loss(model, data, indices, kl_weight=kl_weight)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    total = loss.item()
+    if len(indices):
+        loss, count = objective.loss(model, data, indices, kl_weight=kl_weight)
+        loss.backward()
+        total = loss.item()
+    else:  # a process whose share of a short last batch is empty: no gradient, but every collective
+        total, count = 0.0, 0
     if processes.world_size > 1:
         totals = torch.tensor([total, float(count)], dtype=torch.float64, device=processes.device)
         total, count = processes.all_reduce(totals).tolist()
@@ -152,6 +155,21 @@ def take_step(
         processes.average_gradients([p for p in model.parameters() if p.requires_grad])
         optimizer.step()
     return total, count
+
+
+#: Training settings that a resumed run must share with the run it continues.
+RESUMED_SETTINGS = ("batch_size", "lr", "objective", "warmup_epochs", "beta", "seed")
+
+
+def check_same_training(run: RunDirectory, saved: dict, current: dict) -> None:
+    """Refuse to resume a run with other training settings than its own (the epoch target may change)."""
+    changed = [key for key in RESUMED_SETTINGS if key in saved and saved[key] != current[key]]
+    if changed:
+        details = ", ".join(f"{key} {saved[key]!r} -> {current[key]!r}" for key in changed)
+        raise CheckpointError(
+            f"{run.path} was trained with other settings ({details}); resume it with its own "
+            "(pv.resume_run, or pyro-vae train --resume), or start a new run."
+        )
 
 
 def fit(
@@ -255,7 +273,8 @@ class _Engine:
 
     # --------------------------------------------------------------- start
     def train(self, run: RunDirectory | None, resume: bool) -> list[dict]:
-        self.run = run if self.processes.is_writer else None
+        self.run = run if self.processes.is_writer else None  # only process 0 writes
+        self.source = run  # every process may read it
         epochs = self.settings["epochs"]
         with InterruptRequests() as interrupt:  # a Ctrl-C while starting stops after the first step, saved
             position, start_epoch = self._resume(run) if resume else self._start_fresh()
@@ -268,7 +287,7 @@ class _Engine:
         return self.history
 
     def _start_fresh(self) -> tuple[None, int]:
-        pyro.set_rng_seed(self.seed + self.processes.rank)
+        pyro.set_rng_seed((self.seed + self.processes.rank) % 2**32)
         self.history = [{"epoch": 0, **self._validate()}]
         self.best_epoch = 0
         if self.run is not None:
@@ -299,10 +318,17 @@ class _Engine:
             restore_rng(per_rank[rank])
             self.objective.load_state_dict(state["objective"]["per_rank"][rank])
         else:  # another number of processes: a fresh stream per process and resumption
-            pyro.set_rng_seed(self.seed + world * epoch + rank)
+            pyro.set_rng_seed((self.seed + world * epoch + rank) % 2**32)
+        check_same_training(run, state["config"].get("train", {}), self.config["train"])
+        position = state["position"]
+        if position is not None and position.get("global_batch", self.global_batch) != self.global_batch:
+            position = None  # stopped part-way with another number of processes: the epoch starts again
         if self.run is not None:
             self.run.write_config(self.config)  # records the new epoch target
-        return state["position"], epoch
+        if not run.file(run.BEST).exists():  # a run written before best.pt: the resumed weights are its best
+            self.best_epoch = epoch
+            self._save(epoch, best=True, position=position)
+        return position, epoch
 
     def _best_epoch_of_history(self) -> int:
         scored = [row for row in self.history if self.metric in row]
@@ -314,6 +340,7 @@ class _Engine:
         if position is None:
             order = self.points[torch.randperm(len(self.points), device=self.device)]
             position = {"epoch": epoch, "step": 0, "total": 0.0, "count": 0, "order": self.processes.broadcast(order)}
+            position["global_batch"] = self.global_batch
         order, rank, world = position["order"], self.processes.rank, self.processes.world_size
         self.model.train()
         bar = tqdm(
@@ -422,8 +449,8 @@ class _Engine:
         digests = self.processes.gather(parameter_digest(self.model))
         if len(set(digests)) != 1:
             raise ReplicasDiverged(f"The {len(digests)} processes ended with different parameters: {digests}.")
-        if self.run is not None and self.run.file(self.run.BEST).exists():
-            self.best_state = self.run.load_checkpoint("best", map_location=self.device)["model"]
+        if self.source is not None and self.source.file(self.source.BEST).exists():
+            self.best_state = self.source.load_checkpoint("best", map_location=self.device)["model"]
         best = self.best_state if self.best_state is not None else self.model.state_dict()
         self.model.load_state_dict(best)
         if self.run is None:
