@@ -51,7 +51,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         kept = f"the previous {path.name} is intact" if path.exists() else f"no {path.name} was written"
         cause = "the disk is full" if err.errno in (errno.ENOSPC, errno.EDQUOT) else f"{err.strerror or err}"
         raise CheckpointError(
-            f"Could not write {path}: {cause}; {kept}. Free space (or fix the folder) and run the command again; a training run continues with --resume."
+            f"Could not write {path}: {cause}; {kept}. Free space (or fix the folder) and run the command again; "
+            "a training run continues with --resume."
         ) from err
     except BaseException:
         if tmp is not None:
