@@ -101,6 +101,71 @@ class SemiSupervisedModel(Model):
     figures = ("learning_curves", "accuracy", "latent_space", "style_transfer", "class_samples")
     num_classes: int
 
+    # The parts that differ between M2 and M1+M2, which the model and guide below put together:
+    #   modules_for(role) -> {name: module} for pyro.module, role "model", "guide" or "classifier";
+    #   label_prior() -> p(y); observe(z, y_onehot, n, device, x) -> x, sampling the data sites;
+    #   guide_features(x) -> what q(y | .) and q(z | ., y) read (sampling any sites it takes, M1's z1);
+    #   classifier_logits(features); encode_features(features, y_onehot) -> (loc, scale).
+
+    def model(
+        self,
+        x=None,
+        y=None,
+        *,
+        aux_weight: float = 0.0,
+        kl_weight: float = 1.0,
+        num_data: int | None = None,
+        batch_size: int | None = None,
+    ):
+        """p(y) p(z) p(x | y, z); observes y where given, plus ``aux_weight * log q(y|x)`` for labelled x."""
+        self._register("model")
+        n = x.shape[0] if x is not None else (y.shape[0] if y is not None else (batch_size or 1))
+        device = next(self.parameters()).device
+        y_onehot = None if y is None else self.one_hot(y)
+        with data_plate(n, num_data, device):
+            y_onehot = pyro.sample("y", self.label_prior(), obs=y_onehot)
+            with poutine.scale(scale=kl_weight):
+                z = pyro.sample("z", self.prior())
+            x = self.observe(z, y_onehot, n, device, x)
+            if y is not None and aux_weight:
+                self._register("classifier")
+                with poutine.scale(scale=aux_weight):
+                    logits = self.classifier_logits(self.feature_means(x))
+                    pyro.sample("y_aux", dist.OneHotCategorical(logits=logits), obs=y_onehot)
+            return x
+
+    def guide(
+        self,
+        x=None,
+        y=None,
+        *,
+        aux_weight: float = 0.0,
+        kl_weight: float = 1.0,
+        num_data: int | None = None,
+        batch_size: int | None = None,
+    ):
+        """q(y | x) where y is unobserved, and q(z | x, y) (through the features the model reads x by)."""
+        if x is None:
+            raise ValueError(f"The guide of {type(self).__name__} needs data x.")
+        self._register("guide")
+        with data_plate(x.shape[0], num_data, x.device):
+            features = self.guide_features(x)
+            if y is None:
+                y_onehot = pyro.sample("y", dist.OneHotCategorical(logits=self.classifier_logits(features)))
+            else:
+                y_onehot = self.one_hot(y)
+            loc, scale = self.encode_features(features, y_onehot)
+            with poutine.scale(scale=kl_weight):
+                return pyro.sample("z", dist.Normal(loc, scale).to_event(1))
+
+    def _register(self, role: str) -> None:
+        for name, module in self.modules_for(role).items():
+            pyro.module(f"{self.pyro_name}.{name}", module)
+
+    def feature_means(self, x: torch.Tensor) -> torch.Tensor:
+        """The features of x at their mean, as the auxiliary classification term reads them (x itself for M2)."""
+        return x
+
     @torch.no_grad()
     def accuracy(self, x: torch.Tensor, y: torch.Tensor) -> float:
         """The fraction of points that :meth:`classify` labels correctly."""
@@ -184,58 +249,33 @@ class SSVAE(SemiSupervisedModel):
         self.pyro_name = name or f"ssvae{next(_instance_ids)}"
 
     # ----------------------------------------------------------------- Pyro
-    def model(
-        self,
-        x=None,
-        y=None,
-        *,
-        aux_weight: float = 0.0,
-        kl_weight: float = 1.0,
-        num_data: int | None = None,
-        batch_size: int | None = None,
-    ):
-        """p(y) p(z) p(x | y, z); observes y where given, plus ``aux_weight * log q(y|x)`` for labelled x."""
-        pyro.module(f"{self.pyro_name}.decoder", self.decoder)
-        pyro.module(f"{self.pyro_name}.prior", self.prior)
-        pyro.module(f"{self.pyro_name}.likelihood", self.likelihood)
-        pyro.module(f"{self.pyro_name}.class_prior", self.class_prior_net)
-        n = x.shape[0] if x is not None else (y.shape[0] if y is not None else (batch_size or 1))
-        device = self.class_prior_net.logits.device
-        y_onehot = None if y is None else self.one_hot(y)
-        with data_plate(n, num_data, device):
-            y_onehot = pyro.sample("y", self.class_prior_net(), obs=y_onehot)
-            with poutine.scale(scale=kl_weight):
-                z = pyro.sample("z", self.prior())
-            x = pyro.sample("x", self.likelihood(self.decoder(concat_broadcast(z, y_onehot))), obs=x)
-            if y is not None and aux_weight:
-                pyro.module(f"{self.pyro_name}.classifier", self.classifier)
-                with poutine.scale(scale=aux_weight):
-                    pyro.sample("y_aux", dist.OneHotCategorical(logits=self.classifier(x)), obs=y_onehot)
-            return x
+    def modules_for(self, role: str) -> dict[str, nn.Module]:
+        return {
+            "model": {
+                "decoder": self.decoder,
+                "prior": self.prior,
+                "likelihood": self.likelihood,
+                "class_prior": self.class_prior_net,
+            },
+            "guide": {"classifier": self.classifier, "encoder": self.encoder},
+            "classifier": {"classifier": self.classifier},
+        }[role]
 
-    def guide(
-        self,
-        x=None,
-        y=None,
-        *,
-        aux_weight: float = 0.0,
-        kl_weight: float = 1.0,
-        num_data: int | None = None,
-        batch_size: int | None = None,
-    ):
-        """q(y | x) where y is unobserved, and q(z | x, y)."""
-        if x is None:
-            raise ValueError("The guide q(y, z | x) needs data x.")
-        pyro.module(f"{self.pyro_name}.classifier", self.classifier)
-        pyro.module(f"{self.pyro_name}.encoder", self.encoder)
-        with data_plate(x.shape[0], num_data, x.device):
-            if y is None:
-                y_onehot = pyro.sample("y", dist.OneHotCategorical(logits=self.classifier(x)))
-            else:
-                y_onehot = self.one_hot(y)
-            loc, scale = self.encode(x, y_onehot)
-            with poutine.scale(scale=kl_weight):
-                return pyro.sample("z", dist.Normal(loc, scale).to_event(1))
+    def label_prior(self) -> dist.OneHotCategorical:
+        return self.class_prior_net()
+
+    def observe(self, z, y_onehot, n, device, x):
+        """x ~ p(x | y, z)."""
+        return pyro.sample("x", self.likelihood(self.decoder(concat_broadcast(z, y_onehot))), obs=x)
+
+    def guide_features(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def classifier_logits(self, features: torch.Tensor) -> torch.Tensor:
+        return self.classifier(features)
+
+    def encode_features(self, features, y_onehot):
+        return self.encode(features, y_onehot)
 
     # ------------------------------------------------------------ utilities
     def one_hot(self, y: torch.Tensor) -> torch.Tensor:

@@ -42,18 +42,18 @@ import itertools
 
 import pyro
 import pyro.distributions as dist
-import pyro.poutine as poutine
 import torch
 from torch import nn
 
 from ..components.likelihoods import Gaussian
 from ..components.priors import Prior, build_prior
-from .base import data_plate, register_model
+from .base import register_model
 from .ssvae import SSVAE, SemiSupervisedModel
 from .vae import VAE
 
 _instance_ids = itertools.count()
 ACTIVITY_THRESHOLD = 0.01
+GENERATIVE_PARTS = ("decoder", "prior", "likelihood", "class_prior_net")  # M2's modules in the model
 
 
 class LatentFeatures(nn.Module):
@@ -171,71 +171,39 @@ class StackedSSVAE(SemiSupervisedModel):
         return self.m1.likelihood
 
     # ----------------------------------------------------------------- Pyro
-    def model(
-        self,
-        x=None,
-        y=None,
-        *,
-        aux_weight: float = 0.0,
-        kl_weight: float = 1.0,
-        num_data: int | None = None,
-        batch_size: int | None = None,
-    ):
-        """p(y) p(z) p(f | y, z) p(u) p(x | z1); observes y where given, plus ``aux_weight * log q(y|x)``."""
+    def modules_for(self, role: str) -> dict[str, nn.Module]:
         m2 = self.m2
-        for part in ("decoder", "prior", "likelihood", "class_prior_net"):
-            pyro.module(f"{self.pyro_name}.m2.{part}", getattr(m2, part))
-        n = x.shape[0] if x is not None else (y.shape[0] if y is not None else (batch_size or 1))
-        device = self.features.mean.device
-        y_onehot = None if y is None else m2.one_hot(y)
-        with data_plate(n, num_data, device):
-            y_onehot = pyro.sample("y", m2.class_prior_net(), obs=y_onehot)
-            with poutine.scale(scale=kl_weight):
-                z = pyro.sample("z", m2.prior())
-            f = pyro.sample("z1", m2.decode(z, y_onehot))
-            u = self._sample_inactive(n, device)
-            x = pyro.sample("x", self.m1.decode(self.features.assemble(f, u)), obs=x)
-            if y is not None and aux_weight:
-                pyro.module(f"{self.pyro_name}.m2.classifier", m2.classifier)
-                with poutine.scale(scale=aux_weight):
-                    pyro.sample(
-                        "y_aux", dist.OneHotCategorical(logits=m2.classifier(self.feature_means(x))), obs=y_onehot
-                    )
-            return x
+        return {
+            "model": {
+                f"m2.{part}": getattr(m2, part) for part in ("decoder", "prior", "likelihood", "class_prior_net")
+            },
+            "guide": {"m2.classifier": m2.classifier, "m2.encoder": m2.encoder},
+            "classifier": {"m2.classifier": m2.classifier},
+        }[role]
 
-    def guide(
-        self,
-        x=None,
-        y=None,
-        *,
-        aux_weight: float = 0.0,
-        kl_weight: float = 1.0,
-        num_data: int | None = None,
-        batch_size: int | None = None,
-    ):
-        """q(f, u | x) from the frozen M1, then M2's q(y | f) where y is unobserved and q(z | f, y)."""
-        if x is None:
-            raise ValueError("The guide q(z1, y, z | x) needs data x.")
-        m2 = self.m2
-        pyro.module(f"{self.pyro_name}.m2.classifier", m2.classifier)
-        pyro.module(f"{self.pyro_name}.m2.encoder", m2.encoder)
+    def label_prior(self) -> dist.OneHotCategorical:
+        return self.m2.class_prior_net()
+
+    def observe(self, z, y_onehot, n, device, x):
+        """f ~ p(f | y, z), u ~ N(0, I), x ~ p(x | z1 = (m + s f, u))."""
+        f = pyro.sample("z1", self.m2.decode(z, y_onehot))
+        u = self._sample_inactive(n, device)
+        return pyro.sample("x", self.m1.decode(self.features.assemble(f, u)), obs=x)
+
+    def guide_features(self, x: torch.Tensor) -> torch.Tensor:
+        """f ~ q(f | x) and u ~ q(u | x) from the frozen M1; q(y | .) and q(z | ., y) read f."""
         loc, scale = self.m1.encode(x)
-        features = self.features
-        with data_plate(x.shape[0], num_data, x.device):
-            f = pyro.sample(
-                "z1", dist.Normal(features.standardise(loc), scale[:, features.active] / features.std).to_event(1)
-            )
-            if len(features.inactive):
-                pyro.sample(
-                    "z1_inactive", dist.Normal(loc[:, features.inactive], scale[:, features.inactive]).to_event(1)
-                )
-            if y is None:
-                y_onehot = pyro.sample("y", dist.OneHotCategorical(logits=m2.classifier(f)))
-            else:
-                y_onehot = m2.one_hot(y)
-            z_loc, z_scale = m2.encode(f, y_onehot)
-            with poutine.scale(scale=kl_weight):
-                return pyro.sample("z", dist.Normal(z_loc, z_scale).to_event(1))
+        split = self.features
+        f = pyro.sample("z1", dist.Normal(split.standardise(loc), scale[:, split.active] / split.std).to_event(1))
+        if len(split.inactive):
+            pyro.sample("z1_inactive", dist.Normal(loc[:, split.inactive], scale[:, split.inactive]).to_event(1))
+        return f
+
+    def classifier_logits(self, features: torch.Tensor) -> torch.Tensor:
+        return self.m2.classifier(features)
+
+    def encode_features(self, features, y_onehot):
+        return self.m2.encode(features, y_onehot)
 
     def _sample_inactive(self, n: int, device) -> torch.Tensor:
         inactive = len(self.features.inactive)
