@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import csv
 import io
-import math
 import time
 from pathlib import Path
 
@@ -40,6 +39,7 @@ from tqdm.auto import tqdm
 
 from .infer import ais_log_marginal_likelihood, bdmc, log_marginal_likelihood
 from .infer.ais import DEFAULT_CHAINS, DEFAULT_LEAPFROG_STEPS, DEFAULT_STEPS, SCHEDULES
+from .infer.densities import standard_error
 from .models import Model
 from .runs import RunDirectory, load_run
 from .training.parallel import parameter_digest
@@ -157,7 +157,7 @@ def _evaluate_test_points(directory, name, model, x, method, num_samples, batch_
         estimate = _resumable_ais(directory, name, model, x, unreliable, batch_size, ais, seed, progress, identity)
         log_px[unreliable] = estimate["log_px"]
         summary.update({f"escalated_{key}": value for key, value in _ais_summary(estimate, ais).items()})
-    summary.update(log_px=float(log_px.mean()), log_px_se=float(log_px.std(ddof=1) / math.sqrt(len(x))))
+    summary.update(log_px=float(log_px.mean()), log_px_se=standard_error(log_px))
     summary["nll"] = -summary["log_px"]
     escalated = np.zeros(len(x), dtype=bool)
     escalated[unreliable] = True
@@ -202,7 +202,7 @@ def _ais_summary(estimate: dict, ais: dict) -> dict:
     log_px, n = estimate["log_px"], len(estimate["log_px"])
     return {
         "log_px": float(log_px.mean()),
-        "log_px_se": float(log_px.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan"),
+        "log_px_se": standard_error(log_px),
         "nll": -float(log_px.mean()),
         "num_points": n,
         "chain_std_mean": float(estimate["chain_std"].mean()),
@@ -264,9 +264,9 @@ def compare_runs(run_dirs: list[str | Path], evaluation: str | None = None) -> l
                 "prior": (config["model"] or {}).get("prior", {}).get("name", "custom"),
                 "likelihood": (config["model"] or {}).get("likelihood", {}).get("name", "custom"),
                 "log_px": float(log_px.mean()),
-                "log_px_se": float(log_px.std(ddof=1) / math.sqrt(n)),
+                "log_px_se": standard_error(log_px),
                 "diff_to_best": float(diff.mean()),
-                "diff_se": float(diff.std(ddof=1) / math.sqrt(n)),
+                "diff_se": standard_error(diff),
                 "elbo": metrics.get("test_elbo", float("nan")),
                 "active_units": metrics.get("active_units"),
                 "num_samples": metrics.get("test_num_samples"),

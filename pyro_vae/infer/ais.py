@@ -47,7 +47,7 @@ from pyro.poutine.util import site_is_subsample
 from torch.distributions import biject_to, constraints
 from tqdm.auto import tqdm
 
-from .densities import PARTICLE_PLATE, _per_point, guess_max_plate_nesting
+from .densities import PARTICLE_PLATE, _per_point, guess_max_plate_nesting, standard_error
 from .importance import log_marginal_likelihood
 
 SCHEDULES = ("sigmoid", "linear")
@@ -101,8 +101,7 @@ class AISEstimate:
 
     @property
     def stderr(self) -> float:
-        n = self.log_px.numel()
-        return float(self.log_px.std() / math.sqrt(n)) if n > 1 else float("nan")
+        return standard_error(self.log_px)
 
     def summary(self) -> dict:
         out = {
@@ -120,7 +119,7 @@ class AISEstimate:
             out.update(
                 is_log_px=float(self.is_log_px.mean()),
                 ais_minus_is=float(diff.mean()),
-                ais_minus_is_se=float(diff.std() / math.sqrt(diff.numel())) if diff.numel() > 1 else float("nan"),
+                ais_minus_is_se=standard_error(diff),
                 is_num_unreliable=int((self.is_pareto_k > 0.7).sum()),
             )
         return out

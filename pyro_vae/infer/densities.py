@@ -16,6 +16,7 @@ never leak into an evaluation.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -26,6 +27,14 @@ from pyro.poutine.util import site_is_subsample
 
 DATA_PLATE = "data"
 PARTICLE_PLATE = "_pyro_vae_particles"
+
+
+def standard_error(values) -> float:
+    """The standard error of the mean of per-point values (a tensor or array); NaN for fewer than two."""
+    values = torch.as_tensor(values, dtype=torch.float64).flatten()
+    n = values.numel()
+    return float(values.std() / math.sqrt(n)) if n > 1 else float("nan")
+
 
 #: Distribution type -> ``log_prob(fn, value)`` used instead of ``fn.log_prob(value)``.
 LogDensityKernels = Mapping[type, Callable[[object, torch.Tensor], torch.Tensor]]
@@ -126,11 +135,9 @@ class ELBOEstimate:
 
     def summary(self, prefix: str = "") -> dict[str, float]:
         """Means over the data points, with the standard error of the ELBO's mean."""
-        n = self.elbo.numel()
-        se = float(self.elbo.std() / n**0.5) if n > 1 else float("nan")
         return {
             f"{prefix}elbo": float(self.elbo.mean()),
-            f"{prefix}elbo_se": se,
+            f"{prefix}elbo_se": standard_error(self.elbo),
             f"{prefix}reconstruction": float(self.reconstruction.mean()),
             f"{prefix}kl": float(self.kl.mean()),
         }

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from ..accel.bernoulli import LOG_DENSITY_KERNELS
 from ..accel.replay import record
-from .densities import SiteLogDensities, guess_max_plate_nesting, site_log_densities
+from .densities import SiteLogDensities, guess_max_plate_nesting, site_log_densities, standard_error
 
 MIN_REPLAYED_PASSES = 500  # recording and compiling a pass takes 0.7-2.7 s; each replay saves ~4 ms
 
@@ -55,8 +55,7 @@ class MarginalLikelihoodEstimate:
     @property
     def stderr(self) -> float:
         """Standard error of the mean over data points (the spread of log p(x) across the test set)."""
-        n = self.log_px.numel()
-        return float(self.log_px.std() / math.sqrt(n)) if n > 1 else float("nan")
+        return standard_error(self.log_px)
 
     @property
     def unreliable(self) -> torch.Tensor:
@@ -70,7 +69,7 @@ class MarginalLikelihoodEstimate:
             "log_px_se": self.stderr,
             "nll": -self.mean,
             "elbo": float(self.elbo.mean()),
-            "elbo_se": float(self.elbo.std() / math.sqrt(n)) if n > 1 else float("nan"),
+            "elbo_se": standard_error(self.elbo),
             "reconstruction": float(self.reconstruction.mean()),
             "kl": float(self.kl.mean()),
             "num_samples": self.num_samples,
