@@ -1,27 +1,39 @@
-"""Epoch time of ``pv.fit`` against a hand-written PyTorch loop of the same VAE, measured in one run.
+"""Training speed: ``pv.fit`` against hand-written PyTorch loops of the same VAE, and compiled steps against eager ones.
 
-    python benchmarks/train_speed.py [--batch-sizes 128 512] [--repeats 3]
+    python benchmarks/train_speed.py [--batch-sizes 128 512] [--repeats 3] [--steps 30]
 
-All three train the 784-400-20 Bernoulli MLP VAE (the same ``MLPEncoder`` and
-``MLPDecoder`` modules) on the embedded MNIST, dynamically binarised, with
-Adam at 1e-3, one epoch of 60,000 points at a time:
+**Epochs** (784-400-20 Bernoulli MLP VAE, the same ``MLPEncoder`` and
+``MLPDecoder`` modules, the embedded MNIST dynamically binarised, Adam 1e-3,
+one epoch of 60,000 points), interleaved (the order rotates every repeat),
+the median of the repeats:
 
-* **plain**: a hand-written PyTorch loop, the reference. It has no Pyro at
-  all: the reparameterised draw, the closed-form KL and
+* **plain**: a hand-written eager PyTorch loop, the reference. No Pyro: the
+  reparameterised draw, the closed-form KL and
   ``binary_cross_entropy_with_logits`` written out, with
   ``torch.optim.Adam(params, lr)`` as such loops are usually written;
-* **plain, fused Adam**: the same loop with ``Adam(..., fused=True)``, the
-  optimiser ``fit`` uses, to show how much of the gain is the optimiser's;
-* **fit**: ``pv.fit``, whose model and guide are ordinary Pyro programs
-  (``Trace_ELBO.differentiable_loss`` and one fused torch Adam); its
-  optimisation pass is timed, without the per-epoch validation
-  (``history[i]["seconds"]``);
-* **svi**: the textbook ``SVI(model, guide, pyro.optim.Adam, Trace_ELBO())``
-  loop with Pyro's default validation, the path ``fit`` replaces.
+* **plain, fused Adam**: the same loop with ``Adam(..., fused=True)``;
+* **plain, torch.compile**: the same loop with its loss and backward under
+  ``torch.compile`` and fused Adam, as a user could write it;
+* **fit**: ``pv.fit`` with its compiled step (``compile=True``), whose model
+  and guide are ordinary Pyro programs under ``Trace_ELBO``;
+* **fit, eager**: ``pv.fit(compile=False)``, the engine before the compiled step.
 
-The machine is shared and noisy, so the three are interleaved (the order
-rotates every repeat) and each reports the median over the repeats; only the
-ratios to the plain loop are meaningful.
+``fit``'s epochs are steady-state: each call trains two epochs and the
+second is timed (``history[2]["seconds"]``, without validation); the first,
+which records and compiles, is reported apart as the compile time. The
+plain loops' first epoch pays no compilation except under torch.compile,
+whose warm-up epoch is also excluded.
+
+**The matmul bound** of an epoch is the time of its matrix products alone:
+the four forward products and the seven backward ones of every step, run
+back to back on tensors of the same shapes.
+
+**Steps** (``--steps`` timed steps after warm-up, interleaved, medians):
+the enumerated M2 step (``pv.SSVAE``, z 50, hidden 500, batch 200, 100
+labels) and the IWAE k = 50 step (the VAE above, batch 128), each compiled
+against the same step eager, through ``take_step``.
+
+The machine is shared and noisy: only the ratios within one run mean something.
 """
 
 from __future__ import annotations
@@ -35,69 +47,145 @@ import torch
 import torch.nn.functional as F
 
 import pyro_vae as pv
+from pyro_vae.accel.training_step import CompiledStep
 from pyro_vae.components.nets import MLPDecoder, MLPEncoder
+from pyro_vae.infer import build_objective
+from pyro_vae.training.engine import adam, take_step
 
 Z_DIM, HIDDEN, LR = 20, (400,), 1e-3
 
 
-def plain_epoch(data: pv.Dataset, batch_size: int, fused: bool = False) -> float:
-    """One epoch of a hand-written PyTorch VAE loop; returns its seconds."""
+def plain_loss(encoder, decoder, x):
+    loc, scale = encoder(x)
+    z = loc + scale * torch.randn_like(loc)
+    logits = decoder(z).squeeze(1)
+    reconstruction = F.binary_cross_entropy_with_logits(logits, x, reduction="sum")
+    return reconstruction + 0.5 * (loc**2 + scale**2 - 2 * scale.log() - 1).sum()
+
+
+def plain_epoch(data: pv.Dataset, batch_size: int, fused: bool = False, compiled: bool = False) -> float:
+    """One epoch (two under torch.compile, the first to compile) of a hand-written PyTorch loop; its seconds."""
     encoder, decoder = MLPEncoder(data.x_shape, Z_DIM, HIDDEN), MLPDecoder(Z_DIM, data.x_shape, HIDDEN)
-    optimizer = torch.optim.Adam([*encoder.parameters(), *decoder.parameters()], lr=LR, fused=fused)
+    optimizer = torch.optim.Adam([*encoder.parameters(), *decoder.parameters()], lr=LR, fused=fused or compiled)
+
+    def loss_and_backward(x):
+        loss = plain_loss(encoder, decoder, x)
+        loss.backward()
+        return loss
+
+    step = torch.compile(loss_and_backward) if compiled else loss_and_backward
     x_train = data.train.x
-    started = time.perf_counter()
-    order = torch.randperm(x_train.shape[0])
-    for start in range(0, x_train.shape[0], batch_size):
-        x = torch.bernoulli(x_train[order[start : start + batch_size]])
-        loc, scale = encoder(x)
-        z = loc + scale * torch.randn_like(loc)
-        logits = decoder(z).squeeze(1)
-        reconstruction = F.binary_cross_entropy_with_logits(logits, x, reduction="sum")
-        kl = 0.5 * (loc**2 + scale**2 - 2 * scale.log() - 1).sum()
-        optimizer.zero_grad(set_to_none=True)
-        (reconstruction + kl).backward()
-        optimizer.step()
+    for _epoch in range(2 if compiled else 1):
+        started = time.perf_counter()
+        order = torch.randperm(x_train.shape[0])
+        for start in range(0, x_train.shape[0], batch_size):
+            x = torch.bernoulli(x_train[order[start : start + batch_size]])
+            optimizer.zero_grad(set_to_none=True)
+            step(x)
+            optimizer.step()
     return time.perf_counter() - started
 
 
-def fit_epoch(data: pv.Dataset, batch_size: int) -> float:
+def fit_epoch(data: pv.Dataset, batch_size: int, compile: bool = True) -> tuple[float, float]:
+    """The second epoch of ``pv.fit`` and the first epoch's compile seconds."""
     vae = pv.VAE(data.x_shape, Z_DIM, hidden=HIDDEN)
-    history = pv.fit(vae, data, epochs=1, batch_size=batch_size, lr=LR, progress=False)
-    return history[-1]["seconds"]
+    history = pv.fit(vae, data, epochs=2, batch_size=batch_size, lr=LR, progress=False, compile=compile)
+    return history[2]["seconds"], history[1].get("compile_seconds", 0.0)
 
 
-def svi_epoch(data: pv.Dataset, batch_size: int) -> float:
-    vae = pv.VAE(data.x_shape, Z_DIM, hidden=HIDDEN)
-    svi = pyro.infer.SVI(vae.model, vae.guide, pyro.optim.Adam({"lr": LR}), pyro.infer.Trace_ELBO())
+def matmul_bound_epoch(num_points: int, batch_size: int) -> float:
+    """Seconds of an epoch's matrix products alone, forward and backward, for the 784-400-20 VAE."""
+    sizes = [(784, 400), (400, 2 * Z_DIM), (Z_DIM, 400), (400, 784)]  # encoder, its head, decoder, its output
+    weights = [torch.randn(n_out, n_in) for n_in, n_out in sizes]
+    batches = [min(batch_size, num_points - start) for start in range(0, num_points, batch_size)]
+    operands = {b: [(torch.randn(b, n_in), torch.randn(b, n_out)) for n_in, n_out in sizes] for b in set(batches)}
     started = time.perf_counter()
-    for x in data.batches(batch_size):
-        svi.step(x)
+    for b in batches:
+        for i, ((inputs, grad_out), weight) in enumerate(zip(operands[b], weights, strict=True)):
+            inputs @ weight.T  # forward
+            grad_out.T @ inputs  # gradient of the weight
+            if i > 0:  # no gradient flows into the data
+                grad_out @ weight
     return time.perf_counter() - started
 
 
-def main(batch_sizes: list[int], repeats: int) -> None:
+def step_ratio(model, objective_config, data, batch_size: int, steps: int) -> tuple[float, float, float]:
+    """Median seconds of a compiled step and an eager one (interleaved), and the compile seconds."""
+    objective = build_objective(objective_config)
+    objective.setup(model, data, batch_size=batch_size)
+    optimizer = adam(model.parameters(), LR, torch.device("cpu"))
+    compiled = CompiledStep(lambda *inputs: objective.loss(model, *inputs[:-1], kl_weight=inputs[-1]), model)
+    points = objective.training_points(data)
+    batches = [points[torch.randint(len(points), (batch_size,))] for _ in range(steps + 3)]
+    take_step(model, objective, optimizer, data, batches[0], compiled=compiled)  # records and compiles
+    times = {True: [], False: []}
+    for i, batch in enumerate(batches[1:]):
+        for use in (True, False) if i % 2 else (False, True):
+            started = time.perf_counter()
+            take_step(model, objective, optimizer, data, batch, compiled=compiled if use else None)
+            if i >= 2:  # warm-up
+                times[use].append(time.perf_counter() - started)
+    return statistics.median(times[True]), statistics.median(times[False]), compiled.compile_seconds
+
+
+def main(batch_sizes: list[int], repeats: int, steps: int) -> None:
     pyro.set_rng_seed(0)
     data = pv.load_dataset("mnist", binarize="dynamic")
     contenders = {
-        "plain": plain_epoch,
-        "plain, fused Adam": lambda data, batch_size: plain_epoch(data, batch_size, fused=True),
-        "fit": fit_epoch,
-        "svi": svi_epoch,
+        "plain": lambda batch_size: plain_epoch(data, batch_size),
+        "plain, fused Adam": lambda batch_size: plain_epoch(data, batch_size, fused=True),
+        "plain, torch.compile": lambda batch_size: plain_epoch(data, batch_size, compiled=True),
+        "fit": lambda batch_size: fit_epoch(data, batch_size),
+        "fit, eager": lambda batch_size: fit_epoch(data, batch_size, compile=False)[0],
+        "matmul bound": lambda batch_size: matmul_bound_epoch(len(data.train), batch_size),
     }
     print(f"threads: {torch.get_num_threads()}, torch {torch.__version__}, pyro {pyro.__version__}")
-    print("| batch | plain loop | plain, fused Adam | pv.fit | fit / plain | fit / plain fused | SVI | SVI / plain |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(
+        "| batch | plain | plain, fused Adam | plain, torch.compile | fit | fit, eager | matmul bound "
+        "| fit / plain | fit / plain fused | fit / plain compiled | fit / fit eager | fit / matmul bound "
+        "| fit's compile |"
+    )
+    print("|" + "---|" * 13)
     for batch_size in batch_sizes:
-        fit_epoch(data.subset(train=batch_size * 20), batch_size)  # warm-up: allocator, thread pool
-        times: dict[str, list[float]] = {name: [] for name in contenders}
+        times: dict[str, list] = {name: [] for name in contenders}
         names = list(contenders)
         for repeat in range(repeats):
             for name in names[repeat % len(names) :] + names[: repeat % len(names)]:
-                times[name].append(contenders[name](data, batch_size))
-        plain, fused, fit, svi = (statistics.median(times[name]) for name in names)
+                times[name].append(contenders[name](batch_size))
+        compile_seconds = statistics.median(t[1] for t in times["fit"])
+        times["fit"] = [t[0] for t in times["fit"]]
+        med = {name: statistics.median(values) for name, values in times.items()}
+        fit = med["fit"]
         print(
-            f"| {batch_size} | {plain:.2f} s | {fused:.2f} s | {fit:.2f} s | {fit / plain:.2f} | {fit / fused:.2f} "
-            f"| {svi:.2f} s | {svi / plain:.2f} |"
+            f"| {batch_size} | {med['plain']:.2f} s | {med['plain, fused Adam']:.2f} s "
+            f"| {med['plain, torch.compile']:.2f} s | {fit:.2f} s | {med['fit, eager']:.2f} s "
+            f"| {med['matmul bound']:.2f} s | {fit / med['plain']:.2f} | {fit / med['plain, fused Adam']:.2f} "
+            f"| {fit / med['plain, torch.compile']:.2f} | {fit / med['fit, eager']:.2f} "
+            f"| {fit / med['matmul bound']:.2f} | {compile_seconds:.1f} s |",
+            flush=True,
+        )
+
+    print("\n| step | compiled | eager | compiled / eager | compile |")
+    print("|---|---|---|---|---|")
+    cases = {
+        "enumerated M2 (z 50, hidden 500, batch 200, 100 labels)": (
+            lambda: pv.SSVAE(data.x_shape, 50, hidden=(500,)),
+            {"name": "semi-supervised", "num_labels": 100},
+            200,
+        ),
+        "IWAE k = 50 (784-400-20, batch 128)": (
+            lambda: pv.VAE(data.x_shape, Z_DIM, hidden=HIDDEN),
+            {"name": "iwae", "num_particles": 50},
+            128,
+        ),
+    }
+    for name, (build, config, batch_size) in cases.items():
+        pyro.clear_param_store()
+        compiled, eager, compile_seconds = step_ratio(build(), config, data, batch_size, steps)
+        print(
+            f"| {name} | {1000 * compiled:.1f} ms | {1000 * eager:.1f} ms | {compiled / eager:.2f} "
+            f"| {compile_seconds:.1f} s |",
+            flush=True,
         )
 
 
@@ -105,4 +193,5 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 512])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=30, help="timed steps of each kind in the step comparison")
     main(**vars(parser.parse_args()))

@@ -29,11 +29,13 @@ from .models import SSVAE, VAE, LatentFeatures, StackedSSVAE
 from .models.ssvae import CLASS_PRIORS
 from .runs import CheckpointError, RunDirectory, load_run
 from .training import LightningProcesses, TrainingDiverged, TrainingInterrupted
-from .training.engine import resolve_device
+from .training.engine import AUTO_COMPILE_STEPS, resolve_device
 from .workflow import resume_run, train_run
 
 DEFAULT_EPOCHS = 30
 DEFAULT_EVAL_SAMPLES = 1000
+#: --compile values and the ``compile`` argument of ``fit`` each stands for.
+COMPILE_CHOICES = {"auto": "auto", "on": True, "off": False}
 MAX_SEED = 2**32 - 1  # numpy's seeds, which pyro.set_rng_seed sets too
 VAE_OBJECTIVES = ("trace", "meanfield", "iwae")
 
@@ -210,6 +212,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--device", type=_device, help="cpu, cuda, cuda:N or auto [default: cpu; with --resume: the run's own]"
     )
     training.add_argument(
+        "--compile",
+        choices=COMPILE_CHOICES,
+        help="replay the training step compiled by TorchInductor (the same numbers, faster): on, off, or auto for "
+        f"runs of at least {AUTO_COMPILE_STEPS} steps [default: auto; with --resume: the run's own]",
+    )
+    training.add_argument(
         "--eval-samples",
         type=count_or_zero,
         help=f"K of the best checkpoint's test log p(x) in metrics.json, 0 skips it "
@@ -326,7 +334,7 @@ def check_flag_combinations(parser: argparse.ArgumentParser, args: argparse.Name
     if args.resume and given:
         train.error(
             f"{', '.join(map(flag, given))} cannot change a run on --resume (its config.json fixes them); "
-            "only --epochs, --eval-samples, --device, --no-progress and the distributed flags apply"
+            "only --epochs, --eval-samples, --device, --compile, --no-progress and the distributed flags apply"
         )
     semi_supervised = args.semi_supervised or args.m1
     if not semi_supervised and (wrong := [flag(d) for d in SEMI_SUPERVISED_FLAGS if d in given]):
@@ -515,6 +523,8 @@ def _new_model(args):
 def _train(args) -> None:
     processes = _processes(args)
     common = {"progress": not args.no_progress}
+    if args.compile is not None:
+        common["compile"] = COMPILE_CHOICES[args.compile]
     if args.eval_samples is not None:
         common["eval_samples"] = args.eval_samples
     if processes is None:

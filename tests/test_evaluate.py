@@ -73,7 +73,7 @@ def test_compare_refuses_unevaluated_runs_and_different_test_points(two_runs, tm
 FAST_AIS = ["--steps", "20", "--chains", "4", "--leapfrog", "1"]
 
 
-def test_ais_auto_and_bdmc_from_the_command_line(two_runs, capsys):
+def test_ais_auto_and_bdmc_from_the_command_line(two_runs, capsys, tmp_path):
     wide, narrow = two_runs
     for run in (wide, narrow):
         assert main(["evaluate", str(run), "--method", "ais", *FAST_AIS, "--no-progress"]) == 0
@@ -83,7 +83,10 @@ def test_ais_auto_and_bdmc_from_the_command_line(two_runs, capsys):
     metrics = json.loads((wide / "metrics.json").read_text())
     assert metrics["evaluations"]["ais-T20-C4-L1-sigmoid"]["log_px"] == pytest.approx(ais.mean())
     # compare pairs runs on the same evaluation of the same points
-    assert main(["compare", str(wide), str(narrow), "--evaluation", "ais-T20-C4-L1-sigmoid"]) == 0
+    assert (
+        main(["compare", str(wide), str(narrow), "--evaluation", "ais-T20-C4-L1-sigmoid", "--out", str(tmp_path / "t")])
+        == 0
+    )
     assert "paired difference to best" in capsys.readouterr().out
     assert main(["compare", str(wide), "--evaluation", "ais-T999-C4-L1-sigmoid"]) == 2
     assert "has no evaluation 'ais-T999-C4-L1-sigmoid' (it has: ais-T20-C4-L1-sigmoid" in capsys.readouterr().err
@@ -136,13 +139,15 @@ def test_an_interrupted_ais_evaluation_continues_to_the_same_result(two_runs, mo
     assert not (interrupted / "evaluations" / f"{name}.partial.npz").exists()
 
 
-def test_a_subset_of_test_points_is_named_and_paired_only_with_itself(two_runs, capsys):
+def test_a_subset_of_test_points_is_named_and_paired_only_with_itself(two_runs, capsys, tmp_path):
     wide, narrow = two_runs
     for run in (wide, narrow):
         assert main(["evaluate", str(run), "--samples", "50", "--test-points", "40", "--no-progress"]) == 0
     assert "40 points" in capsys.readouterr().out
     assert len(np.load(wide / "evaluations" / "is-K50-first40.npz")["log_px"]) == 40
-    assert main(["compare", str(wide), str(narrow), "--evaluation", "is-K50-first40"]) == 0
+    assert (
+        main(["compare", str(wide), str(narrow), "--evaluation", "is-K50-first40", "--out", str(tmp_path / "t")]) == 0
+    )
 
 
 @pytest.mark.parametrize(

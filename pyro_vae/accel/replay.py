@@ -38,10 +38,15 @@ with ``replay=False``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from unittest import mock
 
 import pyro
+import pyro.infer.trace_elbo
+import pyro.infer.trace_mean_field_elbo
+import pyro.infer.traceenum_elbo
 import torch
 import torch.utils._pytree as pytree
 
@@ -53,6 +58,38 @@ logger = logging.getLogger(__name__)
 DECOMPOSITIONS: dict[torch._ops.OpOverload, Callable] = {}
 
 
+def _value_of(x):
+    """``torch_item`` for a recording: the value as a tensor cut from the graph of gradients, not a Python float."""
+    return x.detach() if isinstance(x, torch.Tensor) else x
+
+
+@contextlib.contextmanager
+def recordable_pyro() -> Iterator[None]:
+    """Pyro with its reads of tensor values turned off, so that make_fx can record its ELBOs on fake tensors.
+
+    * Validation is off: its support and argument checks take decisions on tensor values.
+    * ``warn_if_nan`` in the ELBO modules is the identity: it tests the loss for NaN in Python (the training
+      engine tests the loss itself) and hooks the gradient to test it again.
+    * ``torch_item`` in ``Trace_ELBO`` and ``TraceMeanField_ELBO`` returns the value as a detached tensor:
+      they add the loss's value, read as a float, to a surrogate whose value they cancel
+      (``loss + (surrogate - item(surrogate))``) so that the result has the loss's value and the surrogate's
+      gradient. A detached tensor keeps both, without leaving the graph.
+    """
+    identity = lambda value, *args, **kwargs: value  # noqa: E731
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(pyro.validation_enabled(False))
+        for module in (pyro.infer.trace_elbo, pyro.infer.trace_mean_field_elbo, pyro.infer.traceenum_elbo):
+            stack.enter_context(mock.patch.object(module, "warn_if_nan", identity))
+        for module in (pyro.infer.trace_elbo, pyro.infer.trace_mean_field_elbo):
+            stack.enter_context(mock.patch.object(module, "torch_item", _value_of))
+        yield
+
+
+def reads_tensor_values(graph: torch.fx.GraphModule) -> bool:
+    """Whether a recorded graph turns a tensor into a Python number (``.item()``), which a replay cannot redo."""
+    return any(node.target is torch.ops.aten._local_scalar_dense.default for node in graph.graph.nodes)
+
+
 def record(fn: Callable, *inputs: torch.Tensor) -> Callable | None:
     """``fn(*inputs)`` as a compiled graph that replays it for new inputs of the same shapes, or None.
 
@@ -60,8 +97,7 @@ def record(fn: Callable, *inputs: torch.Tensor) -> Callable | None:
     replay returns the same structure. Tensors other than ``inputs`` that
     ``fn`` reads (parameters, closed-over tensors) enter the graph as
     constants, frozen at their values now. The replay computes no gradients.
-    Pyro's validation is off while recording: its support checks take
-    decisions on tensor values.
+    Pyro records under :func:`recordable_pyro`.
     """
     import torch._inductor  # imported here: TorchInductor takes about a second to import
     from torch.fx.experimental.proxy_tensor import make_fx
@@ -74,12 +110,15 @@ def record(fn: Callable, *inputs: torch.Tensor) -> Callable | None:
         return tuple(leaves)
 
     try:
-        with pyro.validation_enabled(False):
+        with recordable_pyro():
             graph = make_fx(
                 flat_fn, decomposition_table=DECOMPOSITIONS, tracing_mode="fake", _allow_non_fake_inputs=True
             )(*inputs)
     except Exception as err:  # what fake tensors cannot run: data-dependent Python, ops without a fake kernel
         logger.info("The pass cannot be recorded (%s: %s); it runs eagerly.", type(err).__name__, err)
+        return None
+    if reads_tensor_values(graph):
+        logger.info("The pass reads tensor values in Python (.item()); it runs eagerly.")
         return None
     try:
         with torch.no_grad():

@@ -35,9 +35,8 @@ class ELBO(Objective):
             num_particles=self.num_particles, vectorize_particles=self.num_particles > 1, max_plate_nesting=1
         )
 
-    def loss(self, model, data, indices, *, kl_weight):
-        x = data.batch(indices)
-        return self.elbo.differentiable_loss(model.model, model.guide, x, kl_weight=kl_weight), len(x)
+    def loss(self, model, x, *, kl_weight):
+        return self.elbo.differentiable_loss(model.model, model.guide, x, kl_weight=kl_weight)
 
     def config(self):
         return {"name": self.name, "num_particles": self.num_particles}

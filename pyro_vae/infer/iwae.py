@@ -62,9 +62,8 @@ class IWAEBound(Objective):
         self.bound = IWAE_ELBO(num_particles=int(num_particles))
         self.num_particles = self.bound.num_particles
 
-    def loss(self, model, data, indices, *, kl_weight):
-        x = data.batch(indices)
-        return self.bound.differentiable_loss(model.model, model.guide, x), len(x)
+    def loss(self, model, x, *, kl_weight):
+        return self.bound.differentiable_loss(model.model, model.guide, x)
 
     def config(self):
         return {"name": self.name, "num_particles": self.num_particles}

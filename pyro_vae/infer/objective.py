@@ -1,16 +1,21 @@
 """The interface of a training objective, and the registry of objectives.
 
-An objective turns a model, the training data and a batch of indices into
-a differentiable loss: the negative of an estimate of the objective
-(an ELBO, a tighter bound, the semi-supervised J) summed over the points
-the loss stands for. The training engine (:mod:`pyro_vae.training.engine`)
-owns the loop, the optimiser, checkpoints and every guarantee; the objective
-owns only what is particular to it:
+An objective turns a model and a batch of training data into a
+differentiable loss: the negative of an estimate of the objective (an ELBO,
+a tighter bound, the semi-supervised J) summed over the points the loss
+stands for. The training engine (:mod:`pyro_vae.training.engine`) owns the
+loop, the optimiser, checkpoints and every guarantee; the objective owns
+only what is particular to it:
 
 * :meth:`Objective.setup`: checks and preparation before training (the
   semi-supervised objective draws its labelled points);
 * :meth:`Objective.training_points`: the indices an epoch runs over;
-* :meth:`Objective.loss`: one step's loss and how many points it sums over;
+* :meth:`Objective.batch`: the tensors of one step, taken from the data
+  (the points at the step's indices, dynamically binarised; a labelled
+  batch), and :meth:`Objective.points`, how many points its loss sums over;
+* :meth:`Objective.loss`: the step's loss, a function of those tensors and
+  the model alone, so that the engine can record it once and replay it
+  compiled (:mod:`pyro_vae.accel.training_step`);
 * :meth:`Objective.validate`: the metrics of a split after every epoch;
 * :meth:`Objective.state_dict`: whatever it keeps between steps (a
   cursor, an order), saved in every checkpoint so that a resumed run
@@ -46,9 +51,22 @@ class Objective(ABC):
         """Indices of the training points one epoch runs over (by default all of them)."""
         return torch.arange(len(data.train), device=data.train.x.device)
 
+    def batch(self, data: Dataset, indices: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The tensors one step's loss reads: by default the points at ``indices``, binarised as the data says."""
+        return (data.batch(indices),)
+
+    def points(self, batch: tuple[torch.Tensor, ...]) -> float:
+        """How many points the loss of ``batch`` sums over (by default the length of its first tensor)."""
+        return len(batch[0])
+
     @abstractmethod
-    def loss(self, model, data: Dataset, indices: torch.Tensor, *, kl_weight: float) -> tuple[torch.Tensor, float]:
-        """The differentiable loss of the training points at ``indices``, and how many points it sums over."""
+    def loss(self, model, *batch: torch.Tensor, kl_weight: float | torch.Tensor) -> torch.Tensor:
+        """The differentiable loss of one step's ``batch`` (from :meth:`batch`).
+
+        A function of ``batch``, ``kl_weight`` and the model alone: whatever
+        else it reads (Python state that changes between steps) belongs in
+        :meth:`batch`. A compiled step passes ``kl_weight`` as a 0-d tensor.
+        """
 
     def validate(self, model, split: Split, prefix: str) -> dict:
         """Metrics of ``split`` with names starting ``prefix``: by default the ELBO and its terms."""

@@ -113,25 +113,28 @@ class SemiSupervisedELBO(Objective):
         self.cursor += self.labelled_batch
         return chosen
 
-    def loss(self, model, data, indices, *, kl_weight):
+    def batch(self, data, indices):
+        """The unlabelled points at ``indices`` and the next labelled batch with its labels."""
         chosen = self._next_labelled()
+        return data.batch(indices), data.batch(chosen), data.train.y[chosen]
+
+    def points(self, batch):
+        return self.num_data
+
+    def loss(self, model, x, x_labelled, y_labelled, *, kl_weight):
         unlabelled = self.unlabelled_elbo.differentiable_loss(
-            model.model,
-            self.enumerated_guide(model),
-            data.batch(indices),
-            kl_weight=kl_weight,
-            num_data=len(self.unlabelled),
+            model.model, self.enumerated_guide(model), x, kl_weight=kl_weight, num_data=len(self.unlabelled)
         )
         labelled = self.labelled_elbo.differentiable_loss(
             model.model,
             model.guide,
-            data.batch(chosen),
-            data.train.y[chosen],
+            x_labelled,
+            y_labelled,
             aux_weight=self.aux_weight,
             kl_weight=kl_weight,
             num_data=self.num_labels,
         )
-        return unlabelled + labelled, self.num_data
+        return unlabelled + labelled
 
     @torch.no_grad()
     def validate(self, model, split, prefix):

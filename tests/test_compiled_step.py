@@ -1,0 +1,215 @@
+"""The compiled training step (``pyro_vae.accel.training_step``) gives the eager step's numbers.
+
+Tolerances: a replay draws the same random numbers as the eager step
+(``fallback_random``), so the two differ only by the rounding of fused
+float32 kernels: about 1e-7 relative on a loss summed over a batch, and up
+to about 1e-5 of a gradient's largest entry on its entries near zero, which
+carry the absolute error of sums over hundreds of terms. The tolerances are
+ten times those.
+"""
+
+import math
+
+import pyro
+import pytest
+import torch
+from conftest import small_vae
+from torch import nn
+
+import pyro_vae as pv
+from pyro_vae.accel import training_step
+from pyro_vae.accel.training_step import CompiledStep
+from pyro_vae.infer import build_objective
+from pyro_vae.infer.elbo import ELBO
+from pyro_vae.models.base import data_plate
+from pyro_vae.runs.files import load_checkpoint
+
+CASES = {
+    "trace": ({"name": "trace"}, "vae"),
+    "trace, 3 particles": ({"name": "trace", "num_particles": 3}, "vae"),
+    "meanfield": ({"name": "meanfield"}, "vae"),
+    "iwae": ({"name": "iwae", "num_particles": 4}, "vae"),
+    "semi-supervised": ({"name": "semi-supervised", "num_labels": 50}, "ssvae"),
+}
+
+
+def tiny(kind):
+    if kind == "ssvae":
+        return pv.SSVAE((1, 28, 28), 4, hidden=(32,))
+    return small_vae(hidden=(32,), z_dim=4)
+
+
+def assert_same_gradients(compiled, eager):
+    for got, expected in zip(compiled, eager, strict=True):
+        assert (got is None) == (expected is None)
+        if expected is not None:
+            scale = expected.abs().max().item()
+            assert (got - expected).abs().max().item() <= 1e-4 * scale + 1e-6
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_the_compiled_step_gives_the_eager_loss_and_gradient(case, small_mnist):
+    config, kind = CASES[case]
+    model, objective = tiny(kind), build_objective(config)
+    objective.setup(model, small_mnist, batch_size=32)
+    kl_weight = 0.7 if objective.supports_kl_weight else 1.0
+    step = CompiledStep(lambda *inputs: objective.loss(model, *inputs[:-1], kl_weight=inputs[-1]), model)
+    for seed in (1, 2):  # the call that compiles, then a replay of new draws
+        batch = objective.batch(small_mnist, torch.arange(32 * seed, 32 * (seed + 1)))
+        pyro.set_rng_seed(seed)
+        loss, gradients = step(*batch, torch.tensor(kl_weight))
+        assert len(pyro.get_param_store()) == 0  # the recording registered nothing, fake or real
+        after_replay = torch.get_rng_state()
+        pyro.set_rng_seed(seed)
+        eager = objective.loss(model, *batch, kl_weight=kl_weight)
+        assert torch.equal(torch.get_rng_state(), after_replay)  # the replay drew exactly what the eager step drew
+        expected = torch.autograd.grad(eager, step.parameters, allow_unused=True)
+        pyro.clear_param_store()
+        assert loss.item() == pytest.approx(eager.item(), rel=1e-6)
+        assert_same_gradients(gradients, expected)
+
+
+def test_fit_compiled_follows_fit_eager(small_mnist):
+    data = small_mnist.subset(train=500)
+    runs = {}
+    for compile in (True, False):
+        pyro.set_rng_seed(0)
+        vae = small_vae(hidden=(32,), z_dim=4)
+        history = pv.fit(vae, data, epochs=2, batch_size=64, warmup_epochs=1, progress=False, compile=compile)
+        runs[compile] = history, vae
+    (compiled, vae), (eager, reference) = runs[True], runs[False]
+    for got, expected in zip(compiled[1:], eager[1:], strict=True):
+        assert got["train_objective"] == pytest.approx(expected["train_objective"], rel=1e-5)
+        assert got["val_elbo"] == pytest.approx(expected["val_elbo"], rel=1e-5)
+    for got, expected in zip(vae.parameters(), reference.parameters(), strict=True):
+        assert torch.allclose(got, expected, atol=1e-5)
+    assert compiled[1]["compile_seconds"] > 0 and compiled[2]["compile_seconds"] == 0
+    assert "compile_seconds" not in eager[1]
+
+
+def test_a_shorter_last_batch_runs_eagerly_and_nothing_recompiles(small_mnist, monkeypatch):
+    import torch._inductor
+
+    compiles = []
+    real_compile = torch._inductor.compile
+    monkeypatch.setattr(torch._inductor, "compile", lambda *args, **kw: compiles.append(1) or real_compile(*args, **kw))
+    data = small_mnist.subset(train=200)  # batches of 64, 64, 64 and 8
+    pv.fit(small_vae(hidden=(32,), z_dim=4), data, epochs=3, batch_size=64, progress=False, compile=True)
+    assert len(compiles) == 1
+
+
+class ValueReadingVAE(pv.VAE):
+    """A guide that reads a tensor's value into Python arithmetic, which a replay would freeze."""
+
+    def guide(self, x=None, **kwargs):
+        with pyro.poutine.scale(scale=1.0 + 0.0 * float(x.mean())):
+            return super().guide(x, **kwargs)
+
+
+class BranchingVAE(pv.VAE):
+    """A guide that takes a Python decision on a tensor value; ``threshold`` picks the branch."""
+
+    threshold = -1.0
+
+    def guide(self, x=None, **kwargs):
+        loc, scale = self.encoder(x)
+        if x.mean() > self.threshold:  # recorded as true, guarded at every replay
+            loc = loc + 0.5
+        pyro.module(f"{self.pyro_name}.encoder", self.encoder)
+        with data_plate(x.shape[0], kwargs.get("num_data"), x.device):
+            with pyro.poutine.scale(scale=kwargs.get("kl_weight", 1.0)):
+                return pyro.sample("z", pyro.distributions.Normal(loc, scale).to_event(1))
+
+
+def fit_both(model_class, data, **kwargs):
+    """Histories and final parameters of the same run compiled and eager."""
+    results = {}
+    for compile in (True, False):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(0)
+        model = model_class((1, 28, 28), 4, hidden=(32,))
+        history = pv.fit(model, data, epochs=1, batch_size=50, progress=False, compile=compile, **kwargs)
+        results[compile] = [row["train_objective"] for row in history[1:]], list(model.parameters())
+    return results[True], results[False]
+
+
+def test_a_step_that_reads_values_runs_eagerly_after_one_warning(small_mnist):
+    with pytest.warns(RuntimeWarning, match="cannot be recorded") as caught:
+        (compiled, params), (eager, reference) = fit_both(ValueReadingVAE, small_mnist.subset(train=200))
+    assert sum("cannot be recorded" in str(w.message) for w in caught) == 1
+    assert compiled == eager
+    assert all(torch.equal(a, b) for a, b in zip(params, reference, strict=True))
+
+
+def test_a_decision_that_holds_is_replayed_and_one_that_fails_runs_eagerly(small_mnist, monkeypatch, recwarn):
+    data = small_mnist.subset(train=400)
+    (compiled, params), (eager, reference) = fit_both(BranchingVAE, data)  # x.mean() > -1 always holds
+    assert compiled == pytest.approx(eager, rel=1e-5)
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+
+    monkeypatch.setattr(BranchingVAE, "threshold", 2.0)  # never holds: every replay's guard fails
+    with pytest.warns(RuntimeWarning, match="took a branch that 5 steps in a row did not take"):
+        (compiled, params), (eager, reference) = fit_both(BranchingVAE, data)
+    assert compiled == eager  # the failed replays gave their random draws back
+    assert all(torch.equal(a, b) for a, b in zip(params, reference, strict=True))
+
+
+def test_a_compiler_failure_falls_back_to_the_same_numbers_after_one_warning(small_mnist, monkeypatch):
+    import torch._inductor
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(torch._inductor, "compile", broken)
+    message = r"TorchInductor failed \(RuntimeError: no C\+\+ compiler found\)"
+    with pytest.warns(RuntimeWarning, match=message) as caught:
+        (compiled, params), (eager, reference) = fit_both(pv.VAE, small_mnist.subset(train=200))
+    assert sum("TorchInductor failed" in str(w.message) for w in caught) == 1
+    assert compiled == eager
+    assert all(torch.equal(a, b) for a, b in zip(params, reference, strict=True))
+
+
+class PoisonedBatches(ELBO):
+    """The ELBO, with the decoder's output scaled by a buffer that turns NaN at the given step."""
+
+    name = "trace"
+
+    def __init__(self, poison: torch.Tensor, at_step: int):
+        super().__init__()
+        self.poison, self.at_step, self.steps = poison, at_step, 0
+
+    def batch(self, data, indices):
+        self.steps += 1
+        if self.steps == self.at_step:
+            self.poison.fill_(math.nan)
+        return super().batch(data, indices)
+
+
+class ScaledDecoder(nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.register_buffer("poison", torch.ones(()))
+
+    def forward(self, z):
+        return self.inner(z) * self.poison
+
+
+@pytest.mark.filterwarnings("ignore:Encountered NaN")
+def test_a_nan_in_a_compiled_step_stops_the_run_and_keeps_the_checkpoint(small_mnist, tmp_path):
+    base = small_vae(hidden=(32,), z_dim=4)
+    decoder = ScaledDecoder(base.decoder)
+    vae = pv.VAE((1, 28, 28), 4, encoder=base.encoder, decoder=decoder)
+    objective = PoisonedBatches(decoder.poison, at_step=6)  # epoch 2, step 2: replayed, with the buffer read fresh
+    with pytest.raises(pv.TrainingDiverged, match=r"epoch 2, step 2\. Lower the learning rate"):
+        pv.fit(vae, small_mnist.subset(train=256), objective=objective, epochs=2, batch_size=64, run_dir=tmp_path,
+               progress=False, compile=True)  # fmt: skip
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["epoch"] == 1
+
+
+def test_recording_leaves_pyro_as_it_was():
+    assert pyro.infer.trace_elbo.torch_item(torch.tensor(2.0)) == 2.0
+    guards = []
+    with training_step.assume_true(guards):
+        assert not torch.tensor(False)  # real tensors keep their truth
+    assert bool(torch.tensor(True)) and not guards
