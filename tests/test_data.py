@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import pyro_vae as pv
+from pyro_vae.data import binarize
 
 
 def test_embedded_mnist_is_complete(mnist):
@@ -29,6 +30,16 @@ def test_dynamic_batches_are_resampled(small_mnist):
     assert set(first.unique().tolist()) == {0.0, 1.0}
     assert not torch.equal(first, second)
     assert abs(float(first.mean() - small_mnist.train.x[:64].mean())) < 0.01
+
+
+def test_dynamic_binarisation_draws_each_pixel_with_its_intensity():
+    torch.manual_seed(0)
+    p = torch.tensor([0.0, 0.1, 0.5, 0.9, 1.0])
+    draws = torch.stack([binarize(p) for _ in range(20000)])
+    assert set(draws.unique().tolist()) <= {0.0, 1.0} and draws.dtype == p.dtype
+    # 20,000 draws: the standard error of a frequency is at most 0.0035; 5 of them is 0.018
+    assert torch.allclose(draws.mean(0), p, atol=0.018)
+    assert draws[:, 0].sum() == 0 and draws[:, 4].sum() == 20000  # 0 and 1 are exact
 
 
 def test_fixed_binarisation_is_seeded():

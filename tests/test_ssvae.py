@@ -12,7 +12,7 @@ import pyro_vae as pv
 from pyro_vae import cli
 from pyro_vae.data import DataError
 from pyro_vae.infer.semisupervised import SemiSupervisedELBO, default_aux_weight, draw_labelled
-from pyro_vae.models.ssvae import SSVAE
+from pyro_vae.models.ssvae import SSVAE, concat_broadcast
 
 X_SHAPE = (1, 6, 6)
 
@@ -74,6 +74,18 @@ def test_the_labelled_loss_is_the_elbo_given_y_plus_log_p_y_plus_the_auxiliary_t
     pyro.set_rng_seed(2)
     plain = Trace_ELBO(max_plate_nesting=1).differentiable_loss(ssvae.model, ssvae.guide, x, y)
     torch.testing.assert_close(-plain, (elbo_given_y + log_p_y).sum(), rtol=1e-5, atol=1e-4)
+
+
+def test_the_encoder_splits_its_first_layer_over_x_and_y_with_the_same_result(small):
+    ssvae, x = small
+    y = torch.eye(4).unsqueeze(1)  # the shape of enumerated y: (4, 1, 4) against (5, 36)
+    flat = x.flatten(1)
+    loc, scale = ssvae.encoder.forward_concatenated(flat, y)
+    expected_loc, expected_scale = ssvae.encoder(concat_broadcast(flat, y))
+    assert loc.shape == (4, 5, 3)
+    assert torch.allclose(loc, expected_loc, atol=1e-6) and torch.allclose(scale, expected_scale, atol=1e-6)
+    with pytest.raises(ValueError, match="41 features in all; the encoder takes 40"):
+        ssvae.encoder.forward_concatenated(flat, torch.eye(5))
 
 
 def test_uniform_class_prior_is_log_one_over_k():

@@ -60,6 +60,20 @@ class MLPEncoder(nn.Module):
     def forward(self, x):
         return self.head(self.net(x.flatten(start_dim=x.ndim - len(self.x_shape))))
 
+    def forward_concatenated(self, *parts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``forward(cat(parts, -1))`` for flat parts that broadcast against each other, without the concatenation.
+
+        The first layer's product splits over the parts, W [a, b] = W_a a + W_b b, so a part that
+        broadcasts (x against the ten enumerated values of y in M2) is multiplied once, not once per value.
+        """
+        first = self.net[0]
+        widths = [part.shape[-1] for part in parts]
+        if sum(widths) != first.in_features:
+            raise ValueError(f"The parts have {sum(widths)} features in all; the encoder takes {first.in_features}.")
+        columns = first.weight.split(widths, dim=1)
+        h = sum(F.linear(part, weight) for part, weight in zip(parts, columns, strict=True)) + first.bias
+        return self.head(self.net[1:](h))
+
 
 class MLPClassifier(nn.Module):
     """A fully connected net from the flattened x to the logits of ``num_classes`` classes."""

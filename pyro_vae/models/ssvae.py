@@ -289,7 +289,7 @@ class SSVAE(SemiSupervisedModel):
         if y_onehot is None:
             y_onehot = self.one_hot(self.classifier(x).argmax(-1))
         flat = x.flatten(start_dim=x.ndim - len(self.x_shape))
-        return self.encoder(concat_broadcast(flat, y_onehot))
+        return self.encoder.forward_concatenated(flat, y_onehot)  # x multiplied once for every y
 
     def _encode_with_predicted_label(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.encode(x, self.classifier(x).softmax(-1))
