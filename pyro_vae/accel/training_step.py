@@ -115,7 +115,10 @@ class CompiledStep:
 
     def __init__(self, loss_fn: Callable[..., torch.Tensor], module: torch.nn.Module, what: str = "the training step"):
         self.loss_fn, self.module, self.what = loss_fn, module, what
-        self.names = [name for name, parameter in module.named_parameters() if parameter.requires_grad]
+        named = [(name, parameter) for name, parameter in module.named_parameters() if parameter.requires_grad]
+        self.names = [name for name, _ in named]
+        #: The trainable parameters, in the order of the gradients (the optimiser's tensors, updated in place).
+        self.parameters = [parameter for _, parameter in named]
         self.buffer_names = [name for name, _ in module.named_buffers()]
         self.compiled: Callable | None = None
         self.signature: list | None = None
@@ -125,11 +128,6 @@ class CompiledStep:
         self._guarded = False
         self._guard_failures = 0
 
-    @property
-    def parameters(self) -> list[torch.Tensor]:
-        """The trainable parameters, in the order of the gradients."""
-        named = dict(self.module.named_parameters())
-        return [named[name] for name in self.names]
 
     def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor | None]] | None:
         if self.failed:
