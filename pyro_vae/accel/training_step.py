@@ -128,7 +128,6 @@ class CompiledStep:
         self._guarded = False
         self._guard_failures = 0
 
-
     def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor | None]] | None:
         if self.failed:
             return None
