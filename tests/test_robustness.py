@@ -31,6 +31,7 @@ TRAIN = {
     "vae": [*COMMON, "--eval-samples", "10", "--no-progress"],
     "ssvae": [*COMMON, "--semi-supervised", "--labels", "100", "--eval-samples", "10", "--no-progress"],
     "m1m2": [*COMMON[2:], "--labels", "100", "--eval-samples", "10", "--no-progress"],  # M1's data: its subset
+    "vae-compiled": [*COMMON, "--compile", "on", "--eval-samples", "10", "--no-progress"],
 }
 KILLS = {"vae": 8, "ssvae": 5, "m1m2": 5}
 
@@ -132,9 +133,27 @@ def test_sigkill_at_random_moments_loses_nothing(tmp_path, reference_run):
 
 def test_sigint_finishes_the_step_saves_and_exits_cleanly(tmp_path, reference_run):
     reference, kind, m1 = reference_run
-    run = tmp_path / "run"
+    interrupt_resume_and_compare(tmp_path / "run", reference, kind, m1, delays=(1.2, 0.8))
+
+
+@pytest.fixture(scope="module")
+def compiled_reference(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("reference-compiled") / "run"
+    finish(run, "vae-compiled", None)
+    return run
+
+
+def test_sigint_in_a_compiled_run_resumes_bit_for_bit(tmp_path, compiled_reference):
+    """The compiled step: a SIGINT while compiling or part-way through an epoch saves, and the resume matches."""
+    history = load_checkpoint(compiled_reference / "checkpoint.pt")["history"]
+    assert history[1]["compile_seconds"] > 0  # the reference compiled its step
+    interrupt_resume_and_compare(tmp_path / "run", compiled_reference, "vae-compiled", None, delays=(1.5,))
+
+
+def interrupt_resume_and_compare(run: Path, reference: Path, kind: str, m1: Path | None, delays) -> None:
+    """SIGINT a run after each delay, resume it each time, finish it, and compare it with the reference bit for bit."""
     interrupted_at = []
-    for delay in (1.2, 0.8):  # after loading the data, part-way through an epoch
+    for delay in delays:  # after loading the data, part-way through an epoch
         process = start_training(run, (run / "checkpoint.pt").exists(), kind, m1)
         wait_for_training(process)
         time.sleep(delay)
