@@ -13,6 +13,7 @@ from pyro_vae import cli
 from pyro_vae.data import DataError
 from pyro_vae.infer.semisupervised import SemiSupervisedELBO, default_aux_weight, draw_labelled
 from pyro_vae.models.ssvae import SSVAE, concat_broadcast
+from pyro_vae.runs.directory import model_config_matches
 
 X_SHAPE = (1, 6, 6)
 
@@ -86,6 +87,19 @@ def test_the_encoder_splits_its_first_layer_over_x_and_y_with_the_same_result(sm
     assert torch.allclose(loc, expected_loc, atol=1e-6) and torch.allclose(scale, expected_scale, atol=1e-6)
     with pytest.raises(ValueError, match="41 features in all; the encoder takes 40"):
         ssvae.encoder.forward_concatenated(flat, torch.eye(5))
+
+
+def test_the_activation_is_recorded_and_older_configs_rebuild_with_relu(tmp_path):
+    ssvae = SSVAE(X_SHAPE, z_dim=3, num_classes=4, hidden=(16,))
+    assert ssvae.config()["activation"] == "softplus"
+    assert isinstance(ssvae.encoder.net[1], torch.nn.Softplus)
+    older = {key: value for key, value in ssvae.config().items() if key != "activation"}
+    rebuilt = SSVAE.from_config(older)
+    assert rebuilt.activation == "relu" and isinstance(rebuilt.classifier.net[1], torch.nn.ReLU)
+    assert model_config_matches(older, rebuilt.config())  # an older run still resumes
+    assert not model_config_matches(older, ssvae.config())
+    with pytest.raises(ValueError, match="Unknown activation 'tanh'; choose one of"):
+        SSVAE(X_SHAPE, activation="tanh")
 
 
 def test_uniform_class_prior_is_log_one_over_k():

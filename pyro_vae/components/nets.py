@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 ARCHITECTURES = ("mlp", "conv")
+#: Hidden-layer activations by name, for models that record theirs in their config.
+ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "softplus": nn.Softplus}
 
 
 def _mlp(sizes: Sequence[int], activation: type[nn.Module]) -> nn.Sequential:

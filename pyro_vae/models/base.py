@@ -66,6 +66,8 @@ class Model(nn.Module):
     default_objective: ClassVar[str | dict] = "trace"
     validation_metric: ClassVar[str] = "val_elbo"
     figures: ClassVar[tuple[str, ...]] = ("learning_curves",)
+    #: Config keys added after runs were first written, with the value those older runs had.
+    legacy_config: ClassVar[dict] = {}
     x_shape: tuple[int, ...]
     z_dim: int
 

@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..components.likelihoods import Bernoulli, Likelihood, build_likelihood
-from ..components.nets import MLPClassifier, MLPDecoder, MLPEncoder
+from ..components.nets import ACTIVATIONS, MLPClassifier, MLPDecoder, MLPEncoder
 from ..components.priors import Prior, StandardNormal, build_prior
 from ..data import DataError
 from .base import Model, check_points, data_plate, register_model
@@ -211,10 +211,14 @@ class SSVAE(SemiSupervisedModel):
     :param likelihood: a :class:`~pyro_vae.likelihoods.Likelihood` (default Bernoulli).
     :param hidden: hidden sizes of the classifier, encoder and decoder MLPs.
     :param class_prior: ``"uniform"`` p(y), or ``"learned"`` class probabilities.
+    :param activation: of every hidden layer, ``"softplus"`` as in Kingma et al. (2014) and
+        Pyro's SS-VAE example, or ``"relu"``. With ReLU, M2 from pixels lost validation
+        accuracy epoch after epoch; with softplus it gains (docs/semi-supervised.md).
     :param name: prefix in Pyro's param store, unique per instance by default.
     """
 
     name = "ssvae"
+    legacy_config = {"activation": "relu"}  # runs written before the choice used ReLU
 
     def __init__(
         self,
@@ -226,22 +230,26 @@ class SSVAE(SemiSupervisedModel):
         *,
         hidden: Sequence[int] = (500,),
         class_prior: str = "uniform",
+        activation: str = "softplus",
         name: str | None = None,
     ):
         super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"Unknown activation {activation!r}; choose one of {sorted(ACTIVATIONS)}.")
         if class_prior not in CLASS_PRIORS:
             raise ValueError(f"Unknown class prior {class_prior!r}; choose one of {CLASS_PRIORS}.")
         if num_classes < 2:
             raise ValueError(f"A class label needs at least 2 classes; got num_classes={num_classes}.")
         self.x_shape, self.z_dim, self.num_classes = tuple(x_shape), int(z_dim), int(num_classes)
-        self.hidden, self.class_prior = tuple(hidden), class_prior
+        self.hidden, self.class_prior, self.activation = tuple(hidden), class_prior, activation
+        act = ACTIVATIONS[activation]
         self.likelihood = Bernoulli() if likelihood is None else likelihood
         self.likelihood.setup(self.x_shape)
         x_dim = math.prod(self.x_shape)
-        self.classifier = MLPClassifier(self.x_shape, self.num_classes, self.hidden)
-        self.encoder = MLPEncoder((x_dim + self.num_classes,), self.z_dim, self.hidden)
+        self.classifier = MLPClassifier(self.x_shape, self.num_classes, self.hidden, activation=act)
+        self.encoder = MLPEncoder((x_dim + self.num_classes,), self.z_dim, self.hidden, activation=act)
         self.decoder = MLPDecoder(
-            self.z_dim + self.num_classes, self.x_shape, self.hidden, self.likelihood.params_per_dim
+            self.z_dim + self.num_classes, self.x_shape, self.hidden, self.likelihood.params_per_dim, activation=act
         )
         self.class_prior_net = ClassPrior(self.num_classes, learned=class_prior == "learned")
         self.prior = StandardNormal() if prior is None else prior
@@ -335,6 +343,7 @@ class SSVAE(SemiSupervisedModel):
             "num_classes": self.num_classes,
             "hidden": list(self.hidden),
             "class_prior": self.class_prior,
+            "activation": self.activation,
             "prior": self.prior.config(),
             "likelihood": self.likelihood.config(),
         }
@@ -350,4 +359,5 @@ class SSVAE(SemiSupervisedModel):
             likelihood=build_likelihood(config["likelihood"]),
             hidden=config["hidden"],
             class_prior=config["class_prior"],
+            activation=config.get("activation", cls.legacy_config["activation"]),
         )

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from ..data import Dataset, dataset_from_spec
-from ..models import Model, build_model
+from ..models import MODELS, Model, build_model
 from .files import (
     CheckpointError,
     atomic_write_bytes,
@@ -198,10 +198,20 @@ class RunDirectory:
 
 
 def model_config_matches(saved: dict | None, current: dict | None) -> bool:
-    """Whether two model configs describe the same model (configs that predate model types are VAEs)."""
+    """Whether two model configs describe the same model.
+
+    Configs that predate model types are VAEs; keys that a model type added later
+    (its ``legacy_config``) take the value the older runs had.
+    """
     if saved is None or current is None:
         return saved == current
-    return {"type": "vae", **saved} == {"type": "vae", **current}
+
+    def completed(config: dict) -> dict:
+        config = {"type": "vae", **config}
+        legacy = MODELS[config["type"]].legacy_config if config["type"] in MODELS else {}
+        return {**legacy, **config}
+
+    return completed(saved) == completed(current)
 
 
 @dataclass
