@@ -140,8 +140,9 @@ def check_unit_interval(x: torch.Tensor) -> None:
 def binarize(x: torch.Tensor) -> torch.Tensor:
     """A fresh binarisation of intensities in [0, 1]: x_bin ~ Bernoulli(x), each pixel a uniform draw below x.
 
-    The distribution of ``torch.bernoulli(x)``, about four times as fast on CPU: one uniform and one
-    comparison per pixel (0.96 ms against 4.2 ms for a batch of 512 MNIST images).
+    The distribution of ``torch.bernoulli(x)``, faster on CPU: one uniform and one comparison per
+    pixel. Measured: 0.29 ms against 0.39 ms for a batch of 128 MNIST images, and 0.96 ms against
+    4.2 ms for 512 x 784 intensities spread over (0, 1).
     """
     return (torch.rand_like(x) < x).to(x.dtype)
 
