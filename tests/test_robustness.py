@@ -33,7 +33,7 @@ TRAIN = {
     "m1m2": [*COMMON[2:], "--labels", "100", "--eval-samples", "10", "--no-progress"],  # M1's data: its subset
     "vae-compiled": [*COMMON, "--compile", "on", "--eval-samples", "10", "--no-progress"],
 }
-KILLS = {"vae": 8, "ssvae": 5, "m1m2": 5}
+KILLS = {"vae": 5, "ssvae": 5, "m1m2": 5}
 
 
 @pytest.fixture(scope="module")
