@@ -47,10 +47,9 @@ import torch
 import torch.nn.functional as F
 
 import pyro_vae as pv
-from pyro_vae.accel.training_step import CompiledStep
 from pyro_vae.components.nets import MLPDecoder, MLPEncoder
 from pyro_vae.infer import build_objective
-from pyro_vae.training.engine import adam, take_step
+from pyro_vae.training.engine import adam, compiled_step, take_step
 
 Z_DIM, HIDDEN, LR = 20, (400,), 1e-3
 
@@ -114,7 +113,7 @@ def step_ratio(model, objective_config, data, batch_size: int, steps: int) -> tu
     objective = build_objective(objective_config)
     objective.setup(model, data, batch_size=batch_size)
     optimizer = adam(model.parameters(), LR, torch.device("cpu"))
-    compiled = CompiledStep(lambda *inputs: objective.loss(model, *inputs[:-1], kl_weight=inputs[-1]), model)
+    compiled = compiled_step(model, objective)
     points = objective.training_points(data)
     batches = [points[torch.randint(len(points), (batch_size,))] for _ in range(steps + 3)]
     take_step(model, objective, optimizer, data, batches[0], compiled=compiled)  # records and compiles

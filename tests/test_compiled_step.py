@@ -18,11 +18,11 @@ from torch import nn
 
 import pyro_vae as pv
 from pyro_vae.accel import training_step
-from pyro_vae.accel.training_step import CompiledStep
 from pyro_vae.infer import build_objective
 from pyro_vae.infer.elbo import ELBO
 from pyro_vae.models.base import data_plate
 from pyro_vae.runs.files import load_checkpoint
+from pyro_vae.training.engine import compiled_step
 
 CASES = {
     "trace": ({"name": "trace"}, "vae"),
@@ -53,7 +53,7 @@ def test_the_compiled_step_gives_the_eager_loss_and_gradient(case, small_mnist):
     model, objective = tiny(kind), build_objective(config)
     objective.setup(model, small_mnist, batch_size=32)
     kl_weight = 0.7 if objective.supports_kl_weight else 1.0
-    step = CompiledStep(lambda *inputs: objective.loss(model, *inputs[:-1], kl_weight=inputs[-1]), model)
+    step = compiled_step(model, objective)
     for seed in (1, 2):  # the call that compiles, then a replay of new draws
         batch = objective.batch(small_mnist, torch.arange(32 * seed, 32 * (seed + 1)))
         pyro.set_rng_seed(seed)

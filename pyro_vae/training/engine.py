@@ -150,10 +150,9 @@ def take_step(
     stands for. The same update as ``SVI(model.model, model.guide,
     pyro.optim.Adam(...), loss).step(x)`` (``tests/test_train.py`` checks that
     the parameters agree), with one torch optimiser over all parameters. A
-    non-finite loss leaves the parameters untouched. With ``compiled`` (a
-    :class:`~pyro_vae.accel.training_step.CompiledStep` of
-    ``objective.loss(model, *batch, kl_weight=...)``, the KL weight its last
-    input) the loss and gradient come from its replay wherever it has one.
+    non-finite loss leaves the parameters untouched. With ``compiled`` (from
+    :func:`compiled_step`) the loss and gradient come from its replay wherever
+    it has one.
     """
     processes = processes or SingleProcess()
     optimizer.zero_grad(set_to_none=True)
@@ -181,8 +180,17 @@ def take_step(
     return total, count
 
 
+def compiled_step(model: Model, objective: Objective) -> CompiledStep:
+    """The :class:`~pyro_vae.accel.training_step.CompiledStep` of ``objective``'s loss that :func:`take_step` replays.
+
+    Its inputs are the tensors of ``objective.batch`` followed by the KL weight as a 0-d tensor.
+    """
+    return CompiledStep(lambda *inputs: objective.loss(model, *inputs[:-1], kl_weight=inputs[-1]), model)
+
+
 #: With ``compile="auto"``, runs of at least this many steps are compiled: on this project's 2-core
-#: machine compiling a step takes 3 to 20 s and saves about a millisecond a step (docs/training.md).
+#: machine compiling a step takes 1 to 15 s and saves 2 to 5 ms a step of the default VAE
+#: (benchmarks/RESULTS.md).
 AUTO_COMPILE_STEPS = 2000
 
 #: Training settings that a resumed run must share with the run it continues.
@@ -288,11 +296,7 @@ class _Engine:
         self.warmup_steps = round(settings["warmup_epochs"] * self.steps_per_epoch)
         if compile == "auto":
             compile = settings["epochs"] * self.steps_per_epoch >= AUTO_COMPILE_STEPS
-        self.compiled = (
-            CompiledStep(lambda *inputs: objective.loss(model, *inputs[:-1], kl_weight=inputs[-1]), model)
-            if compile
-            else None
-        )
+        self.compiled = compiled_step(model, objective) if compile else None
         self.config = {
             "pyro_vae_version": __version__,
             "model": model.config() if model.describable else None,
