@@ -21,7 +21,7 @@ and the interface: :mod:`~pyro_vae.evaluate`, :mod:`~pyro_vae.plots`,
 from ._version import __version__
 from .components import likelihoods, nets, priors
 from .data import DataError, Dataset, Split, load_dataset, make_dataset
-from .evaluate import active_units, compare_runs, evaluate_run
+from .evaluate import active_units, active_units_per_layer, compare_runs, evaluate_run
 from .infer import (
     OBJECTIVES,
     AISEstimate,
@@ -39,7 +39,7 @@ from .infer import (
 from .infer.elbo import ELBO, MeanFieldELBO
 from .infer.iwae import IWAEBound
 from .infer.semisupervised import SemiSupervisedELBO
-from .models import MODELS, SSVAE, VAE, LatentFeatures, Model, StackedSSVAE, register_model
+from .models import MODELS, SSVAE, VAE, HierarchicalVAE, LatentFeatures, Model, StackedSSVAE, register_model
 from .runs import CheckpointError, Run, RunDirectory, RunLocked, load_run
 from .training import LightningProcesses, TrainingDiverged, TrainingInterrupted, fit
 from .workflow import resume_run, train_run
@@ -52,6 +52,7 @@ __all__ = [
     "ELBO",
     "MODELS",
     "OBJECTIVES",
+    "HierarchicalVAE",
     "SSVAE",
     "VAE",
     "CheckpointError",
@@ -74,6 +75,7 @@ __all__ = [
     "TrainingInterrupted",
     "__version__",
     "active_units",
+    "active_units_per_layer",
     "compare_runs",
     "elbo_per_point",
     "evaluate_elbo",

@@ -20,12 +20,13 @@ from pathlib import Path
 import pyro
 
 from .components.likelihoods import LIKELIHOODS, Gaussian, build_likelihood
-from .components.nets import ARCHITECTURES
+from .components.nets import ACTIVATIONS, ARCHITECTURES
 from .components.priors import PRIORS, build_prior
 from .data import BINARIZE_MODES, DATASET_NAMES, DataError, Dataset, load_dataset
 from .evaluate import METHODS, EvaluationInterrupted, compare_runs, comparison_csv, comparison_markdown, evaluate_run
 from .infer.ais import DEFAULT_CHAINS, DEFAULT_LEAPFROG_STEPS, DEFAULT_STEPS, SCHEDULES
-from .models import SSVAE, VAE, LatentFeatures, StackedSSVAE
+from .infer.path_derivatives import GRADIENTS
+from .models import SSVAE, VAE, HierarchicalVAE, LatentFeatures, StackedSSVAE
 from .models.ssvae import CLASS_PRIORS
 from .runs import CheckpointError, RunDirectory, load_run
 from .training import LightningProcesses, TrainingDiverged, TrainingInterrupted
@@ -153,9 +154,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     model = train.add_argument_group("model")
-    model.add_argument("--z-dim", type=positive_int, default=20, help="latent dimension")
     model.add_argument(
-        "--hidden", type=positive_int, nargs="+", default=[400], metavar="SIZE", help="hidden layer sizes"
+        "--z-dim",
+        type=positive_int,
+        nargs="+",
+        default=[20],
+        metavar="DIM",
+        help="latent dimension; two or more sizes, from the data side, train a VAE with that many stochastic "
+        "layers (Burda et al.'s two-layer MNIST model: --z-dim 100 50)",
+    )
+    model.add_argument(
+        "--hidden",
+        type=positive_int,
+        nargs="+",
+        metavar="SIZE",
+        help="hidden layer sizes (between x and the first stochastic layer) [default: 400; 200 200 with "
+        "several stochastic layers]",
+    )
+    model.add_argument(
+        "--upper-hidden",
+        type=positive_int,
+        nargs="+",
+        metavar="SIZE",
+        help="several stochastic layers: hidden sizes between each layer and the next [default: 100 100]",
+    )
+    model.add_argument(
+        "--activation",
+        choices=sorted(ACTIVATIONS),
+        help="of the MLP's hidden layers [default: relu; tanh with several stochastic layers, as Burda et al.; "
+        "softplus for --semi-supervised]",
     )
     model.add_argument("--arch", choices=ARCHITECTURES, default="mlp", help="encoder/decoder architecture")
     model.add_argument("--prior", choices=sorted(PRIORS), default="standard-normal", help="prior p(z)")
@@ -200,6 +227,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     training.add_argument(
         "--particles", type=positive_int, default=1, help="particles per ELBO estimate (K of the IWAE bound)"
+    )
+    training.add_argument(
+        "--gradient",
+        choices=("standard", "stl", "dreg"),
+        default="standard",
+        help="gradient estimator: standard, stl (Roeder et al. 2017, --elbo trace) or dreg (Tucker et al. 2019, "
+        "--elbo iwae); the objective's value is the same",
     )
     training.add_argument(
         "--warmup-epochs", type=non_negative_float, default=0.0, help="linear KL warm-up over this many epochs"
@@ -314,12 +348,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 #: Flags that the run's config fixes on --resume, and those that only one kind of training takes.
 MODEL_AND_DATA_FLAGS = (
-    "dataset", "data_dir", "download", "binarize", "subset", "z_dim", "hidden", "arch", "prior", "likelihood",
-    "components", "flow_layers", "scale", "init_scale", "elbo", "particles", "warmup_epochs", "beta", "batch_size",
-    "lr", "seed", "semi_supervised", "labels", "label_seed", "aux_weight", "class_prior", "m1", "name", "out",
+    "dataset", "data_dir", "download", "binarize", "subset", "z_dim", "hidden", "upper_hidden", "activation",
+    "arch", "prior", "likelihood", "components", "flow_layers", "scale", "init_scale", "elbo", "particles",
+    "gradient", "warmup_epochs", "beta", "batch_size", "lr", "seed", "semi_supervised", "labels", "label_seed",
+    "aux_weight", "class_prior", "m1", "name", "out",
 )  # fmt: skip
 SEMI_SUPERVISED_FLAGS = ("labels", "label_seed", "aux_weight", "class_prior")
-VAE_ONLY_FLAGS = ("elbo", "particles")
+VAE_ONLY_FLAGS = ("elbo", "particles", "gradient")
 
 
 def check_flag_combinations(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -347,6 +382,18 @@ def check_flag_combinations(parser: argparse.ArgumentParser, args: argparse.Name
         train.error(
             "--arch applies only to the VAE; the semi-supervised models are MLPs (set their sizes with --hidden)"
         )
+    layers = len(args.z_dim)
+    if layers > 1 and (semi_supervised or args.arch != "mlp"):
+        train.error("several --z-dim sizes (stochastic layers) apply only to the MLP VAE, one size otherwise")
+    if layers > 1 and args.elbo == "meanfield":
+        train.error("--elbo meanfield needs a mean-field guide; with several stochastic layers use trace or iwae")
+    if layers == 1 and "upper_hidden" in given:
+        train.error("--upper-hidden applies only with several stochastic layers (two or more --z-dim sizes)")
+    if "activation" in given and (args.m1 or args.arch != "mlp"):
+        train.error("--activation applies to MLPs only, not to --arch conv or to --m1")
+    if args.gradient not in GRADIENTS.get(args.elbo, ("standard",)):
+        needs = {"stl": "--elbo trace", "dreg": "--elbo iwae"}[args.gradient]
+        train.error(f"--gradient {args.gradient} needs {needs}, not --elbo {args.elbo}")
     if "components" in given and args.prior not in ("mixture", "vamp"):
         train.error(f"--components applies only to the mixture and vamp priors, not to --prior {args.prior}")
     if "flow_layers" in given and args.prior != "flow":
@@ -409,11 +456,15 @@ def _evaluate(args) -> None:
             f"({args.method}{escalated}, {metrics['num_points']} points)\n  per point: {where}"
         )
         return
+    per_layer = ""
+    if "active_units_per_layer" in metrics:
+        layers = enumerate(zip(metrics["active_units_per_layer"], metrics["latent_sizes"], strict=True), 1)
+        per_layer = " (" + ", ".join(f"z{i}: {active} of {size}" for i, (active, size) in layers) + ")"
     print(
         f"{args.run}: test log p(x) = {metrics['test_log_px']:.2f} +- {metrics['test_log_px_se']:.2f} nats "
         f"(K = {metrics['test_num_samples']}, {metrics['test_num_points']} points)\n"
         f"  ELBO {metrics['test_elbo']:.2f} (reconstruction {metrics['test_reconstruction']:.2f}, "
-        f"KL {metrics['test_kl']:.2f}); active units {metrics['active_units']} of {metrics['z_dim']}\n"
+        f"KL {metrics['test_kl']:.2f}); active units {metrics['active_units']} of {metrics['z_dim']}{per_layer}\n"
         f"  importance weights: mean ESS {metrics['test_ess_mean']:.1f}, "
         f"Pareto k > 0.7 on {metrics['test_num_unreliable']} points"
     )
@@ -484,7 +535,7 @@ def _new_model(args):
         data = m1.load_data()
         features = LatentFeatures.fit(m1.model, data.train.x)
         model = StackedSSVAE(
-            m1.model, features, args.z_dim, prior=prior, hidden=args.hidden, class_prior=args.class_prior
+            m1.model, features, args.z_dim[0], prior=prior, hidden=args.hidden or [400], class_prior=args.class_prior
         )
         print(f"M1: {args.m1}, {features.num_active} of its {m1.model.z_dim} latent units active")
         name = f"{data.name}-m1m2-{args.labels}-labels-{stamp}"
@@ -492,29 +543,39 @@ def _new_model(args):
         data = _load_data(args)
         model = SSVAE(
             data.x_shape,
-            args.z_dim,
+            args.z_dim[0],
             prior=prior,
             likelihood=build_likelihood(_likelihood_config(args)),
-            hidden=args.hidden,
+            hidden=args.hidden or [400],
             class_prior=args.class_prior,
+            **({"activation": args.activation} if args.activation else {}),
         )
         name = f"{data.name}-ssvae-{args.labels}-labels-{stamp}"
     else:
         data = _load_data(args)
-        model = VAE(
-            data.x_shape,
-            args.z_dim,
-            prior=prior,
-            likelihood=build_likelihood(_likelihood_config(args)),
-            hidden=args.hidden,
-            arch=args.arch,
-        )
-        return (
-            model,
-            data,
-            {"name": args.elbo, "num_particles": args.particles},
-            f"{data.name}-{args.likelihood}-{args.prior}-{stamp}",
-        )
+        likelihood = build_likelihood(_likelihood_config(args))
+        if len(args.z_dim) > 1:
+            hidden = [args.hidden or [200, 200]] + [args.upper_hidden or [100, 100]] * (len(args.z_dim) - 1)
+            model = HierarchicalVAE(
+                data.x_shape,
+                args.z_dim,
+                hidden,
+                prior=prior,
+                likelihood=likelihood,
+                activation=args.activation or "tanh",
+            )
+        else:
+            model = VAE(
+                data.x_shape,
+                args.z_dim[0],
+                prior=prior,
+                likelihood=likelihood,
+                hidden=args.hidden or [400],
+                arch=args.arch,
+                activation=args.activation or "relu",
+            )
+        objective = {"name": args.elbo, "num_particles": args.particles, "gradient": args.gradient}
+        return model, data, objective, f"{data.name}-{args.likelihood}-{args.prior}-{stamp}"
     objective = {"name": "semi-supervised", "num_labels": args.labels, "label_seed": args.label_seed}
     objective["aux_weight"] = args.aux_weight
     return model, data, objective, name

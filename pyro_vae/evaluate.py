@@ -55,7 +55,14 @@ class EvaluationInterrupted(RuntimeError):
 @torch.no_grad()
 def active_units(model: Model, x: torch.Tensor, threshold: float = 0.01, batch_size: int = 1000) -> int:
     """Latent dimensions u with Cov_x(E_{q(u|x)}[u]) > threshold (Burda et al. 2015, section 5.2)."""
-    return int((model.latent_means(x, batch_size).var(0) > threshold).sum())
+    return sum(active_units_per_layer(model, x, threshold, batch_size))
+
+
+@torch.no_grad()
+def active_units_per_layer(model: Model, x: torch.Tensor, threshold: float = 0.01, batch_size: int = 1000) -> list[int]:
+    """The active units of each latent layer (``model.latent_sizes``), from the data side."""
+    active = model.latent_means(x, batch_size).var(0) > threshold
+    return [int(layer.sum()) for layer in active.split(model.latent_sizes)]
 
 
 def evaluation_name(
@@ -129,7 +136,10 @@ def evaluate_run(
         if method == "is" and test_points is None:  # the headline numbers and test_log_px.npy: all test points
             headline = {key: value for key, value in summary.items() if key not in ("method", "seed", "seconds")}
             metrics.update({f"test_{key}": value for key, value in headline.items()})
-            metrics.update({"active_units": active_units(model, x), "z_dim": model.z_dim, "log_px_seed": seed})
+            per_layer = active_units_per_layer(model, x)
+            metrics.update({"active_units": sum(per_layer), "z_dim": model.z_dim, "log_px_seed": seed})
+            if len(per_layer) > 1:
+                metrics.update(active_units_per_layer=per_layer, latent_sizes=list(model.latent_sizes))
             directory.write_log_px(arrays["log_px"])
         directory.write_metrics(metrics)
     if method == "is" and test_points is None:

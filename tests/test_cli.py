@@ -52,6 +52,22 @@ def test_prior_and_likelihood_flags_reach_the_config(tmp_path, flags, prior, lik
     assert main(["evaluate", str(tmp_path / "r"), "--samples", "4", "--no-progress"]) == 0
 
 
+def test_two_stochastic_layers_with_dreg_train_and_evaluate_per_layer(tmp_path, capsys):
+    flags = ["--z-dim", "6", "3", "--upper-hidden", "16", "--elbo", "iwae", "--particles", "3", "--gradient", "dreg"]
+    assert (
+        main(["train", *SMALL, *flags, "--epochs", "1", "--eval-samples", "0", "--out", str(tmp_path), "--name", "h"])
+        == 0
+    )
+    config = json.loads((tmp_path / "h" / "config.json").read_text())
+    assert config["model"]["type"] == "hierarchical" and config["model"]["hidden"] == [[64], [16]]
+    assert config["model"]["activation"] == "tanh"  # Burda et al.'s, the two-layer model's default
+    assert config["train"]["objective"] == {"name": "iwae", "num_particles": 3, "gradient": "dreg"}
+    assert main(["evaluate", str(tmp_path / "h"), "--samples", "4", "--no-progress"]) == 0
+    assert "(z1: " in capsys.readouterr().out
+    metrics = json.loads((tmp_path / "h" / "metrics.json").read_text())
+    assert len(metrics["active_units_per_layer"]) == 2 and metrics["latent_sizes"] == [6, 3]
+
+
 def test_bernoulli_on_grayscale_is_refused_with_the_fix(tmp_path, capsys):
     assert main(["train", *SMALL, "--binarize", "none", "--out", str(tmp_path), "--name", "bad"]) == 2
     err = capsys.readouterr().err

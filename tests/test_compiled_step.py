@@ -29,6 +29,8 @@ CASES = {
     "trace, 3 particles": ({"name": "trace", "num_particles": 3}, "vae"),
     "meanfield": ({"name": "meanfield"}, "vae"),
     "iwae": ({"name": "iwae", "num_particles": 4}, "vae"),
+    "trace, stl": ({"name": "trace", "gradient": "stl"}, "vae"),
+    "iwae, dreg, two stochastic layers": ({"name": "iwae", "num_particles": 4, "gradient": "dreg"}, "hierarchical"),
     "semi-supervised": ({"name": "semi-supervised", "num_labels": 50}, "ssvae"),
 }
 
@@ -36,6 +38,8 @@ CASES = {
 def tiny(kind):
     if kind == "ssvae":
         return pv.SSVAE((1, 28, 28), 4, hidden=(32,))
+    if kind == "hierarchical":
+        return pv.HierarchicalVAE((1, 28, 28), z_dims=(4, 3), hidden=((32,), (16,)))
     return small_vae(hidden=(32,), z_dim=4)
 
 

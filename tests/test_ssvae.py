@@ -98,8 +98,8 @@ def test_the_activation_is_recorded_and_older_configs_rebuild_with_relu(tmp_path
     assert rebuilt.activation == "relu" and isinstance(rebuilt.classifier.net[1], torch.nn.ReLU)
     assert model_config_matches(older, rebuilt.config())  # an older run still resumes
     assert not model_config_matches(older, ssvae.config())
-    with pytest.raises(ValueError, match="Unknown activation 'tanh'; choose one of"):
-        SSVAE(X_SHAPE, activation="tanh")
+    with pytest.raises(ValueError, match="Unknown activation 'gelu'; choose one of"):
+        SSVAE(X_SHAPE, activation="gelu")
 
 
 def test_uniform_class_prior_is_log_one_over_k():

@@ -26,7 +26,14 @@ from torch import nn
 
 ARCHITECTURES = ("mlp", "conv")
 #: Hidden-layer activations by name, for models that record theirs in their config.
-ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "softplus": nn.Softplus}
+ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "softplus": nn.Softplus, "tanh": nn.Tanh}
+
+
+def activation_class(name: str) -> type[nn.Module]:
+    """The hidden-layer activation called ``name``, or a ``ValueError`` that lists the known ones."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"Unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}.")
+    return ACTIVATIONS[name]
 
 
 def _mlp(sizes: Sequence[int], activation: type[nn.Module]) -> nn.Sequential:
@@ -163,16 +170,22 @@ class ConvDecoder(nn.Module):
 
 
 def build_nets(
-    arch: str, x_shape, z_dim: int, hidden: Sequence[int], params_per_dim: int
+    arch: str, x_shape, z_dim: int, hidden: Sequence[int], params_per_dim: int, activation: str = "relu"
 ) -> tuple[nn.Module, nn.Module]:
     """The (encoder, decoder) pair of a named architecture.
 
     ``hidden`` lists the MLP's hidden sizes from the data side; the conv pair
-    uses its first entry as the size of its dense layer.
+    uses its first entry as the size of its dense layer, and ReLU.
     """
+    act = activation_class(activation)
     if arch == "mlp":
-        return MLPEncoder(x_shape, z_dim, hidden), MLPDecoder(z_dim, x_shape, hidden, params_per_dim)
+        return (
+            MLPEncoder(x_shape, z_dim, hidden, activation=act),
+            MLPDecoder(z_dim, x_shape, hidden, params_per_dim, activation=act),
+        )
     if arch == "conv":
+        if activation != "relu":
+            raise ValueError(f"The conv architecture uses ReLU; activation {activation!r} applies to arch='mlp'.")
         size = hidden[0] if hidden else 256
         return ConvEncoder(x_shape, z_dim, size), ConvDecoder(z_dim, x_shape, size, params_per_dim=params_per_dim)
     raise ValueError(f"Unknown architecture {arch!r}; choose one of {ARCHITECTURES}.")

@@ -12,18 +12,31 @@ data point, shape ``(K, N)``. From these:
 The densities are the **unscaled** ``site["fn"].log_prob(value)`` (masks
 kept), so minibatch plate scaling and ``poutine.scale`` (KL warm-up, beta)
 never leak into an evaluation.
+
+With ``hold_fixed=module``, log q(z | x) is evaluated with the module's
+parameters held fixed: the guide is replayed on its own draws with detached
+parameters, so that a gradient reaches the guide's parameters only through
+the reparameterised draws z = g(eps; phi), never through the density's
+direct dependence on phi (the score term). This is the path derivative of
+Roeder, Wu & Duvenaud (2017) that :mod:`pyro_vae.infer.path_derivatives`
+builds its estimators on. In a guide with several sites the replayed
+densities still read the draws, so log q(z2 | z1) passes its derivative in
+z1 on: the estimator is the path derivative of the whole q(z1, z2 | x).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 
 import pyro
 import pyro.poutine as poutine
 import torch
 from pyro.poutine.util import site_is_subsample
+from torch.nn.utils import stateless
 
 DATA_PLATE = "data"
 PARTICLE_PLATE = "_pyro_vae_particles"
@@ -48,6 +61,9 @@ class SiteLogDensities:
     latent_prior: dict[str, torch.Tensor]  # log p(z | ...) of the model's latent sites
     latent_guide: dict[str, torch.Tensor]  # log q(z | ...) of the guide's sites
     reparameterized: bool = True  # whether every guide site was drawn with rsample
+    #: The guide's draws as the model and the densities read them, with their guide sites
+    #: (each draw an alias of the guide's own, so a hook on it sees only the densities' gradient).
+    draws: dict[str, tuple[torch.Tensor, dict]] = field(default_factory=dict)
 
     def as_tuple(self) -> tuple[dict[str, torch.Tensor], ...]:
         """The three groups of densities, the constructor's arguments."""
@@ -87,6 +103,25 @@ def _per_point(site: dict, particle_dim: int, kernels: LogDensityKernels) -> tor
     return log_prob.sum(other) if other else log_prob
 
 
+@contextlib.contextmanager
+def parameters_held_fixed(module: torch.nn.Module) -> Iterator[None]:
+    """Within the block, ``module``'s parameters are detached copies: what it computes passes no gradient to them.
+
+    ``pyro.module`` does not register a parameter that does not require a
+    gradient (and says so while training); the originals stay registered.
+    """
+    detached = {name: parameter.detach() for name, parameter in module.named_parameters()}
+    with stateless._reparametrize_module(module, detached), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*was not registered in the param store")
+        yield
+
+
+def _latent_sites(trace) -> Iterator[tuple[str, dict]]:
+    for name, site in trace.nodes.items():
+        if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site):
+            yield name, site
+
+
 def site_log_densities(
     model,
     guide,
@@ -94,6 +129,7 @@ def site_log_densities(
     num_particles: int = 1,
     max_plate_nesting: int = 1,
     kernels: LogDensityKernels | None = None,
+    hold_fixed: torch.nn.Module | None = None,
     **kwargs,
 ) -> SiteLogDensities:
     """Trace the guide with ``num_particles`` vectorised particles, replay the model on them.
@@ -102,21 +138,30 @@ def site_log_densities(
         plate goes one dim further left).
     :param kernels: faster log densities by distribution type, for passes that
         need no gradient (the evaluator passes :data:`pyro_vae.accel.bernoulli.LOG_DENSITY_KERNELS`).
+    :param hold_fixed: the module that holds the guide's parameters: log q(z | x)
+        is then evaluated with them held fixed, for the path derivative (see the module's docstring).
     :returns: :class:`SiteLogDensities` with tensors of shape ``(num_particles, N)``.
     """
     particle_dim = -max_plate_nesting - 1
     with pyro.plate(PARTICLE_PLATE, num_particles, dim=particle_dim):
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        if hold_fixed is not None:
+            for _, site in _latent_sites(guide_trace):
+                site["value"] = site["value"].view_as(site["value"])
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
+        density_trace = guide_trace
+        if hold_fixed is not None:
+            with parameters_held_fixed(hold_fixed):
+                density_trace = poutine.trace(poutine.replay(guide, trace=guide_trace)).get_trace(*args, **kwargs)
     out = SiteLogDensities({}, {}, {})
     for name, site in model_trace.nodes.items():
         if site["type"] == "sample" and not site_is_subsample(site):
             target = out.observed if site["is_observed"] else out.latent_prior
             target[name] = _per_point(site, particle_dim, kernels or {})
-    for name, site in guide_trace.nodes.items():
-        if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site):
-            out.latent_guide[name] = _per_point(site, particle_dim, kernels or {})
-            out.reparameterized &= bool(site["fn"].has_rsample)
+    for name, site in _latent_sites(density_trace):
+        out.latent_guide[name] = _per_point(site, particle_dim, kernels or {})
+        out.reparameterized &= bool(guide_trace.nodes[name]["fn"].has_rsample)
+        out.draws[name] = (site["value"], site)
     k = num_particles
     n = out.log_weights.shape[-1]
     for group in (out.observed, out.latent_prior, out.latent_guide):

@@ -66,6 +66,8 @@ class Model(nn.Module):
     default_objective: ClassVar[str | dict] = "trace"
     validation_metric: ClassVar[str] = "val_elbo"
     figures: ClassVar[tuple[str, ...]] = ("learning_curves",)
+    #: Whether the guide's latent sites are independent given x, as the closed-form KL of "meanfield" needs.
+    mean_field_guide: ClassVar[bool] = True
     #: Config keys added after runs were first written, with the value those older runs had.
     legacy_config: ClassVar[dict] = {}
     x_shape: tuple[int, ...]
@@ -95,6 +97,11 @@ class Model(nn.Module):
     def latent_means(self, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
         """E_q[z | x] of the latent code that the active-unit count and the latent plot use, in batches."""
         return torch.cat([self.encode(x[i : i + batch_size])[0] for i in range(0, x.shape[0], batch_size)])
+
+    @property
+    def latent_sizes(self) -> tuple[int, ...]:
+        """The sizes of the latent layers that :meth:`latent_means` puts side by side (one layer: ``(z_dim,)``)."""
+        return (self.z_dim,)
 
     @property
     def describable(self) -> bool:

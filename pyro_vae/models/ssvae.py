@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..components.likelihoods import Bernoulli, Likelihood, build_likelihood
-from ..components.nets import ACTIVATIONS, MLPClassifier, MLPDecoder, MLPEncoder
+from ..components.nets import MLPClassifier, MLPDecoder, MLPEncoder, activation_class
 from ..components.priors import Prior, StandardNormal, build_prior
 from ..data import DataError
 from .base import Model, check_points, data_plate, register_model
@@ -234,15 +234,13 @@ class SSVAE(SemiSupervisedModel):
         name: str | None = None,
     ):
         super().__init__()
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"Unknown activation {activation!r}; choose one of {sorted(ACTIVATIONS)}.")
         if class_prior not in CLASS_PRIORS:
             raise ValueError(f"Unknown class prior {class_prior!r}; choose one of {CLASS_PRIORS}.")
         if num_classes < 2:
             raise ValueError(f"A class label needs at least 2 classes; got num_classes={num_classes}.")
         self.x_shape, self.z_dim, self.num_classes = tuple(x_shape), int(z_dim), int(num_classes)
         self.hidden, self.class_prior, self.activation = tuple(hidden), class_prior, activation
-        act = ACTIVATIONS[activation]
+        act = activation_class(activation)
         self.likelihood = Bernoulli() if likelihood is None else likelihood
         self.likelihood.setup(self.x_shape)
         x_dim = math.prod(self.x_shape)

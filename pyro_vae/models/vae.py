@@ -52,6 +52,8 @@ class VAE(Model):
     :param likelihood: a :class:`~pyro_vae.likelihoods.Likelihood` (default Bernoulli).
     :param hidden: hidden sizes of the default networks.
     :param arch: ``"mlp"`` or ``"conv"``, the default networks' architecture.
+    :param activation: of the MLP's hidden layers: ``"relu"``, ``"softplus"``, or ``"tanh"`` as in
+        Burda et al.'s IWAE experiments.
     :param encoder, decoder: modules with the signatures in :mod:`pyro_vae.nets`,
         replacing the default networks.
     :param name: prefix of this VAE's parameters in Pyro's param store; by
@@ -59,6 +61,7 @@ class VAE(Model):
     """
 
     name = "vae"
+    legacy_config = {"activation": "relu"}  # runs written before the choice used ReLU
     figures = ("learning_curves", "latent_space", "reconstructions", "samples", "manifold")
 
     def __init__(
@@ -70,18 +73,19 @@ class VAE(Model):
         *,
         hidden: Sequence[int] = (400,),
         arch: str = "mlp",
+        activation: str = "relu",
         encoder: nn.Module | None = None,
         decoder: nn.Module | None = None,
         name: str | None = None,
     ):
         super().__init__()
         self.x_shape, self.z_dim = tuple(x_shape), int(z_dim)
-        self.hidden, self.arch = tuple(hidden), arch
+        self.hidden, self.arch, self.activation = tuple(hidden), arch, activation
         self.custom_nets = encoder is not None or decoder is not None
         self.likelihood = Bernoulli() if likelihood is None else likelihood
         self.likelihood.setup(self.x_shape)
         default_encoder, default_decoder = (
-            build_nets(arch, self.x_shape, self.z_dim, self.hidden, self.likelihood.params_per_dim)
+            build_nets(arch, self.x_shape, self.z_dim, self.hidden, self.likelihood.params_per_dim, activation)
             if encoder is None or decoder is None
             else (None, None)
         )
@@ -154,6 +158,7 @@ class VAE(Model):
             "z_dim": self.z_dim,
             "hidden": list(self.hidden),
             "arch": self.arch,
+            "activation": self.activation,
             "prior": self.prior.config(),
             "likelihood": self.likelihood.config(),
         }
@@ -168,4 +173,5 @@ class VAE(Model):
             likelihood=build_likelihood(config["likelihood"]),
             hidden=config["hidden"],
             arch=config["arch"],
+            activation=config.get("activation", cls.legacy_config["activation"]),
         )

@@ -1,0 +1,167 @@
+"""Table 1 of Burda, Grosse & Salakhutdinov, *Importance Weighted Autoencoders* (2016), at this machine's scale.
+
+    python examples/iwae_study.py --epochs 30          # the study in benchmarks/RESULTS.md
+    python examples/iwae_study.py --epochs 1 --subset 500 --samples 10 --out /tmp/iwae   # a smoke test
+
+Seven runs on the embedded, dynamically binarised MNIST: Burda et al.'s
+one-stochastic-layer model (784-200-200-50, tanh) and their two-layer model
+(x - 200 - 200 - z1 (100) - 100 - 100 - z2 (50), tanh), trained as a VAE (k
+= 1), with the IWAE bound at k = 5 and 50, and at k = 50 with the doubly
+reparameterised gradient of Tucker et al. (2019). Every run has the same
+optimiser (Adam, lr 1e-3), batch size, seed and number of epochs; the paper
+trained for 3,280 passes with a decaying learning rate, which this machine
+cannot afford, so the numbers are lower than the paper's and the question
+is whether its ordering holds. Each run's test log p(x) is estimated with K
+importance samples on the whole test set; the paired differences between
+runs (the same test points) carry standard errors.
+
+The study is resumable: run it again after an interruption and finished runs
+are kept, a half-trained one continues from its last epoch; with more
+``--epochs`` every run trains on and is evaluated again. ``--runs`` picks a
+subset (by name), so the seven runs can be spread over several sessions.
+The table goes to OUT/table.md and, with ``--results``, between the markers
+of benchmarks/RESULTS.md.
+"""
+
+import argparse
+import math
+import re
+from pathlib import Path
+
+import pyro
+
+import pyro_vae as pv
+
+#: name -> (layers, objective, the paper's NLL where it reports one)
+RUNS = {
+    "1-layer-vae": (1, {"name": "trace"}, 86.76),
+    "1-layer-iwae-k5": (1, {"name": "iwae", "num_particles": 5}, 85.54),
+    "1-layer-iwae-k50": (1, {"name": "iwae", "num_particles": 50}, 84.78),
+    "1-layer-iwae-k50-dreg": (1, {"name": "iwae", "num_particles": 50, "gradient": "dreg"}, None),
+    "2-layer-vae": (2, {"name": "trace"}, 85.33),
+    "2-layer-iwae-k50": (2, {"name": "iwae", "num_particles": 50}, 82.90),
+    "2-layer-iwae-k50-dreg": (2, {"name": "iwae", "num_particles": 50, "gradient": "dreg"}, None),
+}
+#: The orderings of the paper (and Tucker et al.'s for DReG): (better, worse, what it shows).
+ORDERINGS = [
+    ("2-layer-vae", "1-layer-vae", "two layers beat one (VAE)"),
+    ("2-layer-iwae-k50", "1-layer-iwae-k50", "two layers beat one (IWAE k = 50)"),
+    ("1-layer-iwae-k50", "1-layer-vae", "IWAE k = 50 beats the VAE (one layer)"),
+    ("2-layer-iwae-k50", "2-layer-vae", "IWAE k = 50 beats the VAE (two layers)"),
+    ("1-layer-iwae-k50", "1-layer-iwae-k5", "k = 50 beats k = 5"),
+    ("1-layer-iwae-k50-dreg", "1-layer-iwae-k50", "DReG beats the standard gradient (one layer)"),
+    ("2-layer-iwae-k50-dreg", "2-layer-iwae-k50", "DReG beats the standard gradient (two layers)"),
+]
+MARKERS = ("<!-- iwae-study:begin -->", "<!-- iwae-study:end -->")
+
+
+def build_model(layers: int, x_shape) -> pv.Model:
+    """Burda et al.'s MNIST architectures (section 5 of the paper)."""
+    if layers == 1:
+        return pv.VAE(x_shape, z_dim=50, hidden=(200, 200), activation="tanh")
+    return pv.HierarchicalVAE(x_shape, z_dims=(100, 50), hidden=((200, 200), (100, 100)))
+
+
+def train_and_evaluate(name: str, args, out: Path) -> Path:
+    layers, objective, _ = RUNS[name]
+    run = out / name
+    directory = pv.RunDirectory(run)
+    if not directory.holds_run():
+        pyro.set_rng_seed(args.seed)
+        data = pv.load_dataset("mnist", binarize="dynamic", seed=args.seed)  # the embedded copy, no network
+        if args.subset:
+            data = data.subset(train=args.subset, val=max(args.subset // 5, 1), test=max(args.subset // 5, 1))
+        pv.train_run(
+            build_model(layers, data.x_shape), data, run, objective=objective, epochs=args.epochs,
+            batch_size=args.batch_size, lr=1e-3, seed=args.seed, eval_samples=0, progress=args.progress,
+        )  # fmt: skip
+    elif max(args.epochs, directory.read_config()["train"]["epochs"]) > directory.load_checkpoint("last")["epoch"]:
+        pv.resume_run(run, epochs=args.epochs, progress=args.progress)
+    metrics = directory.read_metrics()
+    last_epoch = directory.load_checkpoint("last")["epoch"]
+    evaluated = directory.file(directory.LOG_PX).exists() and metrics.get("test_num_samples") == args.samples
+    if not evaluated or metrics.get("epochs") != last_epoch:
+        metrics = pv.evaluate_run(run, num_samples=args.samples, progress=args.progress)
+    print(
+        f"{name}: best epoch {metrics['best_epoch']} of {last_epoch}, test log p(x) = "
+        f"{metrics['test_log_px']:.2f} +- {metrics['test_log_px_se']:.2f} nats (K = {metrics['test_num_samples']})",
+        flush=True,
+    )
+    return run
+
+
+def paired(better: Path, worse: Path) -> tuple[float, float]:
+    """The mean of log p(x) of ``better`` minus ``worse`` over the same test points, and its standard error."""
+    difference = pv.RunDirectory(better).read_log_px() - pv.RunDirectory(worse).read_log_px()
+    return float(difference.mean()), float(difference.std(ddof=1) / math.sqrt(len(difference)))
+
+
+def table(out: Path, names: list[str], command: str) -> str:
+    rows = [
+        "| model | objective | paper NLL | our NLL (K = {K}) | ELBO | active units | epochs | train minutes |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    samples = None
+    for name in names:
+        directory = pv.RunDirectory(out / name)
+        metrics, config = directory.read_metrics(), directory.read_config()
+        samples = metrics["test_num_samples"]
+        layers, objective, paper = RUNS[name]
+        what = "VAE (k = 1)" if objective["name"] == "trace" else f"IWAE k = {objective['num_particles']}"
+        what += ", DReG" if objective.get("gradient") == "dreg" else ""
+        units = metrics.get("active_units_per_layer", [metrics["active_units"]])
+        rows.append(
+            f"| {layers} stochastic layer{'s' * (layers > 1)} | {what} | {paper or '(none)'} | "
+            f"{-metrics['test_log_px']:.2f} +- {metrics['test_log_px_se']:.2f} | {metrics['test_elbo']:.2f} | "
+            f"{' + '.join(map(str, units))} | {config['train']['epochs']} | {metrics['train_seconds'] / 60:.0f} |"
+        )
+    rows[0] = rows[0].replace("{K}", str(samples))
+    rows += [
+        "",
+        "| ordering | paired difference of log p(x) | in standard errors | holds (> 3 se) |",
+        "|---|---|---|---|",
+    ]
+    for better, worse, what in ORDERINGS:
+        if better in names and worse in names:
+            mean, se = paired(out / better, out / worse)
+            rows.append(f"| {what} | {mean:+.3f} +- {se:.3f} | {mean / se:+.1f} | {'yes' if mean > 3 * se else 'no'} |")
+    return f"Command: `{command}`\n\n" + "\n".join(rows) + "\n"
+
+
+def write_results(markdown: str, results: Path) -> None:
+    """Put the table between the study's markers in RESULTS.md (appended with them the first time)."""
+    text = results.read_text()
+    block = f"{MARKERS[0]}\n{markdown}{MARKERS[1]}"
+    if MARKERS[0] in text:
+        text = re.sub(re.escape(MARKERS[0]) + ".*?" + re.escape(MARKERS[1]), lambda _: block, text, flags=re.S)
+    else:
+        text += f"\n{block}\n"
+    results.write_text(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--samples", type=int, default=5000, help="K, importance samples per test point")
+    parser.add_argument("--runs", nargs="+", choices=RUNS, default=list(RUNS), help="the runs to train now")
+    parser.add_argument("--subset", type=int, help="train on this many points only (smoke tests)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="runs/iwae-study")
+    parser.add_argument("--results", type=Path, help="write the table into this RESULTS.md as well")
+    parser.add_argument("--progress", action="store_true", help="progress bars")
+    args = parser.parse_args()
+    out = Path(args.out)
+    for name in args.runs:
+        train_and_evaluate(name, args, out)
+    done = [name for name in RUNS if (out / name / pv.RunDirectory.LOG_PX).exists()]
+    command = f"python examples/iwae_study.py --epochs {args.epochs} --samples {args.samples}"
+    markdown = table(out, done, command)
+    (out / "table.md").write_text(markdown)
+    print(markdown)
+    if args.results:
+        write_results(markdown, args.results)
+
+
+if __name__ == "__main__":
+    main()
