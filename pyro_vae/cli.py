@@ -305,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
         "sampling from the encoder (HMC along a sigmoid path). --method auto: importance sampling, then AIS on "
         "the points whose Pareto k exceeds 0.7. --method bdmc: lower and upper bounds on points simulated from "
         "the model, whose gap bounds the error of AIS at its settings. Every method's per-point values go to "
-        "evaluations/<method and settings>.npz; an interrupted AIS evaluation continues where it stopped.",
+        "evaluations/<method and settings>.npz; an interrupted AIS or BDMC evaluation continues where it stopped.",
         formatter_class=_HelpFormatter,
     )
     evaluate.add_argument("run", help="the run directory")

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .infer import ais_log_marginal_likelihood, bdmc, log_marginal_likelihood
+from .infer import BDMC, BDMCEstimate, ais_log_marginal_likelihood, log_marginal_likelihood
 from .infer.ais import DEFAULT_CHAINS, DEFAULT_LEAPFROG_STEPS, DEFAULT_STEPS, SCHEDULES
 from .infer.densities import standard_error
 from .models import Model
@@ -121,9 +121,7 @@ def evaluate_run(
     identity = {"model_digest": parameter_digest(model), "seed": seed, "batch_size": batch_size}
     with directory.lock():
         if method == "bdmc":
-            bounds = bdmc(
-                model.model, model.guide, num_points, **ais, batch_size=batch_size, seed=seed, progress=progress
-            )
+            bounds = _resumable_bdmc(directory, name, model, num_points, batch_size, ais, seed, progress, identity)
             arrays = {"lower": bounds.lower.numpy(), "upper": bounds.upper.numpy()}
             summary = bounds.summary()
         else:
@@ -206,6 +204,36 @@ def _resumable_ais(directory, name, model, x, indices, batch_size, ais, seed, pr
             f"Run the same pyro-vae evaluate command to continue."
         ) from None
     return {key: np.asarray(value) for key, value in columns.items()}
+
+
+def _resumable_bdmc(directory, name, model, num_points, batch_size, ais, seed, progress, identity) -> BDMCEstimate:
+    """BDMC of ``num_points`` simulated points in batches, each saved as it finishes; a saved batch is not rerun.
+
+    A saved partial evaluation is continued only if it was begun with the same weights, seed and batch size.
+    """
+    plan = BDMC(model.model, model.guide, num_points, **ais, batch_size=batch_size, seed=seed)
+    done = directory.read_evaluation(name, partial=True) or {}
+    if not all(str(done.get(key)) == str(value) for key, value in identity.items()):
+        done = {}
+    columns = {key: list(done.get(key, [])) for key in ("lower", "upper")}
+    total = 2 * len(plan.batches) * ais["num_steps"]
+    try:
+        with tqdm(total=total, desc=f"BDMC {name}", disable=not progress, leave=False) as bar:
+            for index, begin in enumerate(plan.batches):
+                if begin < len(columns["lower"]):
+                    bar.update(2 * ais["num_steps"])
+                    continue
+                lower, upper = plan.bounds(index, bar)
+                columns["lower"].extend(lower.double().tolist())
+                columns["upper"].extend(upper.double().tolist())
+                directory.write_evaluation(name, {**identity, **columns}, partial=True)
+    except KeyboardInterrupt:
+        raise EvaluationInterrupted(
+            f"Interrupted after {len(columns['lower'])} of {num_points} simulated points; they are saved. "
+            f"Run the same pyro-vae evaluate command to continue."
+        ) from None
+    lower, upper = (torch.tensor(columns[key], dtype=torch.float64) for key in ("lower", "upper"))
+    return BDMCEstimate(lower.float(), upper.float(), plan.x.cpu(), plan.settings)
 
 
 def _ais_summary(estimate: dict, ais: dict) -> dict:

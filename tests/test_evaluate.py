@@ -176,3 +176,40 @@ def test_an_evaluation_of_older_weights_is_not_compared(two_runs, tmp_path, caps
     capsys.readouterr()
     assert main(["compare", str(run), "--evaluation", "is-K20-first20"]) == 2
     assert "made of other weights than its best checkpoint now" in capsys.readouterr().err
+
+
+def test_an_interrupted_bdmc_evaluation_continues_to_the_same_bounds(two_runs, monkeypatch, tmp_path):
+    import shutil
+
+    from pyro_vae.infer.ais import BDMC
+
+    wide, _ = two_runs
+    reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
+    shutil.copytree(wide, reference)
+    shutil.copytree(wide, interrupted)
+    settings = dict(method="bdmc", num_points=60, num_steps=10, num_chains=2, leapfrog_steps=1, batch_size=20)
+    pv.evaluate_run(reference, **settings, progress=False)
+    model = pv.load_run(reference).model  # the evaluation gives the bounds of pv.bdmc itself
+    direct = pv.bdmc(model.model, model.guide, 60, num_steps=10, num_chains=2, leapfrog_steps=1, batch_size=20)
+    saved = np.load(reference / "evaluations" / "bdmc-N60-T10-C2-L1-sigmoid.npz")
+    assert np.array_equal(direct.lower.numpy(), saved["lower"]) and np.array_equal(direct.upper.numpy(), saved["upper"])
+
+    real, calls = BDMC.bounds, []
+
+    def interrupted_in_the_third_batch(self, index, bar=None):
+        calls.append(index)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(self, index, bar)
+
+    monkeypatch.setattr(BDMC, "bounds", interrupted_in_the_third_batch)
+    with pytest.raises(pv.evaluate.EvaluationInterrupted, match="after 40 of 60 simulated points; they are saved"):
+        pv.evaluate_run(interrupted, **settings, progress=False)
+    calls.clear()
+    pv.evaluate_run(interrupted, **settings, progress=False)
+    assert calls == [2]  # only the batch that was not saved
+    name = "bdmc-N60-T10-C2-L1-sigmoid"
+    for key in ("lower", "upper"):
+        a = np.load(reference / "evaluations" / f"{name}.npz")[key]
+        b = np.load(interrupted / "evaluations" / f"{name}.npz")[key]
+        assert np.array_equal(a, b)

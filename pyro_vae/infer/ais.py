@@ -463,56 +463,94 @@ def simulate(model, num_points: int, *args, **kwargs) -> tuple[torch.Tensor, dic
     return x, latents
 
 
-def bdmc(
-    model,
-    guide,
-    num_points: int = 100,
-    *args,
-    num_steps: int = DEFAULT_STEPS,
-    num_chains: int = DEFAULT_CHAINS,
-    leapfrog_steps: int = DEFAULT_LEAPFROG_STEPS,
-    step_size: float = 0.05,
-    target_acceptance: float = 0.65,
-    schedule: str = "sigmoid",
-    batch_size: int = 100,
-    seed: int | None = 0,
-    progress: bool = False,
-    **kwargs,
-) -> BDMCEstimate:
-    """Bidirectional Monte Carlo on ``num_points`` points simulated from the model: AIS lower and upper bounds.
+class BDMC:
+    """Bidirectional Monte Carlo on ``num_points`` points simulated from the model, batch by batch.
 
     The model must draw data when called with ``x=None`` and ``batch_size=N`` (the convention of
-    :class:`pyro_vae.VAE`). The forward chains start from the guide; the reverse chains start from the
-    simulated z, an exact sample of p(z | x), and anneal from beta = 1 to 0.
+    :class:`pyro_vae.VAE`). The points are simulated at once, seeded by ``seed``; :meth:`bounds`
+    gives the lower and upper bound of one batch, seeded by its index alone, so a batch's
+    result never depends on which others were computed (an interrupted evaluation can go on
+    where it stopped and give the same numbers). The forward chains start from the guide; the
+    reverse chains start from the simulated z, an exact sample of p(z | x), and anneal from
+    beta = 1 to 0. :func:`bdmc` runs every batch.
     """
-    _check_settings(num_steps, num_chains, leapfrog_steps, step_size, target_acceptance, schedule, "guide", batch_size)
-    if num_points < 1:
-        raise ValueError(f"num_points must be >= 1; got {num_points}.")
-    with _seeded(seed):
-        x, latents = simulate(model, num_points, *args, **kwargs)
-    lower = ais_log_marginal_likelihood(
-        model, guide, x, *args, num_steps=num_steps, num_chains=num_chains, leapfrog_steps=leapfrog_steps,
-        step_size=step_size, target_acceptance=target_acceptance, schedule=schedule, batch_size=batch_size,
-        seed=None if seed is None else seed + 1, progress=progress, **kwargs,  # forward batches: seed + 1 + i
-    )  # fmt: skip
-    with _seeded(seed):
-        max_plate_nesting = guess_max_plate_nesting(model, guide, x[:batch_size], *args, **kwargs)
-    _check_one_plate(max_plate_nesting)
-    betas = beta_schedule(num_steps, schedule).flip(0)
-    settings = dict(lower.settings)
-    uppers = []
-    batches = range(0, num_points, batch_size)
-    with tqdm(total=len(batches) * num_steps, desc="BDMC reverse", disable=not progress, leave=False) as bar:
-        for index, begin in enumerate(batches):
-            with _seeded(None if seed is None else seed + REVERSE_SEED_OFFSET + index):
-                xb = x[begin : begin + batch_size]
-                densities = _Densities(model, guide, xb, args, kwargs, num_chains, max_plate_nesting)
-                space = _LatentSpace(densities.trace_guide())
-                exact = {name: latents[name][begin : begin + batch_size] for name in space.sites}
-                u = space.unconstrain({name: value.expand(num_chains, *value.shape) for name, value in exact.items()})
-                annealer = _Annealer(space, densities, False, leapfrog_steps)
-                step = torch.full((xb.shape[0],), float(step_size), device=xb.device)
-                log_w_rev, _, _ = _anneal(annealer, u, betas, step, target_acceptance, bar)
-                # the reverse weights estimate 1 / p(x): log p(x) <= -logmeanexp(log w_rev) in expectation
-                uppers.append(-(log_w_rev.logsumexp(0) - math.log(num_chains)))
-    return BDMCEstimate(lower.log_px, torch.cat(uppers).float().cpu(), x.cpu(), settings)
+
+    def __init__(
+        self,
+        model,
+        guide,
+        num_points: int = 100,
+        *args,
+        num_steps: int = DEFAULT_STEPS,
+        num_chains: int = DEFAULT_CHAINS,
+        leapfrog_steps: int = DEFAULT_LEAPFROG_STEPS,
+        step_size: float = 0.05,
+        target_acceptance: float = 0.65,
+        schedule: str = "sigmoid",
+        batch_size: int = 100,
+        seed: int | None = 0,
+        **kwargs,
+    ):
+        _check_settings(
+            num_steps, num_chains, leapfrog_steps, step_size, target_acceptance, schedule, "guide", batch_size
+        )
+        if num_points < 1:
+            raise ValueError(f"num_points must be >= 1; got {num_points}.")
+        self.model, self.guide, self.args, self.kwargs, self.seed = model, guide, args, kwargs, seed
+        self.step_size, self.batch_size = step_size, batch_size
+        self.settings = {
+            "num_steps": num_steps,
+            "num_chains": num_chains,
+            "leapfrog_steps": leapfrog_steps,
+            "schedule": schedule,
+            "start": "guide",
+            "target_acceptance": target_acceptance,
+        }
+        with _seeded(seed):
+            self.x, self.latents = simulate(model, num_points, *args, **kwargs)
+        with _seeded(seed):
+            self.max_plate_nesting = guess_max_plate_nesting(model, guide, self.x[:batch_size], *args, **kwargs)
+        _check_one_plate(self.max_plate_nesting)
+        #: The first point of every batch.
+        self.batches = range(0, num_points, batch_size)
+
+    def bounds(self, index: int, bar=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (lower, upper) bounds of batch ``index``, each of shape ``(batch,)``; ``bar`` counts the steps."""
+        bar = tqdm(disable=True) if bar is None else bar
+        begin = self.batches[index]
+        xb = self.x[begin : begin + self.batch_size]
+        settings = self.settings
+        with _seeded(None if self.seed is None else self.seed + 1 + index):  # the forward stream of batch index
+            log_w, _, _ = _forward_batch(
+                self.model, self.guide, xb, self.args, self.kwargs, beta_schedule(settings["num_steps"],
+                settings["schedule"]), settings, self.step_size, self.max_plate_nesting, bar,
+            )  # fmt: skip
+        num_chains = settings["num_chains"]
+        with _seeded(None if self.seed is None else self.seed + REVERSE_SEED_OFFSET + index):
+            densities = _Densities(
+                self.model, self.guide, xb, self.args, self.kwargs, num_chains, self.max_plate_nesting
+            )
+            space = _LatentSpace(densities.trace_guide())
+            exact = {name: self.latents[name][begin : begin + self.batch_size] for name in space.sites}
+            u = space.unconstrain({name: value.expand(num_chains, *value.shape) for name, value in exact.items()})
+            annealer = _Annealer(space, densities, False, settings["leapfrog_steps"])
+            step = torch.full((xb.shape[0],), float(self.step_size), device=xb.device)
+            betas = beta_schedule(settings["num_steps"], settings["schedule"]).flip(0)
+            log_w_rev, _, _ = _anneal(annealer, u, betas, step, settings["target_acceptance"], bar)
+        lower = log_w.logsumexp(0) - math.log(num_chains)
+        # the reverse weights estimate 1 / p(x): log p(x) <= -logmeanexp(log w_rev) in expectation
+        upper = -(log_w_rev.logsumexp(0) - math.log(num_chains))
+        return lower.float().cpu(), upper.float().cpu()
+
+
+def bdmc(model, guide, num_points: int = 100, *args, progress: bool = False, **kwargs) -> BDMCEstimate:
+    """Bidirectional Monte Carlo on ``num_points`` points simulated from the model: AIS lower and upper bounds.
+
+    Takes the settings of :class:`BDMC` (``num_steps``, ``num_chains``, ``leapfrog_steps``,
+    ``step_size``, ``target_acceptance``, ``schedule``, ``batch_size``, ``seed``).
+    """
+    plan = BDMC(model, guide, num_points, *args, **kwargs)
+    total = 2 * len(plan.batches) * plan.settings["num_steps"]
+    with tqdm(total=total, desc="BDMC", disable=not progress, leave=False) as bar:
+        lowers, uppers = zip(*(plan.bounds(index, bar) for index in range(len(plan.batches))), strict=True)
+    return BDMCEstimate(torch.cat(lowers), torch.cat(uppers), plan.x.cpu(), plan.settings)
