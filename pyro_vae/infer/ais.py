@@ -341,14 +341,7 @@ def ais_log_marginal_likelihood(
         with _seeded(seed):  # one trace, drawn without touching the caller's RNG
             max_plate_nesting = guess_max_plate_nesting(model, guide, x[:batch_size], *args, **kwargs)
     _check_one_plate(max_plate_nesting)
-    settings = {
-        "num_steps": num_steps,
-        "num_chains": num_chains,
-        "leapfrog_steps": leapfrog_steps,
-        "schedule": schedule,
-        "start": start,
-        "target_acceptance": target_acceptance,
-    }
+    settings = _settings(num_steps, num_chains, leapfrog_steps, schedule, start, target_acceptance)
     betas = beta_schedule(num_steps, schedule)
     results = []
     batches = range(0, x.shape[0], batch_size)
@@ -378,6 +371,18 @@ def ais_log_marginal_likelihood(
         )  # fmt: skip
         estimate.is_log_px, estimate.is_pareto_k = is_estimate.log_px, is_estimate.pareto_k
     return estimate
+
+
+def _settings(num_steps, num_chains, leapfrog_steps, schedule, start, target_acceptance) -> dict:
+    """The settings an estimate records, by name."""
+    return {
+        "num_steps": num_steps,
+        "num_chains": num_chains,
+        "leapfrog_steps": leapfrog_steps,
+        "schedule": schedule,
+        "start": start,
+        "target_acceptance": target_acceptance,
+    }
 
 
 def _check_one_plate(max_plate_nesting: int) -> None:
@@ -498,14 +503,7 @@ class BDMC:
             raise ValueError(f"num_points must be >= 1; got {num_points}.")
         self.model, self.guide, self.args, self.kwargs, self.seed = model, guide, args, kwargs, seed
         self.step_size, self.batch_size = step_size, batch_size
-        self.settings = {
-            "num_steps": num_steps,
-            "num_chains": num_chains,
-            "leapfrog_steps": leapfrog_steps,
-            "schedule": schedule,
-            "start": "guide",
-            "target_acceptance": target_acceptance,
-        }
+        self.settings = _settings(num_steps, num_chains, leapfrog_steps, schedule, "guide", target_acceptance)
         with _seeded(seed):
             self.x, self.latents = simulate(model, num_points, *args, **kwargs)
         with _seeded(seed):

@@ -47,67 +47,65 @@ from .densities import DATA_PLATE, SiteLogDensities, site_log_densities
 GRADIENTS = {"trace": ("standard", "stl"), "iwae": ("standard", "dreg")}
 
 
-def _checked(densities: SiteLogDensities, estimator: str) -> SiteLogDensities:
-    if not densities.reparameterized:
-        raise ValueError(f"{estimator} needs a guide whose every site is reparameterisable (has rsample).")
-    return densities
+class _PathDerivativeEstimator:
+    """The per-site densities with log q at the guide's parameters held fixed, for the estimators below.
+
+    :param module: the module that holds the guide's parameters (the whole model will do).
+    """
+
+    estimator: str
+
+    def __init__(self, module: torch.nn.Module, num_particles: int, max_plate_nesting: int = 1):
+        self.module, self.num_particles, self.max_plate_nesting = module, num_particles, max_plate_nesting
+
+    def densities(self, model, guide, *args, **kwargs) -> SiteLogDensities:
+        densities = site_log_densities(
+            model,
+            guide,
+            *args,
+            num_particles=self.num_particles,
+            max_plate_nesting=self.max_plate_nesting,
+            hold_fixed=self.module,
+            **kwargs,
+        )
+        if not densities.reparameterized:
+            raise ValueError(f"{self.estimator} needs a guide whose every site is reparameterisable (has rsample).")
+        return densities
 
 
-class STL_ELBO:  # noqa: N801 (named like Pyro's ELBOs)
+class STL_ELBO(_PathDerivativeEstimator):  # noqa: N801 (named like Pyro's ELBOs)
     """The ELBO with the gradient of Roeder et al.: the score term of the guide's parameters dropped.
 
     ``-sum_n mean_k [log p(x_n | z_k) + kl_weight (log p(z_k) - log q(z_k | x_n))]``
     with unscaled densities; ``kl_weight`` weighs the latent sites as
     ``poutine.scale`` does in Pyro's ELBOs.
-
-    :param module: the module that holds the guide's parameters (the whole model will do).
     """
 
+    estimator = "STL"
+
     def __init__(self, module: torch.nn.Module, num_particles: int = 1, max_plate_nesting: int = 1):
-        self.module, self.num_particles, self.max_plate_nesting = module, num_particles, max_plate_nesting
+        super().__init__(module, num_particles, max_plate_nesting)
 
     def differentiable_loss(self, model, guide, *args, kl_weight=1.0, **kwargs) -> torch.Tensor:
-        densities = _checked(
-            site_log_densities(
-                model,
-                guide,
-                *args,
-                num_particles=self.num_particles,
-                max_plate_nesting=self.max_plate_nesting,
-                hold_fixed=self.module,
-                **kwargs,
-            ),
-            "STL",
-        )
+        densities = self.densities(model, guide, *args, **kwargs)
         elbo = densities.reconstruction - kl_weight * densities.kl
         return -elbo.mean(0).sum()
 
 
-class DReG_IWAE_ELBO:  # noqa: N801 (named like Pyro's ELBOs)
+class DReG_IWAE_ELBO(_PathDerivativeEstimator):  # noqa: N801 (named like Pyro's ELBOs)
     """The IWAE bound of Burda et al. with the doubly reparameterised gradient of Tucker et al.
 
     The value is -sum_n L_K(x_n), as :class:`~pyro_vae.infer.iwae.IWAE_ELBO`'s;
     the gradient in the model's parameters is the same, in the guide's it is DReG's.
-
-    :param module: the module that holds the guide's parameters (the whole model will do).
     """
 
+    estimator = "DReG"
+
     def __init__(self, module: torch.nn.Module, num_particles: int = 5, max_plate_nesting: int = 1):
-        self.module, self.num_particles, self.max_plate_nesting = module, num_particles, max_plate_nesting
+        super().__init__(module, num_particles, max_plate_nesting)
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
-        densities = _checked(
-            site_log_densities(
-                model,
-                guide,
-                *args,
-                num_particles=self.num_particles,
-                max_plate_nesting=self.max_plate_nesting,
-                hold_fixed=self.module,
-                **kwargs,
-            ),
-            "DReG",
-        )
+        densities = self.densities(model, guide, *args, **kwargs)
         log_weights = densities.log_weights
         weights = log_weights.softmax(0).detach()
         for value, site in densities.draws.values():
