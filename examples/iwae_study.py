@@ -12,8 +12,10 @@ optimiser (Adam, lr 1e-3), batch size, seed and number of epochs; the paper
 trained for 3,280 passes with a decaying learning rate, which this machine
 cannot afford, so the numbers are lower than the paper's and the question
 is whether its ordering holds. Each run's test log p(x) is estimated with K
-importance samples on the whole test set; the paired differences between
-runs (the same test points) carry standard errors.
+importance samples on the whole test set and, with ``--ais-points N``, by
+AIS from the encoder at its default settings on the first N test points;
+the paired differences between runs (the same test points) carry standard
+errors.
 
 The study is resumable: run it again after an interruption and finished runs
 are kept, a half-trained one continues from its last epoch; with more
@@ -28,9 +30,12 @@ import math
 import re
 from pathlib import Path
 
+import numpy as np
 import pyro
 
 import pyro_vae as pv
+from pyro_vae.evaluate import evaluation_name
+from pyro_vae.infer.ais import DEFAULT_CHAINS, DEFAULT_LEAPFROG_STEPS, DEFAULT_STEPS
 
 #: name -> (layers, objective, the paper's NLL where it reports one)
 RUNS = {
@@ -82,6 +87,10 @@ def train_and_evaluate(name: str, args, out: Path) -> Path:
     evaluated = directory.file(directory.LOG_PX).exists() and metrics.get("test_num_samples") == args.samples
     if not evaluated or metrics.get("epochs") != last_epoch:
         metrics = pv.evaluate_run(run, num_samples=args.samples, progress=args.progress)
+    if args.ais_points:
+        evaluations = directory.read_metrics().get("evaluations", {})
+        if ais_name(args) not in evaluations:
+            pv.evaluate_run(run, method="ais", test_points=args.ais_points, progress=args.progress)
     print(
         f"{name}: best epoch {metrics['best_epoch']} of {last_epoch}, test log p(x) = "
         f"{metrics['test_log_px']:.2f} +- {metrics['test_log_px_se']:.2f} nats (K = {metrics['test_num_samples']})",
@@ -90,17 +99,34 @@ def train_and_evaluate(name: str, args, out: Path) -> Path:
     return run
 
 
-def paired(better: Path, worse: Path) -> tuple[float, float]:
+def ais_name(args) -> str:
+    """The evaluation name of AIS at its defaults on the first ``--ais-points`` test points."""
+    ais = {"num_steps": DEFAULT_STEPS, "num_chains": DEFAULT_CHAINS, "leapfrog_steps": DEFAULT_LEAPFROG_STEPS}
+    return evaluation_name("ais", num_samples=0, ais={**ais, "schedule": "sigmoid"}, num_points=0,
+                           test_points=args.ais_points)  # fmt: skip
+
+
+def log_px(run: Path, evaluation: str | None) -> np.ndarray:
+    """Per-point test log p(x): importance-sampled (None) or from the named evaluation."""
+    directory = pv.RunDirectory(run)
+    return directory.read_log_px() if evaluation is None else directory.read_evaluation(evaluation)["log_px"]
+
+
+def paired(better: Path, worse: Path, evaluation: str | None = None) -> tuple[float, float]:
     """The mean of log p(x) of ``better`` minus ``worse`` over the same test points, and its standard error."""
-    difference = pv.RunDirectory(better).read_log_px() - pv.RunDirectory(worse).read_log_px()
+    difference = log_px(better, evaluation) - log_px(worse, evaluation)
     return float(difference.mean()), float(difference.std(ddof=1) / math.sqrt(len(difference)))
 
 
-def table(out: Path, names: list[str], command: str) -> str:
+def table(out: Path, names: list[str], command: str, ais: str | None) -> str:
+    with_ais = ais is not None and all(ais in pv.RunDirectory(out / n).read_metrics().get("evaluations", {})
+                                       for n in names)  # fmt: skip
     rows = [
         "| model | objective | paper NLL | our NLL (K = {K}) | ELBO | active units | epochs | train minutes |",
         "|---|---|---|---|---|---|---|---|",
     ]
+    if with_ais:
+        rows = [rows[0] + f" NLL by AIS ({ais}) |", rows[1] + "---|"]
     samples = None
     for name in names:
         directory = pv.RunDirectory(out / name)
@@ -114,17 +140,18 @@ def table(out: Path, names: list[str], command: str) -> str:
             f"| {layers} stochastic layer{'s' * (layers > 1)} | {what} | {paper or '(none)'} | "
             f"{-metrics['test_log_px']:.2f} +- {metrics['test_log_px_se']:.2f} | {metrics['test_elbo']:.2f} | "
             f"{' + '.join(map(str, units))} | {config['train']['epochs']} | {metrics['train_seconds'] / 60:.0f} |"
-        )
+            + (f" {-metrics['evaluations'][ais]['log_px']:.2f} +- {metrics['evaluations'][ais]['log_px_se']:.2f} |"
+               if with_ais else "")
+        )  # fmt: skip
     rows[0] = rows[0].replace("{K}", str(samples))
-    rows += [
-        "",
-        "| ordering | paired difference of log p(x) | in standard errors | holds (> 3 se) |",
-        "|---|---|---|---|",
-    ]
+    rows += ["", "| ordering | estimate | paired difference of log p(x) | in standard errors | holds (> 3 se) |"]
+    rows.append("|---|---|---|---|---|")
     for better, worse, what in ORDERINGS:
         if better in names and worse in names:
-            mean, se = paired(out / better, out / worse)
-            rows.append(f"| {what} | {mean:+.3f} +- {se:.3f} | {mean / se:+.1f} | {'yes' if mean > 3 * se else 'no'} |")
+            for label, evaluation in [(f"IS, K = {samples}", None)] + ([("AIS", ais)] if with_ais else []):
+                mean, se = paired(out / better, out / worse, evaluation)
+                holds = "yes" if mean > 3 * se else "no"
+                rows.append(f"| {what} | {label} | {mean:+.3f} +- {se:.3f} | {mean / se:+.1f} | {holds} |")
     return f"Command: `{command}`\n\n" + "\n".join(rows) + "\n"
 
 
@@ -144,6 +171,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--samples", type=int, default=5000, help="K, importance samples per test point")
+    parser.add_argument("--ais-points", type=int, default=0, help="AIS at its defaults on this many test points")
     parser.add_argument("--runs", nargs="+", choices=RUNS, default=list(RUNS), help="the runs to train now")
     parser.add_argument("--subset", type=int, help="train on this many points only (smoke tests)")
     parser.add_argument("--seed", type=int, default=0)
@@ -156,7 +184,8 @@ def main() -> None:
         train_and_evaluate(name, args, out)
     done = [name for name in RUNS if (out / name / pv.RunDirectory.LOG_PX).exists()]
     command = f"python examples/iwae_study.py --epochs {args.epochs} --samples {args.samples}"
-    markdown = table(out, done, command)
+    command += f" --ais-points {args.ais_points}" if args.ais_points else ""
+    markdown = table(out, done, command, ais_name(args) if args.ais_points else None)
     (out / "table.md").write_text(markdown)
     print(markdown)
     if args.results:

@@ -22,9 +22,21 @@ TINY = {
         "| 100 |",
     ),
     "iwae_study.py": (
-        ["--epochs", "1", "--subset", "300", "--samples", "10", "--runs", "1-layer-iwae-k5", "1-layer-iwae-k50"]
+        [
+            "--epochs",
+            "1",
+            "--subset",
+            "300",
+            "--samples",
+            "10",
+            "--ais-points",
+            "2",
+            "--runs",
+            "1-layer-iwae-k5",
+            "1-layer-iwae-k50",
+        ]
         + ["--out", "study"],
-        "| k = 50 beats k = 5 |",
+        "| k = 50 beats k = 5 | AIS |",
     ),
     "gradient_snr.py": (["--train-epochs", "1", "--subset", "200", "--repeats", "10", "--out", "snr.png"], "| dreg |"),
     "hand_written_model.py": (["--steps", "50", "--subset", "500", "--test", "50"], "exact test log p(x)"),
