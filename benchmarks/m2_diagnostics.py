@@ -1,0 +1,93 @@
+"""Diagnostics of M2 from pixels (issue: M2 that learns), recorded in benchmarks/RESULTS.md.
+
+    python benchmarks/m2_diagnostics.py floor                      # M2's classifier on the labels alone
+    python benchmarks/m2_diagnostics.py variant --epochs 8 --lr 3e-4 --init 1e-3 --weight-prior 1
+
+``floor`` trains M2's classifier (784-500-10, softplus) on the 100 labelled
+points alone with Adam, cross-entropy on dynamically binarised batches: the
+supervised baseline ("NN" in Kingma et al.'s Table 1) that the
+semi-supervised model has to beat, for label draws 0, 1 and 2.
+
+``variant`` trains ``pv.SSVAE(z_dim=50, hidden=(500,))`` with the
+semi-supervised objective from 100 labels (label seed 0, batch 200, the
+compiled step) with the settings of Kingma et al.'s released code
+(dpkingma/nips14-ssl): Adam's learning rate, the weights drawn at a small
+scale (``--init``, theirs 1e-3), and a Gaussian prior N(0, sd^2) on every
+weight added to the loss (``--weight-prior sd``, theirs 1). It prints the
+validation accuracy after every epoch.
+"""
+
+import argparse
+
+import pyro
+import torch
+from torch import nn
+
+import pyro_vae as pv
+from pyro_vae.components.nets import MLPClassifier
+from pyro_vae.infer.semisupervised import SemiSupervisedELBO, draw_labelled
+
+
+def floor(args) -> None:
+    data = pv.load_dataset("mnist", binarize="dynamic")
+    for seed in (0, 1, 2):
+        torch.manual_seed(seed)
+        chosen = draw_labelled(data.train.y, args.labels, 10, seed)
+        net = MLPClassifier(data.x_shape, 10, (500,), activation=nn.Softplus)
+        optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+        for _ in range(args.steps):
+            loss = nn.functional.cross_entropy(net(data.batch(chosen)), data.train.y[chosen])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        with torch.no_grad():
+            val, test = ((net(s.x).argmax(-1) == s.y).float().mean().item() for s in (data.val, data.test))
+        print(f"label seed {seed}: {args.steps} steps, validation {100 * val:.1f}%, test {100 * test:.1f}%")
+
+
+class WithWeightPrior(SemiSupervisedELBO):
+    """-J plus -log N(w; 0, sd^2) of every weight, as Kingma et al.'s code adds at every minibatch."""
+
+    def __init__(self, sd: float | None, **kwargs):
+        super().__init__(**kwargs)
+        self.sd = sd
+
+    def loss(self, model, *batch, kl_weight):
+        loss = super().loss(model, *batch, kl_weight=kl_weight)
+        if self.sd is None:
+            return loss
+        return loss + sum(parameter.square().sum() for parameter in model.parameters()) / (2 * self.sd**2)
+
+
+def variant(args) -> None:
+    pyro.set_rng_seed(0)
+    data = pv.load_dataset("mnist", binarize="dynamic")
+    model = pv.SSVAE(data.x_shape, 50, hidden=(500,))
+    if args.init is not None:
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.normal_(0, args.init) if parameter.dim() > 1 else parameter.zero_()
+    objective = WithWeightPrior(args.weight_prior, num_labels=args.labels)
+    history = pv.fit(model, data, objective=objective, epochs=args.epochs, batch_size=200, lr=args.lr,
+                     compile=True, progress=False)  # fmt: skip
+    print("validation accuracy by epoch:", ", ".join(f"{100 * row['val_accuracy']:.1f}" for row in history))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    floor_parser = commands.add_parser("floor")
+    floor_parser.add_argument("--steps", type=int, default=1000)
+    variant_parser = commands.add_parser("variant")
+    variant_parser.add_argument("--epochs", type=int, default=8)
+    variant_parser.add_argument("--lr", type=float, default=1e-3)
+    variant_parser.add_argument("--init", type=float, help="the weights' standard deviation at the start")
+    variant_parser.add_argument("--weight-prior", type=float, help="sd of a Gaussian prior on every weight")
+    for sub in (floor_parser, variant_parser):
+        sub.add_argument("--labels", type=int, default=100)
+    args = parser.parse_args()
+    {"floor": floor, "variant": variant}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()
