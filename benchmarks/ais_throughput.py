@@ -60,11 +60,11 @@ def throughput(points: int, steps: int) -> None:
     start = time.perf_counter()
     pv.ais_log_marginal_likelihood(vae.model, vae.guide, x, num_steps=steps, num_chains=chains, batch_size=points)
     seconds = time.perf_counter() - start
-    gradients = points * chains * steps * (leapfrog + 1)
+    gradients = points * chains * (steps * leapfrog + 1)  # each transition starts from the last one's gradient
     rate, bound = gradients / seconds, matmul_rate(points * chains) / FLOPS_PER_GRADIENT
-    print(f"AIS, {points} points x {chains} chains x {steps} steps x {leapfrog + 1} gradients: {seconds:.1f} s")
+    print(f"AIS, {points} points x {chains} chains x ({steps} steps x {leapfrog} + 1) gradients: {seconds:.1f} s")
     print(f"  {rate:,.0f} gradient evaluations/s; matmul bound {bound:,.0f}/s; ratio {rate / bound:.2f}")
-    full = 10_000 * chains * 500 * (leapfrog + 1) / rate
+    full = 10_000 * chains * (500 * leapfrog + 1) / rate
     print(f"  the default settings (500 steps) on 10,000 test points would take {full / 3600:.1f} h at this rate")
 
 

@@ -204,6 +204,40 @@ class _Densities:
         return log_q.expand(shape), log_p.expand(shape)
 
 
+@dataclass
+class _State:
+    """The chains at one point of their path: unconstrained values, log f_0 and log p(x, z) (with the
+    log-Jacobian) per (chain, point), and the gradients of both in u.
+
+    Keeping the two gradients apart lets the next transition, at another beta, start from
+    (1 - beta) grad log f_0 + beta grad log p without evaluating the densities again.
+    """
+
+    u: dict[str, torch.Tensor]
+    log_f0: torch.Tensor
+    log_p: torch.Tensor
+    grad_f0: dict[str, torch.Tensor]
+    grad_p: dict[str, torch.Tensor]
+
+    def log_f(self, beta: float) -> torch.Tensor:
+        return (1 - beta) * self.log_f0 + beta * self.log_p
+
+    def grad(self, beta: float) -> dict[str, torch.Tensor]:
+        return {name: (1 - beta) * self.grad_f0[name] + beta * self.grad_p[name] for name in self.u}
+
+    def where(self, accept: torch.Tensor, other: _State) -> _State:
+        """This state where ``accept`` (per chain and point) holds, ``other`` elsewhere."""
+        pick = lambda new, old: torch.where(_align(accept, new), new, old)  # noqa: E731
+        pick_all = lambda new, old: {name: pick(new[name], old[name]) for name in new}  # noqa: E731
+        return _State(
+            pick_all(self.u, other.u),
+            pick(self.log_f0, other.log_f0),
+            pick(self.log_p, other.log_p),
+            pick_all(self.grad_f0, other.grad_f0),
+            pick_all(self.grad_p, other.grad_p),
+        )
+
+
 class _Annealer:
     """The chains of one batch of points: HMC transitions along the path, and the weights they carry."""
 
@@ -212,53 +246,53 @@ class _Annealer:
         self.prior_start, self.leapfrog_steps = prior_start, leapfrog_steps
         self.validate = is_validation_enabled()
 
-    def evaluate(self, u: dict[str, torch.Tensor], beta: float, grad: bool = True):
-        """log f_0, log p(x, z) (both with the log-Jacobian) and the gradient of log f_beta in u.
+    def evaluate(self, u: dict[str, torch.Tensor]) -> _State:
+        """log f_0 and log p(x, z), both with the log-Jacobian, and their gradients in u.
 
         Pyro's argument and support checks run on the first evaluation only: a leapfrog trajectory that
         diverges may leave the support in floating point (exp(u) = 0), and its energy is then not finite,
         which rejects the proposal, as it should.
         """
-        u = {name: value.detach().requires_grad_(grad) for name, value in u.items()}
+        u = {name: value.detach().requires_grad_(True) for name, value in u.items()}
         validate, self.validate = self.validate, False
-        with torch.set_grad_enabled(grad), pyro.validation_enabled(validate):
+        with torch.enable_grad(), pyro.validation_enabled(validate):
             values, log_det = self.space.constrain(u)
             log_f0, log_p = self.densities(values, self.prior_start)
             log_f0, log_p = log_f0 + log_det, log_p + log_det
-            if not grad:
-                return u, log_f0, log_p, None
-            log_f = (1 - beta) * log_f0 + beta * log_p
-            grads = torch.autograd.grad(log_f.sum(), list(u.values()))
-        return u, log_f0.detach(), log_p.detach(), dict(zip(u, (g.detach() for g in grads), strict=True))
+            leaves = list(u.values())
+            grad_f0 = torch.autograd.grad(log_f0.sum(), leaves, retain_graph=True, allow_unused=True)
+            grad_p = torch.autograd.grad(log_p.sum(), leaves, allow_unused=True)
+        gradients = lambda grads: {  # noqa: E731
+            name: torch.zeros_like(value) if g is None else g for (name, value), g in zip(u.items(), grads, strict=True)
+        }
+        detached = {name: value.detach() for name, value in u.items()}
+        return _State(detached, log_f0.detach(), log_p.detach(), gradients(grad_f0), gradients(grad_p))
 
-    def transition(self, u, beta: float, step_size: torch.Tensor):
-        """One HMC transition leaving f_beta invariant.
+    def transition(self, state: _State, beta: float, step_size: torch.Tensor) -> tuple[_State, torch.Tensor]:
+        """One HMC transition leaving f_beta invariant: the new state and the acceptance probability.
 
-        Returns the new state, the acceptance probability, and log f_0 and log p(x, z) at the old state
-        (which the AIS weight needs, whatever beta).
+        It takes L evaluations of the densities: the gradient at the start is the previous state's.
         """
         per_point = _align
-        u0, log_f0, log_p, grad = self.evaluate(u, beta)
         # each chain's step size jittered by up to 50%, so that no trajectory length resonates with the
         # target's periods (which on a Gaussian can bring a trajectory back to where it started)
-        step_size = _align(step_size, log_f0) * (0.5 + torch.rand_like(log_f0))
-        momentum = {name: torch.randn_like(value) for name, value in u0.items()}
+        step_size = _align(step_size, state.log_f0) * (0.5 + torch.rand_like(state.log_f0))
+        momentum = {name: torch.randn_like(value) for name, value in state.u.items()}
         kinetic = lambda m: sum(v.pow(2).reshape(*v.shape[:2], -1).sum(-1) for v in m.values()) / 2  # noqa: E731
-        h0 = -((1 - beta) * log_f0 + beta * log_p) + kinetic(momentum)
-        position = {name: value.detach() for name, value in u0.items()}
+        h0 = -state.log_f(beta) + kinetic(momentum)
+        grad = state.grad(beta)
+        position = state.u
         p = {name: m + per_point(step_size, m) / 2 * grad[name] for name, m in momentum.items()}
         for step in range(self.leapfrog_steps):
             position = {name: value + per_point(step_size, value) * p[name] for name, value in position.items()}
-            _, new_f0, new_p, grad = self.evaluate(position, beta)
+            proposal = self.evaluate(position)
+            grad = proposal.grad(beta)
             scale = 1.0 if step + 1 < self.leapfrog_steps else 0.5
             p = {name: m + scale * per_point(step_size, m) * grad[name] for name, m in p.items()}
-        h1 = -((1 - beta) * new_f0 + beta * new_p) + kinetic(p)
+        h1 = -proposal.log_f(beta) + kinetic(p)
         log_accept = (h0 - h1).nan_to_num(nan=-math.inf).clamp(max=0.0)
         accept = torch.rand_like(log_accept).log() < log_accept
-        new_u = {
-            name: torch.where(per_point(accept, value), position[name], value.detach()) for name, value in u0.items()
-        }
-        return new_u, log_accept.exp(), log_f0, log_p
+        return proposal.where(accept, state), log_accept.exp()
 
 
 def _align(t: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -274,9 +308,10 @@ def _anneal(annealer: _Annealer, u, betas, step_size, target_acceptance, progres
     device = step_size.device
     log_w = torch.zeros(num_chains, n, dtype=torch.float64, device=device)
     accepted = torch.zeros(n, dtype=torch.float64, device=device)
+    state = annealer.evaluate(u)
     for t in range(1, len(betas)):
-        u, accept, log_f0, log_p = annealer.transition(u, float(betas[t]), step_size)
-        log_w += (betas[t] - betas[t - 1]) * (log_p - log_f0).double()  # at the state before the transition
+        log_w += (betas[t] - betas[t - 1]) * (state.log_p - state.log_f0).double()  # at the state before the step
+        state, accept = annealer.transition(state, float(betas[t]), step_size)
         rate = accept.mean(0)
         accepted += rate.double()
         # per point, towards the target acceptance rate (a Robbins-Monro step on log epsilon)
