@@ -29,7 +29,6 @@ CASES = {
     "trace, 3 particles": ({"name": "trace", "num_particles": 3}, "vae"),
     "meanfield": ({"name": "meanfield"}, "vae"),
     "iwae": ({"name": "iwae", "num_particles": 4}, "vae"),
-    "trace, stl": ({"name": "trace", "gradient": "stl"}, "vae"),
     "iwae, dreg, two stochastic layers": ({"name": "iwae", "num_particles": 4, "gradient": "dreg"}, "hierarchical"),
     "semi-supervised": ({"name": "semi-supervised", "num_labels": 50}, "ssvae"),
 }
