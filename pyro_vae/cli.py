@@ -230,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     training.add_argument(
         "--gradient",
-        choices=("standard", "stl", "dreg"),
+        choices=sorted(set().union(*GRADIENTS.values())),
         default="standard",
         help="gradient estimator: standard, stl (Roeder et al. 2017, --elbo trace) or dreg (Tucker et al. 2019, "
         "--elbo iwae); the objective's value is the same",
@@ -392,7 +392,7 @@ def check_flag_combinations(parser: argparse.ArgumentParser, args: argparse.Name
     if "activation" in given and (args.m1 or args.arch != "mlp"):
         train.error("--activation applies to MLPs only, not to --arch conv or to --m1")
     if args.gradient not in GRADIENTS.get(args.elbo, ("standard",)):
-        needs = {"stl": "--elbo trace", "dreg": "--elbo iwae"}[args.gradient]
+        needs = " or ".join(f"--elbo {name}" for name, takes in GRADIENTS.items() if args.gradient in takes)
         train.error(f"--gradient {args.gradient} needs {needs}, not --elbo {args.elbo}")
     if "components" in given and args.prior not in ("mixture", "vamp"):
         train.error(f"--components applies only to the mixture and vamp priors, not to --prior {args.prior}")

@@ -172,19 +172,26 @@ def _evaluate_test_points(directory, name, model, x, method, num_samples, batch_
     return {"log_px": log_px, "pareto_k": importance.pareto_k.numpy(), "escalated": escalated}, summary
 
 
+def _saved_batches(directory, name, identity: dict, keys, indices=None) -> dict[str, list]:
+    """The per-point columns of the batches a partial evaluation saved, or empty ones.
+
+    They are continued only if the evaluation was begun with the same ``identity`` (weights, seed,
+    batch size) and, where given, on the same point ``indices``.
+    """
+    done = directory.read_evaluation(name, partial=True) or {}
+    same = all(str(done.get(key)) == str(value) for key, value in identity.items())
+    if indices is not None:
+        same &= np.array_equal(done.get("indices", []), indices)
+    return {key: list(done.get(key, [])) if same else [] for key in keys}
+
+
 def _resumable_ais(directory, name, model, x, indices, batch_size, ais, seed, progress, identity) -> dict:
     """AIS of the points ``x[indices]`` in batches, each saved as it finishes; a saved batch is not rerun.
 
     A saved partial evaluation is continued only if it was begun on the same points, with the same
     weights, seed and batch size; otherwise it starts again.
     """
-    done = directory.read_evaluation(name, partial=True) or {}
-    same = np.array_equal(done.get("indices", []), indices) and all(
-        str(done.get(key)) == str(value) for key, value in identity.items()
-    )
-    if not same:
-        done = {}
-    columns = {key: list(done.get(key, [])) for key in ("log_px", "chain_std", "acceptance", "step_size")}
+    columns = _saved_batches(directory, name, identity, ("log_px", "chain_std", "acceptance", "step_size"), indices)
     batches = range(0, len(indices), batch_size)
     try:
         for index, begin in enumerate(tqdm(batches, desc=f"AIS {name}", disable=not progress, leave=False)):
@@ -212,10 +219,7 @@ def _resumable_bdmc(directory, name, model, num_points, batch_size, ais, seed, p
     A saved partial evaluation is continued only if it was begun with the same weights, seed and batch size.
     """
     plan = BDMC(model.model, model.guide, num_points, **ais, batch_size=batch_size, seed=seed)
-    done = directory.read_evaluation(name, partial=True) or {}
-    if not all(str(done.get(key)) == str(value) for key, value in identity.items()):
-        done = {}
-    columns = {key: list(done.get(key, [])) for key in ("lower", "upper")}
+    columns = _saved_batches(directory, name, identity, ("lower", "upper"))
     total = 2 * len(plan.batches) * ais["num_steps"]
     try:
         with tqdm(total=total, desc=f"BDMC {name}", disable=not progress, leave=False) as bar:

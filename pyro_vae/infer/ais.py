@@ -47,7 +47,7 @@ from pyro.poutine.util import site_is_subsample
 from torch.distributions import biject_to, constraints
 from tqdm.auto import tqdm
 
-from .densities import PARTICLE_PLATE, _per_point, guess_max_plate_nesting, standard_error
+from .densities import PARTICLE_PLATE, _per_point, guess_max_plate_nesting, latent_sites, standard_error
 from .importance import log_marginal_likelihood
 
 SCHEDULES = ("sigmoid", "linear")
@@ -130,9 +130,7 @@ class _LatentSpace:
 
     def __init__(self, guide_trace):
         self.sites = {}
-        for name, site in guide_trace.nodes.items():
-            if site["type"] != "sample" or site["is_observed"] or site_is_subsample(site):
-                continue
+        for name, site in latent_sites(guide_trace):
             fn = site["fn"]
             support = fn.support
             if support.is_discrete:
@@ -493,11 +491,7 @@ def simulate(model, num_points: int, *args, **kwargs) -> tuple[torch.Tensor, dic
     """(x, latent values) drawn from the model p(z) p(x | z): z is an exact posterior sample for its x."""
     with torch.no_grad():
         trace = poutine.trace(model).get_trace(None, *args, batch_size=num_points, **kwargs)
-    latents = {
-        name: site["value"]
-        for name, site in trace.nodes.items()
-        if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site)
-    }
+    latents = {name: site["value"] for name, site in latent_sites(trace)}
     observed = [site["value"] for site in trace.nodes.values() if site["type"] == "sample" and site["is_observed"]]
     x = trace.nodes["x"]["value"] if "x" in trace.nodes else observed[0]
     return x, latents

@@ -116,7 +116,8 @@ def parameters_held_fixed(module: torch.nn.Module) -> Iterator[None]:
         yield
 
 
-def _latent_sites(trace) -> Iterator[tuple[str, dict]]:
+def latent_sites(trace) -> Iterator[tuple[str, dict]]:
+    """(name, site) of a trace's latent sample sites: not observed, not a plate's subsample."""
     for name, site in trace.nodes.items():
         if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site):
             yield name, site
@@ -146,7 +147,7 @@ def site_log_densities(
     with pyro.plate(PARTICLE_PLATE, num_particles, dim=particle_dim):
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
         if hold_fixed is not None:
-            for _, site in _latent_sites(guide_trace):
+            for _, site in latent_sites(guide_trace):
                 site["value"] = site["value"].view_as(site["value"])
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
         density_trace = guide_trace
@@ -158,7 +159,7 @@ def site_log_densities(
         if site["type"] == "sample" and not site_is_subsample(site):
             target = out.observed if site["is_observed"] else out.latent_prior
             target[name] = _per_point(site, particle_dim, kernels or {})
-    for name, site in _latent_sites(density_trace):
+    for name, site in latent_sites(density_trace):
         out.latent_guide[name] = _per_point(site, particle_dim, kernels or {})
         out.reparameterized &= bool(guide_trace.nodes[name]["fn"].has_rsample)
         out.draws[name] = (site["value"], site)
