@@ -26,14 +26,16 @@ from pyro_vae.runs.files import load_checkpoint
 
 REPORT: Counter = Counter()
 # about 0.7 s per epoch for the VAE, 1-2 s for M2: long enough for a signal to land anywhere in it
-COMMON = ["--subset", "3000", "--hidden", "32", "--z-dim", "2", "--batch-size", "10", "--epochs", "4"]
+COMMON = ["--subset", "3000", "--hidden", "32", "--z-dim", "2", "--batch-size", "10", "--epochs", "3"]
 TRAIN = {
     "vae": [*COMMON, "--eval-samples", "10", "--no-progress"],
     "ssvae": [*COMMON, "--semi-supervised", "--labels", "100", "--eval-samples", "10", "--no-progress"],
     "m1m2": [*COMMON[2:], "--labels", "100", "--eval-samples", "10", "--no-progress"],  # M1's data: its subset
     "vae-compiled": [*COMMON, "--compile", "on", "--eval-samples", "10", "--no-progress"],
 }
-KILLS = {"vae": 5, "ssvae": 5, "m1m2": 5}
+KILLS = {"vae": 4, "ssvae": 4, "m1m2": 4}
+# two SIGINTs for the VAE (a resume of a resume); one for the others, whose engine is the same
+SIGINT_DELAYS = {"vae": (1.2, 0.8), "ssvae": (1.2,), "m1m2": (1.2,)}
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +84,7 @@ def wait_for_training(process: subprocess.Popen) -> None:
 
 def assert_same_training_state(run: Path, reference: Path) -> None:
     a, b = load_checkpoint(run / "checkpoint.pt"), load_checkpoint(reference / "checkpoint.pt")
-    assert a["epoch"] == b["epoch"] == 4 and a["position"] is None
+    assert a["epoch"] == b["epoch"] == 3 and a["position"] is None
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
     for key, state in a["optimizer"]["state"].items():
@@ -121,9 +123,9 @@ def test_sigkill_at_random_moments_loses_nothing(tmp_path, reference_run):
         state = load_checkpoint(run / "checkpoint.pt")  # never half-written
         assert state["position"] is None  # a kill saves nothing part-way: the last complete epoch stands
         epochs_seen.append(state["epoch"])
-        if state["epoch"] == 4:
+        if state["epoch"] == 3:
             break
-    assert epochs_seen == sorted(epochs_seen) and len(epochs_seen) >= 3
+    assert epochs_seen == sorted(epochs_seen) and len(epochs_seen) >= 2
     finish(run, kind, m1)
     assert_same_training_state(run, reference)
     assert json.loads((run / "metrics.json").read_text())["test_elbo"] == pytest.approx(
@@ -133,7 +135,7 @@ def test_sigkill_at_random_moments_loses_nothing(tmp_path, reference_run):
 
 def test_sigint_finishes_the_step_saves_and_exits_cleanly(tmp_path, reference_run):
     reference, kind, m1 = reference_run
-    interrupt_resume_and_compare(tmp_path / "run", reference, kind, m1, delays=(1.2, 0.8))
+    interrupt_resume_and_compare(tmp_path / "run", reference, kind, m1, delays=SIGINT_DELAYS[kind])
 
 
 @pytest.fixture(scope="module")
