@@ -26,7 +26,8 @@ from pyro_vae.runs.files import load_checkpoint
 
 REPORT: Counter = Counter()
 # about 0.7 s per epoch for the VAE, 1-2 s for M2: long enough for a signal to land anywhere in it
-COMMON = ["--subset", "3000", "--hidden", "32", "--z-dim", "2", "--batch-size", "10", "--epochs", "3"]
+EPOCHS = 3
+COMMON = ["--subset", "3000", "--hidden", "32", "--z-dim", "2", "--batch-size", "10", "--epochs", str(EPOCHS)]
 TRAIN = {
     "vae": [*COMMON, "--eval-samples", "10", "--no-progress"],
     "ssvae": [*COMMON, "--semi-supervised", "--labels", "100", "--eval-samples", "10", "--no-progress"],
@@ -84,7 +85,7 @@ def wait_for_training(process: subprocess.Popen) -> None:
 
 def assert_same_training_state(run: Path, reference: Path) -> None:
     a, b = load_checkpoint(run / "checkpoint.pt"), load_checkpoint(reference / "checkpoint.pt")
-    assert a["epoch"] == b["epoch"] == 3 and a["position"] is None
+    assert a["epoch"] == b["epoch"] == EPOCHS and a["position"] is None
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
     for key, state in a["optimizer"]["state"].items():
@@ -123,7 +124,7 @@ def test_sigkill_at_random_moments_loses_nothing(tmp_path, reference_run):
         state = load_checkpoint(run / "checkpoint.pt")  # never half-written
         assert state["position"] is None  # a kill saves nothing part-way: the last complete epoch stands
         epochs_seen.append(state["epoch"])
-        if state["epoch"] == 3:
+        if state["epoch"] == EPOCHS:
             break
     assert epochs_seen == sorted(epochs_seen) and len(epochs_seen) >= 2
     finish(run, kind, m1)
