@@ -18,7 +18,6 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from torchvision.utils import make_grid  # noqa: E402
 
 from .data import Dataset  # noqa: E402
 from .models import VAE  # noqa: E402
@@ -29,6 +28,8 @@ def is_image_shape(x_shape) -> bool:
 
 
 def _show_grid(ax, images: torch.Tensor, nrow: int) -> None:
+    from torchvision.utils import make_grid  # imported when drawn: torchvision costs a second at start-up
+
     grid = make_grid(images.detach().cpu().clamp(0, 1), nrow=nrow, padding=2, pad_value=1.0)
     ax.imshow(grid.permute(1, 2, 0).numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
     ax.set_axis_off()
