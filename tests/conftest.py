@@ -1,9 +1,16 @@
-import sys
+import os
+from collections import Counter
 
 import pyro
 import pytest
+import torch
 
 import pyro_vae as pv
+
+# pytest-xdist workers share the cores: each takes its share of threads, so that they never outnumber the cores
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _workers > 1:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _workers))
 
 
 @pytest.fixture(autouse=True)
@@ -32,9 +39,19 @@ def small_vae(**kwargs):
     return pv.VAE((1, 28, 28), kwargs.pop("z_dim", 8), **kwargs)
 
 
+ROBUSTNESS: Counter = Counter()
+
+
+def pytest_runtest_logreport(report):
+    """Add up the robustness tests' counts (their "robustness" user property), from any pytest-xdist worker."""
+    if report.when == "teardown":
+        for name, counts in report.user_properties:
+            if name == "robustness":
+                ROBUSTNESS.update(counts)
+
+
 def pytest_terminal_summary(terminalreporter):
     """The counts of kills survived and bad inputs refused, from tests/test_robustness.py."""
-    robustness = sys.modules.get("test_robustness")
-    if robustness is not None and robustness.REPORT:
-        counts = ", ".join(f"{name}: {count}" for name, count in sorted(robustness.REPORT.items()))
+    if ROBUSTNESS:
+        counts = ", ".join(f"{name}: {count}" for name, count in sorted(ROBUSTNESS.items()))
         terminalreporter.write_line(f"robustness: {counts}, nothing lost")

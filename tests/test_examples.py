@@ -1,13 +1,12 @@
 """Every example script finishes on the embedded data on a tiny budget, and prints what it promises.
 
-The selected examples run two at a time, each in its own process on one thread (this machine has two
-cores), started once for the module; each test then checks its script's output.
+Each example runs in its own process on one thread; pytest-xdist runs them side by side with the
+rest of the suite.
 """
 
 import os
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -41,7 +40,7 @@ TINY = {
             "1-layer-iwae-k5",
             "1-layer-iwae-k50",
         ]
-        + ["--out", "study"],
+        + ["--out", "study", "--keep", "kept"],
         "| k = 50 beats k = 5 | AIS |",
     ),
     "gradient_snr.py": (["--train-epochs", "1", "--subset", "200", "--repeats", "10", "--out", "snr.png"], "| dreg |"),
@@ -53,29 +52,15 @@ def test_every_example_is_tested():
     assert sorted(path.name for path in EXAMPLES.glob("*.py")) == sorted(TINY)
 
 
-@pytest.fixture(scope="module")
-def example_runs(request, tmp_path_factory):
-    """The finished process of every example that this session selected, by script name."""
-    selected = sorted(
-        {item.callspec.params["script"] for item in request.session.items if item.originalname == "test_example_runs"}
-    )
-
-    def run(script: str) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [sys.executable, str(EXAMPLES / script), *TINY[script][0]],
-            cwd=tmp_path_factory.mktemp(script.removesuffix(".py")),
-            capture_output=True,
-            text=True,
-            timeout=600,
-            env={**os.environ, "OMP_NUM_THREADS": "1"},
-        )
-
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        return dict(zip(selected, pool.map(run, selected), strict=True))
-
-
 @pytest.mark.parametrize("script", sorted(TINY))
-def test_example_runs(script, example_runs):
-    result = example_runs[script]
+def test_example_runs(script, tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / script), *TINY[script][0]],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert TINY[script][1] in result.stdout

@@ -1,7 +1,8 @@
 """Nothing lost, nothing trusted blindly: kills, Ctrl-C, hostile files and fuzzed numbers.
 
-Every kill, interrupt and bad input here is counted in :data:`REPORT`, which
-the last test prints (``pytest -s tests/test_robustness.py``).
+Every kill, interrupt and bad input here is counted in :data:`REPORT`; each
+test hands its counts to pytest as a user property, and the terminal summary
+adds them up (on the controller too, when pytest-xdist runs the tests).
 """
 
 import json
@@ -37,6 +38,14 @@ TRAIN = {
 KILLS = {"vae": 4, "ssvae": 4, "m1m2": 4}
 # two SIGINTs for the VAE (a resume of a resume); one for the others, whose engine is the same
 SIGINT_DELAYS = {"vae": (1.2, 0.8), "ssvae": (1.2,), "m1m2": (1.2,)}
+
+
+@pytest.fixture(autouse=True)
+def _report_counts(request):
+    """What this test added to REPORT, as its ("robustness", counts) user property for the summary."""
+    before = REPORT.copy()
+    yield
+    request.node.user_properties.append(("robustness", dict(REPORT - before)))
 
 
 @pytest.fixture(scope="module")
