@@ -1,6 +1,6 @@
 """Table 1 of Burda, Grosse & Salakhutdinov, *Importance Weighted Autoencoders* (2016), at this machine's scale.
 
-    python examples/iwae_study.py --epochs 30          # the study in benchmarks/RESULTS.md
+    python examples/iwae_study.py --epochs 100 --keep benchmarks/iwae-study --results benchmarks/RESULTS.md
     python examples/iwae_study.py --epochs 1 --subset 500 --samples 10 --out /tmp/iwae   # a smoke test
 
 Seven runs on the embedded, dynamically binarised MNIST: Burda et al.'s
@@ -22,12 +22,17 @@ are kept, a half-trained one continues from its last epoch; with more
 ``--epochs`` every run trains on and is evaluated again. ``--runs`` picks a
 subset (by name), so the seven runs can be spread over several sessions.
 The table goes to OUT/table.md and, with ``--results``, between the markers
-of benchmarks/RESULTS.md.
+of benchmarks/RESULTS.md. With ``--keep DIR`` each finished run's record
+(config, metrics, per-point log p(x) and evaluations, about 100 kB; no
+checkpoint) is copied to DIR/NAME, and the table takes a run from there when
+OUT no longer holds it: commit DIR, and runs trained in earlier sessions on
+other machines still enter the table and its paired comparisons.
 """
 
 import argparse
 import math
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -99,6 +104,28 @@ def train_and_evaluate(name: str, args, out: Path) -> Path:
     return run
 
 
+def keep_record(run: Path, keep: Path) -> None:
+    """Copy a finished run's config, metrics, per-point log p(x) and finished evaluations to KEEP/NAME."""
+    record = keep / run.name
+    (record / pv.RunDirectory.EVALUATIONS).mkdir(parents=True, exist_ok=True)
+    for name in (pv.RunDirectory.CONFIG, pv.RunDirectory.METRICS, pv.RunDirectory.LOG_PX):
+        shutil.copy2(run / name, record / name)
+    for evaluation in (run / pv.RunDirectory.EVALUATIONS).glob("*.npz"):
+        if not evaluation.name.endswith(".partial.npz"):
+            shutil.copy2(evaluation, record / pv.RunDirectory.EVALUATIONS / evaluation.name)
+
+
+def finished_runs(out: Path, keep: Path | None) -> dict[str, Path]:
+    """Each evaluated run of the study: trained here (OUT/NAME) or, failing that, kept from earlier (KEEP/NAME)."""
+    places = [out] + ([keep] if keep else [])
+    runs = {}
+    for name in RUNS:
+        found = [place / name for place in places if (place / name / pv.RunDirectory.LOG_PX).exists()]
+        if found:
+            runs[name] = found[0]
+    return runs
+
+
 def ais_name(args) -> str:
     """The evaluation name of AIS at its defaults on the first ``--ais-points`` test points."""
     ais = {"num_steps": DEFAULT_STEPS, "num_chains": DEFAULT_CHAINS, "leapfrog_steps": DEFAULT_LEAPFROG_STEPS}
@@ -118,9 +145,10 @@ def paired(better: Path, worse: Path, evaluation: str | None = None) -> tuple[fl
     return float(difference.mean()), float(difference.std(ddof=1) / math.sqrt(len(difference)))
 
 
-def table(out: Path, names: list[str], command: str, ais: str | None) -> str:
-    with_ais = ais is not None and all(ais in pv.RunDirectory(out / n).read_metrics().get("evaluations", {})
-                                       for n in names)  # fmt: skip
+def table(runs: dict[str, Path], command: str, ais: str | None) -> str:
+    """The study's table and its orderings, from the finished runs (name -> run directory)."""
+    with_ais = ais is not None and all(ais in pv.RunDirectory(run).read_metrics().get("evaluations", {})
+                                       for run in runs.values())  # fmt: skip
     rows = [
         "| model | objective | paper NLL | our NLL (K = {K}) | ELBO | active units | epochs | train minutes |",
         "|---|---|---|---|---|---|---|---|",
@@ -128,8 +156,8 @@ def table(out: Path, names: list[str], command: str, ais: str | None) -> str:
     if with_ais:
         rows = [rows[0] + f" NLL by AIS ({ais}) |", rows[1] + "---|"]
     samples = None
-    for name in names:
-        directory = pv.RunDirectory(out / name)
+    for name, run in runs.items():
+        directory = pv.RunDirectory(run)
         metrics, config = directory.read_metrics(), directory.read_config()
         samples = metrics["test_num_samples"]
         layers, objective, paper = RUNS[name]
@@ -147,9 +175,9 @@ def table(out: Path, names: list[str], command: str, ais: str | None) -> str:
     rows += ["", "| ordering | estimate | paired difference of log p(x) | in standard errors | holds (> 3 se) |"]
     rows.append("|---|---|---|---|---|")
     for better, worse, what in ORDERINGS:
-        if better in names and worse in names:
+        if better in runs and worse in runs:
             for label, evaluation in [(f"IS, K = {samples}", None)] + ([("AIS", ais)] if with_ais else []):
-                mean, se = paired(out / better, out / worse, evaluation)
+                mean, se = paired(runs[better], runs[worse], evaluation)
                 holds = "yes" if mean > 3 * se else "no"
                 rows.append(f"| {what} | {label} | {mean:+.3f} +- {se:.3f} | {mean / se:+.1f} | {holds} |")
     return f"Command: `{command}`\n\n" + "\n".join(rows) + "\n"
@@ -177,15 +205,18 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="runs/iwae-study")
     parser.add_argument("--results", type=Path, help="write the table into this RESULTS.md as well")
+    parser.add_argument("--keep", type=Path, help="copy each finished run's record here (to commit); see above")
     parser.add_argument("--progress", action="store_true", help="progress bars")
     args = parser.parse_args()
     out = Path(args.out)
     for name in args.runs:
-        train_and_evaluate(name, args, out)
-    done = [name for name in RUNS if (out / name / pv.RunDirectory.LOG_PX).exists()]
+        run = train_and_evaluate(name, args, out)
+        if args.keep:
+            keep_record(run, args.keep)
     command = f"python examples/iwae_study.py --epochs {args.epochs} --samples {args.samples}"
     command += f" --ais-points {args.ais_points}" if args.ais_points else ""
-    markdown = table(out, done, command, ais_name(args) if args.ais_points else None)
+    command += f" --keep {args.keep}" if args.keep else ""
+    markdown = table(finished_runs(out, args.keep), command, ais_name(args) if args.ais_points else None)
     (out / "table.md").write_text(markdown)
     print(markdown)
     if args.results:
