@@ -64,3 +64,28 @@ def test_example_runs(script, tmp_path):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert TINY[script][1] in result.stdout
+
+
+def test_the_iwae_study_takes_a_kept_run_that_its_out_folder_no_longer_holds(tmp_path):
+    """A run trained into one folder (a wiped machine's) still enters the table through its kept record."""
+    tiny = ["--epochs", "1", "--subset", "300", "--samples", "10", "--keep", "kept"]
+
+    def study(run: str, out: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, str(EXAMPLES / "iwae_study.py"), *tiny, "--runs", run, "--out", out],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
+
+    first = study("1-layer-iwae-k50", "machine-1")
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path / "kept" / "1-layer-iwae-k50").iterdir()) == [
+        "config.json", "evaluations", "metrics.json", "test_log_px.npy"
+    ]  # fmt: skip
+    second = study("1-layer-iwae-k5", "machine-2")
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "| IWAE k = 50 |" in second.stdout and "| k = 50 beats k = 5 |" in second.stdout
+    assert not (tmp_path / "machine-2" / "1-layer-iwae-k50").exists()
