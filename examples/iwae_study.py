@@ -23,7 +23,7 @@ are kept, a half-trained one continues from its last epoch; with more
 subset (by name), so the seven runs can be spread over several sessions.
 The table goes to OUT/table.md and, with ``--results``, between the markers
 of benchmarks/RESULTS.md. With ``--keep DIR`` each finished run's record
-(config, metrics, per-point log p(x) and evaluations, about 100 kB; no
+(config, metrics, per-point log p(x) and evaluations, about 200 kB; no
 checkpoint) is copied to DIR/NAME, and the table takes a run from there when
 OUT no longer holds it: commit DIR, and runs trained in earlier sessions on
 other machines still enter the table and its paired comparisons.
