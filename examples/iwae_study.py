@@ -1,6 +1,6 @@
 """Table 1 of Burda, Grosse & Salakhutdinov, *Importance Weighted Autoencoders* (2016), at this machine's scale.
 
-    python examples/iwae_study.py --epochs 100 --keep benchmarks/iwae-study --results benchmarks/RESULTS.md
+    python examples/iwae_study.py --ais-points 1000 --keep benchmarks/iwae-study --results benchmarks/RESULTS.md
     python examples/iwae_study.py --epochs 1 --subset 500 --samples 10 --out /tmp/iwae   # a smoke test
 
 Seven runs on the embedded, dynamically binarised MNIST: Burda et al.'s
@@ -33,13 +33,14 @@ import argparse
 import math
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
 import pyro
 
 import pyro_vae as pv
-from pyro_vae.evaluate import evaluation_name
+from pyro_vae.evaluate import EvaluationInterrupted, evaluation_name
 from pyro_vae.infer.ais import DEFAULT_CHAINS, DEFAULT_LEAPFROG_STEPS, DEFAULT_STEPS
 
 #: name -> (layers, objective, the paper's NLL where it reports one)
@@ -196,7 +197,7 @@ def write_results(markdown: str, results: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--epochs", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--samples", type=int, default=5000, help="K, importance samples per test point")
     parser.add_argument("--ais-points", type=int, default=0, help="AIS at its defaults on this many test points")
@@ -209,10 +210,14 @@ def main() -> None:
     parser.add_argument("--progress", action="store_true", help="progress bars")
     args = parser.parse_args()
     out = Path(args.out)
-    for name in args.runs:
-        run = train_and_evaluate(name, args, out)
-        if args.keep:
-            keep_record(run, args.keep)
+    try:
+        for name in args.runs:
+            run = train_and_evaluate(name, args, out)
+            if args.keep:
+                keep_record(run, args.keep)
+    except (pv.TrainingInterrupted, EvaluationInterrupted) as interrupted:
+        print(f"{interrupted}\nRun the same command again to continue the study.", file=sys.stderr)
+        raise SystemExit(130) from None
     command = f"python examples/iwae_study.py --epochs {args.epochs} --samples {args.samples}"
     command += f" --ais-points {args.ais_points}" if args.ais_points else ""
     command += f" --keep {args.keep}" if args.keep else ""
