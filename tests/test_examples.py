@@ -52,16 +52,21 @@ def test_every_example_is_tested():
     assert sorted(path.name for path in EXAMPLES.glob("*.py")) == sorted(TINY)
 
 
-@pytest.mark.parametrize("script", sorted(TINY))
-def test_example_runs(script, tmp_path):
-    result = subprocess.run(
-        [sys.executable, str(EXAMPLES / script), *TINY[script][0]],
-        cwd=tmp_path,
+def run_example(script: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """The finished process of ``examples/SCRIPT ARGS`` run in ``cwd`` on one thread."""
+    return subprocess.run(
+        [sys.executable, str(EXAMPLES / script), *args],
+        cwd=cwd,
         capture_output=True,
         text=True,
         timeout=600,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
+
+
+@pytest.mark.parametrize("script", sorted(TINY))
+def test_example_runs(script, tmp_path):
+    result = run_example(script, TINY[script][0], tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert TINY[script][1] in result.stdout
 
@@ -71,14 +76,7 @@ def test_the_iwae_study_takes_a_kept_run_that_its_out_folder_no_longer_holds(tmp
     tiny = ["--epochs", "1", "--subset", "300", "--samples", "10", "--keep", "kept"]
 
     def study(run: str, out: str) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [sys.executable, str(EXAMPLES / "iwae_study.py"), *tiny, "--runs", run, "--out", out],
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=600,
-            env={**os.environ, "OMP_NUM_THREADS": "1"},
-        )
+        return run_example("iwae_study.py", [*tiny, "--runs", run, "--out", out], tmp_path)
 
     first = study("1-layer-iwae-k50", "machine-1")
     assert first.returncode == 0, first.stderr[-2000:]
