@@ -47,6 +47,8 @@ def training_settings(config: dict) -> dict:
             train["objective"] = {"name": "semi-supervised", **{key: train.pop(key) for key in keys if key in train}}
         else:
             train["objective"] = {"name": train.pop("elbo", "trace"), "num_particles": train.pop("num_particles", 1)}
+    if train["objective"]["name"] == "semi-supervised":  # written before the classifier's warm start existed
+        train["objective"] = {"classifier_steps": 0, **train["objective"]}
     return train
 
 

@@ -14,6 +14,8 @@ from pyro_vae.data import DataError
 from pyro_vae.infer.semisupervised import SemiSupervisedELBO, default_aux_weight, draw_labelled
 from pyro_vae.models.ssvae import SSVAE, concat_broadcast
 from pyro_vae.runs.directory import model_config_matches
+from pyro_vae.training.engine import check_same_training
+from pyro_vae.workflow import training_settings
 
 X_SHAPE = (1, 6, 6)
 
@@ -167,3 +169,82 @@ def test_the_command_refuses_an_impossible_label_count(tmp_path, capsys):
     code = cli.main(["train", "--semi-supervised", "--labels", "5", "--subset", "500", "--out", str(tmp_path)])
     assert code == 2
     assert "5 labels cannot cover 10 classes; give at least 10" in capsys.readouterr().err
+
+
+def subset_for_labels():
+    return pv.load_dataset("mnist", binarize="dynamic").subset(train=1000, val=500, test=500)
+
+
+def test_the_warm_start_trains_only_the_classifier_and_learns_the_labels():
+    torch.manual_seed(0)
+    data = subset_for_labels()
+    ssvae = SSVAE(data.x_shape, z_dim=4, hidden=(32,))
+    objective = SemiSupervisedELBO(num_labels=50, classifier_steps=300)
+    objective.setup(ssvae, data, batch_size=20)
+    labelled = objective.labelled
+    before = {name: p.detach().clone() for name, p in ssvae.named_parameters()}
+    chance = ssvae.accuracy(data.train.x[labelled], data.train.y[labelled])
+    objective.start(ssvae, data)
+    changed = {name for name, p in ssvae.named_parameters() if not torch.equal(p, before[name])}
+    assert changed == {name for name in before if name.startswith("classifier.")}
+    # 300 steps on 50 points, 20 at a time, fit the labelled points; a random classifier gets about 10% of them.
+    assert ssvae.accuracy(data.train.x[labelled], data.train.y[labelled]) > max(0.9, chance + 0.5)
+    assert objective.labelled_order is None and objective.cursor == 0  # training draws its own order
+
+
+def test_a_fresh_run_warm_starts_once_and_a_resumed_run_never(tmp_path, monkeypatch):
+    data = subset_for_labels()
+    calls = []
+    original = SemiSupervisedELBO.start
+    monkeypatch.setattr(SemiSupervisedELBO, "start", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+
+    def train(epochs, resume=False):
+        torch.manual_seed(0)
+        model = SSVAE(data.x_shape, z_dim=4, hidden=(32,))
+        objective = SemiSupervisedELBO(num_labels=50, classifier_steps=100)
+        return pv.fit(
+            model, data, objective=objective, epochs=epochs, batch_size=100, run_dir=tmp_path, resume=resume,
+            eval_samples=0, progress=False, compile=False,
+        )  # fmt: skip
+
+    history = train(1)
+    assert len(calls) == 1
+    assert pv.RunDirectory(tmp_path).read_config()["train"]["objective"]["classifier_steps"] == 100
+    assert history[0]["val_accuracy"] > 0.3  # epoch 0 is measured after the warm start (chance: 10%)
+    train(2, resume=True)
+    assert len(calls) == 1
+
+
+def test_runs_written_before_the_warm_start_resume_without_one():
+    old = {"train": {"objective": {"name": "semi-supervised", "num_labels": 100, "label_seed": 0, "aux_weight": 50.0}}}
+    assert training_settings(old)["objective"]["classifier_steps"] == 0
+    saved = old["train"]
+    run = pv.RunDirectory("run")
+    check_same_training(run, saved, {"objective": {**saved["objective"], "classifier_steps": 0}})
+    with pytest.raises(pv.CheckpointError, match="other settings"):
+        check_same_training(run, saved, {"objective": {**saved["objective"], "aux_weight": 5.0}})
+
+
+def test_bad_warm_start_lengths_are_refused():
+    for steps in (-1, 2.5, True):
+        with pytest.raises(ValueError, match="classifier_steps must be an integer >= 0"):
+            SemiSupervisedELBO(classifier_steps=steps)
+
+
+def test_the_generative_classifier_is_argmax_of_log_p_x_y_where_it_is_known(small):
+    """With p(x | y, z) blind to z and q(z | x, y) = p(z), every importance weight is p(x, y): exact at any K."""
+    ssvae, x = small
+    first = next(module for module in ssvae.decoder.modules() if isinstance(module, torch.nn.Linear))
+    with torch.no_grad():
+        first.weight[:, : ssvae.z_dim] = 0.0  # the decoder reads y only
+    ssvae.encode_features = lambda features, y_onehot: (
+        torch.zeros(*torch.broadcast_shapes(features.shape[:-3], y_onehot.shape[:-1]), ssvae.z_dim),
+        torch.ones(ssvae.z_dim),
+    )
+    labels = torch.eye(ssvae.num_classes)
+    log_p_x_y = torch.stack(
+        [ssvae.decode(torch.zeros(ssvae.z_dim), labels[c]).log_prob(x) + ssvae.class_prior_net().log_prob(labels[c])
+         for c in range(ssvae.num_classes)], -1,
+    )  # fmt: skip
+    assert len(set(log_p_x_y.argmax(-1).tolist())) > 1  # the answer differs between points
+    assert torch.equal(pv.classify_generatively(ssvae, x, num_samples=3, batch_size=2), log_p_x_y.argmax(-1))

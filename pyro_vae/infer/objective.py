@@ -9,6 +9,9 @@ only what is particular to it:
 
 * :meth:`Objective.setup`: checks and preparation before training (the
   semi-supervised objective draws its labelled points);
+* :meth:`Objective.start`: what a fresh run does once before its first
+  epoch, and a resumed run never repeats (the semi-supervised objective
+  trains its classifier on the labels);
 * :meth:`Objective.training_points`: the indices an epoch runs over;
 * :meth:`Objective.batch`: the tensors of one step, taken from the data
   (the points at the step's indices, dynamically binarised; a labelled
@@ -46,6 +49,9 @@ class Objective(ABC):
 
     def setup(self, model, data: Dataset, *, batch_size: int) -> None:  # noqa: B027 (a hook; most need nothing)
         """Check that the objective fits ``model`` and ``data`` and prepare for training."""
+
+    def start(self, model, data: Dataset, *, progress: bool = False) -> None:  # noqa: B027 (a hook)
+        """Prepare a fresh run's ``model`` before its first epoch (not called on resume)."""
 
     def training_points(self, data: Dataset) -> torch.Tensor:
         """Indices of the training points one epoch runs over (by default all of them)."""

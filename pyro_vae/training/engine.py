@@ -199,7 +199,14 @@ RESUMED_SETTINGS = ("batch_size", "lr", "objective", "warmup_epochs", "beta", "s
 
 def check_same_training(run: RunDirectory, saved: dict, current: dict) -> None:
     """Refuse to resume a run with other training settings than its own (the epoch target may change)."""
-    changed = [key for key in RESUMED_SETTINGS if key in saved and saved[key] != current[key]]
+
+    def differs(key: str) -> bool:
+        old, new = saved[key], current[key]
+        if isinstance(old, dict) and isinstance(new, dict):  # arguments added since the run was written don't count
+            new = {name: new.get(name) for name in old}
+        return old != new
+
+    changed = [key for key in RESUMED_SETTINGS if key in saved and differs(key)]
     if changed:
         details = ", ".join(f"{key} {saved[key]!r} -> {current[key]!r}" for key in changed)
         raise CheckpointError(
@@ -338,6 +345,8 @@ class _Engine:
 
     def _start_fresh(self) -> tuple[None, int]:
         pyro.set_rng_seed((self.seed + self.processes.rank) % 2**32)
+        self.objective.start(self.model, self.data, progress=self.progress and self.processes.is_writer)
+        self.processes.share(self.model)  # process 0's start for every process
         self.history = [{"epoch": 0, **self._validate()}]
         self.best_epoch = 0
         if self.run is not None:
