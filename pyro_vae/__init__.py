@@ -21,7 +21,7 @@ and the interface: :mod:`~pyro_vae.evaluate`, :mod:`~pyro_vae.plots`,
 from ._version import __version__
 from .components import likelihoods, nets, priors
 from .data import DataError, Dataset, Split, load_dataset, make_dataset
-from .evaluate import active_units, active_units_per_layer, compare_runs, evaluate_run
+from .evaluate import active_units, active_units_per_layer, classify_generatively, compare_runs, evaluate_run
 from .infer import (
     OBJECTIVES,
     AISEstimate,
@@ -76,6 +76,7 @@ __all__ = [
     "__version__",
     "active_units",
     "active_units_per_layer",
+    "classify_generatively",
     "compare_runs",
     "elbo_per_point",
     "evaluate_elbo",

@@ -158,10 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--z-dim",
         type=positive_int,
         nargs="+",
-        default=[20],
         metavar="DIM",
         help="latent dimension; two or more sizes, from the data side, train a VAE with that many stochastic "
-        "layers (Burda et al.'s two-layer MNIST model: --z-dim 100 50)",
+        "layers (Burda et al.'s two-layer MNIST model: --z-dim 100 50) [default: 20; 50 for --semi-supervised]",
     )
     model.add_argument(
         "--hidden",
@@ -169,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         metavar="SIZE",
         help="hidden layer sizes (between x and the first stochastic layer) [default: 400; 200 200 with "
-        "several stochastic layers]",
+        "several stochastic layers; 500 for --semi-supervised]",
     )
     model.add_argument(
         "--upper-hidden",
@@ -217,7 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument(
         "--epochs", type=positive_int, help=f"epochs in all [default: {DEFAULT_EPOCHS}; with --resume: the run's own]"
     )
-    training.add_argument("--batch-size", type=positive_int, default=128, help="training points per step")
+    training.add_argument(
+        "--batch-size", type=positive_int, help="training points per step [default: 128; 200 for --semi-supervised]"
+    )
     training.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate")
     training.add_argument(
         "--elbo",
@@ -269,6 +270,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--aux-weight",
         type=non_negative_float,
         help="alpha per labelled point on log q(y|x) [default: 0.1 N / labels]",
+    )
+    ssl.add_argument(
+        "--classifier-steps",
+        type=count_or_zero,
+        default=1000,
+        help="first train q(y|x) on the labels alone for this many Adam steps, 0 for none (the paper's procedure); "
+        "see docs/semi-supervised.md",
     )
     ssl.add_argument("--class-prior", choices=CLASS_PRIORS, default="uniform", help="p(y)")
     ssl.add_argument(
@@ -351,10 +359,25 @@ MODEL_AND_DATA_FLAGS = (
     "dataset", "data_dir", "download", "binarize", "subset", "z_dim", "hidden", "upper_hidden", "activation",
     "arch", "prior", "likelihood", "components", "flow_layers", "scale", "init_scale", "elbo", "particles",
     "gradient", "warmup_epochs", "beta", "batch_size", "lr", "seed", "semi_supervised", "labels", "label_seed",
-    "aux_weight", "class_prior", "m1", "name", "out",
+    "aux_weight", "classifier_steps", "class_prior", "m1", "name", "out",
 )  # fmt: skip
-SEMI_SUPERVISED_FLAGS = ("labels", "label_seed", "aux_weight", "class_prior")
+SEMI_SUPERVISED_FLAGS = ("labels", "label_seed", "aux_weight", "classifier_steps", "class_prior")
 VAE_ONLY_FLAGS = ("elbo", "particles", "gradient")
+
+
+#: The defaults of ``train --semi-supervised`` (M2 from pixels) that differ from the VAE's: Kingma et al.'s
+#: (2014) M2 architecture (50 latent units, 500 hidden), and the batch of the study in benchmarks/RESULTS.md.
+M2_DEFAULTS = {"z_dim": [50], "hidden": [500], "batch_size": 200}
+VAE_DEFAULTS = {"z_dim": [20], "batch_size": 128}
+
+
+def fill_mode_defaults(args: argparse.Namespace) -> None:
+    """Give the flags left unset the defaults of the kind of training asked for."""
+    if args.command != "train" or args.resume:
+        return
+    for dest, value in (M2_DEFAULTS if args.semi_supervised and not args.m1 else VAE_DEFAULTS).items():
+        if getattr(args, dest) is None:
+            setattr(args, dest, value)
 
 
 def check_flag_combinations(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -382,7 +405,7 @@ def check_flag_combinations(parser: argparse.ArgumentParser, args: argparse.Name
         train.error(
             "--arch applies only to the VAE; the semi-supervised models are MLPs (set their sizes with --hidden)"
         )
-    layers = len(args.z_dim)
+    layers = len(args.z_dim) if args.z_dim else 1
     if layers > 1 and (semi_supervised or args.arch != "mlp"):
         train.error("several --z-dim sizes (stochastic layers) apply only to the MLP VAE, one size otherwise")
     if layers > 1 and args.elbo == "meanfield":
@@ -577,7 +600,7 @@ def _new_model(args):
         objective = {"name": args.elbo, "num_particles": args.particles, "gradient": args.gradient}
         return model, data, objective, f"{data.name}-{args.likelihood}-{args.prior}-{stamp}"
     objective = {"name": "semi-supervised", "num_labels": args.labels, "label_seed": args.label_seed}
-    objective["aux_weight"] = args.aux_weight
+    objective["aux_weight"], objective["classifier_steps"] = args.aux_weight, args.classifier_steps
     return model, data, objective, name
 
 
@@ -650,6 +673,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # a bad value: its one-line message, then SystemExit(2)
     check_flag_combinations(parser, args)
+    fill_mode_defaults(args)
     try:
         {"train": _train, "evaluate": _evaluate, "compare": _compare}[args.command](args)
     except (DataError, CheckpointError, TrainingDiverged, ValueError) as err:

@@ -65,6 +65,30 @@ def active_units_per_layer(model: Model, x: torch.Tensor, threshold: float = 0.0
     return [int(layer.sum()) for layer in active.split(model.latent_sizes)]
 
 
+@torch.no_grad()
+def classify_generatively(model, x: torch.Tensor, *, num_samples: int = 10, batch_size: int = 500, seed: int = 0):
+    """The generative classifier of a semi-supervised model: argmax_y log p(x, y) for each point.
+
+    log p(x, y) = log p(y) + log p(x | y) is estimated for every class by
+    importance sampling with the guide given y, q(z | x, y) (K =
+    ``num_samples``), so it judges the generative model p(x | y, z) rather
+    than the classifier q(y | x) (Kingma et al. 2014 classify with q).
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        scores = [
+            log_marginal_likelihood(
+                model.model, model.guide, x, y=torch.tensor(label, device=x.device), num_samples=num_samples,
+                batch_size=batch_size, seed=seed, max_plate_nesting=1, replay=False,
+            ).log_px
+            for label in range(model.num_classes)
+        ]  # fmt: skip
+    finally:
+        model.train(was_training)
+    return torch.stack(scores, -1).argmax(-1)
+
+
 def evaluation_name(
     method: str, *, num_samples: int, ais: dict, num_points: int, test_points: int | None = None
 ) -> str:

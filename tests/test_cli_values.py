@@ -42,6 +42,7 @@ TRAIN_VALUES = [
     (["--semi-supervised", "--labels", "5"], "cannot cover 10 classes"),
     (["--semi-supervised", "--label-seed", "-2"], "give a value in [0, 4294967295]"),
     (["--semi-supervised", "--aux-weight", "-1"], "give a value >= 0"),
+    (["--semi-supervised", "--classifier-steps", "-5"], "give a value >= 0"),
     (["--devices", "0"], "give a value >= 1"),
     (["--devices", "many"], "is not an integer"),
     (["--num-nodes", "0"], "give a value >= 1"),
@@ -60,6 +61,7 @@ TRAIN_VALUES = [
     # flags that would be silently ignored
     (["--labels", "50"], "apply only with --semi-supervised or --m1"),
     (["--aux-weight", "3"], "apply only with --semi-supervised or --m1"),
+    (["--classifier-steps", "10"], "apply only with --semi-supervised or --m1"),
     (["--semi-supervised", "--elbo", "iwae"], "apply only to VAE training"),
     (["--elbo", "iwae", "--beta", "2"], "do not apply to the IWAE bound"),
     (["--elbo", "iwae", "--warmup-epochs", "1"], "do not apply to the IWAE bound"),
@@ -170,7 +172,7 @@ def test_help_states_each_default_once():
     out = subprocess.run(
         [sys.executable, "-m", "pyro_vae.cli", "train", "--help"], capture_output=True, text=True, check=True
     ).stdout
-    assert "(default: None)" not in out and "(default: 128)" in out and "[default: 30; with --resume" in out
+    assert "(default: None)" not in out and "(default: 0.001)" in out and "[default: 30; with --resume" in out
 
 
 def test_the_config_records_what_the_flags_said(finished_run):

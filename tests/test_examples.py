@@ -22,9 +22,9 @@ TINY = {
     ),
     "semi_supervised.py": (["--epochs", "1", "--subset", "2000", "--samples", "10"], "model argmax L(x, y)"),
     "semi_supervised_study.py": (
-        ["--m1-epochs", "1", "--epochs", "1", "--subset", "2000", "--labels", "100", "--label-seeds", "0", "1"]
+        ["--epochs", "1", "--subset", "2000", "--labels", "100", "--label-seeds", "0", "1", "--classifier-steps", "50"]
         + ["--samples", "5", "--jobs", "2", "--out", "study"],
-        "| 100 |",
+        "generative classifier, argmax_y log p(x, y) | best epoch | minutes per run |",
     ),
     "iwae_study.py": (
         [
@@ -87,3 +87,13 @@ def test_the_iwae_study_takes_a_kept_run_that_its_out_folder_no_longer_holds(tmp
     assert second.returncode == 0, second.stderr[-2000:]
     assert "| IWAE k = 50 |" in second.stdout and "| k = 50 beats k = 5 |" in second.stdout
     assert not (tmp_path / "machine-2" / "1-layer-iwae-k50").exists()
+
+
+def test_the_semi_supervised_study_runs_m1_plus_m2(tmp_path):
+    tiny = ["--m1-epochs", "1", "--epochs", "1", "--subset", "2000", "--labels", "100", "--label-seeds", "0"]
+    result = run_example(
+        "semi_supervised_study.py", [*tiny, "--model", "m1m2", "--samples", "5", "--out", "s"], tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "M1: s/m1" in result.stdout and "| 100 |" in result.stdout
+    assert (tmp_path / "s" / "m1m2-100-labels-draw-0" / "config.json").exists()
