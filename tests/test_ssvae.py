@@ -115,10 +115,12 @@ def test_a_short_run_on_a_small_subset_beats_chance(tmp_path):
     torch.manual_seed(0)
     data = pv.load_dataset("mnist", binarize="dynamic").subset(train=2000, val=1000, test=1000)
     ssvae = SSVAE(data.x_shape, z_dim=16, hidden=(128,))
-    # alpha = 50 per labelled point, Kingma et al.'s 0.1 N / labels on all of MNIST with 100 labels.
+    # alpha = 50 per labelled point, Kingma et al.'s 0.1 N / labels on all of MNIST with 100 labels; no warm
+    # start, so that the objective alone has to learn.
+    objective = SemiSupervisedELBO(num_labels=100, aux_weight=50.0, classifier_steps=0)
     history = pv.fit(
-        ssvae, data, objective=SemiSupervisedELBO(num_labels=100, aux_weight=50.0), epochs=2, batch_size=50, lr=1e-3,
-        run_dir=tmp_path / "ssl", eval_samples=5, progress=False,
+        ssvae, data, objective=objective, epochs=2, batch_size=50, lr=1e-3, run_dir=tmp_path / "ssl", eval_samples=5,
+        progress=False,
     )  # fmt: skip
     metrics = pv.RunDirectory(tmp_path / "ssl").read_metrics()
     # Chance is 10%; here (seeded) the first epochs reach 63% and 74%. 40% leaves room for other BLAS builds.
@@ -248,3 +250,18 @@ def test_the_generative_classifier_is_argmax_of_log_p_x_y_where_it_is_known(smal
     )  # fmt: skip
     assert len(set(log_p_x_y.argmax(-1).tolist())) > 1  # the answer differs between points
     assert torch.equal(pv.classify_generatively(ssvae, x, num_samples=3, batch_size=2), log_p_x_y.argmax(-1))
+
+
+def test_the_command_trains_kingma_et_al_s_m2_by_default_and_records_the_warm_start(tmp_path):
+    flags = ["--labels", "20", "--subset", "300", "--epochs", "1", "--eval-samples", "0", "--no-progress"]
+    code = cli.main(["train", "--semi-supervised", *flags, "--classifier-steps", "7", "--out", str(tmp_path)])
+    assert code == 0
+    (run,) = tmp_path.iterdir()
+    config = pv.RunDirectory(run).read_config()
+    assert (config["model"]["z_dim"], config["model"]["hidden"], config["model"]["activation"]) == (
+        50,
+        [500],
+        "softplus",
+    )
+    assert config["train"]["batch_size"] == 200
+    assert config["train"]["objective"]["classifier_steps"] == 7
