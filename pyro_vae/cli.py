@@ -160,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         metavar="DIM",
         help="latent dimension; two or more sizes, from the data side, train a VAE with that many stochastic "
-        "layers (Burda et al.'s two-layer MNIST model: --z-dim 100 50) [default: 20; 50 for --semi-supervised]",
+        "layers (Burda et al.'s two-layer MNIST model: --z-dim 100 50) "
+        "[default: 20; 50 for --semi-supervised without --m1]",
     )
     model.add_argument(
         "--hidden",
@@ -168,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         metavar="SIZE",
         help="hidden layer sizes (between x and the first stochastic layer) [default: 400; 200 200 with "
-        "several stochastic layers; 500 for --semi-supervised]",
+        "several stochastic layers; 500 for --semi-supervised without --m1]",
     )
     model.add_argument(
         "--upper-hidden",
@@ -217,7 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--epochs", type=positive_int, help=f"epochs in all [default: {DEFAULT_EPOCHS}; with --resume: the run's own]"
     )
     training.add_argument(
-        "--batch-size", type=positive_int, help="training points per step [default: 128; 200 for --semi-supervised]"
+        "--batch-size",
+        type=positive_int,
+        help="training points per step [default: 128; 200 for --semi-supervised without --m1]",
     )
     training.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate")
     training.add_argument(
@@ -569,7 +572,7 @@ def _new_model(args):
             args.z_dim[0],
             prior=prior,
             likelihood=build_likelihood(_likelihood_config(args)),
-            hidden=args.hidden or [400],
+            hidden=args.hidden,
             class_prior=args.class_prior,
             **({"activation": args.activation} if args.activation else {}),
         )

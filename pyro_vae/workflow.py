@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .data import Dataset, dataset_from_spec
+from .infer.objective import completed_objective_config
 from .models import Model, build_model
 from .plots import save_figures
 from .runs import CheckpointError, Run, RunDirectory
@@ -47,8 +48,7 @@ def training_settings(config: dict) -> dict:
             train["objective"] = {"name": "semi-supervised", **{key: train.pop(key) for key in keys if key in train}}
         else:
             train["objective"] = {"name": train.pop("elbo", "trace"), "num_particles": train.pop("num_particles", 1)}
-    if train["objective"]["name"] == "semi-supervised":  # written before the classifier's warm start existed
-        train["objective"] = {"classifier_steps": 0, **train["objective"]}
+    train["objective"] = completed_objective_config(train["objective"])
     return train
 
 

@@ -20,11 +20,11 @@ TINY = {
         ["--epochs", "1", "--subset", "500", "--samples", "10", "--components", "5", "--out", "study"],
         "samples from each prior",
     ),
-    "semi_supervised.py": (["--epochs", "1", "--subset", "2000", "--samples", "10"], "model argmax L(x, y)"),
+    "semi_supervised.py": (["--epochs", "1", "--subset", "2000", "--samples", "10"], "model argmax log p(x, y)"),
     "semi_supervised_study.py": (
         ["--epochs", "1", "--subset", "2000", "--labels", "100", "--label-seeds", "0", "1", "--classifier-steps", "50"]
         + ["--samples", "5", "--jobs", "2", "--out", "study"],
-        "generative classifier, argmax_y log p(x, y) | best epoch | minutes per run |",
+        "generative classifier, argmax_y log p(x, y) | best epoch | training minutes per run |",
     ),
     "iwae_study.py": (
         [

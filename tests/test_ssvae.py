@@ -223,8 +223,9 @@ def test_runs_written_before_the_warm_start_resume_without_one():
     saved = old["train"]
     run = pv.RunDirectory("run")
     check_same_training(run, saved, {"objective": {**saved["objective"], "classifier_steps": 0}})
-    with pytest.raises(pv.CheckpointError, match="other settings"):
-        check_same_training(run, saved, {"objective": {**saved["objective"], "aux_weight": 5.0}})
+    for changed in ({"classifier_steps": 1000}, {"aux_weight": 5.0}):  # a warm start it never had is refused
+        with pytest.raises(pv.CheckpointError, match="other settings"):
+            check_same_training(run, saved, {"objective": {**saved["objective"], "classifier_steps": 0, **changed}})
 
 
 def test_bad_warm_start_lengths_are_refused():

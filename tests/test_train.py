@@ -203,3 +203,9 @@ def test_resume_refuses_other_training_settings(small_mnist, tmp_path):
     pv.fit(small_vae(), data, epochs=1, run_dir=tmp_path, progress=False)
     with pytest.raises(pv.CheckpointError, match=r"other settings \(batch_size 128 -> 64\)"):
         pv.fit(small_vae(), data, epochs=2, batch_size=64, run_dir=tmp_path, resume=True, progress=False)
+    # The standard gradient is left out of the config (as runs before the choice wrote it); STL is still a change.
+    with pytest.raises(pv.CheckpointError, match=r"other settings \(objective .*'gradient': 'standard'.* -> "):
+        pv.fit(
+            small_vae(), data, objective={"name": "trace", "gradient": "stl"}, epochs=2, run_dir=tmp_path,
+            resume=True, progress=False,
+        )  # fmt: skip

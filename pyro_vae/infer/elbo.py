@@ -35,6 +35,7 @@ class ELBO(Objective):
     """
 
     name = "trace"
+    legacy_config = {"gradient": "standard"}  # config() leaves the standard gradient out, as older runs did
     pyro_elbo: ClassVar[type] = Trace_ELBO
     gradients: ClassVar[tuple[str, ...]] = GRADIENTS["trace"]
 
@@ -59,7 +60,7 @@ class ELBO(Objective):
         return self.elbo.differentiable_loss(model.model, model.guide, x, kl_weight=kl_weight)
 
     def config(self):
-        extra = {} if self.gradient == "standard" else {"gradient": self.gradient}  # older runs have no key
+        extra = {} if self.gradient == "standard" else {"gradient": self.gradient}  # as older runs wrote it
         return {"name": self.name, "num_particles": self.num_particles, **extra}
 
 

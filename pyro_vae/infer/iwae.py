@@ -65,6 +65,7 @@ class IWAEBound(Objective):
     """
 
     name = "iwae"
+    legacy_config = {"gradient": "standard"}  # config() leaves the standard gradient out, as older runs did
     supports_kl_weight = False  # the bound has no separate KL term to weigh
 
     def __init__(self, num_particles: int = 5, gradient: str = "standard"):
@@ -82,5 +83,5 @@ class IWAEBound(Objective):
         return self.bound.differentiable_loss(model.model, model.guide, x)
 
     def config(self):
-        extra = {} if self.gradient == "standard" else {"gradient": self.gradient}  # older runs have no key
+        extra = {} if self.gradient == "standard" else {"gradient": self.gradient}  # as older runs wrote it
         return {"name": self.name, "num_particles": self.num_particles, **extra}

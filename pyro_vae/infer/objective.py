@@ -46,6 +46,8 @@ class Objective(ABC):
     name: ClassVar[str]
     #: Whether the KL weight of warm-up and beta (``poutine.scale`` on the latent sites) applies.
     supports_kl_weight: ClassVar[bool] = True
+    #: Arguments added to :meth:`config` after runs were written without them, with the values those runs had.
+    legacy_config: ClassVar[dict] = {}
 
     def setup(self, model, data: Dataset, *, batch_size: int) -> None:  # noqa: B027 (a hook; most need nothing)
         """Check that the objective fits ``model`` and ``data`` and prepare for training."""
@@ -106,3 +108,9 @@ OBJECTIVES: Registry[type[Objective]] = Registry("objective")
 register_objective = OBJECTIVES.register
 #: An objective from its short name, or from the dict that :meth:`Objective.config` wrote.
 build_objective = OBJECTIVES.build
+
+
+def completed_objective_config(config: dict) -> dict:
+    """An objective's config with the arguments that older runs did not record (its ``legacy_config``) filled in."""
+    legacy = OBJECTIVES[config["name"]].legacy_config if config.get("name") in OBJECTIVES else {}
+    return {**legacy, **config}

@@ -83,6 +83,7 @@ class SemiSupervisedELBO(Objective):
     """
 
     name = "semi-supervised"
+    legacy_config = {"classifier_steps": 0}  # runs written before the warm start had none
 
     def __init__(
         self,
@@ -134,7 +135,7 @@ class SemiSupervisedELBO(Objective):
             chosen = self._next_labelled()
             with torch.no_grad():  # M1+M2's features come from the fixed M1
                 features = model.feature_means(data.batch(chosen))
-            loss = torch.nn.functional.cross_entropy(model.classifier_logits(features), data.train.y[chosen])
+            loss = torch.nn.functional.cross_entropy(model.classifier_logits(features), data.train.y[chosen].long())
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

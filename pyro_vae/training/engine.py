@@ -60,7 +60,7 @@ from .._version import __version__
 from ..accel.training_step import CompiledStep
 from ..data import Dataset, make_dataset
 from ..infer import build_objective, log_marginal_likelihood
-from ..infer.objective import Objective
+from ..infer.objective import Objective, completed_objective_config
 from ..models import Model
 from ..runs.directory import RunDirectory, model_config_matches
 from ..runs.files import CheckpointError, restore_rng, rng_state
@@ -199,14 +199,11 @@ RESUMED_SETTINGS = ("batch_size", "lr", "objective", "warmup_epochs", "beta", "s
 
 def check_same_training(run: RunDirectory, saved: dict, current: dict) -> None:
     """Refuse to resume a run with other training settings than its own (the epoch target may change)."""
-
-    def differs(key: str) -> bool:
-        old, new = saved[key], current[key]
-        if isinstance(old, dict) and isinstance(new, dict):  # arguments added since the run was written don't count
-            new = {name: new.get(name) for name in old}
-        return old != new
-
-    changed = [key for key in RESUMED_SETTINGS if key in saved and differs(key)]
+    saved, current = dict(saved), dict(current)
+    for settings in (saved, current):
+        if isinstance(settings.get("objective"), dict):
+            settings["objective"] = completed_objective_config(settings["objective"])
+    changed = [key for key in RESUMED_SETTINGS if key in saved and saved[key] != current[key]]
     if changed:
         details = ", ".join(f"{key} {saved[key]!r} -> {current[key]!r}" for key in changed)
         raise CheckpointError(
@@ -236,8 +233,9 @@ def fit(
 ) -> list[dict]:
     """Train ``model`` on ``data`` and return the history, one dict per epoch.
 
-    Row 0 evaluates the untrained model. Each row holds ``train_objective``
-    (the mean annealed objective per point over the epoch's batches),
+    Row 0 evaluates the model before training (after the objective's
+    :meth:`~Objective.start`). Each row holds ``train_objective`` (the mean
+    annealed objective per point over the epoch's batches),
     ``kl_weight``, the objective's validation metrics (``val_elbo`` and its
     terms; ``val_accuracy`` for the semi-supervised objective), ``seconds``
     (the optimisation pass), ``val_seconds`` (the validation) and, with
