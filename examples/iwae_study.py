@@ -57,6 +57,7 @@ RUNS = {
 ORDERINGS = [
     ("2-layer-vae", "1-layer-vae", "two layers beat one (VAE)"),
     ("2-layer-iwae-k50", "1-layer-iwae-k50", "two layers beat one (IWAE k = 50)"),
+    ("2-layer-iwae-k50-dreg", "1-layer-iwae-k50-dreg", "two layers beat one (IWAE k = 50, DReG)"),
     ("1-layer-iwae-k50", "1-layer-vae", "IWAE k = 50 beats the VAE (one layer)"),
     ("2-layer-iwae-k50", "2-layer-vae", "IWAE k = 50 beats the VAE (two layers)"),
     ("1-layer-iwae-k50", "1-layer-iwae-k5", "k = 50 beats k = 5"),
