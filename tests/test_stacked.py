@@ -112,9 +112,10 @@ def test_training_leaves_m1_frozen_and_learns_to_classify(m1_run, small_mnist, t
     m1 = pv.load_run(m1_run)
     before = {name: value.clone() for name, value in m1.vae.state_dict().items()}
     stacked = StackedSSVAE(m1.vae, LatentFeatures.fit(m1.vae, small_mnist.train.x), z_dim=4, hidden=(64,))
+    objective = pv.SemiSupervisedELBO(num_labels=100, aux_weight=50.0, classifier_steps=0)  # the objective alone
     history = pv.fit(
-        stacked, small_mnist, objective=pv.SemiSupervisedELBO(num_labels=100, aux_weight=50.0, classifier_steps=0), epochs=8,
-        batch_size=50, lr=1e-3, run_dir=tmp_path / "m1m2", eval_samples=5, progress=False,
+        stacked, small_mnist, objective=objective, epochs=8, batch_size=50, lr=1e-3, run_dir=tmp_path / "m1m2",
+        eval_samples=5, progress=False,
     )  # fmt: skip
     for name, value in stacked.m1.state_dict().items():
         assert torch.equal(value, before[name]), name
