@@ -5,8 +5,9 @@
 
 Trains Kingma et al.'s M2 with ``pv.train_run`` and the objective
 ``pv.SemiSupervisedELBO`` (class-balanced labels, the auxiliary
-classification term, the classifier first trained on the labels; the best epoch by validation accuracy is kept, and the
-model ends with its weights), then uses the trained model three ways:
+classification term, the classifier first trained on the labels; the best
+epoch by validation accuracy is kept, and the model ends with its weights),
+then uses the trained model three ways:
 
 * as a classifier, q(y | x);
 * as a density model: test log p(x) by importance sampling, with y drawn from
