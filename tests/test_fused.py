@@ -1,4 +1,4 @@
-"""The compiled Bernoulli log-density of the evaluator against the plain formula."""
+"""The compiled Bernoulli log-density of the evaluators, and its gradient, against the plain formula."""
 
 import pytest
 import torch
@@ -42,7 +42,7 @@ def test_fused_sum_is_exact_at_infinite_and_huge_logits():
         assert fused.compiled_bernoulli_log_prob_sum(logits, 1 - value).item() == -torch.inf
 
 
-def test_the_likelihood_stays_eager_and_the_evaluator_kernel_compiles_only_without_gradient(monkeypatch):
+def test_the_likelihood_stays_eager_and_the_evaluators_kernel_is_compiled_with_its_gradient(monkeypatch):
     calls = []
     compiled = fused._compiled_log_sigmoid_sum
     monkeypatch.setattr(fused, "_compiled_log_sigmoid_sum", lambda *args: calls.append(1) or compiled(*args))
@@ -51,22 +51,23 @@ def test_the_likelihood_stays_eager_and_the_evaluator_kernel_compiles_only_witho
     params = (4 * torch.randn(6, 5, 1, 1, 28, 28)).requires_grad_()
     x = torch.rand(5, 1, 28, 28).round()
     kernel = fused.LOG_DENSITY_KERNELS[type(likelihood(params))]
-    with_grad = likelihood(params).log_prob(x)  # the likelihood itself: eager softplus, differentiable
-    kernel_with_grad = kernel(likelihood(params), x)  # the kernel falls back to it where a gradient is needed
-    with torch.no_grad():
-        eager = likelihood(params).log_prob(x)  # training's validation: eager
-        assert not calls
-        evaluated = kernel(likelihood(params), x)
-        plated = kernel(likelihood(params).expand((2, 6, 5)), x)  # Pyro's plates expand the distribution
-        assert len(calls) == 2
-    assert with_grad.requires_grad and kernel_with_grad.requires_grad and with_grad.shape == evaluated.shape == (6, 5)
-    assert torch.equal(with_grad.detach(), eager) and torch.equal(kernel_with_grad.detach(), eager)
+    eager = likelihood(params).log_prob(x)  # the likelihood itself, as training uses it: eager softplus
+    assert not calls
+    evaluated = kernel(likelihood(params), x)
+    plated = kernel(likelihood(params).expand((2, 6, 5)), x)  # Pyro's plates expand the distribution
+    assert len(calls) == 2 and eager.shape == evaluated.shape == (6, 5)
     assert torch.allclose(evaluated, eager, rtol=2e-6, atol=0)  # ~16 float32 eps of |log p| ~ 1000
     # a kernel compiled for another shape may sum in another order: equal up to float32 rounding
     assert torch.allclose(plated, evaluated.expand(2, 6, 5), rtol=2e-6, atol=0)
-    with_grad.sum().backward()
-    expected = x - torch.sigmoid(params.detach()[..., 0, :, :, :])  # d/dl [x l - softplus(l)]
-    assert torch.allclose(params.grad[..., 0, :, :, :], expected, atol=1e-6)
+    weights = torch.randn(6, 5)
+    (eager_grad,) = torch.autograd.grad((eager * weights).sum(), params)
+    (kernel_grad,) = torch.autograd.grad((evaluated * weights).sum(), params)
+    expected = weights[..., None, None, None, None] * (
+        x[:, None] - torch.sigmoid(params.detach())
+    )  # d/dl [xl - softplus(l)]
+    assert torch.allclose(eager_grad, expected, atol=1e-5) and torch.allclose(kernel_grad, expected, atol=1e-5)
+    with torch.no_grad():
+        assert torch.equal(kernel(likelihood(params), x), evaluated)  # no gradient: the same kernel
 
 
 def test_the_evaluator_compiles_and_agrees_with_the_eager_density(monkeypatch):

@@ -1,4 +1,4 @@
-"""The Bernoulli log-density of a whole image in one compiled pass, for the log p(x) evaluator.
+"""The Bernoulli log-density of a whole image in one compiled pass, for the log p(x) evaluators.
 
 :func:`binary_bernoulli_log_prob` computes the log-density of
 :class:`~pyro_vae.components.likelihoods.BinaryBernoulli` as one pass over
@@ -15,14 +15,18 @@ differs from the softplus form by at most about 5e-5 nats per 784-pixel
 image (7 groups), against a Monte Carlo standard error of log p(x) near 0.2
 nats.
 
+Its derivative in the logits, x_d - sigmoid(l_d) times the incoming
+gradient, is a second compiled pass (AIS's leapfrog steps need it in z);
+higher derivatives are not defined.
+
 The compiled sum is the custom operator ``torch.ops.pyro_vae.bernoulli_log_prob_sum``.
 Eagerly it is one opaque call to the compiled kernel; a graph recorded by
 :mod:`pyro_vae.accel.replay` takes in its definition instead
 (:data:`~pyro_vae.accel.replay.DECOMPOSITIONS`), so that Inductor compiles it
 together with the decoder's last layer.
 
-The likelihood itself stays plain PyTorch: the evaluator installs this
-kernel by passing :data:`LOG_DENSITY_KERNELS` to
+The likelihood itself stays plain PyTorch: the evaluators (importance
+sampling and AIS) install this kernel by passing :data:`LOG_DENSITY_KERNELS` to
 :func:`~pyro_vae.infer.densities.site_log_densities`. Where ``torch.compile``
 cannot run (no C++ compiler, say) the eager form is used after one warning.
 Measurements: docs/evaluation.md and benchmarks/RESULTS.md.
@@ -65,7 +69,7 @@ _compiled_log_sigmoid_sum = CompiledOnce(grouped_log_sigmoid_sum, bernoulli_log_
 
 @torch.library.custom_op("pyro_vae::bernoulli_log_prob_sum", mutates_args=())
 def compiled_bernoulli_log_prob_sum(logits: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """sum_d log Bernoulli(value_d; sigmoid(logits_d)) over the last dim for binary ``value``, compiled, no gradient."""
+    """sum_d log Bernoulli(value_d; sigmoid(logits_d)) over the last dim for binary ``value``, compiled."""
     return _compiled_log_sigmoid_sum(logits, value)
 
 
@@ -74,19 +78,35 @@ def _(logits: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     return logits.new_empty(torch.broadcast_shapes(logits.shape, value.shape)[:-1])
 
 
+def log_prob_sum_gradient(grad: torch.Tensor, logits: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """d/dl_d of sum_d log Bernoulli(x_d; sigmoid(l_d)) = x_d - sigmoid(l_d), times the incoming gradient."""
+    return (grad.unsqueeze(-1) * (value - torch.sigmoid(logits))).sum_to_size(logits.shape)
+
+
+_compiled_gradient = CompiledOnce(log_prob_sum_gradient, log_prob_sum_gradient, "the Bernoulli log-density's gradient")
+
+
+def _save_inputs(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx, grad):
+    logits, value = ctx.saved_tensors
+    return _compiled_gradient(grad, logits, value) if ctx.needs_input_grad[0] else None, None
+
+
+compiled_bernoulli_log_prob_sum.register_autograd(_backward, setup_context=_save_inputs)
 DECOMPOSITIONS[torch.ops.pyro_vae.bernoulli_log_prob_sum.default] = grouped_log_sigmoid_sum
 
 
 def binary_bernoulli_log_prob(fn: BinaryBernoulli, value: torch.Tensor) -> torch.Tensor:
-    """``fn.log_prob(value)`` through the compiled kernel, where no gradient is needed; eager otherwise."""
-    logits = fn.base_dist.logits
-    if torch.is_grad_enabled() and logits.requires_grad:
-        return fn.log_prob(value)
+    """``fn.log_prob(value)`` through the compiled kernels (first derivatives in the logits only)."""
     if fn.base_dist._validate_args:
         fn.base_dist._validate_sample(value)
     n = fn.reinterpreted_batch_ndims
-    return compiled_bernoulli_log_prob_sum(logits.flatten(-n), value.flatten(-n))
+    return compiled_bernoulli_log_prob_sum(fn.base_dist.logits.flatten(-n), value.flatten(-n))
 
 
-#: Distribution type -> faster ``log_prob(fn, value)`` for the evaluator's no-gradient passes.
+#: Distribution type -> faster ``log_prob(fn, value)`` for the evaluators: importance sampling (no gradient)
+#: and AIS (the gradient in the latent values).
 LOG_DENSITY_KERNELS = {BinaryBernoulli: binary_bernoulli_log_prob}

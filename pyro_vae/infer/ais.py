@@ -47,6 +47,7 @@ from pyro.poutine.util import site_is_subsample
 from torch.distributions import biject_to, constraints
 from tqdm.auto import tqdm
 
+from ..accel.bernoulli import LOG_DENSITY_KERNELS
 from .densities import PARTICLE_PLATE, _per_point, guess_max_plate_nesting, latent_sites, standard_error
 from .importance import log_marginal_likelihood
 
@@ -189,7 +190,7 @@ class _Densities:
         log_p = log_prior = torch.zeros(shape, device=self.x.device)
         for name, site in model_trace.nodes.items():
             if site["type"] == "sample" and not site_is_subsample(site):
-                term = _per_point(site, self.particle_dim, {})
+                term = _per_point(site, self.particle_dim, LOG_DENSITY_KERNELS)
                 log_p = log_p + term
                 if name in values:
                     log_prior = log_prior + term

@@ -137,8 +137,8 @@ def site_log_densities(
 
     :param max_plate_nesting: how many plates the model nests (the particle
         plate goes one dim further left).
-    :param kernels: faster log densities by distribution type, for passes that
-        need no gradient (the evaluator passes :data:`pyro_vae.accel.bernoulli.LOG_DENSITY_KERNELS`).
+    :param kernels: faster log densities by distribution type, for the evaluators' passes
+        (:data:`pyro_vae.accel.bernoulli.LOG_DENSITY_KERNELS`).
     :param hold_fixed: the module that holds the guide's parameters: log q(z | x)
         is then evaluated with them held fixed, for the path derivative (see the module's docstring).
     :returns: :class:`SiteLogDensities` with tensors of shape ``(num_particles, N)``.
