@@ -16,19 +16,23 @@ compiled step) with the settings of Kingma et al.'s released code
 scale (``--init``, theirs 1e-3), and a Gaussian prior N(0, sd^2) on every
 weight added to the loss (``--weight-prior sd``, theirs 1). ``--classifier-steps``
 first trains q(y | x) on the labels alone (the objective's warm start, 0 here
-by default, the paper's procedure); ``--z-dim`` and
+by default, the paper's procedure), and ``--fixed-classifier-epochs`` then
+trains the rest of M2 on J with q(y | x) held fixed for that many passes over
+the unlabelled points; ``--z-dim`` and
 ``--aux-weight`` change M2's code size and alpha. It prints the validation
 accuracy after every epoch and the generative classifier argmax_y log p(x, y)
 (``pv.classify_generatively``) of the last epoch's weights.
 """
 
 import argparse
+import contextlib
 import tempfile
 
 import pyro
 import torch
 
 import pyro_vae as pv
+from pyro_vae.infer.densities import parameters_held_fixed
 from pyro_vae.infer.semisupervised import SemiSupervisedELBO
 
 
@@ -45,11 +49,36 @@ def floor(args) -> None:
 
 
 class WithWeightPrior(SemiSupervisedELBO):
-    """-J plus -log N(w; 0, sd^2) of every weight, as Kingma et al.'s code adds at every minibatch."""
+    """-J plus -log N(w; 0, sd^2) of every weight, as Kingma et al.'s code adds at every minibatch.
 
-    def __init__(self, sd: float | None, **kwargs):
+    After the warm start, ``fixed_classifier_epochs`` passes over the unlabelled points train the rest of
+    M2 on J by Adam (lr 1e-3) with q(y | x) held fixed.
+    """
+
+    def __init__(self, sd: float | None, fixed_classifier_epochs: int = 0, **kwargs):
         super().__init__(**kwargs)
-        self.sd = sd
+        self.sd, self.fixed_classifier_epochs = sd, fixed_classifier_epochs
+
+    def setup(self, model, data, *, batch_size):
+        super().setup(model, data, batch_size=batch_size)
+        self.batch_size = batch_size
+
+    def start(self, model, data, *, progress=False):
+        super().start(model, data, progress=progress)
+        classifier = list(model.modules_for("classifier").values())
+        held = {id(p) for module in classifier for p in module.parameters()}
+        optimizer = torch.optim.Adam([p for p in model.parameters() if id(p) not in held], lr=1e-3)
+        with contextlib.ExitStack() as fixed:
+            for module in classifier:
+                fixed.enter_context(parameters_held_fixed(module))
+            for _ in range(self.fixed_classifier_epochs):
+                order = self.unlabelled[torch.randperm(len(self.unlabelled))]
+                for start in range(0, len(order), self.batch_size):
+                    loss = self.loss(model, *self.batch(data, order[start : start + self.batch_size]), kl_weight=1.0)
+                    optimizer.zero_grad()
+                    loss.backward()
+                    optimizer.step()
+        self.labelled_order, self.cursor = None, 0
 
     def loss(self, model, *batch, kl_weight):
         loss = super().loss(model, *batch, kl_weight=kl_weight)
@@ -67,8 +96,9 @@ def variant(args) -> None:
             for parameter in model.parameters():
                 parameter.normal_(0, args.init) if parameter.dim() > 1 else parameter.zero_()
     objective = WithWeightPrior(
-        args.weight_prior, num_labels=args.labels, aux_weight=args.aux_weight, classifier_steps=args.classifier_steps
-    )
+        args.weight_prior, args.fixed_classifier_epochs, num_labels=args.labels, aux_weight=args.aux_weight,
+        classifier_steps=args.classifier_steps,
+    )  # fmt: skip
     with tempfile.TemporaryDirectory() as run:
         history = pv.fit(model, data, objective=objective, epochs=args.epochs, batch_size=args.batch_size,
                          lr=args.lr, compile=True, progress=False, run_dir=run)  # fmt: skip
@@ -91,6 +121,9 @@ def main() -> None:
     variant_parser.add_argument("--weight-prior", type=float, help="sd of a Gaussian prior on every weight")
     variant_parser.add_argument(
         "--classifier-steps", type=int, default=0, help="train q(y | x) on the labels alone first, for this many steps"
+    )
+    variant_parser.add_argument(
+        "--fixed-classifier-epochs", type=int, default=0, help="then train the rest of M2 with q(y | x) held fixed"
     )
     variant_parser.add_argument("--batch-size", type=int, default=200)
     variant_parser.add_argument("--z-dim", type=int, default=50)
