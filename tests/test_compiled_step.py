@@ -72,6 +72,32 @@ def test_the_compiled_step_gives_the_eager_loss_and_gradient(case, small_mnist):
         assert_same_gradients(gradients, expected)
 
 
+def test_an_enumerated_step_whose_class_probabilities_underflow_is_replayed(small_mnist):
+    """A confident q(y|x): probabilities of exactly 0 send Pyro's Dice down its masked branch, eagerly.
+
+    The recording sums the same terms without masking (``recordable_pyro``), so the replay needs no guard
+    and gives the eager step's numbers with either branch.
+    """
+    model, objective = tiny("ssvae"), build_objective({"name": "semi-supervised", "num_labels": 50})
+    objective.setup(model, small_mnist, batch_size=32)
+    with torch.no_grad():
+        model.classifier.net[-1].bias[0] += 150.0  # class 0 ahead by 150 nats: the others' probabilities are 0
+    batch = objective.batch(small_mnist, torch.arange(32))
+    probabilities = torch.softmax(model.classifier_logits(model.guide_features(batch[0])), -1)
+    assert (probabilities[:, 1:] == 0).all()
+    step = compiled_step(model, objective)
+    for seed in (1, 2):
+        pyro.set_rng_seed(seed)
+        compiled = step(*batch, torch.tensor(1.0))
+        assert compiled is not None and not step._guarded
+        pyro.set_rng_seed(seed)
+        eager = objective.loss(model, *batch, kl_weight=1.0)
+        expected = torch.autograd.grad(eager, step.parameters, allow_unused=True)
+        pyro.clear_param_store()
+        assert torch.isfinite(eager) and compiled[0].item() == pytest.approx(eager.item(), rel=1e-6)
+        assert_same_gradients(compiled[1], expected)
+
+
 def test_fit_compiled_follows_fit_eager(small_mnist):
     data = small_mnist.subset(train=500)
     runs = {}

@@ -47,6 +47,7 @@ import pyro
 import pyro.infer.trace_elbo
 import pyro.infer.trace_mean_field_elbo
 import pyro.infer.traceenum_elbo
+import pyro.infer.util
 import torch
 import torch.utils._pytree as pytree
 
@@ -84,6 +85,15 @@ DECOMPOSITIONS[torch.ops.aten.softplus.default] = softplus
 DECOMPOSITIONS[torch.ops.aten.softplus_backward.default] = softplus_backward
 
 
+def _expected_cost(prob: torch.Tensor, cost: torch.Tensor) -> torch.Tensor:
+    """Dice's ``_fulldot(prob, cost)``, the sum of prob * cost, with the terms of zero probability set to zero."""
+    return torch.where(prob > 0, prob * cost, 0).sum()
+
+
+#: Code whose decisions on tensor values a recording may take as true without a guard (see :func:`recordable_pyro`).
+DECISIONS_WITHOUT_GUARD = {pyro.infer.util.Dice.compute_expectation.__code__}
+
+
 def _value_of(x):
     """``torch_item`` for a recording: the value as a tensor cut from the graph of gradients, not a Python float."""
     return x.detach() if isinstance(x, torch.Tensor) else x
@@ -100,6 +110,13 @@ def recordable_pyro() -> Iterator[None]:
       they add the loss's value, read as a float, to a surrogate whose value they cancel
       (``loss + (surrogate - item(surrogate))``) so that the result has the loss's value and the surrogate's
       gradient. A detached tensor keeps both, without leaving the graph.
+    * ``Dice.compute_expectation`` (``TraceEnum_ELBO``) sums ``prob * cost`` over each cost term's enumerated
+      values. Where some probability is zero (a confident q(y|x) whose enumerated probabilities underflow
+      float32), it first drops those terms with ``masked_select``, so that 0 * inf cannot make the loss NaN;
+      the selection's shape depends on values, which a recording cannot have. Recorded, the sum is
+      ``where(prob > 0, prob * cost, 0).sum()``, which has both branches' value and gradient for any
+      probabilities, so the decision ``(prob > 0).all()`` is taken as true without a guard
+      (:data:`DECISIONS_WITHOUT_GUARD`).
     """
     identity = lambda value, *args, **kwargs: value  # noqa: E731
     with contextlib.ExitStack() as stack:
@@ -108,6 +125,7 @@ def recordable_pyro() -> Iterator[None]:
             stack.enter_context(mock.patch.object(module, "warn_if_nan", identity))
         for module in (pyro.infer.trace_elbo, pyro.infer.trace_mean_field_elbo):
             stack.enter_context(mock.patch.object(module, "torch_item", _value_of))
+        stack.enter_context(mock.patch.object(pyro.infer.util, "_fulldot", _expected_cost))
         yield
 
 

@@ -29,13 +29,15 @@ Pyro's own reads of tensor values are turned off by
 
 A recording fixes the shapes and every Python decision of the step.
 
-* **Decisions on tensor values** (``if (p > 0).all():``, as Pyro's ``Dice``
-  takes one for every cost term of an enumerated ELBO) cannot be taken on
+* **Decisions on tensor values** (``if x.mean() > 0:``) cannot be taken on
   fake tensors. :func:`assume_true` records each as taken (true) and makes
   the condition an output of the graph, a guard: a replay whose guards do
   not all hold is thrown away, its random draws are given back, and the
   caller runs the eager step, which takes the other branch. After
   ``MAX_GUARD_FAILURES`` such steps in a row the recording is dropped.
+  Pyro's ``Dice`` takes one for every cost term of an enumerated ELBO, and
+  is recorded so that both its branches give the recorded numbers
+  (:func:`~pyro_vae.accel.replay.recordable_pyro`): it needs no guard.
 * **Values read into Python** (``.item()`` feeding arithmetic) would be
   frozen at their recorded values: such a step is not replayed.
 * **Inputs of other shapes** (the last, shorter batch of an epoch) get
@@ -49,6 +51,7 @@ gets ``None`` from then on, after one warning.
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -60,7 +63,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 from torch.nn.utils import stateless
 
 from .compiling import warn_compiler_failed
-from .replay import DECOMPOSITIONS, reads_tensor_values, recordable_pyro
+from .replay import DECISIONS_WITHOUT_GUARD, DECOMPOSITIONS, reads_tensor_values, recordable_pyro
 
 
 class ModuleParameters(Messenger):
@@ -86,13 +89,17 @@ MAX_GUARD_FAILURES = 5
 
 @contextlib.contextmanager
 def assume_true(guards: list[torch.Tensor]) -> Iterator[None]:
-    """While recording, ``bool(t)`` of a fake one-element tensor is True, and ``t != 0`` is appended to ``guards``."""
+    """While recording, ``bool(t)`` of a fake one-element tensor is True, and ``t != 0`` is appended to ``guards``.
+
+    Decisions taken in the code of :data:`~pyro_vae.accel.replay.DECISIONS_WITHOUT_GUARD` get no guard.
+    """
     original = torch.Tensor.__bool__
 
     def assumed(tensor: torch.Tensor) -> bool:
         if not isinstance(tensor, FakeTensor) or tensor.numel() != 1:
             return original(tensor)
-        guards.append((tensor if tensor.dtype == torch.bool else tensor != 0).reshape(()))
+        if sys._getframe(1).f_code not in DECISIONS_WITHOUT_GUARD:  # the frame that asked for bool(tensor)
+            guards.append((tensor if tensor.dtype == torch.bool else tensor != 0).reshape(()))
         return True
 
     with mock.patch.object(torch.Tensor, "__bool__", assumed):
