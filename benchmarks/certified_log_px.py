@@ -1,0 +1,91 @@
+"""Certified test log p(x) of trained runs: importance sampling, AIS, their paired difference, and BDMC gaps.
+
+    python benchmarks/certified_log_px.py runs/RUN [runs/RUN ...]
+    python benchmarks/certified_log_px.py runs/RUN --test-points 200 --bdmc-points 100   # a quick look
+
+For each run (its best checkpoint) this runs, through ``pv.evaluate_run``
+(what ``pyro-vae evaluate`` does), whichever of these it has not run yet:
+
+* importance sampling at K = ``--samples`` on the test points;
+* AIS from the encoder at its default settings on the same points;
+* BDMC on ``--bdmc-points`` points simulated from the model, at the same settings.
+
+An interrupted AIS or BDMC evaluation continues where it stopped, so the
+script can be run again after a stop. It then prints one markdown row per
+run: both estimates with their standard errors, the paired difference
+AIS - IS with its standard error (the same points, so the standard error
+is that of the per-point differences) and how many standard errors it is,
+the mean and largest BDMC gap (upper - lower bound: at most this far is
+AIS from log p(x) on the model's own data, up to the bounds' noise), and
+each evaluation's wall time as it was recorded when it ran.
+"""
+
+import argparse
+
+import numpy as np
+
+import pyro_vae as pv
+from pyro_vae.evaluate import evaluation_name
+from pyro_vae.infer.ais import DEFAULT_CHAINS, DEFAULT_LEAPFROG_STEPS, DEFAULT_STEPS
+from pyro_vae.infer.densities import standard_error
+
+AIS = {
+    "num_steps": DEFAULT_STEPS,
+    "num_chains": DEFAULT_CHAINS,
+    "leapfrog_steps": DEFAULT_LEAPFROG_STEPS,
+    "schedule": "sigmoid",
+}
+
+
+def evaluated(run: str, method: str, **settings) -> tuple[dict, dict]:
+    """The per-point arrays and the summary of an evaluation of ``run``, running it first if it is missing."""
+    directory = pv.RunDirectory(run)
+    name = evaluation_name(
+        method,
+        num_samples=settings.get("num_samples", 5000),
+        ais=AIS,
+        num_points=settings.get("num_points", 1000),
+        test_points=settings.get("test_points"),
+    )
+    if name not in directory.read_metrics().get("evaluations", {}):
+        pv.evaluate_run(run, method=method, **settings)
+    return directory.read_evaluation(name), directory.read_metrics()["evaluations"][name]
+
+
+def row(run: str, samples: int, test_points: int | None, bdmc_points: int) -> str:
+    importance, is_summary = evaluated(run, "is", num_samples=samples, test_points=test_points)
+    ais, ais_summary = evaluated(run, "ais", test_points=test_points)
+    bdmc, bdmc_summary = evaluated(run, "bdmc", num_points=bdmc_points)
+    diff = ais["log_px"] - importance["log_px"]
+    se = standard_error(diff)
+    gap = bdmc["upper"] - bdmc["lower"]
+    unreliable = int((importance["pareto_k"] > 0.7).sum())
+    return (
+        f"| {run} | {len(diff)} | {importance['log_px'].mean():.2f} +- {standard_error(importance['log_px']):.2f} "
+        f"(Pareto k > 0.7 at {unreliable}) | {ais['log_px'].mean():.2f} +- {standard_error(ais['log_px']):.2f} "
+        f"| **{diff.mean():+.3f} +- {se:.3f}** ({diff.mean() / se:.0f} se; smallest {diff.min():+.2f}) "
+        f"| {len(gap)}: **{gap.mean():.3f}** mean, {np.max(gap):.3f} largest "
+        f"| {is_summary['seconds'] / 60:.1f} / {ais_summary['seconds'] / 60:.1f} / "
+        f"{bdmc_summary['seconds'] / 60:.1f} min |"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", help="run directories")
+    parser.add_argument("--samples", type=int, default=5000, help="K of importance sampling")
+    parser.add_argument("--test-points", type=int, help="the first N test points only [default: all]")
+    parser.add_argument("--bdmc-points", type=int, default=1000, help="points simulated from each model for BDMC")
+    args = parser.parse_args()
+    annealing = f"{AIS['num_steps']} steps x {AIS['num_chains']} chains x {AIS['leapfrog_steps']} leapfrog"
+    print(
+        f"| run | test points | IS, K = {args.samples} | AIS ({annealing}) | AIS - IS, paired "
+        "| BDMC gap on simulated points | wall time IS / AIS / BDMC |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for run in args.runs:
+        print(row(run, args.samples, args.test_points, args.bdmc_points), flush=True)
+
+
+if __name__ == "__main__":
+    main()
