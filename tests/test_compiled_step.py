@@ -17,7 +17,7 @@ from conftest import small_vae
 from torch import nn
 
 import pyro_vae as pv
-from pyro_vae.accel import training_step
+from pyro_vae.accel import replay, training_step
 from pyro_vae.infer import build_objective
 from pyro_vae.infer.elbo import ELBO
 from pyro_vae.models.base import data_plate
@@ -70,6 +70,18 @@ def test_the_compiled_step_gives_the_eager_loss_and_gradient(case, small_mnist):
         pyro.clear_param_store()
         assert loss.item() == pytest.approx(eager.item(), rel=1e-6)
         assert_same_gradients(gradients, expected)
+
+
+def test_the_recorded_dice_sum_equals_the_masked_one_with_an_infinite_cost_at_zero_probability():
+    prob = torch.tensor([0.0, 0.25, 0.75], requires_grad=True)
+    cost = torch.tensor([-math.inf, 2.0, -1.0], requires_grad=True)
+    mask = prob > 0
+    masked = (prob.masked_select(mask) * cost.masked_select(mask)).sum()  # Dice's branch for a zero probability
+    expected = torch.autograd.grad(masked, (prob, cost))
+    recorded = replay._expected_cost(prob, cost)
+    assert recorded.item() == masked.item() == -0.25
+    for got, want in zip(torch.autograd.grad(recorded, (prob, cost)), expected, strict=True):
+        assert torch.equal(got, want)  # no NaN from 0 * inf, forwards or backwards
 
 
 def test_an_enumerated_step_whose_class_probabilities_underflow_is_replayed(small_mnist):

@@ -86,8 +86,13 @@ DECOMPOSITIONS[torch.ops.aten.softplus_backward.default] = softplus_backward
 
 
 def _expected_cost(prob: torch.Tensor, cost: torch.Tensor) -> torch.Tensor:
-    """Dice's ``_fulldot(prob, cost)``, the sum of prob * cost, with the terms of zero probability set to zero."""
-    return torch.where(prob > 0, prob * cost, 0).sum()
+    """Dice's ``_fulldot(prob, cost)``, the sum of prob * cost, over the terms of nonzero probability only.
+
+    Both factors are zeroed outside them, not their product, so that an infinite cost there gives neither
+    a NaN value nor a NaN gradient (0 * inf), as with Dice's ``masked_select``.
+    """
+    kept = prob > 0
+    return (torch.where(kept, prob, 0) * torch.where(kept, cost, 0)).sum()
 
 
 #: Code whose decisions on tensor values a recording may take as true without a guard (see :func:`recordable_pyro`).
@@ -114,8 +119,8 @@ def recordable_pyro() -> Iterator[None]:
       values. Where some probability is zero (a confident q(y|x) whose enumerated probabilities underflow
       float32), it first drops those terms with ``masked_select``, so that 0 * inf cannot make the loss NaN;
       the selection's shape depends on values, which a recording cannot have. Recorded, the sum is
-      ``where(prob > 0, prob * cost, 0).sum()``, which has both branches' value and gradient for any
-      probabilities, so the decision ``(prob > 0).all()`` is taken as true without a guard
+      taken over the same terms with ``where`` (:func:`_expected_cost`), which has both branches' value and
+      gradient for any probabilities, so the decision ``(prob > 0).all()`` is taken as true without a guard
       (:data:`DECISIONS_WITHOUT_GUARD`).
     """
     identity = lambda value, *args, **kwargs: value  # noqa: E731
