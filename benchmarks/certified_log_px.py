@@ -4,7 +4,8 @@
     python benchmarks/certified_log_px.py runs/RUN --test-points 200 --bdmc-points 100   # a quick look
 
 For each run (its best checkpoint) this runs, through ``pv.evaluate_run``
-(what ``pyro-vae evaluate`` does), whichever of these it has not run yet:
+(what ``pyro-vae evaluate`` does), whichever of these it has not run yet on
+the best checkpoint's current weights:
 
 * importance sampling at K = ``--samples`` on the test points;
 * AIS from the encoder at its default settings on the same points;
@@ -28,6 +29,7 @@ import pyro_vae as pv
 from pyro_vae.evaluate import evaluation_name
 from pyro_vae.infer.ais import DEFAULT_CHAINS, DEFAULT_LEAPFROG_STEPS, DEFAULT_STEPS
 from pyro_vae.infer.densities import standard_error
+from pyro_vae.training.parallel import parameter_digest
 
 AIS = {
     "num_steps": DEFAULT_STEPS,
@@ -37,8 +39,11 @@ AIS = {
 }
 
 
-def evaluated(run: str, method: str, **settings) -> tuple[dict, dict]:
-    """The per-point arrays and the summary of an evaluation of ``run``, running it first if it is missing."""
+def evaluated(run: str, digest: str, method: str, **settings) -> tuple[dict, dict]:
+    """The arrays and summary of an evaluation of ``run``, run first if it is missing or of other weights.
+
+    ``digest`` is that of the run's best checkpoint now (``parameter_digest``).
+    """
     directory = pv.RunDirectory(run)
     name = evaluation_name(
         method,
@@ -47,15 +52,17 @@ def evaluated(run: str, method: str, **settings) -> tuple[dict, dict]:
         num_points=settings.get("num_points", 1000),
         test_points=settings.get("test_points"),
     )
-    if name not in directory.read_metrics().get("evaluations", {}):
+    done = name in directory.read_metrics().get("evaluations", {})
+    if not done or str(directory.read_evaluation(name)["model_digest"]) != digest:  # none, or of older weights
         pv.evaluate_run(run, method=method, **settings)
     return directory.read_evaluation(name), directory.read_metrics()["evaluations"][name]
 
 
 def row(run: str, samples: int, test_points: int | None, bdmc_points: int) -> str:
-    importance, is_summary = evaluated(run, "is", num_samples=samples, test_points=test_points)
-    ais, ais_summary = evaluated(run, "ais", test_points=test_points)
-    bdmc, bdmc_summary = evaluated(run, "bdmc", num_points=bdmc_points)
+    digest = parameter_digest(pv.load_run(run).model)
+    importance, is_summary = evaluated(run, digest, "is", num_samples=samples, test_points=test_points)
+    ais, ais_summary = evaluated(run, digest, "ais", test_points=test_points)
+    bdmc, bdmc_summary = evaluated(run, digest, "bdmc", num_points=bdmc_points)
     diff = ais["log_px"] - importance["log_px"]
     se = standard_error(diff)
     gap = bdmc["upper"] - bdmc["lower"]
