@@ -31,6 +31,7 @@ from .models.ssvae import CLASS_PRIORS
 from .runs import CheckpointError, RunDirectory, load_run
 from .training import LightningProcesses, TrainingDiverged, TrainingInterrupted
 from .training.engine import AUTO_COMPILE_STEPS, resolve_device
+from .training.schedules import LR_SCHEDULES
 from .workflow import resume_run, train_run
 
 DEFAULT_EPOCHS = 30
@@ -224,6 +225,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     training.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate")
     training.add_argument(
+        "--lr-schedule",
+        choices=LR_SCHEDULES,
+        default="constant",
+        help="the learning rate by epoch: constant, or iwae (Burda et al. 2016's 3^i epochs at lr * 10^(-i/7), "
+        "i = 0, ..., 7; 364 epochs end stage 5)",
+    )
+    training.add_argument(
         "--elbo",
         choices=VAE_OBJECTIVES,
         default="trace",
@@ -361,8 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
 MODEL_AND_DATA_FLAGS = (
     "dataset", "data_dir", "download", "binarize", "subset", "z_dim", "hidden", "upper_hidden", "activation",
     "arch", "prior", "likelihood", "components", "flow_layers", "scale", "init_scale", "elbo", "particles",
-    "gradient", "warmup_epochs", "beta", "batch_size", "lr", "seed", "semi_supervised", "labels", "label_seed",
-    "aux_weight", "classifier_steps", "class_prior", "m1", "name", "out",
+    "gradient", "warmup_epochs", "beta", "batch_size", "lr", "lr_schedule", "seed", "semi_supervised", "labels",
+    "label_seed", "aux_weight", "classifier_steps", "class_prior", "m1", "name", "out",
 )  # fmt: skip
 SEMI_SUPERVISED_FLAGS = ("labels", "label_seed", "aux_weight", "classifier_steps", "class_prior")
 VAE_ONLY_FLAGS = ("elbo", "particles", "gradient")
@@ -635,6 +643,7 @@ def _train(args) -> None:
             epochs=args.epochs or DEFAULT_EPOCHS,
             batch_size=args.batch_size,
             lr=args.lr,
+            lr_schedule=args.lr_schedule,
             warmup_epochs=args.warmup_epochs,
             beta=args.beta,
             seed=args.seed,

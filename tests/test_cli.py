@@ -112,6 +112,7 @@ def test_console_script_help():
         "--epochs",
         "--batch-size",
         "--lr",
+        "--lr-schedule",
         "--warmup-epochs",
         "--seed",
         "--device",

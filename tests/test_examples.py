@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+import pyro_vae as pv
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 TINY = {
@@ -73,7 +75,7 @@ def test_example_runs(script, tmp_path):
 
 def test_the_iwae_study_takes_a_kept_run_that_its_out_folder_no_longer_holds(tmp_path):
     """A run trained into one folder (a wiped machine's) still enters the table through its kept record."""
-    tiny = ["--epochs", "1", "--subset", "300", "--samples", "10", "--keep", "kept"]
+    tiny = ["--epochs", "1", "--subset", "300", "--samples", "10", "--keep", "kept", "--lr-schedule", "iwae"]
 
     def study(run: str, out: str) -> subprocess.CompletedProcess:
         return run_example("iwae_study.py", [*tiny, "--runs", run, "--out", out], tmp_path)
@@ -86,6 +88,8 @@ def test_the_iwae_study_takes_a_kept_run_that_its_out_folder_no_longer_holds(tmp
     second = study("1-layer-iwae-k5", "machine-2")
     assert second.returncode == 0, second.stderr[-2000:]
     assert "| IWAE k = 50 |" in second.stdout and "| k = 50 beats k = 5 |" in second.stdout
+    assert "--lr-schedule iwae" in second.stdout  # the table's command
+    assert pv.RunDirectory(tmp_path / "machine-2" / "1-layer-iwae-k5").read_config()["train"]["lr_schedule"] == "iwae"
     assert not (tmp_path / "machine-2" / "1-layer-iwae-k50").exists()
 
 

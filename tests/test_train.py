@@ -13,7 +13,7 @@ import pyro_vae as pv
 from pyro_vae.infer.elbo import ELBO, MeanFieldELBO
 from pyro_vae.runs.files import load_checkpoint, save_checkpoint
 from pyro_vae.training.engine import adam, take_step
-from pyro_vae.training.schedules import kl_weight_schedule
+from pyro_vae.training.schedules import iwae_learning_rate, kl_weight_schedule
 
 
 def test_short_run_clearly_improves_the_validation_elbo(small_mnist):
@@ -73,6 +73,41 @@ def test_kl_weight_schedule():
     weights = [kl_weight_schedule(step, beta=2.0, warmup_steps=4) for step in range(6)]
     assert weights == [0.5, 1.0, 1.5, 2.0, 2.0, 2.0]
     assert kl_weight_schedule(0, beta=0.5, warmup_steps=0) == 0.5
+
+
+def test_the_iwae_learning_rate_schedule_is_burda_et_als():
+    """Stage i = 0, ..., 7 runs 3^i epochs at lr * 10^(-i/7): epoch 1, then 2-4, 5-13, ..., 1094-3280."""
+    first_epochs = [1, 2, 5, 14, 41, 122, 365, 1094]
+    for stage, first in enumerate(first_epochs):
+        assert iwae_learning_rate(first, 2e-3) == pytest.approx(2e-3 * 10 ** (-stage / 7), rel=1e-12)
+        assert iwae_learning_rate(first - 1, 2e-3) == pytest.approx(2e-3 * 10 ** (-max(stage - 1, 0) / 7), rel=1e-12)
+    assert iwae_learning_rate(3280, 1e-3) == iwae_learning_rate(10**6, 1e-3) == pytest.approx(1e-4, rel=1e-12)
+
+
+def test_a_learning_rate_schedule_trains_with_its_rates_and_resumes_exactly(small_mnist, tmp_path):
+    """Epoch 2 of the iwae schedule runs at 10^(-1/7) of the rate: recorded, used, and the same after a resume."""
+    data = small_mnist.subset(train=500)
+    pyro.set_rng_seed(0)  # the same initial weights for every model below
+    scheduled = small_vae()
+    straight = pv.fit(scheduled, data, epochs=2, lr_schedule="iwae", run_dir=tmp_path / "straight", progress=False)
+    assert [row["lr"] for row in straight[1:]] == [1e-3, 1e-3 * 10 ** (-1 / 7)]
+    assert json.loads((tmp_path / "straight" / "config.json").read_text())["train"]["lr_schedule"] == "iwae"
+
+    pyro.set_rng_seed(0)
+    pv.fit(small_vae(), data, epochs=1, lr_schedule="iwae", run_dir=tmp_path / "resumed", progress=False)
+    resumed = small_vae()
+    pv.fit(resumed, data, epochs=2, lr_schedule="iwae", run_dir=tmp_path / "resumed", resume=True, progress=False)
+    pyro.set_rng_seed(0)
+    constant = small_vae()
+    pv.fit(constant, data, epochs=2, progress=False)
+    for a, b, c in zip(scheduled.parameters(), resumed.parameters(), constant.parameters(), strict=True):
+        assert torch.equal(a, b)
+        assert not torch.equal(a, c)  # the second epoch's rate was not the constant one
+
+    with pytest.raises(pv.CheckpointError, match=r"other settings \(lr_schedule 'iwae' -> 'constant'\)"):
+        pv.fit(small_vae(), data, epochs=3, run_dir=tmp_path / "resumed", resume=True, progress=False)
+    with pytest.raises(ValueError, match=r"lr_schedule must be one of 'constant', 'iwae'; got 'cosine'"):
+        pv.fit(small_vae(), data, epochs=1, lr_schedule="cosine", progress=False)
 
 
 def test_run_directory_and_round_trip(small_mnist, tmp_path):

@@ -40,6 +40,8 @@ Whatever the model and objective, the engine guarantees:
 KL warm-up and beta: the KL weight ``beta * min(1, step / warmup_steps)``
 (:mod:`.schedules`) reaches the latent sites through ``poutine.scale``. The
 validation numbers are always the true ELBO, with unscaled densities.
+Adam's learning rate follows ``lr_schedule`` (:mod:`.schedules`), set at the
+start of every epoch from the epoch alone, so a resumed run takes the same rates.
 Several processes (Lightning DDP) run this same loop; :mod:`.parallel` holds
 what differs.
 """
@@ -66,7 +68,7 @@ from ..runs.directory import RunDirectory, model_config_matches
 from ..runs.files import CheckpointError, restore_rng, rng_state
 from .interrupts import InterruptRequests
 from .parallel import ReplicasDiverged, SingleProcess, parameter_digest
-from .schedules import kl_weight_schedule
+from .schedules import LR_SCHEDULES, kl_weight_schedule
 
 
 class TrainingDiverged(RuntimeError):
@@ -120,13 +122,14 @@ def check_settings(objective: Objective, **settings) -> None:
         "epochs": (settings["epochs"] >= 0, "an integer >= 0"),
         "batch_size": (settings["batch_size"] >= 1, "an integer >= 1"),
         "lr": (settings["lr"] > 0 and math.isfinite(settings["lr"]), "a number > 0"),
+        "lr_schedule": (settings["lr_schedule"] in LR_SCHEDULES, f"one of {', '.join(map(repr, LR_SCHEDULES))}"),
         "beta": (settings["beta"] > 0 and math.isfinite(settings["beta"]), "a number > 0"),
         "warmup_epochs": (settings["warmup_epochs"] >= 0 and math.isfinite(settings["warmup_epochs"]), "a number >= 0"),
         "eval_samples": (settings["eval_samples"] >= 0, "an integer >= 0 (0 skips the test log p(x))"),
     }
     for name, (valid, what) in checks.items():
         if not valid:
-            raise ValueError(f"{name} must be {what}; got {settings[name]}.")
+            raise ValueError(f"{name} must be {what}; got {settings[name]!r}.")
     if not objective.supports_kl_weight and (settings["warmup_epochs"] or settings["beta"] != 1.0):
         raise ValueError(
             f"KL warm-up and beta do not apply to the {objective.name!r} objective; use the 'trace' ELBO for them."
@@ -194,7 +197,7 @@ def compiled_step(model: Model, objective: Objective) -> CompiledStep:
 AUTO_COMPILE_STEPS = 2000
 
 #: Training settings that a resumed run must share with the run it continues.
-RESUMED_SETTINGS = ("batch_size", "lr", "objective", "warmup_epochs", "beta", "seed")
+RESUMED_SETTINGS = ("batch_size", "lr", "lr_schedule", "objective", "warmup_epochs", "beta", "seed")
 
 
 def check_same_training(run: RunDirectory, saved: dict, current: dict) -> None:
@@ -220,6 +223,7 @@ def fit(
     epochs: int = 20,
     batch_size: int = 128,
     lr: float = 1e-3,
+    lr_schedule: str = "constant",
     warmup_epochs: float = 0.0,
     beta: float = 1.0,
     seed: int = 0,
@@ -246,6 +250,10 @@ def fit(
     :param objective: an :class:`~pyro_vae.infer.objective.Objective`, its short name
         (``"trace"``, ``"meanfield"``, ``"iwae"``, ``"semi-supervised"``) or config
         dict (``{"name": "iwae", "num_particles": 50}``); by default the model's own.
+    :param lr: Adam's learning rate, or the base rate of ``lr_schedule``.
+    :param lr_schedule: the learning rate by epoch, one of
+        :data:`~pyro_vae.training.schedules.LR_SCHEDULES`: ``"constant"``, or
+        ``"iwae"`` (Burda et al.'s 3^i epochs at ``lr * 10^(-i/7)``).
     :param warmup_epochs: epochs over which the KL weight rises linearly to ``beta``.
     :param beta: final weight of the KL term (1 gives the ELBO).
     :param run_dir: write config, checkpoints, history and metrics here.
@@ -260,7 +268,13 @@ def fit(
     """
     objective = as_objective(objective, model)
     settings = dict(
-        epochs=epochs, batch_size=batch_size, lr=lr, warmup_epochs=warmup_epochs, beta=beta, eval_samples=eval_samples
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        lr_schedule=lr_schedule,
+        warmup_epochs=warmup_epochs,
+        beta=beta,
+        eval_samples=eval_samples,
     )
     if compile not in (True, False, "auto"):
         raise ValueError(f"compile must be True, False or 'auto'; got {compile!r}.")
@@ -310,6 +324,7 @@ class _Engine:
                 "epochs": settings["epochs"],
                 "batch_size": settings["batch_size"],
                 "lr": settings["lr"],
+                "lr_schedule": settings["lr_schedule"],
                 "objective": objective.config(),
                 "warmup_epochs": settings["warmup_epochs"],
                 "beta": settings["beta"],
@@ -394,6 +409,9 @@ class _Engine:
     # --------------------------------------------------------------- epochs
     def _train_epoch(self, epoch: int, position: dict | None, interrupt: InterruptRequests) -> None:
         started = time.perf_counter()
+        lr = LR_SCHEDULES[self.settings["lr_schedule"]](epoch, self.settings["lr"])
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
         if position is None:
             order = self.points[torch.randperm(len(self.points), device=self.device)]
             position = {"epoch": epoch, "step": 0, "total": 0.0, "count": 0, "order": self.processes.broadcast(order)}
@@ -442,6 +460,8 @@ class _Engine:
         bar.close()
         trained = time.perf_counter()
         row = {"epoch": epoch, "train_objective": -position["total"] / position["count"], "kl_weight": kl_weight}
+        if self.settings["lr_schedule"] != "constant":
+            row["lr"] = lr
         row.update(self._validate())
         row.update(seconds=trained - started, val_seconds=time.perf_counter() - trained)
         if self.compiled is not None:
