@@ -33,7 +33,7 @@ import torch
 
 import pyro_vae as pv
 from pyro_vae.infer.densities import parameters_held_fixed
-from pyro_vae.infer.semisupervised import SemiSupervisedELBO
+from pyro_vae.infer.semisupervised import SemiSupervisedELBO, paper_aux_weight
 
 
 def floor(args) -> None:
@@ -96,7 +96,8 @@ def variant(args) -> None:
             for parameter in model.parameters():
                 parameter.normal_(0, args.init) if parameter.dim() > 1 else parameter.zero_()
     objective = WithWeightPrior(
-        args.weight_prior, args.fixed_classifier_epochs, num_labels=args.labels, aux_weight=args.aux_weight,
+        args.weight_prior, args.fixed_classifier_epochs, num_labels=args.labels,
+        aux_weight=paper_aux_weight(len(data.train), args.labels) if args.aux_weight is None else args.aux_weight,
         classifier_steps=args.classifier_steps,
     )  # fmt: skip
     with tempfile.TemporaryDirectory() as run:
@@ -127,7 +128,7 @@ def main() -> None:
     )
     variant_parser.add_argument("--batch-size", type=int, default=200)
     variant_parser.add_argument("--z-dim", type=int, default=50)
-    variant_parser.add_argument("--aux-weight", type=float, help="alpha per labelled point (default 0.1 N / labels)")
+    variant_parser.add_argument("--aux-weight", type=float, help="alpha per labelled point [default: the paper's]")
     for sub in (floor_parser, variant_parser):
         sub.add_argument("--labels", type=int, default=100)
     args = parser.parse_args()

@@ -11,7 +11,7 @@ from pyro.infer import Trace_ELBO, TraceEnum_ELBO, config_enumerate
 import pyro_vae as pv
 from pyro_vae import cli
 from pyro_vae.data import DataError
-from pyro_vae.infer.semisupervised import SemiSupervisedELBO, default_aux_weight, draw_labelled
+from pyro_vae.infer.semisupervised import SemiSupervisedELBO, draw_labelled, paper_aux_weight
 from pyro_vae.models.ssvae import SSVAE, concat_broadcast
 from pyro_vae.runs.directory import model_config_matches
 from pyro_vae.training.engine import check_same_training
@@ -138,7 +138,17 @@ def test_labels_are_drawn_class_balanced_and_reproducibly():
     assert torch.equal(chosen, draw_labelled(y, 100, 10, seed=3))
     assert not torch.equal(chosen, draw_labelled(y, 100, 10, seed=4))
     assert torch.bincount(y[draw_labelled(y, 25, 10)]).tolist() == [3] * 5 + [2] * 5
-    assert default_aux_weight(50_000, 100) == pytest.approx(50.0)
+    assert paper_aux_weight(50_000, 100) == pytest.approx(50.0)
+
+
+def test_alpha_is_46_per_labelled_point_unless_given_and_a_bad_one_is_refused():
+    assert SemiSupervisedELBO(num_labels=600).config()["aux_weight"] == 46.0  # Pyro's example's, at every count
+    assert SemiSupervisedELBO(num_labels=600, aux_weight=paper_aux_weight(50_000, 600)).aux_weight == pytest.approx(
+        50 / 6
+    )
+    for bad in (-1.0, math.inf, math.nan, None, "46", True):
+        with pytest.raises(ValueError, match=r"aux_weight \(alpha per labelled point\) must be a number >= 0"):
+            SemiSupervisedELBO(aux_weight=bad)
 
 
 @pytest.mark.parametrize(

@@ -28,9 +28,9 @@ The classifier q(y|x) appears only in U, so it would never learn from the
 labels directly. Kingma et al. add ``alpha * log q(y|x)`` for every labelled
 point; with ``aux_weight=alpha`` the model includes it as the observed site
 "y_aux" (scaled by ``poutine.scale``), so the labelled loss is
--(L(x, y) + alpha * log q(y | x)). :mod:`pyro_vae.semisupervised` sets alpha
-to the paper's 0.1 * N / N_labelled per labelled point (their alpha = 0.1 N
-on the mean over the labelled set) unless told otherwise. With
+-(L(x, y) + alpha * log q(y | x)). :mod:`pyro_vae.infer.semisupervised` sets
+alpha to 46 per labelled point unless told otherwise (Pyro's example's; the
+paper's 0.1 * N / N_labelled is ``paper_aux_weight`` there). With
 ``aux_weight=0`` (the default) the model is the plain generative model, and
 the importance-sampled log p(x) of :mod:`pyro_vae.marginal` applies, with y
 drawn from q(y | x).
