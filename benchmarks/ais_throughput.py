@@ -1,6 +1,6 @@
 """AIS throughput in gradient evaluations per second, against this machine's matmul bound, and AIS accuracy.
 
-    python benchmarks/ais_throughput.py [--points 100] [--steps 20] [--accuracy-points 500]
+    python benchmarks/ais_throughput.py [--points 100] [--steps 20] [--accuracy-points 500] [--settings T,C,L ...]
 
 Throughput: the 784-400-20 Bernoulli MLP VAE (untrained: the cost does not
 depend on the weights). One gradient evaluation of log f_t for one chain
@@ -11,8 +11,9 @@ bound is the float32 ``torch.mm`` rate on those shapes, measured in the
 same run, as the best of several repeats.
 
 Accuracy: the check of ``tests/test_ais.py`` (a 2-D VAE trained 3 epochs on
-3,000 points, AIS at the default settings against quadrature) on more test
-points.
+3,000 points, AIS against quadrature) on more test points, at the default
+settings or at each of ``--settings``, to weigh accuracy against the number
+of gradient evaluations.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import pyro
 import torch
 
 import pyro_vae as pv
-from pyro_vae.infer.ais import DEFAULT_CHAINS, DEFAULT_LEAPFROG_STEPS
+from pyro_vae.infer.ais import DEFAULT_CHAINS, DEFAULT_LEAPFROG_STEPS, DEFAULT_STEPS
 
 X_DIM, HIDDEN, Z_DIM = 784, 400, 20
 FLOPS_PER_GRADIENT = 2 * 2 * (Z_DIM * HIDDEN + HIDDEN * X_DIM)
@@ -71,7 +72,18 @@ def throughput(points: int, steps: int) -> None:
     print(f"  the default settings (500 steps) on 10,000 test points would take {full / 3600:.1f} h at this rate")
 
 
-def accuracy(points: int) -> None:
+def settings_triple(text: str) -> tuple[int, int, int]:
+    """``"500,32,2"`` -> (steps, chains, leapfrog steps)."""
+    try:
+        steps, chains, leapfrog = (int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected steps,chains,leapfrog, e.g. 500,32,2; got {text!r}") from None
+    if min(steps, chains, leapfrog) < 1:
+        raise argparse.ArgumentTypeError(f"steps, chains and leapfrog steps must be >= 1; got {text!r}")
+    return steps, chains, leapfrog
+
+
+def accuracy(points: int, settings: list[tuple[int, int, int]]) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from test_ais import log_px_by_quadrature
 
@@ -81,16 +93,24 @@ def accuracy(points: int) -> None:
     pv.fit(vae, data, epochs=3, batch_size=100, progress=False)
     x = data.test.x
     truth, border = log_px_by_quadrature(vae, x)
-    start = time.perf_counter()
-    ais = pv.ais_log_marginal_likelihood(vae.model, vae.guide, x, compare_is_samples=5000, batch_size=100)
-    seconds = time.perf_counter() - start
-    error, is_error = (ais.log_px - truth).abs(), (ais.is_log_px - truth).abs()
-    print(f"AIS at the default settings against quadrature on {points} test points of a 2-D VAE ({seconds:.0f} s):")
-    print(
-        f"  mean |error| {error.mean():.3f} nats, max {error.max():.3f}; mean signed {(ais.log_px - truth).mean():+.3f}"
-    )
-    print(f"  importance sampling, K = 5000: mean |error| {is_error.mean():.3f}, max {is_error.max():.3f}")
-    print(f"  quadrature: largest share of mass on the grid's border {border.exp().max():.1e}")
+    print(f"AIS against quadrature on {points} test points of a 2-D VAE:")
+    columns = "steps T", "chains C", "leapfrog L", "gradients per point, C (T L + 1)", "mean abs error", "worst point"
+    print("| " + " | ".join((*columns, "mean signed error", "seconds")) + " |")
+    print("|---|---|---|---|---|---|---|---|")
+    for steps, chains, leapfrog in settings:
+        start = time.perf_counter()
+        ais = pv.ais_log_marginal_likelihood(
+            vae.model, vae.guide, x, num_steps=steps, num_chains=chains, leapfrog_steps=leapfrog, batch_size=100
+        )
+        seconds = time.perf_counter() - start
+        error = ais.log_px - truth
+        print(
+            f"| {steps} | {chains} | {leapfrog} | {chains * (steps * leapfrog + 1):,} | {error.abs().mean():.3f} "
+            f"| {error.abs().max():.3f} | {error.mean():+.3f} | {seconds:.0f} |"
+        )
+    is_error = (pv.log_marginal_likelihood(vae.model, vae.guide, x, num_samples=5000).log_px - truth).abs()
+    print(f"importance sampling, K = 5000: mean |error| {is_error.mean():.3f}, max {is_error.max():.3f}")
+    print(f"quadrature: largest share of mass on the grid's border {border.exp().max():.1e}")
 
 
 if __name__ == "__main__":
@@ -98,8 +118,18 @@ if __name__ == "__main__":
     parser.add_argument("--points", type=int, default=100)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--accuracy-points", type=int, default=500, help="0 skips the accuracy check")
+    parser.add_argument(
+        "--settings",
+        nargs="+",
+        type=settings_triple,
+        default=[(DEFAULT_STEPS, DEFAULT_CHAINS, DEFAULT_LEAPFROG_STEPS)],
+        metavar="T,C,L",
+        help="AIS settings of the accuracy check, steps,chains,leapfrog each (default: the defaults)",
+    )
+    parser.add_argument("--no-throughput", action="store_true", help="the accuracy check only")
     args = parser.parse_args()
     torch.set_num_threads(torch.get_num_threads())
-    throughput(args.points, args.steps)
+    if not args.no_throughput:
+        throughput(args.points, args.steps)
     if args.accuracy_points:
-        accuracy(args.accuracy_points)
+        accuracy(args.accuracy_points, args.settings)
