@@ -394,14 +394,24 @@ def fill_mode_defaults(args: argparse.Namespace) -> None:
             setattr(args, dest, value)
 
 
-def check_flag_combinations(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Refuse flags that would be silently ignored, before any work starts."""
+def flags_given(argv: list[str] | None) -> set[str]:
+    """The destinations of the flags typed in ``argv``, whatever their values: a flag given its default is given."""
+    parser = build_parser()
+    for command in (parser, *parser.commands.values()):
+        for action in command._actions:
+            if action.option_strings:
+                action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
+def check_flag_combinations(parser: argparse.ArgumentParser, args: argparse.Namespace, typed: set[str]) -> None:
+    """Refuse flags that would be silently ignored, before any work starts; ``typed``: the flags given."""
     if args.command == "evaluate":
-        check_evaluate_flags(parser.commands["evaluate"], args)
+        check_evaluate_flags(parser.commands["evaluate"], args, typed)
     if args.command != "train":
         return
     train = parser.commands["train"]
-    given = [dest for dest in MODEL_AND_DATA_FLAGS if getattr(args, dest) != train.get_default(dest)]
+    given = [dest for dest in MODEL_AND_DATA_FLAGS if dest in typed]
     flag = lambda dest: "--" + dest.replace("_", "-")  # noqa: E731
     if args.resume and given:
         train.error(
@@ -452,9 +462,8 @@ METHOD_FLAGS = {
 }
 
 
-def check_evaluate_flags(evaluate: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    all_flags = set().union(*METHOD_FLAGS.values())
-    given = {dest for dest in all_flags if getattr(args, dest) != evaluate.get_default(dest)}
+def check_evaluate_flags(evaluate: argparse.ArgumentParser, args: argparse.Namespace, typed: set[str]) -> None:
+    given = typed & set().union(*METHOD_FLAGS.values())
     if wrong := sorted(given - METHOD_FLAGS[args.method]):
         flags = ", ".join("--" + dest.replace("_", "-") for dest in wrong)
         evaluate.error(f"{flags} do not apply to --method {args.method}")
@@ -687,7 +696,7 @@ def _report(run) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # a bad value: its one-line message, then SystemExit(2)
-    check_flag_combinations(parser, args)
+    check_flag_combinations(parser, args, flags_given(argv))
     fill_mode_defaults(args)
     try:
         {"train": _train, "evaluate": _evaluate, "compare": _compare}[args.command](args)

@@ -154,6 +154,7 @@ def test_a_subset_of_test_points_is_named_and_paired_only_with_itself(two_runs, 
     "flags, message",
     [
         (["--method", "is", "--steps", "10"], "--steps do not apply to --method is"),
+        (["--method", "is", "--steps", "500"], "--steps do not apply to --method is"),  # the default, given
         (["--method", "ais", "--samples", "10"], "--samples do not apply to --method ais"),
         (["--method", "bdmc", "--test-points", "10"], "--test-points do not apply to --method bdmc"),
         (["--method", "auto", "--points", "10"], "--points do not apply to --method auto"),
