@@ -18,7 +18,10 @@ weight added to the loss (``--weight-prior sd``, theirs 1). ``--classifier-steps
 first trains q(y | x) on the labels alone (the objective's warm start, 0 here
 by default, the paper's procedure), and ``--fixed-classifier-epochs`` then
 trains the rest of M2 on J with q(y | x) held fixed for that many passes over
-the unlabelled points; ``--z-dim`` and
+the unlabelled points. ``--rampup-epochs`` weights the unlabelled term by
+exp(-5 (1 - t)^2) at the fraction t of that many passes, and by 1 after them
+(the ramp-up of Laine & Aila, *Temporal Ensembling for Semi-Supervised
+Learning*, ICLR 2017). ``--z-dim`` and
 ``--aux-weight`` change M2's code size and alpha. It prints the validation
 accuracy after every epoch and the generative classifier argmax_y log p(x, y)
 (``pv.classify_generatively``) of the last epoch's weights.
@@ -26,6 +29,7 @@ accuracy after every epoch and the generative classifier argmax_y log p(x, y)
 
 import argparse
 import contextlib
+import math
 import tempfile
 
 import pyro
@@ -48,20 +52,34 @@ def floor(args) -> None:
         print(f"label seed {seed}: {args.steps} steps, validation {100 * val:.1f}%, test {100 * test:.1f}%")
 
 
+def rampup_weight(step: int, rampup_steps: int) -> float:
+    """Laine & Aila's ramp-up exp(-5 (1 - t)^2) at t = step / rampup_steps, and 1 from t = 1 on."""
+    return 1.0 if step >= rampup_steps else math.exp(-5.0 * (1.0 - step / rampup_steps) ** 2)
+
+
 class WithWeightPrior(SemiSupervisedELBO):
     """-J plus -log N(w; 0, sd^2) of every weight, as Kingma et al.'s code adds at every minibatch.
 
     After the warm start, ``fixed_classifier_epochs`` passes over the unlabelled points train the rest of
-    M2 on J by Adam (lr 1e-3) with q(y | x) held fixed.
+    M2 on J by Adam (lr 1e-3) with q(y | x) held fixed. Over the first ``rampup_epochs`` passes of
+    training the unlabelled term is weighted by :func:`rampup_weight`, an input of the compiled step.
     """
 
-    def __init__(self, sd: float | None, fixed_classifier_epochs: int = 0, **kwargs):
+    def __init__(self, sd: float | None, fixed_classifier_epochs: int = 0, rampup_epochs: float = 0, **kwargs):
         super().__init__(**kwargs)
-        self.sd, self.fixed_classifier_epochs = sd, fixed_classifier_epochs
+        self.sd, self.fixed_classifier_epochs, self.rampup_epochs = sd, fixed_classifier_epochs, rampup_epochs
+        self.steps = 0
 
     def setup(self, model, data, *, batch_size):
         super().setup(model, data, batch_size=batch_size)
         self.batch_size = batch_size
+        self.rampup_steps = round(self.rampup_epochs * math.ceil(len(self.unlabelled) / batch_size))
+
+    def batch(self, data, indices):
+        x = data.train.x
+        weight = torch.tensor(rampup_weight(self.steps, self.rampup_steps), dtype=x.dtype, device=x.device)
+        self.steps += 1
+        return *super().batch(data, indices), weight
 
     def start(self, model, data, *, progress=False):
         super().start(model, data, progress=progress)
@@ -74,17 +92,22 @@ class WithWeightPrior(SemiSupervisedELBO):
             for _ in range(self.fixed_classifier_epochs):
                 order = self.unlabelled[torch.randperm(len(self.unlabelled))]
                 for start in range(0, len(order), self.batch_size):
-                    loss = self.loss(model, *self.batch(data, order[start : start + self.batch_size]), kl_weight=1.0)
+                    batch = super().batch(data, order[start : start + self.batch_size])
+                    loss = super().loss(model, *batch, kl_weight=1.0) + self.weight_prior(model)
                     optimizer.zero_grad()
                     loss.backward()
                     optimizer.step()
         self.labelled_order, self.cursor = None, 0
 
-    def loss(self, model, *batch, kl_weight):
-        loss = super().loss(model, *batch, kl_weight=kl_weight)
+    def loss(self, model, x, x_labelled, y_labelled, unlabelled_weight, *, kl_weight):
+        unlabelled = self.unlabelled_loss(model, x, kl_weight=kl_weight)
+        labelled = self.labelled_loss(model, x_labelled, y_labelled, kl_weight=kl_weight)
+        return unlabelled_weight * unlabelled + labelled + self.weight_prior(model)
+
+    def weight_prior(self, model):
         if self.sd is None:
-            return loss
-        return loss + sum(parameter.square().sum() for parameter in model.parameters()) / (2 * self.sd**2)
+            return 0.0
+        return sum(parameter.square().sum() for parameter in model.parameters()) / (2 * self.sd**2)
 
 
 def variant(args) -> None:
@@ -96,7 +119,7 @@ def variant(args) -> None:
             for parameter in model.parameters():
                 parameter.normal_(0, args.init) if parameter.dim() > 1 else parameter.zero_()
     objective = WithWeightPrior(
-        args.weight_prior, args.fixed_classifier_epochs, num_labels=args.labels,
+        args.weight_prior, args.fixed_classifier_epochs, args.rampup_epochs, num_labels=args.labels,
         aux_weight=paper_aux_weight(len(data.train), args.labels) if args.aux_weight is None else args.aux_weight,
         classifier_steps=args.classifier_steps,
     )  # fmt: skip
@@ -125,6 +148,9 @@ def main() -> None:
     )
     variant_parser.add_argument(
         "--fixed-classifier-epochs", type=int, default=0, help="then train the rest of M2 with q(y | x) held fixed"
+    )
+    variant_parser.add_argument(
+        "--rampup-epochs", type=float, default=0, help="ramp the unlabelled term's weight up over this many epochs"
     )
     variant_parser.add_argument("--batch-size", type=int, default=200)
     variant_parser.add_argument("--z-dim", type=int, default=50)

@@ -179,19 +179,21 @@ class SemiSupervisedELBO(Objective):
         return self.num_data
 
     def loss(self, model, x, x_labelled, y_labelled, *, kl_weight):
-        unlabelled = self.unlabelled_elbo.differentiable_loss(
+        return self.unlabelled_loss(model, x, kl_weight=kl_weight) + self.labelled_loss(
+            model, x_labelled, y_labelled, kl_weight=kl_weight
+        )
+
+    def unlabelled_loss(self, model, x, *, kl_weight):
+        """-sum_unlabelled U(x) estimated from the batch x, y summed out by enumeration."""
+        return self.unlabelled_elbo.differentiable_loss(
             model.model, self.enumerated_guide(model), x, kl_weight=kl_weight, num_data=len(self.unlabelled)
         )
-        labelled = self.labelled_elbo.differentiable_loss(
-            model.model,
-            model.guide,
-            x_labelled,
-            y_labelled,
-            aux_weight=self.aux_weight,
-            kl_weight=kl_weight,
-            num_data=self.num_labels,
+
+    def labelled_loss(self, model, x, y, *, kl_weight):
+        """-sum_labelled [L(x, y) + alpha log q(y | x)] estimated from the labelled batch (x, y)."""
+        return self.labelled_elbo.differentiable_loss(
+            model.model, model.guide, x, y, aux_weight=self.aux_weight, kl_weight=kl_weight, num_data=self.num_labels
         )
-        return unlabelled + labelled
 
     @torch.no_grad()
     def validate(self, model, split, prefix):
