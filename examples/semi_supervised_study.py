@@ -27,13 +27,15 @@ each run and the mean and standard deviation over the label draws. Every
 run is an ordinary run directory; finished runs are kept, interrupted ones
 resume (``pv.resume_run``), and a larger ``--epochs`` trains the finished
 runs further, so the study can be run again after a stop. ``--jobs 2``
-trains two runs at a time, each in its own process on one thread.
+trains two runs at a time, each in its own process on one thread; a Ctrl-C
+saves the runs in progress and starts no other.
 """
 
 import argparse
 import json
 import multiprocessing
 import statistics
+import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -41,6 +43,7 @@ import pyro
 import torch
 
 import pyro_vae as pv
+from pyro_vae.evaluate import EvaluationInterrupted
 from pyro_vae.infer.objective import completed_objective_config
 from pyro_vae.infer.semisupervised import DEFAULT_AUX_WEIGHT, paper_aux_weight
 
@@ -156,9 +159,28 @@ def train_m2(labels: int, label_seed: int, args, out: Path) -> Path:
     return run
 
 
-def one_thread() -> None:
-    """Each job's process computes on one thread, so that ``--jobs`` processes share the cores."""
+#: What a Ctrl-C raises: in a run (after saving it), in its evaluation (after saving its batches), or elsewhere.
+INTERRUPTS = (pv.TrainingInterrupted, EvaluationInterrupted, KeyboardInterrupt)
+#: In a ``--jobs`` worker: the event, shared by the workers and the main process, that a Ctrl-C stopped the study.
+STOP = None
+
+
+def start_worker(stop) -> None:
+    """Each job's process computes on one thread, so that ``--jobs`` processes share the cores, and keeps ``stop``."""
+    global STOP
+    STOP = stop
     torch.set_num_threads(1)
+
+
+def run_job(train, *args) -> Path | None:
+    """One run in a worker; after a Ctrl-C (which reaches every worker, and each saves its run) none is started."""
+    if STOP.is_set():
+        return None
+    try:
+        return train(*args)
+    except INTERRUPTS:
+        STOP.set()
+        raise
 
 
 def table(model: str, runs: dict[int, list[Path]]) -> str:
@@ -219,9 +241,17 @@ def main() -> None:
     jobs = [(labels, seed) for labels in args.labels for seed in args.label_seeds]
     if args.jobs > 1:  # separate processes, started afresh ("spawn"), one thread each
         context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=args.jobs, mp_context=context, initializer=one_thread) as pool:
-            futures = [pool.submit(train, *where, labels, seed, args, out) for labels, seed in jobs]
-            done = [future.result() for future in futures]
+        stop = context.Event()
+        with ProcessPoolExecutor(args.jobs, mp_context=context, initializer=start_worker, initargs=(stop,)) as pool:
+            futures = [pool.submit(run_job, train, *where, labels, seed, args, out) for labels, seed in jobs]
+            try:
+                done = [future.result() for future in futures]
+            except INTERRUPTS:
+                stop.set()  # the running jobs save their runs; the rest are not started
+                pool.shutdown(cancel_futures=True)
+                message = "Interrupted: the runs in progress were saved; the same command resumes the study."
+                print(message, file=sys.stderr)
+                raise SystemExit(130) from None
     else:
         done = [train(*where, labels, seed, args, out) for labels, seed in jobs]
     runs = {
