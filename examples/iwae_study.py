@@ -14,7 +14,8 @@ cannot afford, so the numbers are lower than the paper's and the question
 is whether its ordering holds; ``--lr-schedule iwae`` follows the paper's
 decay over the epochs given (364 epochs end its stage 5), and
 ``--batch-size 20`` takes the paper's batch size (five times the steps of
-the default 100 per epoch); each batch size has its own table in RESULTS.md. Each run's test log p(x) is estimated with K
+the default 100 per epoch); each batch size has its own table in
+RESULTS.md. Each run's test log p(x) is estimated with K
 importance samples on the whole test set and, with ``--ais-points N``, by
 AIS from the encoder at its default settings on the first N test points;
 the paired differences between runs (the same test points) carry standard
