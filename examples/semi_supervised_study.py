@@ -183,6 +183,20 @@ def run_job(train, *args) -> Path | None:
         raise
 
 
+def train_in_parallel(train, where: tuple, jobs: list[tuple[int, int]], args, out: Path) -> list[Path]:
+    """The runs of ``jobs`` in ``--jobs`` processes, started afresh ("spawn"), one thread each."""
+    context = multiprocessing.get_context("spawn")
+    stop = context.Event()
+    with ProcessPoolExecutor(args.jobs, mp_context=context, initializer=start_worker, initargs=(stop,)) as pool:
+        futures = [pool.submit(run_job, train, *where, labels, seed, args, out) for labels, seed in jobs]
+        try:
+            return [future.result() for future in futures]
+        except INTERRUPTS:
+            stop.set()  # the running jobs save their runs (leaving the block waits for them); no other starts
+            pool.shutdown(cancel_futures=True)
+            raise
+
+
 def table(model: str, runs: dict[int, list[Path]]) -> str:
     """The study's markdown table: one row per label count, mean +- sd over the label draws."""
     m2 = model == "m2"
@@ -239,21 +253,14 @@ def main() -> None:
     else:
         train, where = train_m2, ()
     jobs = [(labels, seed) for labels in args.labels for seed in args.label_seeds]
-    if args.jobs > 1:  # separate processes, started afresh ("spawn"), one thread each
-        context = multiprocessing.get_context("spawn")
-        stop = context.Event()
-        with ProcessPoolExecutor(args.jobs, mp_context=context, initializer=start_worker, initargs=(stop,)) as pool:
-            futures = [pool.submit(run_job, train, *where, labels, seed, args, out) for labels, seed in jobs]
-            try:
-                done = [future.result() for future in futures]
-            except INTERRUPTS:
-                stop.set()  # the running jobs save their runs; the rest are not started
-                pool.shutdown(cancel_futures=True)
-                message = "Interrupted: the runs in progress were saved; the same command resumes the study."
-                print(message, file=sys.stderr)
-                raise SystemExit(130) from None
-    else:
-        done = [train(*where, labels, seed, args, out) for labels, seed in jobs]
+    try:
+        if args.jobs > 1:
+            done = train_in_parallel(train, where, jobs, args, out)
+        else:
+            done = [train(*where, labels, seed, args, out) for labels, seed in jobs]
+    except INTERRUPTS:
+        print("Interrupted: the runs in progress were saved; the same command resumes the study.", file=sys.stderr)
+        raise SystemExit(130) from None
     runs = {
         labels: [run for (count, _), run in zip(jobs, done, strict=True) if count == labels] for labels in args.labels
     }

@@ -105,13 +105,14 @@ def test_the_semi_supervised_study_runs_m1_plus_m2(tmp_path):
     assert (tmp_path / "s" / "m1m2-100-labels-draw-0" / "config.json").exists()
 
 
-def test_a_ctrl_c_saves_the_semi_supervised_study_runs_in_progress_and_starts_no_other(tmp_path):
-    """With ``--jobs 2``, SIGINT to the process group (a terminal's Ctrl-C) stops both runs and the queue behind them.
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_a_ctrl_c_saves_the_semi_supervised_study_runs_in_progress_and_starts_no_other(tmp_path, jobs):
+    """SIGINT to the process group (a terminal's Ctrl-C) saves the runs in progress and starts none of the others.
 
     150 epochs of 10 steps stay below the steps at which a run is compiled, so the runs train at once.
     """
     args = ["--epochs", "150", "--subset", "2000", "--labels", "100", "--label-seeds", "0", "1", "2"]
-    args += ["--classifier-steps", "50", "--samples", "0", "--jobs", "2", "--out", "study"]
+    args += ["--classifier-steps", "50", "--samples", "0", "--jobs", str(jobs), "--out", "study"]
     process = subprocess.Popen(
         [sys.executable, str(EXAMPLES / "semi_supervised_study.py"), *args],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
@@ -120,7 +121,7 @@ def test_a_ctrl_c_saves_the_semi_supervised_study_runs_in_progress_and_starts_no
     runs = [tmp_path / "study" / f"m2-100-labels-draw-{draw}" for draw in range(3)]
     deadline = time.monotonic() + 300
     try:
-        while not all((run / "checkpoint.pt").exists() for run in runs[:2]):  # both have their Ctrl-C handler
+        while not all((run / "checkpoint.pt").exists() for run in runs[:jobs]):  # each has its Ctrl-C handler
             assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1][-2000:]
             time.sleep(0.2)
         time.sleep(1.0)
@@ -130,6 +131,7 @@ def test_a_ctrl_c_saves_the_semi_supervised_study_runs_in_progress_and_starts_no
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
     assert process.returncode == 130 and "the same command resumes the study" in err, err[-2000:]
-    for run in runs[:2]:
+    for run in runs[:jobs]:
         assert 0 <= pv.RunDirectory(run).load_checkpoint("last")["epoch"] < 150
-    assert not runs[2].exists()
+    assert not any(run.exists() for run in runs[jobs:])
+    assert "Traceback" not in err, err[-2000:]
