@@ -27,6 +27,7 @@ import pyro
 import pyro_vae as pv
 from pyro_vae.evaluate import comparison_csv, comparison_markdown
 from pyro_vae.plots import plot_samples_side_by_side
+from pyro_vae.training.engine import OUTPUT_BIAS_STARTS
 
 PRIORS = {"standard-normal": "standard normal", "mixture": "mixture of Gaussians", "vamp": "VampPrior"}
 
@@ -50,13 +51,17 @@ def new_run(prior: str, args, run: Path) -> None:
     )
     pv.train_run(
         vae, data, run, objective="trace", epochs=args.epochs, batch_size=100, lr=1e-3,
-        warmup_epochs=args.warmup_epochs, seed=args.seed, eval_samples=0, progress=False,
+        warmup_epochs=args.warmup_epochs, seed=args.seed, eval_samples=0, output_bias=args.output_bias,
+        progress=False,
     )  # fmt: skip
 
 
 def train_and_evaluate(prior: str, args, out: Path) -> Path:
     run = out / prior
     directory = pv.RunDirectory(run)
+    started = directory.read_config()["train"].get("output_bias", "random") if directory.holds_run() else None
+    if started not in (None, args.output_bias):  # runs written before the option started at random
+        raise SystemExit(f"{run} started its output bias {started!r}; give --output-bias {started}, or another --out.")
     if not directory.holds_run():
         new_run(prior, args, run)
     elif max(args.epochs, directory.read_config()["train"]["epochs"]) > directory.load_checkpoint("last")["epoch"]:
@@ -81,6 +86,9 @@ def main() -> None:
     parser.add_argument("--components", type=int, help="mixture components and pseudo-inputs [10 and 500]")
     parser.add_argument("--subset", type=int, help="train on this many points only (smoke tests)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--output-bias", choices=OUTPUT_BIAS_STARTS, default="data", help="the decoder's output-bias start"
+    )
     parser.add_argument("--out", default="runs/compare-priors")
     args = parser.parse_args()
     out = Path(args.out)

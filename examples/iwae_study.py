@@ -14,8 +14,11 @@ cannot afford, so the numbers are lower than the paper's and the question
 is whether its ordering holds; ``--lr-schedule iwae`` follows the paper's
 decay over the epochs given (364 epochs end its stage 5), and
 ``--batch-size 20`` takes the paper's batch size (five times the steps of
-the default 100 per epoch); each batch size has its own table in
-RESULTS.md. Each run's test log p(x) is estimated with K
+the default 100 per epoch). Every decoder starts its output bias at the
+logits of the training pixels' means, as Burda et al.'s code does (the
+library's default); ``--output-bias random`` keeps PyTorch's random start,
+which the study's first tables used. Each schedule, batch size and start
+has its own table in RESULTS.md. Each run's test log p(x) is estimated with K
 importance samples on the whole test set and, with ``--ais-points N``, by
 AIS from the encoder at its default settings on the first N test points;
 the paired differences between runs (the same test points) carry standard
@@ -46,6 +49,7 @@ import pyro
 import pyro_vae as pv
 from pyro_vae.evaluate import EvaluationInterrupted, evaluation_name
 from pyro_vae.infer.ais import DEFAULT_CHAINS, DEFAULT_LEAPFROG_STEPS, DEFAULT_STEPS
+from pyro_vae.training.engine import OUTPUT_BIAS_STARTS
 from pyro_vae.training.schedules import LR_SCHEDULES
 
 #: name -> (layers, objective, the paper's NLL where it reports one)
@@ -73,10 +77,11 @@ ORDERINGS = [
 ]
 
 
-def markers(lr_schedule: str, batch_size: int) -> tuple[str, str]:
-    """The lines that hold the study's table in RESULTS.md: one table per learning-rate schedule and batch size."""
+def markers(lr_schedule: str, batch_size: int, output_bias: str) -> tuple[str, str]:
+    """The lines that hold the study's table in RESULTS.md: one per learning-rate schedule, batch size and start."""
     study = "iwae-study" if lr_schedule == "constant" else f"iwae-study-{lr_schedule}-schedule"
     study += "" if batch_size == DEFAULT_BATCH_SIZE else f"-batch-{batch_size}"
+    study += "" if output_bias == "data" else f"-{output_bias}-output-bias"
     return f"<!-- {study}:begin -->", f"<!-- {study}:end -->"
 
 
@@ -87,10 +92,20 @@ def build_model(layers: int, x_shape) -> pv.Model:
     return pv.HierarchicalVAE(x_shape, z_dims=(100, 50), hidden=((200, 200), (100, 100)))
 
 
+def output_bias(run: Path) -> str:
+    """How the run's decoder output bias started ("random" for runs written before the option)."""
+    return pv.RunDirectory(run).read_config()["train"].get("output_bias", "random")
+
+
 def train_and_evaluate(name: str, args, out: Path) -> Path:
     layers, objective, _ = RUNS[name]
     run = out / name
     directory = pv.RunDirectory(run)
+    if directory.holds_run() and output_bias(run) != args.output_bias:
+        raise SystemExit(
+            f"{run} started its output bias {output_bias(run)!r}, not {args.output_bias!r}: "
+            f"give it --output-bias {output_bias(run)}, or another --out for this study."
+        )
     if not directory.holds_run():
         pyro.set_rng_seed(args.seed)
         data = pv.load_dataset("mnist", binarize="dynamic", seed=args.seed)  # the embedded copy, no network
@@ -99,7 +114,7 @@ def train_and_evaluate(name: str, args, out: Path) -> Path:
         pv.train_run(
             build_model(layers, data.x_shape), data, run, objective=objective, epochs=args.epochs,
             batch_size=args.batch_size, lr=1e-3, lr_schedule=args.lr_schedule, seed=args.seed, eval_samples=0,
-            progress=args.progress,
+            output_bias=args.output_bias, progress=args.progress,
         )  # fmt: skip
     elif max(args.epochs, directory.read_config()["train"]["epochs"]) > directory.load_checkpoint("last")["epoch"]:
         pv.resume_run(run, epochs=args.epochs, progress=args.progress)
@@ -123,6 +138,9 @@ def train_and_evaluate(name: str, args, out: Path) -> Path:
 def keep_record(run: Path, keep: Path) -> None:
     """Copy a finished run's config, metrics, per-point log p(x) and finished evaluations to KEEP/NAME."""
     record = keep / run.name
+    if (record / pv.RunDirectory.CONFIG).exists() and output_bias(record) != output_bias(run):
+        raise SystemExit(f"{record} keeps a run that started its output bias {output_bias(record)!r}; give another "
+                         "--keep for this study.")  # fmt: skip
     (record / pv.RunDirectory.EVALUATIONS).mkdir(parents=True, exist_ok=True)
     for name in (pv.RunDirectory.CONFIG, pv.RunDirectory.METRICS, pv.RunDirectory.LOG_PX):
         shutil.copy2(run / name, record / name)
@@ -131,12 +149,14 @@ def keep_record(run: Path, keep: Path) -> None:
             shutil.copy2(evaluation, record / pv.RunDirectory.EVALUATIONS / evaluation.name)
 
 
-def finished_runs(out: Path, keep: Path | None) -> dict[str, Path]:
-    """Each evaluated run of the study: trained here (OUT/NAME) or, failing that, kept from earlier (KEEP/NAME)."""
+def finished_runs(out: Path, keep: Path | None, start: str) -> dict[str, Path]:
+    """Each evaluated run of the study whose output bias started ``start``: trained here (OUT/NAME) or, failing
+    that, kept from earlier (KEEP/NAME)."""
     places = [out] + ([keep] if keep else [])
     runs = {}
     for name in RUNS:
         found = [place / name for place in places if (place / name / pv.RunDirectory.LOG_PX).exists()]
+        found = [run for run in found if output_bias(run) == start]
         if found:
             runs[name] = found[0]
     return runs
@@ -200,10 +220,10 @@ def table(runs: dict[str, Path], command: str, ais: str | None) -> str:
     return f"Command: `{command}`\n\n" + "\n".join(rows) + "\n"
 
 
-def write_results(markdown: str, results: Path, lr_schedule: str, batch_size: int) -> None:
+def write_results(markdown: str, results: Path, args) -> None:
     """Put the table between the study's markers in RESULTS.md (appended with them the first time)."""
     text = results.read_text()
-    begin, end = markers(lr_schedule, batch_size)
+    begin, end = markers(args.lr_schedule, args.batch_size, args.output_bias)
     block = f"{begin}\n{markdown}{end}"
     if begin in text:
         text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S)
@@ -222,6 +242,9 @@ def main() -> None:
     parser.add_argument("--runs", nargs="+", choices=RUNS, default=list(RUNS), help="the runs to train now")
     parser.add_argument("--subset", type=int, help="train on this many points only (smoke tests)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--output-bias", choices=OUTPUT_BIAS_STARTS, default="data", help="the decoders' output-bias start"
+    )
     parser.add_argument("--out", default="runs/iwae-study")
     parser.add_argument("--results", type=Path, help="write the table into this RESULTS.md as well")
     parser.add_argument("--keep", type=Path, help="copy each finished run's record here (to commit); see above")
@@ -239,13 +262,15 @@ def main() -> None:
     command = f"python examples/iwae_study.py --epochs {args.epochs} --samples {args.samples}"
     command += f" --batch-size {args.batch_size}" if args.batch_size != DEFAULT_BATCH_SIZE else ""
     command += f" --lr-schedule {args.lr_schedule}" if args.lr_schedule != "constant" else ""
+    command += f" --output-bias {args.output_bias}" if args.output_bias != "data" else ""
     command += f" --ais-points {args.ais_points}" if args.ais_points else ""
     command += f" --keep {args.keep}" if args.keep else ""
-    markdown = table(finished_runs(out, args.keep), command, ais_name(args) if args.ais_points else None)
+    runs = finished_runs(out, args.keep, args.output_bias)
+    markdown = table(runs, command, ais_name(args) if args.ais_points else None)
     (out / "table.md").write_text(markdown)
     print(markdown)
     if args.results:
-        write_results(markdown, args.results, args.lr_schedule, args.batch_size)
+        write_results(markdown, args.results, args)
 
 
 if __name__ == "__main__":

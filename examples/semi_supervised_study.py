@@ -9,8 +9,10 @@
 M2 on the pixels: ``pv.SSVAE(z_dim=50, hidden=(500,))`` with softplus,
 trained by ``pv.train_run`` with ``pv.SemiSupervisedELBO`` (batch 200,
 Adam 1e-3, alpha ``--aux-weight`` per labelled point, the classifier first
-trained on the labels for ``--classifier-steps``), which is what ``pyro-vae train --semi-supervised
---labels N --label-seed S`` does. Beside the accuracy of q(y | x) the table
+trained on the labels for ``--classifier-steps``, the decoder's output bias
+started at the logits of the pixels' means unless ``--output-bias random``),
+which is what ``pyro-vae train --semi-supervised --labels N --label-seed S``
+does. Beside the accuracy of q(y | x) the table
 gives the generative classifier argmax_y log p(x, y)
 (``pv.classify_generatively``, K = 10), the best epoch, the minutes of each
 run and the test log p(x).
@@ -46,6 +48,7 @@ import pyro_vae as pv
 from pyro_vae.evaluate import EvaluationInterrupted
 from pyro_vae.infer.objective import completed_objective_config
 from pyro_vae.infer.semisupervised import DEFAULT_AUX_WEIGHT, paper_aux_weight
+from pyro_vae.training.engine import OUTPUT_BIAS_STARTS
 
 #: At least these test accuracies (%): for M1+M2 the issue's targets; for M2 the best of Kingma et al.'s
 #: M2 (their Table 1: 88.0, 95.1, 96.4, 96.1) and Pyro's SS-VAE tutorial (93.19, 94.37, 94.87, 95.82).
@@ -77,7 +80,7 @@ def train_m1(args, out: Path) -> Path:
         vae = pv.VAE(data.x_shape, z_dim=40, hidden=(300, 300), likelihood=pv.likelihoods.Bernoulli())
         pv.train_run(
             vae, data, run, epochs=args.m1_epochs, batch_size=100, lr=1e-3, warmup_epochs=10, seed=0,
-            eval_samples=0, progress=False,
+            eval_samples=0, output_bias=args.output_bias, progress=False,
         )  # fmt: skip
     elif last_epoch(run) < args.m1_epochs:
         pv.resume_run(run, epochs=args.m1_epochs, progress=False)
@@ -90,11 +93,16 @@ def alpha(args, data: pv.Dataset, labels: int) -> float:
 
 
 def finished(run: Path, args) -> bool:
-    """Whether ``run`` has trained ``--epochs``; a run of another warm start is refused, not mixed in."""
+    """Whether ``run`` has trained ``--epochs``; a run of another warm start or output-bias start is refused, not
+    mixed in (M1+M2's stacked M2 has no output-bias start)."""
     directory = pv.RunDirectory(run)
     if not directory.holds_run():
         return False
-    objective = completed_objective_config(directory.read_config()["train"]["objective"])
+    train = directory.read_config()["train"]
+    started = train.get("output_bias", "random")  # runs written before the option started at random
+    if args.model == "m2" and started != args.output_bias:
+        raise SystemExit(f"{run} started its output bias {started!r}; give --output-bias {started}, or another --out.")
+    objective = completed_objective_config(train["objective"])
     checked = (("classifier_steps", "--classifier-steps"),) + (
         (("aux_weight", "--aux-weight"),) * (args.aux_weight != "paper")
     )
@@ -148,7 +156,7 @@ def train_m2(labels: int, label_seed: int, args, out: Path) -> Path:
             )  # fmt: skip
             pv.train_run(
                 model, data, run, objective=objective, epochs=args.epochs, batch_size=200, lr=1e-3, seed=0,
-                eval_samples=args.samples, progress=args.jobs == 1,
+                eval_samples=args.samples, output_bias=args.output_bias, progress=args.jobs == 1,
             )  # fmt: skip
     generative = run / "generative_classifier.json"
     best = pv.load_run(run)
@@ -239,6 +247,9 @@ def main() -> None:
         type=lambda value: value if value == "paper" else float(value),
         default=DEFAULT_AUX_WEIGHT,
         help="alpha per labelled point, or 'paper' for Kingma et al.'s 0.1 N / labels (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--output-bias", choices=OUTPUT_BIAS_STARTS, default="data", help="the decoders' output-bias start"
     )
     parser.add_argument("--samples", type=int, default=1000, help="K of each test log p(x)")
     parser.add_argument("--subset", type=int, help="train on this many points only (smoke tests)")

@@ -31,7 +31,7 @@ from .models import SSVAE, VAE, HierarchicalVAE, LatentFeatures, StackedSSVAE
 from .models.ssvae import CLASS_PRIORS
 from .runs import CheckpointError, RunDirectory, load_run
 from .training import LightningProcesses, TrainingDiverged, TrainingInterrupted
-from .training.engine import AUTO_COMPILE_STEPS, resolve_device
+from .training.engine import AUTO_COMPILE_STEPS, OUTPUT_BIAS_STARTS, resolve_device
 from .training.schedules import LR_SCHEDULES
 from .workflow import resume_run, train_run
 
@@ -256,6 +256,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     training.add_argument("--seed", type=seed_value, default=0, help=f"random seed, 0 to {MAX_SEED}")
     training.add_argument(
+        "--output-bias",
+        choices=OUTPUT_BIAS_STARTS,
+        default="data",
+        help="start the decoder's output bias at the likelihood's fit to the training data (for a Bernoulli, "
+        "the logit of each pixel's mean, as Burda et al.'s code), or where the random initialisation put it",
+    )
+    training.add_argument(
         "--device", type=_device, help="cpu, cuda, cuda:N or auto [default: cpu; with --resume: the run's own]"
     )
     training.add_argument(
@@ -372,8 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
 MODEL_AND_DATA_FLAGS = (
     "dataset", "data_dir", "download", "binarize", "subset", "z_dim", "hidden", "upper_hidden", "activation",
     "arch", "prior", "likelihood", "components", "flow_layers", "scale", "init_scale", "elbo", "particles",
-    "gradient", "warmup_epochs", "beta", "batch_size", "lr", "lr_schedule", "seed", "semi_supervised", "labels",
-    "label_seed", "aux_weight", "classifier_steps", "class_prior", "m1", "name", "out",
+    "gradient", "warmup_epochs", "beta", "batch_size", "lr", "lr_schedule", "seed", "output_bias",
+    "semi_supervised", "labels", "label_seed", "aux_weight", "classifier_steps", "class_prior", "m1", "name", "out",
 )  # fmt: skip
 SEMI_SUPERVISED_FLAGS = ("labels", "label_seed", "aux_weight", "classifier_steps", "class_prior")
 VAE_ONLY_FLAGS = ("elbo", "particles", "gradient")
@@ -659,6 +666,7 @@ def _train(args) -> None:
             warmup_epochs=args.warmup_epochs,
             beta=args.beta,
             seed=args.seed,
+            output_bias=args.output_bias,
         )
         common.setdefault("eval_samples", DEFAULT_EVAL_SAMPLES)
         run = train_run(model, data, run_dir.path, **settings, **common)

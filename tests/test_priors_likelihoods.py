@@ -183,3 +183,38 @@ def test_a_likelihood_of_your_own_is_one_small_class():
         assert torch.isfinite(pv.log_marginal_likelihood(vae.model, vae.guide, x, num_samples=8).log_px).all()
     finally:
         del LIKELIHOODS["student-t"]
+
+
+@pytest.mark.parametrize("likelihood", sorted(LIKELIHOODS))
+def test_the_constant_fit_maximises_the_likelihood_of_the_data(likelihood):
+    """The output bias a fresh decoder starts at: the p(x | .) that ignores z and fits x best.
+
+    Skewed data, so that the Gaussian's mean, the Laplace's median and the continuous Bernoulli's
+    logit (not the Bernoulli's) differ; means well inside the clipping range. Any step of 0.05 in
+    the location outputs lowers the log-likelihood: the fit is the maximum, not near it.
+    """
+    torch.manual_seed(0)
+    lik = build_likelihood({"name": "gaussian", "sigma": "decoder"} if likelihood == "gaussian" else likelihood)
+    lik.setup(X_SHAPE)
+    x = 0.05 + 0.9 * torch.rand(400, *X_SHAPE) ** 2
+    x = x.bernoulli() if likelihood == "bernoulli" else x
+    fit = lik.constant_fit(x)
+    assert fit.shape == (lik.params_per_dim, *X_SHAPE)
+
+    def log_likelihood(params):
+        return float(lik(params.expand(len(x), *params.shape)).log_prob(x).mean())
+
+    best = log_likelihood(fit)
+    for _ in range(20):
+        step = torch.zeros_like(fit)
+        step[0] = 0.05 * torch.randn(X_SHAPE).sign()  # the location outputs; a predicted scale stays at its start
+        assert log_likelihood(fit + step) < best
+    if likelihood == "gaussian":
+        assert torch.allclose(lik.scale(fit.expand(2, *fit.shape)), torch.tensor(lik.init_scale))
+
+
+def test_a_likelihood_without_a_constant_fit_leaves_the_decoder_as_initialised():
+    vae = pv.VAE(X_SHAPE, Z_DIM, likelihood=StudentT(), hidden=(16,))
+    bias = vae.decoder.net[-1].bias.detach().clone()
+    assert not vae.start_output_bias(data_for("gaussian"))
+    assert torch.equal(vae.decoder.net[-1].bias, bias)

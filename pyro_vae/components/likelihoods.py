@@ -9,7 +9,9 @@ A likelihood is a small :class:`torch.nn.Module` in the pattern of
 * calling it on that tensor returns a distribution with batch shape
   ``batch`` and event shape ``x_shape``;
 * ``support`` declares where x may lie, and :meth:`Likelihood.check_data`
-  refuses data outside it with a message that names the fix.
+  refuses data outside it with a message that names the fix;
+* :meth:`Likelihood.constant_fit` gives the decoder output of the best
+  p(x | z) that ignores z, where a fresh decoder's output bias starts.
 
 To add a likelihood, subclass :class:`Likelihood`, set ``name``,
 ``params_per_dim`` and ``support``, implement :meth:`forward` (and
@@ -63,6 +65,16 @@ class Likelihood(nn.Module):
     def fix_hint(self) -> str:
         return "Transform the data into the likelihood's support or choose another likelihood."
 
+    def constant_fit(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The decoder output, shape ``(params_per_dim, *x_shape)``, of the maximum-likelihood p(x | z) that ignores z.
+
+        ``x`` holds the training points, shape ``(N, *x_shape)``. A decoder whose output bias starts
+        here starts at the data's marginal statistics instead of having to learn them first (Burda
+        et al. 2016's code starts the Bernoulli logits at the training mean's). None, the default,
+        means that this likelihood has none and the decoder keeps its random start.
+        """
+        return None
+
     def config(self) -> dict:
         """The short name and arguments that rebuild this likelihood (see :func:`build_likelihood`)."""
         return {"name": self.name}
@@ -111,6 +123,13 @@ class Bernoulli(Likelihood):
     def forward(self, params):
         return BinaryBernoulli(dist.Bernoulli(logits=self._param(params, 0)), len(self.x_shape))
 
+    def constant_fit(self, x):
+        """The logit of each dimension's mean, the mean clipped to [0.001, 0.999] as in Burda et al.'s code.
+
+        For dynamically binarised data the intensities' mean is the binary pixels' mean.
+        """
+        return torch.logit(x.mean(0, dtype=torch.float64).clamp(1e-3, 1 - 1e-3)).float().unsqueeze(0)
+
     def fix_hint(self):
         return (
             "A Bernoulli is a density only for binary data: binarise grayscale pixels "
@@ -135,6 +154,20 @@ class ContinuousBernoulli(Likelihood):
 
     def forward(self, params):
         return dist.ContinuousBernoulli(logits=self._param(params, 0)).to_event(len(self.x_shape))
+
+    def constant_fit(self, x):
+        """The logit whose CB mean is each dimension's mean, clipped to [0.01, 0.99]: CB is an exponential
+        family in x with natural parameter logit(lambda), so its maximum-likelihood fit matches the mean.
+
+        The mean rises monotonically with the logit, so 60 halvings of [-100, 100] find it.
+        """
+        target = x.mean(0, dtype=torch.float64).clamp(0.01, 0.99)
+        low, high = torch.full_like(target, -100.0), torch.full_like(target, 100.0)
+        for _ in range(60):
+            middle = (low + high) / 2
+            below = torch.distributions.ContinuousBernoulli(logits=middle).mean < target
+            low, high = torch.where(below, middle, low), torch.where(below, high, middle)
+        return ((low + high) / 2).float().unsqueeze(0)
 
     def fix_hint(self):
         return "Scale the data into [0, 1] (for 8-bit images divide by 255), or use the gaussian or laplace likelihood."
@@ -196,6 +229,16 @@ class _LocationScale(Likelihood):
         loc = self._param(params, 0)
         return self.family(loc, self.scale(params).expand(loc.shape)).to_event(len(self.x_shape))
 
+    def constant_fit(self, x):
+        """The maximum-likelihood location of each dimension (:meth:`fit_location`); a predicted scale's
+        output 0, where the scale starts at ``init_scale``."""
+        loc = self.fit_location(x).float()
+        return torch.stack([loc, torch.zeros_like(loc)][: self.params_per_dim])
+
+    def fit_location(self, x: torch.Tensor) -> torch.Tensor:
+        """The maximum-likelihood location of each dimension, for any scale."""
+        raise NotImplementedError
+
 
 @register_likelihood
 class Gaussian(_LocationScale):
@@ -212,6 +255,10 @@ class Gaussian(_LocationScale):
 
     def __init__(self, sigma: str = "fixed", init_sigma: float = 0.1, min_sigma: float = 1e-3):
         super().__init__(sigma, init_sigma, min_sigma)
+
+    def fit_location(self, x):
+        """The mean."""
+        return x.mean(0, dtype=torch.float64)
 
     def config(self):
         return {"name": self.name, "sigma": self.scale_mode, "init_sigma": self.init_scale, "min_sigma": self.min_scale}
@@ -233,6 +280,10 @@ class Laplace(_LocationScale):
 
     def __init__(self, scale: str = "fixed", init_scale: float = 0.1, min_scale: float = 1e-3):
         super().__init__(scale, init_scale, min_scale)
+
+    def fit_location(self, x):
+        """The median."""
+        return x.median(0).values
 
     def config(self):
         return {"name": self.name, "scale": self.scale_mode, "init_scale": self.init_scale, "min_scale": self.min_scale}

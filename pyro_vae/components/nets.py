@@ -9,6 +9,11 @@ The documented signatures, which any user module may follow instead:
   shape ``(*batch, params_per_dim, *x_shape)``, which the likelihood turns into
   p(x | z).
 
+A decoder may also have ``start_output_at(output)``, which sets its output
+bias (:meth:`MLPDecoder.start_output_at`): a fresh run then starts it at the
+likelihood's constant fit to the data (``output_bias="data"`` of
+:func:`~pyro_vae.fit`).
+
 Both accept any number of leading batch dimensions, so that Pyro can add
 particle plates (``vectorize_particles=True``, importance sampling).
 Encoder scales are ``softplus(raw) + min_scale``: positive and finite
@@ -108,6 +113,12 @@ class MLPDecoder(nn.Module):
 
     def forward(self, z):
         return self.net(z).unflatten(-1, self.out_shape)
+
+    @torch.no_grad()
+    def start_output_at(self, output: torch.Tensor) -> None:
+        """Set the last layer's bias to ``output`` (shape ``out_shape``): with small weights the fresh
+        decoder's output starts near it, whatever z."""
+        self.net[-1].bias.copy_(output.reshape(-1))
 
 
 def _check_image_shape(x_shape) -> tuple[int, int, int]:

@@ -59,6 +59,21 @@ def check_points(x: torch.Tensor, x_shape: tuple[int, ...], likelihood, what: st
     likelihood.check_data(x)
 
 
+def start_decoder_output(decoder: nn.Module, likelihood, x: torch.Tensor) -> bool:
+    """Set ``decoder``'s output bias to ``likelihood.constant_fit(x)``; False if either has none.
+
+    Burda, Grosse & Salakhutdinov's code (2016) starts its decoders so: the decoder then need not
+    spend its first thousands of steps learning each pixel's mean, and the posterior's units stay
+    active (benchmarks/RESULTS.md).
+    """
+    start = getattr(decoder, "start_output_at", None)
+    output = None if start is None else likelihood.constant_fit(x)
+    if output is None:
+        return False
+    start(output.to(x.device))
+    return True
+
+
 class Model(nn.Module):
     """Base class of pyro-vae's models: a Pyro model p(x, z) and guide q(z | x) with what the library needs."""
 
@@ -102,6 +117,15 @@ class Model(nn.Module):
     def latent_sizes(self) -> tuple[int, ...]:
         """The sizes of the latent layers that :meth:`latent_means` puts side by side (one layer: ``(z_dim,)``)."""
         return (self.z_dim,)
+
+    def start_output_bias(self, x: torch.Tensor) -> bool:
+        """Start p(x | z)'s output bias at the likelihood's constant fit to the training points ``x``.
+
+        The engine calls it once, on a fresh run with ``output_bias="data"``, and records whether it
+        did. This base class does nothing; models with a decoder and a likelihood return
+        :func:`start_decoder_output`.
+        """
+        return False
 
     @property
     def describable(self) -> bool:

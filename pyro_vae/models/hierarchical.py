@@ -47,7 +47,7 @@ from torch import nn
 from ..components.likelihoods import Bernoulli, Likelihood, build_likelihood
 from ..components.nets import MLPDecoder, MLPEncoder, activation_class
 from ..components.priors import Prior, StandardNormal, build_prior
-from .base import Model, check_points, data_plate, register_model
+from .base import Model, check_points, data_plate, register_model, start_decoder_output
 
 _instance_ids = itertools.count()
 
@@ -191,6 +191,9 @@ class HierarchicalVAE(Model):
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """Means of p(x | z_1) at the posterior mean z_1 = loc_1(x)."""
         return self.decode(self.encoders[0](x)[0]).mean
+
+    def start_output_bias(self, x: torch.Tensor) -> bool:
+        return start_decoder_output(self.decoder, self.likelihood, x)
 
     def check_data(self, x: torch.Tensor, what: str = "data") -> None:
         check_points(x, self.x_shape, self.likelihood, what, "hierarchical VAE")

@@ -56,7 +56,7 @@ from ..components.likelihoods import Bernoulli, Likelihood, build_likelihood
 from ..components.nets import MLPClassifier, MLPDecoder, MLPEncoder, activation_class
 from ..components.priors import Prior, StandardNormal, build_prior
 from ..data import DataError
-from .base import Model, check_points, data_plate, register_model
+from .base import Model, check_points, data_plate, register_model, start_decoder_output
 
 _instance_ids = itertools.count()
 CLASS_PRIORS = ("uniform", "learned")
@@ -312,6 +312,9 @@ class SSVAE(SemiSupervisedModel):
     def sample_labels(self, num_samples: int) -> torch.Tensor:
         """Class indices drawn from p(y)."""
         return self.class_prior_net().sample((num_samples,)).argmax(-1)
+
+    def start_output_bias(self, x: torch.Tensor) -> bool:
+        return start_decoder_output(self.decoder, self.likelihood, x)
 
     def check_data(self, x: torch.Tensor, what: str = "data") -> None:
         """Refuse data this model cannot take, naming the fix."""

@@ -37,7 +37,7 @@ from torch import nn
 from ..components.likelihoods import Bernoulli, Likelihood, build_likelihood
 from ..components.nets import build_nets
 from ..components.priors import Prior, StandardNormal, build_prior
-from .base import Model, check_points, data_plate, register_model
+from .base import Model, check_points, data_plate, register_model, start_decoder_output
 
 _instance_ids = itertools.count()
 
@@ -136,6 +136,9 @@ class VAE(Model):
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """Means of p(x | z) at the posterior mean z = loc(x)."""
         return self.decode(self.encode(x)[0]).mean
+
+    def start_output_bias(self, x: torch.Tensor) -> bool:
+        return start_decoder_output(self.decoder, self.likelihood, x)
 
     def check_data(self, x: torch.Tensor, what: str = "data") -> None:
         """Refuse data this model cannot take, naming the fix: empty, NaN/inf, wrong shape, outside the support."""

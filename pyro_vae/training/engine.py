@@ -37,6 +37,11 @@ Whatever the model and objective, the engine guarantees:
   never stopped;
 * **one writer**: the run directory is locked while the run writes it.
 
+A fresh run starts the decoder's output bias at the likelihood's constant
+fit to the training points (``output_bias="data"``,
+:meth:`~pyro_vae.models.Model.start_output_bias`), as Burda et al.'s code
+does; ``"random"`` keeps the networks' random start.
+
 KL warm-up and beta: the KL weight ``beta * min(1, step / warmup_steps)``
 (:mod:`.schedules`) reaches the latent sites through ``poutine.scale``. The
 validation numbers are always the true ELBO, with unscaled densities.
@@ -126,6 +131,7 @@ def check_settings(objective: Objective, **settings) -> None:
         "beta": (settings["beta"] > 0 and math.isfinite(settings["beta"]), "a number > 0"),
         "warmup_epochs": (settings["warmup_epochs"] >= 0 and math.isfinite(settings["warmup_epochs"]), "a number >= 0"),
         "eval_samples": (settings["eval_samples"] >= 0, "an integer >= 0 (0 skips the test log p(x))"),
+        "output_bias": (settings["output_bias"] in OUTPUT_BIAS_STARTS, f"one of {OUTPUT_BIAS_STARTS}"),
     }
     for name, (valid, what) in checks.items():
         if not valid:
@@ -196,6 +202,10 @@ def compiled_step(model: Model, objective: Objective) -> CompiledStep:
 #: (benchmarks/RESULTS.md).
 AUTO_COMPILE_STEPS = 2000
 
+#: How a fresh run starts the decoder's output bias: at the likelihood's constant fit to the training
+#: points, or where the networks' random initialisation put it.
+OUTPUT_BIAS_STARTS = ("data", "random")
+
 #: Training settings that a resumed run must share with the run it continues.
 RESUMED_SETTINGS = ("batch_size", "lr", "lr_schedule", "objective", "warmup_epochs", "beta", "seed")
 
@@ -227,6 +237,7 @@ def fit(
     warmup_epochs: float = 0.0,
     beta: float = 1.0,
     seed: int = 0,
+    output_bias: str = "data",
     device: str | torch.device | None = "cpu",
     run_dir: str | Path | None = None,
     resume: bool = False,
@@ -256,6 +267,10 @@ def fit(
         ``"iwae"`` (Burda et al.'s 3^i epochs at ``lr * 10^(-i/7)``).
     :param warmup_epochs: epochs over which the KL weight rises linearly to ``beta``.
     :param beta: final weight of the KL term (1 gives the ELBO).
+    :param output_bias: ``"data"`` starts a fresh run's decoder output bias at the likelihood's
+        constant fit to the training points (:meth:`~pyro_vae.models.Model.start_output_bias`;
+        models and likelihoods without one keep their random start, and the config records
+        ``"random"``); ``"random"`` always keeps it.
     :param run_dir: write config, checkpoints, history and metrics here.
     :param resume: continue from ``run_dir``'s checkpoint up to ``epochs`` in all.
     :param eval_samples: K of a test log p(x) of the best checkpoint in ``metrics.json``; 0 skips it.
@@ -275,6 +290,7 @@ def fit(
         warmup_epochs=warmup_epochs,
         beta=beta,
         eval_samples=eval_samples,
+        output_bias=output_bias,
     )
     if compile not in (True, False, "auto"):
         raise ValueError(f"compile must be True, False or 'auto'; got {compile!r}.")
@@ -329,6 +345,7 @@ class _Engine:
                 "warmup_epochs": settings["warmup_epochs"],
                 "beta": settings["beta"],
                 "seed": seed,
+                "output_bias": settings["output_bias"],
                 "device": str(device),
                 "compile": compile,
                 "eval_samples": settings["eval_samples"],
@@ -358,6 +375,8 @@ class _Engine:
 
     def _start_fresh(self) -> tuple[None, int]:
         pyro.set_rng_seed((self.seed + self.processes.rank) % 2**32)
+        if self.settings["output_bias"] == "data" and not self.model.start_output_bias(self.data.train.x):
+            self.config["train"]["output_bias"] = "random"  # what the run did: this model has no constant fit
         self.objective.start(self.model, self.data, progress=self.progress and self.processes.is_writer)
         self.processes.share(self.model)  # process 0's start for every process
         self.history = [{"epoch": 0, **self._validate()}]
@@ -392,6 +411,8 @@ class _Engine:
         else:  # another number of processes: a fresh stream per process and resumption
             pyro.set_rng_seed((self.seed + world * epoch + rank) % 2**32)
         check_same_training(run, state["config"].get("train", {}), self.config["train"])
+        # how the run started, not this call's default (runs written before the option started at random)
+        self.config["train"]["output_bias"] = state["config"].get("train", {}).get("output_bias", "random")
         position = state["position"]
         if position is not None and position.get("global_batch", self.global_batch) != self.global_batch:
             position = None  # stopped part-way with another number of processes: the epoch starts again
