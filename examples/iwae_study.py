@@ -135,12 +135,19 @@ def train_and_evaluate(name: str, args, out: Path) -> Path:
     return run
 
 
+def check_records(args) -> None:
+    """Before any training: refuse a ``--keep`` folder whose records of these runs started their output bias
+    otherwise, so that a finished run is not kept over them."""
+    for name in args.runs if args.keep else ():
+        record = args.keep / name
+        if (record / pv.RunDirectory.CONFIG).exists() and output_bias(record) != args.output_bias:
+            raise SystemExit(f"{record} keeps a run that started its output bias {output_bias(record)!r}; give "
+                             "another --keep for this study.")  # fmt: skip
+
+
 def keep_record(run: Path, keep: Path) -> None:
     """Copy a finished run's config, metrics, per-point log p(x) and finished evaluations to KEEP/NAME."""
     record = keep / run.name
-    if (record / pv.RunDirectory.CONFIG).exists() and output_bias(record) != output_bias(run):
-        raise SystemExit(f"{record} keeps a run that started its output bias {output_bias(record)!r}; give another "
-                         "--keep for this study.")  # fmt: skip
     (record / pv.RunDirectory.EVALUATIONS).mkdir(parents=True, exist_ok=True)
     for name in (pv.RunDirectory.CONFIG, pv.RunDirectory.METRICS, pv.RunDirectory.LOG_PX):
         shutil.copy2(run / name, record / name)
@@ -252,6 +259,7 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.out)
     try:
+        check_records(args)
         for name in args.runs:
             run = train_and_evaluate(name, args, out)
             if args.keep:
