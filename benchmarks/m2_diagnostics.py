@@ -125,7 +125,7 @@ def variant(args) -> None:
     )  # fmt: skip
     with tempfile.TemporaryDirectory() as run:
         history = pv.fit(model, data, objective=objective, epochs=args.epochs, batch_size=args.batch_size,
-                         lr=args.lr, compile=True, progress=False, run_dir=run)  # fmt: skip
+                         lr=args.lr, compile=True, output_bias="random", progress=False, run_dir=run)  # fmt: skip
         model = pv.load_run(run, checkpoint="last").model  # fit leaves the best epoch's weights in the model
     print("validation accuracy by epoch:", ", ".join(f"{100 * row['val_accuracy']:.1f}" for row in history))
     x, y = data.val.x[:2000], data.val.y[:2000]

@@ -197,7 +197,7 @@ def test_a_fresh_run_starts_the_output_bias_at_the_data_and_a_resumed_one_keeps_
     pv.fit(vae, small_mnist, epochs=0, output_bias="random", run_dir=tmp_path / "random", progress=False)
     assert torch.equal(vae.decoder.net[-1].bias, initial)
 
-    pv.resume_run(tmp_path / "random", epochs=1, progress=False)  # a resume takes fit's default, "data"
+    pv.resume_run(tmp_path / "random", epochs=1, progress=False)  # resumes with its recorded start
 
     class OwnDecoder(nn.Module):  # a user's decoder, without start_output_at
         def __init__(self):
