@@ -82,9 +82,18 @@ def train_m1(args, out: Path) -> Path:
             vae, data, run, epochs=args.m1_epochs, batch_size=100, lr=1e-3, warmup_epochs=10, seed=0,
             eval_samples=0, output_bias=args.output_bias, progress=False,
         )  # fmt: skip
-    elif last_epoch(run) < args.m1_epochs:
+        return run
+    check_output_bias(run, args)
+    if last_epoch(run) < args.m1_epochs:
         pv.resume_run(run, epochs=args.m1_epochs, progress=False)
     return run
+
+
+def check_output_bias(run: Path, args) -> None:
+    """Refuse to continue or reuse a run whose decoder's output bias started otherwise than ``--output-bias``."""
+    started = pv.RunDirectory(run).read_config()["train"].get("output_bias", "random")  # older runs: random
+    if started != args.output_bias:
+        raise SystemExit(f"{run} started its output bias {started!r}; give --output-bias {started}, or another --out.")
 
 
 def alpha(args, data: pv.Dataset, labels: int) -> float:
@@ -99,9 +108,8 @@ def finished(run: Path, args) -> bool:
     if not directory.holds_run():
         return False
     train = directory.read_config()["train"]
-    started = train.get("output_bias", "random")  # runs written before the option started at random
-    if args.model == "m2" and started != args.output_bias:
-        raise SystemExit(f"{run} started its output bias {started!r}; give --output-bias {started}, or another --out.")
+    if args.model == "m2":
+        check_output_bias(run, args)
     objective = completed_objective_config(train["objective"])
     checked = (("classifier_steps", "--classifier-steps"),) + (
         (("aux_weight", "--aux-weight"),) * (args.aux_weight != "paper")

@@ -432,6 +432,11 @@ def check_flag_combinations(parser: argparse.ArgumentParser, args: argparse.Name
         train.error(f"{', '.join(wrong)} apply only to VAE training, not to the semi-supervised objective")
     if args.m1 and (wrong := [flag(d) for d in ("dataset", "binarize", "subset", "likelihood", "arch") if d in given]):
         train.error(f"{', '.join(wrong)} cannot be used with --m1 (M1's run fixes the data and the likelihood)")
+    if args.m1 and "output_bias" in given:
+        train.error(
+            "--output-bias cannot be used with --m1: M1+M2 decodes M1's latent features, whose Gaussian has no "
+            "start from the data (M1's own run fixed its decoder's start)"
+        )
     if semi_supervised and "arch" in given:
         train.error(
             "--arch applies only to the VAE; the semi-supervised models are MLPs (set their sizes with --hidden)"

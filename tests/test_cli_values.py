@@ -151,6 +151,7 @@ def test_a_new_run_never_overwrites_an_old_one(finished_run, capsys):
         (["compare", "NOWHERE"], "does not exist"),
         (["compare", "RUN"], "has no per-point log p(x); run `pyro-vae evaluate"),
         (["train", "--m1", "NOWHERE"], "does not exist"),
+        (["train", "--m1", "RUN", "--output-bias", "data"], "--output-bias cannot be used with --m1"),
     ],
 )
 def test_evaluate_compare_and_m1_refuse_bad_values(finished_run, tmp_path, argv, message, capsys):

@@ -118,6 +118,8 @@ def test_the_semi_supervised_study_runs_m1_plus_m2(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "M1: s/m1" in result.stdout and "| 100 |" in result.stdout
     assert (tmp_path / "s" / "m1m2-100-labels-draw-0" / "config.json").exists()
+    other_start = run_example("semi_supervised_study.py", [*tiny[:-2], "--model", "m1m2", "--out", "s"], tmp_path)
+    assert other_start.returncode != 0 and "m1 started its output bias 'random'" in other_start.stderr
 
 
 @pytest.mark.parametrize("jobs", [1, 2])

@@ -186,7 +186,8 @@ def test_a_run_from_an_older_version_extends(small_mnist, tmp_path):
 
 def test_a_fresh_run_starts_the_output_bias_at_the_data_and_a_resumed_one_keeps_its_start(small_mnist, tmp_path):
     """output_bias="data" sets the decoder's last bias to the logits of the training pixels' means; "random" keeps
-    it; the config records the start, and resuming (which starts nothing) keeps the run's record."""
+    it; the config records the start, and resuming (which starts nothing) keeps the run's record, "random" for a run
+    written before the option."""
     vae = small_vae()
     pv.fit(vae, small_mnist, epochs=0, run_dir=tmp_path / "data", progress=False)
     expected = torch.logit(small_mnist.train.x.double().mean(0).clamp(1e-3, 1 - 1e-3)).float().flatten()
@@ -198,6 +199,11 @@ def test_a_fresh_run_starts_the_output_bias_at_the_data_and_a_resumed_one_keeps_
     assert torch.equal(vae.decoder.net[-1].bias, initial)
 
     pv.resume_run(tmp_path / "random", epochs=1, progress=False)  # resumes with its recorded start
+    old = tmp_path / "data" / "checkpoint.pt"  # a run written before the option: its config has no output_bias
+    state = load_checkpoint(old)
+    del state["config"]["train"]["output_bias"]
+    torch.save(state, old)
+    pv.resume_run(tmp_path / "data", epochs=0, progress=False)
 
     class OwnDecoder(nn.Module):  # a user's decoder, without start_output_at
         def __init__(self):
@@ -211,7 +217,7 @@ def test_a_fresh_run_starts_the_output_bias_at_the_data_and_a_resumed_one_keeps_
     recorded = {
         run: json.loads((tmp_path / run / "config.json").read_text())["train"] for run in ("data", "random", "own")
     }
-    assert [recorded[run]["output_bias"] for run in ("data", "random", "own")] == ["data", "random", "random"]
+    assert [recorded[run]["output_bias"] for run in ("data", "random", "own")] == ["random", "random", "random"]
     with pytest.raises(ValueError, match="output_bias must be one of"):
         pv.fit(small_vae(), small_mnist, epochs=0, output_bias="mean", progress=False)
 
