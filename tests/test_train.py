@@ -199,6 +199,7 @@ def test_a_fresh_run_starts_the_output_bias_at_the_data_and_a_resumed_one_keeps_
     assert torch.equal(vae.decoder.net[-1].bias, initial)
 
     pv.resume_run(tmp_path / "random", epochs=1, progress=False)  # resumes with its recorded start
+    assert json.loads((tmp_path / "data" / "config.json").read_text())["train"]["output_bias"] == "data"
     old = tmp_path / "data" / "checkpoint.pt"  # a run written before the option: its config has no output_bias
     state = load_checkpoint(old)
     del state["config"]["train"]["output_bias"]
