@@ -2,6 +2,7 @@
 
 import json
 import math
+import time
 
 import pyro
 import pytest
@@ -163,6 +164,36 @@ def test_resume_continues_exactly(small_mnist, tmp_path):
         assert torch.equal(a, b)
     config = json.loads((tmp_path / "resumed" / "config.json").read_text())
     assert config["train"]["epochs"] == 4
+
+
+def test_an_epoch_stopped_part_way_counts_the_seconds_of_both_parts(small_mnist, tmp_path, monkeypatch):
+    """A Ctrl-C in an epoch saves the seconds it has taken so far; the resumed epoch's row adds them to its own."""
+    from pyro_vae.training import engine
+
+    take, slept, step_seconds = engine.take_step, 0.1, []
+
+    def timed_step(*args, **kwargs):
+        begin = time.perf_counter()
+        time.sleep(slept)  # the first part is made slow, so that its seconds stand out from the second part's
+        result = take(*args, **kwargs)
+        step_seconds.append(time.perf_counter() - begin)
+        return result
+
+    monkeypatch.setattr(engine, "take_step", timed_step)
+    monkeypatch.setattr(engine._Engine, "_interrupted", lambda self, interrupt: len(step_seconds) == 10)
+    with pytest.raises(pv.TrainingInterrupted):
+        pv.fit(small_vae(), small_mnist, epochs=1, batch_size=100, run_dir=tmp_path / "run", progress=False)
+    first = load_checkpoint(tmp_path / "run" / "checkpoint.pt")["position"]
+    assert first["step"] == 10 and first["seconds"] >= sum(step_seconds) >= 10 * slept
+
+    slept, step_seconds[:] = 0.0, []
+    monkeypatch.setattr(engine._Engine, "_interrupted", lambda self, interrupt: False)
+    history = pv.fit(
+        small_vae(), small_mnist, epochs=1, batch_size=100, run_dir=tmp_path / "run", resume=True, progress=False
+    )
+    assert len(step_seconds) == 10  # the other ten of the epoch's 20 steps
+    # without the first part's seconds the row would hold about sum(step_seconds) alone, a second less
+    assert history[1]["seconds"] >= first["seconds"] + sum(step_seconds)
 
 
 def test_a_run_from_an_older_version_extends(small_mnist, tmp_path):

@@ -255,7 +255,8 @@ def fit(
     terms; ``val_accuracy`` for the semi-supervised objective), ``seconds``
     (the optimisation pass), ``val_seconds`` (the validation) and, with
     ``compile``, ``compile_seconds`` (the part of ``seconds`` spent
-    recording and compiling the step, in the epoch that did it).
+    recording and compiling the step, in the epoch that did it). An epoch
+    stopped part-way and resumed counts the seconds of both parts.
 
     :param data: a :class:`~pyro_vae.data.Dataset`, or a tensor or array of points.
     :param objective: an :class:`~pyro_vae.infer.objective.Objective`, its short name
@@ -437,6 +438,9 @@ class _Engine:
             order = self.points[torch.randperm(len(self.points), device=self.device)]
             position = {"epoch": epoch, "step": 0, "total": 0.0, "count": 0, "order": self.processes.broadcast(order)}
             position["global_batch"] = self.global_batch
+        # an epoch resumed part-way also counts the seconds (and the compiling) of its part before the stop
+        started -= position.get("seconds", 0.0)
+        compile_seconds = position.get("compile_seconds", 0.0)
         order, rank, world = position["order"], self.processes.rank, self.processes.world_size
         self.model.train()
         bar = tqdm(
@@ -446,7 +450,6 @@ class _Engine:
             disable=not (self.progress and self.processes.is_writer),
         )
         kl_weight = self.settings["beta"]
-        compile_seconds = 0.0
         for step in bar:
             global_step = (epoch - 1) * self.steps_per_epoch + step
             kl_weight = kl_weight_schedule(global_step, beta=self.settings["beta"], warmup_steps=self.warmup_steps)
@@ -462,9 +465,9 @@ class _Engine:
                     processes=self.processes, compiled=compiled,
                 )  # fmt: skip
             if compiling and compiled.compiled is not None:
-                compile_seconds = compiled.compile_seconds
+                compile_seconds += compiled.compile_seconds
                 if self.progress and self.processes.is_writer:
-                    tqdm.write(f"compiled the training step in {compile_seconds:.1f} s")
+                    tqdm.write(f"compiled the training step in {compiled.compile_seconds:.1f} s")
             stop = self._interrupted(interrupt)
             if not math.isfinite(total):
                 last = f"; the last checkpoint in {self.run.path} is kept." if self.run is not None else "."
@@ -476,6 +479,7 @@ class _Engine:
             if self.progress and step % 25 == 0:
                 bar.set_postfix(objective=f"{-position['total'] / position['count']:.2f}")
             if stop and step + 1 < self.steps_per_epoch:
+                position.update(seconds=time.perf_counter() - started, compile_seconds=compile_seconds)
                 self._save(epoch - 1, position=position)
                 raise self._interruption(f"at epoch {epoch}, step {step + 1} of {self.steps_per_epoch}")
         bar.close()
