@@ -193,7 +193,9 @@ def test_ais_at_its_defaults_matches_quadrature_on_a_trained_2d_vae():
     pyro.set_rng_seed(0)
     data = pv.load_dataset("mnist", binarize="dynamic").subset(train=3000, val=300, test=50)
     vae = pv.VAE((1, 28, 28), 2, hidden=(32,))
-    pv.fit(vae, data, epochs=3, batch_size=100, progress=False)
+    # From PyTorch's random output bias, 3 epochs leave a poorer model and guide than from the data start
+    # (validation ELBO about -244 against -193), and AIS's error three times larger: the harder check.
+    pv.fit(vae, data, epochs=3, batch_size=100, progress=False, output_bias="random")
     x = data.test.x[:50]  # benchmarks/ais_throughput.py runs the same check on 500 points
     truth, border = log_px_by_quadrature(vae, x)
     assert border.max() < math.log(1e-6)  # the grid holds all but a millionth of every posterior's mass
