@@ -30,16 +30,16 @@ are kept, a half-trained one continues from its last epoch; with more
 subset (by name), so the seven runs can be spread over several sessions.
 The table goes to OUT/table.md and, with ``--results``, between the markers
 of benchmarks/RESULTS.md. With ``--keep DIR`` each finished run's record
-(config, metrics, per-point log p(x) and evaluations, about 200 kB; no
-checkpoint) is copied to DIR/NAME, and the table takes a run from there when
-OUT no longer holds it: commit DIR, and runs trained in earlier sessions on
-other machines still enter the table and its paired comparisons.
+(``pv.RunDirectory.keep_record``: config, history, metrics, per-point log
+p(x) and evaluations, about 200 kB; no checkpoint) is copied to DIR/NAME,
+and the table takes a run from there when OUT no longer holds it: commit
+DIR, and runs trained in earlier sessions on other machines still enter the
+table and its paired comparisons.
 """
 
 import argparse
 import math
 import re
-import shutil
 import sys
 from pathlib import Path
 
@@ -143,17 +143,6 @@ def check_records(args) -> None:
         if (record / pv.RunDirectory.CONFIG).exists() and output_bias(record) != args.output_bias:
             raise SystemExit(f"{record} keeps a run that started its output bias {output_bias(record)!r}; give "
                              "another --keep for this study.")  # fmt: skip
-
-
-def keep_record(run: Path, keep: Path) -> None:
-    """Copy a finished run's config, metrics, per-point log p(x) and finished evaluations to KEEP/NAME."""
-    record = keep / run.name
-    (record / pv.RunDirectory.EVALUATIONS).mkdir(parents=True, exist_ok=True)
-    for name in (pv.RunDirectory.CONFIG, pv.RunDirectory.METRICS, pv.RunDirectory.LOG_PX):
-        shutil.copy2(run / name, record / name)
-    for evaluation in (run / pv.RunDirectory.EVALUATIONS).glob("*.npz"):
-        if not evaluation.name.endswith(".partial.npz"):
-            shutil.copy2(evaluation, record / pv.RunDirectory.EVALUATIONS / evaluation.name)
 
 
 def finished_runs(out: Path, keep: Path | None, start: str) -> dict[str, Path]:
@@ -263,7 +252,7 @@ def main() -> None:
         for name in args.runs:
             run = train_and_evaluate(name, args, out)
             if args.keep:
-                keep_record(run, args.keep)
+                pv.RunDirectory(run).keep_record(args.keep / run.name)
     except (pv.TrainingInterrupted, EvaluationInterrupted) as interrupted:
         print(f"{interrupted}\nRun the same command again to continue the study.", file=sys.stderr)
         raise SystemExit(130) from None

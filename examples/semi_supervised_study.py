@@ -30,7 +30,12 @@ run is an ordinary run directory; finished runs are kept, interrupted ones
 resume (``pv.resume_run``), and a larger ``--epochs`` trains the finished
 runs further, so the study can be run again after a stop. ``--jobs 2``
 trains two runs at a time, each in its own process on one thread; a Ctrl-C
-saves the runs in progress and starts no other.
+saves the runs in progress and starts no other. With ``--keep DIR`` each
+finished run's record (``pv.RunDirectory.keep_record``: config, history,
+metrics and the generative classifier's accuracy; no checkpoint) is copied
+to DIR/NAME, and a run whose record there has the study's settings and
+``--epochs`` is not trained again: commit DIR, and a study spread over
+sessions on machines that are wiped between them still gets its table.
 """
 
 import argparse
@@ -57,6 +62,8 @@ TARGETS = {
     "m2": {100: 93.2, 600: 95.1, 1000: 96.4, 3000: 96.1},
 }
 PAPER_M2 = {100: 88.0, 600: 95.1, 1000: 96.4, 3000: 96.1}
+#: The file of an M2 run (and of its record) that holds the generative classifier's test accuracy.
+GENERATIVE = "generative_classifier.json"
 
 
 def last_epoch(run: Path) -> int:
@@ -101,13 +108,10 @@ def alpha(args, data: pv.Dataset, labels: int) -> float:
     return paper_aux_weight(len(data.train), labels) if args.aux_weight == "paper" else args.aux_weight
 
 
-def finished(run: Path, args) -> bool:
-    """Whether ``run`` has trained ``--epochs``; a run of another warm start or output-bias start is refused, not
-    mixed in (M1+M2's stacked M2 has no output-bias start)."""
-    directory = pv.RunDirectory(run)
-    if not directory.holds_run():
-        return False
-    train = directory.read_config()["train"]
+def check_settings(run: Path, args) -> None:
+    """Refuse a run (or a kept record) of another warm start, alpha or output-bias start, rather than mix it in
+    (M1+M2's stacked M2 has no output-bias start)."""
+    train = pv.RunDirectory(run).read_config()["train"]
     if args.model == "m2":
         check_output_bias(run, args)
     objective = completed_objective_config(train["objective"])
@@ -118,12 +122,34 @@ def finished(run: Path, args) -> bool:
         if objective[key] != getattr(args, key):
             raise SystemExit(f"{run} was trained with {flag} {objective[key]}, not {getattr(args, key)}; give that, "
                              "or another --out.")  # fmt: skip
+
+
+def finished(run: Path, args) -> bool:
+    """Whether ``run`` has trained ``--epochs`` (and was trained as this study trains its runs)."""
+    directory = pv.RunDirectory(run)
+    if not directory.holds_run():
+        return False
+    check_settings(run, args)
     return directory.file(directory.METRICS).exists() and last_epoch(run) >= args.epochs
+
+
+def kept(record: Path, args) -> bool:
+    """Whether ``--keep`` holds the finished record of this run, trained for ``--epochs`` or more."""
+    directory = pv.RunDirectory(record)
+    if not directory.file(directory.METRICS).exists():
+        return False
+    check_settings(record, args)
+    generative = args.model == "m1m2" or directory.file(GENERATIVE).exists()
+    return generative and directory.read_metrics()["epochs"] >= args.epochs
+
+
+def run_name(model: str, labels: int, label_seed: int) -> str:
+    return f"{model}-{labels}-labels-draw-{label_seed}"
 
 
 def train_m1m2(m1: Path, labels: int, label_seed: int, args, out: Path) -> Path:
     """``pyro-vae train --m1 M1 --labels N --label-seed S --z-dim 10 --hidden 500 --batch-size 200 ...``."""
-    run = out / f"m1m2-{labels}-labels-draw-{label_seed}"
+    run = out / run_name("m1m2", labels, label_seed)
     if finished(run, args):
         return run
     if pv.RunDirectory(run).holds_run():
@@ -150,7 +176,7 @@ def train_m1m2(m1: Path, labels: int, label_seed: int, args, out: Path) -> Path:
 
 def train_m2(labels: int, label_seed: int, args, out: Path) -> Path:
     """``pyro-vae train --semi-supervised --labels N --label-seed S`` (z 50, hidden 500, batch 200), from Python."""
-    run = out / f"m2-{labels}-labels-draw-{label_seed}"
+    run = out / run_name("m2", labels, label_seed)
     if not finished(run, args):
         if pv.RunDirectory(run).holds_run():
             pv.resume_run(run, epochs=args.epochs, eval_samples=args.samples, progress=args.jobs == 1)
@@ -166,7 +192,7 @@ def train_m2(labels: int, label_seed: int, args, out: Path) -> Path:
                 model, data, run, objective=objective, epochs=args.epochs, batch_size=200, lr=1e-3, seed=0,
                 eval_samples=args.samples, output_bias=args.output_bias, progress=args.jobs == 1,
             )  # fmt: skip
-    generative = run / "generative_classifier.json"
+    generative = run / GENERATIVE
     best = pv.load_run(run)
     if not generative.exists() or json.loads(generative.read_text())["epoch"] != best.epoch:
         test = best.load_data().test
@@ -214,7 +240,8 @@ def train_in_parallel(train, where: tuple, jobs: list[tuple[int, int]], args, ou
 
 
 def table(model: str, runs: dict[int, list[Path]]) -> str:
-    """The study's markdown table: one row per label count, mean +- sd over the label draws."""
+    """The study's markdown table: one row per label count, mean +- sd over the label draws, from the files of
+    each run (or its kept record)."""
     m2 = model == "m2"
     header = "| labels | test accuracy of q(y \\| x) (mean +- sd over draws) | each draw |"
     header += " generative classifier, argmax_y log p(x, y) | best epoch | training minutes per run |" if m2 else ""
@@ -226,11 +253,10 @@ def table(model: str, runs: dict[int, list[Path]]) -> str:
         spread = f" +- {statistics.stdev(accuracies):.2f}" if len(accuracies) > 1 else ""
         row = f"| {labels} | {statistics.mean(accuracies):.2f}%{spread} | {', '.join(f'{a:.2f}' for a in accuracies)} |"
         if m2:
-            generative = [json.loads((run / "generative_classifier.json").read_text()) for run in dirs]
-            loaded = [pv.load_run(run) for run in dirs]
-            minutes = [sum(r.get("seconds", 0) + r.get("val_seconds", 0) for r in run.history) / 60 for run in loaded]
+            generative = [json.loads((run / GENERATIVE).read_text()) for run in dirs]
+            minutes = [m["train_seconds"] / 60 for m in metrics]
             row += f" {statistics.mean(100 * g['test_accuracy'] for g in generative):.2f}% |"
-            row += f" {', '.join(str(run.epoch) for run in loaded)} | {statistics.mean(minutes):.1f} |"
+            row += f" {', '.join(str(m['best_epoch']) for m in metrics)} | {statistics.mean(minutes):.1f} |"
         target = TARGETS[model].get(labels)
         log_px = metrics[0].get("test_log_px")
         density = "" if log_px is None else f"{log_px:.2f} +- {metrics[0]['test_log_px_se']:.2f}"
@@ -263,29 +289,37 @@ def main() -> None:
     parser.add_argument("--subset", type=int, help="train on this many points only (smoke tests)")
     parser.add_argument("--jobs", type=int, default=1, help="M2 runs at a time, one thread each when above 1")
     parser.add_argument("--out", default="runs/semi-supervised-study")
+    parser.add_argument("--keep", type=Path, help="copy each finished run's record here (to commit); see above")
     args = parser.parse_args()
     out = Path(args.out)
 
-    if args.model == "m1m2":
+    jobs = [(labels, seed) for labels in args.labels for seed in args.label_seeds]
+    places = {job: args.keep / run_name(args.model, *job) for job in jobs if args.keep}
+    places = {job: record for job, record in places.items() if kept(record, args)}
+    to_train = [job for job in jobs if job not in places]
+    m1 = None
+    if args.model == "m1m2" and to_train:
         m1 = Path(args.m1) if args.m1 else train_m1(args, out)
         train, where = train_m1m2, (m1,)
     else:
         train, where = train_m2, ()
-    jobs = [(labels, seed) for labels in args.labels for seed in args.label_seeds]
     try:
         if args.jobs > 1:
-            done = train_in_parallel(train, where, jobs, args, out)
+            done = train_in_parallel(train, where, to_train, args, out)
         else:
-            done = [train(*where, labels, seed, args, out) for labels, seed in jobs]
+            done = [train(*where, labels, seed, args, out) for labels, seed in to_train]
     except INTERRUPTS:
         print("Interrupted: the runs in progress were saved; the same command resumes the study.", file=sys.stderr)
         raise SystemExit(130) from None
-    runs = {
-        labels: [run for (count, _), run in zip(jobs, done, strict=True) if count == labels] for labels in args.labels
-    }
+    for job, run in zip(to_train, done, strict=True):
+        places[job] = run
+        if args.keep:
+            pv.RunDirectory(run).keep_record(args.keep / run.name, extra=(GENERATIVE,))
+    runs = {labels: [places[job] for job in jobs if job[0] == labels] for labels in args.labels}
     result = table(args.model, runs)
+    out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.model}_table.md").write_text(result)
-    print(("" if args.model == "m2" else f"M1: {m1}\n") + result)
+    print(("" if m1 is None else f"M1: {m1}\n") + result)
 
 
 if __name__ == "__main__":

@@ -85,7 +85,7 @@ def test_the_iwae_study_takes_a_kept_run_that_its_out_folder_no_longer_holds(tmp
     first = study("1-layer-iwae-k50", "machine-1")
     assert first.returncode == 0, first.stderr[-2000:]
     assert sorted(p.name for p in (tmp_path / "kept" / "1-layer-iwae-k50").iterdir()) == [
-        "config.json", "evaluations", "metrics.json", "test_log_px.npy"
+        "config.json", "evaluations", "history.csv", "metrics.json", "test_log_px.npy"
     ]  # fmt: skip
     second = study("1-layer-iwae-k5", "machine-2")
     assert second.returncode == 0, second.stderr[-2000:]
@@ -102,6 +102,31 @@ def test_the_iwae_study_takes_a_kept_run_that_its_out_folder_no_longer_holds(tmp
     mixed = run_example("iwae_study.py", [*tiny, "--runs", "1-layer-iwae-k5", "--out", "machine-2", "--output-bias",
                                           "random", "--keep", "kept-random"], tmp_path)  # fmt: skip
     assert mixed.returncode != 0 and "give it --output-bias data, or another --out" in mixed.stderr
+
+
+def test_the_semi_supervised_study_takes_kept_records_and_does_not_train_them_again(tmp_path):
+    """A run finished on one machine enters the table on the next (wiped) one through its kept record."""
+    tiny = ["--epochs", "1", "--subset", "2000", "--labels", "100", "--label-seeds", "0", "--samples", "5"]
+    tiny += ["--keep", "kept"]
+
+    def study(out: str, steps: str = "50") -> subprocess.CompletedProcess:
+        return run_example("semi_supervised_study.py", [*tiny, "--classifier-steps", steps, "--out", out], tmp_path)
+
+    first = study("machine-1")
+    assert first.returncode == 0, first.stderr[-2000:]
+    record = tmp_path / "kept" / "m2-100-labels-draw-0"
+    assert {"config.json", "history.csv", "metrics.json", "generative_classifier.json"} <= {
+        p.name for p in record.iterdir()
+    } and not list(record.glob("*.pt"))
+    second = study("machine-2")
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert not (tmp_path / "machine-2" / "m2-100-labels-draw-0").exists()  # not trained again
+    table = (tmp_path / "machine-1" / "m2_table.md").read_text()
+    assert (tmp_path / "machine-2" / "m2_table.md").read_text() == table and "| 100 |" in table
+    # a record of other settings is refused before any training, not mixed in
+    other = study("machine-3", steps="60")
+    assert other.returncode != 0 and "trained with --classifier-steps 50, not 60" in other.stderr
+    assert not (tmp_path / "machine-3").exists()
 
 
 def test_the_semi_supervised_study_runs_m1_plus_m2(tmp_path):

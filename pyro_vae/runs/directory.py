@@ -58,6 +58,8 @@ class RunDirectory:
     EVALUATIONS = "evaluations"
     FIGURES = "figures"
     LOCK = ".lock"
+    #: The files of a run's record (:meth:`keep_record`): its settings and what it measured, not its weights.
+    RECORD = (CONFIG, HISTORY, METRICS, LOG_PX)
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -190,6 +192,25 @@ class RunDirectory:
             )
         with np.load(path, allow_pickle=False) as arrays:
             return {key: arrays[key] for key in arrays.files}
+
+    def keep_record(self, destination: str | Path, extra: tuple[str, ...] = ()) -> RunDirectory:
+        """Copy the run's record to ``destination``: :attr:`RECORD`, the finished evaluations, and the files
+        named in ``extra``, whichever the run has; no checkpoint and no figures (a few hundred kB).
+
+        A record reads like its run (``read_config``, ``read_metrics``, ``read_log_px``,
+        ``read_evaluation``) but holds no weights to load or resume: a study that commits its runs'
+        records builds its tables from runs trained on machines that are gone. Each file is written
+        atomically, so an interrupted copy leaves the previous record's files whole.
+        """
+        record = RunDirectory(destination)
+        record.path.mkdir(parents=True, exist_ok=True)
+        for name in (*self.RECORD, *extra):
+            if self.file(name).exists():
+                atomic_write_bytes(record.file(name), self.file(name).read_bytes())
+        for name in self.evaluation_names():
+            record._evaluation_file(name).parent.mkdir(exist_ok=True)
+            atomic_write_bytes(record._evaluation_file(name), self._evaluation_file(name).read_bytes())
+        return record
 
     def read_log_px(self) -> np.ndarray:
         if not self.file(self.LOG_PX).exists():
