@@ -2,13 +2,14 @@
 
     python benchmarks/certified_log_px.py runs/RUN [runs/RUN ...]
     python benchmarks/certified_log_px.py runs/RUN --test-points 200 --bdmc-points 100   # a quick look
+    python benchmarks/certified_log_px.py runs/RUN --steps 400 --chains 16   # other AIS settings
 
 For each run (its best checkpoint) this runs, through ``pv.evaluate_run``
 (what ``pyro-vae evaluate`` does), whichever of these it has not run yet on
 the best checkpoint's current weights:
 
 * importance sampling at K = ``--samples`` on the test points;
-* AIS from the encoder at its default settings on the same points;
+* AIS from the encoder on the same points, at the library's default settings or those given;
 * BDMC on ``--bdmc-points`` points simulated from the model, at the same settings.
 
 An interrupted AIS or BDMC evaluation continues where it stopped, so the
@@ -27,19 +28,12 @@ import numpy as np
 
 import pyro_vae as pv
 from pyro_vae.evaluate import evaluation_name
-from pyro_vae.infer.ais import DEFAULT_CHAINS, DEFAULT_LEAPFROG_STEPS, DEFAULT_STEPS
+from pyro_vae.infer.ais import DEFAULT_CHAINS, DEFAULT_LEAPFROG_STEPS, DEFAULT_STEPS, SCHEDULES
 from pyro_vae.infer.densities import standard_error
 from pyro_vae.training.parallel import parameter_digest
 
-AIS = {
-    "num_steps": DEFAULT_STEPS,
-    "num_chains": DEFAULT_CHAINS,
-    "leapfrog_steps": DEFAULT_LEAPFROG_STEPS,
-    "schedule": "sigmoid",
-}
 
-
-def evaluated(run: str, digest: str, method: str, **settings) -> tuple[dict, dict]:
+def evaluated(run: str, digest: str, method: str, ais: dict, **settings) -> tuple[dict, dict]:
     """The arrays and summary of an evaluation of ``run``, run first if it is missing or of other weights.
 
     ``digest`` is that of the run's best checkpoint now (``parameter_digest``).
@@ -48,21 +42,21 @@ def evaluated(run: str, digest: str, method: str, **settings) -> tuple[dict, dic
     name = evaluation_name(
         method,
         num_samples=settings.get("num_samples", 5000),
-        ais=AIS,
+        ais=ais,
         num_points=settings.get("num_points", 1000),
         test_points=settings.get("test_points"),
     )
     done = name in directory.read_metrics().get("evaluations", {})
     if not done or str(directory.read_evaluation(name)["model_digest"]) != digest:  # none, or of older weights
-        pv.evaluate_run(run, method=method, **settings)
+        pv.evaluate_run(run, method=method, **(ais if method != "is" else {}), **settings)
     return directory.read_evaluation(name), directory.read_metrics()["evaluations"][name]
 
 
-def row(run: str, samples: int, test_points: int | None, bdmc_points: int) -> str:
+def row(run: str, samples: int, test_points: int | None, bdmc_points: int, annealing: dict) -> str:
     digest = parameter_digest(pv.load_run(run).model)
-    importance, is_summary = evaluated(run, digest, "is", num_samples=samples, test_points=test_points)
-    ais, ais_summary = evaluated(run, digest, "ais", test_points=test_points)
-    bdmc, bdmc_summary = evaluated(run, digest, "bdmc", num_points=bdmc_points)
+    importance, is_summary = evaluated(run, digest, "is", annealing, num_samples=samples, test_points=test_points)
+    ais, ais_summary = evaluated(run, digest, "ais", annealing, test_points=test_points)
+    bdmc, bdmc_summary = evaluated(run, digest, "bdmc", annealing, num_points=bdmc_points)
     diff = ais["log_px"] - importance["log_px"]
     se = standard_error(diff)
     gap = bdmc["upper"] - bdmc["lower"]
@@ -83,15 +77,27 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=5000, help="K of importance sampling")
     parser.add_argument("--test-points", type=int, help="the first N test points only [default: all]")
     parser.add_argument("--bdmc-points", type=int, default=1000, help="points simulated from each model for BDMC")
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="AIS steps T [default: %(default)s]")
+    parser.add_argument("--chains", type=int, default=DEFAULT_CHAINS, help="AIS chains C [default: %(default)s]")
+    parser.add_argument(
+        "--leapfrog", type=int, default=DEFAULT_LEAPFROG_STEPS, help="leapfrog steps L [default: %(default)s]"
+    )
+    parser.add_argument("--schedule", choices=SCHEDULES, default="sigmoid", help="AIS schedule [default: %(default)s]")
     args = parser.parse_args()
-    annealing = f"{AIS['num_steps']} steps x {AIS['num_chains']} chains x {AIS['leapfrog_steps']} leapfrog"
+    ais = {
+        "num_steps": args.steps,
+        "num_chains": args.chains,
+        "leapfrog_steps": args.leapfrog,
+        "schedule": args.schedule,
+    }
+    annealing = f"{args.steps} steps x {args.chains} chains x {args.leapfrog} leapfrog, {args.schedule}"
     print(
         f"| run | test points | IS, K = {args.samples} | AIS ({annealing}) | AIS - IS, paired "
         "| BDMC gap on simulated points | wall time IS / AIS / BDMC |"
     )
     print("|---|---|---|---|---|---|---|")
     for run in args.runs:
-        print(row(run, args.samples, args.test_points, args.bdmc_points), flush=True)
+        print(row(run, args.samples, args.test_points, args.bdmc_points, ais), flush=True)
 
 
 if __name__ == "__main__":

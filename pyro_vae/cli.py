@@ -367,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument(
         "--evaluation",
         metavar="NAME",
-        help="the evaluation to compare, e.g. ais-T500-C32-L2-sigmoid (a file name in RUN/evaluations/) "
+        help="the evaluation to compare, e.g. ais-T400-C16-L2-sigmoid (a file name in RUN/evaluations/) "
         "[default: the importance-sampled test_log_px.npy]",
     )
     compare.add_argument("--out", default="comparison", help="write OUT.md and OUT.csv")

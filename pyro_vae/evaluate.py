@@ -289,7 +289,7 @@ def compare_runs(run_dirs: list[str | Path], evaluation: str | None = None) -> l
     """One row per run: test log p(x) +- se, and the paired difference to the best run +- its se.
 
     :param evaluation: the name of the evaluation to compare (method and settings, e.g.
-        ``ais-T500-C32-L2-sigmoid``); by default the importance-sampled ``test_log_px.npy``.
+        ``ais-T400-C16-L2-sigmoid``); by default the importance-sampled ``test_log_px.npy``.
         Runs are paired only on the same evaluation of the same test points.
     """
     if len(run_dirs) < 1:

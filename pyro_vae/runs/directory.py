@@ -167,7 +167,7 @@ class RunDirectory:
         return self.path / self.EVALUATIONS / f"{name}{'.partial' if partial else ''}.npz"
 
     def evaluation_names(self) -> list[str]:
-        """The names of the finished evaluations (method and settings, e.g. ``ais-T500-C32-L2-sigmoid``)."""
+        """The names of the finished evaluations (method and settings, e.g. ``ais-T400-C16-L2-sigmoid``)."""
         folder = self.path / self.EVALUATIONS
         return sorted(p.name.removesuffix(".npz") for p in folder.glob("*.npz") if ".partial" not in p.name)
 
