@@ -48,15 +48,15 @@ def evaluated(run: str, digest: str, method: str, ais: dict, **settings) -> tupl
     )
     done = name in directory.read_metrics().get("evaluations", {})
     if not done or str(directory.read_evaluation(name)["model_digest"]) != digest:  # none, or of older weights
-        pv.evaluate_run(run, method=method, **(ais if method != "is" else {}), **settings)
+        pv.evaluate_run(run, method=method, **ais, **settings)  # importance sampling ignores the AIS settings
     return directory.read_evaluation(name), directory.read_metrics()["evaluations"][name]
 
 
-def row(run: str, samples: int, test_points: int | None, bdmc_points: int, annealing: dict) -> str:
+def row(run: str, samples: int, test_points: int | None, bdmc_points: int, ais_settings: dict) -> str:
     digest = parameter_digest(pv.load_run(run).model)
-    importance, is_summary = evaluated(run, digest, "is", annealing, num_samples=samples, test_points=test_points)
-    ais, ais_summary = evaluated(run, digest, "ais", annealing, test_points=test_points)
-    bdmc, bdmc_summary = evaluated(run, digest, "bdmc", annealing, num_points=bdmc_points)
+    importance, is_summary = evaluated(run, digest, "is", ais_settings, num_samples=samples, test_points=test_points)
+    ais, ais_summary = evaluated(run, digest, "ais", ais_settings, test_points=test_points)
+    bdmc, bdmc_summary = evaluated(run, digest, "bdmc", ais_settings, num_points=bdmc_points)
     diff = ais["log_px"] - importance["log_px"]
     se = standard_error(diff)
     gap = bdmc["upper"] - bdmc["lower"]
