@@ -141,17 +141,18 @@ def evaluate_run(
     run = load_run(directory.path, map_location=device)
     x = run.load_data().test.x[:test_points].to(device)
     run.model.check_data(x, "test data")
-    model, started = run.model, time.perf_counter()
+    model, clock = run.model, _WallClock()
     identity = {"model_digest": parameter_digest(model), "seed": seed, "batch_size": batch_size}
     with directory.lock():
         if method == "bdmc":
-            bounds = _resumable_bdmc(directory, name, model, num_points, batch_size, ais, seed, progress, identity)
+            bounds = _resumable_bdmc(directory, name, model, num_points, batch_size, ais, seed, progress, identity,
+                                     clock)  # fmt: skip
             arrays = {"lower": bounds.lower.numpy(), "upper": bounds.upper.numpy()}
             summary = bounds.summary()
         else:
             arrays, summary = _evaluate_test_points(directory, name, model, x, method, num_samples, batch_size,
-                                                    ais, seed, progress, identity)  # fmt: skip
-        summary.update(method=method, seconds=time.perf_counter() - started, seed=seed)
+                                                    ais, seed, progress, identity, clock)  # fmt: skip
+        summary.update(method=method, seconds=clock.seconds(), seed=seed)
         directory.write_evaluation(name, {**arrays, "model_digest": identity["model_digest"]})
         metrics = directory.read_metrics()
         metrics.setdefault("evaluations", {})[name] = summary
@@ -169,11 +170,13 @@ def evaluate_run(
     return {"evaluation": name, **summary}
 
 
-def _evaluate_test_points(directory, name, model, x, method, num_samples, batch_size, ais, seed, progress, identity):
+def _evaluate_test_points(
+    directory, name, model, x, method, num_samples, batch_size, ais, seed, progress, identity, clock
+):
     """Per-point arrays and summary of an ``is``, ``ais`` or ``auto`` evaluation of the test points."""
     if method == "ais":
         estimate = _resumable_ais(
-            directory, name, model, x, np.arange(len(x)), batch_size, ais, seed, progress, identity
+            directory, name, model, x, np.arange(len(x)), batch_size, ais, seed, progress, identity, clock
         )
         return estimate, _ais_summary(estimate, ais)
     importance = log_marginal_likelihood(
@@ -186,7 +189,9 @@ def _evaluate_test_points(directory, name, model, x, method, num_samples, batch_
     log_px = importance.log_px.double().numpy().copy()
     summary = {"num_points": len(x), "num_escalated": len(unreliable), "is_log_px": float(log_px.mean())}
     if len(unreliable):
-        estimate = _resumable_ais(directory, name, model, x, unreliable, batch_size, ais, seed, progress, identity)
+        estimate = _resumable_ais(
+            directory, name, model, x, unreliable, batch_size, ais, seed, progress, identity, clock
+        )
         log_px[unreliable] = estimate["log_px"]
         summary.update({f"escalated_{key}": value for key, value in _ais_summary(estimate, ais).items()})
     summary.update(log_px=float(log_px.mean()), log_px_se=standard_error(log_px))
@@ -196,26 +201,40 @@ def _evaluate_test_points(directory, name, model, x, method, num_samples, batch_
     return {"log_px": log_px, "pareto_k": importance.pareto_k.numpy(), "escalated": escalated}, summary
 
 
-def _saved_batches(directory, name, identity: dict, keys, indices=None) -> dict[str, list]:
+class _WallClock:
+    """Wall seconds of an evaluation, those of the processes that began it counted when it is continued."""
+
+    def __init__(self):
+        self.started, self.earlier = time.perf_counter(), 0.0
+
+    def seconds(self) -> float:
+        return self.earlier + time.perf_counter() - self.started
+
+
+def _saved_batches(directory, name, identity: dict, keys, clock: _WallClock, indices=None) -> dict[str, list]:
     """The per-point columns of the batches a partial evaluation saved, or empty ones.
 
     They are continued only if the evaluation was begun with the same ``identity`` (weights, seed,
-    batch size) and, where given, on the same point ``indices``.
+    batch size) and, where given, on the same point ``indices``; ``clock`` then counts the seconds
+    spent on them.
     """
     done = directory.read_evaluation(name, partial=True) or {}
     same = all(str(done.get(key)) == str(value) for key, value in identity.items())
     if indices is not None:
         same &= np.array_equal(done.get("indices", []), indices)
+    if same and "seconds" in done:
+        clock.earlier = float(done["seconds"])
     return {key: list(done.get(key, [])) if same else [] for key in keys}
 
 
-def _resumable_ais(directory, name, model, x, indices, batch_size, ais, seed, progress, identity) -> dict:
+def _resumable_ais(directory, name, model, x, indices, batch_size, ais, seed, progress, identity, clock) -> dict:
     """AIS of the points ``x[indices]`` in batches, each saved as it finishes; a saved batch is not rerun.
 
     A saved partial evaluation is continued only if it was begun on the same points, with the same
     weights, seed and batch size; otherwise it starts again.
     """
-    columns = _saved_batches(directory, name, identity, ("log_px", "chain_std", "acceptance", "step_size"), indices)
+    keys = ("log_px", "chain_std", "acceptance", "step_size")
+    columns = _saved_batches(directory, name, identity, keys, clock, indices)
     batches = range(0, len(indices), batch_size)
     try:
         for index, begin in enumerate(tqdm(batches, desc=f"AIS {name}", disable=not progress, leave=False)):
@@ -228,7 +247,8 @@ def _resumable_ais(directory, name, model, x, indices, batch_size, ais, seed, pr
             for key, value in (("log_px", estimate.log_px), ("chain_std", estimate.chain_std),
                                ("acceptance", estimate.acceptance), ("step_size", estimate.step_size)):  # fmt: skip
                 columns[key].extend(value.double().tolist())
-            directory.write_evaluation(name, {"indices": indices, **identity, **columns}, partial=True)
+            saved = {"indices": indices, **identity, **columns, "seconds": clock.seconds()}
+            directory.write_evaluation(name, saved, partial=True)
     except KeyboardInterrupt:
         raise EvaluationInterrupted(
             f"Interrupted after {len(columns['log_px'])} of {len(indices)} points; they are saved. "
@@ -237,13 +257,15 @@ def _resumable_ais(directory, name, model, x, indices, batch_size, ais, seed, pr
     return {key: np.asarray(value) for key, value in columns.items()}
 
 
-def _resumable_bdmc(directory, name, model, num_points, batch_size, ais, seed, progress, identity) -> BDMCEstimate:
+def _resumable_bdmc(
+    directory, name, model, num_points, batch_size, ais, seed, progress, identity, clock
+) -> BDMCEstimate:
     """BDMC of ``num_points`` simulated points in batches, each saved as it finishes; a saved batch is not rerun.
 
     A saved partial evaluation is continued only if it was begun with the same weights, seed and batch size.
     """
     plan = BDMC(model.model, model.guide, num_points, **ais, batch_size=batch_size, seed=seed)
-    columns = _saved_batches(directory, name, identity, ("lower", "upper"))
+    columns = _saved_batches(directory, name, identity, ("lower", "upper"), clock)
     total = 2 * len(plan.batches) * ais["num_steps"]
     try:
         with tqdm(total=total, desc=f"BDMC {name}", disable=not progress, leave=False) as bar:
@@ -254,7 +276,7 @@ def _resumable_bdmc(directory, name, model, num_points, batch_size, ais, seed, p
                 lower, upper = plan.bounds(index, bar)
                 columns["lower"].extend(lower.double().tolist())
                 columns["upper"].extend(upper.double().tolist())
-                directory.write_evaluation(name, {**identity, **columns}, partial=True)
+                directory.write_evaluation(name, {**identity, **columns, "seconds": clock.seconds()}, partial=True)
     except KeyboardInterrupt:
         raise EvaluationInterrupted(
             f"Interrupted after {len(columns['lower'])} of {num_points} simulated points; they are saved. "

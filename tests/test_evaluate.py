@@ -127,12 +127,17 @@ def test_an_interrupted_ais_evaluation_continues_to_the_same_result(two_runs, mo
     monkeypatch.setattr(evaluate, "ais_log_marginal_likelihood", interrupted_after_two_batches)
     with pytest.raises(evaluate.EvaluationInterrupted, match="after 100 of 200 points; they are saved"):
         pv.evaluate_run(interrupted, **settings)
+    name = "ais-T10-C2-L1-sigmoid"
+    partial = pv.RunDirectory(interrupted).read_evaluation(name, partial=True)
+    assert 0 < partial["seconds"] < 600  # the seconds spent so far, saved with the batches
+    pv.RunDirectory(interrupted).write_evaluation(name, {**partial, "seconds": 1000.0}, partial=True)
     monkeypatch.setattr(evaluate, "ais_log_marginal_likelihood", real)
     calls.clear()
     monkeypatch.setattr(evaluate, "ais_log_marginal_likelihood", lambda *a, **k: calls.append(1) or real(*a, **k))
     pv.evaluate_run(interrupted, **settings)
     assert len(calls) == 2  # only the two batches that were not saved
-    name = "ais-T10-C2-L1-sigmoid"
+    seconds = pv.RunDirectory(interrupted).read_metrics()["evaluations"][name]["seconds"]
+    assert 1000 < seconds < 1600  # the interrupted process's seconds counted once, then this one's
     a = np.load(reference / "evaluations" / f"{name}.npz")["log_px"]
     b = np.load(interrupted / "evaluations" / f"{name}.npz")["log_px"]
     assert np.array_equal(a, b)
