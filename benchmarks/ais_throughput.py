@@ -1,6 +1,6 @@
 """AIS throughput in gradient evaluations per second, against this machine's matmul bound, and AIS accuracy.
 
-    python benchmarks/ais_throughput.py [--points 100] [--chains 32] [--steps 20] [--accuracy-points 500]
+    python benchmarks/ais_throughput.py [--points 100] [--chains 16] [--steps 20] [--accuracy-points 500]
         [--settings T,C,L[,SCHEDULE] ...] [--seed 0] [--output-bias data|random]
 
 Throughput: the 784-400-20 Bernoulli MLP VAE (untrained: the cost does not
@@ -33,6 +33,7 @@ import pyro
 import torch
 
 import pyro_vae as pv
+from pyro_vae.cli import count_or_zero, positive_int, seed_value
 from pyro_vae.infer.ais import DEFAULT_CHAINS, DEFAULT_LEAPFROG_STEPS, DEFAULT_STEPS, SCHEDULES
 from pyro_vae.training.engine import OUTPUT_BIAS_STARTS
 
@@ -128,10 +129,10 @@ def accuracy(points: int, settings: list[tuple[int, int, int, str]], output_bias
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--points", type=int, default=100, help="points annealed at once (AIS's batch_size)")
-    parser.add_argument("--chains", type=int, default=DEFAULT_CHAINS, help="chains per point")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--accuracy-points", type=int, default=500, help="0 skips the accuracy check")
+    parser.add_argument("--points", type=positive_int, default=100, help="points annealed at once (AIS's batch_size)")
+    parser.add_argument("--chains", type=positive_int, default=DEFAULT_CHAINS, help="chains per point")
+    parser.add_argument("--steps", type=positive_int, default=20)
+    parser.add_argument("--accuracy-points", type=count_or_zero, default=500, help="0 skips the accuracy check")
     parser.add_argument(
         "--settings",
         nargs="+",
@@ -140,7 +141,7 @@ if __name__ == "__main__":
         metavar="T,C,L[,SCHEDULE]",
         help="AIS settings of the accuracy check, steps,chains,leapfrog[,schedule] each (default: the defaults)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="the AIS seed of the accuracy check")
+    parser.add_argument("--seed", type=seed_value, default=0, help="the AIS seed of the accuracy check")
     parser.add_argument("--no-throughput", action="store_true", help="the accuracy check only")
     parser.add_argument(
         "--output-bias", choices=OUTPUT_BIAS_STARTS, default="data", help="the 2-D VAE's output-bias start"

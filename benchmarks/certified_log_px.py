@@ -2,7 +2,7 @@
 
     python benchmarks/certified_log_px.py runs/RUN [runs/RUN ...]
     python benchmarks/certified_log_px.py runs/RUN --test-points 200 --bdmc-points 100   # a quick look
-    python benchmarks/certified_log_px.py runs/RUN --steps 400 --chains 16   # other AIS settings
+    python benchmarks/certified_log_px.py runs/RUN --steps 500 --chains 32   # other AIS settings
 
 For each run (its best checkpoint) this runs, through ``pv.evaluate_run``
 (what ``pyro-vae evaluate`` does), whichever of these it has not run yet on
@@ -27,6 +27,7 @@ import argparse
 import numpy as np
 
 import pyro_vae as pv
+from pyro_vae.cli import positive_int
 from pyro_vae.evaluate import evaluation_name
 from pyro_vae.infer.ais import DEFAULT_CHAINS, DEFAULT_LEAPFROG_STEPS, DEFAULT_STEPS, SCHEDULES
 from pyro_vae.infer.densities import standard_error
@@ -74,13 +75,17 @@ def row(run: str, samples: int, test_points: int | None, bdmc_points: int, ais_s
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", help="run directories")
-    parser.add_argument("--samples", type=int, default=5000, help="K of importance sampling")
-    parser.add_argument("--test-points", type=int, help="the first N test points only [default: all]")
-    parser.add_argument("--bdmc-points", type=int, default=1000, help="points simulated from each model for BDMC")
-    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="AIS steps T [default: %(default)s]")
-    parser.add_argument("--chains", type=int, default=DEFAULT_CHAINS, help="AIS chains C [default: %(default)s]")
+    parser.add_argument("--samples", type=positive_int, default=5000, help="K of importance sampling")
+    parser.add_argument("--test-points", type=positive_int, help="the first N test points only [default: all]")
     parser.add_argument(
-        "--leapfrog", type=int, default=DEFAULT_LEAPFROG_STEPS, help="leapfrog steps L [default: %(default)s]"
+        "--bdmc-points", type=positive_int, default=1000, help="points simulated from each model for BDMC"
+    )
+    parser.add_argument("--steps", type=positive_int, default=DEFAULT_STEPS, help="AIS steps T [default: %(default)s]")
+    parser.add_argument(
+        "--chains", type=positive_int, default=DEFAULT_CHAINS, help="AIS chains C [default: %(default)s]"
+    )
+    parser.add_argument(
+        "--leapfrog", type=positive_int, default=DEFAULT_LEAPFROG_STEPS, help="leapfrog steps L [default: %(default)s]"
     )
     parser.add_argument("--schedule", choices=SCHEDULES, default="sigmoid", help="AIS schedule [default: %(default)s]")
     args = parser.parse_args()

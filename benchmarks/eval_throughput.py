@@ -27,6 +27,7 @@ import time
 import torch
 
 import pyro_vae as pv
+from pyro_vae.cli import count_or_zero, positive_int
 
 X_DIM, HIDDEN, Z_DIM = 784, 400, 20
 FLOPS_PER_SAMPLE = 2 * (Z_DIM * HIDDEN + HIDDEN * X_DIM)
@@ -152,7 +153,9 @@ def main(points: int, samples: int, peer_points: int) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--points", type=int, default=2000)
-    parser.add_argument("--samples", type=int, default=5000)
-    parser.add_argument("--peer-points", type=int, default=20, help="test points for the (slower) pythae peer")
+    parser.add_argument("--points", type=positive_int, default=2000)
+    parser.add_argument("--samples", type=positive_int, default=5000)
+    parser.add_argument(
+        "--peer-points", type=count_or_zero, default=20, help="test points for the (slower) pythae peer"
+    )
     main(**vars(parser.parse_args()))

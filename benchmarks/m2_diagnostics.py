@@ -36,6 +36,7 @@ import pyro
 import torch
 
 import pyro_vae as pv
+from pyro_vae.cli import count_or_zero, non_negative_float, positive_float, positive_int
 from pyro_vae.infer.densities import parameters_held_fixed
 from pyro_vae.infer.semisupervised import SemiSupervisedELBO, paper_aux_weight
 
@@ -137,26 +138,37 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     floor_parser = commands.add_parser("floor")
-    floor_parser.add_argument("--steps", type=int, default=1000)
+    floor_parser.add_argument("--steps", type=positive_int, default=1000)
     variant_parser = commands.add_parser("variant")
-    variant_parser.add_argument("--epochs", type=int, default=8)
-    variant_parser.add_argument("--lr", type=float, default=1e-3)
-    variant_parser.add_argument("--init", type=float, help="the weights' standard deviation at the start")
-    variant_parser.add_argument("--weight-prior", type=float, help="sd of a Gaussian prior on every weight")
+    variant_parser.add_argument("--epochs", type=positive_int, default=8)
+    variant_parser.add_argument("--lr", type=positive_float, default=1e-3)
+    variant_parser.add_argument("--init", type=positive_float, help="the weights' standard deviation at the start")
+    variant_parser.add_argument("--weight-prior", type=positive_float, help="sd of a Gaussian prior on every weight")
     variant_parser.add_argument(
-        "--classifier-steps", type=int, default=0, help="train q(y | x) on the labels alone first, for this many steps"
+        "--classifier-steps",
+        type=count_or_zero,
+        default=0,
+        help="train q(y | x) on the labels alone first, for this many steps",
     )
     variant_parser.add_argument(
-        "--fixed-classifier-epochs", type=int, default=0, help="then train the rest of M2 with q(y | x) held fixed"
+        "--fixed-classifier-epochs",
+        type=count_or_zero,
+        default=0,
+        help="then train the rest of M2 with q(y | x) held fixed",
     )
     variant_parser.add_argument(
-        "--rampup-epochs", type=float, default=0, help="ramp the unlabelled term's weight up over this many epochs"
+        "--rampup-epochs",
+        type=non_negative_float,
+        default=0,
+        help="ramp the unlabelled term's weight up over this many epochs",
     )
-    variant_parser.add_argument("--batch-size", type=int, default=200)
-    variant_parser.add_argument("--z-dim", type=int, default=50)
-    variant_parser.add_argument("--aux-weight", type=float, help="alpha per labelled point [default: the paper's]")
+    variant_parser.add_argument("--batch-size", type=positive_int, default=200)
+    variant_parser.add_argument("--z-dim", type=positive_int, default=50)
+    variant_parser.add_argument(
+        "--aux-weight", type=non_negative_float, help="alpha per labelled point [default: the paper's]"
+    )
     for sub in (floor_parser, variant_parser):
-        sub.add_argument("--labels", type=int, default=100)
+        sub.add_argument("--labels", type=positive_int, default=100)
     args = parser.parse_args()
     {"floor": floor, "variant": variant}[args.command](args)
 

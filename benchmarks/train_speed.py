@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 
 import pyro_vae as pv
+from pyro_vae.cli import positive_int
 from pyro_vae.components.nets import MLPDecoder, MLPEncoder
 from pyro_vae.infer import build_objective
 from pyro_vae.training.engine import adam, compiled_step, take_step
@@ -190,7 +191,9 @@ def main(batch_sizes: list[int], repeats: int, steps: int) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 512])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=30, help="timed steps of each kind in the step comparison")
+    parser.add_argument("--batch-sizes", type=positive_int, nargs="+", default=[128, 512])
+    parser.add_argument("--repeats", type=positive_int, default=3)
+    parser.add_argument(
+        "--steps", type=positive_int, default=30, help="timed steps of each kind in the step comparison"
+    )
     main(**vars(parser.parse_args()))

@@ -12,6 +12,7 @@ import pyro
 from pyro.infer import SVI, Predictive, Trace_ELBO
 
 import pyro_vae as pv
+from pyro_vae.cli import positive_int
 
 
 def main(epochs: int, subset: int | None) -> None:
@@ -41,6 +42,6 @@ def main(epochs: int, subset: int | None) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--subset", type=int, help="train on this many points only")
+    parser.add_argument("--epochs", type=positive_int, default=5)
+    parser.add_argument("--subset", type=positive_int, help="train on this many points only")
     main(**vars(parser.parse_args()))

@@ -25,6 +25,7 @@ from pathlib import Path
 import pyro
 
 import pyro_vae as pv
+from pyro_vae.cli import non_negative_float, positive_int, seed_value
 from pyro_vae.evaluate import comparison_csv, comparison_markdown
 from pyro_vae.plots import plot_samples_side_by_side
 from pyro_vae.training.engine import OUTPUT_BIAS_STARTS
@@ -80,12 +81,12 @@ def train_and_evaluate(prior: str, args, out: Path) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--epochs", type=int, default=250)
-    parser.add_argument("--warmup-epochs", type=float, default=10, help="linear KL warm-up")
-    parser.add_argument("--samples", type=int, default=5000, help="K, importance samples per test point")
-    parser.add_argument("--components", type=int, help="mixture components and pseudo-inputs [10 and 500]")
-    parser.add_argument("--subset", type=int, help="train on this many points only (smoke tests)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--epochs", type=positive_int, default=250)
+    parser.add_argument("--warmup-epochs", type=non_negative_float, default=10, help="linear KL warm-up")
+    parser.add_argument("--samples", type=positive_int, default=5000, help="K, importance samples per test point")
+    parser.add_argument("--components", type=positive_int, help="mixture components and pseudo-inputs [10 and 500]")
+    parser.add_argument("--subset", type=positive_int, help="train on this many points only (smoke tests)")
+    parser.add_argument("--seed", type=seed_value, default=0)
     parser.add_argument(
         "--output-bias", choices=OUTPUT_BIAS_STARTS, default="data", help="the decoder's output-bias start"
     )

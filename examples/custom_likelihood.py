@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import pyro_vae as pv
+from pyro_vae.cli import positive_int
 from pyro_vae.evaluate import comparison_markdown
 
 
@@ -75,8 +76,8 @@ def main(epochs: int, subset: int | None, samples: int, out: str) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--subset", type=int, help="train on this many points only")
-    parser.add_argument("--samples", type=int, default=1000, help="K, importance samples per test point")
+    parser.add_argument("--epochs", type=positive_int, default=10)
+    parser.add_argument("--subset", type=positive_int, help="train on this many points only")
+    parser.add_argument("--samples", type=positive_int, default=1000, help="K, importance samples per test point")
     parser.add_argument("--out", default="runs/custom-likelihood", help="where the two run directories go")
     main(**vars(parser.parse_args()))

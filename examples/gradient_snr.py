@@ -22,6 +22,7 @@ import pyro
 import torch
 
 import pyro_vae as pv
+from pyro_vae.cli import count_or_zero, positive_int, seed_value
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -50,11 +51,11 @@ def mean_snr(draws: torch.Tensor) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--train-epochs", type=int, default=5, help="VAE training before the measurement")
-    parser.add_argument("--subset", type=int, help="train on this many points only (smoke tests)")
-    parser.add_argument("--batch", type=int, default=16, help="test points in the fixed minibatch")
-    parser.add_argument("--repeats", type=int, default=200, help="R, gradients drawn per K and estimator")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train-epochs", type=count_or_zero, default=5, help="VAE training before the measurement")
+    parser.add_argument("--subset", type=positive_int, help="train on this many points only (smoke tests)")
+    parser.add_argument("--batch", type=positive_int, default=16, help="test points in the fixed minibatch")
+    parser.add_argument("--repeats", type=positive_int, default=200, help="R, gradients drawn per K and estimator")
+    parser.add_argument("--seed", type=seed_value, default=0)
     parser.add_argument("--out", type=Path, default=Path("docs/images/gradient-snr.png"))
     args = parser.parse_args()
 

@@ -30,6 +30,7 @@ from pyro.infer import SVI, Trace_ELBO
 from pyro.optim import Adam
 
 import pyro_vae as pv
+from pyro_vae.cli import positive_int
 
 LATENT = 10
 
@@ -87,7 +88,7 @@ def main(steps: int, subset: int | None, test: int) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=3000, help="SVI steps of 256 images")
-    parser.add_argument("--subset", type=int, help="train on this many images only")
-    parser.add_argument("--test", type=int, default=1000, help="test images to evaluate")
+    parser.add_argument("--steps", type=positive_int, default=3000, help="SVI steps of 256 images")
+    parser.add_argument("--subset", type=positive_int, help="train on this many images only")
+    parser.add_argument("--test", type=positive_int, default=1000, help="test images to evaluate")
     main(**vars(parser.parse_args()))

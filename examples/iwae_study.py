@@ -48,6 +48,7 @@ import numpy as np
 import pyro
 
 import pyro_vae as pv
+from pyro_vae.cli import count_or_zero, positive_int, seed_value
 from pyro_vae.evaluate import EvaluationInterrupted, evaluation_name
 from pyro_vae.training.engine import OUTPUT_BIAS_STARTS
 from pyro_vae.training.schedules import LR_SCHEDULES
@@ -230,14 +231,14 @@ def write_results(markdown: str, results: Path, args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--epochs", type=int, default=100)
-    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="Burda et al. used 20")
+    parser.add_argument("--epochs", type=positive_int, default=100)
+    parser.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE, help="Burda et al. used 20")
     parser.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="constant", help="Adam's rate by epoch")
-    parser.add_argument("--samples", type=int, default=5000, help="K, importance samples per test point")
-    parser.add_argument("--ais-points", type=int, default=0, help="AIS (STUDY_AIS) on this many test points")
+    parser.add_argument("--samples", type=positive_int, default=5000, help="K, importance samples per test point")
+    parser.add_argument("--ais-points", type=count_or_zero, default=0, help="AIS (STUDY_AIS) on this many test points")
     parser.add_argument("--runs", nargs="+", choices=RUNS, default=list(RUNS), help="the runs to train now")
-    parser.add_argument("--subset", type=int, help="train on this many points only (smoke tests)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--subset", type=positive_int, help="train on this many points only (smoke tests)")
+    parser.add_argument("--seed", type=seed_value, default=0)
     parser.add_argument(
         "--output-bias", choices=OUTPUT_BIAS_STARTS, default="data", help="the decoders' output-bias start"
     )

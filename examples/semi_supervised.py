@@ -21,6 +21,7 @@ import argparse
 from pathlib import Path
 
 import pyro_vae as pv
+from pyro_vae.cli import count_or_zero, positive_int
 
 
 def main(epochs: int, labels: int, subset: int | None, samples: int, out: str) -> None:
@@ -50,9 +51,9 @@ def main(epochs: int, labels: int, subset: int | None, samples: int, out: str) -
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--labels", type=int, default=100, help="labelled training points, class-balanced")
-    parser.add_argument("--subset", type=int, help="train on this many points only")
-    parser.add_argument("--samples", type=int, default=1000, help="K of the test log p(x); 0 skips it")
+    parser.add_argument("--epochs", type=positive_int, default=20)
+    parser.add_argument("--labels", type=positive_int, default=100, help="labelled training points, class-balanced")
+    parser.add_argument("--subset", type=positive_int, help="train on this many points only")
+    parser.add_argument("--samples", type=count_or_zero, default=1000, help="K of the test log p(x); 0 skips it")
     parser.add_argument("--out", default="runs/semi-supervised", help="the run directory")
     main(**vars(parser.parse_args()))

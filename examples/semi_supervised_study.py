@@ -50,6 +50,7 @@ import pyro
 import torch
 
 import pyro_vae as pv
+from pyro_vae.cli import count_or_zero, positive_int, seed_value
 from pyro_vae.evaluate import EvaluationInterrupted
 from pyro_vae.infer.objective import completed_objective_config
 from pyro_vae.infer.semisupervised import DEFAULT_AUX_WEIGHT, paper_aux_weight
@@ -269,12 +270,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=("m2", "m1m2"), default="m2", help="M2 from pixels, or M1+M2")
     parser.add_argument("--m1", help="a trained VAE run to use as M1 [default: train one into OUT/m1]")
-    parser.add_argument("--m1-epochs", type=int, default=250, help="epochs of M1 when the script trains it")
-    parser.add_argument("--labels", type=int, nargs="+", default=list(PAPER_M2), help="label counts")
-    parser.add_argument("--label-seeds", type=int, nargs="+", default=[0, 1, 2], help="label draws per count")
-    parser.add_argument("--epochs", type=int, default=200, help="epochs of each M2")
+    parser.add_argument("--m1-epochs", type=positive_int, default=250, help="epochs of M1 when the script trains it")
+    parser.add_argument("--labels", type=positive_int, nargs="+", default=list(PAPER_M2), help="label counts")
+    parser.add_argument("--label-seeds", type=seed_value, nargs="+", default=[0, 1, 2], help="label draws per count")
+    parser.add_argument("--epochs", type=positive_int, default=200, help="epochs of each M2")
     parser.add_argument(
-        "--classifier-steps", type=int, default=1000, help="q(y | x) first trained on the labels (0: the paper's way)"
+        "--classifier-steps",
+        type=count_or_zero,
+        default=1000,
+        help="q(y | x) first trained on the labels (0: the paper's way)",
     )
     parser.add_argument(
         "--aux-weight",
@@ -285,9 +289,9 @@ def main() -> None:
     parser.add_argument(
         "--output-bias", choices=OUTPUT_BIAS_STARTS, default="data", help="the decoders' output-bias start"
     )
-    parser.add_argument("--samples", type=int, default=1000, help="K of each test log p(x)")
-    parser.add_argument("--subset", type=int, help="train on this many points only (smoke tests)")
-    parser.add_argument("--jobs", type=int, default=1, help="M2 runs at a time, one thread each when above 1")
+    parser.add_argument("--samples", type=count_or_zero, default=1000, help="K of each test log p(x)")
+    parser.add_argument("--subset", type=positive_int, help="train on this many points only (smoke tests)")
+    parser.add_argument("--jobs", type=positive_int, default=1, help="M2 runs at a time, one thread each when above 1")
     parser.add_argument("--out", default="runs/semi-supervised-study")
     parser.add_argument("--keep", type=Path, help="copy each finished run's record here (to commit); see above")
     args = parser.parse_args()

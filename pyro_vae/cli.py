@@ -463,6 +463,12 @@ def check_flag_combinations(parser: argparse.ArgumentParser, args: argparse.Name
         train.error(f"{', '.join(wrong)} cannot be used with --m1 (M1's run fixes the data)")
     if args.elbo == "iwae" and ("warmup_epochs" in given or "beta" in given):
         train.error("--warmup-epochs and --beta do not apply to the IWAE bound; use --elbo trace for them")
+    distributed = [flag(d) for d in ("devices", "num_nodes", "strategy", "accelerator") if d in typed]
+    if "device" in typed and distributed:
+        train.error(
+            f"--device does not apply with {', '.join(distributed)} (Lightning places the processes); "
+            "choose the hardware with --accelerator cpu|gpu instead"
+        )
 
 
 #: The evaluate flags each method takes (the others would be ignored, so they are refused).

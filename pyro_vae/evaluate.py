@@ -38,14 +38,16 @@ import torch
 from tqdm.auto import tqdm
 
 from .infer import BDMC, BDMCEstimate, ais_log_marginal_likelihood, log_marginal_likelihood
-from .infer.ais import DEFAULT_CHAINS, DEFAULT_LEAPFROG_STEPS, DEFAULT_STEPS, SCHEDULES
+from .infer.ais import DEFAULT_CHAINS, DEFAULT_LEAPFROG_STEPS, DEFAULT_STEPS, SCHEDULES, ais_summary
 from .infer.densities import standard_error
+from .infer.importance import PARETO_THRESHOLD
 from .models import Model
 from .runs import RunDirectory, load_run
 from .training.parallel import parameter_digest
 
 METHODS = ("is", "ais", "auto", "bdmc")
-PARETO_THRESHOLD = 0.7  # above it importance sampling cannot be trusted (Vehtari et al.)
+#: The per-point results an AIS evaluation saves (attributes of ``AISEstimate``).
+AIS_COLUMNS = ("log_px", "chain_std", "acceptance", "step_size")
 
 
 class EvaluationInterrupted(RuntimeError):
@@ -131,6 +133,7 @@ def evaluate_run(
     ais = {"num_steps": num_steps, "num_chains": num_chains, "leapfrog_steps": leapfrog_steps, "schedule": schedule}
     name = evaluation_name(method, num_samples=num_samples, ais=ais, num_points=num_points, test_points=test_points)
     sizes = [("num_samples", num_samples), ("batch_size", batch_size), ("num_points", num_points)]
+    sizes += [(key, ais[key]) for key in ("num_steps", "num_chains", "leapfrog_steps")]
     for key, value in sizes + ([("test_points", test_points)] if test_points is not None else []):
         if value < 1:
             raise ValueError(f"{key} must be >= 1; got {value}.")
@@ -139,7 +142,13 @@ def evaluate_run(
     directory = RunDirectory(run_dir)
     directory.check_resumable()
     run = load_run(directory.path, map_location=device)
-    x = run.load_data().test.x[:test_points].to(device)
+    test = run.load_data().test.x
+    if test_points is not None and test_points > len(test):
+        raise ValueError(
+            f"test_points must be at most the run's {len(test)} test points; got {test_points} "
+            "(leave it out to evaluate all of them)."
+        )
+    x = test[:test_points].to(device)
     run.model.check_data(x, "test data")
     model, clock = run.model, _WallClock()
     identity = {"model_digest": parameter_digest(model), "seed": seed, "batch_size": batch_size}
@@ -178,7 +187,7 @@ def _evaluate_test_points(
         estimate = _resumable_ais(
             directory, name, model, x, np.arange(len(x)), batch_size, ais, seed, progress, identity, clock
         )
-        return estimate, _ais_summary(estimate, ais)
+        return estimate, ais_summary(*(estimate[key] for key in AIS_COLUMNS), ais)
     importance = log_marginal_likelihood(
         model.model, model.guide, x, num_samples=num_samples, batch_size=batch_size, seed=seed, progress=progress
     )
@@ -193,7 +202,8 @@ def _evaluate_test_points(
             directory, name, model, x, unreliable, batch_size, ais, seed, progress, identity, clock
         )
         log_px[unreliable] = estimate["log_px"]
-        summary.update({f"escalated_{key}": value for key, value in _ais_summary(estimate, ais).items()})
+        annealed = ais_summary(*(estimate[key] for key in AIS_COLUMNS), ais)
+        summary.update({f"escalated_{key}": value for key, value in annealed.items()})
     summary.update(log_px=float(log_px.mean()), log_px_se=standard_error(log_px))
     summary["nll"] = -summary["log_px"]
     escalated = np.zeros(len(x), dtype=bool)
@@ -233,8 +243,7 @@ def _resumable_ais(directory, name, model, x, indices, batch_size, ais, seed, pr
     A saved partial evaluation is continued only if it was begun on the same points, with the same
     weights, seed and batch size; otherwise it starts again.
     """
-    keys = ("log_px", "chain_std", "acceptance", "step_size")
-    columns = _saved_batches(directory, name, identity, keys, clock, indices)
+    columns = _saved_batches(directory, name, identity, AIS_COLUMNS, clock, indices)
     batches = range(0, len(indices), batch_size)
     try:
         for index, begin in enumerate(tqdm(batches, desc=f"AIS {name}", disable=not progress, leave=False)):
@@ -244,9 +253,8 @@ def _resumable_ais(directory, name, model, x, indices, batch_size, ais, seed, pr
             estimate = ais_log_marginal_likelihood(
                 model.model, model.guide, x[chosen.to(x.device)], **ais, batch_size=batch_size, seed=seed + index
             )
-            for key, value in (("log_px", estimate.log_px), ("chain_std", estimate.chain_std),
-                               ("acceptance", estimate.acceptance), ("step_size", estimate.step_size)):  # fmt: skip
-                columns[key].extend(value.double().tolist())
+            for key in AIS_COLUMNS:
+                columns[key].extend(getattr(estimate, key).double().tolist())
             saved = {"indices": indices, **identity, **columns, "seconds": clock.seconds()}
             directory.write_evaluation(name, saved, partial=True)
     except KeyboardInterrupt:
@@ -284,20 +292,6 @@ def _resumable_bdmc(
         ) from None
     lower, upper = (torch.tensor(columns[key], dtype=torch.float64) for key in ("lower", "upper"))
     return BDMCEstimate(lower.float(), upper.float(), plan.x.cpu(), plan.settings)
-
-
-def _ais_summary(estimate: dict, ais: dict) -> dict:
-    log_px, n = estimate["log_px"], len(estimate["log_px"])
-    return {
-        "log_px": float(log_px.mean()),
-        "log_px_se": standard_error(log_px),
-        "nll": -float(log_px.mean()),
-        "num_points": n,
-        "chain_std_mean": float(estimate["chain_std"].mean()),
-        "acceptance_mean": float(estimate["acceptance"].mean()),
-        "step_size_median": float(np.median(estimate["step_size"])),
-        **{f"ais_{key}": value for key, value in ais.items()},
-    }
 
 
 def _test_set_identity(config: dict) -> tuple:

@@ -210,3 +210,7 @@ def test_ais_at_its_defaults_matches_quadrature_on_a_trained_2d_vae():
     # near 0.003: the 0.05 bound sits about 10 of them above the expected 0.02.
     assert error.abs().mean() < 0.05 and error.abs().max() < 0.5, (error.abs().mean(), error.abs().max())
     assert (ais.is_log_px - truth).abs().mean() > error.abs().mean()  # importance sampling is further off
+    summary = ais.summary()  # what `pyro-vae evaluate --method ais` records, here with the paired comparison
+    assert summary["log_px"] == pytest.approx(ais.log_px.mean().item()) and summary["num_points"] == 50
+    assert summary["ais_minus_is"] == pytest.approx((ais.log_px - ais.is_log_px).mean().item(), abs=1e-5)
+    assert summary["ais_num_steps"] == 400 and summary["is_num_unreliable"] == int((ais.is_pareto_k > 0.7).sum())

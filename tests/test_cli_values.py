@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+import pyro_vae as pv
 from pyro_vae import cli
 
 SMALL = ["--subset", "200", "--hidden", "16", "--epochs", "1", "--no-progress"]
@@ -32,6 +33,7 @@ TRAIN_VALUES = [
     (["--seed", str(2**32)], "give a value in [0, 4294967295]"),
     (["--device", "gpu9"], "Unknown device"),
     (["--device", "cuda"], "sees no GPU"),
+    (["--device", "cpu", "--devices", "2"], "--device does not apply with --devices"),
     (["--eval-samples", "-1"], "give a value >= 0"),
     (["--components", "0"], "give a value >= 1"),
     (["--flow-layers", "0"], "give a value >= 1"),
@@ -147,6 +149,7 @@ def test_a_new_run_never_overwrites_an_old_one(finished_run, capsys):
         (["evaluate", "RUN", "--batch-size", "0"], "give a value >= 1"),
         (["evaluate", "RUN", "--seed", "-1"], "give a value in [0, 4294967295]"),
         (["evaluate", "RUN", "--device", "tpu"], "Unknown device"),
+        (["evaluate", "RUN", "--test-points", "100000"], "test_points must be at most the run's"),
         (["evaluate", "NOWHERE"], "does not exist"),
         (["compare", "NOWHERE"], "does not exist"),
         (["compare", "RUN"], "has no per-point log p(x); run `pyro-vae evaluate"),
@@ -159,6 +162,14 @@ def test_evaluate_compare_and_m1_refuse_bad_values(finished_run, tmp_path, argv,
     metrics = (finished_run / "metrics.json").read_text()
     code, err = _run(argv, capsys)
     assert code == 2 and message in err and err.count("\n") == 1, err
+    assert (finished_run / "metrics.json").read_text() == metrics
+
+
+@pytest.mark.parametrize("setting", ["num_steps", "num_chains", "leapfrog_steps"])
+def test_evaluate_run_checks_the_ais_settings_before_importance_sampling(finished_run, setting):
+    metrics = (finished_run / "metrics.json").read_text()
+    with pytest.raises(ValueError, match=f"{setting} must be >= 1; got 0"):
+        pv.evaluate_run(finished_run, method="auto", **{setting: 0})
     assert (finished_run / "metrics.json").read_text() == metrics
 
 

@@ -60,8 +60,14 @@ def test_trains_evaluates_and_samples(prior, likelihood):
         assert torch.isfinite(loss)
         prior_params = [name for name in before if name.startswith("prior.")]
         assert all(not torch.equal(before[name], p) for name, p in vae.named_parameters() if name in prior_params)
-    estimate = pv.log_marginal_likelihood(vae.model, vae.guide, x, num_samples=64)
-    assert torch.isfinite(estimate.log_px).all() and (estimate.log_px >= estimate.elbo - 1e-3).float().mean() > 0.5
+    estimate = pv.log_marginal_likelihood(vae.model, vae.guide, x, num_samples=256)
+    assert torch.isfinite(estimate.log_px).all()
+    # The sampler's ELBO (unscaled densities summed over each point's event) against Pyro's own, each a mean of
+    # independent draws of the same quantity: agreement within 5 standard errors of the difference (a false
+    # alarm in about one run in 10^6); a density summed over the wrong dimensions is off by many nats.
+    pyro_elbo = torch.tensor([-Trace_ELBO(num_particles=8).loss(vae.model, vae.guide, x) / len(x) for _ in range(32)])
+    se = math.sqrt(pyro_elbo.var().item() / 32 * (1 + 32 * 8 / 256))  # ours has 256 draws a point to Pyro's 256
+    assert abs(estimate.elbo.mean().item() - pyro_elbo.mean().item()) < 5 * se + 1e-3
     samples = vae.sample(5)
     assert samples.shape == (5, *X_SHAPE) and torch.isfinite(samples).all()
     rebuilt = pv.VAE.from_config(vae.config())

@@ -49,7 +49,7 @@ from tqdm.auto import tqdm
 
 from ..accel.bernoulli import LOG_DENSITY_KERNELS
 from .densities import PARTICLE_PLATE, _per_point, guess_max_plate_nesting, latent_sites, standard_error
-from .importance import log_marginal_likelihood
+from .importance import PARETO_THRESHOLD, log_marginal_likelihood
 
 SCHEDULES = ("sigmoid", "linear")
 REVERSE_SEED_OFFSET = 1_000_003  # BDMC's reverse batches draw streams apart from the forward ones
@@ -106,25 +106,31 @@ class AISEstimate:
         return standard_error(self.log_px)
 
     def summary(self) -> dict:
-        out = {
-            "log_px": self.mean,
-            "log_px_se": self.stderr,
-            "nll": -self.mean,
-            "num_points": self.log_px.numel(),
-            "chain_std_mean": float(self.chain_std.mean()),
-            "acceptance_mean": float(self.acceptance.mean()),
-            "step_size_median": float(self.step_size.median()),
-            **{f"ais_{key}": value for key, value in self.settings.items()},
-        }
+        out = ais_summary(self.log_px, self.chain_std, self.acceptance, self.step_size, self.settings)
         if self.is_log_px is not None:
             diff = self.log_px - self.is_log_px
             out.update(
                 is_log_px=float(self.is_log_px.mean()),
                 ais_minus_is=float(diff.mean()),
                 ais_minus_is_se=standard_error(diff),
-                is_num_unreliable=int((self.is_pareto_k > 0.7).sum()),
+                is_num_unreliable=int((self.is_pareto_k > PARETO_THRESHOLD).sum()),
             )
         return out
+
+
+def ais_summary(log_px, chain_std, acceptance, step_size, settings: dict) -> dict:
+    """The summary of per-point AIS results (tensors or arrays): the mean estimate and the chains' diagnostics."""
+    log_px, chain_std, acceptance, step_size = (torch.as_tensor(v) for v in (log_px, chain_std, acceptance, step_size))
+    return {
+        "log_px": float(log_px.mean()),
+        "log_px_se": standard_error(log_px),
+        "nll": -float(log_px.mean()),
+        "num_points": log_px.numel(),
+        "chain_std_mean": float(chain_std.mean()),
+        "acceptance_mean": float(acceptance.mean()),
+        "step_size_median": float(step_size.double().quantile(0.5)),  # the middle two's mean, as numpy's
+        **{f"ais_{key}": value for key, value in settings.items()},
+    }
 
 
 class _LatentSpace:

@@ -24,6 +24,9 @@ from ..accel.bernoulli import LOG_DENSITY_KERNELS
 from ..accel.replay import record
 from .densities import SiteLogDensities, guess_max_plate_nesting, site_log_densities, standard_error
 
+#: Above this Pareto-k an importance-sampled estimate cannot be trusted (Vehtari et al., *Pareto Smoothed
+#: Importance Sampling*).
+PARETO_THRESHOLD = 0.7
 MIN_REPLAYED_PASSES = 500  # recording and compiling a pass takes 0.7-2.7 s; each replay saves ~4 ms
 
 
@@ -46,7 +49,7 @@ class MarginalLikelihoodEstimate:
     ess: torch.Tensor
     pareto_k: torch.Tensor
     num_samples: int
-    pareto_threshold: float = field(default=0.7)
+    pareto_threshold: float = field(default=PARETO_THRESHOLD)
 
     @property
     def mean(self) -> float:
