@@ -62,7 +62,7 @@ def main() -> None:
     pyro.set_rng_seed(args.seed)
     data = pv.load_dataset("mnist", binarize="dynamic", seed=args.seed)
     if args.subset:
-        data = data.subset(train=args.subset, val=max(args.subset // 5, 1), test=max(args.subset // 5, 1))
+        data = data.quick_subset(args.subset)
     model = pv.VAE(data.x_shape, z_dim=50, hidden=(200, 200), activation="tanh")
     pv.fit(model, data, epochs=args.train_epochs, batch_size=100, output_bias="random", progress=False)  # as measured
     x = data.test.x[: args.batch]

@@ -27,7 +27,7 @@ from pyro_vae.cli import count_or_zero, positive_int
 def main(epochs: int, labels: int, subset: int | None, samples: int, out: str) -> None:
     data = pv.load_dataset("mnist", binarize="dynamic")
     if subset:
-        data = data.subset(train=subset, val=subset // 5, test=subset // 5)
+        data = data.quick_subset(subset)
     ssvae = pv.SSVAE(data.x_shape, z_dim=50, hidden=(500,))
     run = pv.train_run(
         ssvae, data, Path(out), objective=pv.SemiSupervisedELBO(num_labels=labels),

@@ -572,7 +572,7 @@ def _load_data(args) -> Dataset:
         download=args.download,
     )
     if args.subset:
-        data = data.subset(train=args.subset, val=max(args.subset // 5, 1), test=max(args.subset // 5, 1))
+        data = data.quick_subset(args.subset)
     return data
 
 

@@ -94,6 +94,10 @@ class Dataset:
             self, train=self.train.subset(train), val=self.val.subset(val), test=self.test.subset(test), spec=spec
         )
 
+    def quick_subset(self, n: int) -> Dataset:
+        """The first ``n`` training points and ``n // 5`` (at least one) validation and test points: ``--subset N``."""
+        return self.subset(train=n, val=max(n // 5, 1), test=max(n // 5, 1))
+
     def batches(self, batch_size: int, *, shuffle: bool = True) -> Iterator[torch.Tensor]:
         """Training batches sliced from memory (global torch RNG); dynamically binarised when the mode says so."""
         n = len(self.train)

@@ -35,10 +35,6 @@ class Registry(Mapping, Generic[T]):
         self._classes[name] = cls
         return cls
 
-    def unregister(self, name: str) -> None:
-        """Forget ``name`` (for tests and notebooks that register throwaway classes)."""
-        self._classes.pop(name, None)
-
     def lookup(self, name: str) -> T:
         """The class registered as ``name``, or a ``ValueError`` that lists the known names."""
         if name not in self._classes:
@@ -63,6 +59,7 @@ class Registry(Mapping, Generic[T]):
         return self._classes[name]
 
     def __delitem__(self, name: str) -> None:
+        """Forget ``name`` (for tests and notebooks that register throwaway classes)."""
         del self._classes[name]
 
     def __iter__(self) -> Iterator[str]:

@@ -122,3 +122,10 @@ def test_unknown_data_set_name():
 def test_torchvision_sets_never_download_unasked(tmp_path):
     with pytest.raises(pv.DataError, match="download"):
         pv.load_dataset("fashion-mnist", data_dir=str(tmp_path))
+
+
+@pytest.mark.parametrize("n, held_out", [(200, 40), (3, 1)])
+def test_a_quick_subset_keeps_a_fifth_for_validation_and_test_and_at_least_one(small_mnist, n, held_out):
+    data = small_mnist.quick_subset(n)
+    assert (len(data.train), len(data.val), len(data.test)) == (n, held_out, held_out)
+    assert torch.equal(data.train.x, small_mnist.train.x[:n])

@@ -48,7 +48,14 @@ from torch.distributions import biject_to, constraints
 from tqdm.auto import tqdm
 
 from ..accel.bernoulli import LOG_DENSITY_KERNELS
-from .densities import PARTICLE_PLATE, _per_point, guess_max_plate_nesting, latent_sites, standard_error
+from .densities import (
+    PARTICLE_PLATE,
+    _per_point,
+    guess_max_plate_nesting,
+    latent_sites,
+    seeded,
+    standard_error,
+)
 from .importance import PARETO_THRESHOLD, log_marginal_likelihood
 
 SCHEDULES = ("sigmoid", "linear")
@@ -379,7 +386,7 @@ def ais_log_marginal_likelihood(
     if x.shape[0] == 0:
         raise ValueError("x is empty: give at least one data point.")
     if max_plate_nesting is None:
-        with _seeded(seed):  # one trace, drawn without touching the caller's RNG
+        with seeded(seed):  # one trace, drawn without touching the caller's RNG
             max_plate_nesting = guess_max_plate_nesting(model, guide, x[:batch_size], *args, **kwargs)
     _check_one_plate(max_plate_nesting)
     settings = _settings(num_steps, num_chains, leapfrog_steps, schedule, start, target_acceptance)
@@ -388,7 +395,7 @@ def ais_log_marginal_likelihood(
     batches = range(0, x.shape[0], batch_size)
     with tqdm(total=len(batches) * num_steps, desc="AIS", disable=not progress, leave=False) as bar:
         for index, begin in enumerate(batches):
-            with _seeded(None if seed is None else seed + index):
+            with seeded(None if seed is None else seed + index):
                 results.append(
                     _forward_batch(
                         model,
@@ -432,23 +439,6 @@ def _check_one_plate(max_plate_nesting: int) -> None:
             f"AIS takes models whose sites lie in the one plate 'data' (max_plate_nesting = 1); this one nests "
             f"{max_plate_nesting}. Estimate its log p(x) by importance sampling (method 'is')."
         )
-
-
-class _seeded:
-    """Within the block, the torch RNG is seeded (and the caller's state restored after); None leaves it alone."""
-
-    def __init__(self, seed):
-        devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-        self.fork = torch.random.fork_rng(devices=devices, enabled=seed is not None)  # manual_seed reseeds them all
-        self.seed = seed
-
-    def __enter__(self):
-        self.fork.__enter__()
-        if self.seed is not None:
-            torch.manual_seed(self.seed)
-
-    def __exit__(self, *exc):
-        return self.fork.__exit__(*exc)
 
 
 def _forward_batch(model, guide, xb, args, kwargs, betas, settings, step_size, max_plate_nesting, bar):
@@ -541,9 +531,9 @@ class BDMC:
         self.model, self.guide, self.args, self.kwargs, self.seed = model, guide, args, kwargs, seed
         self.step_size, self.batch_size = step_size, batch_size
         self.settings = _settings(num_steps, num_chains, leapfrog_steps, schedule, "guide", target_acceptance)
-        with _seeded(seed):
+        with seeded(seed):
             self.x, self.latents = simulate(model, num_points, *args, **kwargs)
-        with _seeded(seed):
+        with seeded(seed):
             self.max_plate_nesting = guess_max_plate_nesting(model, guide, self.x[:batch_size], *args, **kwargs)
         _check_one_plate(self.max_plate_nesting)
         #: The first point of every batch.
@@ -555,13 +545,13 @@ class BDMC:
         begin = self.batches[index]
         xb = self.x[begin : begin + self.batch_size]
         settings = self.settings
-        with _seeded(None if self.seed is None else self.seed + 1 + index):  # the forward stream of batch index
+        with seeded(None if self.seed is None else self.seed + 1 + index):  # the forward stream of batch index
             log_w, _, _ = _forward_batch(
                 self.model, self.guide, xb, self.args, self.kwargs, beta_schedule(settings["num_steps"],
                 settings["schedule"]), settings, self.step_size, self.max_plate_nesting, bar,
             )  # fmt: skip
         num_chains = settings["num_chains"]
-        with _seeded(None if self.seed is None else self.seed + REVERSE_SEED_OFFSET + index):
+        with seeded(None if self.seed is None else self.seed + REVERSE_SEED_OFFSET + index):
             densities = _Densities(
                 self.model, self.guide, xb, self.args, self.kwargs, num_chains, self.max_plate_nesting
             )

@@ -104,6 +104,19 @@ def _per_point(site: dict, particle_dim: int, kernels: LogDensityKernels) -> tor
 
 
 @contextlib.contextmanager
+def seeded(seed: int | None) -> Iterator[None]:
+    """Within the block the torch RNG is seeded, and the caller's state is restored after; None leaves it alone.
+
+    ``torch.manual_seed`` reseeds the CPU and every GPU, so every GPU's state is saved and restored.
+    """
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices, enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
+        yield
+
+
+@contextlib.contextmanager
 def parameters_held_fixed(module: torch.nn.Module) -> Iterator[None]:
     """Within the block, ``module``'s parameters are detached copies: what it computes passes no gradient to them.
 

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from ..accel.bernoulli import LOG_DENSITY_KERNELS
 from ..accel.replay import record
-from .densities import SiteLogDensities, guess_max_plate_nesting, site_log_densities, standard_error
+from .densities import SiteLogDensities, guess_max_plate_nesting, seeded, site_log_densities, standard_error
 
 #: Above this Pareto-k an importance-sampled estimate cannot be trusted (Vehtari et al., *Pareto Smoothed
 #: Importance Sampling*).
@@ -256,10 +256,7 @@ def log_marginal_likelihood(
     if replay is None:
         replay = replayed_passes >= MIN_REPLAYED_PASSES
     passes = _Passes(model, guide, args, kwargs, max_plate_nesting, (batch_size, full_chunk) if replay else None)
-    devices = [x.device] if x.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices, enabled=seed is not None):
-        if seed is not None:
-            torch.manual_seed(seed)
+    with seeded(seed):
         results, validate = [], is_validation_enabled()
         batches = range(0, x.shape[0], batch_size)
         for start in tqdm(batches, desc=f"log p(x), K={num_samples}", disable=not progress, leave=False):

@@ -174,9 +174,7 @@ class StackedSSVAE(SemiSupervisedModel):
     def modules_for(self, role: str) -> dict[str, nn.Module]:
         m2 = self.m2
         return {
-            "model": {
-                f"m2.{part}": getattr(m2, part) for part in ("decoder", "prior", "likelihood", "class_prior_net")
-            },
+            "model": {f"m2.{part}": getattr(m2, part) for part in GENERATIVE_PARTS},
             "guide": {"m2.classifier": m2.classifier, "m2.encoder": m2.encoder},
             "classifier": {"m2.classifier": m2.classifier},
         }[role]
