@@ -351,7 +351,7 @@ def compare_runs(run_dirs: list[str | Path], evaluation: str | None = None) -> l
                 "diff_se": standard_error(diff),
                 "elbo": metrics.get("test_elbo", float("nan")),
                 "active_units": metrics.get("active_units"),
-                "num_samples": metrics.get("test_num_samples"),
+                "evaluation": evaluation or f"is-K{metrics.get('test_num_samples')}",
                 "num_points": n,
             }
         )
@@ -360,7 +360,7 @@ def compare_runs(run_dirs: list[str | Path], evaluation: str | None = None) -> l
 
 def comparison_markdown(rows: list[dict]) -> str:
     lines = [
-        "| run | prior | likelihood | test log p(x) | paired difference to best | ELBO | active units | K |",
+        "| run | prior | likelihood | test log p(x) | paired difference to best | test ELBO | active units | estimate |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -369,7 +369,7 @@ def comparison_markdown(rows: list[dict]) -> str:
         )
         lines.append(
             f"| {r['run']} | {r['prior']} | {r['likelihood']} | {r['log_px']:.2f} +- {r['log_px_se']:.2f} | {diff} | "
-            f"{r['elbo']:.2f} | {r['active_units']} | {r['num_samples']} |"
+            f"{r['elbo']:.2f} | {r['active_units']} | {r['evaluation']} |"
         )
     return "\n".join(lines) + "\n"
 

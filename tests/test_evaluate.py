@@ -9,6 +9,7 @@ from conftest import small_vae
 
 import pyro_vae as pv
 from pyro_vae.cli import main
+from pyro_vae.evaluate import comparison_markdown
 from pyro_vae.infer.ais import DEFAULT_STEPS
 
 
@@ -159,6 +160,9 @@ def test_a_subset_of_test_points_is_named_and_paired_only_with_itself(two_runs, 
     assert (
         main(["compare", str(wide), str(narrow), "--evaluation", "is-K50-first40", "--out", str(tmp_path / "t")]) == 0
     )
+    rows = pv.compare_runs([wide, narrow], evaluation="is-K50-first40")
+    assert {row["evaluation"] for row in rows} == {"is-K50-first40"} and {row["num_points"] for row in rows} == {40}
+    assert "| is-K50-first40 |" in comparison_markdown(rows)
 
 
 @pytest.mark.parametrize(

@@ -67,7 +67,12 @@ STARTS = ("guide", "prior")
 
 
 def beta_schedule(num_steps: int, kind: str = "sigmoid", delta: float = 4.0) -> torch.Tensor:
-    """beta_0 = 0 < ... < beta_T = 1 (float64): linear, or sigmoidal (Grosse et al. 2015), dense near both ends."""
+    """beta_0 = 0 < ... < beta_T = 1 (float64): linear, or sigmoidal, dense near both ends.
+
+    Linear: beta_t = t / T. Sigmoidal (Grosse, Ghahramani & Adams, *Sandwiching the marginal likelihood
+    using bidirectional Monte Carlo*, 2015, followed by Wu et al. 2017): s_t = sigmoid(delta (2 t / T - 1))
+    and beta_t = (s_t - s_0) / (s_T - s_0), with delta = 4.
+    """
     if num_steps < 1:
         raise ValueError(f"AIS needs num_steps >= 1; got {num_steps}.")
     if kind not in SCHEDULES:
@@ -284,6 +289,10 @@ class _Annealer:
     def transition(self, state: _State, beta: float, step_size: torch.Tensor) -> tuple[_State, torch.Tensor]:
         """One HMC transition leaving f_beta invariant: the new state and the acceptance probability.
 
+        Hamiltonian Monte Carlo (Neal, *MCMC using Hamiltonian dynamics*, 2011) on the unconstrained u with
+        H(u, m) = -log f_beta(u) + |m|^2 / 2, m ~ N(0, I): L leapfrog steps of size epsilon,
+        m <- m + epsilon/2 grad log f_beta(u), u <- u + epsilon m, m <- m + epsilon/2 grad log f_beta(u),
+        then the proposal is accepted with probability min(1, exp(H_0 - H_1)).
         It takes L evaluations of the densities: the gradient at the start is the previous state's.
         """
         per_point = _align
@@ -327,7 +336,10 @@ def _anneal(annealer: _Annealer, u, betas, step_size, target_acceptance, progres
         state, accept = annealer.transition(state, float(betas[t]), step_size)
         rate = accept.mean(0)
         accepted += rate.double()
-        # per point, towards the target acceptance rate (a Robbins-Monro step on log epsilon)
+        # per point, towards the target acceptance rate: log epsilon moves by 0.5 (rate - target), at most
+        # log 2 a step. The step size then depends on the chains' earlier acceptances, so E[w] = p(x) is
+        # exact only in the limit where the adaptation settles; Wu et al.'s code adapts from the acceptance
+        # rate likewise. The quadrature test and BDMC measure the whole estimator, adaptation included.
         step_size = step_size * torch.exp(0.5 * (rate - target_acceptance)).clamp(0.5, 2.0)
         progress_bar.update(1)
     return log_w, accepted / (len(betas) - 1), step_size
