@@ -331,7 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Estimate the test log p(x) of a run's best checkpoint. --method is: K importance samples per "
         "point (logsumexp_k [log p(x, z_k) - log q(z_k|x)] - log K) with the ELBO, the active units and the "
         "diagnostics (ESS, Pareto k), into metrics.json and test_log_px.npy. --method ais: annealed importance "
-        "sampling from the encoder (HMC along a sigmoid path). --method auto: importance sampling, then AIS on "
+        "sampling from the encoder (HMC along the geometric path from q(z|x) to p(x, z), spaced by --schedule). "
+        "--method auto: importance sampling, then AIS on "
         "the points whose Pareto k exceeds 0.7. --method bdmc: lower and upper bounds on points simulated from "
         "the model, whose gap bounds the error of AIS at its settings. Every method's per-point values go to "
         "evaluations/<method and settings>.npz; an interrupted AIS or BDMC evaluation continues where it stopped.",

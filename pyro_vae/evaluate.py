@@ -360,7 +360,8 @@ def compare_runs(run_dirs: list[str | Path], evaluation: str | None = None) -> l
 
 def comparison_markdown(rows: list[dict]) -> str:
     lines = [
-        "| run | prior | likelihood | test log p(x) | paired difference to best | test ELBO | active units | estimate |",
+        "| run | prior | likelihood | test log p(x) | paired difference to best | test ELBO | active units "
+        "| estimate |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
