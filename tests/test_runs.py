@@ -10,7 +10,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-import torch
 from conftest import small_vae
 
 import pyro_vae as pv
@@ -32,6 +31,21 @@ def test_a_second_writer_is_refused_and_named(small_mnist, tmp_path):
     assert load_checkpoint(run / "checkpoint.pt")["epoch"] == 1  # the refused writer wrote nothing
     pv.fit(small_vae(), small_mnist.subset(train=200), epochs=2, run_dir=run, resume=True, progress=False)
     assert load_checkpoint(run / "checkpoint.pt")["epoch"] == 2  # released with its holder
+
+
+def test_a_kept_record_reads_like_its_run_and_no_new_run_overwrites_it(small_mnist, tmp_path):
+    run = tmp_path / "run"
+    pv.fit(small_vae(), small_mnist.subset(train=200, test=50), epochs=1, run_dir=run, progress=False)
+    pv.evaluate_run(run, num_samples=5, progress=False)
+    record = pv.RunDirectory(run).keep_record(tmp_path / "record")
+    assert not record.holds_run() and not record.figures.exists()  # no weights, no pictures
+    assert record.read_metrics() == pv.RunDirectory(run).read_metrics()
+    assert record.read_config() == pv.RunDirectory(run).read_config()
+    assert record.evaluation_names() == ["is-K5"] and len(record.read_log_px()) == 50
+    before = {path.name: path.read_bytes() for path in record.path.iterdir() if path.is_file()}
+    with pytest.raises(pv.CheckpointError, match="holds what a run measured .* but no checkpoint"):
+        pv.fit(small_vae(), small_mnist.subset(train=200), epochs=1, run_dir=record.path, progress=False)
+    assert {path.name: path.read_bytes() for path in record.path.iterdir() if path.is_file()} == before
 
 
 def test_a_training_process_holds_its_run_and_a_killed_one_releases_it(tmp_path, capsys):
@@ -205,6 +219,3 @@ def test_nothing_but_the_run_directory_spells_its_file_names():
         spelled += [f"{path.name}: {name}" for name in ('"config.json"', '"checkpoint.pt"', '"metrics.json"',
                                                         '"best.pt"', '"history.csv"') if name in text]  # fmt: skip
     assert not spelled
-
-
-assert torch  # the fixtures' tensors

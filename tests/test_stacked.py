@@ -141,3 +141,17 @@ def test_the_command_stacks_on_a_vae_run(m1_run, tmp_path, capsys):
     code = cli.main(["train", "--m1", str(tmp_path / "s"), "--out", str(tmp_path), "--no-progress"])
     assert code == 2
     assert "--m1 needs the run of a plain VAE" in capsys.readouterr().err
+
+
+def test_an_older_config_without_activations_rebuilds_relu_layers_and_still_matches(tiny):
+    from pyro_vae.runs.directory import model_config_matches
+
+    old = tiny.config()
+    for part in ("m1", "m2"):  # runs written before 2026-12-02 recorded no activation, and used ReLU
+        del old[part]["activation"]
+    rebuilt = StackedSSVAE.from_config(old)
+    assert rebuilt.m2.activation == "relu" and isinstance(rebuilt.m2.classifier.net[1], torch.nn.ReLU)
+    assert rebuilt.m1.config()["activation"] == "relu"
+    assert model_config_matches(old, rebuilt.config())  # so --resume takes such a run
+    assert not model_config_matches(old, tiny.config())  # softplus layers are another model
+    assert StackedSSVAE.from_config(tiny.config()).m2.activation == "softplus"

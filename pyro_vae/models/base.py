@@ -88,6 +88,11 @@ class Model(nn.Module):
     x_shape: tuple[int, ...]
     z_dim: int
 
+    @classmethod
+    def completed_config(cls, config: dict) -> dict:
+        """``config`` with the keys that older runs did not record (``legacy_config``) at their old values."""
+        return {**cls.legacy_config, **config}
+
     @abstractmethod
     def model(self, x=None, *args, **kwargs):
         """The generative model p(z) p(x | z) as a Pyro program, data in the plate ``"data"``."""

@@ -118,6 +118,8 @@ class StackedSSVAE(SemiSupervisedModel):
     :param prior: M2's prior p(z) (default standard normal).
     :param hidden: hidden sizes of M2's classifier, encoder and decoder.
     :param class_prior: ``"uniform"`` or ``"learned"`` p(y).
+    :param activation: M2's hidden activation, ``"softplus"`` (Kingma et al.'s) or ``"relu"`` (runs
+        written before 2026-12-02, whose config did not record it).
     """
 
     def __init__(
@@ -130,6 +132,7 @@ class StackedSSVAE(SemiSupervisedModel):
         *,
         hidden=(500,),
         class_prior: str = "uniform",
+        activation: str = "softplus",
         name: str | None = None,
     ):
         super().__init__()
@@ -145,6 +148,7 @@ class StackedSSVAE(SemiSupervisedModel):
             Gaussian("per-dim", init_sigma=1.0),
             hidden=hidden,
             class_prior=class_prior,
+            activation=activation,
         )
         self.pyro_name = name or f"stacked{next(_instance_ids)}"
 
@@ -258,8 +262,14 @@ class StackedSSVAE(SemiSupervisedModel):
         }
 
     @classmethod
+    def completed_config(cls, config: dict) -> dict:
+        """The nested M1 and M2 configs completed as their own types complete them."""
+        return {**config, "m1": VAE.completed_config(config["m1"]), "m2": SSVAE.completed_config(config["m2"])}
+
+    @classmethod
     def from_config(cls, config: dict) -> StackedSSVAE:
-        """The M1+M2 model that :meth:`config` describes, with fresh weights."""
+        """The M1+M2 model that :meth:`config` describes, with fresh weights (M2's layers as the run had them)."""
+        config = cls.completed_config(config)
         m1, m2 = VAE.from_config(config["m1"]), config["m2"]
         return cls(
             m1,
@@ -269,4 +279,5 @@ class StackedSSVAE(SemiSupervisedModel):
             build_prior(m2["prior"]),
             hidden=m2["hidden"],
             class_prior=m2["class_prior"],
+            activation=m2["activation"],
         )

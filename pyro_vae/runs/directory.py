@@ -82,9 +82,17 @@ class RunDirectory:
         return self.file(self.CHECKPOINT).exists()
 
     def check_fresh(self) -> None:
-        """A new run must not overwrite a finished or interrupted one."""
+        """A new run must not overwrite a finished or interrupted one, nor a run's record (:meth:`keep_record`)."""
         if self.holds_run():
             raise CheckpointError(f"{self.path} already holds a run; resume it (--resume) or choose another name.")
+        measured = [name for name in (self.HISTORY, self.METRICS, self.LOG_PX) if self.file(name).exists()]
+        measured += [f"{self.EVALUATIONS}/"] if self.evaluation_names() else []
+        if measured:
+            raise CheckpointError(
+                f"{self.path} holds what a run measured ({', '.join(measured)}) but no checkpoint (a kept record, "
+                "or a run whose weights were removed): it cannot be resumed, and a new run here would overwrite "
+                "it. Choose another name, or move the folder away first."
+            )
 
     def check_resumable(self) -> None:
         """A run to resume must be here; a folder of runs gets a message that names them."""
@@ -229,8 +237,7 @@ def model_config_matches(saved: dict | None, current: dict | None) -> bool:
 
     def completed(config: dict) -> dict:
         config = {"type": "vae", **config}
-        legacy = MODELS[config["type"]].legacy_config if config["type"] in MODELS else {}
-        return {**legacy, **config}
+        return MODELS[config["type"]].completed_config(config) if config["type"] in MODELS else config
 
     return completed(saved) == completed(current)
 
