@@ -170,6 +170,7 @@ def evaluate_run(
             metrics.update({f"test_{key}": value for key, value in headline.items()})
             per_layer = active_units_per_layer(model, x)
             metrics.update({"active_units": sum(per_layer), "z_dim": model.z_dim, "log_px_seed": seed})
+            metrics[RunDirectory.LOG_PX_DIGEST] = identity["model_digest"]  # the weights test_log_px.npy describes
             if len(per_layer) > 1:
                 metrics.update(active_units_per_layer=per_layer, latent_sizes=list(model.latent_sizes))
             directory.write_log_px(arrays["log_px"])
@@ -317,16 +318,16 @@ def compare_runs(run_dirs: list[str | Path], evaluation: str | None = None) -> l
     for run_dir in map(Path, run_dirs):
         directory = RunDirectory(run_dir)
         if evaluation is None:
-            log_px = directory.read_log_px()
+            log_px, made_of = directory.read_log_px(), directory.read_metrics().get(directory.LOG_PX_DIGEST)
         else:
             arrays = directory.read_evaluation(evaluation)
-            current = parameter_digest(load_run(directory.path).model)
-            if str(arrays.get("model_digest", current)) != current:
+            log_px, made_of = arrays["log_px"], arrays.get("model_digest")
+        if made_of is not None and directory.holds_run():  # a kept record has no weights to check against
+            if str(made_of) != parameter_digest(load_run(directory.path).model):
                 raise ValueError(
-                    f"The evaluation {evaluation!r} of {run_dir} was made of other weights than its best "
-                    f"checkpoint now (the run trained further); run pyro-vae evaluate {run_dir} again."
+                    f"The evaluation {evaluation or 'test_log_px.npy'!r} of {run_dir} was made of other weights "
+                    f"than its best checkpoint now (the run trained further); run pyro-vae evaluate {run_dir} again."
                 )
-            log_px = arrays["log_px"]
         runs.append((run_dir, directory.read_config(), directory.read_metrics(), log_px))
     identities = {_test_set_identity(config) for _, config, _, _ in runs}
     lengths = {len(log_px) for *_, log_px in runs}

@@ -197,6 +197,33 @@ def test_an_evaluation_of_older_weights_is_not_compared(two_runs, tmp_path, caps
     assert "made of other weights than its best checkpoint now" in capsys.readouterr().err
 
 
+def test_training_on_keeps_the_evaluations_and_compare_refuses_an_older_log_px(two_runs, tmp_path, capsys):
+    import shutil
+
+    wide, _ = two_runs
+    run = tmp_path / "run"
+    shutil.copytree(wide, run)
+    assert main(["evaluate", str(run), "--samples", "20", "--no-progress"]) == 0
+    assert main(["evaluate", str(run), "--samples", "20", "--test-points", "20", "--no-progress"]) == 0
+    evaluated = json.loads((run / "metrics.json").read_text())
+    # nothing to train (two epochs done): the weights are the same, so evaluate's numbers all stay
+    assert main(["train", "--resume", str(run), "--epochs", "2", "--eval-samples", "5", "--no-progress"]) == 0
+    kept = json.loads((run / "metrics.json").read_text())
+    for key in ("evaluations", "test_log_px", "test_num_samples", "active_units", "log_px_model_digest"):
+        assert kept[key] == evaluated[key], key
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--epochs", "1", "--no-progress"]) == 2  # below what it trained
+    assert "has trained 2 epochs; resume it to at least 2 epochs in all, not 1" in capsys.readouterr().err
+    assert json.loads((run / "metrics.json").read_text()) == kept  # refused before anything was written
+    # trained on: the named evaluations stay (each records its weights); the headline is the new weights'
+    assert main(["train", "--resume", str(run), "--epochs", "3", "--eval-samples", "5", "--no-progress"]) == 0
+    after = json.loads((run / "metrics.json").read_text())
+    assert after["evaluations"] == evaluated["evaluations"] and after["test_num_samples"] == 5
+    capsys.readouterr()
+    assert main(["compare", str(run)]) == 2
+    assert "'test_log_px.npy' of" in capsys.readouterr().err
+
+
 def test_an_interrupted_bdmc_evaluation_continues_to_the_same_bounds(two_runs, monkeypatch, tmp_path):
     import shutil
 

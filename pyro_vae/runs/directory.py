@@ -60,6 +60,8 @@ class RunDirectory:
     LOCK = ".lock"
     #: The files of a run's record (:meth:`keep_record`): its settings and what it measured, not its weights.
     RECORD = (CONFIG, HISTORY, METRICS, LOG_PX)
+    #: The metrics key of the digest (``parameter_digest``) of the weights whose log p(x) :attr:`LOG_PX` holds.
+    LOG_PX_DIGEST = "log_px_model_digest"
 
     def __init__(self, path: str | Path):
         self.path = Path(path)

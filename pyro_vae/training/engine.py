@@ -391,6 +391,14 @@ class _Engine:
         if self.processes.is_writer:
             run.remove_stale_temporaries()
         state = run.load_checkpoint("last", map_location=self.device)
+        trained = state["epoch"] + (state["position"] is not None)  # a run stopped part-way is in its next epoch
+        if self.settings["epochs"] < trained:
+            target = state["config"].get("train", {}).get("epochs", "not recorded")
+            raise ValueError(
+                f"{run.path} has trained {state['epoch']} epochs"
+                f"{' and part of the next' if state['position'] is not None else ''}; resume it to at least "
+                f"{trained} epochs in all, not {self.settings['epochs']} (its target is {target})."
+            )
         saved = state["config"]["model"]
         if not model_config_matches(saved, self.config["model"]):
             raise CheckpointError(
@@ -573,7 +581,9 @@ class _Engine:
         if self.metric in best_row:
             metrics[self.metric] = best_row[self.metric]
         metrics.update(self.objective.validate(self.model, self.data.test, "test_"))
-        if self.settings["eval_samples"]:
+        best_digest = parameter_digest(self.model)
+        evaluated = self._evaluations_kept(best_digest)
+        if self.settings["eval_samples"] and evaluated.get(self.run.LOG_PX_DIGEST) != best_digest:
             self.model.eval()
             estimate = log_marginal_likelihood(
                 self.model.model,
@@ -592,4 +602,20 @@ class _Engine:
         )
         if self.processes.world_size > 1:
             metrics.update(world_size=self.processes.world_size, replica_parameter_digests=digests)
-        self.run.write_metrics(metrics)
+        self.run.write_metrics({**metrics, **evaluated})
+
+    def _evaluations_kept(self, digest: str) -> dict:
+        """What ``pyro-vae evaluate`` wrote into a resumed run's metrics and still holds.
+
+        The named evaluations are kept whatever the weights (each file records the weights it was made
+        of, and ``compare`` refuses older ones), with the digest of ``test_log_px.npy``'s weights; the
+        headline numbers evaluate wrote (test log p(x), active units, ...) only while the best weights
+        are still those (``digest``).
+        """
+        previous = self.run.read_metrics()
+        kept = {key: previous[key] for key in ("evaluations", self.run.LOG_PX_DIGEST) if key in previous}
+        if previous.get(self.run.LOG_PX_DIGEST) != digest:
+            return kept
+        training = {"best_epoch", self.metric, "num_test", "binarize", "epochs", "train_seconds", "world_size",
+                    "replica_parameter_digests"}  # fmt: skip
+        return {**{key: value for key, value in previous.items() if key not in training}, **kept}
