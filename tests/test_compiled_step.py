@@ -249,8 +249,15 @@ def test_a_nan_in_a_compiled_step_stops_the_run_and_keeps_the_checkpoint(small_m
 
 
 def test_recording_leaves_pyro_as_it_was():
-    assert pyro.infer.trace_elbo.torch_item(torch.tensor(2.0)) == 2.0
+    modules = (pyro.infer.trace_elbo, pyro.infer.trace_mean_field_elbo, pyro.infer.traceenum_elbo)
+    patched = lambda: (  # noqa: E731
+        [m.warn_if_nan for m in modules] + [m.torch_item for m in modules[:2]],
+        pyro.infer.util._fulldot, torch.Tensor.__bool__, pyro.infer.util.is_validation_enabled(),
+    )  # fmt: skip
+    before = patched()
     guards = []
-    with training_step.assume_true(guards):
-        assert not torch.tensor(False)  # real tensors keep their truth
-    assert bool(torch.tensor(True)) and not guards
+    with replay.recordable_pyro(), training_step.assume_true(guards):
+        assert patched() != before  # inside, Pyro's value reads are replaced ...
+        assert not torch.tensor(False)  # ... and real tensors keep their truth
+    assert patched() == before and not guards  # after, every replaced function is Pyro's own again
+    assert type(pyro.infer.trace_elbo.torch_item(torch.tensor(2.0))) is float

@@ -123,6 +123,23 @@ def test_a_learning_rate_schedule_trains_with_its_rates_and_resumes_exactly(smal
         pv.fit(small_vae(), data, epochs=1, lr_schedule="cosine", progress=False)
 
 
+@pytest.mark.parametrize(
+    "setting, value, message",
+    [
+        ("epochs", 2.5, "epochs must be an integer >= 0; got 2.5"),
+        ("epochs", -1, "epochs must be an integer >= 0"),
+        ("batch_size", 64.0, "batch_size must be an integer >= 1; got 64.0"),
+        ("batch_size", True, "batch_size must be an integer >= 1; got True"),
+        ("eval_samples", 0.5, "eval_samples must be an integer >= 0"),
+        ("lr", float("nan"), "lr must be a number > 0"),
+    ],
+)
+def test_invalid_settings_are_refused_before_the_run_directory_is_made(small_mnist, tmp_path, setting, value, message):
+    with pytest.raises(ValueError, match=message):
+        pv.fit(small_vae(), small_mnist, **{"epochs": 1, setting: value}, run_dir=tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+
+
 def test_run_directory_and_round_trip(small_mnist, tmp_path):
     vae = small_vae()
     pv.fit(vae, small_mnist, epochs=1, run_dir=tmp_path / "run", progress=False)
