@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="train a model and write a run directory",
         description="Train with SVI and write OUT/NAME/: config.json, checkpoint.pt, best.pt, history.csv, "
         "metrics.json and figures/. Without flags: a 784-400-20 Bernoulli VAE on the embedded, dynamically "
-        "binarised MNIST, in about two minutes on two CPU cores.",
+        "binarised MNIST, in two to three minutes on two CPU cores.",
         formatter_class=_HelpFormatter,
     )
     data = train.add_argument_group("data")
@@ -664,6 +664,8 @@ def _train(args) -> None:
         _announce(run_dir.path, processes)
         run = resume_run(run_dir.path, epochs=args.epochs, **common)
     else:
+        if args.name:  # refused before the data, M1 or the model are loaded
+            RunDirectory(Path(args.out) / args.name).check_fresh()
         pyro.set_rng_seed(args.seed)
         model, data, objective, name = _new_model(args)
         run_dir = RunDirectory(Path(args.out) / (args.name or name))

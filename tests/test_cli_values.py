@@ -135,8 +135,13 @@ def test_resuming_a_folder_of_runs_names_them_and_the_fix(finished_run, capsys):
     assert "is a folder of runs (r)" in err and f"pyro-vae train --resume {finished_run}" in err
 
 
-def test_a_new_run_never_overwrites_an_old_one(finished_run, capsys):
+def test_a_new_run_never_overwrites_an_old_one(finished_run, capsys, monkeypatch):
     config = (finished_run / "config.json").read_text()
+
+    def building_the_model(args):
+        raise AssertionError("the data and the model were built before the refusal")
+
+    monkeypatch.setattr(cli, "_new_model", building_the_model)
     code, err = _run(["train", *SMALL, "--out", str(finished_run.parent), "--name", "r"], capsys)
     assert code == 2 and "already holds a run" in err
     assert (finished_run / "config.json").read_text() == config

@@ -9,12 +9,11 @@ seed, so each test is deterministic; the tolerances are stated in units of
 the Monte Carlo standard error of the quantity compared.
 """
 
-import math
-
 import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from conftest import small_vae
 from torch import nn
 
 import pyro_vae as pv
@@ -160,5 +159,17 @@ def test_objectives_refuse_an_estimator_that_does_not_fit():
     # the configs record the estimator only where it is not the standard one (older runs have no key)
     assert IWAEBound(5).config() == {"name": "iwae", "num_particles": 5}
     assert build_objective(IWAEBound(5, gradient="dreg").config()).gradient == "dreg"
-    assert math.isfinite(ELBO(2, gradient="stl").loss(LinearGaussian(4), torch.ones(4, 3, dtype=torch.float64),
-                                                       kl_weight=0.5).item())  # fmt: skip
+
+
+@pytest.mark.parametrize("num_particles", [1, 3])
+def test_stl_changes_the_gradient_not_the_value_and_takes_the_kl_weight(num_particles):
+    """For the same draws, STL's loss is Pyro's, whose KL weight reaches the latent sites by poutine.scale."""
+    vae, x = small_vae(z_dim=4, hidden=(16,)), torch.rand(8, 1, 28, 28).round()
+    losses = {}
+    for gradient in ("standard", "stl"):
+        for kl_weight in (0.5, 1.0):
+            pyro.set_rng_seed(3)
+            losses[gradient, kl_weight] = ELBO(num_particles, gradient=gradient).loss(vae, x, kl_weight=kl_weight)
+    for kl_weight in (0.5, 1.0):
+        assert losses["stl", kl_weight].item() == pytest.approx(losses["standard", kl_weight].item(), rel=1e-6)
+    assert losses["stl", 0.5] < losses["stl", 1.0]  # half the KL: a smaller loss

@@ -8,21 +8,20 @@ import torch
 
 
 class CompiledOnce:
-    """``torch.compile(fn, options=...)``, falling back to ``eager`` for good after the first failure to compile.
+    """``torch.compile(fn)``, falling back to ``eager`` for good after the first failure to compile.
 
     :param what: names the code in the warning, e.g. "the Bernoulli log-density".
-    :param options: TorchInductor options for ``torch.compile``.
     """
 
-    def __init__(self, fn, eager, what: str, options: dict | None = None):
-        self.fn, self.eager, self.what, self.options = fn, eager, what, options
+    def __init__(self, fn, eager, what: str):
+        self.fn, self.eager, self.what = fn, eager, what
         self.compiled, self.failed = None, False
 
     def __call__(self, *args):
         if not self.failed:
             try:
                 if self.compiled is None:  # compiled on first use: importing TorchDynamo takes about a second
-                    self.compiled = torch.compile(self.fn, options=self.options)
+                    self.compiled = torch.compile(self.fn)
                 return self.compiled(*args)
             except Exception as err:  # the compiler's errors come from many libraries (C++ toolchain, triton)
                 self.failed = True

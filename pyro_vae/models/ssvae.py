@@ -32,7 +32,7 @@ point; with ``aux_weight=alpha`` the model includes it as the observed site
 alpha to 46 per labelled point unless told otherwise (Pyro's example's; the
 paper's 0.1 * N / N_labelled is ``paper_aux_weight`` there). With
 ``aux_weight=0`` (the default) the model is the plain generative model, and
-the importance-sampled log p(x) of :mod:`pyro_vae.marginal` applies, with y
+the importance-sampled log p(x) of :mod:`pyro_vae.infer.importance` applies, with y
 drawn from q(y | x).
 
 The plate and keyword conventions are those of :class:`pyro_vae.VAE`

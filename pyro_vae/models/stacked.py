@@ -53,7 +53,6 @@ from .vae import VAE
 
 _instance_ids = itertools.count()
 ACTIVITY_THRESHOLD = 0.01
-GENERATIVE_PARTS = ("decoder", "prior", "likelihood", "class_prior_net")  # M2's modules in the model
 
 
 class LatentFeatures(nn.Module):
@@ -176,12 +175,7 @@ class StackedSSVAE(SemiSupervisedModel):
 
     # ----------------------------------------------------------------- Pyro
     def modules_for(self, role: str) -> dict[str, nn.Module]:
-        m2 = self.m2
-        return {
-            "model": {f"m2.{part}": getattr(m2, part) for part in GENERATIVE_PARTS},
-            "guide": {"m2.classifier": m2.classifier, "m2.encoder": m2.encoder},
-            "classifier": {"m2.classifier": m2.classifier},
-        }[role]
+        return {f"m2.{name}": module for name, module in self.m2.modules_for(role).items()}  # M1 is frozen
 
     def label_prior(self) -> dist.OneHotCategorical:
         return self.m2.class_prior_net()

@@ -42,7 +42,7 @@ fit to the training points (``output_bias="data"``,
 :meth:`~pyro_vae.models.Model.start_output_bias`), as Burda et al.'s code
 does; ``"random"`` keeps the networks' random start.
 
-KL warm-up and beta: the KL weight ``beta * min(1, step / warmup_steps)``
+KL warm-up and beta: the KL weight ``beta * min(1, (step + 1) / warmup_steps)`` at 0-based ``step``
 (:mod:`.schedules`) reaches the latent sites through ``poutine.scale``. The
 validation numbers are always the true ELBO, with unscaled densities.
 Adam's learning rate follows ``lr_schedule`` (:mod:`.schedules`), set at the

@@ -69,9 +69,6 @@ class SingleProcess:
         """``obj`` of every process, in rank order."""
         return [obj]
 
-    def barrier(self) -> None:
-        """Wait for every process."""
-
 
 class LightningProcesses(SingleProcess):
     """Several processes launched and connected by ``lightning.fabric.Fabric``.
@@ -136,7 +133,3 @@ class LightningProcesses(SingleProcess):
         out = [None] * self.world_size
         torch.distributed.all_gather_object(out, obj)
         return out
-
-    def barrier(self):
-        if self._distributed():
-            torch.distributed.barrier()
