@@ -152,20 +152,27 @@ def test_importance_sampling_and_ais_find_the_closed_form_log_px(linear_two_laye
     assert (annealed.log_px - exact).abs().mean() < 0.02
 
 
-def test_every_prior_fits_at_the_top_and_every_objective_trains(small_mnist):
+def test_every_prior_fits_at_the_top_and_every_objective_trains(small_mnist, tmp_path):
     data = small_mnist.subset(train=256, val=64, test=64)
     for prior in sorted(PRIORS):
         model = pv.HierarchicalVAE((1, 28, 28), z_dims=(6, 3), hidden=((32,), (16,)), prior=build_prior(prior))
         history = pv.fit(model, data, epochs=1, batch_size=64, progress=False, compile=False)
-        assert math.isfinite(history[-1]["val_elbo"]), prior
+        assert history[1]["val_elbo"] > history[0]["val_elbo"], prior  # four steps of Adam already help
     objectives = [
         {"name": "trace", "gradient": "stl"},
         {"name": "iwae", "num_particles": 3},
         {"name": "iwae", "num_particles": 3, "gradient": "dreg"},
     ]
     for objective in objectives:
-        history = pv.fit(model, data, objective=objective, epochs=1, batch_size=64, progress=False, compile=False)
-        assert math.isfinite(history[-1]["val_elbo"]), objective
+        before = {name: p.detach().clone() for name, p in model.named_parameters()}
+        run = tmp_path / "-".join(map(str, objective.values()))
+        pv.fit(model, data, objective=objective, epochs=1, batch_size=64, run_dir=run, progress=False, compile=False)
+        # The best checkpoint is chosen by the validation ELBO, which the IWAE bound may trade for itself, so
+        # what is checked is that the objective's steps moved every layer: the last checkpoint's weights.
+        last = pv.load_run(run, checkpoint="last").model
+        for name, p in last.named_parameters():
+            if name.startswith(("encoders.", "conditionals.", "decoder.")):
+                assert not torch.equal(before[name], p), (objective, name)
     with pytest.raises(ValueError, match="independent given x"):
         pv.fit(model, data, objective="meanfield", epochs=1, progress=False)
 
