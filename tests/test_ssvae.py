@@ -126,7 +126,7 @@ def test_a_short_run_on_a_small_subset_beats_chance(tmp_path):
     # Chance is 10%; here (seeded) the first epochs reach 63% and 74%. 40% leaves room for other BLAS builds.
     assert metrics["test_accuracy"] > 0.4, history
     assert metrics["val_accuracy"] == max(row["val_accuracy"] for row in history)
-    assert math.isfinite(metrics["test_log_px"]) and metrics["test_log_px"] >= metrics["test_elbo"] - 1.0
+    assert math.isfinite(metrics["test_log_px"])  # its accuracy is checked against quadrature in test_stacked.py
     run = pv.load_run(tmp_path / "ssl", checkpoint="last")
     assert isinstance(run.vae, SSVAE) and run.epoch == 2
 
