@@ -25,6 +25,7 @@ import math
 import torch
 
 from .densities import site_log_densities
+from .importance import log_marginal_likelihood
 from .objective import Objective, register_objective
 from .path_derivatives import GRADIENTS, DReG_IWAE_ELBO
 
@@ -67,6 +68,7 @@ class IWAEBound(Objective):
     name = "iwae"
     legacy_config = {"gradient": "standard"}  # config() leaves the standard gradient out, as older runs did
     supports_kl_weight = False  # the bound has no separate KL term to weigh
+    validation_metric = "val_iwae"  # the best checkpoint is the one of the best bound, not of the ELBO
 
     def __init__(self, num_particles: int = 5, gradient: str = "standard"):
         if gradient not in GRADIENTS["iwae"]:
@@ -81,6 +83,24 @@ class IWAEBound(Objective):
         if self.gradient == "dreg":
             return DReG_IWAE_ELBO(model, self.num_particles).differentiable_loss(model.model, model.guide, x)
         return self.bound.differentiable_loss(model.model, model.guide, x)
+
+    def validate(self, model, split, prefix: str) -> dict:
+        """The ELBO and its terms, and the bound L_K itself (``iwae``, with ``iwae_se``), per point.
+
+        L_K is estimated with the same K draws for every epoch (a fixed seed), so that epochs differ by
+        their weights alone, and with unscaled densities, as the importance sampler estimates log p(x).
+        """
+        metrics = super().validate(model, split, prefix)
+        was_training = model.training
+        model.eval()
+        try:
+            k = self.num_particles
+            bound = log_marginal_likelihood(
+                model.model, model.guide, split.x, num_samples=k, batch_size=200, max_samples_per_pass=200 * k, seed=0
+            )
+        finally:
+            model.train(was_training)
+        return {**metrics, f"{prefix}iwae": bound.mean, f"{prefix}iwae_se": bound.stderr}
 
     def config(self):
         extra = {} if self.gradient == "standard" else {"gradient": self.gradient}  # as older runs wrote it

@@ -48,6 +48,9 @@ class Objective(ABC):
     supports_kl_weight: ClassVar[bool] = True
     #: Arguments added to :meth:`config` after runs were written without them, with the values those runs had.
     legacy_config: ClassVar[dict] = {}
+    #: The history column whose maximum picks the best checkpoint, where the objective has its own (one of
+    #: :meth:`validate`'s, prefixed ``val_``); None leaves it to the model's ``validation_metric``.
+    validation_metric: ClassVar[str | None] = None
 
     def setup(self, model, data: Dataset, *, batch_size: int) -> None:  # noqa: B027 (a hook; most need nothing)
         """Check that the objective fits ``model`` and ``data`` and prepare for training."""

@@ -20,8 +20,9 @@ Whatever the model and objective, the engine guarantees:
 * **a non-finite loss** leaves the parameters untouched and raises
   :class:`TrainingDiverged`, naming the epoch, the step and the fix; the
   last checkpoint on disk is kept;
-* **the best checkpoint** by the model's ``validation_metric`` (the
-  validation ELBO for a VAE, the accuracy for M2) in ``best.pt``; at the end
+* **the best checkpoint** by the objective's ``validation_metric`` where it
+  has one (the bound L_K for IWAE), else the model's (the validation ELBO
+  for a VAE, the accuracy for M2), in ``best.pt``; at the end
   the model holds the best epoch's weights and ``metrics.json`` their test
   evaluation;
 * a progress bar, and one summary line per epoch even without it;
@@ -359,7 +360,7 @@ class _Engine:
         }
         if processes.config() is not None:
             self.config["distributed"] = processes.config()
-        self.metric = model.validation_metric
+        self.metric = objective.validation_metric or model.validation_metric
         self.history: list[dict] = []
         self.best_epoch, self.best_state = 0, None
         self.run: RunDirectory | None = None
@@ -506,7 +507,8 @@ class _Engine:
             row["compile_seconds"] = compile_seconds
         self.history.append(row)
         self._summarise(row)
-        best = self.metric not in row or row[self.metric] > self.history[self.best_epoch_index][self.metric]
+        best_so_far = self.history[self.best_epoch_index].get(self.metric, -math.inf)  # older rows may lack it
+        best = self.metric not in row or row[self.metric] > best_so_far
         best = bool(self.processes.broadcast(torch.tensor([float(best)], device=self.device)).item())  # process 0's
         if best:
             self.best_epoch = epoch
