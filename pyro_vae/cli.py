@@ -229,8 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--lr-schedule",
         choices=LR_SCHEDULES,
         default="constant",
-        help="the learning rate by epoch: constant, or iwae (Burda et al. 2016's 3^i epochs at lr * 10^(-i/7), "
-        "i = 0, ..., 7; 364 epochs end stage 5)",
+        help="the learning rate by epoch: constant; iwae (Burda et al. 2016's 3^i epochs at lr * 10^(-i/7), "
+        "i = 0, ..., 7; 364 epochs end stage 5); or cosine (from lr towards 0 over --epochs, Loshchilov & "
+        "Hutter 2017; such a run resumes only to its own --epochs)",
     )
     training.add_argument(
         "--elbo",

@@ -13,8 +13,9 @@ from torch import nn
 import pyro_vae as pv
 from pyro_vae.infer.elbo import ELBO, MeanFieldELBO
 from pyro_vae.runs.files import load_checkpoint, save_checkpoint
+from pyro_vae.training import engine as engine_module
 from pyro_vae.training.engine import adam, take_step
-from pyro_vae.training.schedules import iwae_learning_rate, kl_weight_schedule
+from pyro_vae.training.schedules import cosine_learning_rate, iwae_learning_rate, kl_weight_schedule
 
 
 def test_short_run_clearly_improves_the_validation_elbo(small_mnist):
@@ -92,9 +93,10 @@ def test_the_iwae_learning_rate_schedule_is_burda_et_als():
     """Stage i = 0, ..., 7 runs 3^i epochs at lr * 10^(-i/7): epoch 1, then 2-4, 5-13, ..., 1094-3280."""
     first_epochs = [1, 2, 5, 14, 41, 122, 365, 1094]
     for stage, first in enumerate(first_epochs):
-        assert iwae_learning_rate(first, 2e-3) == pytest.approx(2e-3 * 10 ** (-stage / 7), rel=1e-12)
-        assert iwae_learning_rate(first - 1, 2e-3) == pytest.approx(2e-3 * 10 ** (-max(stage - 1, 0) / 7), rel=1e-12)
-    assert iwae_learning_rate(3280, 1e-3) == iwae_learning_rate(10**6, 1e-3) == pytest.approx(1e-4, rel=1e-12)
+        assert iwae_learning_rate(first, 2e-3, 3280) == pytest.approx(2e-3 * 10 ** (-stage / 7), rel=1e-12)
+        previous = 2e-3 * 10 ** (-max(stage - 1, 0) / 7)
+        assert iwae_learning_rate(first - 1, 2e-3, 364) == pytest.approx(previous, rel=1e-12)  # any run length
+    assert iwae_learning_rate(3280, 1e-3, 3280) == iwae_learning_rate(10**6, 1e-3, 10**6) == pytest.approx(1e-4)
 
 
 def test_a_learning_rate_schedule_trains_with_its_rates_and_resumes_exactly(small_mnist, tmp_path):
@@ -119,8 +121,44 @@ def test_a_learning_rate_schedule_trains_with_its_rates_and_resumes_exactly(smal
 
     with pytest.raises(pv.CheckpointError, match=r"other settings \(lr_schedule 'iwae' -> 'constant'\)"):
         pv.fit(small_vae(), data, epochs=3, run_dir=tmp_path / "resumed", resume=True, progress=False)
-    with pytest.raises(ValueError, match=r"lr_schedule must be one of 'constant', 'iwae'; got 'cosine'"):
-        pv.fit(small_vae(), data, epochs=1, lr_schedule="cosine", progress=False)
+    with pytest.raises(ValueError, match=r"lr_schedule must be one of 'constant', 'iwae', 'cosine'; got 'step'"):
+        pv.fit(small_vae(), data, epochs=1, lr_schedule="step", progress=False)
+
+
+def test_the_cosine_schedule_anneals_over_the_runs_epochs():
+    """Loshchilov & Hutter's rates, and torch's CosineAnnealingLR stepped once an epoch gives the same."""
+    assert cosine_learning_rate(1, 2e-3, 4) == 2e-3
+    assert cosine_learning_rate(3, 2e-3, 4) == pytest.approx(1e-3, rel=1e-12)  # half-way: (1 + cos(pi / 2)) / 2
+    assert cosine_learning_rate(5, 2e-3, 4) == pytest.approx(0.0, abs=1e-18)  # the epoch after the last
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=2e-3)
+    torch_schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=7)
+    for epoch in range(1, 8):
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(cosine_learning_rate(epoch, 2e-3, 7), rel=1e-9)
+        optimizer.step()
+        torch_schedule.step()
+
+
+def test_a_cosine_run_resumes_exactly_to_its_own_epochs_only(small_mnist, tmp_path, monkeypatch):
+    data = small_mnist.subset(train=300)
+    pyro.set_rng_seed(0)
+    straight = small_vae()
+    history = pv.fit(straight, data, epochs=3, lr_schedule="cosine", run_dir=tmp_path / "straight", progress=False)
+    assert [row["lr"] for row in history[1:]] == pytest.approx([1e-3, 0.75e-3, 0.25e-3], rel=1e-12)
+
+    # the same run stopped as by a Ctrl-C in its second epoch, then resumed
+    steps = iter(range(10**6))
+    stop_in_epoch_two = lambda engine, interrupt: engine.history[-1]["epoch"] == 1 and next(steps) == 1  # noqa: E731
+    with monkeypatch.context() as patch:
+        patch.setattr(engine_module._Engine, "_interrupted", stop_in_epoch_two)
+        pyro.set_rng_seed(0)
+        with pytest.raises(pv.TrainingInterrupted, match="at epoch 2, step 1 of 3"):
+            pv.fit(small_vae(), data, epochs=3, lr_schedule="cosine", run_dir=tmp_path / "stopped", progress=False)
+    with pytest.raises(ValueError, match=r"follows the cosine learning-rate schedule over 3 epochs.*resume it to 3"):
+        pv.fit(small_vae(), data, epochs=5, lr_schedule="cosine", run_dir=tmp_path / "stopped", resume=True)
+    resumed = small_vae()
+    pv.fit(resumed, data, epochs=3, lr_schedule="cosine", run_dir=tmp_path / "stopped", resume=True, progress=False)
+    for a, b in zip(straight.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize(

@@ -47,7 +47,7 @@ KL warm-up and beta: the KL weight ``beta * min(1, (step + 1) / warmup_steps)`` 
 (:mod:`.schedules`) reaches the latent sites through ``poutine.scale``. The
 validation numbers are always the true ELBO, with unscaled densities.
 Adam's learning rate follows ``lr_schedule`` (:mod:`.schedules`), set at the
-start of every epoch from the epoch alone, so a resumed run takes the same rates.
+start of every epoch from the epoch and the run's epochs, so a resumed run takes the same rates.
 Several processes (Lightning DDP) run this same loop; :mod:`.parallel` holds
 what differs.
 """
@@ -75,7 +75,7 @@ from ..runs.directory import RunDirectory, model_config_matches
 from ..runs.files import CheckpointError, restore_rng, rng_state
 from .interrupts import InterruptRequests
 from .parallel import ReplicasDiverged, SingleProcess, parameter_digest
-from .schedules import LR_SCHEDULES, kl_weight_schedule
+from .schedules import LENGTH_DEPENDENT_SCHEDULES, LR_SCHEDULES, kl_weight_schedule
 
 
 class TrainingDiverged(RuntimeError):
@@ -270,8 +270,9 @@ def fit(
         dict (``{"name": "iwae", "num_particles": 50}``); by default the model's own.
     :param lr: Adam's learning rate, or the base rate of ``lr_schedule``.
     :param lr_schedule: the learning rate by epoch, one of
-        :data:`~pyro_vae.training.schedules.LR_SCHEDULES`: ``"constant"``, or
-        ``"iwae"`` (Burda et al.'s 3^i epochs at ``lr * 10^(-i/7)``).
+        :data:`~pyro_vae.training.schedules.LR_SCHEDULES`: ``"constant"``, ``"iwae"`` (Burda et
+        al.'s 3^i epochs at ``lr * 10^(-i/7)``) or ``"cosine"`` (annealed from ``lr`` towards 0 over
+        the run's ``epochs``; such a run resumes only to the same ``epochs``).
     :param warmup_epochs: epochs over which the KL weight rises linearly to ``beta``.
     :param beta: final weight of the KL term (1 gives the ELBO).
     :param output_bias: ``"data"`` starts a fresh run's decoder output bias at the likelihood's
@@ -405,6 +406,15 @@ class _Engine:
                 f"{' and part of the next' if state['position'] is not None else ''}; resume it to at least "
                 f"{trained} epochs in all, not {self.settings['epochs']} (its target is {target})."
             )
+        saved_train = state["config"].get("train", {})
+        schedule = self.settings["lr_schedule"]
+        if schedule in LENGTH_DEPENDENT_SCHEDULES and saved_train.get("lr_schedule") == schedule:
+            if saved_train.get("epochs") != self.settings["epochs"]:
+                raise ValueError(
+                    f"{run.path} follows the {schedule} learning-rate schedule over {saved_train.get('epochs')} "
+                    f"epochs, and its rates depend on that number; resume it to {saved_train.get('epochs')} epochs "
+                    f"(pyro-vae train --resume without --epochs), or start a new run of {self.settings['epochs']}."
+                )
         saved = state["config"]["model"]
         if not model_config_matches(saved, self.config["model"]):
             raise CheckpointError(
@@ -445,7 +455,7 @@ class _Engine:
     # --------------------------------------------------------------- epochs
     def _train_epoch(self, epoch: int, position: dict | None, interrupt: InterruptRequests) -> None:
         started = time.perf_counter()
-        lr = LR_SCHEDULES[self.settings["lr_schedule"]](epoch, self.settings["lr"])
+        lr = LR_SCHEDULES[self.settings["lr_schedule"]](epoch, self.settings["lr"], self.settings["epochs"])
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         if position is None:

@@ -12,10 +12,22 @@ Learning rate, by name (``fit(lr_schedule=...)``):
   Autoencoders*, ICLR 2016, section 5) schedule for their Table 1: stage
   i = 0, ..., 7 runs 3^i epochs at ``lr * 10^(-i / 7)``, 3,280 epochs in
   all; later epochs keep the last stage's rate. A run of fewer epochs
-  follows its first stages (364 epochs end stage 5, 1,093 stage 6).
+  follows its first stages (364 epochs end stage 5, 1,093 stage 6);
+- ``"cosine"``: Loshchilov & Hutter's cosine annealing (*SGDR: Stochastic
+  Gradient Descent with Warm Restarts*, ICLR 2017) without restarts, over
+  the run's epochs E: epoch t runs at ``lr * (1 + cos(pi (t - 1) / E)) / 2``,
+  from ``lr`` at the first epoch towards 0 after the last (the rates of
+  ``torch.optim.lr_scheduler.CosineAnnealingLR(T_max=E)`` stepped once an
+  epoch). Its rates depend on E, so a run trained with it cannot be
+  extended to more epochs (:data:`LENGTH_DEPENDENT_SCHEDULES`).
+
+Every schedule is a function of the (1-based) epoch, the base rate and the
+run's epochs, so a resumed run recomputes its rates exactly.
 """
 
 from __future__ import annotations
+
+import math
 
 
 def kl_weight_schedule(step: int, *, beta: float, warmup_steps: int) -> float:
@@ -38,14 +50,22 @@ def iwae_stage(epoch: int) -> int:
     return stage
 
 
-def constant_learning_rate(epoch: int, lr: float) -> float:
+def constant_learning_rate(epoch: int, lr: float, epochs: int) -> float:
     return lr
 
 
-def iwae_learning_rate(epoch: int, lr: float) -> float:
-    """``lr * 10^(-i / 7)`` in stage i of Burda et al.'s schedule."""
+def iwae_learning_rate(epoch: int, lr: float, epochs: int) -> float:
+    """``lr * 10^(-i / 7)`` in stage i of Burda et al.'s schedule (whatever the run's length)."""
     return lr * 10 ** (-iwae_stage(epoch) / 7)
 
 
-#: The learning rate of a (1-based) epoch given the base rate, by schedule name.
-LR_SCHEDULES = {"constant": constant_learning_rate, "iwae": iwae_learning_rate}
+def cosine_learning_rate(epoch: int, lr: float, epochs: int) -> float:
+    """``lr * (1 + cos(pi (epoch - 1) / epochs)) / 2``: cosine annealing over the run's ``epochs``."""
+    return lr * (1 + math.cos(math.pi * (epoch - 1) / epochs)) / 2
+
+
+#: The learning rate of a (1-based) epoch given the base rate and the run's epochs, by schedule name.
+LR_SCHEDULES = {"constant": constant_learning_rate, "iwae": iwae_learning_rate, "cosine": cosine_learning_rate}
+
+#: Schedules whose rates depend on the run's epochs: a run trained with one keeps its epoch target.
+LENGTH_DEPENDENT_SCHEDULES = frozenset({"cosine"})
