@@ -8,7 +8,7 @@
 ``--model m2`` (the default) is Kingma, Rezende, Mohamed & Welling's (2014)
 M2 on the pixels: ``pv.SSVAE(z_dim=50, hidden=(500,))`` with softplus,
 trained by ``pv.train_run`` with ``pv.SemiSupervisedELBO`` (batch 200,
-Adam 1e-3, alpha ``--aux-weight`` per labelled point, the classifier first
+Adam ``--lr``, 3e-3 by default, alpha ``--aux-weight`` per labelled point, the classifier first
 trained on the labels for ``--classifier-steps``, the decoder's output bias
 started at the logits of the pixels' means unless ``--output-bias random``),
 which is what ``pyro-vae train --semi-supervised --labels N --label-seed S``
@@ -50,7 +50,7 @@ import pyro
 import torch
 
 import pyro_vae as pv
-from pyro_vae.cli import count_or_zero, positive_int, seed_value
+from pyro_vae.cli import M2_DEFAULTS, count_or_zero, positive_float, positive_int, seed_value
 from pyro_vae.evaluate import EvaluationInterrupted
 from pyro_vae.infer.objective import completed_objective_config
 from pyro_vae.infer.semisupervised import DEFAULT_AUX_WEIGHT, paper_aux_weight
@@ -110,11 +110,13 @@ def alpha(args, data: pv.Dataset, labels: int) -> float:
 
 
 def check_settings(run: Path, args) -> None:
-    """Refuse a run (or a kept record) of another warm start, alpha or output-bias start, rather than mix it in
-    (M1+M2's stacked M2 has no output-bias start)."""
+    """Refuse a run (or a kept record) of another learning rate, warm start, alpha or output-bias start, rather
+    than mix it in (M1+M2's stacked M2 has no output-bias start)."""
     train = pv.RunDirectory(run).read_config()["train"]
     if args.model == "m2":
         check_output_bias(run, args)
+    if train["lr"] != args.lr:
+        raise SystemExit(f"{run} was trained with --lr {train['lr']:g}, not {args.lr:g}; give that, or another --out.")
     objective = completed_objective_config(train["objective"])
     checked = (("classifier_steps", "--classifier-steps"),) + (
         (("aux_weight", "--aux-weight"),) * (args.aux_weight != "paper")
@@ -169,7 +171,7 @@ def train_m1m2(m1: Path, labels: int, label_seed: int, args, out: Path) -> Path:
         classifier_steps=args.classifier_steps,
     )  # fmt: skip
     pv.train_run(
-        stacked, data, run, objective=objective, epochs=args.epochs, batch_size=200, lr=1e-3, seed=0,
+        stacked, data, run, objective=objective, epochs=args.epochs, batch_size=200, lr=args.lr, seed=0,
         eval_samples=args.samples, progress=args.jobs == 1,
     )  # fmt: skip
     return run
@@ -184,13 +186,14 @@ def train_m2(labels: int, label_seed: int, args, out: Path) -> Path:
         else:
             pyro.set_rng_seed(0)
             data = load_data(args)
-            model = pv.SSVAE(data.x_shape, z_dim=50, hidden=(500,))
+            model = pv.SSVAE(data.x_shape, z_dim=M2_DEFAULTS["z_dim"][0], hidden=tuple(M2_DEFAULTS["hidden"]))
             objective = pv.SemiSupervisedELBO(
                 num_labels=labels, label_seed=label_seed, aux_weight=alpha(args, data, labels),
                 classifier_steps=args.classifier_steps,
             )  # fmt: skip
             pv.train_run(
-                model, data, run, objective=objective, epochs=args.epochs, batch_size=200, lr=1e-3, seed=0,
+                model, data, run, objective=objective, epochs=args.epochs, batch_size=M2_DEFAULTS["batch_size"],
+                lr=args.lr, seed=0,
                 eval_samples=args.samples, output_bias=args.output_bias, progress=args.jobs == 1,
             )  # fmt: skip
     generative = run / GENERATIVE
@@ -275,6 +278,9 @@ def main() -> None:
     parser.add_argument("--label-seeds", type=seed_value, nargs="+", default=[0, 1, 2], help="label draws per count")
     parser.add_argument("--epochs", type=positive_int, default=200, help="epochs of each M2")
     parser.add_argument(
+        "--lr", type=positive_float, help=f"Adam's rate [default: {M2_DEFAULTS['lr']:g} for m2, 1e-3 for m1m2]"
+    )
+    parser.add_argument(
         "--classifier-steps",
         type=count_or_zero,
         default=1000,
@@ -295,6 +301,7 @@ def main() -> None:
     parser.add_argument("--out", default="runs/semi-supervised-study")
     parser.add_argument("--keep", type=Path, help="copy each finished run's record here (to commit); see above")
     args = parser.parse_args()
+    args.lr = args.lr or (M2_DEFAULTS["lr"] if args.model == "m2" else 1e-3)
     out = Path(args.out)
 
     jobs = [(labels, seed) for labels in args.labels for seed in args.label_seeds]

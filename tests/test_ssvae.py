@@ -274,5 +274,5 @@ def test_the_command_trains_kingma_et_al_s_m2_by_default_and_records_the_warm_st
         [500],
         "softplus",
     )
-    assert config["train"]["batch_size"] == 200
+    assert (config["train"]["batch_size"], config["train"]["lr"]) == (200, 3e-3)
     assert config["train"]["objective"]["classifier_steps"] == 7
