@@ -156,7 +156,7 @@ def train_m1m2(m1: Path, labels: int, label_seed: int, args, out: Path) -> Path:
     if finished(run, args):
         return run
     if pv.RunDirectory(run).holds_run():
-        pv.resume_run(run, epochs=args.epochs, eval_samples=args.samples, progress=args.jobs == 1)
+        pv.resume_run(run, epochs=args.epochs, eval_samples=args.samples, progress=args.progress)
         return run
     pyro.set_rng_seed(0)
     m1_run = pv.load_run(m1)  # M1's best checkpoint, frozen inside the stacked model
@@ -172,7 +172,7 @@ def train_m1m2(m1: Path, labels: int, label_seed: int, args, out: Path) -> Path:
     )  # fmt: skip
     pv.train_run(
         stacked, data, run, objective=objective, epochs=args.epochs, batch_size=200, lr=args.lr, seed=0,
-        eval_samples=args.samples, progress=args.jobs == 1,
+        eval_samples=args.samples, progress=args.progress,
     )  # fmt: skip
     return run
 
@@ -182,7 +182,7 @@ def train_m2(labels: int, label_seed: int, args, out: Path) -> Path:
     run = out / run_name("m2", labels, label_seed)
     if not finished(run, args):
         if pv.RunDirectory(run).holds_run():
-            pv.resume_run(run, epochs=args.epochs, eval_samples=args.samples, progress=args.jobs == 1)
+            pv.resume_run(run, epochs=args.epochs, eval_samples=args.samples, progress=args.progress)
         else:
             pyro.set_rng_seed(0)
             data = load_data(args)
@@ -194,7 +194,7 @@ def train_m2(labels: int, label_seed: int, args, out: Path) -> Path:
             pv.train_run(
                 model, data, run, objective=objective, epochs=args.epochs, batch_size=M2_DEFAULTS["batch_size"],
                 lr=args.lr, seed=0,
-                eval_samples=args.samples, output_bias=args.output_bias, progress=args.jobs == 1,
+                eval_samples=args.samples, output_bias=args.output_bias, progress=args.progress,
             )  # fmt: skip
     generative = run / GENERATIVE
     best = pv.load_run(run)
@@ -302,6 +302,7 @@ def main() -> None:
     parser.add_argument("--keep", type=Path, help="copy each finished run's record here (to commit); see above")
     args = parser.parse_args()
     args.lr = args.lr or (M2_DEFAULTS["lr"] if args.model == "m2" else 1e-3)
+    args.progress = args.jobs == 1 and sys.stderr.isatty()  # else a line per epoch, not a stream of bars in a log
     out = Path(args.out)
 
     jobs = [(labels, seed) for labels in args.labels for seed in args.label_seeds]
