@@ -50,7 +50,7 @@ import pyro
 import torch
 
 import pyro_vae as pv
-from pyro_vae.cli import M2_DEFAULTS, count_or_zero, positive_float, positive_int, seed_value
+from pyro_vae.cli import M2_DEFAULTS, VAE_DEFAULTS, count_or_zero, positive_float, positive_int, seed_value
 from pyro_vae.evaluate import EvaluationInterrupted
 from pyro_vae.infer.objective import completed_objective_config
 from pyro_vae.infer.semisupervised import DEFAULT_AUX_WEIGHT, paper_aux_weight
@@ -278,7 +278,9 @@ def main() -> None:
     parser.add_argument("--label-seeds", type=seed_value, nargs="+", default=[0, 1, 2], help="label draws per count")
     parser.add_argument("--epochs", type=positive_int, default=200, help="epochs of each M2")
     parser.add_argument(
-        "--lr", type=positive_float, help=f"Adam's rate [default: {M2_DEFAULTS['lr']:g} for m2, 1e-3 for m1m2]"
+        "--lr",
+        type=positive_float,
+        help=f"Adam's rate [default: {M2_DEFAULTS['lr']:g} for m2, {VAE_DEFAULTS['lr']:g} for m1m2]",
     )
     parser.add_argument(
         "--classifier-steps",
@@ -301,7 +303,7 @@ def main() -> None:
     parser.add_argument("--out", default="runs/semi-supervised-study")
     parser.add_argument("--keep", type=Path, help="copy each finished run's record here (to commit); see above")
     args = parser.parse_args()
-    args.lr = args.lr or (M2_DEFAULTS["lr"] if args.model == "m2" else 1e-3)
+    args.lr = args.lr or (M2_DEFAULTS if args.model == "m2" else VAE_DEFAULTS)["lr"]  # as pyro-vae train
     args.progress = args.jobs == 1 and sys.stderr.isatty()  # else a line per epoch, not a stream of bars in a log
     out = Path(args.out)
 
