@@ -72,7 +72,7 @@ def test_compare_refuses_unevaluated_runs_and_different_test_points(two_runs, tm
     assert main(["compare", str(two_runs[0]), str(tmp_path / "other")]) == 2
     assert "pyro-vae evaluate" in capsys.readouterr().err
     assert main(["evaluate", str(tmp_path / "other"), "--samples", "10", "--no-progress"]) == 0
-    main(["evaluate", str(two_runs[0]), "--samples", "10", "--no-progress"])
+    assert main(["evaluate", str(two_runs[0]), "--samples", "10", "--no-progress"]) == 0
     assert main(["compare", str(two_runs[0]), str(tmp_path / "other")]) == 2
     assert "different test points" in capsys.readouterr().err
 

@@ -163,13 +163,26 @@ def test_objectives_refuse_an_estimator_that_does_not_fit():
 
 @pytest.mark.parametrize("num_particles", [1, 3])
 def test_stl_changes_the_gradient_not_the_value_and_takes_the_kl_weight(num_particles):
-    """For the same draws, STL's loss is Pyro's, whose KL weight reaches the latent sites by poutine.scale."""
+    """For the same draws, STL's loss is Pyro's, whose KL weight reaches the latent sites by poutine.scale.
+
+    Its gradient is the decoder's as before (rounding apart) and another one for the encoder: STL drops
+    only the score term of q's parameters.
+    """
     vae, x = small_vae(z_dim=4, hidden=(16,)), torch.rand(8, 1, 28, 28).round()
-    losses = {}
+    losses, gradients = {}, {}
     for gradient in ("standard", "stl"):
         for kl_weight in (0.5, 1.0):
+            vae.zero_grad()
             pyro.set_rng_seed(3)
-            losses[gradient, kl_weight] = ELBO(num_particles, gradient=gradient).loss(vae, x, kl_weight=kl_weight)
+            loss = ELBO(num_particles, gradient=gradient).loss(vae, x, kl_weight=kl_weight)
+            loss.backward()
+            losses[gradient, kl_weight] = loss.detach()
+        gradients[gradient] = {name: p.grad.clone() for name, p in vae.named_parameters()}
     for kl_weight in (0.5, 1.0):
         assert losses["stl", kl_weight].item() == pytest.approx(losses["standard", kl_weight].item(), rel=1e-6)
     assert losses["stl", 0.5] < losses["stl", 1.0]  # half the KL: a smaller loss
+    assert {name.split(".")[0] for name in gradients["stl"]} == {"encoder", "decoder"}
+    for name, grad in gradients["stl"].items():
+        if name.startswith("decoder."):
+            torch.testing.assert_close(grad, gradients["standard"][name], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(gradients["stl"]["encoder.net.0.weight"], gradients["standard"]["encoder.net.0.weight"])

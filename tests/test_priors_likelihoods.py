@@ -58,8 +58,9 @@ def test_trains_evaluates_and_samples(prior, likelihood):
         loss.backward()
         optimizer.step()
         assert torch.isfinite(loss)
-        prior_params = [name for name in before if name.startswith("prior.")]
-        assert all(not torch.equal(before[name], p) for name, p in vae.named_parameters() if name in prior_params)
+        # every parameter, the prior's and the likelihood's included, gets a gradient and moves
+        assert [name for name, p in vae.named_parameters() if torch.equal(before[name], p)] == []
+    assert any(name.startswith("prior.") for name in before) == (prior != "standard-normal")
     estimate = pv.log_marginal_likelihood(vae.model, vae.guide, x, num_samples=256)
     assert torch.isfinite(estimate.log_px).all()
     # The sampler's ELBO (unscaled densities summed over each point's event) against Pyro's own, each a mean of
@@ -108,7 +109,9 @@ def test_mixture_log_prob_is_the_brute_force_sum():
     scales = torch.nn.functional.softplus(prior.raw_scales)
     brute_force = sum(weights[k] * normal_log_density(z, prior.locs[k], scales[k]).exp() for k in range(4)).log()
     torch.testing.assert_close(prior.log_prob(z), brute_force, atol=1e-4, rtol=1e-5)
-    # the matrix-product form against Pyro's MixtureSameFamily, far out in the tails too
+    # the matrix-product form against Pyro's MixtureSameFamily, far out in the tails too, where log densities
+    # reach -2,000 nats: float32 rounding of either form stays within rtol 1e-5 of them (20 random mixtures
+    # checked), and atol 2e-3 covers the few values near 0
     reference = dist.MixtureSameFamily(dist.Categorical(weights), dist.Normal(prior.locs, scales).to_event(1))
     z = 10 * torch.randn(200, Z_DIM)
     torch.testing.assert_close(prior.log_prob(z), reference.log_prob(z), atol=2e-3, rtol=1e-5)

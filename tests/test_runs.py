@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -59,8 +60,11 @@ def test_a_training_process_holds_its_run_and_a_killed_one_releases_it(tmp_path,
     )
     try:
         assert process.stdout.readline().startswith("run directory:")
+        deadline = time.monotonic() + 300
         while not (tmp_path / "r" / "checkpoint.pt").exists():
             assert process.poll() is None, process.communicate()[1][-2000:]
+            assert time.monotonic() < deadline, "no checkpoint within 300 s"
+            time.sleep(0.02)
         assert cli.main(["train", "--resume", str(tmp_path / "r"), "--epochs", "51", "--no-progress"]) == 2
         assert f"being written by another process (pid {process.pid})" in capsys.readouterr().err
     finally:

@@ -284,13 +284,20 @@ def test_a_fresh_run_starts_the_output_bias_at_the_data_and_a_resumed_one_keeps_
     pv.fit(vae, small_mnist, epochs=0, output_bias="random", run_dir=tmp_path / "random", progress=False)
     assert torch.equal(vae.decoder.net[-1].bias, initial)
 
-    pv.resume_run(tmp_path / "random", epochs=1, progress=False)  # resumes with its recorded start
-    assert json.loads((tmp_path / "data" / "config.json").read_text())["train"]["output_bias"] == "data"
-    old = tmp_path / "data" / "checkpoint.pt"  # a run written before the option: its config has no output_bias
-    state = load_checkpoint(old)
-    del state["config"]["train"]["output_bias"]
-    torch.save(state, old)
-    pv.resume_run(tmp_path / "data", epochs=0, progress=False)
+    def started_again(self, x):
+        raise AssertionError("a resumed run started its output bias again")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pv.VAE, "start_output_bias", started_again)
+        pv.resume_run(tmp_path / "random", epochs=1, progress=False)  # resumes with its recorded start
+        assert json.loads((tmp_path / "data" / "config.json").read_text())["train"]["output_bias"] == "data"
+        old = tmp_path / "data" / "checkpoint.pt"  # a run written before the option: its config has no output_bias
+        state = load_checkpoint(old)
+        del state["config"]["train"]["output_bias"]
+        torch.save(state, old)
+        resumed = pv.resume_run(tmp_path / "data", epochs=0, progress=False)
+    last_bias = [name for name in state["model"] if name.startswith("decoder.") and name.endswith(".bias")][-1]
+    assert torch.equal(resumed.model.decoder.net[-1].bias, state["model"][last_bias])
 
     class OwnDecoder(nn.Module):  # a user's decoder, without start_output_at
         def __init__(self):

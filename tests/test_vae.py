@@ -35,14 +35,18 @@ def test_svi_by_hand_with_pyro_optim(small_mnist):
 
 
 def test_two_vaes_never_share_parameters(small_mnist):
-    """Each VAE registers its modules under its own name in Pyro's param store."""
+    """Each VAE registers its modules under its own name in Pyro's param store: a step of one leaves the other."""
     x = small_mnist.val.x[:64]
     first, second = small_vae(), small_vae()
+    untouched = [p.detach().clone() for p in second.parameters()]
     SVI(first.model, first.guide, pyro.optim.Adam({"lr": 1e-3}), Trace_ELBO()).step(x)
-    before = [p.detach().clone() for p in second.parameters()]
+    assert all(torch.equal(b, p) for b, p in zip(untouched, second.parameters(), strict=True))
+    names_of_first = set(pyro.get_param_store().keys())
     svi = SVI(second.model, second.guide, pyro.optim.Adam({"lr": 1e-3}), TraceMeanField_ELBO())
     svi.step(x)
-    assert all(not torch.equal(b, p) for b, p in zip(before, second.parameters(), strict=True))
+    assert names_of_first and names_of_first.isdisjoint(set(pyro.get_param_store().keys()) - names_of_first)
+    assert len(pyro.get_param_store().keys()) == 2 * len(names_of_first)
+    assert all(not torch.equal(b, p) for b, p in zip(untouched, second.parameters(), strict=True))
 
 
 def test_predictive_draws_latents_and_new_data(small_mnist):
