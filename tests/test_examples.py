@@ -4,6 +4,7 @@ Each example runs in its own process on one thread; pytest-xdist runs them side 
 rest of the suite.
 """
 
+import importlib.util
 import os
 import signal
 import subprocess
@@ -127,6 +128,37 @@ def test_the_semi_supervised_study_takes_kept_records_and_does_not_train_them_ag
     other = study("machine-3", steps="60")
     assert other.returncode != 0 and "trained with --classifier-steps 50, not 60" in other.stderr
     assert not (tmp_path / "machine-3").exists()
+
+
+def test_the_semi_supervised_study_keeps_each_run_as_it_finishes_and_checks_every_count_first(
+    tmp_path, monkeypatch, capsys
+):
+    """A stop in the second run leaves the first one's record kept; an impossible label count trains nothing."""
+    spec = importlib.util.spec_from_file_location("semi_supervised_study", EXAMPLES / "semi_supervised_study.py")
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    train_m2 = study.train_m2
+
+    def stopped_in_the_second_run(labels, label_seed, args, out):
+        if label_seed == 1:
+            raise KeyboardInterrupt
+        return train_m2(labels, label_seed, args, out)
+
+    monkeypatch.setattr(study, "train_m2", stopped_in_the_second_run)
+    monkeypatch.chdir(tmp_path)
+    tiny = ["--epochs", "1", "--subset", "2000", "--classifier-steps", "50", "--samples", "0", "--keep", "kept"]
+    monkeypatch.setattr(sys, "argv", ["study", *tiny, "--labels", "100", "--label-seeds", "0", "1", "--out", "s"])
+    with pytest.raises(SystemExit) as stop:
+        study.main()
+    assert stop.value.code == 130
+    assert (tmp_path / "kept" / "m2-100-labels-draw-0" / "metrics.json").exists()
+    assert not (tmp_path / "kept" / "m2-100-labels-draw-1").exists()
+
+    monkeypatch.setattr(sys, "argv", ["study", *tiny, "--labels", "200", "5", "--label-seeds", "0", "--out", "t"])
+    with pytest.raises(SystemExit) as refused:
+        study.main()
+    assert refused.value.code == 2 and not (tmp_path / "t").exists()
+    assert "--labels 5: 5 labels cannot cover 10 classes" in capsys.readouterr().err
 
 
 def test_the_semi_supervised_study_runs_m1_plus_m2(tmp_path):

@@ -2,6 +2,7 @@
 
 import math
 
+import pyro
 import pytest
 import torch
 
@@ -100,11 +101,13 @@ def test_no_active_unit_is_refused():
         LatentFeatures(4, [])
 
 
-@pytest.fixture
-def m1_run(tmp_path_factory, small_mnist):
+@pytest.fixture(scope="module")
+def m1_run(tmp_path_factory, mnist):
+    """A trained M1 (10 epochs on small_mnist's points), shared by this module's tests, which only read it."""
     run_dir = tmp_path_factory.mktemp("m1") / "m1"
+    pyro.set_rng_seed(0)
     m1 = pv.VAE((1, 28, 28), z_dim=8, hidden=(128,))
-    pv.fit(m1, small_mnist, epochs=10, batch_size=100, run_dir=run_dir, progress=False)
+    pv.fit(m1, mnist.subset(train=2000, val=500, test=500), epochs=10, batch_size=100, run_dir=run_dir, progress=False)
     return run_dir
 
 
