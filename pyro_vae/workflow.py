@@ -14,7 +14,6 @@ from pathlib import Path
 from .data import Dataset, dataset_from_spec
 from .infer.objective import completed_objective_config
 from .models import Model, build_model
-from .plots import save_figures
 from .runs import CheckpointError, Run, RunDirectory
 from .training.engine import as_dataset, fit
 
@@ -31,6 +30,8 @@ def train_run(model: Model, data, run_dir: str | Path, **settings) -> Run | None
     processes = settings.get("processes")
     if processes is not None and not processes.is_writer:
         return None
+    from .plots import save_figures  # imported when drawn: matplotlib costs about a second at start-up
+
     directory = RunDirectory(run_dir)
     model.cpu()
     with directory.lock():

@@ -9,7 +9,7 @@ import pytest
 
 from pyro_vae.cli import main
 
-SMALL = ["--subset", "500", "--hidden", "64", "--no-progress"]
+SMALL = ["--subset", "500", "--hidden", "64", "--eval-samples", "10", "--no-progress"]  # K = 10: no test reads it
 
 
 def test_train_smoke_writes_a_readable_run_directory(tmp_path, capsys):
