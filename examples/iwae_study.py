@@ -95,25 +95,66 @@ def build_model(layers: int, x_shape) -> pv.Model:
     return pv.HierarchicalVAE(x_shape, z_dims=(100, 50), hidden=((200, 200), (100, 100)))
 
 
-def output_bias(run: Path) -> str:
-    """How the run's decoder output bias started ("random" for runs written before the option)."""
-    return pv.RunDirectory(run).read_config()["train"].get("output_bias", "random")
+def study_settings(run: Path) -> dict[str, object]:
+    """The flags that make a study, as a run (or its record) was trained: runs of other values belong to
+    another study, with its own --out, --keep and table. Older runs lack the newer keys."""
+    config = pv.RunDirectory(run).read_config()
+    train = config["train"]
+    return {
+        "--output-bias": train.get("output_bias", "random"),
+        "--lr-schedule": train.get("lr_schedule") or "constant",
+        "--batch-size": train["batch_size"],
+        "--seed": train["seed"],
+        "--subset": (config["data"].get("subset") or {}).get("train"),
+    }
+
+
+def other_settings(run: Path, args) -> str | None:
+    """The flags, as ``run`` was trained, where they differ from this study's (None where none differs)."""
+    ours = {"--output-bias": args.output_bias, "--lr-schedule": args.lr_schedule, "--batch-size": args.batch_size,
+            "--seed": args.seed, "--subset": args.subset}  # fmt: skip
+    theirs = study_settings(run)
+    differing = [flag for flag in ours if theirs[flag] != ours[flag]]
+    return " ".join(f"{flag} {theirs[flag]}" for flag in differing) or None
+
+
+def check_before_training(args, out: Path) -> None:
+    """Refuse, before any training, what would mix studies or fail late: a run in --out or a record in --keep of
+    other settings (a finished run would be kept over the record), a run in --out already past --epochs, more
+    --ais-points than test points, and a --results file that does not exist."""
+    for name in args.runs:
+        run, record = out / name, (args.keep / name if args.keep else None)
+        if pv.RunDirectory(run).holds_run():
+            if other := other_settings(run, args):
+                raise SystemExit(f"{run} holds a run of {other}: give it {other}, or another --out for this study.")
+            if (last := pv.RunDirectory(run).load_checkpoint("last")["epoch"]) > args.epochs:
+                raise SystemExit(f"{run} has trained {last} epochs, past --epochs {args.epochs}: give --epochs "
+                                 f"{last} or more, or another --out.")  # fmt: skip
+        if (
+            record is not None
+            and (record / pv.RunDirectory.CONFIG).exists()
+            and (other := other_settings(record, args))
+        ):
+            raise SystemExit(f"{record} keeps a run of {other}; give another --keep for this study.")
+    if args.ais_points and args.ais_points > (test_points := len(load_data(args).test)):
+        raise SystemExit(f"--ais-points {args.ais_points} exceeds the {test_points} test points; give at most that.")
+    if args.results and not args.results.is_file():
+        raise SystemExit(f"--results {args.results} does not exist; give benchmarks/RESULTS.md.")
+
+
+def load_data(args) -> pv.Dataset:
+    """The embedded MNIST (no network), dynamically binarised, or its first ``--subset`` points."""
+    data = pv.load_dataset("mnist", binarize="dynamic", seed=args.seed)
+    return data.quick_subset(args.subset) if args.subset else data
 
 
 def train_and_evaluate(name: str, args, out: Path) -> Path:
     layers, objective, _ = RUNS[name]
     run = out / name
     directory = pv.RunDirectory(run)
-    if directory.holds_run() and output_bias(run) != args.output_bias:
-        raise SystemExit(
-            f"{run} started its output bias {output_bias(run)!r}, not {args.output_bias!r}: "
-            f"give it --output-bias {output_bias(run)}, or another --out for this study."
-        )
     if not directory.holds_run():
         pyro.set_rng_seed(args.seed)
-        data = pv.load_dataset("mnist", binarize="dynamic", seed=args.seed)  # the embedded copy, no network
-        if args.subset:
-            data = data.quick_subset(args.subset)
+        data = load_data(args)
         pv.train_run(
             build_model(layers, data.x_shape), data, run, objective=objective, epochs=args.epochs,
             batch_size=args.batch_size, lr=1e-3, lr_schedule=args.lr_schedule, seed=args.seed, eval_samples=0,
@@ -138,24 +179,14 @@ def train_and_evaluate(name: str, args, out: Path) -> Path:
     return run
 
 
-def check_records(args) -> None:
-    """Before any training: refuse a ``--keep`` folder whose records of these runs started their output bias
-    otherwise, so that a finished run is not kept over them."""
-    for name in args.runs if args.keep else ():
-        record = args.keep / name
-        if (record / pv.RunDirectory.CONFIG).exists() and output_bias(record) != args.output_bias:
-            raise SystemExit(f"{record} keeps a run that started its output bias {output_bias(record)!r}; give "
-                             "another --keep for this study.")  # fmt: skip
-
-
-def finished_runs(out: Path, keep: Path | None, start: str) -> dict[str, Path]:
-    """Each evaluated run of the study whose output bias started ``start``: trained here (OUT/NAME) or, failing
-    that, kept from earlier (KEEP/NAME)."""
-    places = [out] + ([keep] if keep else [])
+def finished_runs(out: Path, args) -> dict[str, Path]:
+    """Each evaluated run of this study (of its settings): trained here (OUT/NAME) or, failing that, kept from
+    earlier (KEEP/NAME)."""
+    places = [out] + ([args.keep] if args.keep else [])
     runs = {}
     for name in RUNS:
         found = [place / name for place in places if (place / name / pv.RunDirectory.LOG_PX).exists()]
-        found = [run for run in found if output_bias(run) == start]
+        found = [run for run in found if other_settings(run, args) is None]
         if found:
             runs[name] = found[0]
     return runs
@@ -249,7 +280,7 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.out)
     try:
-        check_records(args)
+        check_before_training(args, out)
         for name in args.runs:
             run = train_and_evaluate(name, args, out)
             if args.keep:
@@ -263,7 +294,7 @@ def main() -> None:
     command += f" --output-bias {args.output_bias}" if args.output_bias != "data" else ""
     command += f" --ais-points {args.ais_points}" if args.ais_points else ""
     command += f" --keep {args.keep}" if args.keep else ""
-    runs = finished_runs(out, args.keep, args.output_bias)
+    runs = finished_runs(out, args)
     markdown = table(runs, command, ais_name(args) if args.ais_points else None)
     (out / "table.md").write_text(markdown)
     print(markdown)

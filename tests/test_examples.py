@@ -103,6 +103,14 @@ def test_the_iwae_study_takes_a_kept_run_that_its_out_folder_no_longer_holds(tmp
     mixed = run_example("iwae_study.py", [*tiny, "--runs", "1-layer-iwae-k5", "--out", "machine-2", "--output-bias",
                                           "random", "--keep", "kept-random"], tmp_path)  # fmt: skip
     assert mixed.returncode != 0 and "give it --output-bias data, or another --out" in mixed.stderr
+    # so are another batch size in --out, and more AIS points than the test set holds
+    other = run_example("iwae_study.py", [*tiny, "--runs", "1-layer-iwae-k5", "--out", "machine-2", "--batch-size",
+                                          "50", "--keep", "kept-50"], tmp_path)  # fmt: skip
+    assert other.returncode != 0 and "holds a run of --batch-size 100: give it --batch-size 100" in other.stderr
+    too_many = run_example("iwae_study.py", [*tiny, "--runs", "1-layer-vae", "--out", "m", "--ais-points", "61"],
+                           tmp_path)  # fmt: skip
+    assert too_many.returncode != 0 and "--ais-points 61 exceeds the 60 test points" in too_many.stderr
+    assert not (tmp_path / "m").exists() and not (tmp_path / "kept-50").exists()
 
 
 def test_the_semi_supervised_study_takes_kept_records_and_does_not_train_them_again(tmp_path):
