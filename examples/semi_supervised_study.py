@@ -50,7 +50,15 @@ import pyro
 import torch
 
 import pyro_vae as pv
-from pyro_vae.cli import M2_DEFAULTS, VAE_DEFAULTS, count_or_zero, positive_float, positive_int, seed_value
+from pyro_vae.cli import (
+    M2_DEFAULTS,
+    VAE_DEFAULTS,
+    count_or_zero,
+    non_negative_float,
+    positive_float,
+    positive_int,
+    seed_value,
+)
 from pyro_vae.evaluate import EvaluationInterrupted
 from pyro_vae.infer.objective import completed_objective_config
 from pyro_vae.infer.semisupervised import DEFAULT_AUX_WEIGHT, draw_labelled, paper_aux_weight
@@ -112,10 +120,19 @@ def alpha(args, data: pv.Dataset, labels: int) -> float:
     return paper_aux_weight(len(data.train), labels) if args.aux_weight == "paper" else args.aux_weight
 
 
+def check_subset(run: Path, args) -> None:
+    """Refuse a run trained on another ``--subset`` (a smoke test's, say) rather than train it on."""
+    subset = (pv.RunDirectory(run).read_config()["data"].get("subset") or {}).get("train")
+    if subset != args.subset:
+        given = f"--subset {subset}" if subset else "all the training points (no --subset)"
+        raise SystemExit(f"{run} was trained on {given}; give that, or another --out.")
+
+
 def check_settings(run: Path, args) -> None:
-    """Refuse a run (or a kept record) of another learning rate, warm start, alpha or output-bias start, rather
-    than mix it in (M1+M2's stacked M2 has no output-bias start)."""
+    """Refuse a run (or a kept record) of another learning rate, warm start, alpha, output-bias start or subset,
+    rather than mix it in (M1+M2's stacked M2 has no output-bias start)."""
     train = pv.RunDirectory(run).read_config()["train"]
+    check_subset(run, args)
     if args.model == "m2":
         check_output_bias(run, args)
     if train["lr"] != args.lr:
@@ -278,6 +295,11 @@ def table(model: str, runs: dict[int, list[Path]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def aux_weight_value(text: str) -> float | str:
+    """``--aux-weight``: a number >= 0, or ``paper``."""
+    return text if text == "paper" else non_negative_float(text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=("m2", "m1m2"), default="m2", help="M2 from pixels, or M1+M2")
@@ -299,7 +321,7 @@ def main() -> None:
     )
     parser.add_argument(
         "--aux-weight",
-        type=lambda value: value if value == "paper" else float(value),
+        type=aux_weight_value,
         default=DEFAULT_AUX_WEIGHT,
         help="alpha per labelled point, or 'paper' for Kingma et al.'s 0.1 N / labels (default: %(default)s)",
     )
@@ -316,11 +338,19 @@ def main() -> None:
     args.progress = args.jobs == 1 and sys.stderr.isatty()  # else a line per epoch, not a stream of bars in a log
     out = Path(args.out)
 
-    jobs = [(labels, seed) for labels in args.labels for seed in args.label_seeds]
+    if args.model == "m2" and args.m1:
+        parser.error("--m1 stacks M2 on a trained VAE: it applies to --model m1m2 only.")
+    jobs = list(dict.fromkeys((labels, seed) for labels in args.labels for seed in args.label_seeds))
     places = {job: args.keep / run_name(args.model, *job) for job in jobs if args.keep}
     places = {job: record for job, record in places.items() if kept(record, args)}
     to_train = [job for job in jobs if job not in places]
-    if to_train:  # every label count and draw checked before any training
+    if to_train:  # every label count and draw, and every run to continue, checked before any training
+        for labels, seed in to_train:
+            if pv.RunDirectory(run := out / run_name(args.model, labels, seed)).holds_run():
+                check_settings(run, args)
+        if args.model == "m1m2" and not args.m1 and pv.RunDirectory(out / "m1").holds_run():
+            check_output_bias(out / "m1", args)
+            check_subset(out / "m1", args)
         data = load_data(args)
         num_classes = len(data.train.y.unique())
         for labels, seed in to_train:

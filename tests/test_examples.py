@@ -168,6 +168,17 @@ def test_the_semi_supervised_study_keeps_each_run_as_it_finishes_and_checks_ever
     assert refused.value.code == 2 and not (tmp_path / "t").exists()
     assert "--labels 5: 5 labels cannot cover 10 classes" in capsys.readouterr().err
 
+    # a run of another --subset is not trained on, and --m1 is refused where no M1 is stacked on
+    smaller = ["--epochs", "2", "--subset", "1000", "--labels", "100", "--label-seeds", "0", "--out", "s"]
+    monkeypatch.setattr(sys, "argv", ["study", *smaller])
+    with pytest.raises(SystemExit, match="trained on --subset 2000; give that, or another --out"):
+        study.main()
+    monkeypatch.setattr(sys, "argv", ["study", *smaller, "--m1", "s"])
+    with pytest.raises(SystemExit) as refused:
+        study.main()
+    assert refused.value.code == 2 and "applies to --model m1m2 only" in capsys.readouterr().err
+    assert pv.RunDirectory(tmp_path / "s" / "m2-100-labels-draw-0").load_checkpoint("last")["epoch"] == 1
+
 
 def test_the_semi_supervised_study_runs_m1_plus_m2(tmp_path):
     tiny = ["--m1-epochs", "1", "--epochs", "1", "--subset", "2000", "--labels", "100", "--label-seeds", "0"]
