@@ -95,7 +95,15 @@ class Dataset:
         )
 
     def quick_subset(self, n: int) -> Dataset:
-        """The first ``n`` training points and ``n // 5`` (at least one) validation and test points: ``--subset N``."""
+        """The first ``n`` training points and ``n // 5`` (at least one) validation and test points: ``--subset N``.
+
+        Raises :class:`DataError` when the training split holds fewer than ``n`` points.
+        """
+        if n > len(self.train):
+            raise DataError(
+                f"--subset {n} exceeds the {len(self.train)} training points of {self.name}; give at most "
+                f"{len(self.train)}, or leave --subset out to train on all of them."
+            )
         return self.subset(train=n, val=max(n // 5, 1), test=max(n // 5, 1))
 
     def batches(self, batch_size: int, *, shuffle: bool = True) -> Iterator[torch.Tensor]:

@@ -21,6 +21,7 @@ TRAIN_VALUES = [
     (["--epochs", "-1"], "give a value >= 1"),
     (["--epochs", "0"], "give a value >= 1"),
     (["--subset", "0"], "give a value >= 1"),
+    (["--subset", "60000"], "--subset 60000 exceeds the 50000 training points of mnist; give at most 50000"),
     (["--batch-size", "0"], "give a value >= 1"),
     (["--lr", "0"], "give a value > 0"),
     (["--lr=-1e-3"], "give a value > 0"),
