@@ -147,6 +147,10 @@ if __name__ == "__main__":
         "--output-bias", choices=OUTPUT_BIAS_STARTS, default="data", help="the 2-D VAE's output-bias start"
     )
     args = parser.parse_args()
+    if args.no_throughput and not args.accuracy_points:
+        parser.error("--no-throughput with --accuracy-points 0 leaves nothing to run; drop one of them.")
+    if args.accuracy_points > (test_points := len(pv.load_dataset("mnist").test)):
+        parser.error(f"--accuracy-points {args.accuracy_points} exceeds the {test_points} test points.")
     torch.set_num_threads(torch.get_num_threads())
     if not args.no_throughput:
         throughput(args.points, args.chains, args.steps)

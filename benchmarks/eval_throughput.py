@@ -127,6 +127,9 @@ def pythae_rate(x: torch.Tensor, samples: int) -> float | None:
 def main(points: int, samples: int, peer_points: int) -> None:
     torch.manual_seed(0)
     data = pv.load_dataset("mnist")
+    for flag, count in (("--points", points), ("--peer-points", peer_points)):
+        if count > len(data.test):
+            raise SystemExit(f"{flag} {count} exceeds the {len(data.test)} test points; give at most that.")
     vae = pv.VAE((1, 28, 28), Z_DIM, hidden=(HIDDEN,))
     x = data.test.x[:points]
     rows = 4096  # the evaluator's default particle-point evaluations per pass
@@ -145,7 +148,7 @@ def main(points: int, samples: int, peer_points: int) -> None:
     print(f"matmul bound:    {bound:12,.0f} sample evaluations / s ({bound * FLOPS_PER_SAMPLE / 1e9:.1f} GFLOP/s)")
     print(f"evaluator:       {rate:12,.0f} sample evaluations / s")
     print(f"fraction of bound: {rate / bound:.2f}")
-    peer = pythae_rate(data.test.x[:peer_points], samples)
+    peer = pythae_rate(data.test.x[:peer_points], samples) if peer_points else None
     if peer is not None:
         print(f"pythae get_nll:  {peer:12,.0f} sample evaluations / s (best batch_size)")
         print(f"speed-up over pythae: {rate / peer:.1f}x")
@@ -156,6 +159,6 @@ if __name__ == "__main__":
     parser.add_argument("--points", type=positive_int, default=2000)
     parser.add_argument("--samples", type=positive_int, default=5000)
     parser.add_argument(
-        "--peer-points", type=count_or_zero, default=20, help="test points for the (slower) pythae peer"
+        "--peer-points", type=count_or_zero, default=20, help="test points for the (slower) pythae peer; 0 skips it"
     )
     main(**vars(parser.parse_args()))
