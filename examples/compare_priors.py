@@ -33,13 +33,43 @@ from pyro_vae.training.engine import OUTPUT_BIAS_STARTS
 PRIORS = {"standard-normal": "standard normal", "mixture": "mixture of Gaussians", "vamp": "VampPrior"}
 
 
+def prior_config(prior: str, args) -> dict:
+    """The study's config of ``prior``: ``--components`` components and pseudo-inputs where it has them."""
+    config = {"name": prior}
+    if args.components and prior != "standard-normal":
+        config["num_components"] = args.components
+    return pv.priors.build_prior(config).config()
+
+
+def check_before_training(args, out: Path) -> None:
+    """Refuse, before any training, a run in --out of other settings than these (it would be trained on with
+    its own) or already trained past --epochs."""
+    for prior in PRIORS:
+        directory = pv.RunDirectory(run := out / prior)
+        if not directory.holds_run():
+            continue
+        config = directory.read_config()
+        train = config["train"]
+        recorded = {
+            "--output-bias": train.get("output_bias", "random"),  # runs written before the option started at random
+            "--seed": train["seed"],
+            "--warmup-epochs": train["warmup_epochs"],
+            "--subset": (config["data"].get("subset") or {}).get("train"),
+            "--components": config["model"]["prior"].get("num_components"),
+        }
+        ours = {"--output-bias": args.output_bias, "--seed": args.seed, "--warmup-epochs": args.warmup_epochs,
+                "--subset": args.subset, "--components": prior_config(prior, args).get("num_components")}  # fmt: skip
+        if other := " ".join(f"{flag} {recorded[flag]}" for flag in ours if recorded[flag] != ours[flag]):
+            raise SystemExit(f"{run} was trained with {other}; give that, or another --out.")
+        if (last := directory.load_checkpoint("last")["epoch"]) > args.epochs:
+            raise SystemExit(f"{run} has trained {last} epochs, past --epochs {args.epochs}: give --epochs {last} or "
+                             "more, or another --out.")  # fmt: skip
+
+
 def new_run(prior: str, args, run: Path) -> None:
     """``pyro-vae train --prior PRIOR --z-dim 40 --hidden 300 300 --batch-size 100 ...``, from Python."""
     pyro.set_rng_seed(args.seed)
-    prior_config = {"name": prior}
-    if args.components and prior != "standard-normal":
-        prior_config["num_components"] = args.components
-    prior_module = pv.priors.build_prior(prior_config)
+    prior_module = pv.priors.build_prior(prior_config(prior, args))
     data = pv.load_dataset("mnist", binarize="dynamic", seed=args.seed)  # the embedded copy, no network
     if args.subset:
         data = data.quick_subset(args.subset)
@@ -60,9 +90,6 @@ def new_run(prior: str, args, run: Path) -> None:
 def train_and_evaluate(prior: str, args, out: Path) -> Path:
     run = out / prior
     directory = pv.RunDirectory(run)
-    started = directory.read_config()["train"].get("output_bias", "random") if directory.holds_run() else None
-    if started not in (None, args.output_bias):  # runs written before the option started at random
-        raise SystemExit(f"{run} started its output bias {started!r}; give --output-bias {started}, or another --out.")
     if not directory.holds_run():
         new_run(prior, args, run)
     elif max(args.epochs, directory.read_config()["train"]["epochs"]) > directory.load_checkpoint("last")["epoch"]:
@@ -94,6 +121,7 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.out)
 
+    check_before_training(args, out)
     runs = [train_and_evaluate(prior, args, out) for prior in PRIORS]
     rows = pv.compare_runs(runs)
     comparison = out / "comparison"

@@ -4,6 +4,7 @@ Each example runs in its own process on one thread; pytest-xdist runs them side 
 rest of the suite.
 """
 
+import argparse
 import importlib.util
 import os
 import signal
@@ -138,13 +139,35 @@ def test_the_semi_supervised_study_takes_kept_records_and_does_not_train_them_ag
     assert not (tmp_path / "machine-3").exists()
 
 
+def load_example(script: str):
+    """The module of ``examples/SCRIPT``, imported without running its ``main``."""
+    spec = importlib.util.spec_from_file_location(Path(script).stem, EXAMPLES / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_prior_study_refuses_a_run_of_other_settings_before_training(tmp_path, mnist):
+    """A run in --out trained otherwise (a smoke test's, say) is named with its flags, not trained on."""
+    study = load_example("compare_priors.py")
+    args = argparse.Namespace(epochs=3, warmup_epochs=10.0, components=5, subset=500, seed=0, output_bias="data")
+    vae = pv.VAE((1, 28, 28), 4, prior=pv.priors.build_prior(study.prior_config("mixture", args)), hidden=(16,))
+    pv.fit(vae, mnist.quick_subset(500), epochs=1, warmup_epochs=10, run_dir=tmp_path / "mixture", progress=False)
+    study.check_before_training(args, tmp_path)  # the same settings: it goes ahead
+    for change, message in [
+        ({"components": None}, "was trained with --components 5; give that"),
+        ({"subset": None, "seed": 1}, "was trained with --seed 0 --subset 500; give that"),
+        ({"epochs": 0}, "has trained 1 epochs, past --epochs 0"),
+    ]:
+        with pytest.raises(SystemExit, match=message):
+            study.check_before_training(argparse.Namespace(**{**vars(args), **change}), tmp_path)
+
+
 def test_the_semi_supervised_study_keeps_each_run_as_it_finishes_and_checks_every_count_first(
     tmp_path, monkeypatch, capsys
 ):
     """A stop in the second run leaves the first one's record kept; an impossible label count trains nothing."""
-    spec = importlib.util.spec_from_file_location("semi_supervised_study", EXAMPLES / "semi_supervised_study.py")
-    study = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(study)
+    study = load_example("semi_supervised_study.py")
     train_m2 = study.train_m2
 
     def stopped_in_the_second_run(labels, label_seed, args, out):
