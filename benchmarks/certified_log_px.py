@@ -95,6 +95,16 @@ def main() -> None:
         "leapfrog_steps": args.leapfrog,
         "schedule": args.schedule,
     }
+    for run in args.runs:  # every run checked before the first one's evaluations (hours of them)
+        directory = pv.RunDirectory(run)
+        try:
+            directory.check_resumable()
+        except pv.CheckpointError as err:
+            raise SystemExit(str(err)) from None
+        if not directory.holds_run():
+            raise SystemExit(f"{run} holds no checkpoint (a kept record?); give the directory of a trained run.")
+        if args.test_points and args.test_points > (size := len(pv.load_run(run).load_data().test)):
+            raise SystemExit(f"--test-points {args.test_points} exceeds the {size} test points of {run}.")
     annealing = f"{args.steps} steps x {args.chains} chains x {args.leapfrog} leapfrog, {args.schedule}"
     print(
         f"| run | test points | IS, K = {args.samples} | AIS ({annealing}) | AIS - IS, paired "
