@@ -59,6 +59,9 @@ def main(epochs: int, subset: int | None, samples: int, out: str) -> None:
     if subset:
         data = data.quick_subset(subset)
     likelihoods = {"student-t": StudentT(), "gaussian": pv.likelihoods.Gaussian(sigma="shared")}
+    if taken := [name for name in likelihoods if (Path(out) / name).exists()]:  # before any training
+        raise SystemExit(f"{out} already holds {', '.join(taken)} from an earlier run of this example; give another "
+                         "--out, or remove them.")  # fmt: skip
     runs = []
     for name, likelihood in likelihoods.items():
         run_dir = Path(out) / name

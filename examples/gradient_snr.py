@@ -26,6 +26,7 @@ from pyro_vae.cli import count_or_zero, positive_int, seed_value
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.backend_bases import FigureCanvasBase  # noqa: E402
 
 KS = (1, 3, 10, 30, 100)
 
@@ -58,11 +59,16 @@ def main() -> None:
     parser.add_argument("--seed", type=seed_value, default=0)
     parser.add_argument("--out", type=Path, default=Path("docs/images/gradient-snr.png"))
     args = parser.parse_args()
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if args.out.suffix[1:].lower() not in formats:
+        parser.error(f"--out {args.out}: give a file name ending in one of .{', .'.join(sorted(formats))}")
 
     pyro.set_rng_seed(args.seed)
     data = pv.load_dataset("mnist", binarize="dynamic", seed=args.seed)
     if args.subset:
         data = data.quick_subset(args.subset)
+    if args.batch > len(data.test):
+        parser.error(f"--batch {args.batch} exceeds the {len(data.test)} test points; give at most that.")
     model = pv.VAE(data.x_shape, z_dim=50, hidden=(200, 200), activation="tanh")
     pv.fit(model, data, epochs=args.train_epochs, batch_size=100, output_bias="random", progress=False)  # as measured
     x = data.test.x[: args.batch]
