@@ -39,7 +39,9 @@ sessions on machines that are wiped between them still gets its table.
 """
 
 import argparse
+import functools
 import json
+import math
 import multiprocessing
 import statistics
 import sys
@@ -138,13 +140,20 @@ def check_settings(run: Path, args) -> None:
     if train["lr"] != args.lr:
         raise SystemExit(f"{run} was trained with --lr {train['lr']:g}, not {args.lr:g}; give that, or another --out.")
     objective = completed_objective_config(train["objective"])
-    checked = (("classifier_steps", "--classifier-steps"),) + (
-        (("aux_weight", "--aux-weight"),) * (args.aux_weight != "paper")
-    )
-    for key, flag in checked:
-        if objective[key] != getattr(args, key):
-            raise SystemExit(f"{run} was trained with {flag} {objective[key]}, not {getattr(args, key)}; give that, "
-                             "or another --out.")  # fmt: skip
+    wanted = {"classifier_steps": args.classifier_steps, "aux_weight": args.aux_weight}
+    if args.aux_weight == "paper":
+        wanted["aux_weight"] = paper_aux_weight(training_points(args.subset), objective["num_labels"])
+    for key, value in wanted.items():
+        if not math.isclose(objective[key], value):
+            flag = "--" + key.replace("_", "-")
+            raise SystemExit(f"{run} was trained with {flag} {objective[key]:g}, not {value:g}; give that, or another "
+                             "--out.")  # fmt: skip
+
+
+@functools.cache
+def training_points(subset: int | None) -> int:
+    """How many training points the study's data has (``--subset`` or all of them)."""
+    return len(load_data(argparse.Namespace(subset=subset)).train)
 
 
 def finished(run: Path, args) -> bool:
@@ -351,7 +360,12 @@ def main() -> None:
         if args.model == "m1m2" and not args.m1 and pv.RunDirectory(out / "m1").holds_run():
             check_output_bias(out / "m1", args)
             check_subset(out / "m1", args)
-        data = load_data(args)
+        if args.m1:  # M2 is stacked on it, and trained on its data
+            if not pv.RunDirectory(args.m1).holds_run():
+                parser.error(f"--m1 {args.m1} holds no trained run; give a pyro-vae train run of a VAE.")
+            if (kind := pv.RunDirectory(args.m1).read_config()["model"]["type"]) != "vae":
+                parser.error(f"--m1 needs the run of a plain VAE; {args.m1} holds a {kind} model.")
+        data = pv.load_run(args.m1).load_data() if args.m1 else load_data(args)
         num_classes = len(data.train.y.unique())
         for labels, seed in to_train:
             try:
