@@ -42,8 +42,13 @@ def prior_config(prior: str, args) -> dict:
 
 
 def check_before_training(args, out: Path) -> None:
-    """Refuse, before any training, a run in --out of other settings than these (it would be trained on with
-    its own) or already trained past --epochs."""
+    """Refuse, before any training, a --subset larger than the data, and a run in --out of other settings than
+    these (it would be trained on with its own) or already trained past --epochs."""
+    if args.subset:
+        try:
+            pv.load_dataset("mnist").quick_subset(args.subset)
+        except pv.DataError as err:
+            raise SystemExit(str(err)) from None
     for prior in PRIORS:
         directory = pv.RunDirectory(run := out / prior)
         if not directory.holds_run():
@@ -59,8 +64,12 @@ def check_before_training(args, out: Path) -> None:
         }
         ours = {"--output-bias": args.output_bias, "--seed": args.seed, "--warmup-epochs": args.warmup_epochs,
                 "--subset": args.subset, "--components": prior_config(prior, args).get("num_components")}  # fmt: skip
-        if other := " ".join(f"{flag} {recorded[flag]}" for flag in ours if recorded[flag] != ours[flag]):
-            raise SystemExit(f"{run} was trained with {other}; give that, or another --out.")
+        default = pv.priors.build_prior({"name": prior}).config().get("num_components")
+        unset = {"--subset": None, "--components": default}  # what leaving the flag out gives
+        other = [f"no {flag}" if recorded[flag] == unset.get(flag, ()) else f"{flag} {recorded[flag]}"
+                 for flag in ours if recorded[flag] != ours[flag]]  # fmt: skip
+        if other:
+            raise SystemExit(f"{run} was trained with {' '.join(other)}; give that, or another --out.")
         if (last := directory.load_checkpoint("last")["epoch"]) > args.epochs:
             raise SystemExit(f"{run} has trained {last} epochs, past --epochs {args.epochs}: give --epochs {last} or "
                              "more, or another --out.")  # fmt: skip

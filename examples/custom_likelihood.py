@@ -57,7 +57,10 @@ class StudentT(pv.likelihoods.Likelihood):
 def main(epochs: int, subset: int | None, samples: int, out: str) -> None:
     data = pv.load_dataset("mnist", binarize="none")  # grayscale pixels in [0, 1]
     if subset:
-        data = data.quick_subset(subset)
+        try:
+            data = data.quick_subset(subset)
+        except pv.DataError as err:
+            raise SystemExit(str(err)) from None
     likelihoods = {"student-t": StudentT(), "gaussian": pv.likelihoods.Gaussian(sigma="shared")}
     if taken := [name for name in likelihoods if (Path(out) / name).exists()]:  # before any training
         raise SystemExit(f"{out} already holds {', '.join(taken)} from an earlier run of this example; give another "

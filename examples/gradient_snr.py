@@ -66,7 +66,10 @@ def main() -> None:
     pyro.set_rng_seed(args.seed)
     data = pv.load_dataset("mnist", binarize="dynamic", seed=args.seed)
     if args.subset:
-        data = data.quick_subset(args.subset)
+        try:
+            data = data.quick_subset(args.subset)
+        except pv.DataError as err:
+            parser.error(str(err))
     if args.batch > len(data.test):
         parser.error(f"--batch {args.batch} exceeds the {len(data.test)} test points; give at most that.")
     model = pv.VAE(data.x_shape, z_dim=50, hidden=(200, 200), activation="tanh")

@@ -115,7 +115,8 @@ def other_settings(run: Path, args) -> str | None:
             "--seed": args.seed, "--subset": args.subset}  # fmt: skip
     theirs = study_settings(run)
     differing = [flag for flag in ours if theirs[flag] != ours[flag]]
-    return " ".join(f"{flag} {theirs[flag]}" for flag in differing) or None
+    shown = [f"{flag} {theirs[flag]}" if theirs[flag] is not None else f"no {flag}" for flag in differing]
+    return " ".join(shown) or None
 
 
 def check_before_training(args, out: Path) -> None:
@@ -136,7 +137,11 @@ def check_before_training(args, out: Path) -> None:
             and (other := other_settings(record, args))
         ):
             raise SystemExit(f"{record} keeps a run of {other}; give another --keep for this study.")
-    if args.ais_points and args.ais_points > (test_points := len(load_data(args).test)):
+    try:
+        data = load_data(args) if args.subset or args.ais_points else None
+    except pv.DataError as err:
+        raise SystemExit(str(err)) from None
+    if args.ais_points and args.ais_points > (test_points := len(data.test)):
         raise SystemExit(f"--ais-points {args.ais_points} exceeds the {test_points} test points; give at most that.")
     if args.results and not args.results.is_file():
         raise SystemExit(f"--results {args.results} does not exist; give benchmarks/RESULTS.md.")

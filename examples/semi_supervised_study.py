@@ -43,6 +43,7 @@ import functools
 import json
 import math
 import multiprocessing
+import signal
 import statistics
 import sys
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -245,17 +246,21 @@ def start_worker(stop) -> None:
     global STOP
     STOP = stop
     torch.set_num_threads(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # an idle worker outlives a Ctrl-C; a busy one saves its run
 
 
 def run_job(train, *args) -> Path | None:
     """One run in a worker; after a Ctrl-C (which reaches every worker, and each saves its run) none is started."""
     if STOP.is_set():
         return None
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         return train(*args)
     except INTERRUPTS:
         STOP.set()
         raise
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def train_in_parallel(train, where: tuple, jobs: list[tuple[int, int]], args, out: Path, done) -> None:
@@ -269,8 +274,8 @@ def train_in_parallel(train, where: tuple, jobs: list[tuple[int, int]], args, ou
             for future in as_completed(futures):
                 if (run := future.result()) is not None:  # None: not started, the study was stopped
                     done(futures[future], run)
-        except INTERRUPTS:
-            stop.set()  # the running jobs save their runs (leaving the block waits for them); no other starts
+        except BaseException:  # a Ctrl-C, or a failed run: the others in progress finish or save, no other starts
+            stop.set()
             pool.shutdown(cancel_futures=True)
             raise
 
@@ -306,7 +311,10 @@ def table(model: str, runs: dict[int, list[Path]]) -> str:
 
 def aux_weight_value(text: str) -> float | str:
     """``--aux-weight``: a number >= 0, or ``paper``."""
-    return text if text == "paper" else non_negative_float(text)
+    try:
+        return text if text == "paper" else non_negative_float(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a finite number >= 0 nor 'paper'") from None
 
 
 def main() -> None:
@@ -363,9 +371,13 @@ def main() -> None:
         if args.m1:  # M2 is stacked on it, and trained on its data
             if not pv.RunDirectory(args.m1).holds_run():
                 parser.error(f"--m1 {args.m1} holds no trained run; give a pyro-vae train run of a VAE.")
-            if (kind := pv.RunDirectory(args.m1).read_config()["model"]["type"]) != "vae":
+            if (kind := pv.RunDirectory(args.m1).read_config()["model"].get("type", "vae")) != "vae":
                 parser.error(f"--m1 needs the run of a plain VAE; {args.m1} holds a {kind} model.")
-        data = pv.load_run(args.m1).load_data() if args.m1 else load_data(args)
+            check_subset(Path(args.m1), args)  # M2 trains on M1's data
+        try:
+            data = pv.load_run(args.m1).load_data() if args.m1 else load_data(args)
+        except pv.DataError as err:
+            parser.error(str(err))
         num_classes = len(data.train.y.unique())
         for labels, seed in to_train:
             try:
