@@ -29,6 +29,7 @@ from pyro_vae.cli import non_negative_float, positive_int, seed_value
 from pyro_vae.evaluate import comparison_csv, comparison_markdown
 from pyro_vae.plots import plot_samples_side_by_side
 from pyro_vae.training.engine import OUTPUT_BIAS_STARTS
+from pyro_vae.workflow import training_settings
 
 PRIORS = {"standard-normal": "standard normal", "mixture": "mixture of Gaussians", "vamp": "VampPrior"}
 
@@ -54,9 +55,9 @@ def check_before_training(args, out: Path) -> None:
         if not directory.holds_run():
             continue
         config = directory.read_config()
-        train = config["train"]
+        train = training_settings(config)
         recorded = {
-            "--output-bias": train.get("output_bias", "random"),  # runs written before the option started at random
+            "--output-bias": train["output_bias"],
             "--seed": train["seed"],
             "--warmup-epochs": train["warmup_epochs"],
             "--subset": (config["data"].get("subset") or {}).get("train"),

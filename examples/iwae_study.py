@@ -52,6 +52,7 @@ from pyro_vae.cli import count_or_zero, positive_int, seed_value
 from pyro_vae.evaluate import EvaluationInterrupted, evaluation_name
 from pyro_vae.training.engine import OUTPUT_BIAS_STARTS
 from pyro_vae.training.schedules import LR_SCHEDULES
+from pyro_vae.workflow import training_settings
 
 #: name -> (layers, objective, the paper's NLL where it reports one)
 RUNS = {
@@ -99,10 +100,10 @@ def study_settings(run: Path) -> dict[str, object]:
     """The flags that make a study, as a run (or its record) was trained: runs of other values belong to
     another study, with its own --out, --keep and table. Older runs lack the newer keys."""
     config = pv.RunDirectory(run).read_config()
-    train = config["train"]
+    train = training_settings(config)
     return {
-        "--output-bias": train.get("output_bias", "random"),
-        "--lr-schedule": train.get("lr_schedule") or "constant",
+        "--output-bias": train["output_bias"],
+        "--lr-schedule": train["lr_schedule"],
         "--batch-size": train["batch_size"],
         "--seed": train["seed"],
         "--subset": (config["data"].get("subset") or {}).get("train"),

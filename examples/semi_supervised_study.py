@@ -66,6 +66,7 @@ from pyro_vae.evaluate import EvaluationInterrupted
 from pyro_vae.infer.objective import completed_objective_config
 from pyro_vae.infer.semisupervised import DEFAULT_AUX_WEIGHT, draw_labelled, paper_aux_weight
 from pyro_vae.training.engine import OUTPUT_BIAS_STARTS
+from pyro_vae.workflow import training_settings
 
 #: At least these test accuracies (%): for M1+M2 the issue's targets; for M2 the best of Kingma et al.'s
 #: M2 (their Table 1: 88.0, 95.1, 96.4, 96.1) and Pyro's SS-VAE tutorial (93.19, 94.37, 94.87, 95.82).
@@ -113,7 +114,7 @@ def train_m1(args, out: Path) -> Path:
 
 def check_output_bias(run: Path, args) -> None:
     """Refuse to continue or reuse a run whose decoder's output bias started otherwise than ``--output-bias``."""
-    started = pv.RunDirectory(run).read_config()["train"].get("output_bias", "random")  # older runs: random
+    started = training_settings(pv.RunDirectory(run).read_config())["output_bias"]
     if started != args.output_bias:
         raise SystemExit(f"{run} started its output bias {started!r}; give --output-bias {started}, or another --out.")
 
