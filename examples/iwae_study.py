@@ -21,9 +21,10 @@ which the study's first tables used. Each schedule, batch size and start
 has its own table in RESULTS.md. Each run's test log p(x) is estimated with K
 importance samples on the whole test set and, with ``--ais-points N``, by
 AIS from the encoder (500 steps x 32 chains x 2 leapfrog steps, the library's
-defaults when the study was run) on the first N test points;
-the paired differences between runs (the same test points) carry standard
-errors.
+defaults when the study was run) on the first N test points, with the
+importance-sampled estimate on those same points beside it (the first
+points need not be as hard as the whole set); the paired differences
+between runs (the same test points) carry standard errors.
 
 The study is resumable: run it again after an interruption and finished runs
 are kept, a half-trained one continues from its last epoch; with more
@@ -35,7 +36,10 @@ of benchmarks/RESULTS.md. With ``--keep DIR`` each finished run's record
 p(x) and evaluations, about 200 kB; no checkpoint) is copied to DIR/NAME,
 and the table takes a run from there when OUT no longer holds it: commit
 DIR, and runs trained in earlier sessions on other machines still enter the
-table and its paired comparisons.
+table and its paired comparisons. A run whose record there is complete
+(these settings, --epochs trained, evaluated at --samples and, with
+--ais-points, by the study's AIS) is not trained again, so the same command
+rebuilds the table from the records alone.
 """
 
 import argparse
@@ -185,6 +189,17 @@ def train_and_evaluate(name: str, args, out: Path) -> Path:
     return run
 
 
+def complete_record(name: str, args) -> Path | None:
+    """KEEP/NAME where it holds this run of the study's settings, trained to --epochs and evaluated at
+    --samples (and by the study's AIS with --ais-points), so that nothing is left to do; else None."""
+    record = args.keep / name if args.keep else None
+    if record is None or not (record / pv.RunDirectory.LOG_PX).exists() or other_settings(record, args):
+        return None
+    metrics = pv.RunDirectory(record).read_metrics()
+    done = metrics.get("epochs") == args.epochs and metrics.get("test_num_samples") == args.samples
+    return record if done and (not args.ais_points or ais_name(args) in metrics.get("evaluations", {})) else None
+
+
 def finished_runs(out: Path, args) -> dict[str, Path]:
     """Each evaluated run of this study (of its settings): trained here (OUT/NAME) or, failing that, kept from
     earlier (KEEP/NAME)."""
@@ -209,6 +224,16 @@ def log_px(run: Path, evaluation: str | None) -> np.ndarray:
     return directory.read_log_px() if evaluation is None else directory.read_evaluation(evaluation)["log_px"]
 
 
+def ais_points(run: Path, evaluation: str) -> int:
+    """How many test points, the first ones, the named evaluation covers."""
+    return len(log_px(run, evaluation))
+
+
+def mean_and_se(values: np.ndarray) -> str:
+    """``mean +- standard error`` of per-point values, to two decimals."""
+    return f"{values.mean():.2f} +- {values.std(ddof=1) / math.sqrt(len(values)):.2f}"
+
+
 def paired(better: Path, worse: Path, evaluation: str | None = None) -> tuple[float, float]:
     """The mean of log p(x) of ``better`` minus ``worse`` over the same test points, and its standard error."""
     difference = log_px(better, evaluation) - log_px(worse, evaluation)
@@ -223,8 +248,8 @@ def table(runs: dict[str, Path], command: str, ais: str | None) -> str:
         "| model | objective | paper NLL | our NLL (K = {K}) | ELBO | active units | epochs | batch | train minutes |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    if with_ais:
-        rows = [rows[0] + f" NLL by AIS ({ais}) |", rows[1] + "---|"]
+    if with_ais:  # AIS runs on the first test points only, which need not be as hard as the whole set
+        rows = [rows[0] + f" NLL by AIS ({ais}) | NLL by IS (K = {{K}}), the same points |", rows[1] + "---|---|"]
     samples = None
     for name, run in runs.items():
         directory = pv.RunDirectory(run)
@@ -240,7 +265,7 @@ def table(runs: dict[str, Path], command: str, ais: str | None) -> str:
             f"{' + '.join(map(str, units))} | {config['train']['epochs']} | {config['train']['batch_size']} | "
             f"{metrics['train_seconds'] / 60:.0f} |"
             + (f" {-metrics['evaluations'][ais]['log_px']:.2f} +- {metrics['evaluations'][ais]['log_px_se']:.2f} |"
-               if with_ais else "")
+               f" {mean_and_se(-log_px(run, None)[:ais_points(run, ais)])} |" if with_ais else "")
         )  # fmt: skip
     rows[0] = rows[0].replace("{K}", str(samples))
     rows += ["", "| ordering | estimate | paired difference of log p(x) | in standard errors | holds (> 3 se) |"]
@@ -288,6 +313,9 @@ def main() -> None:
     try:
         check_before_training(args, out)
         for name in args.runs:
+            if not pv.RunDirectory(out / name).holds_run() and (record := complete_record(name, args)):
+                print(f"{name}: kept in {record}, trained and evaluated as asked; not trained again.", flush=True)
+                continue
             run = train_and_evaluate(name, args, out)
             if args.keep:
                 pv.RunDirectory(run).keep_record(args.keep / run.name)
@@ -302,6 +330,7 @@ def main() -> None:
     command += f" --keep {args.keep}" if args.keep else ""
     runs = finished_runs(out, args)
     markdown = table(runs, command, ais_name(args) if args.ais_points else None)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "table.md").write_text(markdown)
     print(markdown)
     if args.results:

@@ -47,7 +47,7 @@ TINY = {
             "1-layer-iwae-k50",
         ]
         + ["--out", "study", "--keep", "kept"],
-        "| k = 50 beats k = 5 | AIS |",
+        "| NLL by IS (K = 10), the same points |",
     ),
     "gradient_snr.py": (["--train-epochs", "1", "--subset", "200", "--repeats", "10", "--out", "snr.png"], "| dreg |"),
     "hand_written_model.py": (["--steps", "50", "--subset", "500", "--test", "50"], "exact test log p(x)"),
@@ -95,6 +95,11 @@ def test_the_iwae_study_takes_a_kept_run_that_its_out_folder_no_longer_holds(tmp
     assert "--lr-schedule iwae" in second.stdout  # the table's command
     assert pv.RunDirectory(tmp_path / "machine-2" / "1-layer-iwae-k5").read_config()["train"]["lr_schedule"] == "iwae"
     assert not (tmp_path / "machine-2" / "1-layer-iwae-k50").exists()
+    # a run whose record is complete is not trained again when asked for: the command rebuilds the table
+    again = study("1-layer-iwae-k50", "machine-4")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "1-layer-iwae-k50: kept in kept/1-layer-iwae-k50" in again.stdout and "| IWAE k = 50 |" in again.stdout
+    assert not (tmp_path / "machine-4" / "1-layer-iwae-k50").exists()
     # another output-bias start is another study: its runs are not kept over the records of this one, and a run
     # of the other start refuses it, both before any training
     random = [*tiny, "--runs", "1-layer-iwae-k5", "--out", "machine-3", "--output-bias", "random"]
