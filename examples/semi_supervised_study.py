@@ -8,8 +8,9 @@
 ``--model m2`` (the default) is Kingma, Rezende, Mohamed & Welling's (2014)
 M2 on the pixels: ``pv.SSVAE(z_dim=50, hidden=(500,))`` with softplus,
 trained by ``pv.train_run`` with ``pv.SemiSupervisedELBO`` (batch 200,
-Adam ``--lr``, 3e-3 by default, alpha ``--aux-weight`` per labelled point, the classifier first
-trained on the labels for ``--classifier-steps``, the decoder's output bias
+Adam ``--lr``, 3e-3 by default, alpha ``--aux-weight`` per labelled point
+(0.46 per label by default), the classifier first trained on the labels for
+``--classifier-steps``, the decoder's output bias
 started at the logits of the pixels' means unless ``--output-bias random``),
 which is what ``pyro-vae train --semi-supervised --labels N --label-seed S``
 does. Beside the accuracy of q(y | x) the table
@@ -64,7 +65,7 @@ from pyro_vae.cli import (
 )
 from pyro_vae.evaluate import EvaluationInterrupted
 from pyro_vae.infer.objective import completed_objective_config
-from pyro_vae.infer.semisupervised import DEFAULT_AUX_WEIGHT, draw_labelled, paper_aux_weight
+from pyro_vae.infer.semisupervised import default_aux_weight, draw_labelled, paper_aux_weight
 from pyro_vae.training.engine import OUTPUT_BIAS_STARTS
 from pyro_vae.workflow import training_settings
 
@@ -119,9 +120,12 @@ def check_output_bias(run: Path, args) -> None:
         raise SystemExit(f"{run} started its output bias {started!r}; give --output-bias {started}, or another --out.")
 
 
-def alpha(args, data: pv.Dataset, labels: int) -> float:
-    """The alpha per labelled point of a run: ``--aux-weight``, or the paper's 0.1 N / labels for ``paper``."""
-    return paper_aux_weight(len(data.train), labels) if args.aux_weight == "paper" else args.aux_weight
+def alpha(args, num_data: int, labels: int) -> float:
+    """The alpha per labelled point of a run: ``--aux-weight``, the paper's 0.1 N / labels for ``paper``, or the
+    library's default for the label count."""
+    if args.aux_weight == "paper":
+        return paper_aux_weight(num_data, labels)
+    return default_aux_weight(labels) if args.aux_weight is None else args.aux_weight
 
 
 def check_subset(run: Path, args) -> None:
@@ -142,9 +146,10 @@ def check_settings(run: Path, args) -> None:
     if train["lr"] != args.lr:
         raise SystemExit(f"{run} was trained with --lr {train['lr']:g}, not {args.lr:g}; give that, or another --out.")
     objective = completed_objective_config(train["objective"])
-    wanted = {"classifier_steps": args.classifier_steps, "aux_weight": args.aux_weight}
-    if args.aux_weight == "paper":
-        wanted["aux_weight"] = paper_aux_weight(training_points(args.subset), objective["num_labels"])
+    wanted = {
+        "classifier_steps": args.classifier_steps,
+        "aux_weight": alpha(args, training_points(args.subset), objective["num_labels"]),
+    }
     for key, value in wanted.items():
         if not math.isclose(objective[key], value):
             flag = "--" + key.replace("_", "-")
@@ -198,7 +203,7 @@ def train_m1m2(m1: Path, labels: int, label_seed: int, args, out: Path) -> Path:
     print(f"M2 on {labels} labels (draw {label_seed}): {features.num_active} of M1's {vae.z_dim} units active")
     stacked = pv.StackedSSVAE(vae, features, z_dim=10, prior=pv.priors.StandardNormal(), hidden=(500,))
     objective = pv.SemiSupervisedELBO(
-        num_labels=labels, label_seed=label_seed, aux_weight=alpha(args, data, labels),
+        num_labels=labels, label_seed=label_seed, aux_weight=alpha(args, len(data.train), labels),
         classifier_steps=args.classifier_steps,
     )  # fmt: skip
     pv.train_run(
@@ -219,7 +224,7 @@ def train_m2(labels: int, label_seed: int, args, out: Path) -> Path:
             data = load_data(args)
             model = pv.SSVAE(data.x_shape, z_dim=M2_DEFAULTS["z_dim"][0], hidden=tuple(M2_DEFAULTS["hidden"]))
             objective = pv.SemiSupervisedELBO(
-                num_labels=labels, label_seed=label_seed, aux_weight=alpha(args, data, labels),
+                num_labels=labels, label_seed=label_seed, aux_weight=alpha(args, len(data.train), labels),
                 classifier_steps=args.classifier_steps,
             )  # fmt: skip
             pv.train_run(
@@ -340,8 +345,8 @@ def main() -> None:
     parser.add_argument(
         "--aux-weight",
         type=aux_weight_value,
-        default=DEFAULT_AUX_WEIGHT,
-        help="alpha per labelled point, or 'paper' for Kingma et al.'s 0.1 N / labels (default: %(default)s)",
+        help="alpha per labelled point, or 'paper' for Kingma et al.'s 0.1 N / labels [default: the library's, "
+        "0.46 per label]",
     )
     parser.add_argument(
         "--output-bias", choices=OUTPUT_BIAS_STARTS, default="data", help="the decoders' output-bias start"

@@ -26,7 +26,6 @@ from .data import BINARIZE_MODES, DATASET_NAMES, DataError, Dataset, load_datase
 from .evaluate import METHODS, EvaluationInterrupted, compare_runs, comparison_csv, comparison_markdown, evaluate_run
 from .infer.ais import DEFAULT_CHAINS, DEFAULT_LEAPFROG_STEPS, DEFAULT_STEPS, SCHEDULES
 from .infer.path_derivatives import GRADIENTS
-from .infer.semisupervised import DEFAULT_AUX_WEIGHT
 from .models import SSVAE, VAE, HierarchicalVAE, LatentFeatures, StackedSSVAE
 from .models.ssvae import CLASS_PRIORS
 from .runs import CheckpointError, RunDirectory, load_run
@@ -291,9 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     ssl.add_argument(
         "--aux-weight",
         type=non_negative_float,
-        default=DEFAULT_AUX_WEIGHT,
-        help="alpha per labelled point on log q(y|x), Pyro's example's; Kingma et al.'s is 0.1 N / labels "
-        "(50 at 100 of 50,000 labels, 8.3 at 600)",
+        help="alpha per labelled point on log q(y|x) [default: 0.46 per label: 46 at 100 labels, Pyro's example's, "
+        "460 at 1000]; Kingma et al.'s is 0.1 N / labels (50 at 100 of 50,000 labels, 5 at 1000)",
     )
     ssl.add_argument(
         "--classifier-steps",

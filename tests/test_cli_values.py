@@ -65,7 +65,7 @@ TRAIN_VALUES = [
     (["--labels", "50"], "apply only with --semi-supervised or --m1"),
     (["--aux-weight", "3"], "apply only with --semi-supervised or --m1"),
     (["--classifier-steps", "10"], "apply only with --semi-supervised or --m1"),
-    (["--aux-weight", "46"], "apply only with --semi-supervised or --m1"),  # given at its default: still given
+    (["--aux-weight", "46"], "apply only with --semi-supervised or --m1"),  # the default at 100 labels: still given
     (["--labels", "100"], "apply only with --semi-supervised or --m1"),
     (["--semi-supervised", "--elbo", "iwae"], "apply only to VAE training"),
     (["--elbo", "iwae", "--beta", "2"], "do not apply to the IWAE bound"),

@@ -11,7 +11,7 @@ from pyro.infer import Trace_ELBO, TraceEnum_ELBO, config_enumerate
 import pyro_vae as pv
 from pyro_vae import cli
 from pyro_vae.data import DataError
-from pyro_vae.infer.semisupervised import SemiSupervisedELBO, draw_labelled, paper_aux_weight
+from pyro_vae.infer.semisupervised import SemiSupervisedELBO, default_aux_weight, draw_labelled, paper_aux_weight
 from pyro_vae.models.ssvae import SSVAE, concat_broadcast
 from pyro_vae.runs.directory import model_config_matches
 from pyro_vae.training.engine import check_same_training
@@ -141,14 +141,21 @@ def test_labels_are_drawn_class_balanced_and_reproducibly():
     assert paper_aux_weight(50_000, 100) == pytest.approx(50.0)
 
 
-def test_alpha_is_46_per_labelled_point_unless_given_and_a_bad_one_is_refused():
-    assert SemiSupervisedELBO(num_labels=600).config()["aux_weight"] == 46.0  # Pyro's example's, at every count
+def test_alpha_grows_with_the_label_count_unless_given_and_a_bad_one_is_refused():
+    # 0.46 per label: Pyro's example's 46 at 100 labels, exactly, so that runs of either default agree there
+    assert [SemiSupervisedELBO(num_labels=n).config()["aux_weight"] for n in (100, 600, 1000, 3000)] == [
+        46.0, 276.0, 460.0, 1380.0
+    ]  # fmt: skip
+    assert default_aux_weight(250) == 115.0
     assert SemiSupervisedELBO(num_labels=600, aux_weight=paper_aux_weight(50_000, 600)).aux_weight == pytest.approx(
         50 / 6
     )
-    for bad in (-1.0, math.inf, math.nan, None, "46", True):
+    for bad in (-1.0, math.inf, math.nan, "46", True):
         with pytest.raises(ValueError, match=r"aux_weight \(alpha per labelled point\) must be a number >= 0"):
             SemiSupervisedELBO(aux_weight=bad)
+    for bad in (0, -5, 2.5, True):  # the default alpha needs a label count; draw_labelled checks it against the data
+        with pytest.raises(ValueError, match=r"num_labels must be an integer >= 1"):
+            SemiSupervisedELBO(num_labels=bad)
 
 
 @pytest.mark.parametrize(

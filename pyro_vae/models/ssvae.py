@@ -29,8 +29,9 @@ labels directly. Kingma et al. add ``alpha * log q(y|x)`` for every labelled
 point; with ``aux_weight=alpha`` the model includes it as the observed site
 "y_aux" (scaled by ``poutine.scale``), so the labelled loss is
 -(L(x, y) + alpha * log q(y | x)). :mod:`pyro_vae.infer.semisupervised` sets
-alpha to 46 per labelled point unless told otherwise (Pyro's example's; the
-paper's 0.1 * N / N_labelled is ``paper_aux_weight`` there). With
+alpha per labelled point to 0.46 times the label count unless told otherwise
+(``default_aux_weight``; the paper's 0.1 * N / N_labelled is
+``paper_aux_weight`` there). With
 ``aux_weight=0`` (the default) the model is the plain generative model, and
 the importance-sampled log p(x) of :mod:`pyro_vae.infer.importance` applies, with y
 drawn from q(y | x).
