@@ -126,8 +126,8 @@ def other_settings(run: Path, args) -> str | None:
 
 def check_before_training(args, out: Path) -> None:
     """Refuse, before any training, what would mix studies or fail late: a run in --out or a record in --keep of
-    other settings (a finished run would be kept over the record), a run in --out already past --epochs, more
-    --ais-points than test points, and a --results file that does not exist."""
+    other settings (a finished run would be kept over the record), a run in --out or a record already past
+    --epochs, more --ais-points than test points, and a --results file that does not exist."""
     for name in args.runs:
         run, record = out / name, (args.keep / name if args.keep else None)
         if pv.RunDirectory(run).holds_run():
@@ -136,12 +136,12 @@ def check_before_training(args, out: Path) -> None:
             if (last := pv.RunDirectory(run).load_checkpoint("last")["epoch"]) > args.epochs:
                 raise SystemExit(f"{run} has trained {last} epochs, past --epochs {args.epochs}: give --epochs "
                                  f"{last} or more, or another --out.")  # fmt: skip
-        if (
-            record is not None
-            and (record / pv.RunDirectory.CONFIG).exists()
-            and (other := other_settings(record, args))
-        ):
-            raise SystemExit(f"{record} keeps a run of {other}; give another --keep for this study.")
+        if record is not None and (record / pv.RunDirectory.CONFIG).exists():
+            if other := other_settings(record, args):
+                raise SystemExit(f"{record} keeps a run of {other}; give another --keep for this study.")
+            if (kept := pv.RunDirectory(record).read_metrics().get("epochs", 0)) > args.epochs:
+                raise SystemExit(f"{record} keeps a run of {kept} epochs, past --epochs {args.epochs}: give --epochs "
+                                 f"{kept}, or another --keep.")  # fmt: skip
     try:
         data = load_data(args) if args.subset or args.ais_points else None
     except pv.DataError as err:
@@ -329,6 +329,7 @@ def main() -> None:
     command += f" --ais-points {args.ais_points}" if args.ais_points else ""
     command += f" --keep {args.keep}" if args.keep else ""
     runs = finished_runs(out, args)
+    command += f" --runs {' '.join(runs)}" if runs.keys() != RUNS.keys() else ""  # the table's runs, to redo it
     markdown = table(runs, command, ais_name(args) if args.ais_points else None)
     out.mkdir(parents=True, exist_ok=True)
     (out / "table.md").write_text(markdown)

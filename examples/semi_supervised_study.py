@@ -2,7 +2,7 @@
 
     python examples/semi_supervised_study.py                              # M2 from pixels, 3 label draws each
     python examples/semi_supervised_study.py --labels 100 --label-seeds 0 --epochs 100    # one run
-    python examples/semi_supervised_study.py --model m1m2 --classifier-steps 0 --label-seeds 0 --jobs 2  # M1+M2
+    python examples/semi_supervised_study.py --model m1m2 --aux-weight paper --classifier-steps 0 --label-seeds 0
     python examples/semi_supervised_study.py --m1-epochs 1 --epochs 1 --subset 2000 --labels 100 --samples 5   # smoke
 
 ``--model m2`` (the default) is Kingma, Rezende, Mohamed & Welling's (2014)
@@ -120,11 +120,11 @@ def check_output_bias(run: Path, args) -> None:
         raise SystemExit(f"{run} started its output bias {started!r}; give --output-bias {started}, or another --out.")
 
 
-def alpha(args, num_data: int, labels: int) -> float:
-    """The alpha per labelled point of a run: ``--aux-weight``, the paper's 0.1 N / labels for ``paper``, or the
-    library's default for the label count."""
+def alpha(args, labels: int) -> float:
+    """The alpha per labelled point of a run: ``--aux-weight``, the paper's 0.1 N / labels for ``paper`` (N the
+    training points, loaded only then), or the library's default for the label count."""
     if args.aux_weight == "paper":
-        return paper_aux_weight(num_data, labels)
+        return paper_aux_weight(training_points(args.subset), labels)
     return default_aux_weight(labels) if args.aux_weight is None else args.aux_weight
 
 
@@ -148,7 +148,7 @@ def check_settings(run: Path, args) -> None:
     objective = completed_objective_config(train["objective"])
     wanted = {
         "classifier_steps": args.classifier_steps,
-        "aux_weight": alpha(args, training_points(args.subset), objective["num_labels"]),
+        "aux_weight": alpha(args, objective["num_labels"]),
     }
     for key, value in wanted.items():
         if not math.isclose(objective[key], value):
@@ -203,7 +203,7 @@ def train_m1m2(m1: Path, labels: int, label_seed: int, args, out: Path) -> Path:
     print(f"M2 on {labels} labels (draw {label_seed}): {features.num_active} of M1's {vae.z_dim} units active")
     stacked = pv.StackedSSVAE(vae, features, z_dim=10, prior=pv.priors.StandardNormal(), hidden=(500,))
     objective = pv.SemiSupervisedELBO(
-        num_labels=labels, label_seed=label_seed, aux_weight=alpha(args, len(data.train), labels),
+        num_labels=labels, label_seed=label_seed, aux_weight=alpha(args, labels),
         classifier_steps=args.classifier_steps,
     )  # fmt: skip
     pv.train_run(
@@ -224,7 +224,7 @@ def train_m2(labels: int, label_seed: int, args, out: Path) -> Path:
             data = load_data(args)
             model = pv.SSVAE(data.x_shape, z_dim=M2_DEFAULTS["z_dim"][0], hidden=tuple(M2_DEFAULTS["hidden"]))
             objective = pv.SemiSupervisedELBO(
-                num_labels=labels, label_seed=label_seed, aux_weight=alpha(args, len(data.train), labels),
+                num_labels=labels, label_seed=label_seed, aux_weight=alpha(args, labels),
                 classifier_steps=args.classifier_steps,
             )  # fmt: skip
             pv.train_run(

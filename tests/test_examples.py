@@ -6,6 +6,7 @@ rest of the suite.
 
 import argparse
 import importlib.util
+import json
 import os
 import signal
 import subprocess
@@ -100,6 +101,15 @@ def test_the_iwae_study_takes_a_kept_run_that_its_out_folder_no_longer_holds(tmp
     assert again.returncode == 0, again.stderr[-2000:]
     assert "1-layer-iwae-k50: kept in kept/1-layer-iwae-k50" in again.stdout and "| IWAE k = 50 |" in again.stdout
     assert not (tmp_path / "machine-4" / "1-layer-iwae-k50").exists()
+    assert "--runs 1-layer-iwae-k5 1-layer-iwae-k50" in again.stdout  # the table's command names its runs
+    # a record trained past --epochs is refused, not trained again from the start and kept over
+    metrics_file = tmp_path / "kept" / "1-layer-iwae-k50" / pv.RunDirectory.METRICS
+    metrics = json.loads(metrics_file.read_text())
+    metrics_file.write_text(json.dumps({**metrics, "epochs": 5}))
+    past = study("1-layer-iwae-k50", "machine-5")
+    assert past.returncode != 0 and "keeps a run of 5 epochs, past --epochs 1: give --epochs 5" in past.stderr
+    assert not (tmp_path / "machine-5").exists()
+    metrics_file.write_text(json.dumps(metrics))
     # another output-bias start is another study: its runs are not kept over the records of this one, and a run
     # of the other start refuses it, both before any training
     random = [*tiny, "--runs", "1-layer-iwae-k5", "--out", "machine-3", "--output-bias", "random"]
@@ -166,6 +176,24 @@ def test_the_prior_study_refuses_a_run_of_other_settings_before_training(tmp_pat
     ]:
         with pytest.raises(SystemExit, match=message):
             study.check_before_training(argparse.Namespace(**{**vars(args), **change}), tmp_path)
+
+
+def test_the_semi_supervised_study_takes_the_library_s_alpha_for_each_label_count(tmp_path):
+    """Without --aux-weight each count gets default_aux_weight, and a record at another alpha is refused."""
+    study = load_example("semi_supervised_study.py")
+    args = argparse.Namespace(aux_weight=None, subset=None, model="m2", lr=3e-3, classifier_steps=1000)
+    args.output_bias = "data"
+    assert [study.alpha(args, labels) for labels in (100, 600, 3000)] == [46.0, 276.0, 1380.0]
+    assert study.alpha(argparse.Namespace(**{**vars(args), "aux_weight": 7.5}), 600) == 7.5
+    objective = {"name": "semi-supervised", "num_labels": 600, "label_seed": 0, "aux_weight": 46.0}
+    objective["classifier_steps"] = 1000
+    config = {"data": {"name": "mnist"}, "train": {"lr": 3e-3, "output_bias": "data", "objective": objective}}
+    (tmp_path / pv.RunDirectory.CONFIG).write_text(json.dumps(config))
+    with pytest.raises(SystemExit, match="trained with --aux-weight 46, not 276; give that, or another --out"):
+        study.check_settings(tmp_path, args)  # the old default's 600-label run
+    objective["aux_weight"] = 276.0
+    (tmp_path / pv.RunDirectory.CONFIG).write_text(json.dumps(config))
+    study.check_settings(tmp_path, args)  # the new default's: it goes ahead
 
 
 def test_the_semi_supervised_study_keeps_each_run_as_it_finishes_and_checks_every_count_first(

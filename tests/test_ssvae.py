@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pyro
 import pyro.poutine as poutine
 import pytest
@@ -147,6 +148,7 @@ def test_alpha_grows_with_the_label_count_unless_given_and_a_bad_one_is_refused(
         46.0, 276.0, 460.0, 1380.0
     ]  # fmt: skip
     assert default_aux_weight(250) == 115.0
+    assert SemiSupervisedELBO(num_labels=np.int64(600)).config()["aux_weight"] == 276.0  # any integer type
     assert SemiSupervisedELBO(num_labels=600, aux_weight=paper_aux_weight(50_000, 600)).aux_weight == pytest.approx(
         50 / 6
     )
@@ -283,3 +285,4 @@ def test_the_command_trains_kingma_et_al_s_m2_by_default_and_records_the_warm_st
     )
     assert (config["train"]["batch_size"], config["train"]["lr"]) == (200, 3e-3)
     assert config["train"]["objective"]["classifier_steps"] == 7
+    assert config["train"]["objective"]["aux_weight"] == pytest.approx(9.2)  # 0.46 per label, not a fixed 46
