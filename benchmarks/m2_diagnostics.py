@@ -2,6 +2,7 @@
 
     python benchmarks/m2_diagnostics.py floor                      # M2's classifier on the labels alone
     python benchmarks/m2_diagnostics.py variant --epochs 8 --lr 3e-4 --init 1e-3 --weight-prior 1
+    python benchmarks/m2_diagnostics.py lower-rate RUN --lr 3e-4 --epochs 15 --out OUT
 
 ``floor`` trains M2's classifier (784-500-10, softplus) on the 100 labelled
 points alone with Adam, cross-entropy on dynamically binarised batches (the
@@ -25,6 +26,13 @@ Learning*, ICLR 2017). ``--z-dim`` and
 ``--aux-weight`` change M2's code size and alpha. It prints the validation
 accuracy after every epoch and the generative classifier argmax_y log p(x, y)
 (``pv.classify_generatively``) of the last epoch's weights.
+
+``lower-rate`` trains a finished M2 run on at another rate: the run's last
+checkpoint (``pv.load_run(RUN, checkpoint="last")``), its objective (labels,
+label draw, alpha) without a second warm start, a fresh Adam at ``--lr``,
+seed 1, ``--epochs`` epochs, into the new run directory ``--out`` (its
+``metrics.json`` holds the best epoch's test accuracy and ELBO). It asks what
+a lower rate at the end adds to a run trained at a constant one.
 """
 
 import argparse
@@ -38,6 +46,7 @@ import torch
 import pyro_vae as pv
 from pyro_vae.cli import count_or_zero, non_negative_float, positive_float, positive_int
 from pyro_vae.infer.densities import parameters_held_fixed
+from pyro_vae.infer.objective import completed_objective_config
 from pyro_vae.infer.semisupervised import SemiSupervisedELBO, paper_aux_weight
 
 
@@ -134,6 +143,24 @@ def variant(args) -> None:
     print(f"generative classifier argmax_y log p(x, y) (K = 10) on 2,000 validation points: {100 * accuracy:.1f}%")
 
 
+def lower_rate(args) -> None:
+    run = pv.load_run(args.run, checkpoint="last")
+    objective = completed_objective_config(run.config["train"]["objective"])
+    if objective["name"] != "semi-supervised":
+        raise SystemExit(f"{args.run} is not an M2 run (its objective is {objective['name']!r}).")
+    objective.update(classifier_steps=0)  # the classifier was trained with the rest of the run
+    data = run.load_data()
+    print(f"{args.run}, epoch {run.epoch}: validation accuracy {100 * run.model.accuracy(data.val.x, data.val.y):.2f}%")
+    history = pv.fit(run.model, data, objective=objective, epochs=args.epochs, lr=args.lr, seed=1, compile=True,
+                     batch_size=run.config["train"]["batch_size"], output_bias="random", eval_samples=0,
+                     progress=False, run_dir=args.out)  # fmt: skip
+    print("validation accuracy by epoch:", ", ".join(f"{100 * row['val_accuracy']:.2f}" for row in history))
+    print("validation ELBO by epoch:", ", ".join(f"{row['val_elbo']:.2f}" for row in history))
+    metrics = pv.RunDirectory(args.out).read_metrics()
+    print(f"best epoch {metrics['best_epoch']}: test accuracy {100 * metrics['test_accuracy']:.2f}%, "
+          f"test ELBO {metrics['test_elbo']:.2f}")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -169,8 +196,13 @@ def main() -> None:
     )
     for sub in (floor_parser, variant_parser):
         sub.add_argument("--labels", type=positive_int, default=100)
+    lower_parser = commands.add_parser("lower-rate")
+    lower_parser.add_argument("run", help="a finished M2 run directory")
+    lower_parser.add_argument("--lr", type=positive_float, default=3e-4)
+    lower_parser.add_argument("--epochs", type=positive_int, default=15)
+    lower_parser.add_argument("--out", required=True, help="the new run directory")
     args = parser.parse_args()
-    {"floor": floor, "variant": variant}[args.command](args)
+    {"floor": floor, "variant": variant, "lower-rate": lower_rate}[args.command](args)
 
 
 if __name__ == "__main__":

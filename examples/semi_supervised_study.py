@@ -8,7 +8,8 @@
 ``--model m2`` (the default) is Kingma, Rezende, Mohamed & Welling's (2014)
 M2 on the pixels: ``pv.SSVAE(z_dim=50, hidden=(500,))`` with softplus,
 trained by ``pv.train_run`` with ``pv.SemiSupervisedELBO`` (batch 200,
-Adam ``--lr``, 3e-3 by default, alpha ``--aux-weight`` per labelled point
+Adam ``--lr``, 3e-3 by default, ``--lr-schedule`` step by default (the last
+tenth of the epochs at a tenth of the rate), alpha ``--aux-weight`` per labelled point
 (0.46 per label by default), the classifier first trained on the labels for
 ``--classifier-steps``, the decoder's output bias
 started at the logits of the pixels' means unless ``--output-bias random``),
@@ -28,8 +29,9 @@ does.
 The script prints and writes (``OUT/<model>_table.md``) the test accuracy of
 each run and the mean and standard deviation over the label draws. Every
 run is an ordinary run directory; finished runs are kept, interrupted ones
-resume (``pv.resume_run``), and a larger ``--epochs`` trains the finished
-runs further, so the study can be run again after a stop. ``--jobs 2``
+resume (``pv.resume_run``), so the study can be run again after a stop, and
+under a schedule whose rates do not depend on the run's length (constant,
+M1+M2's default) a larger ``--epochs`` trains the finished runs further. ``--jobs 2``
 trains two runs at a time, each in its own process on one thread; a Ctrl-C
 saves the runs in progress and starts no other. With ``--keep DIR`` each
 finished run's record (``pv.RunDirectory.keep_record``: config, history,
@@ -67,6 +69,7 @@ from pyro_vae.evaluate import EvaluationInterrupted
 from pyro_vae.infer.objective import completed_objective_config
 from pyro_vae.infer.semisupervised import default_aux_weight, draw_labelled, paper_aux_weight
 from pyro_vae.training.engine import OUTPUT_BIAS_STARTS
+from pyro_vae.training.schedules import LENGTH_DEPENDENT_SCHEDULES, LR_SCHEDULES
 from pyro_vae.workflow import training_settings
 
 #: At least these test accuracies (%): for M1+M2 the issue's targets; for M2 the best of Kingma et al.'s
@@ -137,14 +140,22 @@ def check_subset(run: Path, args) -> None:
 
 
 def check_settings(run: Path, args) -> None:
-    """Refuse a run (or a kept record) of another learning rate, warm start, alpha, output-bias start or subset,
-    rather than mix it in (M1+M2's stacked M2 has no output-bias start)."""
+    """Refuse a run (or a kept record) of another learning rate or schedule, warm start, alpha, output-bias start or
+    subset, or of another length under a schedule that depends on it, rather than mix it in (M1+M2's stacked M2
+    has no output-bias start)."""
     train = pv.RunDirectory(run).read_config()["train"]
     check_subset(run, args)
     if args.model == "m2":
         check_output_bias(run, args)
     if train["lr"] != args.lr:
         raise SystemExit(f"{run} was trained with --lr {train['lr']:g}, not {args.lr:g}; give that, or another --out.")
+    schedule = training_settings(pv.RunDirectory(run).read_config())["lr_schedule"]
+    if schedule != args.lr_schedule:
+        raise SystemExit(f"{run} was trained with --lr-schedule {schedule}, not {args.lr_schedule}; give that, or "
+                         "another --out.")  # fmt: skip
+    if schedule in LENGTH_DEPENDENT_SCHEDULES and train["epochs"] != args.epochs:
+        raise SystemExit(f"{run} follows the {schedule} schedule over {train['epochs']} epochs, whose rates depend on "
+                         f"that number; give --epochs {train['epochs']}, or another --out.")  # fmt: skip
     objective = completed_objective_config(train["objective"])
     wanted = {
         "classifier_steps": args.classifier_steps,
@@ -207,8 +218,8 @@ def train_m1m2(m1: Path, labels: int, label_seed: int, args, out: Path) -> Path:
         classifier_steps=args.classifier_steps,
     )  # fmt: skip
     pv.train_run(
-        stacked, data, run, objective=objective, epochs=args.epochs, batch_size=200, lr=args.lr, seed=0,
-        eval_samples=args.samples, progress=args.progress,
+        stacked, data, run, objective=objective, epochs=args.epochs, batch_size=200, lr=args.lr,
+        lr_schedule=args.lr_schedule, seed=0, eval_samples=args.samples, progress=args.progress,
     )  # fmt: skip
     return run
 
@@ -229,7 +240,7 @@ def train_m2(labels: int, label_seed: int, args, out: Path) -> Path:
             )  # fmt: skip
             pv.train_run(
                 model, data, run, objective=objective, epochs=args.epochs, batch_size=M2_DEFAULTS["batch_size"],
-                lr=args.lr, seed=0,
+                lr=args.lr, lr_schedule=args.lr_schedule, seed=0,
                 eval_samples=args.samples, output_bias=args.output_bias, progress=args.progress,
             )  # fmt: skip
     generative = run / GENERATIVE
@@ -337,6 +348,12 @@ def main() -> None:
         help=f"Adam's rate [default: {M2_DEFAULTS['lr']:g} for m2, {VAE_DEFAULTS['lr']:g} for m1m2]",
     )
     parser.add_argument(
+        "--lr-schedule",
+        choices=LR_SCHEDULES,
+        help=f"the rate by epoch, as pyro-vae train's [default: {M2_DEFAULTS['lr_schedule']} for m2, "
+        f"{VAE_DEFAULTS['lr_schedule']} for m1m2]",
+    )
+    parser.add_argument(
         "--classifier-steps",
         type=count_or_zero,
         default=1000,
@@ -357,7 +374,8 @@ def main() -> None:
     parser.add_argument("--out", default="runs/semi-supervised-study")
     parser.add_argument("--keep", type=Path, help="copy each finished run's record here (to commit); see above")
     args = parser.parse_args()
-    args.lr = args.lr or (M2_DEFAULTS if args.model == "m2" else VAE_DEFAULTS)["lr"]  # as pyro-vae train
+    defaults = M2_DEFAULTS if args.model == "m2" else VAE_DEFAULTS  # as pyro-vae train
+    args.lr, args.lr_schedule = args.lr or defaults["lr"], args.lr_schedule or defaults["lr_schedule"]
     args.progress = args.jobs == 1 and sys.stderr.isatty()  # else a line per epoch, not a stream of bars in a log
     out = Path(args.out)
 

@@ -21,7 +21,11 @@ def test_train_smoke_writes_a_readable_run_directory(tmp_path, capsys):
     assert figures == {"learning_curves.png", "latent_space.png", "reconstructions.png", "samples.png", "manifold.png"}
     config = json.loads((run / "config.json").read_text())
     assert config["model"]["z_dim"] == 2 and config["data"]["subset"]["train"] == 500
-    assert (config["train"]["batch_size"], config["train"]["lr"]) == (128, 1e-3)  # the VAE's defaults
+    assert (config["train"]["batch_size"], config["train"]["lr"], config["train"]["lr_schedule"]) == (
+        128,
+        1e-3,
+        "constant",
+    )  # the VAE's defaults
     assert "test ELBO" in capsys.readouterr().out
 
     assert main(["train", "--resume", str(run), "--epochs", "2", "--no-progress"]) == 0

@@ -182,18 +182,40 @@ def test_the_semi_supervised_study_takes_the_library_s_alpha_for_each_label_coun
     """Without --aux-weight each count gets default_aux_weight, and a record at another alpha is refused."""
     study = load_example("semi_supervised_study.py")
     args = argparse.Namespace(aux_weight=None, subset=None, model="m2", lr=3e-3, classifier_steps=1000)
-    args.output_bias = "data"
+    args.output_bias, args.lr_schedule, args.epochs = "data", "step", 200
     assert [study.alpha(args, labels) for labels in (100, 600, 3000)] == [46.0, 276.0, 1380.0]
     assert study.alpha(argparse.Namespace(**{**vars(args), "aux_weight": 7.5}), 600) == 7.5
     objective = {"name": "semi-supervised", "num_labels": 600, "label_seed": 0, "aux_weight": 46.0}
     objective["classifier_steps"] = 1000
     config = {"data": {"name": "mnist"}, "train": {"lr": 3e-3, "output_bias": "data", "objective": objective}}
+    config["train"].update(lr_schedule="step", epochs=200)
     (tmp_path / pv.RunDirectory.CONFIG).write_text(json.dumps(config))
     with pytest.raises(SystemExit, match="trained with --aux-weight 46, not 276; give that, or another --out"):
         study.check_settings(tmp_path, args)  # the old default's 600-label run
     objective["aux_weight"] = 276.0
     (tmp_path / pv.RunDirectory.CONFIG).write_text(json.dumps(config))
     study.check_settings(tmp_path, args)  # the new default's: it goes ahead
+
+
+def test_the_semi_supervised_study_refuses_a_run_of_another_schedule_or_of_another_length_under_step(tmp_path):
+    """The step schedule's rates depend on the run's epochs: a 100-epoch run is not the start of a 200-epoch one."""
+    study = load_example("semi_supervised_study.py")
+    args = argparse.Namespace(aux_weight=None, subset=None, model="m2", lr=3e-3, classifier_steps=1000)
+    args.output_bias, args.lr_schedule, args.epochs = "data", "step", 200
+    objective = {"name": "semi-supervised", "num_labels": 100, "label_seed": 0, "aux_weight": 46.0}
+    objective["classifier_steps"] = 1000
+    train = {"lr": 3e-3, "output_bias": "data", "objective": objective, "epochs": 200}
+    for schedule, epochs, message in [
+        (None, 200, "trained with --lr-schedule constant, not step"),  # a run written before the option
+        ("constant", 200, "trained with --lr-schedule constant, not step"),
+        ("step", 100, "follows the step schedule over 100 epochs.*give --epochs 100, or another --out"),
+    ]:
+        config = {"data": {"name": "mnist"}, "train": {**train, "epochs": epochs}}
+        if schedule:
+            config["train"]["lr_schedule"] = schedule
+        (tmp_path / pv.RunDirectory.CONFIG).write_text(json.dumps(config))
+        with pytest.raises(SystemExit, match=message):
+            study.check_settings(tmp_path, args)
 
 
 def test_the_semi_supervised_study_keeps_each_run_as_it_finishes_and_checks_every_count_first(

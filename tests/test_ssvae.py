@@ -283,6 +283,6 @@ def test_the_command_trains_kingma_et_al_s_m2_by_default_and_records_the_warm_st
         [500],
         "softplus",
     )
-    assert (config["train"]["batch_size"], config["train"]["lr"]) == (200, 3e-3)
+    assert (config["train"]["batch_size"], config["train"]["lr"], config["train"]["lr_schedule"]) == (200, 3e-3, "step")
     assert config["train"]["objective"]["classifier_steps"] == 7
     assert config["train"]["objective"]["aux_weight"] == pytest.approx(9.2)  # 0.46 per label, not a fixed 46

@@ -15,7 +15,12 @@ from pyro_vae.infer.elbo import ELBO, MeanFieldELBO
 from pyro_vae.runs.files import load_checkpoint, save_checkpoint
 from pyro_vae.training import engine as engine_module
 from pyro_vae.training.engine import adam, take_step
-from pyro_vae.training.schedules import cosine_learning_rate, iwae_learning_rate, kl_weight_schedule
+from pyro_vae.training.schedules import (
+    cosine_learning_rate,
+    iwae_learning_rate,
+    kl_weight_schedule,
+    step_learning_rate,
+)
 
 
 def test_short_run_clearly_improves_the_validation_elbo(small_mnist):
@@ -121,8 +126,8 @@ def test_a_learning_rate_schedule_trains_with_its_rates_and_resumes_exactly(smal
 
     with pytest.raises(pv.CheckpointError, match=r"other settings \(lr_schedule 'iwae' -> 'constant'\)"):
         pv.fit(small_vae(), data, epochs=3, run_dir=tmp_path / "resumed", resume=True, progress=False)
-    with pytest.raises(ValueError, match=r"lr_schedule must be one of 'constant', 'iwae', 'cosine'; got 'step'"):
-        pv.fit(small_vae(), data, epochs=1, lr_schedule="step", progress=False)
+    with pytest.raises(ValueError, match=r"lr_schedule must be one of 'constant', 'iwae', 'cosine', 'step'; got 'exp'"):
+        pv.fit(small_vae(), data, epochs=1, lr_schedule="exp", progress=False)
 
 
 def test_the_cosine_schedule_anneals_over_the_runs_epochs():
@@ -136,6 +141,28 @@ def test_the_cosine_schedule_anneals_over_the_runs_epochs():
         assert optimizer.param_groups[0]["lr"] == pytest.approx(cosine_learning_rate(epoch, 2e-3, 7), rel=1e-9)
         optimizer.step()
         torch_schedule.step()
+
+
+def test_the_step_schedule_runs_the_last_tenth_at_a_tenth_of_the_rate():
+    """MultiStepLR with the one milestone E - E // 10 and gamma 0.1, stepped once an epoch, gives the same rates."""
+    rates = [step_learning_rate(epoch, 3e-3, 200) for epoch in (1, 180, 181, 200)]
+    assert rates == pytest.approx([3e-3, 3e-3, 3e-4, 3e-4], rel=1e-12)
+    assert [step_learning_rate(epoch, 1e-3, 9) for epoch in range(1, 10)] == [1e-3] * 9  # under 10 epochs: no step
+    for epochs in (10, 25, 200):
+        optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=3e-3)
+        torch_schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[epochs - epochs // 10], gamma=0.1)
+        for epoch in range(1, epochs + 1):
+            assert optimizer.param_groups[0]["lr"] == pytest.approx(step_learning_rate(epoch, 3e-3, epochs), rel=1e-12)
+            optimizer.step()
+            torch_schedule.step()
+
+
+def test_a_step_run_resumes_to_its_own_epochs_only(small_mnist, tmp_path):
+    data = small_mnist.subset(train=300)
+    history = pv.fit(small_vae(), data, epochs=10, lr_schedule="step", run_dir=tmp_path / "run", progress=False)
+    assert [row["lr"] for row in history[1:]] == pytest.approx([1e-3] * 9 + [1e-4], rel=1e-12)
+    with pytest.raises(ValueError, match=r"follows the step learning-rate schedule over 10 epochs.*resume it to 10"):
+        pv.fit(small_vae(), data, epochs=20, lr_schedule="step", run_dir=tmp_path / "run", resume=True)
 
 
 def test_a_cosine_run_resumes_exactly_to_its_own_epochs_only(small_mnist, tmp_path, monkeypatch):

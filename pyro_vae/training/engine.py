@@ -271,8 +271,9 @@ def fit(
     :param lr: Adam's learning rate, or the base rate of ``lr_schedule``.
     :param lr_schedule: the learning rate by epoch, one of
         :data:`~pyro_vae.training.schedules.LR_SCHEDULES`: ``"constant"``, ``"iwae"`` (Burda et
-        al.'s 3^i epochs at ``lr * 10^(-i/7)``) or ``"cosine"`` (annealed from ``lr`` towards 0 over
-        the run's ``epochs``; such a run resumes only to the same ``epochs``).
+        al.'s 3^i epochs at ``lr * 10^(-i/7)``), ``"cosine"`` (annealed from ``lr`` towards 0 over
+        the run's ``epochs``) or ``"step"`` (``lr / 10`` for the last tenth of the run's ``epochs``);
+        a cosine or step run resumes only to the same ``epochs``.
     :param warmup_epochs: epochs over which the KL weight rises linearly to ``beta``.
     :param beta: final weight of the KL term (1 gives the ELBO).
     :param output_bias: ``"data"`` starts a fresh run's decoder output bias at the likelihood's
