@@ -55,7 +55,7 @@ import pyro_vae as pv
 from pyro_vae.cli import count_or_zero, positive_int, seed_value
 from pyro_vae.evaluate import EvaluationInterrupted, evaluation_name
 from pyro_vae.training.engine import OUTPUT_BIAS_STARTS
-from pyro_vae.training.schedules import LR_SCHEDULES
+from pyro_vae.training.schedules import LENGTH_DEPENDENT_SCHEDULES, LR_SCHEDULES
 from pyro_vae.workflow import training_settings
 
 #: name -> (layers, objective, the paper's NLL where it reports one)
@@ -127,7 +127,8 @@ def other_settings(run: Path, args) -> str | None:
 def check_before_training(args, out: Path) -> None:
     """Refuse, before any training, what would mix studies or fail late: a run in --out or a record in --keep of
     other settings (a finished run would be kept over the record), a run in --out or a record already past
-    --epochs, more --ais-points than test points, and a --results file that does not exist."""
+    --epochs, a run in --out of another length under a schedule whose rates depend on it, more --ais-points
+    than test points, and a --results file that does not exist."""
     for name in args.runs:
         run, record = out / name, (args.keep / name if args.keep else None)
         if pv.RunDirectory(run).holds_run():
@@ -136,6 +137,11 @@ def check_before_training(args, out: Path) -> None:
             if (last := pv.RunDirectory(run).load_checkpoint("last")["epoch"]) > args.epochs:
                 raise SystemExit(f"{run} has trained {last} epochs, past --epochs {args.epochs}: give --epochs "
                                  f"{last} or more, or another --out.")  # fmt: skip
+            if (target := pv.RunDirectory(run).read_config()["train"]["epochs"]) != args.epochs and (
+                args.lr_schedule in LENGTH_DEPENDENT_SCHEDULES
+            ):
+                raise SystemExit(f"{run} follows the {args.lr_schedule} schedule over {target} epochs, whose rates "
+                                 f"depend on that number: give --epochs {target}, or another --out.")  # fmt: skip
         if record is not None and (record / pv.RunDirectory.CONFIG).exists():
             if other := other_settings(record, args):
                 raise SystemExit(f"{record} keeps a run of {other}; give another --keep for this study.")

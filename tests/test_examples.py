@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import small_vae
 
 import pyro_vae as pv
 
@@ -176,6 +177,20 @@ def test_the_prior_study_refuses_a_run_of_other_settings_before_training(tmp_pat
     ]:
         with pytest.raises(SystemExit, match=message):
             study.check_before_training(argparse.Namespace(**{**vars(args), **change}), tmp_path)
+
+
+def test_the_iwae_study_refuses_a_step_run_of_another_length_before_training(tmp_path, small_mnist):
+    """Under a schedule whose rates depend on the run's epochs, a run in --out trained for another length is not
+    resumed to --epochs (the engine would refuse it late, after other runs); it is named with the fix."""
+    study = load_example("iwae_study.py")
+    data = small_mnist.quick_subset(300)
+    pv.fit(small_vae(), data, epochs=2, batch_size=100, lr_schedule="step", run_dir=tmp_path / "1-layer-vae",
+           progress=False)  # fmt: skip
+    args = argparse.Namespace(runs=["1-layer-vae"], keep=None, epochs=3, lr_schedule="step", output_bias="data",
+                              batch_size=100, seed=0, subset=300, ais_points=0, results=None)  # fmt: skip
+    with pytest.raises(SystemExit, match="follows the step schedule over 2 epochs.*give --epochs 2, or another --out"):
+        study.check_before_training(args, tmp_path)
+    study.check_before_training(argparse.Namespace(**{**vars(args), "epochs": 2}), tmp_path)  # its own length
 
 
 def test_the_semi_supervised_study_takes_the_library_s_alpha_for_each_label_count(tmp_path):
