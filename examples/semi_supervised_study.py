@@ -143,13 +143,13 @@ def check_settings(run: Path, args) -> None:
     """Refuse a run (or a kept record) of another learning rate or schedule, warm start, alpha, output-bias start or
     subset, or of another length under a schedule that depends on it, rather than mix it in (M1+M2's stacked M2
     has no output-bias start)."""
-    train = pv.RunDirectory(run).read_config()["train"]
+    train = training_settings(pv.RunDirectory(run).read_config())  # older runs' missing settings filled in
     check_subset(run, args)
     if args.model == "m2":
         check_output_bias(run, args)
     if train["lr"] != args.lr:
         raise SystemExit(f"{run} was trained with --lr {train['lr']:g}, not {args.lr:g}; give that, or another --out.")
-    schedule = training_settings(pv.RunDirectory(run).read_config())["lr_schedule"]
+    schedule = train["lr_schedule"]
     if schedule != args.lr_schedule:
         raise SystemExit(f"{run} was trained with --lr-schedule {schedule}, not {args.lr_schedule}; give that, or "
                          "another --out.")  # fmt: skip

@@ -23,10 +23,9 @@ Learning rate, by name (``fit(lr_schedule=...)``):
 - ``"step"``: a step decay: the base rate, then ``lr / 10`` for the last
   ``E // 10`` of the run's E epochs (``torch.optim.lr_scheduler.MultiStepLR``
   with the one milestone ``E - E // 10`` and ``gamma=0.1``; a run of fewer
-  than 10 epochs keeps the base rate). On M2 the low-rate tenth gains 2.5 to
-  3 nats of validation ELBO over the rate held constant, and steadies the
-  accuracy (benchmarks/RESULTS.md, "A tenth of the run at a tenth of the
-  rate"). Like the cosine, its rates depend on E.
+  than 10 epochs keeps the base rate); M2's default, measured in
+  benchmarks/RESULTS.md ("A tenth of the run at a tenth of the rate"). Like
+  the cosine, its rates depend on E.
 
 Every schedule is a function of the (1-based) epoch, the base rate and the
 run's epochs, so a resumed run recomputes its rates exactly.
