@@ -274,14 +274,16 @@ def table(runs: dict[str, Path], command: str, ais: str | None) -> str:
                f" {mean_and_se(-log_px(run, None)[:ais_points(run, ais)])} |" if with_ais else "")
         )  # fmt: skip
     rows[0] = rows[0].replace("{K}", str(samples))
-    rows += ["", "| ordering | estimate | paired difference of log p(x) | in standard errors | holds (> 3 se) |"]
-    rows.append("|---|---|---|---|---|")
+    orderings = []
     for better, worse, what in ORDERINGS:
         if better in runs and worse in runs:
             for label, evaluation in [(f"IS, K = {samples}", None)] + ([("AIS", ais)] if with_ais else []):
                 mean, se = paired(runs[better], runs[worse], evaluation)
                 holds = "yes" if mean > 3 * se else "no"
-                rows.append(f"| {what} | {label} | {mean:+.3f} +- {se:.3f} | {mean / se:+.1f} | {holds} |")
+                orderings.append(f"| {what} | {label} | {mean:+.3f} +- {se:.3f} | {mean / se:+.1f} | {holds} |")
+    if orderings:  # none where the table lacks both runs of every ordering
+        rows += ["", "| ordering | estimate | paired difference of log p(x) | in standard errors | holds (> 3 se) |"]
+        rows += ["|---|---|---|---|---|", *orderings]
     return f"Command: `{command}`\n\n" + "\n".join(rows) + "\n"
 
 
