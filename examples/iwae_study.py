@@ -55,7 +55,7 @@ import pyro_vae as pv
 from pyro_vae.cli import count_or_zero, positive_int, seed_value
 from pyro_vae.evaluate import EvaluationInterrupted, evaluation_name
 from pyro_vae.training.engine import OUTPUT_BIAS_STARTS
-from pyro_vae.training.schedules import LENGTH_DEPENDENT_SCHEDULES, LR_SCHEDULES
+from pyro_vae.training.schedules import LENGTH_DEPENDENT_SCHEDULES, LR_SCHEDULES, length_conflict
 from pyro_vae.workflow import training_settings
 
 #: name -> (layers, objective, the paper's NLL where it reports one)
@@ -85,9 +85,11 @@ ORDERINGS = [
 ]
 
 
-def markers(lr_schedule: str, batch_size: int, output_bias: str) -> tuple[str, str]:
-    """The lines that hold the study's table in RESULTS.md: one per learning-rate schedule, batch size and start."""
+def markers(lr_schedule: str, batch_size: int, output_bias: str, epochs: int) -> tuple[str, str]:
+    """The lines that hold the study's table in RESULTS.md: one per learning-rate schedule (and length, where the
+    schedule's rates depend on it), batch size and start."""
     study = "iwae-study" if lr_schedule == "constant" else f"iwae-study-{lr_schedule}-schedule"
+    study += f"-{epochs}-epochs" if lr_schedule in LENGTH_DEPENDENT_SCHEDULES else ""
     study += "" if batch_size == DEFAULT_BATCH_SIZE else f"-batch-{batch_size}"
     study += "" if output_bias == "data" else f"-{output_bias}-output-bias"
     return f"<!-- {study}:begin -->", f"<!-- {study}:end -->"
@@ -137,11 +139,9 @@ def check_before_training(args, out: Path) -> None:
             if (last := pv.RunDirectory(run).load_checkpoint("last")["epoch"]) > args.epochs:
                 raise SystemExit(f"{run} has trained {last} epochs, past --epochs {args.epochs}: give --epochs "
                                  f"{last} or more, or another --out.")  # fmt: skip
-            if (target := pv.RunDirectory(run).read_config()["train"]["epochs"]) != args.epochs and (
-                args.lr_schedule in LENGTH_DEPENDENT_SCHEDULES
-            ):
-                raise SystemExit(f"{run} follows the {args.lr_schedule} schedule over {target} epochs, whose rates "
-                                 f"depend on that number: give --epochs {target}, or another --out.")  # fmt: skip
+            target = pv.RunDirectory(run).read_config()["train"]["epochs"]
+            if conflict := length_conflict(args.lr_schedule, target, args.epochs):
+                raise SystemExit(f"{run} {conflict}: give --epochs {target}, or another --out.")
         if record is not None and (record / pv.RunDirectory.CONFIG).exists():
             if other := other_settings(record, args):
                 raise SystemExit(f"{record} keeps a run of {other}; give another --keep for this study.")
@@ -290,7 +290,7 @@ def table(runs: dict[str, Path], command: str, ais: str | None) -> str:
 def write_results(markdown: str, results: Path, args) -> None:
     """Put the table between the study's markers in RESULTS.md (appended with them the first time)."""
     text = results.read_text()
-    begin, end = markers(args.lr_schedule, args.batch_size, args.output_bias)
+    begin, end = markers(args.lr_schedule, args.batch_size, args.output_bias, args.epochs)
     block = f"{begin}\n{markdown}{end}"
     if begin in text:
         text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S)

@@ -69,7 +69,7 @@ from pyro_vae.evaluate import EvaluationInterrupted
 from pyro_vae.infer.objective import completed_objective_config
 from pyro_vae.infer.semisupervised import default_aux_weight, draw_labelled, paper_aux_weight
 from pyro_vae.training.engine import OUTPUT_BIAS_STARTS
-from pyro_vae.training.schedules import LENGTH_DEPENDENT_SCHEDULES, LR_SCHEDULES
+from pyro_vae.training.schedules import LR_SCHEDULES, length_conflict
 from pyro_vae.workflow import training_settings
 
 #: At least these test accuracies (%): for M1+M2 the issue's targets; for M2 the best of Kingma et al.'s
@@ -116,11 +116,14 @@ def train_m1(args, out: Path) -> Path:
     return run
 
 
-def check_output_bias(run: Path, args) -> None:
-    """Refuse to continue or reuse a run whose decoder's output bias started otherwise than ``--output-bias``."""
+def check_output_bias(run: Path, args, place: str = "--out") -> None:
+    """Refuse to continue or reuse a run whose decoder's output bias started otherwise than ``--output-bias``;
+    ``place`` is the flag that put the run there (``--out``, or ``--keep`` for a record)."""
     started = training_settings(pv.RunDirectory(run).read_config())["output_bias"]
     if started != args.output_bias:
-        raise SystemExit(f"{run} started its output bias {started!r}; give --output-bias {started}, or another --out.")
+        raise SystemExit(
+            f"{run} started its output bias {started!r}; give --output-bias {started}, or another {place}."
+        )
 
 
 def alpha(args, labels: int) -> float:
@@ -131,31 +134,31 @@ def alpha(args, labels: int) -> float:
     return default_aux_weight(labels) if args.aux_weight is None else args.aux_weight
 
 
-def check_subset(run: Path, args) -> None:
+def check_subset(run: Path, args, place: str = "--out") -> None:
     """Refuse a run trained on another ``--subset`` (a smoke test's, say) rather than train it on."""
     subset = (pv.RunDirectory(run).read_config()["data"].get("subset") or {}).get("train")
     if subset != args.subset:
         given = f"--subset {subset}" if subset else "all the training points (no --subset)"
-        raise SystemExit(f"{run} was trained on {given}; give that, or another --out.")
+        raise SystemExit(f"{run} was trained on {given}; give that, or another {place}.")
 
 
-def check_settings(run: Path, args) -> None:
+def check_settings(run: Path, args, place: str = "--out") -> None:
     """Refuse a run (or a kept record) of another learning rate or schedule, warm start, alpha, output-bias start or
     subset, or of another length under a schedule that depends on it, rather than mix it in (M1+M2's stacked M2
-    has no output-bias start)."""
+    has no output-bias start). ``place`` is the flag that put it there (``--out``, or ``--keep`` for a record)."""
     train = training_settings(pv.RunDirectory(run).read_config())  # older runs' missing settings filled in
-    check_subset(run, args)
+    check_subset(run, args, place)
     if args.model == "m2":
-        check_output_bias(run, args)
+        check_output_bias(run, args, place)
     if train["lr"] != args.lr:
-        raise SystemExit(f"{run} was trained with --lr {train['lr']:g}, not {args.lr:g}; give that, or another --out.")
-    schedule = train["lr_schedule"]
-    if schedule != args.lr_schedule:
-        raise SystemExit(f"{run} was trained with --lr-schedule {schedule}, not {args.lr_schedule}; give that, or "
-                         "another --out.")  # fmt: skip
-    if schedule in LENGTH_DEPENDENT_SCHEDULES and train["epochs"] != args.epochs:
-        raise SystemExit(f"{run} follows the {schedule} schedule over {train['epochs']} epochs, whose rates depend on "
-                         f"that number; give --epochs {train['epochs']}, or another --out.")  # fmt: skip
+        raise SystemExit(
+            f"{run} was trained with --lr {train['lr']:g}, not {args.lr:g}; give that, or another {place}."
+        )
+    if train["lr_schedule"] != args.lr_schedule:
+        raise SystemExit(f"{run} was trained with --lr-schedule {train['lr_schedule']}, not {args.lr_schedule}; give "
+                         f"that, or another {place}.")  # fmt: skip
+    if conflict := length_conflict(train["lr_schedule"], train["epochs"], args.epochs):
+        raise SystemExit(f"{run} {conflict}; give --epochs {train['epochs']}, or another {place}.")
     objective = completed_objective_config(train["objective"])
     wanted = {
         "classifier_steps": args.classifier_steps,
@@ -165,7 +168,7 @@ def check_settings(run: Path, args) -> None:
         if not math.isclose(objective[key], value):
             flag = "--" + key.replace("_", "-")
             raise SystemExit(f"{run} was trained with {flag} {objective[key]:g}, not {value:g}; give that, or another "
-                             "--out.")  # fmt: skip
+                             f"{place}.")  # fmt: skip
 
 
 @functools.cache
@@ -188,7 +191,7 @@ def kept(record: Path, args) -> bool:
     directory = pv.RunDirectory(record)
     if not directory.file(directory.METRICS).exists():
         return False
-    check_settings(record, args)
+    check_settings(record, args, "--keep")
     generative = args.model == "m1m2" or directory.file(GENERATIVE).exists()
     return generative and directory.read_metrics()["epochs"] >= args.epochs
 

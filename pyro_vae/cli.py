@@ -391,7 +391,8 @@ VAE_ONLY_FLAGS = ("elbo", "particles", "gradient")
 #: The defaults of ``train --semi-supervised`` (M2 from pixels) that differ from the VAE's: Kingma et al.'s
 #: (2014) M2 architecture (50 latent units, 500 hidden), and the batch and Adam rate of the study in
 #: benchmarks/RESULTS.md (3e-3 reached in 30 epochs what 1e-3 reached in about 100, at 100 to 1000 labels; a last
-#: tenth at a tenth of the rate gained about 3 nats of ELBO and steadied the accuracy).
+#: tenth at a tenth of the rate: 15 such epochs after finished runs gained about 3 nats of ELBO and steadied the
+#: accuracy).
 M2_DEFAULTS = {"z_dim": [50], "hidden": [500], "batch_size": 200, "lr": 3e-3, "lr_schedule": "step"}
 VAE_DEFAULTS = {"z_dim": [20], "batch_size": 128, "lr": 1e-3, "lr_schedule": "constant"}
 

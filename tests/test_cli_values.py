@@ -196,6 +196,22 @@ def test_help_states_each_default_once():
     assert "[default: 1e-3; 3e-3 for" in " ".join(out.split())  # the rate of each kind of run
 
 
+@pytest.mark.parametrize(
+    "flags, schedule",
+    [
+        (["--semi-supervised"], "step"),  # M2's default
+        (["--semi-supervised", "--lr-schedule", "constant"], "constant"),  # a flag given wins
+        (["--m1", "RUN", "--labels", "100"], "constant"),  # M1+M2 keeps the VAE's
+        ([], "constant"),
+        (["--lr-schedule", "cosine"], "cosine"),
+    ],
+)
+def test_each_kind_of_run_gets_its_learning_rate_schedule_unless_one_is_given(flags, schedule):
+    args = cli.build_parser().parse_args(["train", *flags])
+    cli.fill_mode_defaults(args)
+    assert args.lr_schedule == schedule
+
+
 def test_the_config_records_what_the_flags_said(finished_run):
     config = json.loads((finished_run / "config.json").read_text())
     assert config["train"]["objective"] == {"name": "trace", "num_particles": 1}

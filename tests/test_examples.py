@@ -188,7 +188,9 @@ def test_the_iwae_study_refuses_a_step_run_of_another_length_before_training(tmp
            progress=False)  # fmt: skip
     args = argparse.Namespace(runs=["1-layer-vae"], keep=None, epochs=3, lr_schedule="step", output_bias="data",
                               batch_size=100, seed=0, subset=300, ais_points=0, results=None)  # fmt: skip
-    with pytest.raises(SystemExit, match="follows the step schedule over 2 epochs.*give --epochs 2, or another --out"):
+    with pytest.raises(
+        SystemExit, match="follows the step learning-rate schedule over 2 epochs.*give --epochs 2, or another --out"
+    ):
         study.check_before_training(args, tmp_path)
     study.check_before_training(argparse.Namespace(**{**vars(args), "epochs": 2}), tmp_path)  # its own length
 
@@ -223,7 +225,7 @@ def test_the_semi_supervised_study_refuses_a_run_of_another_schedule_or_of_anoth
     for schedule, epochs, message in [
         (None, 200, "trained with --lr-schedule constant, not step"),  # a run written before the option
         ("constant", 200, "trained with --lr-schedule constant, not step"),
-        ("step", 100, "follows the step schedule over 100 epochs.*give --epochs 100, or another --out"),
+        ("step", 100, "follows the step learning-rate schedule over 100 epochs.*give --epochs 100, or another --out"),
     ]:
         config = {"data": {"name": "mnist"}, "train": {**train, "epochs": epochs}}
         if schedule:

@@ -75,7 +75,7 @@ from ..runs.directory import RunDirectory, model_config_matches
 from ..runs.files import CheckpointError, restore_rng, rng_state
 from .interrupts import InterruptRequests
 from .parallel import ReplicasDiverged, SingleProcess, parameter_digest
-from .schedules import LENGTH_DEPENDENT_SCHEDULES, LR_SCHEDULES, kl_weight_schedule
+from .schedules import LR_SCHEDULES, kl_weight_schedule, length_conflict
 
 
 class TrainingDiverged(RuntimeError):
@@ -409,13 +409,13 @@ class _Engine:
             )
         saved_train = state["config"].get("train", {})
         schedule = self.settings["lr_schedule"]
-        if schedule in LENGTH_DEPENDENT_SCHEDULES and saved_train.get("lr_schedule") == schedule:
-            if saved_train.get("epochs") != self.settings["epochs"]:
-                raise ValueError(
-                    f"{run.path} follows the {schedule} learning-rate schedule over {saved_train.get('epochs')} "
-                    f"epochs, and its rates depend on that number; resume it to {saved_train.get('epochs')} epochs "
-                    f"(pyro-vae train --resume without --epochs), or start a new run of {self.settings['epochs']}."
-                )
+        if saved_train.get("lr_schedule") == schedule and (
+            conflict := length_conflict(schedule, saved_train.get("epochs"), self.settings["epochs"])
+        ):
+            raise ValueError(
+                f"{run.path} {conflict}; resume it to {saved_train.get('epochs')} epochs (pyro-vae train --resume "
+                f"without --epochs), or start a new run of {self.settings['epochs']}."
+            )
         saved = state["config"]["model"]
         if not model_config_matches(saved, self.config["model"]):
             raise CheckpointError(

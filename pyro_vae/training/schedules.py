@@ -85,3 +85,12 @@ LR_SCHEDULES = {
 
 #: Schedules whose rates depend on the run's epochs: a run trained with one keeps its epoch target.
 LENGTH_DEPENDENT_SCHEDULES = frozenset({"cosine", "step"})
+
+
+def length_conflict(schedule: str, run_epochs: int, epochs: int) -> str | None:
+    """Why a run of ``run_epochs`` under ``schedule`` cannot go on as a run of ``epochs`` (None where it can)."""
+    if schedule in LENGTH_DEPENDENT_SCHEDULES and run_epochs != epochs:
+        return (
+            f"follows the {schedule} learning-rate schedule over {run_epochs} epochs, whose rates depend on that number"
+        )
+    return None
