@@ -1,5 +1,7 @@
 """The IWAE training objective against Pyro's ELBOs where they must agree."""
 
+import math
+
 import pyro
 import pytest
 import torch
@@ -7,6 +9,7 @@ from conftest import small_vae
 from pyro.infer import RenyiELBO, Trace_ELBO
 
 import pyro_vae as pv
+from pyro_vae.infer.densities import negligible_shares, site_log_densities
 from pyro_vae.infer.iwae import IWAE_ELBO
 
 
@@ -79,3 +82,55 @@ def test_the_best_checkpoint_of_an_iwae_run_is_that_of_its_bound(small_mnist, tm
     direct = pv.log_marginal_likelihood(run.model.model, run.model.guide, data.val.x, num_samples=5, seed=0)
     assert history[-1]["val_iwae"] == pytest.approx(direct.mean, abs=1e-4)
     assert history[-1]["val_iwae"] > history[-1]["val_elbo"]  # L_5 above L_1 by far more than their noise
+
+
+def test_negligible_shares_are_those_below_two_to_the_minus_forty():
+    log_weights = torch.tensor([[0.0, 0.0], [-39.0, -41.0], [-80.0, 0.0]]) * math.log(2)
+    shares = (log_weights - log_weights.logsumexp(0)).exp()
+    assert negligible_shares(log_weights).tolist() == (shares < 2.0**-40).tolist()
+    assert negligible_shares(log_weights).tolist() == [[False, False], [False, True], [True, False]]
+
+
+def decoder_output_gradient(vae, loss_fn, x, seed):
+    """The loss and the gradient that reaches the decoder's output logits in the backward pass."""
+    seen = []
+
+    def on_output(module, args, out):
+        out.register_hook(seen.append)
+
+    hook = vae.decoder.register_forward_hook(on_output)
+    try:
+        torch.manual_seed(seed)
+        loss = loss_fn(vae.model, vae.guide, x)
+        loss.backward()
+    finally:
+        hook.remove()
+    return loss.detach(), seen[0]
+
+
+@pytest.mark.parametrize("gradient", ["standard", "dreg"])
+def test_particles_of_negligible_weight_leave_no_subnormals_in_the_backward_pass_and_change_nothing(
+    small_mnist, gradient
+):
+    """With the decoder's weights tripled, K = 50 log weights spread over about 200 nats, as a VAE's do early
+    in training: the particles below 2^-40 of the normalised weight are left out of the gradient, so the
+    gradient at the decoder's output holds no float32 subnormal (which CPUs multiply several times more
+    slowly). Against the logsumexp of the same draws without the cut-off, the loss agrees to float32 rounding
+    (1e-6 relative) and the decoder's gradient to 1e-5 of its largest entry (float32 sums of 3,200 terms)."""
+    tiny = torch.finfo(torch.float32).tiny
+    vae, x = small_vae(z_dim=20, hidden=(400,)), small_mnist.val.x[:64]
+    with torch.no_grad():
+        for parameter in vae.decoder.parameters():
+            parameter.mul_(3)
+    objective = pv.IWAEBound(50, gradient=gradient)
+    loss, at_output = decoder_output_gradient(vae, lambda m, g, x: objective.loss(vae, x, kl_weight=1.0), x, seed=3)
+    assert not ((at_output != 0) & (at_output.abs() < tiny)).any()
+    decoder_gradients = [parameter.grad.clone() for parameter in vae.decoder.parameters()]
+    # Without the cut-off the same draws give subnormals there: the test can fail.
+    uncut = lambda m, g, x: -site_log_densities(m, g, x, num_particles=50).log_weights.logsumexp(0).sum()  # noqa: E731
+    vae.zero_grad()
+    exact, exact_output = decoder_output_gradient(vae, uncut, x, seed=3)
+    assert ((exact_output != 0) & (exact_output.abs() < tiny)).any()
+    assert float(loss) == pytest.approx(float(exact) + 64 * math.log(50), rel=1e-6)
+    for cut, parameter in zip(decoder_gradients, vae.decoder.parameters(), strict=True):
+        torch.testing.assert_close(cut, parameter.grad, rtol=1e-5, atol=1e-5 * float(parameter.grad.abs().max()))

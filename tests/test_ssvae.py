@@ -286,3 +286,33 @@ def test_the_command_trains_kingma_et_al_s_m2_by_default_and_records_the_warm_st
     assert (config["train"]["batch_size"], config["train"]["lr"], config["train"]["lr_schedule"]) == (200, 3e-3, "step")
     assert config["train"]["objective"]["classifier_steps"] == 7
     assert config["train"]["objective"]["aux_weight"] == pytest.approx(9.2)  # 0.46 per label, not a fixed 46
+
+
+def test_values_of_y_of_negligible_probability_are_dropped_from_the_enumerated_loss_and_change_nothing(small):
+    """A confident q(y | x) (the classifier's output biases 0, 20, 40 and 80 below the first) puts some
+    values of y below 2^-40: the objective's enumerated guide gives them probability zero, so that no
+    subnormal weight enters the backward pass, and the loss and its gradient agree with TraceEnum_ELBO on
+    the plain enumerated guide to 1e-9 of the largest (in float64, where the dropped terms weigh below 2^-40)."""
+    ssvae, x = small
+    ssvae, x = ssvae.double(), x.double()
+    with torch.no_grad():
+        ssvae.classifier.net[-1].bias.copy_(torch.tensor([0.0, -20.0, -40.0, -80.0]))
+    objective = SemiSupervisedELBO(num_labels=4)
+    log_q = ssvae.classifier_logits(ssvae.guide_features(x)).log_softmax(-1).detach()
+    dropped = log_q < -40 * math.log(2)
+    assert dropped.any() and not dropped.all(-1).any()
+    enumerated = poutine.trace(poutine.enum(objective.enumerated_guide(ssvae), first_available_dim=-2)).get_trace(x)
+    probabilities = enumerated.nodes["y"]["fn"].probs
+    assert (probabilities[dropped] == 0).all() and (probabilities[~dropped] > 0).all()
+
+    losses, gradients = [], []
+    for guide in (objective.enumerated_guide(ssvae), config_enumerate(ssvae.guide, "parallel")):
+        pyro.set_rng_seed(4)
+        loss = TraceEnum_ELBO(max_plate_nesting=1).differentiable_loss(ssvae.model, guide, x)
+        losses.append(loss.detach())
+        gradients.append(torch.autograd.grad(loss, list(ssvae.parameters()), allow_unused=True))
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-9, atol=0)
+    scale = max(float(exact.abs().max()) for exact in gradients[1] if exact is not None)
+    for cut, exact in zip(*gradients, strict=True):
+        if exact is not None:
+            torch.testing.assert_close(cut, exact, rtol=1e-9, atol=1e-9 * scale)

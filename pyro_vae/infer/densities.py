@@ -85,6 +85,24 @@ class SiteLogDensities:
         return sum(self.latent_guide.values()) - sum(self.latent_prior.values())
 
 
+#: log2 of the normalised weight below which a particle, or an enumerated value, is left out of a gradient.
+NEGLIGIBLE_LOG2_SHARE = -40
+
+
+def negligible_shares(log_weights: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """Where exp(``log_weights``) normalised along ``dim`` is below 2^-40: a detached boolean tensor of their shape.
+
+    The gradient of log sum_k w_k is sum_k wt_k d log w_k with wt_k = w_k / sum_j w_j, and that of
+    sum_y q(y) c(y) weighs each value's terms by q(y). A term whose share is below 2^-40 changes such a sum
+    by less than float32's rounding (2^-24), so the IWAE and DReG gradients and the enumerated
+    semi-supervised loss leave these terms out. Carried through the backward pass their shares become
+    float32 subnormals (below 2^-126), which a CPU multiplies several times more slowly (docs/training.md,
+    "The compiled step").
+    """
+    log_weights = log_weights.detach()
+    return log_weights - log_weights.logsumexp(dim, keepdim=True) < NEGLIGIBLE_LOG2_SHARE * math.log(2)
+
+
 def _per_point(site: dict, particle_dim: int, kernels: LogDensityKernels) -> torch.Tensor:
     """A site's unscaled log density reduced to shape ``(K or 1, N or 1)``."""
     kernel = kernels.get(type(site["fn"]))

@@ -24,7 +24,7 @@ import math
 
 import torch
 
-from .densities import site_log_densities
+from .densities import negligible_shares, site_log_densities
 from .importance import log_marginal_likelihood
 from .objective import Objective, register_objective
 from .path_derivatives import GRADIENTS, DReG_IWAE_ELBO
@@ -49,7 +49,9 @@ class IWAE_ELBO:  # noqa: N801 (named like Pyro's ELBOs)
         )
         if not densities.reparameterized:
             raise ValueError("IWAE training needs a guide whose every site is reparameterisable (has rsample).")
-        bound = densities.log_weights.logsumexp(0) - math.log(self.num_particles)
+        log_weights = densities.log_weights
+        log_weights = torch.where(negligible_shares(log_weights), log_weights.detach(), log_weights)
+        bound = log_weights.logsumexp(0) - math.log(self.num_particles)
         return -bound.sum()
 
     @torch.no_grad()

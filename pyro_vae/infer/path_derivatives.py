@@ -41,7 +41,7 @@ import math
 
 import torch
 
-from .densities import DATA_PLATE, SiteLogDensities, site_log_densities
+from .densities import DATA_PLATE, SiteLogDensities, negligible_shares, site_log_densities
 
 #: The gradient estimators, by the objective they apply to.
 GRADIENTS = {"trace": ("standard", "stl"), "iwae": ("standard", "dreg")}
@@ -107,7 +107,7 @@ class DReG_IWAE_ELBO(_PathDerivativeEstimator):  # noqa: N801 (named like Pyro's
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
         densities = self.densities(model, guide, *args, **kwargs)
         log_weights = densities.log_weights
-        weights = log_weights.softmax(0).detach()
+        weights = log_weights.softmax(0).detach().masked_fill(negligible_shares(log_weights), 0.0)
         for value, site in densities.draws.values():
             if value.requires_grad:
                 value.register_hook(_scale_by(weights, site, -self.max_plate_nesting - 1))

@@ -34,11 +34,14 @@ from __future__ import annotations
 
 import math
 
+import pyro.distributions as dist
 import torch
 from pyro.infer import Trace_ELBO, TraceEnum_ELBO, config_enumerate
+from pyro.poutine.messenger import Messenger
 from tqdm.auto import tqdm
 
 from ..data import DataError
+from .densities import negligible_shares
 from .objective import Objective, register_objective
 
 
@@ -83,6 +86,24 @@ def default_aux_weight(num_labels: int) -> float:
     return 46.0 * num_labels / 100
 
 
+class NegligibleValuesDropped(Messenger):
+    """Gives probability zero to the values of an enumerated categorical guide site whose probability is below 2^-40.
+
+    Under ``TraceEnum_ELBO`` the unlabelled loss is sum_y q(y | x) c(x, y): such values change it, and its
+    gradient, by less than float32's rounding, and their subnormal weights would slow the backward pass
+    (:func:`~pyro_vae.infer.densities.negligible_shares`). Pyro's ``Dice`` leaves out the terms of
+    probability zero.
+    """
+
+    def _pyro_sample(self, msg):
+        fn = msg["fn"]
+        if msg["is_observed"] or msg["infer"].get("enumerate") != "parallel":
+            return
+        if isinstance(fn, dist.Categorical | dist.OneHotCategorical):
+            logits = fn.logits  # normalised: log q(y)
+            msg["fn"] = type(fn)(logits=logits.masked_fill(negligible_shares(logits, dim=-1), -math.inf))
+
+
 #: Adam's learning rate of the classifier's warm start (that of the supervised baseline in RESULTS.md).
 CLASSIFIER_LR = 1e-3
 
@@ -125,6 +146,7 @@ class SemiSupervisedELBO(Objective):
         self.unlabelled_elbo = TraceEnum_ELBO(max_plate_nesting=1)
         self.labelled_elbo = Trace_ELBO(max_plate_nesting=1)
         self.labelled_order, self.cursor = None, 0
+        self._enumerated_guide = {}
 
     def setup(self, model, data, *, batch_size):
         if not hasattr(model, "num_classes"):
@@ -143,7 +165,6 @@ class SemiSupervisedELBO(Objective):
             raise DataError("Every training point is labelled; use fewer --labels, or train a VAE.")
         self.num_data = len(data.train)
         self.labelled_batch = min(batch_size, self.num_labels)
-        self._enumerated_guide = {}
 
     def start(self, model, data, *, progress=False):
         """Train q(y | x) alone on the labelled points: ``classifier_steps`` Adam steps of cross-entropy."""
@@ -167,9 +188,9 @@ class SemiSupervisedELBO(Objective):
         return self.unlabelled
 
     def enumerated_guide(self, model):
-        """The model's guide with y enumerated in parallel (built once per model)."""
+        """The model's guide with y enumerated in parallel, its negligible values dropped (built once per model)."""
         if id(model) not in self._enumerated_guide:
-            self._enumerated_guide = {id(model): config_enumerate(model.guide, "parallel")}
+            self._enumerated_guide = {id(model): NegligibleValuesDropped()(config_enumerate(model.guide, "parallel"))}
         return self._enumerated_guide[id(model)]
 
     def _next_labelled(self) -> torch.Tensor:
