@@ -1,6 +1,6 @@
 """Training speed: ``pv.fit`` against hand-written PyTorch loops of the same VAE, and compiled steps against eager ones.
 
-    python benchmarks/train_speed.py [--batch-sizes 128 512] [--repeats 3] [--steps 30]
+    python benchmarks/train_speed.py [--batch-sizes 128 512] [--repeats 3] [--steps 30] [--m2-run RUN]
 
 **Epochs** (784-400-20 Bernoulli MLP VAE, the same ``MLPEncoder`` and
 ``MLPDecoder`` modules, the embedded MNIST dynamically binarised, Adam 1e-3,
@@ -30,8 +30,15 @@ back to back on tensors of the same shapes.
 
 **Steps** (``--steps`` timed steps after warm-up, interleaved, medians):
 the enumerated M2 step (``pv.SSVAE``, z 50, hidden 500, batch 200, 100
-labels) and the IWAE k = 50 step (the VAE above, batch 128), each compiled
-against the same step eager, through ``take_step``.
+labels) and the IWAE k = 50 step (the VAE above, batch 128, the standard
+gradient and DReG), each compiled against the same step eager, through
+``take_step``, and against the eager step with every term of negligible
+weight kept (``pyro_vae.infer.densities.negligible_shares`` answering no
+everywhere), as the objectives were before they left them out: the float32
+subnormals of those terms slow the backward products. ``--m2-run RUN``
+times the M2 step from a run's last checkpoint instead of a fresh model (its
+label count from the run's config): a trained q(y | x) is confident, and
+its negligible values of y are what the cut-off drops.
 
 The machine is shared and noisy: only the ratios within one run mean something.
 """
@@ -39,8 +46,10 @@ The machine is shared and noisy: only the ratios within one run mean something.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
+from unittest import mock
 
 import pyro
 import torch
@@ -109,8 +118,19 @@ def matmul_bound_epoch(num_points: int, batch_size: int) -> float:
     return time.perf_counter() - started
 
 
-def step_ratio(model, objective_config, data, batch_size: int, steps: int) -> tuple[float, float, float]:
-    """Median seconds of a compiled step and an eager one (interleaved), and the compile seconds."""
+@contextlib.contextmanager
+def every_term_kept():
+    """The objectives as they were before they left out the terms of negligible weight."""
+    none_negligible = lambda log_weights, dim=0: torch.zeros_like(log_weights, dtype=torch.bool)  # noqa: E731
+    with contextlib.ExitStack() as stack:
+        for module in ("iwae", "path_derivatives", "semisupervised"):
+            stack.enter_context(mock.patch(f"pyro_vae.infer.{module}.negligible_shares", none_negligible))
+        yield
+
+
+def step_ratio(model, objective_config, data, batch_size: int, steps: int) -> tuple[float, float, float, float]:
+    """Median seconds of a compiled step, an eager one and an eager one keeping every term (interleaved),
+    and the compile seconds."""
     objective = build_objective(objective_config)
     objective.setup(model, data, batch_size=batch_size)
     optimizer = adam(model.parameters(), LR, torch.device("cpu"))
@@ -118,17 +138,36 @@ def step_ratio(model, objective_config, data, batch_size: int, steps: int) -> tu
     points = objective.training_points(data)
     batches = [points[torch.randint(len(points), (batch_size,))] for _ in range(steps + 3)]
     take_step(model, objective, optimizer, data, batches[0], compiled=compiled)  # records and compiles
-    times = {True: [], False: []}
+    kinds = ("compiled", "eager", "eager, every term")
+    times = {kind: [] for kind in kinds}
     for i, batch in enumerate(batches[1:]):
-        for use in (True, False) if i % 2 else (False, True):
+        for kind in kinds[i % 3 :] + kinds[: i % 3]:
             started = time.perf_counter()
-            take_step(model, objective, optimizer, data, batch, compiled=compiled if use else None)
+            with every_term_kept() if kind == "eager, every term" else contextlib.nullcontext():
+                take_step(model, objective, optimizer, data, batch, compiled=compiled if kind == "compiled" else None)
             if i >= 2:  # warm-up
-                times[use].append(time.perf_counter() - started)
-    return statistics.median(times[True]), statistics.median(times[False]), compiled.compile_seconds
+                times[kind].append(time.perf_counter() - started)
+    return (*(statistics.median(times[kind]) for kind in kinds), compiled.compile_seconds)
 
 
-def main(batch_sizes: list[int], repeats: int, steps: int) -> None:
+def m2_case(data, run_dir: str | None):
+    """The M2 model to time, and its objective's config: fresh (100 labels), or a run's last checkpoint."""
+    if run_dir is None:
+        return "enumerated M2 (z 50, hidden 500, batch 200, 100 labels, fresh)", (
+            lambda: pv.SSVAE(data.x_shape, 50, hidden=(500,)),
+            {"name": "semi-supervised", "num_labels": 100},
+            200,
+        )
+    run = pv.load_run(run_dir, checkpoint="last")
+    objective = run.config["train"]["objective"]
+    return f"enumerated M2 from {run_dir} (epoch {run.epoch}, {objective['num_labels']} labels)", (
+        lambda: run.model.train(),
+        objective,
+        run.config["train"]["batch_size"],
+    )
+
+
+def main(batch_sizes: list[int], repeats: int, steps: int, m2_run: str | None) -> None:
     pyro.set_rng_seed(0)
     data = pv.load_dataset("mnist", binarize="dynamic")
     contenders = {
@@ -165,26 +204,28 @@ def main(batch_sizes: list[int], repeats: int, steps: int) -> None:
             flush=True,
         )
 
-    print("\n| step | compiled | eager | compiled / eager | compile |")
-    print("|---|---|---|---|---|")
+    print("\n| step | compiled | eager | eager, every term kept | compiled / eager | compiled / every term | compile |")
+    print("|---|---|---|---|---|---|---|")
+    m2_name, m2 = m2_case(data, m2_run)
     cases = {
-        "enumerated M2 (z 50, hidden 500, batch 200, 100 labels)": (
-            lambda: pv.SSVAE(data.x_shape, 50, hidden=(500,)),
-            {"name": "semi-supervised", "num_labels": 100},
-            200,
-        ),
+        m2_name: m2,
         "IWAE k = 50 (784-400-20, batch 128)": (
             lambda: pv.VAE(data.x_shape, Z_DIM, hidden=HIDDEN),
             {"name": "iwae", "num_particles": 50},
             128,
         ),
+        "IWAE k = 50, DReG (784-400-20, batch 128)": (
+            lambda: pv.VAE(data.x_shape, Z_DIM, hidden=HIDDEN),
+            {"name": "iwae", "num_particles": 50, "gradient": "dreg"},
+            128,
+        ),
     }
     for name, (build, config, batch_size) in cases.items():
         pyro.clear_param_store()
-        compiled, eager, compile_seconds = step_ratio(build(), config, data, batch_size, steps)
+        compiled, eager, every_term, compile_seconds = step_ratio(build(), config, data, batch_size, steps)
         print(
-            f"| {name} | {1000 * compiled:.1f} ms | {1000 * eager:.1f} ms | {compiled / eager:.2f} "
-            f"| {compile_seconds:.1f} s |",
+            f"| {name} | {1000 * compiled:.1f} ms | {1000 * eager:.1f} ms | {1000 * every_term:.1f} ms "
+            f"| {compiled / eager:.2f} | {compiled / every_term:.2f} | {compile_seconds:.1f} s |",
             flush=True,
         )
 
@@ -196,4 +237,5 @@ if __name__ == "__main__":
     parser.add_argument(
         "--steps", type=positive_int, default=30, help="timed steps of each kind in the step comparison"
     )
+    parser.add_argument("--m2-run", help="time the M2 step from this run's last checkpoint, not a fresh model")
     main(**vars(parser.parse_args()))
