@@ -4,6 +4,7 @@ import math
 
 import numpy as np
 import pyro
+import pyro.distributions as dist
 import pyro.poutine as poutine
 import pytest
 import torch
@@ -12,7 +13,13 @@ from pyro.infer import Trace_ELBO, TraceEnum_ELBO, config_enumerate
 import pyro_vae as pv
 from pyro_vae import cli
 from pyro_vae.data import DataError
-from pyro_vae.infer.semisupervised import SemiSupervisedELBO, default_aux_weight, draw_labelled, paper_aux_weight
+from pyro_vae.infer.semisupervised import (
+    NegligibleValuesDropped,
+    SemiSupervisedELBO,
+    default_aux_weight,
+    draw_labelled,
+    paper_aux_weight,
+)
 from pyro_vae.models.ssvae import SSVAE, concat_broadcast
 from pyro_vae.runs.directory import model_config_matches
 from pyro_vae.training.engine import check_same_training
@@ -290,17 +297,17 @@ def test_the_command_trains_kingma_et_al_s_m2_by_default_and_records_the_warm_st
 
 def test_values_of_y_of_negligible_probability_are_dropped_from_the_enumerated_loss_and_change_nothing(small):
     """A confident q(y | x) (the classifier's output biases 0, 20, 40 and 80 below the first) puts some
-    values of y below 2^-40: the objective's enumerated guide gives them probability zero, so that no
-    subnormal weight enters the backward pass, and the loss and its gradient agree with TraceEnum_ELBO on
-    the plain enumerated guide to 1e-9 of the largest (in float64, where the dropped terms weigh below 2^-40)."""
+    values of y below eps^2 (2^-104 in float64): the objective's enumerated guide gives them probability
+    zero, and its loss and gradient agree with TraceEnum_ELBO on the plain enumerated guide to 1e-9 of the
+    largest (float64 sums with cancellation; the dropped terms weigh below 2^-104)."""
     ssvae, x = small
     ssvae, x = ssvae.double(), x.double()
     with torch.no_grad():
         ssvae.classifier.net[-1].bias.copy_(torch.tensor([0.0, -20.0, -40.0, -80.0]))
     objective = SemiSupervisedELBO(num_labels=4)
     log_q = ssvae.classifier_logits(ssvae.guide_features(x)).log_softmax(-1).detach()
-    dropped = log_q < -40 * math.log(2)
-    assert dropped.any() and not dropped.all(-1).any()
+    dropped = log_q < math.log(torch.finfo(torch.float64).eps ** 2)
+    assert dropped.any()  # the case the test is about
     enumerated = poutine.trace(poutine.enum(objective.enumerated_guide(ssvae), first_available_dim=-2)).get_trace(x)
     probabilities = enumerated.nodes["y"]["fn"].probs
     assert (probabilities[dropped] == 0).all() and (probabilities[~dropped] > 0).all()
@@ -316,3 +323,15 @@ def test_values_of_y_of_negligible_probability_are_dropped_from_the_enumerated_l
     for cut, exact in zip(*gradients, strict=True):
         if exact is not None:
             torch.testing.assert_close(cut, exact, rtol=1e-9, atol=1e-9 * scale)
+
+
+def test_a_site_given_probabilities_keeps_its_zeros_and_loses_its_negligible_values():
+    """torch clamps a zero probability to about 1e-7 in ``logits``: the zeros must stay zeros."""
+    probs = torch.tensor([[0.5, 0.5, 1e-20, 0.0]])  # float32: 1e-20 is below 2^-46
+
+    def guide():
+        with pyro.plate("data", 1):
+            pyro.sample("y", dist.Categorical(probs=probs), infer={"enumerate": "parallel"})
+
+    trace = poutine.trace(poutine.enum(NegligibleValuesDropped()(guide), first_available_dim=-2)).get_trace()
+    assert trace.nodes["y"]["fn"].probs.tolist() == [[0.5, 0.5, 0.0, 0.0]]

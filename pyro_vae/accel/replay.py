@@ -116,8 +116,9 @@ def recordable_pyro() -> Iterator[None]:
       (``loss + (surrogate - item(surrogate))``) so that the result has the loss's value and the surrogate's
       gradient. A detached tensor keeps both, without leaving the graph.
     * ``Dice.compute_expectation`` (``TraceEnum_ELBO``) sums ``prob * cost`` over each cost term's enumerated
-      values. Where some probability is zero (a confident q(y|x) whose enumerated probabilities underflow
-      float32), it first drops those terms with ``masked_select``, so that 0 * inf cannot make the loss NaN;
+      values. Where some probability is zero (the values of y that the semi-supervised objective drops as
+      negligible, whose costs -log q(y|x) are infinite, or probabilities that underflow float32), it first
+      drops those terms with ``masked_select``, so that 0 * inf cannot make the loss NaN;
       the selection's shape depends on values, which a recording cannot have. Recorded, the sum is
       taken over the same terms with ``where`` (:func:`_expected_cost`), which has both branches' value and
       gradient for any probabilities, so the decision ``(prob > 0).all()`` is taken as true without a guard

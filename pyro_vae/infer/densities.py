@@ -85,22 +85,27 @@ class SiteLogDensities:
         return sum(self.latent_guide.values()) - sum(self.latent_prior.values())
 
 
-#: log2 of the normalised weight below which a particle, or an enumerated value, is left out of a gradient.
-NEGLIGIBLE_LOG2_SHARE = -40
+def negligible_share(dtype: torch.dtype) -> float:
+    """The share of a sum below which a term is left out of the objectives' gradients: eps^2 of ``dtype``
+    (2^-46 in float32), eps its machine epsilon."""
+    return torch.finfo(dtype).eps ** 2
 
 
 def negligible_shares(log_weights: torch.Tensor, dim: int = 0) -> torch.Tensor:
-    """Where exp(``log_weights``) normalised along ``dim`` is below 2^-40: a detached boolean tensor of their shape.
+    """Where exp(``log_weights``) normalised along ``dim`` is below :func:`negligible_share` of their dtype.
 
-    The gradient of log sum_k w_k is sum_k wt_k d log w_k with wt_k = w_k / sum_j w_j, and that of
-    sum_y q(y) c(y) weighs each value's terms by q(y). A term whose share is below 2^-40 changes such a sum
-    by less than float32's rounding (2^-24), so the IWAE and DReG gradients and the enumerated
-    semi-supervised loss leave these terms out. Carried through the backward pass their shares become
-    float32 subnormals (below 2^-126), which a CPU multiplies several times more slowly (docs/training.md,
-    "The compiled step").
+    The gradient of log sum_k w_k is sum_k wt_k d log w_k with wt_k = w_k / sum_j w_j, and the enumerated
+    loss sum_y q(y) c(y) weighs each value's terms by q(y). The largest share is at least 1/K, so a term
+    whose share is below eps^2 weighs less than K eps^2 against it: below the sum's rounding (eps) by a
+    factor K eps (under 10^-5 in float32 for K <= 50), unless its derivative is that many times larger
+    than the largest term's. The objectives leave such terms out of their gradients (M2 out of its loss
+    too). In float32 their shares would otherwise reach the backward pass as subnormals (below 2^-126),
+    which a CPU multiplies several times more slowly (docs/training.md, "Terms of negligible weight").
+    A detached boolean tensor of the shape of ``log_weights``.
     """
     log_weights = log_weights.detach()
-    return log_weights - log_weights.logsumexp(dim, keepdim=True) < NEGLIGIBLE_LOG2_SHARE * math.log(2)
+    log_shares = log_weights - log_weights.logsumexp(dim, keepdim=True)
+    return log_shares < math.log(negligible_share(log_weights.dtype))
 
 
 def _per_point(site: dict, particle_dim: int, kernels: LogDensityKernels) -> torch.Tensor:

@@ -41,7 +41,7 @@ from pyro.poutine.messenger import Messenger
 from tqdm.auto import tqdm
 
 from ..data import DataError
-from .densities import negligible_shares
+from .densities import negligible_share
 from .objective import Objective, register_objective
 
 
@@ -87,10 +87,11 @@ def default_aux_weight(num_labels: int) -> float:
 
 
 class NegligibleValuesDropped(Messenger):
-    """Gives probability zero to the values of an enumerated categorical guide site whose probability is below 2^-40.
+    """Gives probability zero to the values of an enumerated categorical guide site whose probability is
+    below :func:`~pyro_vae.infer.densities.negligible_share` of its dtype (2^-46 in float32).
 
     Under ``TraceEnum_ELBO`` the unlabelled loss is sum_y q(y | x) c(x, y): such values change it, and its
-    gradient, by less than float32's rounding, and their subnormal weights would slow the backward pass
+    gradient, by less than its rounding, and their subnormal weights would slow the backward pass
     (:func:`~pyro_vae.infer.densities.negligible_shares`). Pyro's ``Dice`` leaves out the terms of
     probability zero.
     """
@@ -100,8 +101,9 @@ class NegligibleValuesDropped(Messenger):
         if msg["is_observed"] or msg["infer"].get("enumerate") != "parallel":
             return
         if isinstance(fn, dist.Categorical | dist.OneHotCategorical):
-            logits = fn.logits  # normalised: log q(y)
-            msg["fn"] = type(fn)(logits=logits.masked_fill(negligible_shares(logits, dim=-1), -math.inf))
+            probs = fn.probs  # normalised, whether the site was given logits or probabilities
+            dropped = probs < negligible_share(probs.dtype)
+            msg["fn"] = type(fn)(logits=fn.logits.masked_fill(dropped, -math.inf))
 
 
 #: Adam's learning rate of the classifier's warm start (that of the supervised baseline in RESULTS.md).
@@ -231,7 +233,7 @@ class SemiSupervisedELBO(Objective):
     def validate(self, model, split, prefix):
         was_training = model.training
         model.eval()
-        guide = self.enumerated_guide(model)
+        guide = config_enumerate(model.guide, "parallel")  # every value of y: an evaluation, not a gradient
         loss = sum(
             self.unlabelled_elbo.loss(model.model, guide, split.x[i : i + 1000]) for i in range(0, len(split), 1000)
         )
