@@ -1,6 +1,7 @@
 """Training speed: ``pv.fit`` against hand-written PyTorch loops of the same VAE, and compiled steps against eager ones.
 
     python benchmarks/train_speed.py [--batch-sizes 128 512] [--repeats 3] [--steps 30] [--m2-run RUN]
+    python benchmarks/train_speed.py --profile 100     # what 100 steady-state steps of fit are made of
 
 **Epochs** (784-400-20 Bernoulli MLP VAE, the same ``MLPEncoder`` and
 ``MLPDecoder`` modules, the embedded MNIST dynamically binarised, Adam 1e-3,
@@ -40,6 +41,11 @@ subnormals of those terms slow the backward products. ``--m2-run RUN``
 times the M2 step from a run's last checkpoint instead of a fresh model (its
 label count from the run's config): a trained q(y | x) is confident, and
 its negligible values of y are what the cut-off drops.
+
+**Profile** (``--profile N``): the time of a steady-state step of ``pv.fit``
+at the first batch size (the second of two epochs of N steps), and
+``torch.profiler``'s table of N such steps through ``take_step``, the step
+without the engine's loop, the operators by their own time.
 
 The machine is shared and noisy: only the ratios within one run mean something.
 """
@@ -169,9 +175,39 @@ def m2_case(data, run_dir: str | None):
     )
 
 
-def main(batch_sizes: list[int], repeats: int, steps: int, m2_run: str | None) -> None:
+def profile_fit(data: pv.Dataset, batch_size: int, steps: int) -> None:
+    """What a steady-state step of ``pv.fit`` is made of: its time, and ``torch.profiler``'s table of the
+    same steps through ``take_step`` (fit's step without the engine's loop), by operator."""
+    from torch.profiler import profile
+
+    few = data.subset(train=steps * batch_size, val=batch_size, test=batch_size)
+    history = pv.fit(pv.VAE(data.x_shape, Z_DIM, hidden=HIDDEN), few, epochs=2, batch_size=batch_size, lr=LR,
+                     progress=False, compile=True)  # fmt: skip
+    model = pv.VAE(data.x_shape, Z_DIM, hidden=HIDDEN)
+    objective = build_objective({"name": "trace"})
+    objective.setup(model, few, batch_size=batch_size)
+    optimizer = adam(model.parameters(), LR, torch.device("cpu"))
+    compiled = compiled_step(model, objective)
+    batches = [torch.randint(len(few.train), (batch_size,)) for _ in range(steps + 3)]
+    for batch in batches[:3]:  # the first records and compiles
+        take_step(model, objective, optimizer, few, batch, compiled=compiled)
+    started = time.perf_counter()
+    with profile() as profiler:
+        for batch in batches[3:]:
+            take_step(model, objective, optimizer, few, batch, compiled=compiled)
+    print(
+        f"fit: {1000 * history[2]['seconds'] / steps:.2f} ms a step (its second epoch); take_step under the "
+        f"profiler: {1000 * (time.perf_counter() - started) / steps:.2f} ms a step"
+    )
+    print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+
+
+def main(batch_sizes: list[int], repeats: int, steps: int, m2_run: str | None, profile: int | None) -> None:
     pyro.set_rng_seed(0)
     data = pv.load_dataset("mnist", binarize="dynamic")
+    if profile:
+        profile_fit(data, batch_sizes[0], profile)
+        return
     contenders = {
         "plain": lambda batch_size: plain_epoch(data, batch_size),
         "plain, fused Adam": lambda batch_size: plain_epoch(data, batch_size, fused=True),
@@ -240,4 +276,5 @@ if __name__ == "__main__":
         "--steps", type=positive_int, default=30, help="timed steps of each kind in the step comparison"
     )
     parser.add_argument("--m2-run", help="time the M2 step from this run's last checkpoint, not a fresh model")
+    parser.add_argument("--profile", type=positive_int, help="profile this many steady-state steps of fit instead")
     main(**vars(parser.parse_args()))
