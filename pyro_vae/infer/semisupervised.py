@@ -41,7 +41,7 @@ from pyro.poutine.messenger import Messenger
 from tqdm.auto import tqdm
 
 from ..data import DataError
-from .densities import negligible_share
+from .densities import negligible_shares
 from .objective import Objective, register_objective
 
 
@@ -101,8 +101,8 @@ class NegligibleValuesDropped(Messenger):
         if msg["is_observed"] or msg["infer"].get("enumerate") != "parallel":
             return
         if isinstance(fn, dist.Categorical | dist.OneHotCategorical):
-            probs = fn.probs  # normalised, whether the site was given logits or probabilities
-            dropped = probs < negligible_share(probs.dtype)
+            # from probs, not logits: torch clamps a probability of zero to about 1e-7 in logits
+            dropped = negligible_shares(fn.probs.log(), dim=-1)
             msg["fn"] = type(fn)(logits=fn.logits.masked_fill(dropped, -math.inf))
 
 
