@@ -251,10 +251,12 @@ def test_streamed_statistics_equal_those_of_all_the_weights_at_once():
     torch.testing.assert_close(kl, torch.full((num_points,), -20.0))
 
 
-def test_vae_estimate_bounds_the_elbo_and_is_deterministic(small_mnist):
+def test_vae_estimate_bounds_the_elbo_is_deterministic_and_leaves_the_global_rng(small_mnist):
     vae = pv.VAE((1, 28, 28), 4, hidden=(32,))
     x = small_mnist.test.x[:20]
+    state = torch.get_rng_state()
     first = pv.log_marginal_likelihood(vae.model, vae.guide, x, num_samples=200, seed=0)
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's RNG is left where it was
     second = pv.log_marginal_likelihood(vae.model, vae.guide, x, num_samples=200, seed=0)
     assert torch.equal(first.log_px, second.log_px)
     assert (first.log_px > first.elbo).all()

@@ -111,11 +111,11 @@ def _pareto_k(top_log_weights: torch.Tensor, num_samples: int) -> torch.Tensor:
     """Pareto-k per point from its M + 1 largest log weights, shape ``(M + 1, B)`` descending."""
     num_points = top_log_weights.shape[1]
     if num_samples < 12:
-        return torch.full((num_points,), float("nan"))
+        return torch.full((num_points,), float("nan"), device=top_log_weights.device)
     lw = (top_log_weights - top_log_weights[0]).double()  # the largest weight becomes 1
     cutoff = lw[-1].clamp(min=math.log(1e-15))
     tail = (lw[:-1].exp() - cutoff.exp()).flip(0).T  # ascending, (B, M)
-    k = torch.full((num_points,), -math.inf, dtype=torch.double)
+    k = torch.full((num_points,), -math.inf, dtype=torch.double, device=lw.device)
     # As in Pyro's psis_diagnostic: fewer than 10 weights above a cutoff of 1e-15 times the largest
     # means a few samples carry all the weight (k = inf). Largest weights equal up to rounding
     # (spanning less than 1e-3 nats) are bounded: k = -inf.
@@ -249,12 +249,13 @@ def log_marginal_likelihood(
         raise ValueError(f"Need num_samples >= 1 and batch_size >= 1; got {num_samples} and {batch_size}.")
     if x.shape[0] == 0:
         raise ValueError("x is empty: give at least one data point.")
-    if max_plate_nesting is None:
-        max_plate_nesting = guess_max_plate_nesting(model, guide, x[:batch_size], *args, **kwargs)
     full_chunk = max(1, min(num_samples, max_samples_per_pass // batch_size))
     replayed_passes = (x.shape[0] // batch_size) * (num_samples // full_chunk)
     if replay is None:
         replay = replayed_passes >= MIN_REPLAYED_PASSES
+    if max_plate_nesting is None:
+        with seeded(seed):  # its draws are discarded; the estimate's draws start from the seed
+            max_plate_nesting = guess_max_plate_nesting(model, guide, x[:batch_size], *args, **kwargs)
     passes = _Passes(model, guide, args, kwargs, max_plate_nesting, (batch_size, full_chunk) if replay else None)
     with seeded(seed):
         results, validate = [], is_validation_enabled()
