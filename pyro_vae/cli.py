@@ -30,7 +30,7 @@ from .models import SSVAE, VAE, HierarchicalVAE, LatentFeatures, StackedSSVAE
 from .models.ssvae import CLASS_PRIORS
 from .runs import CheckpointError, RunDirectory, load_run
 from .training import LightningProcesses, TrainingDiverged, TrainingInterrupted
-from .training.engine import AUTO_COMPILE_STEPS, OUTPUT_BIAS_STARTS, resolve_device
+from .training.engine import AUTO_COMPILE_STEPS, MAX_SEED, OUTPUT_BIAS_STARTS, resolve_device
 from .training.schedules import LR_SCHEDULES
 from .workflow import resume_run, train_run
 
@@ -38,7 +38,6 @@ DEFAULT_EPOCHS = 30
 DEFAULT_EVAL_SAMPLES = 1000
 #: --compile values and the ``compile`` argument of ``fit`` each stands for.
 COMPILE_CHOICES = {"auto": "auto", "on": True, "off": False}
-MAX_SEED = 2**32 - 1  # numpy's seeds, which pyro.set_rng_seed sets too
 VAE_OBJECTIVES = ("trace", "meanfield", "iwae")
 
 

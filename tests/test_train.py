@@ -197,6 +197,8 @@ def test_a_cosine_run_resumes_exactly_to_its_own_epochs_only(small_mnist, tmp_pa
         ("batch_size", True, "batch_size must be an integer >= 1; got True"),
         ("eval_samples", 0.5, "eval_samples must be an integer >= 0"),
         ("lr", float("nan"), "lr must be a number > 0"),
+        ("seed", -1, "seed must be an integer from 0 to 4294967295; got -1"),
+        ("seed", 0.5, "seed must be an integer from 0 to 4294967295; got 0.5"),
     ],
 )
 def test_invalid_settings_are_refused_before_the_run_directory_is_made(small_mnist, tmp_path, setting, value, message):

@@ -138,6 +138,7 @@ def check_settings(objective: Objective, **settings) -> None:
             "an integer >= 0 (0 skips the test log p(x))",
         ),
         "output_bias": (settings["output_bias"] in OUTPUT_BIAS_STARTS, f"one of {OUTPUT_BIAS_STARTS}"),
+        "seed": (integer(settings["seed"]) and 0 <= settings["seed"] <= MAX_SEED, f"an integer from 0 to {MAX_SEED}"),
     }
     for name, (valid, what) in checks.items():
         if not valid:
@@ -211,6 +212,8 @@ AUTO_COMPILE_STEPS = 2000
 #: How a fresh run starts the decoder's output bias: at the likelihood's constant fit to the training
 #: points, or where the networks' random initialisation put it.
 OUTPUT_BIAS_STARTS = ("data", "random")
+#: The largest seed: numpy's seeds are 0 to 2^32 - 1, and pyro.set_rng_seed sets numpy's too.
+MAX_SEED = 2**32 - 1
 
 #: Training settings that a resumed run must share with the run it continues.
 RESUMED_SETTINGS = ("batch_size", "lr", "lr_schedule", "objective", "warmup_epochs", "beta", "seed")
@@ -303,7 +306,7 @@ def fit(
     )
     if compile not in (True, False, "auto"):
         raise ValueError(f"compile must be True, False or 'auto'; got {compile!r}.")
-    check_settings(objective, **settings)
+    check_settings(objective, seed=seed, **settings)
     if resume and run_dir is None:
         raise ValueError("resume=True needs the run_dir to resume from.")
     processes = processes or SingleProcess()
