@@ -223,7 +223,7 @@ class CompiledStep:
     def _cannot_record(self, why: str) -> None:
         warnings.warn(
             f"{self.what[0].upper()}{self.what[1:]} cannot be recorded for compiling ({why}); it runs eagerly, "
-            "with the same numbers, more slowly. Pass compile=False (pyro-vae train --no-compile) to silence this.",
+            "with the same numbers, more slowly. Pass compile=False (pyro-vae train --compile off) to silence this.",
             RuntimeWarning,
             stacklevel=4,
         )

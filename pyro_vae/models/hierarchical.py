@@ -78,8 +78,8 @@ class HierarchicalVAE(Model):
     :param z_dims: the sizes of z_1, ..., z_L, from the data side.
     :param hidden: one tuple of hidden sizes per layer, from the data side: the deterministic layers
         between x and z_1, then between z_{l-1} and z_l; p's networks mirror q's.
-    :param prior: the :class:`~pyro_vae.priors.Prior` of z_L (default standard normal).
-    :param likelihood: p(x | z_1), a :class:`~pyro_vae.likelihoods.Likelihood` (default Bernoulli).
+    :param prior: the :class:`~pyro_vae.components.priors.Prior` of z_L (default standard normal).
+    :param likelihood: p(x | z_1), a :class:`~pyro_vae.components.likelihoods.Likelihood` (default Bernoulli).
     :param activation: of every hidden layer (default tanh, as Burda et al.).
     :param name: prefix of the parameters in Pyro's param store (default unique per instance).
     """

@@ -4,7 +4,7 @@
 Generative model (``SSVAE.model``), in the plate "data"::
 
     y_n ~ p(y) = Categorical(pi)          site "y" (one-hot), pi uniform or learned
-    z_n ~ p(z)                            site "z", any prior of :mod:`pyro_vae.priors`
+    z_n ~ p(z)                            site "z", any prior of :mod:`pyro_vae.components.priors`
     x_n ~ p(x | y_n, z_n) = likelihood(decoder(z_n, y_n))   site "x"
 
 Inference network (``SSVAE.guide``)::
@@ -206,10 +206,10 @@ class SSVAE(SemiSupervisedModel):
     :param x_shape: shape of one data point, e.g. ``(1, 28, 28)``.
     :param z_dim: dimension of z (the "style").
     :param num_classes: number of values of y.
-    :param prior: a :class:`~pyro_vae.priors.Prior` for z (default standard normal). The
+    :param prior: a :class:`~pyro_vae.components.priors.Prior` for z (default standard normal). The
         VampPrior's pseudo-inputs go through q(z | u, y) with y the classifier's
         soft prediction for u.
-    :param likelihood: a :class:`~pyro_vae.likelihoods.Likelihood` (default Bernoulli).
+    :param likelihood: a :class:`~pyro_vae.components.likelihoods.Likelihood` (default Bernoulli).
     :param hidden: hidden sizes of the classifier, encoder and decoder MLPs.
     :param class_prior: ``"uniform"`` p(y), or ``"learned"`` class probabilities.
     :param activation: of every hidden layer, ``"softplus"`` as in Kingma et al. (2014) and

@@ -48,13 +48,13 @@ class VAE(Model):
 
     :param x_shape: shape of one data point, e.g. ``(1, 28, 28)``.
     :param z_dim: latent dimension.
-    :param prior: a :class:`~pyro_vae.priors.Prior` (default standard normal).
-    :param likelihood: a :class:`~pyro_vae.likelihoods.Likelihood` (default Bernoulli).
+    :param prior: a :class:`~pyro_vae.components.priors.Prior` (default standard normal).
+    :param likelihood: a :class:`~pyro_vae.components.likelihoods.Likelihood` (default Bernoulli).
     :param hidden: hidden sizes of the default networks.
     :param arch: ``"mlp"`` or ``"conv"``, the default networks' architecture.
     :param activation: of the MLP's hidden layers: ``"relu"``, ``"softplus"``, or ``"tanh"`` as in
         Burda et al.'s IWAE experiments.
-    :param encoder, decoder: modules with the signatures in :mod:`pyro_vae.nets`,
+    :param encoder, decoder: modules with the signatures in :mod:`pyro_vae.components.nets`,
         replacing the default networks.
     :param name: prefix of this VAE's parameters in Pyro's param store; by
         default unique per instance, so that two VAEs never share parameters.
