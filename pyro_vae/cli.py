@@ -133,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="train a model and write a run directory",
         description="Train with SVI and write OUT/NAME/: config.json, checkpoint.pt, best.pt, history.csv, "
         "metrics.json and figures/. Without flags: a 784-400-20 Bernoulli VAE on the embedded, dynamically "
-        "binarised MNIST, in two to three minutes on two CPU cores.",
+        "binarised MNIST.",
         formatter_class=_HelpFormatter,
     )
     data = train.add_argument_group("data")
@@ -388,10 +388,8 @@ VAE_ONLY_FLAGS = ("elbo", "particles", "gradient")
 
 
 #: The defaults of ``train --semi-supervised`` (M2 from pixels) that differ from the VAE's: Kingma et al.'s
-#: (2014) M2 architecture (50 latent units, 500 hidden), and the batch and Adam rate of the study in
-#: benchmarks/RESULTS.md (3e-3 reached in 30 epochs what 1e-3 reached in about 100, at 100 to 1000 labels; a last
-#: tenth at a tenth of the rate: 15 such epochs after finished runs gained about 3 nats of ELBO and steadied the
-#: accuracy).
+#: (2014) M2 architecture (50 latent units, 500 hidden), and the batch, Adam rate and step schedule chosen by
+#: the study (docs/semi-supervised.md, benchmarks/RESULTS.md).
 M2_DEFAULTS = {"z_dim": [50], "hidden": [500], "batch_size": 200, "lr": 3e-3, "lr_schedule": "step"}
 VAE_DEFAULTS = {"z_dim": [20], "batch_size": 128, "lr": 1e-3, "lr_schedule": "constant"}
 

@@ -120,9 +120,6 @@ class Dataset:
         batch = self.train.x[indices]
         return binarize(batch) if self.binarize == "dynamic" else batch
 
-    def num_batches(self, batch_size: int) -> int:
-        return math.ceil(len(self.train) / batch_size)
-
 
 def check_finite_and_nonempty(x: torch.Tensor, what: str = "data") -> None:
     """Refuse empty data and data holding NaN or inf, naming the problem."""

@@ -28,7 +28,7 @@ def is_image_shape(x_shape) -> bool:
 
 
 def _show_grid(ax, images: torch.Tensor, nrow: int) -> None:
-    from torchvision.utils import make_grid  # imported when drawn: torchvision costs a second at start-up
+    from torchvision.utils import make_grid  # imported when drawn: importing torchvision slows start-up
 
     grid = make_grid(images.detach().cpu().clamp(0, 1), nrow=nrow, padding=2, pad_value=1.0)
     ax.imshow(grid.permute(1, 2, 0).numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")

@@ -30,7 +30,7 @@ def train_run(model: Model, data, run_dir: str | Path, **settings) -> Run | None
     processes = settings.get("processes")
     if processes is not None and not processes.is_writer:
         return None
-    from .plots import save_figures  # imported when drawn: matplotlib costs about a second at start-up
+    from .plots import save_figures  # imported when drawn: importing matplotlib slows start-up
 
     directory = RunDirectory(run_dir)
     model.cpu()

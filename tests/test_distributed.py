@@ -45,7 +45,7 @@ def test_two_processes_train_one_model(tmp_path):
     assert loaded.epoch == 3 and metrics["world_size"] == 2
     # Every process's final parameters, hashed at the end: identical, and the ones saved.
     digests = metrics["replica_parameter_digests"]
-    assert len(digests) == 2 and digests[0] == digests[1] == parameter_digest(loaded.vae)
+    assert len(digests) == 2 and digests[0] == digests[1] == parameter_digest(loaded.model)
 
     # The loss falls: the training objective and the validation ELBO rise epoch on epoch.
     objectives = [row["train_objective"] for row in loaded.history[1:]]

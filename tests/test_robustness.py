@@ -297,7 +297,7 @@ def test_a_pickled_data_file_is_refused(tmp_path):
 def test_data_of_the_wrong_shape_for_the_model_is_refused(trained_run):
     run = pv.load_run(trained_run)
     with pytest.raises(pv.DataError, match=r"shape \(784,\) but the model expects \(1, 28, 28\)"):
-        run.vae.check_data(torch.zeros(5, 784))
+        run.model.check_data(torch.zeros(5, 784))
     REPORT["bad inputs refused or cleaned"] += 1
 
 

@@ -136,7 +136,7 @@ def test_a_short_run_on_a_small_subset_beats_chance(tmp_path):
     assert metrics["val_accuracy"] == max(row["val_accuracy"] for row in history)
     assert math.isfinite(metrics["test_log_px"])  # its accuracy is checked against quadrature in test_stacked.py
     run = pv.load_run(tmp_path / "ssl", checkpoint="last")
-    assert isinstance(run.vae, SSVAE) and run.epoch == 2
+    assert isinstance(run.model, SSVAE) and run.epoch == 2
 
 
 def test_labels_are_drawn_class_balanced_and_reproducibly():

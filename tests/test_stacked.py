@@ -113,8 +113,8 @@ def m1_run(tmp_path_factory, mnist):
 
 def test_training_leaves_m1_frozen_and_learns_to_classify(m1_run, small_mnist, tmp_path):
     m1 = pv.load_run(m1_run)
-    before = {name: value.clone() for name, value in m1.vae.state_dict().items()}
-    stacked = StackedSSVAE(m1.vae, LatentFeatures.fit(m1.vae, small_mnist.train.x), z_dim=4, hidden=(64,))
+    before = {name: value.clone() for name, value in m1.model.state_dict().items()}
+    stacked = StackedSSVAE(m1.model, LatentFeatures.fit(m1.model, small_mnist.train.x), z_dim=4, hidden=(64,))
     objective = pv.SemiSupervisedELBO(num_labels=100, aux_weight=50.0, classifier_steps=0)  # the objective alone
     history = pv.fit(
         stacked, small_mnist, objective=objective, epochs=8, batch_size=50, lr=1e-3, run_dir=tmp_path / "m1m2",
@@ -127,10 +127,10 @@ def test_training_leaves_m1_frozen_and_learns_to_classify(m1_run, small_mnist, t
     assert metrics["test_accuracy"] > 0.4, history
     assert math.isfinite(metrics["test_log_px"])
     run = pv.load_run(tmp_path / "m1m2", checkpoint="last")  # rebuilt from config.json, last epoch's weights
-    assert isinstance(run.vae, StackedSSVAE) and run.epoch == 8
-    run.vae.load_state_dict(pv.RunDirectory(tmp_path / "m1m2").load_checkpoint("best")["model"])
+    assert isinstance(run.model, StackedSSVAE) and run.epoch == 8
+    run.model.load_state_dict(pv.RunDirectory(tmp_path / "m1m2").load_checkpoint("best")["model"])
     x = small_mnist.test.x[:50]
-    assert torch.equal(run.vae.classify(x), stacked.classify(x))  # stacked holds the best epoch's weights
+    assert torch.equal(run.model.classify(x), stacked.classify(x))  # stacked holds the best epoch's weights
 
 
 def test_the_command_stacks_on_a_vae_run(m1_run, tmp_path, capsys):

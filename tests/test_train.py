@@ -219,13 +219,13 @@ def test_run_directory_and_round_trip(small_mnist, tmp_path):
     assert run.epoch == 1 and len(run.history) == 2
     x = small_mnist.test.x[:32]
     vae.eval()
-    for a, b in zip(vae.encode(x), run.vae.encode(x), strict=True):
+    for a, b in zip(vae.encode(x), run.model.encode(x), strict=True):
         assert torch.equal(a, b)
-    assert torch.equal(vae.decode(vae.encode(x)[0]).mean, run.vae.decode(run.vae.encode(x)[0]).mean)
+    assert torch.equal(vae.decode(vae.encode(x)[0]).mean, run.model.decode(run.model.encode(x)[0]).mean)
     torch.manual_seed(5)
     before = pv.evaluate_elbo(vae, x)
     torch.manual_seed(5)
-    assert pv.evaluate_elbo(run.vae, x) == before
+    assert pv.evaluate_elbo(run.model, x) == before
     assert len(run.load_data().train) == 2000
 
 

@@ -20,7 +20,7 @@ class CompiledOnce:
     def __call__(self, *args):
         if not self.failed:
             try:
-                if self.compiled is None:  # compiled on first use: importing TorchDynamo takes about a second
+                if self.compiled is None:  # compiled on first use: importing TorchDynamo is slow
                     self.compiled = torch.compile(self.fn)
                 return self.compiled(*args)
             except Exception as err:  # the compiler's errors come from many libraries (C++ toolchain, triton)

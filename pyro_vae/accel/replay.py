@@ -2,10 +2,10 @@
 
 :func:`~pyro_vae.infer.importance.log_marginal_likelihood` runs one program many
 times: trace the guide with a plate of particles, replay the model on the
-draws, read off every site's log density. At K = 5000 that is about a hundred
-passes per batch that differ only in their random draws. Eagerly, each pass
-pays about a millisecond of Pyro's Python, and the Gaussian log densities
-run as dozens of small ATen calls one after another.
+draws, read off every site's log density. At K = 5000 that is many passes
+per batch that differ only in their random draws. Eagerly, each pass pays for
+Pyro's Python again, and the Gaussian log densities run as dozens of small
+ATen calls one after another.
 
 :func:`record` runs the pass once on fake tensors under ``make_fx``
 (``torch.fx.experimental.proxy_tensor``), which writes down every ATen
@@ -65,8 +65,7 @@ def softplus(x: torch.Tensor, beta: float = 1.0, threshold: float = 20.0) -> tor
     x itself where b x exceeds ``threshold``, as in ``torch.nn.functional.softplus``.
 
     TorchInductor writes softplus with ``log1p``, which its CPU kernels
-    evaluate one element at a time: on the 784-pixel Bernoulli density of a
-    batch of 512 that one kernel took 2.4 ms of a 14 ms step. ``log(1 + u)``
+    evaluate one element at a time (benchmarks/RESULTS.md). ``log(1 + u)``
     for u = exp(-abs(b x)) in (0, 1] vectorises; rounding 1 + u costs at most
     one float32 ulp of the result (about 6e-8 absolute), against 6e-8
     relative for ``log1p``: at most about 5e-5 nats over a 784-pixel image.
@@ -149,7 +148,7 @@ def record(fn: Callable, *inputs: torch.Tensor) -> Callable | None:
     constants, frozen at their values now. The replay computes no gradients.
     Pyro records under :func:`recordable_pyro`.
     """
-    import torch._inductor  # imported here: TorchInductor takes about a second to import
+    import torch._inductor  # imported here, when first needed: importing TorchInductor is slow
     from torch.fx.experimental.proxy_tensor import make_fx
 
     structure = []

@@ -199,7 +199,7 @@ class CompiledStep:
         return (loss.detach(), *(gradient for gradient in gradients if gradient is not None), *held)
 
     def _compile(self, inputs: tuple[torch.Tensor, ...]) -> Callable | None:
-        import torch._inductor  # imported here: TorchInductor takes about a second to import
+        import torch._inductor  # imported here, when first needed: importing TorchInductor is slow
         from torch.fx.experimental.proxy_tensor import make_fx
 
         state = self._state()

@@ -251,7 +251,6 @@ class Gaussian(_LocationScale):
 
     name = "gaussian"
     family = dist.Normal
-    SIGMA_MODES = _LocationScale.SCALE_MODES
 
     def __init__(self, sigma: str = "fixed", init_sigma: float = 0.1, min_sigma: float = 1e-3):
         super().__init__(sigma, init_sigma, min_sigma)

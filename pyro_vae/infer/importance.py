@@ -27,7 +27,7 @@ from .densities import SiteLogDensities, guess_max_plate_nesting, seeded, site_l
 #: Above this Pareto-k an importance-sampled estimate cannot be trusted (Vehtari et al., *Pareto Smoothed
 #: Importance Sampling*).
 PARETO_THRESHOLD = 0.7
-MIN_REPLAYED_PASSES = 500  # recording and compiling a pass takes 0.7-2.7 s; each replay saves ~4 ms
+MIN_REPLAYED_PASSES = 500  # with fewer passes, recording and compiling costs more than the replays save
 
 
 @dataclass

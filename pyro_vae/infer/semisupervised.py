@@ -77,11 +77,9 @@ def default_aux_weight(num_labels: int) -> float:
     276 at 600, 460 at 1000, 1380 at 3000.
 
     A departure from Kingma et al., whose 0.1 N / N_labelled (:func:`paper_aux_weight`) is 50 per point at
-    100 of 50,000 labels but falls to 5 at 1000. On M2 from MNIST's pixels the more labels there are, the more
-    the auxiliary term is worth: at 1000 labels 500 per point gave more test accuracy than Pyro's fixed 46,
-    and at 600 and 3000 labels the rule led 46 over the first epochs (at 3000 the two met by epoch 25); the
-    paper's falling weight did worse than 46 (benchmarks/RESULTS.md, docs/semi-supervised.md). The rule does
-    not depend on N, and was measured at N = 50,000 only.
+    100 of 50,000 labels but falls to 5 at 1000: on M2 from MNIST's pixels the auxiliary term is worth more,
+    not less, as labels are added (the measurements are in docs/semi-supervised.md and
+    benchmarks/RESULTS.md). The rule does not depend on N, and was measured at N = 50,000 only.
     """
     return 46.0 * num_labels / 100
 

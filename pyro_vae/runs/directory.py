@@ -254,15 +254,6 @@ class Run:
     history: list[dict]
     epoch: int
 
-    @property
-    def vae(self) -> Model:
-        """The run's model (of any type; the name is kept from when every run held a VAE)."""
-        return self.model
-
-    @property
-    def directory(self) -> RunDirectory:
-        return RunDirectory(self.path)
-
     def load_data(self) -> Dataset:
         """The data set the run was trained on, rebuilt from its config."""
         if self.config["data"] is None:

@@ -204,9 +204,8 @@ def compiled_step(model: Model, objective: Objective) -> CompiledStep:
     return CompiledStep(lambda *inputs: objective.loss(model, *inputs[:-1], kl_weight=inputs[-1]), model)
 
 
-#: With ``compile="auto"``, runs of at least this many steps are compiled: on this project's 2-core
-#: machine compiling a step takes 1 to 15 s and saves 2 to 5 ms a step of the default VAE
-#: (benchmarks/RESULTS.md).
+#: With ``compile="auto"``, runs of at least this many steps are compiled: in shorter runs compiling
+#: costs more than the replays save (benchmarks/RESULTS.md, "Training speed").
 AUTO_COMPILE_STEPS = 2000
 
 #: How a fresh run starts the decoder's output bias: at the likelihood's constant fit to the training
