@@ -42,6 +42,7 @@ from .infer.ais import DEFAULT_CHAINS, DEFAULT_LEAPFROG_STEPS, DEFAULT_STEPS, SC
 from .infer.densities import standard_error
 from .infer.importance import PARETO_THRESHOLD
 from .models import Model
+from .models.base import ACTIVE_UNIT_THRESHOLD
 from .runs import RunDirectory, load_run
 from .training.parallel import parameter_digest
 
@@ -55,13 +56,17 @@ class EvaluationInterrupted(RuntimeError):
 
 
 @torch.no_grad()
-def active_units(model: Model, x: torch.Tensor, threshold: float = 0.01, batch_size: int = 1000) -> int:
-    """Latent dimensions u with Cov_x(E_{q(u|x)}[u]) > threshold (Burda et al. 2015, section 5.2)."""
+def active_units(
+    model: Model, x: torch.Tensor, threshold: float = ACTIVE_UNIT_THRESHOLD, batch_size: int = 1000
+) -> int:
+    """Latent dimensions u with Cov_x(E_{q(u|x)}[u]) > ``threshold`` (Burda et al. 2015, section 5.2)."""
     return sum(active_units_per_layer(model, x, threshold, batch_size))
 
 
 @torch.no_grad()
-def active_units_per_layer(model: Model, x: torch.Tensor, threshold: float = 0.01, batch_size: int = 1000) -> list[int]:
+def active_units_per_layer(
+    model: Model, x: torch.Tensor, threshold: float = ACTIVE_UNIT_THRESHOLD, batch_size: int = 1000
+) -> list[int]:
     """The active units of each latent layer (``model.latent_sizes``), from the data side."""
     active = model.latent_means(x, batch_size).var(0) > threshold
     return [int(layer.sum()) for layer in active.split(model.latent_sizes)]

@@ -21,7 +21,6 @@ To add a likelihood, subclass :class:`Likelihood`, set ``name``,
 
 from __future__ import annotations
 
-import math
 from typing import ClassVar
 
 import pyro.distributions as dist
@@ -32,6 +31,7 @@ from torch.distributions import constraints
 
 from ..data import DataError
 from ..registry import Registry
+from .nets import inverse_softplus
 
 
 class Likelihood(nn.Module):
@@ -173,10 +173,6 @@ class ContinuousBernoulli(Likelihood):
         return "Scale the data into [0, 1] (for 8-bit images divide by 255), or use the gaussian or laplace likelihood."
 
 
-def _inverse_softplus(y: float) -> float:
-    return y + math.log(-math.expm1(-y))
-
-
 class _LocationScale(Likelihood):
     """p(x | z) = prod_d family(x_d; loc_d(z), scale_d), the decoder giving loc.
 
@@ -208,10 +204,10 @@ class _LocationScale(Likelihood):
         super().setup(x_shape)
         if self.scale_mode == "decoder":
             # an offset on the decoder's raw output, so that a fresh decoder starts near init_scale
-            self.register_buffer("raw_scale", torch.tensor(_inverse_softplus(self.init_scale - self.min_scale)))
+            self.register_buffer("raw_scale", inverse_softplus(torch.tensor(self.init_scale - self.min_scale)))
             return
         shape = self.x_shape if self.scale_mode == "per-dim" else ()
-        raw = torch.full(shape, _inverse_softplus(self.init_scale - self.min_scale))
+        raw = inverse_softplus(torch.full(shape, self.init_scale - self.min_scale))
         if self.scale_mode == "fixed":
             self.register_buffer("raw_scale", raw)
         else:

@@ -41,6 +41,12 @@ def activation_class(name: str) -> type[nn.Module]:
     return ACTIVATIONS[name]
 
 
+def inverse_softplus(y: torch.Tensor) -> torch.Tensor:
+    """softplus^{-1}(y) = log(exp(y) - 1) = y + log(-expm1(-y)) for y > 0: the raw value that starts a
+    softplus-constrained parameter at y."""
+    return y + torch.log(-torch.expm1(-y))
+
+
 def _mlp(sizes: Sequence[int], activation: type[nn.Module]) -> nn.Sequential:
     layers: list[nn.Module] = []
     for fan_in, fan_out in zip(sizes[:-1], sizes[1:], strict=True):

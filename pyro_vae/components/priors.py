@@ -40,6 +40,7 @@ from torch import nn
 from torch.distributions import constraints
 
 from ..registry import Registry
+from .nets import inverse_softplus
 
 
 class Prior(nn.Module):
@@ -130,10 +131,6 @@ class DiagonalNormalMixture(dist.TorchDistribution):
         return dist.ExpandedDistribution(self, batch_shape)
 
 
-def _inverse_softplus(y: torch.Tensor) -> torch.Tensor:
-    return y + torch.log(-torch.expm1(-y))
-
-
 @register_prior
 class LearnedGaussian(Prior):
     """p(z) = N(m, diag(s^2)) with learned m and s = softplus(raw) (closed-form KL)."""
@@ -143,7 +140,7 @@ class LearnedGaussian(Prior):
     def setup(self, z_dim, *, x_shape, encoder):
         super().setup(z_dim, x_shape=x_shape, encoder=encoder)
         self.loc = nn.Parameter(torch.zeros(z_dim))
-        self.raw_scale = nn.Parameter(_inverse_softplus(torch.ones(z_dim)))
+        self.raw_scale = nn.Parameter(inverse_softplus(torch.ones(z_dim)))
 
     def forward(self):
         return dist.Normal(self.loc, F.softplus(self.raw_scale)).to_event(1)
@@ -169,7 +166,7 @@ class MixtureOfGaussians(Prior):
         super().setup(z_dim, x_shape=x_shape, encoder=encoder)
         self.logits = nn.Parameter(torch.zeros(self.num_components))
         self.locs = nn.Parameter(torch.randn(self.num_components, z_dim))
-        self.raw_scales = nn.Parameter(_inverse_softplus(torch.ones(self.num_components, z_dim)))
+        self.raw_scales = nn.Parameter(inverse_softplus(torch.ones(self.num_components, z_dim)))
 
     def forward(self):
         return DiagonalNormalMixture(self.logits, self.locs, F.softplus(self.raw_scales))

@@ -39,6 +39,9 @@ from ..registry import Registry
 if TYPE_CHECKING:
     from ..data import Dataset
 
+#: A latent unit u is active when Cov_x(E_{q(u|x)}[u]) exceeds this (Burda et al. 2015, section 5.2).
+ACTIVE_UNIT_THRESHOLD = 0.01
+
 
 def data_plate(batch_size: int, num_data: int | None, device) -> pyro.plate:
     """The plate "data" over a batch, scaled by ``num_data / batch_size`` when the batch is a subsample."""

@@ -47,12 +47,11 @@ from torch import nn
 
 from ..components.likelihoods import Gaussian
 from ..components.priors import Prior, build_prior
-from .base import register_model
+from .base import ACTIVE_UNIT_THRESHOLD, register_model
 from .ssvae import SSVAE, SemiSupervisedModel
 from .vae import VAE
 
 _instance_ids = itertools.count()
-ACTIVITY_THRESHOLD = 0.01
 
 
 class LatentFeatures(nn.Module):
@@ -76,7 +75,7 @@ class LatentFeatures(nn.Module):
         self.register_buffer("std", torch.ones(len(active)))
 
     @classmethod
-    def fit(cls, m1: VAE, x: torch.Tensor, threshold: float = ACTIVITY_THRESHOLD) -> LatentFeatures:
+    def fit(cls, m1: VAE, x: torch.Tensor, threshold: float = ACTIVE_UNIT_THRESHOLD) -> LatentFeatures:
         """Choose the units whose posterior means vary more than ``threshold`` over ``x``; standardise them."""
         means = m1.latent_means(x)
         variance = means.var(0)
