@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from .infer import BDMC, BDMCEstimate, ais_log_marginal_likelihood, log_marginal_likelihood
 from .infer.ais import DEFAULT_CHAINS, DEFAULT_LEAPFROG_STEPS, DEFAULT_STEPS, SCHEDULES, ais_summary
-from .infer.densities import standard_error
+from .infer.densities import evaluating, standard_error
 from .infer.importance import PARETO_THRESHOLD
 from .models import Model
 from .models.base import ACTIVE_UNIT_THRESHOLD
@@ -81,9 +81,7 @@ def classify_generatively(model, x: torch.Tensor, *, num_samples: int = 10, batc
     ``num_samples``), so it judges the generative model p(x | y, z) rather
     than the classifier q(y | x) (Kingma et al. 2014 classify with q).
     """
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         scores = [
             log_marginal_likelihood(
                 model.model, model.guide, x, y=torch.tensor(label, device=x.device), num_samples=num_samples,
@@ -91,8 +89,6 @@ def classify_generatively(model, x: torch.Tensor, *, num_samples: int = 10, batc
             ).log_px
             for label in range(model.num_classes)
         ]  # fmt: skip
-    finally:
-        model.train(was_training)
     return torch.stack(scores, -1).argmax(-1)
 
 

@@ -140,6 +140,17 @@ def seeded(seed: int | None) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def evaluating(module: torch.nn.Module) -> Iterator[None]:
+    """Within the block ``module`` is in evaluation mode; after it, in the mode it was in, even on an error."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
+
+
+@contextlib.contextmanager
 def parameters_held_fixed(module: torch.nn.Module) -> Iterator[None]:
     """Within the block, ``module``'s parameters are detached copies: what it computes passes no gradient to them.
 

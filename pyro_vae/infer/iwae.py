@@ -24,7 +24,7 @@ import math
 
 import torch
 
-from .densities import negligible_shares, site_log_densities
+from .densities import evaluating, negligible_shares, site_log_densities
 from .importance import log_marginal_likelihood
 from .objective import Objective, register_objective
 from .path_derivatives import GRADIENTS, DReG_IWAE_ELBO
@@ -93,15 +93,11 @@ class IWAEBound(Objective):
         their weights alone, and with unscaled densities, as the importance sampler estimates log p(x).
         """
         metrics = super().validate(model, split, prefix)
-        was_training = model.training
-        model.eval()
-        try:
+        with evaluating(model):
             k = self.num_particles
             bound = log_marginal_likelihood(
                 model.model, model.guide, split.x, num_samples=k, batch_size=200, max_samples_per_pass=200 * k, seed=0
             )
-        finally:
-            model.train(was_training)
         return {**metrics, f"{prefix}iwae": bound.mean, f"{prefix}iwae_se": bound.stderr}
 
     def config(self):

@@ -37,7 +37,7 @@ import torch
 
 from ..data import Dataset, Split
 from ..registry import Registry
-from .densities import elbo_per_point
+from .densities import elbo_per_point, evaluating
 
 
 class Objective(ABC):
@@ -97,12 +97,8 @@ class Objective(ABC):
 
 def evaluate_elbo(model, x: torch.Tensor, *, num_particles: int = 1, batch_size: int = 1000, prefix: str = "") -> dict:
     """Mean ELBO per data point (with standard error), reconstruction and KL terms, with unscaled densities."""
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         estimate = elbo_per_point(model.model, model.guide, x, num_particles=num_particles, batch_size=batch_size)
-    finally:
-        model.train(was_training)
     return estimate.summary(prefix)
 
 

@@ -41,7 +41,7 @@ from pyro.poutine.messenger import Messenger
 from tqdm.auto import tqdm
 
 from ..data import DataError
-from .densities import negligible_shares
+from .densities import evaluating, negligible_shares
 from .objective import Objective, register_objective
 
 
@@ -229,13 +229,11 @@ class SemiSupervisedELBO(Objective):
 
     @torch.no_grad()
     def validate(self, model, split, prefix):
-        was_training = model.training
-        model.eval()
         guide = config_enumerate(model.guide, "parallel")  # every value of y: an evaluation, not a gradient
-        loss = sum(
-            self.unlabelled_elbo.loss(model.model, guide, split.x[i : i + 1000]) for i in range(0, len(split), 1000)
-        )
-        model.train(was_training)
+        with evaluating(model):
+            loss = sum(
+                self.unlabelled_elbo.loss(model.model, guide, split.x[i : i + 1000]) for i in range(0, len(split), 1000)
+            )
         return {f"{prefix}accuracy": model.accuracy(split.x, split.y), f"{prefix}elbo": -loss / len(split)}
 
     def state_dict(self):
