@@ -353,6 +353,7 @@ class SSVAE(SemiSupervisedModel):
     @classmethod
     def from_config(cls, config: dict) -> SSVAE:
         """The SSVAE that :meth:`config` describes, with fresh weights."""
+        config = cls.completed_config(config)
         return cls(
             x_shape=config["x_shape"],
             z_dim=config["z_dim"],
@@ -361,5 +362,5 @@ class SSVAE(SemiSupervisedModel):
             likelihood=build_likelihood(config["likelihood"]),
             hidden=config["hidden"],
             class_prior=config["class_prior"],
-            activation=config.get("activation", cls.legacy_config["activation"]),
+            activation=config["activation"],
         )

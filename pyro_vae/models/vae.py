@@ -169,6 +169,7 @@ class VAE(Model):
     @classmethod
     def from_config(cls, config: dict) -> VAE:
         """The VAE that :meth:`config` describes, with fresh weights."""
+        config = cls.completed_config(config)
         return cls(
             x_shape=config["x_shape"],
             z_dim=config["z_dim"],
@@ -176,5 +177,5 @@ class VAE(Model):
             likelihood=build_likelihood(config["likelihood"]),
             hidden=config["hidden"],
             arch=config["arch"],
-            activation=config.get("activation", cls.legacy_config["activation"]),
+            activation=config["activation"],
         )
