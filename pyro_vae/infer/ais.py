@@ -295,7 +295,6 @@ class _Annealer:
         then the proposal is accepted with probability min(1, exp(H_0 - H_1)).
         It takes L evaluations of the densities: the gradient at the start is the previous state's.
         """
-        per_point = _align
         # each chain's step size jittered by up to 50%, so that no trajectory length resonates with the
         # target's periods (which on a Gaussian can bring a trajectory back to where it started)
         step_size = _align(step_size, state.log_f0) * (0.5 + torch.rand_like(state.log_f0))
@@ -304,13 +303,13 @@ class _Annealer:
         h0 = -state.log_f(beta) + kinetic(momentum)
         grad = state.grad(beta)
         position = state.u
-        p = {name: m + per_point(step_size, m) / 2 * grad[name] for name, m in momentum.items()}
+        p = {name: m + _align(step_size, m) / 2 * grad[name] for name, m in momentum.items()}
         for step in range(self.leapfrog_steps):
-            position = {name: value + per_point(step_size, value) * p[name] for name, value in position.items()}
+            position = {name: value + _align(step_size, value) * p[name] for name, value in position.items()}
             proposal = self.evaluate(position)
             grad = proposal.grad(beta)
             scale = 1.0 if step + 1 < self.leapfrog_steps else 0.5
-            p = {name: m + scale * per_point(step_size, m) * grad[name] for name, m in p.items()}
+            p = {name: m + scale * _align(step_size, m) * grad[name] for name, m in p.items()}
         h1 = -proposal.log_f(beta) + kinetic(p)
         log_accept = (h0 - h1).nan_to_num(nan=-math.inf).clamp(max=0.0)
         accept = torch.rand_like(log_accept).log() < log_accept
