@@ -139,6 +139,49 @@ def reads_tensor_values(graph: torch.fx.GraphModule) -> bool:
     return any(node.target is torch.ops.aten._local_scalar_dense.default for node in graph.graph.nodes)
 
 
+class CannotRecord(Exception):
+    """A program that cannot be recorded as a graph; the message says why."""
+
+
+def record_graph(fn: Callable, *args) -> torch.fx.GraphModule:
+    """Every ATen operation of ``fn(*args)``, the random draws included, as an FX graph.
+
+    Recorded by ``make_fx`` on fake tensors under :func:`recordable_pyro`, with
+    :data:`DECOMPOSITIONS`. Raises :class:`CannotRecord` where the program
+    cannot be recorded: Python that fake tensors cannot run (decisions on
+    tensor values, operations without a fake kernel), or a ``.item()`` whose
+    number a replay could not recompute.
+    """
+    import torch._inductor  # noqa: F401  imported here, when first needed: importing TorchInductor is slow
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    try:
+        with recordable_pyro():
+            graph = make_fx(fn, decomposition_table=DECOMPOSITIONS, tracing_mode="fake", _allow_non_fake_inputs=True)(
+                *args
+            )
+    except Exception as err:  # what fake tensors cannot run: data-dependent Python, ops without a fake kernel
+        raise CannotRecord(f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
+    if reads_tensor_values(graph):
+        raise CannotRecord("it reads a tensor's value in Python, e.g. with .item()")
+    return graph
+
+
+def compile_graph(graph: torch.fx.GraphModule, example: list, fallback: str, stacklevel: int, **options):
+    """``graph`` compiled by TorchInductor for inputs like ``example``, or None after a warning that ``fallback``.
+
+    Random draws stay those of eager PyTorch (``fallback_random``), so that a
+    replay draws what the eager program draws from the same RNG state.
+    """
+    import torch._inductor  # imported here, when first needed: importing TorchInductor is slow
+
+    try:
+        return torch._inductor.compile(graph, example, options={"fallback_random": True, **options})
+    except Exception as err:  # the compiler's errors come from many libraries (C++ toolchain, MKL, triton)
+        warn_compiler_failed(err, fallback, stacklevel=stacklevel + 1)
+        return None
+
+
 def record(fn: Callable, *inputs: torch.Tensor) -> Callable | None:
     """``fn(*inputs)`` as a compiled graph that replays it for new inputs of the same shapes, or None.
 
@@ -148,9 +191,6 @@ def record(fn: Callable, *inputs: torch.Tensor) -> Callable | None:
     constants, frozen at their values now. The replay computes no gradients.
     Pyro records under :func:`recordable_pyro`.
     """
-    import torch._inductor  # imported here, when first needed: importing TorchInductor is slow
-    from torch.fx.experimental.proxy_tensor import make_fx
-
     structure = []
 
     def flat_fn(*args):
@@ -159,21 +199,13 @@ def record(fn: Callable, *inputs: torch.Tensor) -> Callable | None:
         return tuple(leaves)
 
     try:
-        with recordable_pyro():
-            graph = make_fx(
-                flat_fn, decomposition_table=DECOMPOSITIONS, tracing_mode="fake", _allow_non_fake_inputs=True
-            )(*inputs)
-    except Exception as err:  # what fake tensors cannot run: data-dependent Python, ops without a fake kernel
-        logger.info("The pass cannot be recorded (%s: %s); it runs eagerly.", type(err).__name__, err)
+        graph = record_graph(flat_fn, *inputs)
+    except CannotRecord as why:
+        logger.info("The pass cannot be recorded (%s); it runs eagerly.", why)
         return None
-    if reads_tensor_values(graph):
-        logger.info("The pass reads tensor values in Python (.item()); it runs eagerly.")
-        return None
-    try:
-        with torch.no_grad():
-            compiled = torch._inductor.compile(graph, list(inputs), options={"fallback_random": True, "freezing": True})
-    except Exception as err:  # the compiler's errors come from many libraries (C++ toolchain, MKL)
-        warn_compiler_failed(err, "the evaluation passes run eagerly", stacklevel=3)
+    with torch.no_grad():
+        compiled = compile_graph(graph, list(inputs), "the evaluation passes run eagerly", stacklevel=3, freezing=True)
+    if compiled is None:
         return None
 
     def replay(*args: torch.Tensor):

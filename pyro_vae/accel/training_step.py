@@ -62,8 +62,7 @@ from pyro.poutine.messenger import Messenger
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.nn.utils import stateless
 
-from .compiling import warn_compiler_failed
-from .replay import DECISIONS_WITHOUT_GUARD, DECOMPOSITIONS, reads_tensor_values, recordable_pyro
+from .replay import DECISIONS_WITHOUT_GUARD, CannotRecord, compile_graph, record_graph
 
 
 class ModuleParameters(Messenger):
@@ -199,26 +198,14 @@ class CompiledStep:
         return (loss.detach(), *(gradient for gradient in gradients if gradient is not None), *held)
 
     def _compile(self, inputs: tuple[torch.Tensor, ...]) -> Callable | None:
-        import torch._inductor  # imported here, when first needed: importing TorchInductor is slow
-        from torch.fx.experimental.proxy_tensor import make_fx
-
         state = self._state()
         state[: len(self.names)] = [parameter.requires_grad_(True) for parameter in state[: len(self.names)]]
         try:
-            with recordable_pyro():
-                graph = make_fx(
-                    self._step, decomposition_table=DECOMPOSITIONS, tracing_mode="fake", _allow_non_fake_inputs=True
-                )(state, *inputs)
-        except Exception as err:  # what fake tensors cannot run: data-dependent Python, ops without a fake kernel
-            return self._cannot_record(f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
-        if reads_tensor_values(graph):
-            return self._cannot_record("it reads a tensor's value in Python, e.g. with .item()")
+            graph = record_graph(self._step, state, *inputs)
+        except CannotRecord as why:
+            return self._cannot_record(str(why))
         example = [tensor.detach() for tensor in state] + list(inputs)
-        try:
-            return torch._inductor.compile(graph, example, options={"fallback_random": True})
-        except Exception as err:  # the compiler's errors come from many libraries (C++ toolchain, triton)
-            warn_compiler_failed(err, f"{self.what} runs eagerly", stacklevel=4)
-            return None
+        return compile_graph(graph, example, f"{self.what} runs eagerly", stacklevel=4)
 
     def _cannot_record(self, why: str) -> None:
         warnings.warn(
