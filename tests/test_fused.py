@@ -1,5 +1,7 @@
 """The compiled Bernoulli log-density of the evaluators, and its gradient, against the plain formula."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -92,7 +94,9 @@ def test_a_failed_compile_warns_once_and_falls_back_to_the_same_numbers():
     logits, value = torch.randn(4, 784), torch.rand(4, 784).round()
     with pytest.warns(RuntimeWarning, match="no C.. compiler.*falls back to eager"):
         first = kernel(logits, value)
-    second = kernel(logits, value)  # no second warning: pytest's default would show it, -W error would fail
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a second warning would raise
+        second = kernel(logits, value)
     assert kernel.failed and torch.equal(first, second)
     exact, magnitude = reference(logits, value)
     assert ((first.double() - exact).abs() <= float32_tolerance(magnitude)).all()

@@ -409,6 +409,11 @@ def test_k_of_one_or_two_and_a_batch_of_one(k):
     estimate = pv.log_marginal_likelihood(vae.model, vae.guide, torch.ones(1, 3), num_samples=k)
     assert torch.isfinite(estimate.log_px).all() and estimate.log_px.shape == (1,)
     assert np.isfinite(estimate.summary()["log_px"])
+    if k == 1:  # one log weight: the estimate is the ELBO's one-sample term itself
+        assert torch.equal(estimate.log_px, estimate.elbo)
+    else:  # log mean exp of two weights exceeds their mean by log cosh of half their difference, >= 0
+        assert (estimate.log_px >= estimate.elbo).all()
+        assert (estimate.ess >= 1 - 1e-6).all() and (estimate.ess <= 2 + 1e-6).all()  # float32 rounding
     REPORT["fuzzed inputs, finite or refused"] += 1
 
 
