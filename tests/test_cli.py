@@ -73,31 +73,6 @@ def test_two_stochastic_layers_with_dreg_train_and_evaluate_per_layer(tmp_path, 
     assert len(metrics["active_units_per_layer"]) == 2 and metrics["latent_sizes"] == [6, 3]
 
 
-def test_bernoulli_on_grayscale_is_refused_with_the_fix(tmp_path, capsys):
-    assert main(["train", *SMALL, "--binarize", "none", "--out", str(tmp_path), "--name", "bad"]) == 2
-    err = capsys.readouterr().err
-    assert "binarise" in err and "--binarize dynamic" in err
-    assert not (tmp_path / "bad" / "checkpoint.pt").exists()
-
-
-@pytest.mark.parametrize(
-    "flag, value",
-    [
-        ("--prior", "gamma"),
-        ("--likelihood", "poisson"),
-        ("--arch", "transformer"),
-        ("--dataset", "cifar"),
-        ("--elbo", "x"),
-    ],
-)
-def test_unknown_names_are_refused(flag, value, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["train", flag, value])
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert value in err and ("invalid choice" in err or "unknown data set" in err)
-
-
 def test_resume_of_a_missing_run(tmp_path, capsys):
     assert main(["train", "--resume", str(tmp_path / "nope")]) == 2
     assert "does not exist" in capsys.readouterr().err

@@ -42,7 +42,7 @@ TRAIN_VALUES = [
     (["--init-scale", "0.0005"], "give a scale > 0.001"),
     (["--semi-supervised", "--labels", "0"], "give a value >= 1"),
     (["--semi-supervised", "--labels", "70000"], "--labels must lie in [1, "),
-    (["--semi-supervised", "--labels", "5"], "cannot cover 10 classes"),
+    (["--semi-supervised", "--labels", "5"], "5 labels cannot cover 10 classes; give at least 10"),
     (["--semi-supervised", "--label-seed", "-2"], "give a value in [0, 4294967295]"),
     (["--semi-supervised", "--aux-weight", "-1"], "give a value >= 0"),
     (["--semi-supervised", "--classifier-steps", "-5"], "give a value >= 0"),
