@@ -142,16 +142,16 @@ class Bernoulli(Likelihood):
 class LogitContinuousBernoulli(dist.ContinuousBernoulli):
     """The continuous Bernoulli with its log normaliser and mean computed from the logit l, exact at any l.
 
-    With lambda = sigmoid(l), 2 atanh(1 - 2 lambda) = -l and 2 lambda - 1 = tanh(l / 2), so
+    With lambda = sigmoid(l), 2 atanh(1 - 2 lambda) = -l and 2 lambda - 1 = tanh(l / 2), so::
 
-        log C = log(l / tanh(l / 2))                 (log 2 + l^2 / 12 for |l| < 0.01, error below l^4 / 200),
-        E[x]  = sigmoid(l) / tanh(l / 2) - 1 / l      (1 / 2 + l / 12 for |l| < 0.1, error below |l|^3 / 700).
+        log C = log(l / tanh(l / 2))              (log 2 + l^2 / 12 for abs(l) < 0.01, error below l^4 / 200)
+        E[x]  = sigmoid(l) / tanh(l / 2) - 1 / l   (1 / 2 + l / 12 for abs(l) < 0.1, error below abs(l)^3 / 700)
 
-    log C grows like log |l| and E[x] tends to 1 / |l| from its side.
+    log C grows like log abs(l) and E[x] tends to 1 / abs(l) from its side.
     ``torch.distributions.ContinuousBernoulli`` computes both from lambda
-    clamped to the dtype's eps, so that beyond |l| of about 16 in float32
-    they stop moving: log C is 0.23 nats per value too low at |l| = 20 and 11
-    at 10^6, where a decoder of near-constant pixels takes its logits.
+    clamped to the dtype's eps, so that beyond abs(l) of about 16 in float32
+    they stop moving: log C is 0.23 nats per value too low at abs(l) = 20 and
+    11 at 10^6, where a decoder of near-constant pixels takes its logits.
     """
 
     def _cont_bern_log_norm(self):
