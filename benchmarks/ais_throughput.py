@@ -1,7 +1,7 @@
 """AIS throughput in gradient evaluations per second, against this machine's matmul bound, and AIS accuracy.
 
     python benchmarks/ais_throughput.py [--points 100] [--chains 16] [--steps 20] [--accuracy-points 500]
-        [--settings T,C,L[,SCHEDULE] ...] [--seed 0] [--output-bias data|random]
+        [--settings T,C,L[,SCHEDULE] ...] [--seed 0] [--output-bias data|random] [--no-throughput]
 
 Throughput: the 784-400-20 Bernoulli MLP VAE (untrained: the cost does not
 depend on the weights). One gradient evaluation of log f_t for one chain
@@ -17,8 +17,8 @@ settings or at each of ``--settings`` (with the AIS seed ``--seed``), to
 weigh accuracy against the number of gradient evaluations. The 2-D VAE's
 decoder starts at the data, as the library's and the test's do;
 ``--output-bias random`` starts it at PyTorch's random bias, which after 3
-epochs leaves a poorer model and guide (validation ELBO about -244 against
--193): the harder check of the two.
+epochs leaves a poorer model and guide (benchmarks/RESULTS.md): the harder
+check of the two.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import torch
 
 import pyro_vae as pv
 from pyro_vae.cli import count_or_zero, positive_int, seed_value
-from pyro_vae.infer.ais import DEFAULT_CHAINS, DEFAULT_LEAPFROG_STEPS, DEFAULT_STEPS, SCHEDULES
+from pyro_vae.infer.ais import DEFAULT_CHAINS, DEFAULT_LEAPFROG_STEPS, DEFAULT_SCHEDULE, DEFAULT_STEPS, SCHEDULES
 from pyro_vae.training.engine import OUTPUT_BIAS_STARTS
 
 X_DIM, HIDDEN, Z_DIM = 784, 400, 20
@@ -82,7 +82,7 @@ def throughput(points: int, chains: int, steps: int) -> None:
 def settings_of(text: str) -> tuple[int, int, int, str]:
     """``"500,32,2"`` or ``"500,32,2,linear"`` -> (steps, chains, leapfrog steps, schedule; sigmoid by default)."""
     parts = text.split(",")
-    schedule = parts.pop() if len(parts) == 4 else "sigmoid"
+    schedule = parts.pop() if len(parts) == 4 else DEFAULT_SCHEDULE
     try:
         steps, chains, leapfrog = (int(part) for part in parts)
     except ValueError:
@@ -128,7 +128,7 @@ def accuracy(points: int, settings: list[tuple[int, int, int, str]], output_bias
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--points", type=positive_int, default=100, help="points annealed at once (AIS's batch_size)")
     parser.add_argument("--chains", type=positive_int, default=DEFAULT_CHAINS, help="chains per point")
     parser.add_argument("--steps", type=positive_int, default=20)
@@ -137,7 +137,7 @@ if __name__ == "__main__":
         "--settings",
         nargs="+",
         type=settings_of,
-        default=[(DEFAULT_STEPS, DEFAULT_CHAINS, DEFAULT_LEAPFROG_STEPS, "sigmoid")],
+        default=[(DEFAULT_STEPS, DEFAULT_CHAINS, DEFAULT_LEAPFROG_STEPS, DEFAULT_SCHEDULE)],
         metavar="T,C,L[,SCHEDULE]",
         help="AIS settings of the accuracy check, steps,chains,leapfrog[,schedule] each (default: the defaults)",
     )
@@ -151,7 +151,6 @@ if __name__ == "__main__":
         parser.error("--no-throughput with --accuracy-points 0 leaves nothing to run; drop one of them.")
     if args.accuracy_points > (test_points := len(pv.load_dataset("mnist").test)):
         parser.error(f"--accuracy-points {args.accuracy_points} exceeds the {test_points} test points.")
-    torch.set_num_threads(torch.get_num_threads())
     if not args.no_throughput:
         throughput(args.points, args.chains, args.steps)
     if args.accuracy_points:

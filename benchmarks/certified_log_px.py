@@ -28,36 +28,25 @@ import numpy as np
 
 import pyro_vae as pv
 from pyro_vae.cli import positive_int
-from pyro_vae.evaluate import evaluation_name
-from pyro_vae.infer.ais import DEFAULT_CHAINS, DEFAULT_LEAPFROG_STEPS, DEFAULT_STEPS, SCHEDULES
+from pyro_vae.evaluate import current_evaluation, evaluation_name
+from pyro_vae.infer.ais import DEFAULT_CHAINS, DEFAULT_LEAPFROG_STEPS, DEFAULT_SCHEDULE, DEFAULT_STEPS, SCHEDULES
 from pyro_vae.infer.densities import standard_error
-from pyro_vae.training.parallel import parameter_digest
 
 
-def evaluated(run: str, digest: str, method: str, ais: dict, **settings) -> tuple[dict, dict]:
-    """The arrays and summary of an evaluation of ``run``, run first if it is missing or of other weights.
-
-    ``digest`` is that of the run's best checkpoint now (``parameter_digest``).
-    """
-    directory = pv.RunDirectory(run)
-    name = evaluation_name(
-        method,
-        num_samples=settings.get("num_samples", 5000),
-        ais=ais,
-        num_points=settings.get("num_points", 1000),
-        test_points=settings.get("test_points"),
-    )
-    done = name in directory.read_metrics().get("evaluations", {})
-    if not done or str(directory.read_evaluation(name)["model_digest"]) != digest:  # none, or of older weights
+def evaluated(run: str, method: str, ais: dict, **settings) -> tuple[dict, dict]:
+    """The arrays and summary of an evaluation of ``run``, run first if it is missing or of other weights."""
+    name = evaluation_name(method, ais=ais, **{"num_samples": 0, "num_points": 0, **settings})
+    arrays = current_evaluation(run, name)
+    if arrays is None:  # none, or of older weights
         pv.evaluate_run(run, method=method, **ais, **settings)  # importance sampling ignores the AIS settings
-    return directory.read_evaluation(name), directory.read_metrics()["evaluations"][name]
+        arrays = current_evaluation(run, name)
+    return arrays, pv.RunDirectory(run).read_metrics()["evaluations"][name]
 
 
 def row(run: str, samples: int, test_points: int | None, bdmc_points: int, ais_settings: dict) -> str:
-    digest = parameter_digest(pv.load_run(run).model)
-    importance, is_summary = evaluated(run, digest, "is", ais_settings, num_samples=samples, test_points=test_points)
-    ais, ais_summary = evaluated(run, digest, "ais", ais_settings, test_points=test_points)
-    bdmc, bdmc_summary = evaluated(run, digest, "bdmc", ais_settings, num_points=bdmc_points)
+    importance, is_summary = evaluated(run, "is", ais_settings, num_samples=samples, test_points=test_points)
+    ais, ais_summary = evaluated(run, "ais", ais_settings, test_points=test_points)
+    bdmc, bdmc_summary = evaluated(run, "bdmc", ais_settings, num_points=bdmc_points)
     diff = ais["log_px"] - importance["log_px"]
     se = standard_error(diff)
     gap = bdmc["upper"] - bdmc["lower"]
@@ -87,7 +76,9 @@ def main() -> None:
     parser.add_argument(
         "--leapfrog", type=positive_int, default=DEFAULT_LEAPFROG_STEPS, help="leapfrog steps L [default: %(default)s]"
     )
-    parser.add_argument("--schedule", choices=SCHEDULES, default="sigmoid", help="AIS schedule [default: %(default)s]")
+    parser.add_argument(
+        "--schedule", choices=SCHEDULES, default=DEFAULT_SCHEDULE, help="AIS schedule [default: %(default)s]"
+    )
     args = parser.parse_args()
     ais = {
         "num_steps": args.steps,

@@ -133,7 +133,7 @@ def variant(args) -> None:
         aux_weight=paper_aux_weight(len(data.train), args.labels) if args.aux_weight is None else args.aux_weight,
         classifier_steps=args.classifier_steps,
     )  # fmt: skip
-    with tempfile.TemporaryDirectory() as run:
+    with tempfile.TemporaryDirectory() as run:  # output_bias="random": the start is the variant's (--init)
         history = pv.fit(model, data, objective=objective, epochs=args.epochs, batch_size=args.batch_size,
                          lr=args.lr, compile=True, output_bias="random", progress=False, run_dir=run)  # fmt: skip
         model = pv.load_run(run, checkpoint="last").model  # fit leaves the best epoch's weights in the model
@@ -151,6 +151,7 @@ def lower_rate(args) -> None:
     objective.update(classifier_steps=0)  # the classifier was trained with the rest of the run
     data = run.load_data()
     print(f"{args.run}, epoch {run.epoch}: validation accuracy {100 * run.model.accuracy(data.val.x, data.val.y):.2f}%")
+    # output_bias="random" keeps the trained weights as they are (the data start would reset the output bias)
     history = pv.fit(run.model, data, objective=objective, epochs=args.epochs, lr=args.lr, seed=1, compile=True,
                      batch_size=run.config["train"]["batch_size"], output_bias="random", eval_samples=0,
                      progress=False, run_dir=args.out)  # fmt: skip
@@ -169,7 +170,9 @@ def main() -> None:
     variant_parser = commands.add_parser("variant")
     variant_parser.add_argument("--epochs", type=positive_int, default=8)
     variant_parser.add_argument("--lr", type=positive_float, default=1e-3)
-    variant_parser.add_argument("--init", type=positive_float, help="the weights' standard deviation at the start")
+    variant_parser.add_argument(
+        "--init", type=positive_float, help="the weights' standard deviation at the start (biases zeroed)"
+    )
     variant_parser.add_argument("--weight-prior", type=positive_float, help="sd of a Gaussian prior on every weight")
     variant_parser.add_argument(
         "--classifier-steps",

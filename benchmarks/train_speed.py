@@ -54,6 +54,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import statistics
+import sys
 import time
 from unittest import mock
 
@@ -134,7 +135,7 @@ def every_term_kept():
         yield
 
 
-def step_ratio(model, objective_config, data, batch_size: int, steps: int) -> tuple[float, float, float, float]:
+def time_steps(model, objective_config, data, batch_size: int, steps: int) -> tuple[float, float, float, float]:
     """Median seconds of a compiled step, an eager one and an eager one keeping every term (interleaved),
     and the compile seconds."""
     objective = build_objective(objective_config)
@@ -258,7 +259,7 @@ def main(batch_sizes: list[int], repeats: int, steps: int, m2_run: str | None, p
     }
     for name, (build, config, batch_size) in cases.items():
         pyro.clear_param_store()
-        compiled, eager, every_term, compile_seconds = step_ratio(build(), config, data, batch_size, steps)
+        compiled, eager, every_term, compile_seconds = time_steps(build(), config, data, batch_size, steps)
         print(
             f"| {name} | {1000 * compiled:.1f} ms | {1000 * eager:.1f} ms | {1000 * every_term:.1f} ms "
             f"| {compiled / eager:.2f} | {compiled / every_term:.2f} | {compile_seconds:.1f} s |",
@@ -274,5 +275,17 @@ if __name__ == "__main__":
         "--steps", type=positive_int, default=30, help="timed steps of each kind in the step comparison"
     )
     parser.add_argument("--m2-run", help="time the M2 step from this run's last checkpoint, not a fresh model")
-    parser.add_argument("--profile", type=positive_int, help="profile this many steady-state steps of fit instead")
-    main(**vars(parser.parse_args()))
+    parser.add_argument(
+        "--profile", type=positive_int, help="profile this many steady-state steps of fit (first batch size) instead"
+    )
+    args = parser.parse_args()
+    given = {flag for flag in ("--repeats", "--steps", "--m2-run") for arg in sys.argv[1:] if arg.split("=")[0] == flag}
+    if args.profile and given:
+        verb = "does" if len(given) == 1 else "do"
+        parser.error(f"--profile times fit's steps alone; {', '.join(sorted(given))} {verb} not apply to it.")
+    if args.m2_run:  # checked now, not after the minutes of the epoch benchmarks
+        if not pv.RunDirectory(args.m2_run).holds_run():
+            parser.error(f"--m2-run {args.m2_run} holds no trained run; give a pyro-vae train run of M2.")
+        if pv.RunDirectory(args.m2_run).read_config()["model"].get("type") != "ssvae":
+            parser.error(f"--m2-run {args.m2_run} is not an M2 run; give one of pyro-vae train --semi-supervised.")
+    main(**vars(args))

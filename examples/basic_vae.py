@@ -3,7 +3,8 @@
     python examples/basic_vae.py --epochs 5
 
 Trains with ``pv.fit``, then shows that the model and guide are ordinary
-Pyro programs: a few extra SVI steps by hand and a draw from ``Predictive``.
+Pyro programs: one more epoch of SVI steps by hand, with Pyro's own optimiser,
+and draws from ``Predictive``.
 """
 
 import argparse

@@ -44,11 +44,18 @@ class StudentT(pv.likelihoods.Likelihood):
         self.raw_df = nn.Parameter(torch.tensor(math.log(init_df - 1)))
         self.raw_scale = nn.Parameter(torch.tensor(math.log(math.expm1(init_scale - min_scale))))
 
+    @property
+    def df(self) -> torch.Tensor:
+        """nu = 1 + exp(raw): above 1, so the mean exists."""
+        return 1 + self.raw_df.exp()
+
+    @property
+    def scale(self) -> torch.Tensor:
+        """s = min_scale + softplus(raw)."""
+        return self.min_scale + F.softplus(self.raw_scale)
+
     def forward(self, params):
-        loc = self._param(params, 0)
-        df = 1 + self.raw_df.exp()
-        scale = self.min_scale + F.softplus(self.raw_scale)
-        return dist.StudentT(df, loc, scale).to_event(len(self.x_shape))
+        return dist.StudentT(self.df, self._param(params, 0), self.scale).to_event(len(self.x_shape))
 
     def config(self):
         return {"name": self.name, "init_df": self.init_df, "init_scale": self.init_scale, "min_scale": self.min_scale}
@@ -75,8 +82,7 @@ def main(epochs: int, subset: int | None, samples: int, out: str) -> None:
         runs.append(run_dir)
 
     fitted = pv.load_run(runs[0]).model.likelihood  # rebuilt from config.json by its registered name
-    df, scale = 1 + fitted.raw_df.exp().item(), (fitted.min_scale + F.softplus(fitted.raw_scale)).item()
-    print(f"learned Student-t: nu = {df:.2f}, s = {scale:.4f}")
+    print(f"learned Student-t: nu = {fitted.df.item():.2f}, s = {fitted.scale.item():.4f}")
     print(comparison_markdown(pv.compare_runs(runs)))
 
 

@@ -35,13 +35,17 @@ from pyro_vae.cli import positive_int
 LATENT = 10
 
 
+def noise_variance(raw_psi):
+    """psi = 0.01 + softplus(raw_psi): the floor keeps the density bounded on constant pixels."""
+    return 1e-2 + F.softplus(raw_psi)
+
+
 def model(x, num_data=None):
     """Factor analysis; the "data" plate subsamples when ``num_data`` exceeds the batch."""
     d = x.shape[-1]
     W = pyro.param("W", 0.01 * torch.randn(d, LATENT))
     b = pyro.param("b", x.mean(0))
-    raw_psi = pyro.param("raw_psi", torch.full((d,), -2.0))
-    psi = 1e-2 + F.softplus(raw_psi)  # a floor keeps the density bounded on constant pixels
+    psi = noise_variance(pyro.param("raw_psi", torch.full((d,), -2.0)))
     with pyro.plate("data", num_data or len(x), subsample_size=len(x)):
         z = pyro.sample("z", dist.Normal(torch.zeros(LATENT), 1.0).to_event(1))
         pyro.sample("x", dist.Normal(z @ W.T + b, psi.sqrt()).to_event(1), obs=x)
@@ -59,7 +63,7 @@ def guide(x, num_data=None):
 def exact_log_px(x):
     """log N(x; b, W W^T + diag psi), the marginal of the fitted model."""
     W, b = pyro.param("W").detach(), pyro.param("b").detach()
-    psi = 1e-2 + F.softplus(pyro.param("raw_psi").detach())
+    psi = noise_variance(pyro.param("raw_psi").detach())
     return dist.LowRankMultivariateNormal(b, W, psi).log_prob(x)
 
 

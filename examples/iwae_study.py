@@ -43,7 +43,6 @@ rebuilds the table from the records alone.
 """
 
 import argparse
-import math
 import re
 import sys
 from pathlib import Path
@@ -53,7 +52,8 @@ import pyro
 
 import pyro_vae as pv
 from pyro_vae.cli import count_or_zero, positive_int, seed_value
-from pyro_vae.evaluate import EvaluationInterrupted, evaluation_name
+from pyro_vae.evaluate import EvaluationInterrupted, current_evaluation, evaluation_name
+from pyro_vae.infer.densities import standard_error
 from pyro_vae.training.engine import OUTPUT_BIAS_STARTS
 from pyro_vae.training.schedules import LENGTH_DEPENDENT_SCHEDULES, LR_SCHEDULES, length_conflict
 from pyro_vae.workflow import training_settings
@@ -183,10 +183,8 @@ def train_and_evaluate(name: str, args, out: Path) -> Path:
     evaluated = directory.file(directory.LOG_PX).exists() and metrics.get("test_num_samples") == args.samples
     if not evaluated or metrics.get("epochs") != last_epoch:
         metrics = pv.evaluate_run(run, num_samples=args.samples, progress=args.progress)
-    if args.ais_points:
-        evaluations = directory.read_metrics().get("evaluations", {})
-        if ais_name(args) not in evaluations:
-            pv.evaluate_run(run, method="ais", test_points=args.ais_points, progress=args.progress, **STUDY_AIS)
+    if args.ais_points and current_evaluation(run, ais_name(args)) is None:  # none, or of older weights
+        pv.evaluate_run(run, method="ais", test_points=args.ais_points, progress=args.progress, **STUDY_AIS)
     print(
         f"{name}: best epoch {metrics['best_epoch']} of {last_epoch}, test log p(x) = "
         f"{metrics['test_log_px']:.2f} +- {metrics['test_log_px_se']:.2f} nats (K = {metrics['test_num_samples']})",
@@ -237,13 +235,13 @@ def ais_points(run: Path, evaluation: str) -> int:
 
 def mean_and_se(values: np.ndarray) -> str:
     """``mean +- standard error`` of per-point values, to two decimals."""
-    return f"{values.mean():.2f} +- {values.std(ddof=1) / math.sqrt(len(values)):.2f}"
+    return f"{values.mean():.2f} +- {standard_error(values):.2f}"
 
 
 def paired(better: Path, worse: Path, evaluation: str | None = None) -> tuple[float, float]:
     """The mean of log p(x) of ``better`` minus ``worse`` over the same test points, and its standard error."""
     difference = log_px(better, evaluation) - log_px(worse, evaluation)
-    return float(difference.mean()), float(difference.std(ddof=1) / math.sqrt(len(difference)))
+    return float(difference.mean()), float(standard_error(difference))
 
 
 def table(runs: dict[str, Path], command: str, ais: str | None) -> str:

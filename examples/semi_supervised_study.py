@@ -3,7 +3,7 @@
     python examples/semi_supervised_study.py                              # M2 from pixels, 3 label draws each
     python examples/semi_supervised_study.py --labels 100 --label-seeds 0 --epochs 100    # one run
     python examples/semi_supervised_study.py --model m1m2 --aux-weight paper --classifier-steps 0 --label-seeds 0
-    python examples/semi_supervised_study.py --m1-epochs 1 --epochs 1 --subset 2000 --labels 100 --samples 5   # smoke
+    python examples/semi_supervised_study.py --epochs 1 --subset 2000 --labels 100 --samples 5   # smoke
 
 ``--model m2`` (the default) is Kingma, Rezende, Mohamed & Welling's (2014)
 M2 on the pixels: ``pv.SSVAE(z_dim=50, hidden=(500,))`` with softplus,
@@ -79,6 +79,10 @@ TARGETS = {
     "m2": {100: 93.2, 600: 95.1, 1000: 96.4, 3000: 96.1},
 }
 PAPER_M2 = {100: 88.0, 600: 95.1, 1000: 96.4, 3000: 96.1}
+#: The label counts of the study, the paper's.
+LABEL_COUNTS = (100, 600, 1000, 3000)
+#: The epochs of the M1 that ``--model m1m2`` trains (the prior study's VAE).
+M1_EPOCHS = 250
 #: Pyro's own ``examples/vae/ss_vae_M2.py`` run on this machine for its 50 epochs, test accuracy (%) at its best
 #: validation epoch (benchmarks/RESULTS.md, "Semi-supervised M2 from pixels: Pyro's example and ours").
 PYRO_EXAMPLE_HERE = {100: 64.1, 600: 88.86, 1000: 91.14, 3000: 94.62}
@@ -91,11 +95,10 @@ def last_epoch(run: Path) -> int:
     return pv.RunDirectory(run).load_checkpoint("last")["epoch"]
 
 
-def load_data(args) -> pv.Dataset:
-    data = pv.load_dataset("mnist", binarize="dynamic", seed=0)  # the embedded copy, no network
-    if args.subset:
-        data = data.quick_subset(args.subset)
-    return data
+def load_data(subset: int | None) -> pv.Dataset:
+    """The embedded MNIST (no network), dynamically binarised, or its first ``subset`` points."""
+    data = pv.load_dataset("mnist", binarize="dynamic", seed=0)
+    return data.quick_subset(subset) if subset else data
 
 
 def train_m1(args, out: Path) -> Path:
@@ -103,14 +106,13 @@ def train_m1(args, out: Path) -> Path:
     run = out / "m1"
     if not pv.RunDirectory(run).holds_run():
         pyro.set_rng_seed(0)
-        data = load_data(args)
+        data = load_data(args.subset)
         vae = pv.VAE(data.x_shape, z_dim=40, hidden=(300, 300), likelihood=pv.likelihoods.Bernoulli())
         pv.train_run(
             vae, data, run, epochs=args.m1_epochs, batch_size=100, lr=1e-3, warmup_epochs=10, seed=0,
             eval_samples=0, output_bias=args.output_bias, progress=False,
         )  # fmt: skip
         return run
-    check_output_bias(run, args)
     if last_epoch(run) < args.m1_epochs:
         pv.resume_run(run, epochs=args.m1_epochs, progress=False)
     return run
@@ -174,7 +176,7 @@ def check_settings(run: Path, args, place: str = "--out") -> None:
 @functools.cache
 def training_points(subset: int | None) -> int:
     """How many training points the study's data has (``--subset`` or all of them)."""
-    return len(load_data(argparse.Namespace(subset=subset)).train)
+    return len(load_data(subset).train)
 
 
 def finished(run: Path, args) -> bool:
@@ -211,8 +213,6 @@ def train_m1m2(m1: Path, labels: int, label_seed: int, args, out: Path) -> Path:
     pyro.set_rng_seed(0)
     m1_run = pv.load_run(m1)  # M1's best checkpoint, frozen inside the stacked model
     vae, data = m1_run.model, m1_run.load_data()
-    if not isinstance(vae, pv.VAE):
-        raise SystemExit(f"--m1 needs the run of a plain VAE; {m1} holds a {type(vae).__name__}.")
     features = pv.LatentFeatures.fit(vae, data.train.x)
     print(f"M2 on {labels} labels (draw {label_seed}): {features.num_active} of M1's {vae.z_dim} units active")
     stacked = pv.StackedSSVAE(vae, features, z_dim=10, prior=pv.priors.StandardNormal(), hidden=(500,))
@@ -235,7 +235,7 @@ def train_m2(labels: int, label_seed: int, args, out: Path) -> Path:
             pv.resume_run(run, epochs=args.epochs, eval_samples=args.samples, progress=args.progress)
         else:
             pyro.set_rng_seed(0)
-            data = load_data(args)
+            data = load_data(args.subset)
             model = pv.SSVAE(data.x_shape, z_dim=M2_DEFAULTS["z_dim"][0], hidden=tuple(M2_DEFAULTS["hidden"]))
             objective = pv.SemiSupervisedELBO(
                 num_labels=labels, label_seed=label_seed, aux_weight=alpha(args, labels),
@@ -341,8 +341,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=("m2", "m1m2"), default="m2", help="M2 from pixels, or M1+M2")
     parser.add_argument("--m1", help="a trained VAE run to use as M1 [default: train one into OUT/m1]")
-    parser.add_argument("--m1-epochs", type=positive_int, default=250, help="epochs of M1 when the script trains it")
-    parser.add_argument("--labels", type=positive_int, nargs="+", default=list(PAPER_M2), help="label counts")
+    parser.add_argument(
+        "--m1-epochs", type=positive_int, help=f"epochs of the M1 that m1m2 trains without --m1 [default: {M1_EPOCHS}]"
+    )
+    parser.add_argument("--labels", type=positive_int, nargs="+", default=list(LABEL_COUNTS), help="label counts")
     parser.add_argument("--label-seeds", type=seed_value, nargs="+", default=[0, 1, 2], help="label draws per count")
     parser.add_argument("--epochs", type=positive_int, default=200, help="epochs of each M2")
     parser.add_argument(
@@ -384,6 +386,9 @@ def main() -> None:
 
     if args.model == "m2" and args.m1:
         parser.error("--m1 stacks M2 on a trained VAE: it applies to --model m1m2 only.")
+    if args.m1_epochs is not None and (args.model == "m2" or args.m1):
+        parser.error("--m1-epochs sets the M1 that --model m1m2 trains without --m1; drop it.")
+    args.m1_epochs = args.m1_epochs or M1_EPOCHS
     jobs = list(dict.fromkeys((labels, seed) for labels in args.labels for seed in args.label_seeds))
     places = {job: args.keep / run_name(args.model, *job) for job in jobs if args.keep}
     places = {job: record for job, record in places.items() if kept(record, args)}
@@ -402,7 +407,7 @@ def main() -> None:
                 parser.error(f"--m1 needs the run of a plain VAE; {args.m1} holds a {kind} model.")
             check_subset(Path(args.m1), args)  # M2 trains on M1's data
         try:
-            data = pv.load_run(args.m1).load_data() if args.m1 else load_data(args)
+            data = pv.load_run(args.m1).load_data() if args.m1 else load_data(args.subset)
         except pv.DataError as err:
             parser.error(str(err))
         num_classes = len(data.train.y.unique())

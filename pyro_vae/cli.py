@@ -24,7 +24,7 @@ from .components.nets import ACTIVATIONS, ARCHITECTURES
 from .components.priors import PRIORS, build_prior
 from .data import BINARIZE_MODES, DATASET_NAMES, DataError, Dataset, load_dataset
 from .evaluate import METHODS, EvaluationInterrupted, compare_runs, comparison_csv, comparison_markdown, evaluate_run
-from .infer.ais import DEFAULT_CHAINS, DEFAULT_LEAPFROG_STEPS, DEFAULT_STEPS, SCHEDULES
+from .infer.ais import DEFAULT_CHAINS, DEFAULT_LEAPFROG_STEPS, DEFAULT_SCHEDULE, DEFAULT_STEPS, SCHEDULES
 from .infer.path_derivatives import GRADIENTS
 from .models import SSVAE, VAE, HierarchicalVAE, LatentFeatures, StackedSSVAE
 from .models.ssvae import CLASS_PRIORS
@@ -346,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--leapfrog", type=positive_int, default=DEFAULT_LEAPFROG_STEPS, help="AIS: leapfrog steps per HMC transition"
     )
-    evaluate.add_argument("--schedule", choices=SCHEDULES, default="sigmoid", help="AIS: spacing of the path")
+    evaluate.add_argument("--schedule", choices=SCHEDULES, default=DEFAULT_SCHEDULE, help="AIS: spacing of the path")
     evaluate.add_argument("--points", type=positive_int, default=1000, help="BDMC: points simulated from the model")
     evaluate.add_argument(
         "--test-points", type=positive_int, metavar="N", help="evaluate the first N test points only [default: all]"

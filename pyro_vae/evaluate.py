@@ -38,7 +38,14 @@ import torch
 from tqdm.auto import tqdm
 
 from .infer import BDMC, BDMCEstimate, ais_log_marginal_likelihood, log_marginal_likelihood
-from .infer.ais import DEFAULT_CHAINS, DEFAULT_LEAPFROG_STEPS, DEFAULT_STEPS, SCHEDULES, ais_summary
+from .infer.ais import (
+    DEFAULT_CHAINS,
+    DEFAULT_LEAPFROG_STEPS,
+    DEFAULT_SCHEDULE,
+    DEFAULT_STEPS,
+    SCHEDULES,
+    ais_summary,
+)
 from .infer.densities import evaluating, standard_error
 from .infer.importance import PARETO_THRESHOLD
 from .models import Model
@@ -107,6 +114,19 @@ def evaluation_name(
     }[method] + ("" if test_points is None or method == "bdmc" else f"-first{test_points}")
 
 
+def current_evaluation(run_dir: str | Path, name: str) -> dict | None:
+    """The arrays of the evaluation ``name`` of a run, if it was made of the weights of its best checkpoint now.
+
+    None where the run has no such evaluation, or where it trained further since (the evaluation's
+    ``model_digest`` is not the best checkpoint's ``parameter_digest``): then evaluate it again.
+    """
+    directory = RunDirectory(run_dir)
+    if name not in directory.read_metrics().get("evaluations", {}):
+        return None
+    arrays = directory.read_evaluation(name)
+    return arrays if str(arrays.get("model_digest")) == parameter_digest(load_run(directory.path).model) else None
+
+
 def evaluate_run(
     run_dir: str | Path,
     *,
@@ -116,7 +136,7 @@ def evaluate_run(
     num_steps: int = DEFAULT_STEPS,
     num_chains: int = DEFAULT_CHAINS,
     leapfrog_steps: int = DEFAULT_LEAPFROG_STEPS,
-    schedule: str = "sigmoid",
+    schedule: str = DEFAULT_SCHEDULE,
     num_points: int = 1000,
     test_points: int | None = None,
     seed: int = 0,

@@ -9,7 +9,7 @@ from conftest import small_vae
 
 import pyro_vae as pv
 from pyro_vae.cli import main
-from pyro_vae.evaluate import comparison_markdown
+from pyro_vae.evaluate import comparison_markdown, current_evaluation
 from pyro_vae.infer.ais import DEFAULT_STEPS
 
 
@@ -191,7 +191,10 @@ def test_an_evaluation_of_older_weights_is_not_compared(two_runs, tmp_path, caps
     run = tmp_path / "run"
     shutil.copytree(wide, run)
     assert main(["evaluate", str(run), "--samples", "20", "--test-points", "20", "--no-progress"]) == 0
+    assert current_evaluation(run, "is-K20-first20")["log_px"].shape == (20,)
+    assert current_evaluation(run, "is-K30-first20") is None  # never made
     assert main(["train", "--resume", str(run), "--epochs", "3", "--eval-samples", "0", "--no-progress"]) == 0
+    assert current_evaluation(run, "is-K20-first20") is None  # kept, but of the weights before
     capsys.readouterr()
     assert main(["compare", str(run), "--evaluation", "is-K20-first20"]) == 2
     assert "made of other weights than its best checkpoint now" in capsys.readouterr().err

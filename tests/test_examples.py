@@ -287,6 +287,9 @@ def test_the_semi_supervised_study_runs_m1_plus_m2(tmp_path):
     assert (tmp_path / "s" / "m1m2-100-labels-draw-0" / "config.json").exists()
     other_start = run_example("semi_supervised_study.py", [*tiny[:-2], "--model", "m1m2", "--out", "s"], tmp_path)
     assert other_start.returncode != 0 and "m1 started its output bias 'random'" in other_start.stderr
+    for ignored in (["--model", "m2"], ["--model", "m1m2", "--m1", "s/m1"]):  # no M1 to train: refused, not ignored
+        refused = run_example("semi_supervised_study.py", [*tiny, *ignored, "--out", "t"], tmp_path)
+        assert refused.returncode == 2 and "--m1-epochs sets the M1 that --model m1m2 trains" in refused.stderr
 
 
 @pytest.mark.parametrize("jobs", [1, 2])

@@ -59,6 +59,7 @@ from .densities import (
 from .importance import PARETO_THRESHOLD, log_marginal_likelihood
 
 SCHEDULES = ("sigmoid", "linear")
+DEFAULT_SCHEDULE = "sigmoid"
 REVERSE_SEED_OFFSET = 1_000_003  # BDMC's reverse batches draw streams apart from the forward ones
 #: The default settings: within 0.05 nats of quadrature on a trained 2-D VAE (tests/test_ais.py), and
 #: a mean BDMC gap of 0.03 nats on the default training run (benchmarks/RESULTS.md).
@@ -66,7 +67,7 @@ DEFAULT_STEPS, DEFAULT_CHAINS, DEFAULT_LEAPFROG_STEPS = 400, 16, 2
 STARTS = ("guide", "prior")
 
 
-def beta_schedule(num_steps: int, kind: str = "sigmoid", delta: float = 4.0) -> torch.Tensor:
+def beta_schedule(num_steps: int, kind: str = DEFAULT_SCHEDULE, delta: float = 4.0) -> torch.Tensor:
     """beta_0 = 0 < ... < beta_T = 1 (float64): linear, or sigmoidal, dense near both ends.
 
     Linear: beta_t = t / T. Sigmoidal (Grosse, Ghahramani & Adams, *Sandwiching the marginal likelihood
@@ -370,7 +371,7 @@ def ais_log_marginal_likelihood(
     leapfrog_steps: int = DEFAULT_LEAPFROG_STEPS,
     step_size: float = 0.05,
     target_acceptance: float = 0.65,
-    schedule: str = "sigmoid",
+    schedule: str = DEFAULT_SCHEDULE,
     start: str = "guide",
     batch_size: int = 100,
     max_plate_nesting: int | None = None,
@@ -529,7 +530,7 @@ class BDMC:
         leapfrog_steps: int = DEFAULT_LEAPFROG_STEPS,
         step_size: float = 0.05,
         target_acceptance: float = 0.65,
-        schedule: str = "sigmoid",
+        schedule: str = DEFAULT_SCHEDULE,
         batch_size: int = 100,
         seed: int | None = 0,
         **kwargs,
