@@ -37,7 +37,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .infer import BDMC, BDMCEstimate, ais_log_marginal_likelihood, log_marginal_likelihood
+from .infer import (
+    BDMC,
+    AISEstimate,
+    BDMCEstimate,
+    ais_log_marginal_likelihood,
+    ais_log_marginal_likelihood_by_label,
+    log_marginal_likelihood,
+)
 from .infer.ais import (
     DEFAULT_CHAINS,
     DEFAULT_LEAPFROG_STEPS,
@@ -48,7 +55,7 @@ from .infer.ais import (
 )
 from .infer.densities import evaluating, standard_error
 from .infer.importance import PARETO_THRESHOLD
-from .models import Model
+from .models import Model, SemiSupervisedModel
 from .models.base import ACTIVE_UNIT_THRESHOLD
 from .runs import RunDirectory, load_run
 from .training.parallel import parameter_digest
@@ -163,6 +170,12 @@ def evaluate_run(
     directory = RunDirectory(run_dir)
     directory.check_resumable()
     run = load_run(directory.path, map_location=device)
+    if method == "bdmc" and isinstance(run.model, SemiSupervisedModel):
+        raise ValueError(
+            "BDMC simulates points with their latents from the model and anneals every latent, but the label y "
+            f"of {type(run.model).__name__} is discrete; estimate its log p(x) with method 'ais' (which sums y "
+            "out) or 'is'."
+        )
     test = run.load_data().test.x
     if test_points is not None and test_points > len(test):
         raise ValueError(
@@ -272,9 +285,7 @@ def _resumable_ais(directory, name, model, x, indices, batch_size, ais, seed, pr
             if begin < len(columns["log_px"]):
                 continue
             chosen = torch.as_tensor(indices[begin : begin + batch_size])
-            estimate = ais_log_marginal_likelihood(
-                model.model, model.guide, x[chosen.to(x.device)], **ais, batch_size=batch_size, seed=seed + index
-            )
+            estimate = annealed_log_px(model, x[chosen.to(x.device)], **ais, batch_size=batch_size, seed=seed + index)
             for key in AIS_COLUMNS:
                 columns[key].extend(getattr(estimate, key).double().tolist())
             saved = {"indices": indices, **identity, **columns, "seconds": clock.seconds()}
@@ -285,6 +296,13 @@ def _resumable_ais(directory, name, model, x, indices, batch_size, ais, seed, pr
             f"Run the same pyro-vae evaluate command to continue."
         ) from None
     return {key: np.asarray(value) for key, value in columns.items()}
+
+
+def annealed_log_px(model: Model, x: torch.Tensor, **ais) -> AISEstimate:
+    """AIS of a model's log p(x); for a semi-supervised model, the sum over its labels (M2's y is discrete)."""
+    if isinstance(model, SemiSupervisedModel):
+        return ais_log_marginal_likelihood_by_label(model.model, model.guide, x, model.num_classes, **ais)
+    return ais_log_marginal_likelihood(model.model, model.guide, x, **ais)
 
 
 def _resumable_bdmc(

@@ -137,6 +137,13 @@ def test_a_short_run_on_a_small_subset_beats_chance(tmp_path):
     assert math.isfinite(metrics["test_log_px"])  # its accuracy is checked against quadrature in test_stacked.py
     run = pv.load_run(tmp_path / "ssl", checkpoint="last")
     assert isinstance(run.model, SSVAE) and run.epoch == 2
+    # AIS sums y out (its accuracy against quadrature: tests/test_ais.py); auto escalates points to it
+    quick = {"num_steps": 5, "num_chains": 2, "test_points": 6, "progress": False}
+    ais = pv.evaluate_run(tmp_path / "ssl", method="ais", **quick)
+    auto = pv.evaluate_run(tmp_path / "ssl", method="auto", num_samples=20, **quick)
+    assert ais["num_points"] == 6 and math.isfinite(ais["log_px"]) and auto["num_escalated"] > 0
+    with pytest.raises(ValueError, match="BDMC simulates"):
+        pv.evaluate_run(tmp_path / "ssl", method="bdmc", num_points=4, num_steps=5, num_chains=2, progress=False)
 
 
 def test_labels_are_drawn_class_balanced_and_reproducibly():

@@ -6,7 +6,14 @@ Importing this package registers the objectives: ``"trace"`` and
 """
 
 from . import elbo, iwae, semisupervised  # noqa: F401 (registers the objectives)
-from .ais import BDMC, AISEstimate, BDMCEstimate, ais_log_marginal_likelihood, bdmc
+from .ais import (
+    BDMC,
+    AISEstimate,
+    BDMCEstimate,
+    ais_log_marginal_likelihood,
+    ais_log_marginal_likelihood_by_label,
+    bdmc,
+)
 from .densities import SiteLogDensities, elbo_per_point, site_log_densities
 from .importance import MarginalLikelihoodEstimate, log_marginal_likelihood
 from .objective import OBJECTIVES, Objective, build_objective, evaluate_elbo, register_objective
@@ -16,6 +23,7 @@ __all__ = [
     "BDMC",
     "BDMCEstimate",
     "ais_log_marginal_likelihood",
+    "ais_log_marginal_likelihood_by_label",
     "bdmc",
     "OBJECTIVES",
     "MarginalLikelihoodEstimate",
