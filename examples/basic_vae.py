@@ -20,7 +20,10 @@ def main(epochs: int, subset: int | None) -> None:
     pyro.set_rng_seed(0)
     data = pv.load_dataset("mnist", binarize="dynamic")  # the embedded copy, no network
     if subset:
-        data = data.quick_subset(subset)
+        try:
+            data = data.quick_subset(subset)
+        except pv.DataError as err:
+            raise SystemExit(str(err)) from None
     vae = pv.VAE(
         x_shape=(1, 28, 28),
         z_dim=20,

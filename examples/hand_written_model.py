@@ -71,6 +71,9 @@ def main(steps: int, subset: int | None, test: int) -> None:
     pyro.set_rng_seed(0)
     pyro.clear_param_store()
     data = pv.load_dataset("mnist", binarize="none")
+    for flag, count, split in (("--subset", subset, data.train), ("--test", test, data.test)):
+        if count and count > len(split):
+            raise SystemExit(f"{flag} {count} exceeds the {len(split)} images of the split; give at most that.")
     train = F.avg_pool2d(data.train.x[:subset], 2).flatten(1)  # 14 x 14 grayscale
     x_test = F.avg_pool2d(data.test.x[:test], 2).flatten(1)
 

@@ -22,16 +22,24 @@ from pathlib import Path
 
 import pyro_vae as pv
 from pyro_vae.cli import count_or_zero, positive_int
+from pyro_vae.infer.semisupervised import draw_labelled
 
 
 def main(epochs: int, labels: int, subset: int | None, samples: int, out: str) -> None:
+    if pv.RunDirectory(out).holds_run():  # before any work
+        raise SystemExit(f"{out} already holds a run; give another --out, or continue it with pyro-vae train --resume.")
     data = pv.load_dataset("mnist", binarize="dynamic")
-    if subset:
-        data = data.quick_subset(subset)
+    try:
+        data = data.quick_subset(subset) if subset else data
+        draw_labelled(data.train.y, labels, num_classes=10)  # a label count the data can give
+    except pv.DataError as err:
+        raise SystemExit(str(err)) from None
+    objective = pv.SemiSupervisedELBO(num_labels=labels)
     ssvae = pv.SSVAE(data.x_shape, z_dim=50, hidden=(500,))
+    # pyro-vae train --semi-supervised's settings: Adam 3e-3, the last tenth of the epochs at 3e-4
     run = pv.train_run(
-        ssvae, data, Path(out), objective=pv.SemiSupervisedELBO(num_labels=labels),
-        epochs=epochs, batch_size=200, lr=5e-4, eval_samples=samples, progress=False,
+        ssvae, data, Path(out), objective=objective, epochs=epochs, batch_size=200, lr=3e-3, lr_schedule="step",
+        eval_samples=samples, progress=False,
     )  # fmt: skip
     directory = pv.RunDirectory(run.path)
     metrics = directory.read_metrics()  # the best epoch's validation and test numbers
