@@ -255,3 +255,7 @@ def test_ais_sums_m2_s_labels_out_and_matches_quadrature_on_a_2d_m2():
     assert torch.allclose(ais.log_px, (ais.chain_log_weights.logsumexp(0) - math.log(16)).float())
     importance = pv.log_marginal_likelihood(m2.model, m2.guide, x, num_samples=1000)  # y drawn from q(y | x)
     assert (importance.log_px - truth).abs().mean() > error.abs().mean()
+    with pytest.raises(ValueError, match="compare_is_samples would compare each label"):
+        pv.ais_log_marginal_likelihood_by_label(m2.model, m2.guide, x, 10, compare_is_samples=100)
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        pv.ais_log_marginal_likelihood_by_label(m2.model, m2.guide, x, 1)

@@ -448,6 +448,11 @@ def ais_log_marginal_likelihood_by_label(model, guide, x: torch.Tensor, num_clas
     """
     if num_classes < 2:
         raise ValueError(f"A label needs at least 2 classes; got num_classes={num_classes}.")
+    if ais.get("compare_is_samples"):
+        raise ValueError(
+            "compare_is_samples would compare each label's AIS with importance sampling given that label; "
+            "estimate log p(x) by pv.log_marginal_likelihood (which draws y from the guide) and compare the two."
+        )
     per_label = [
         ais_log_marginal_likelihood(
             model, guide, x, y=torch.tensor(label, device=x.device), **{"max_plate_nesting": 1, **ais}
