@@ -268,7 +268,9 @@ def main(batch_sizes: list[int], repeats: int, steps: int, m2_run: str | None, p
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
     parser.add_argument("--batch-sizes", type=positive_int, nargs="+", default=[128, 512])
     parser.add_argument("--repeats", type=positive_int, default=3)
     parser.add_argument(

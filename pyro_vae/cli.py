@@ -331,11 +331,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Estimate the test log p(x) of a run's best checkpoint. --method is: K importance samples per "
         "point (logsumexp_k [log p(x, z_k) - log q(z_k|x)] - log K) with the ELBO, the active units and the "
         "diagnostics (ESS, Pareto k), into metrics.json and test_log_px.npy. --method ais: annealed importance "
-        "sampling from the encoder (HMC along the geometric path from q(z|x) to p(x, z), spaced by --schedule). "
+        "sampling from the encoder (HMC along the geometric path from q(z|x) to p(x, z), spaced by --schedule; for "
+        "M2 and M1+M2 once per label, y summed out). "
         "--method auto: importance sampling, then AIS on "
         "the points whose Pareto k exceeds 0.7. --method bdmc: lower and upper bounds on points simulated from "
-        "the model, whose gap bounds the error of AIS at its settings. Every method's per-point values go to "
-        "evaluations/<method and settings>.npz; an interrupted AIS or BDMC evaluation continues where it stopped.",
+        "the model, whose gap bounds the error of AIS at its settings (not for M2 and M1+M2). Every method's "
+        "per-point values go to evaluations/<method and settings>.npz; an interrupted AIS or BDMC evaluation "
+        "continues where it stopped.",
         formatter_class=_HelpFormatter,
     )
     evaluate.add_argument("run", help="the run directory")

@@ -7,12 +7,14 @@ by one of four methods:
   (:func:`~pyro_vae.infer.importance.log_marginal_likelihood`), with ESS and
   Pareto-k diagnostics; its per-point values also go to ``test_log_px.npy``;
 * ``"ais"``: annealed importance sampling from the guide
-  (:func:`~pyro_vae.infer.ais.ais_log_marginal_likelihood`);
+  (:func:`~pyro_vae.infer.ais.ais_log_marginal_likelihood`; for a
+  semi-supervised model once per label, the labels summed out,
+  :func:`~pyro_vae.infer.ais.ais_log_marginal_likelihood_by_label`);
 * ``"auto"``: importance sampling on every point, then AIS on the points
   whose Pareto-k exceeds 0.7, where importance sampling cannot be trusted;
 * ``"bdmc"``: bidirectional Monte Carlo bounds on points simulated from the
   model (:func:`~pyro_vae.infer.ais.bdmc`), which bound the error of AIS at
-  its settings.
+  its settings; refused for semi-supervised models, whose label is discrete.
 
 Each evaluation's per-point values go to ``evaluations/<name>.npz`` under a
 name that records the method and its settings, and its summary to
@@ -125,12 +127,15 @@ def current_evaluation(run_dir: str | Path, name: str) -> dict | None:
     """The arrays of the evaluation ``name`` of a run, if it was made of the weights of its best checkpoint now.
 
     None where the run has no such evaluation, or where it trained further since (the evaluation's
-    ``model_digest`` is not the best checkpoint's ``parameter_digest``): then evaluate it again.
+    ``model_digest`` is not the best checkpoint's ``parameter_digest``): then evaluate it again. A kept
+    record (no checkpoint) has no weights to check against: its evaluation is returned as it is.
     """
     directory = RunDirectory(run_dir)
     if name not in directory.read_metrics().get("evaluations", {}):
         return None
     arrays = directory.read_evaluation(name)
+    if not directory.holds_run():
+        return arrays
     return arrays if str(arrays.get("model_digest")) == parameter_digest(load_run(directory.path).model) else None
 
 

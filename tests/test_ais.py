@@ -225,29 +225,34 @@ def test_ais_sums_m2_s_labels_out_and_matches_quadrature_on_a_2d_m2():
     """M2's y is discrete: log p(x) = log sum_y p(y) p(x | y), each p(x | y) by AIS from q(z | x, y).
 
     A 2-D M2 (10 classes, hidden 32) after one epoch on 3,000 points with 100 labels (its best epoch
-    by validation accuracy within three); the truth sums over the labels the quadrature of the VAE
-    test above (400 points a side: the same to float32 rounding as 800 on these points). The tolerance
-    is that test's, 0.05 nats on average at the default settings (measured here: 0.011 on average,
-    0.032 at the worst point): each label's AIS error is of that test's kind.
+    by validation accuracy within three), its class prior then set far from uniform (logits -3 to 3),
+    so that p(y) must enter. The truth sums over the labels the quadrature of the VAE test above (400
+    points a side: the same to float32 rounding as 800 on these points). The tolerance is that test's,
+    0.05 nats on average at the default settings (measured on this model with logits -2 to 2: 0.012 on
+    average, 0.033 at the worst point): each label's AIS error is of that test's kind.
     """
     pyro.set_rng_seed(0)
     data = pv.load_dataset("mnist", binarize="dynamic").subset(train=3000, val=300, test=20)
-    m2 = pv.SSVAE((1, 28, 28), 2, hidden=(32,))
+    m2 = pv.SSVAE((1, 28, 28), 2, hidden=(32,), class_prior="learned")
     objective = pv.SemiSupervisedELBO(num_labels=100, classifier_steps=100)
     pv.fit(m2, data, objective=objective, epochs=1, batch_size=100, progress=False)
+    with torch.no_grad():
+        m2.class_prior_net.logits.copy_(torch.linspace(-3, 3, m2.num_classes))
     x = data.test.x[:20]
-    log_joint = []  # log p(x, y) for every label, by quadrature
+    log_px_given_y = []  # by quadrature, for every label
     for label in range(m2.num_classes):
         y = m2.one_hot(torch.tensor(label))
-        log_px_given_y, border = integral_by_quadrature(
+        log_integral, border = integral_by_quadrature(
             lambda z, y=y: m2.decoder(torch.cat([z, y.expand(len(z), -1)], -1))[:, 0], x, n=400
         )
         assert border.max() < math.log(1e-6)
-        log_joint.append(m2.label_prior().log_prob(y) + log_px_given_y)
-    truth = torch.stack(log_joint).logsumexp(0)
-    # the labels matter: p(x | y) of one label in place of the sum is off by 0.23 nats on average, over four
-    # times the tolerance, so an estimate that ignored y would fail
-    assert (log_joint[0] - m2.label_prior().log_prob(m2.one_hot(torch.tensor(0))) - truth).abs().mean() > 0.2
+        log_px_given_y.append(log_integral)
+    log_px_given_y = torch.stack(log_px_given_y)
+    truth = (m2.label_prior().logits.log_softmax(-1)[:, None] + log_px_given_y).logsumexp(0)
+    # The test has power: p(x | y) of one label in place of the sum is off by 0.27 nats on average, and a
+    # sum that left p(y) out (a plain mean over the labels) by 0.13, over twice the tolerance.
+    assert (log_px_given_y[0] - truth).abs().mean() > 0.1
+    assert (log_px_given_y.logsumexp(0) - math.log(m2.num_classes) - truth).abs().mean() > 0.1
     ais = pv.evaluate.annealed_log_px(m2, x, batch_size=20)
     error = ais.log_px - truth
     assert error.abs().mean() < 0.05 and error.abs().max() < 0.5, (error.abs().mean(), error.abs().max())

@@ -165,9 +165,11 @@ def test_ais_of_the_stacked_model_sums_y_out_and_matches_quadrature(tiny):
 
     At 1,000 steps x 32 chains the measured errors are -0.022 to +0.006 nats (at the defaults, 400 x 16,
     up to 0.04 on these deliberately wide proposals; at 3,000 x 64 at most 0.004, where importance
-    sampling with K = 200,000 is within 0.01): 0.03 is the importance-sampling test's tolerance above.
+    sampling with K = 200,000 is within 0.01). 0.05 is over twice the worst measured error, so that
+    another BLAS's rounding of the seeded chains does not decide the test; a missing log-Jacobian of
+    z1 = m + s f (log s = 0.69) would be far outside it.
     """
     x = tiny.model(batch_size=5).detach()
     truth = log_px_by_quadrature(tiny, x.double())
     estimate = pv.evaluate.annealed_log_px(tiny, x, batch_size=5, num_steps=1000, num_chains=32)
-    torch.testing.assert_close(estimate.log_px.double(), truth, atol=0.03, rtol=0)
+    torch.testing.assert_close(estimate.log_px.double(), truth, atol=0.05, rtol=0)

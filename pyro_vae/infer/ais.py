@@ -157,7 +157,8 @@ class _LatentSpace:
             if support.is_discrete:
                 raise ValueError(
                     f"AIS needs continuous latent sites, but the guide's site {name!r} is discrete ({support}). "
-                    "Sum it out of the model, or estimate log p(x) by importance sampling (method 'is')."
+                    "Sum it out of the model (ais_log_marginal_likelihood_by_label does for a class label y), or "
+                    "estimate log p(x) by importance sampling (method 'is')."
                 )
             self.sites[name] = (biject_to(support), fn.event_dim)
         if not self.sites:
@@ -454,9 +455,7 @@ def ais_log_marginal_likelihood_by_label(model, guide, x: torch.Tensor, num_clas
             "estimate log p(x) by pv.log_marginal_likelihood (which draws y from the guide) and compare the two."
         )
     per_label = [
-        ais_log_marginal_likelihood(
-            model, guide, x, y=torch.tensor(label, device=x.device), **{"max_plate_nesting": 1, **ais}
-        )
+        ais_log_marginal_likelihood(model, guide, x, y=torch.tensor(label, device=x.device), **ais)
         for label in range(num_classes)
     ]
     chain_log_weights = torch.stack([estimate.chain_log_weights for estimate in per_label]).logsumexp(0)
