@@ -134,9 +134,17 @@ def current_evaluation(run_dir: str | Path, name: str) -> dict | None:
     if name not in directory.read_metrics().get("evaluations", {}):
         return None
     arrays = directory.read_evaluation(name)
-    if not directory.holds_run():
-        return arrays
-    return arrays if str(arrays.get("model_digest")) == parameter_digest(load_run(directory.path).model) else None
+    return arrays if _of_current_weights(directory, arrays.get("model_digest")) else None
+
+
+def _of_current_weights(directory: RunDirectory, made_of) -> bool:
+    """Whether values made of the weights of digest ``made_of`` describe the run's best checkpoint now.
+
+    A kept record (no checkpoint), or values saved without a digest, cannot be checked: True.
+    """
+    if made_of is None or not directory.holds_run():
+        return True
+    return str(made_of) == parameter_digest(load_run(directory.path).model)
 
 
 def evaluate_run(
@@ -366,12 +374,11 @@ def compare_runs(run_dirs: list[str | Path], evaluation: str | None = None) -> l
         else:
             arrays = directory.read_evaluation(evaluation)
             log_px, made_of = arrays["log_px"], arrays.get("model_digest")
-        if made_of is not None and directory.holds_run():  # a kept record has no weights to check against
-            if str(made_of) != parameter_digest(load_run(directory.path).model):
-                raise ValueError(
-                    f"The evaluation {evaluation or 'test_log_px.npy'!r} of {run_dir} was made of other weights "
-                    f"than its best checkpoint now (the run trained further); run pyro-vae evaluate {run_dir} again."
-                )
+        if not _of_current_weights(directory, made_of):
+            raise ValueError(
+                f"The evaluation {evaluation or 'test_log_px.npy'!r} of {run_dir} was made of other weights "
+                f"than its best checkpoint now (the run trained further); run pyro-vae evaluate {run_dir} again."
+            )
         runs.append((run_dir, directory.read_config(), directory.read_metrics(), log_px))
     identities = {_test_set_identity(config) for _, config, _, _ in runs}
     lengths = {len(log_px) for *_, log_px in runs}
