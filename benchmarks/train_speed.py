@@ -281,10 +281,10 @@ if __name__ == "__main__":
         "--profile", type=positive_int, help="profile this many steady-state steps of fit (first batch size) instead"
     )
     args = parser.parse_args()
-    given = {flag for flag in ("--repeats", "--steps", "--m2-run") for arg in sys.argv[1:] if arg.split("=")[0] == flag}
+    given = sorted({arg.split("=")[0] for arg in sys.argv[1:]} & {"--repeats", "--steps", "--m2-run"})
     if args.profile and given:
         verb = "does" if len(given) == 1 else "do"
-        parser.error(f"--profile times fit's steps alone; {', '.join(sorted(given))} {verb} not apply to it.")
+        parser.error(f"--profile times fit's steps alone; {', '.join(given)} {verb} not apply to it.")
     if args.m2_run:  # checked now, not after the minutes of the epoch benchmarks
         if not pv.RunDirectory(args.m2_run).holds_run():
             parser.error(f"--m2-run {args.m2_run} holds no trained run; give a pyro-vae train run of M2.")
