@@ -2,6 +2,8 @@ import os
 from collections import Counter
 
 import pyro
+import pyro.distributions as dist
+import pyro.poutine as poutine
 import pytest
 import torch
 
@@ -37,6 +39,32 @@ def small_vae(**kwargs):
     """A small MLP VAE for MNIST that trains in a second."""
     kwargs.setdefault("hidden", (128,))
     return pv.VAE((1, 28, 28), kwargs.pop("z_dim", 8), **kwargs)
+
+
+class LinearGaussian:
+    """p(z) = N(0, I), p(x | z) = N(W z + b, diag sigma^2), with W, b and sigma drawn from ``seed``.
+
+    Its answers are known in closed form: p(x) = N(x; b, W W^T + diag sigma^2) (:attr:`marginal`), and
+    p(z | x) = N(S W^T diag(sigma^-2) (x - b), S) with S = (I + W^T diag(sigma^-2) W)^-1.
+    """
+
+    def __init__(self, seed: int, data_dim: int = 5, latent_dim: int = 2):
+        g = torch.Generator().manual_seed(seed)
+        self.W, self.b = torch.randn(data_dim, latent_dim, generator=g), torch.randn(data_dim, generator=g)
+        self.sigma = 0.5 + torch.rand(data_dim, generator=g)
+        self.marginal = dist.MultivariateNormal(self.b, self.W @ self.W.T + torch.diag(self.sigma**2))
+        precision = torch.eye(latent_dim) + self.W.T @ torch.diag(self.sigma**-2) @ self.W
+        self.posterior_covariance = torch.linalg.inv(precision)
+
+    def posterior_mean(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.b) @ torch.diag(self.sigma**-2) @ self.W @ self.posterior_covariance
+
+    def model(self, x=None, scale=1.0, batch_size=None):
+        """The model; ``scale`` scales the latent site's log density (KL annealing), ``batch_size`` simulates."""
+        with pyro.plate("data", x.shape[0] if x is not None else batch_size):
+            with poutine.scale(scale=scale):
+                z = pyro.sample("z", dist.Normal(torch.zeros(self.W.shape[1]), 1.0).to_event(1))
+            return pyro.sample("x", dist.Normal(z @ self.W.T + self.b, self.sigma).to_event(1), obs=x)
 
 
 def continuous_bernoulli_log_density(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:

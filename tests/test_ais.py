@@ -4,42 +4,29 @@ import math
 
 import pyro
 import pyro.distributions as dist
-import pyro.poutine as poutine
 import pytest
 import torch
+from conftest import LinearGaussian
 
 import pyro_vae as pv
 from pyro_vae.infer.ais import beta_schedule
 
-D, Z = 5, 2
-
 
 @pytest.fixture(scope="module")
 def linear_gaussian():
-    """p(z) = N(0, I), p(x | z) = N(Wz + b, diag sigma^2), so log p(x) = log N(x; b, W W^T + diag sigma^2).
-
-    The guide is deliberately poor: mean-field, shifted by 0.5 and too narrow (0.6 of the posterior's
-    standard deviations), so that importance sampling from it has heavy-tailed weights.
-    """
-    g = torch.Generator().manual_seed(1)
-    W, b = torch.randn(D, Z, generator=g), torch.randn(D, generator=g)
-    sigma = 0.5 + torch.rand(D, generator=g)
-    marginal = dist.MultivariateNormal(b, W @ W.T + torch.diag(sigma**2))
-    post_cov = torch.linalg.inv(torch.eye(Z) + W.T @ torch.diag(sigma**-2) @ W)
-
-    def model(x=None, scale=1.0, batch_size=None):
-        n = x.shape[0] if x is not None else batch_size
-        with pyro.plate("data", n):
-            with poutine.scale(scale=scale):
-                z = pyro.sample("z", dist.Normal(torch.zeros(Z), 1.0).to_event(1))
-            return pyro.sample("x", dist.Normal(z @ W.T + b, sigma).to_event(1), obs=x)
+    """The closed-form model of conftest (seed 1) with a deliberately poor guide: mean-field, shifted by 0.5
+    and too narrow (0.6 of the posterior's standard deviations), so that importance sampling from it has
+    heavy-tailed weights."""
+    lg = LinearGaussian(seed=1)
 
     def poor_guide(x, scale=1.0, batch_size=None):
-        loc = (x - b) @ torch.diag(sigma**-2) @ W @ post_cov
         with pyro.plate("data", x.shape[0]):
-            pyro.sample("z", dist.Normal(loc + 0.5, 0.6 * post_cov.diagonal().sqrt()).to_event(1))
+            pyro.sample(
+                "z",
+                dist.Normal(lg.posterior_mean(x) + 0.5, 0.6 * lg.posterior_covariance.diagonal().sqrt()).to_event(1),
+            )
 
-    return model, poor_guide, marginal
+    return lg.model, poor_guide, lg.marginal
 
 
 def test_the_sigmoid_schedule_runs_from_zero_to_one_densest_at_the_ends():

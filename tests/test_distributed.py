@@ -1,5 +1,6 @@
 """Lightning DDP: two CPU processes (gloo) train one VAE and leave an ordinary run directory."""
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -9,9 +10,11 @@ import pytest
 import pyro_vae as pv
 from pyro_vae import cli
 from pyro_vae.runs.files import read_json
+from pyro_vae.training.parallel import parameter_digest
 
-pytest.importorskip("lightning")
-from pyro_vae.training.parallel import parameter_digest  # noqa: E402
+needs_lightning = pytest.mark.skipif(
+    importlib.util.find_spec("lightning") is None, reason="needs pyro-vae[distributed]"
+)
 
 SMALL = ["--subset", "512", "--hidden", "32", "--z-dim", "4", "--batch-size", "32", "--eval-samples", "10"]
 SMALL += ["--no-progress"]  # K = 10 for the test log p(x): no test reads it
@@ -28,6 +31,7 @@ def train(*args: str, cwd) -> subprocess.CompletedProcess:
     )
 
 
+@needs_lightning
 def test_two_processes_train_one_model(tmp_path):
     # From the random output-bias start the loss falls fast and steadily; from the data's means (the default) it is
     # already near -207 nats and three epochs on 512 points barely move it.
@@ -58,6 +62,7 @@ def test_two_processes_train_one_model(tmp_path):
     assert pv.load_run(run).epoch == 4
 
 
+@needs_lightning
 def test_a_distributed_run_never_overwrites_another(tmp_path):
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "checkpoint.pt").write_bytes(b"an earlier run")

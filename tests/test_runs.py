@@ -165,19 +165,34 @@ def _layer(module: str) -> int:
     return next(i for i, names in enumerate(LAYERS) if module.split(".")[0] in names)
 
 
-def _imports(path: Path) -> set[str]:
-    """The pyro_vae modules a file imports, as dotted names below pyro_vae."""
-    module = path.relative_to(PACKAGE).with_suffix("").parts
-    package = module[:-1] if module[-1] != "__init__" else module[:-1]
+def _imports(source: str, package: tuple[str, ...]) -> set[str]:
+    """The pyro_vae modules (or their members) that ``source``, a module of ``package``, imports.
+
+    As dotted names below pyro_vae, e.g. "infer.elbo.ELBO" for ``from ..infer.elbo import ELBO``.
+    """
     found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.level:
-            base = package[: len(package) - node.level + 1]
-            target = (*base, *(node.module.split(".") if node.module else ()))
-            found.add(".".join(target) if target else (node.names[0].name))
-        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pyro_vae."):
-            found.add(node.module.removeprefix("pyro_vae."))
-    return {name for name in found if name and name != "__init__"}
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found.update(
+                alias.name.removeprefix("pyro_vae.") for alias in node.names if alias.name.startswith("pyro_vae.")
+            )
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[: len(package) - node.level + 1]
+                target = ".".join((*base, *(node.module.split(".") if node.module else ())))
+            elif node.module == "pyro_vae" or (node.module or "").startswith("pyro_vae."):
+                target = node.module.removeprefix("pyro_vae").removeprefix(".")
+            else:
+                continue
+            found.update(f"{target}.{alias.name}" if target else alias.name for alias in node.names)
+    return {name for name in found if name.split(".")[0] not in ("", "__init__")}
+
+
+def test_the_import_finder_sees_every_form_of_import():
+    source = "\n".join(
+        ["from pyro_vae import cli", "import pyro_vae.accel", "from .. import data, workflow", "from .elbo import x", "import torch"]
+    )
+    assert _imports(source, ("infer",)) == {"cli", "accel", "data", "workflow", "infer.elbo.x"}
 
 
 def test_every_import_runs_down_the_layers_and_components_and_models_use_no_compiler():
@@ -187,7 +202,8 @@ def test_every_import_runs_down_the_layers_and_components_and_models_use_no_comp
         module = ".".join(path.relative_to(PACKAGE).with_suffix("").parts)
         if module == "__init__":
             continue  # the package's face re-exports every layer
-        for target in _imports(path):
+        package = tuple(module.split(".")[:-1])
+        for target in _imports(path.read_text(), package):
             assert _layer(target) <= _layer(module), f"{module} imports {target}, a layer above it"
             if module.startswith(("components", "models")):
                 assert not target.startswith("accel"), f"{module} imports the compiler machinery ({target})"
