@@ -190,7 +190,13 @@ def _imports(source: str, package: tuple[str, ...]) -> set[str]:
 
 def test_the_import_finder_sees_every_form_of_import():
     source = "\n".join(
-        ["from pyro_vae import cli", "import pyro_vae.accel", "from .. import data, workflow", "from .elbo import x", "import torch"]
+        [
+            "from pyro_vae import cli",
+            "import pyro_vae.accel",
+            "from .. import data, workflow",
+            "from .elbo import x",
+            "import torch",
+        ]
     )
     assert _imports(source, ("infer",)) == {"cli", "accel", "data", "workflow", "infer.elbo.x"}
 
