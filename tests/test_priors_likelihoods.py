@@ -10,7 +10,7 @@ from conftest import continuous_bernoulli_log_density
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 
 import pyro_vae as pv
-from pyro_vae.components.likelihoods import LIKELIHOODS, build_likelihood
+from pyro_vae.components.likelihoods import LIKELIHOODS, LogitContinuousBernoulli, build_likelihood
 from pyro_vae.components.priors import PRIORS, build_prior
 
 X_SHAPE, Z_DIM = (1, 4, 4), 3
@@ -238,6 +238,15 @@ def test_the_constant_fit_maximises_the_likelihood_of_the_data(likelihood):
         assert log_likelihood(fit + step) < best
     if likelihood == "gaussian":
         assert torch.allclose(lik.scale(fit.expand(2, *fit.shape)), torch.tensor(lik.init_scale))
+
+
+def test_the_continuous_bernoulli_fit_matches_means_near_the_clipping_range():
+    """Its mean is exact at any logit (torch's stops rising at 0.972, where the logit is about 36)."""
+    target = torch.tensor([0.01, 0.02, 0.5, 0.975, 0.98, 0.99])
+    x = target.expand(3, 6).double()
+    fit = build_likelihood("continuous-bernoulli").constant_fit(x)
+    mean = LogitContinuousBernoulli(logits=fit.double()).mean.squeeze(0)
+    torch.testing.assert_close(mean, target.double(), atol=1e-6, rtol=0)  # float32 logits near 100: 1e-7 apart
 
 
 def test_a_likelihood_without_a_constant_fit_leaves_the_decoder_as_initialised():
