@@ -200,6 +200,34 @@ def test_bad_labels_get_clear_errors(labels, message):
         ssvae.check_labels(labels, torch.zeros(3, *X_SHAPE))
 
 
+@pytest.mark.parametrize(
+    "objective",
+    ["trace", "meanfield", "iwae", {"name": "trace", "gradient": "stl"}],
+    ids=["trace", "meanfield", "iwae", "stl"],
+)
+def test_an_objective_that_cannot_train_m2_is_refused_before_any_work(objective, tmp_path):
+    """Under a plain ELBO M2's val_accuracy is never measured, so every epoch would count as the best one;
+    the closed-form KL needs a mean-field guide; IWAE and STL differentiate through draws that y has not."""
+    torch.manual_seed(0)
+    x = torch.bernoulli(torch.full((40, *X_SHAPE), 0.3))
+    data = pv.Dataset(
+        "toy",
+        pv.data.Split(x[:20], torch.arange(20) % 4),
+        pv.data.Split(x[20:30], torch.arange(10) % 4),
+        pv.data.Split(x[30:], torch.arange(10) % 4),
+    )
+    ssvae = SSVAE(X_SHAPE, z_dim=2, num_classes=4, hidden=(8,))
+    why = {
+        "trace": "picks its best epoch by val_accuracy.*'semi-supervised'",
+        "meanfield": "guide whose latent sites are independent.*'semi-supervised'",
+        "iwae": "IWAE training needs a guide whose every latent site is reparameterisable.*'y' is not",
+        "stl": "The STL gradient needs a guide whose every latent site is reparameterisable.*'y' is not",
+    }
+    with pytest.raises(ValueError, match=why[objective if isinstance(objective, str) else "stl"]):
+        pv.fit(ssvae, data, objective=objective, epochs=1, run_dir=tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+
+
 def subset_for_labels():
     return pv.load_dataset("mnist", binarize="dynamic").subset(train=1000, val=500, test=500)
 

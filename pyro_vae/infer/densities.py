@@ -170,6 +170,20 @@ def latent_sites(trace) -> Iterator[tuple[str, dict]]:
             yield name, site
 
 
+def check_reparameterized_guide(guide, x: torch.Tensor, estimator: str) -> None:
+    """Refuse a guide whose latent sites do not all draw by reparameterisation (``rsample``), as
+    ``estimator``'s gradient through the draws needs; one trace of ``guide(x)``, before any training."""
+    with torch.no_grad():
+        trace = poutine.trace(guide).get_trace(x)
+    sites = [name for name, site in latent_sites(trace) if not site["fn"].has_rsample]
+    if sites:
+        raise ValueError(
+            f"{estimator} needs a guide whose every latent site is reparameterisable (has rsample); "
+            f"{', '.join(repr(name) for name in sites)} {'is' if len(sites) == 1 else 'are'} not. Train with the "
+            "'trace' ELBO and its standard gradient, or with the model's default objective."
+        )
+
+
 def site_log_densities(
     model,
     guide,

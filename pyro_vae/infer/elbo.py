@@ -23,6 +23,7 @@ from typing import ClassVar
 
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 
+from .densities import check_reparameterized_guide
 from .objective import Objective, register_objective
 from .path_derivatives import GRADIENTS, STL_ELBO
 
@@ -52,6 +53,10 @@ class ELBO(Objective):
             num_particles=self.num_particles, vectorize_particles=self.num_particles > 1, max_plate_nesting=1
         )
 
+    def setup(self, model, data, *, batch_size):
+        if self.gradient == "stl":
+            check_reparameterized_guide(model.guide, data.train.x[:2], "The STL gradient")
+
     def loss(self, model, x, *, kl_weight):
         if self.gradient == "stl":
             return STL_ELBO(model, self.num_particles).differentiable_loss(
@@ -73,8 +78,10 @@ class MeanFieldELBO(ELBO):
     gradients = ("standard",)
 
     def setup(self, model, data, *, batch_size):
+        super().setup(model, data, batch_size=batch_size)
         if not model.mean_field_guide:
             raise ValueError(
                 f"The 'meanfield' ELBO takes KL(q(z | x) || p(z)) site by site, which needs a guide whose latent "
-                f"sites are independent given x; the guide of this {type(model).__name__} is not. Use 'trace'."
+                f"sites are independent given x; the guide of this {type(model).__name__} is not. Use its default "
+                f"objective, {model.default_objective!r}."
             )

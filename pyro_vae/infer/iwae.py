@@ -24,7 +24,7 @@ import math
 
 import torch
 
-from .densities import evaluating, negligible_shares, site_log_densities
+from .densities import check_reparameterized_guide, evaluating, negligible_shares, site_log_densities
 from .importance import log_marginal_likelihood
 from .objective import Objective, register_objective
 from .path_derivatives import GRADIENTS, DReG_IWAE_ELBO
@@ -80,6 +80,9 @@ class IWAEBound(Objective):
             )
         self.bound = IWAE_ELBO(num_particles=int(num_particles))
         self.num_particles, self.gradient = self.bound.num_particles, gradient
+
+    def setup(self, model, data, *, batch_size):
+        check_reparameterized_guide(model.guide, data.train.x[:2], "IWAE training")
 
     def loss(self, model, x, *, kl_weight):
         if self.gradient == "dreg":

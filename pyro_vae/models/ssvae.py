@@ -99,6 +99,7 @@ class SemiSupervisedModel(Model):
 
     default_objective = "semi-supervised"
     validation_metric = "val_accuracy"
+    mean_field_guide = False  # q(z | x, y) depends on y
     figures = ("learning_curves", "accuracy", "latent_space", "style_transfer", "class_samples")
     num_classes: int
 

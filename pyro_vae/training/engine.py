@@ -365,9 +365,23 @@ class _Engine:
         if processes.config() is not None:
             self.config["distributed"] = processes.config()
         self.metric = objective.validation_metric or model.validation_metric
+        self._check_validation_metric()
         self.history: list[dict] = []
         self.best_epoch, self.best_state = 0, None
         self.run: RunDirectory | None = None
+
+    def _check_validation_metric(self) -> None:
+        """Refuse, before any work, an objective whose validation lacks the metric that picks the best epoch
+        (M2's ``val_accuracy`` under a plain ELBO): every epoch would count as the best."""
+        if not self.processes.is_writer:
+            return
+        measured = self.objective.validate(self.model, self.data.val.subset(2), "val_")
+        if self.metric not in measured:
+            raise ValueError(
+                f"A {type(self.model).__name__} picks its best epoch by {self.metric}, which the "
+                f"{self.objective.name!r} objective does not measure (it gives {', '.join(sorted(measured))}); "
+                f"train it with its own objective, {self.model.default_objective!r}."
+            )
 
     # --------------------------------------------------------------- start
     def train(self, run: RunDirectory | None, resume: bool) -> list[dict]:
