@@ -41,6 +41,7 @@ from .infer.elbo import ELBO, MeanFieldELBO
 from .infer.iwae import IWAEBound
 from .infer.semisupervised import SemiSupervisedELBO
 from .models import MODELS, SSVAE, VAE, HierarchicalVAE, LatentFeatures, Model, StackedSSVAE, register_model
+from .registry import load_plugins
 from .runs import CheckpointError, Run, RunDirectory, RunLocked, load_run
 from .training import LightningProcesses, TrainingDiverged, TrainingInterrupted, fit
 from .workflow import resume_run, train_run
@@ -51,6 +52,7 @@ __all__ = [
     "ais_log_marginal_likelihood",
     "ais_log_marginal_likelihood_by_label",
     "bdmc",
+    "load_plugins",
     "ELBO",
     "MODELS",
     "OBJECTIVES",

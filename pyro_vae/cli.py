@@ -28,6 +28,7 @@ from .infer.ais import DEFAULT_CHAINS, DEFAULT_LEAPFROG_STEPS, DEFAULT_SCHEDULE,
 from .infer.path_derivatives import GRADIENTS
 from .models import SSVAE, VAE, HierarchicalVAE, LatentFeatures, StackedSSVAE
 from .models.ssvae import CLASS_PRIORS
+from .registry import load_plugins
 from .runs import CheckpointError, RunDirectory, load_run
 from .training import LightningProcesses, TrainingDiverged, TrainingInterrupted
 from .training.engine import AUTO_COMPILE_STEPS, MAX_SEED, OUTPUT_BIAS_STARTS, resolve_device
@@ -719,6 +720,11 @@ def _report(run) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        load_plugins()  # before the parser, whose choices list the registered priors, likelihoods and objectives
+    except ImportError as err:
+        print(f"pyro-vae: error: {err}", file=sys.stderr)
+        return 2
     parser = build_parser()
     args = parser.parse_args(argv)  # a bad value: its one-line message, then SystemExit(2)
     check_flag_combinations(parser, args, flags_given(argv))

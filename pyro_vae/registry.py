@@ -4,15 +4,22 @@ A :class:`Registry` maps a name to a class. The class carries its own name
 (``cls.name``); ``registry.register`` is usable as a decorator, and
 ``registry.build(config)`` turns the dict that ``obj.config()`` wrote back
 into an object, so that a run's ``config.json`` rebuilds it exactly. An
-unknown name gets an error that lists the known ones.
+unknown name gets an error that lists the known ones. The ``pyro-vae``
+command first imports the modules that installed packages declare as
+``pyro_vae.plugins`` entry points (:func:`load_plugins`), so that the pieces
+they register are known to it too.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from importlib.metadata import entry_points
 from typing import Generic, TypeVar
 
 T = TypeVar("T", bound=type)
+
+#: The entry-point group whose modules the ``pyro-vae`` command imports before it starts (:func:`load_plugins`).
+PLUGIN_GROUP = "pyro_vae.plugins"
 
 
 class Registry(Mapping, Generic[T]):
@@ -38,22 +45,21 @@ class Registry(Mapping, Generic[T]):
     def lookup(self, name: str) -> T:
         """The class registered as ``name``, or a ``ValueError`` that lists the known names."""
         if name not in self._classes:
-            raise ValueError(f"Unknown {self.kind} {name!r}; choose one of {sorted(self._classes)}.")
+            raise ValueError(
+                f"Unknown {self.kind} {name!r}; choose one of {sorted(self._classes)}. A {self.kind} of your own is "
+                f"known once the module that registers it is imported: in Python, import it first; for the "
+                f"pyro-vae command, declare the module as a {PLUGIN_GROUP!r} entry point of its package."
+            )
         return self._classes[name]
 
-    def build(self, config: dict | str, **extra):
-        """An object from its short name, or from the dict its ``config()`` wrote (``{"name": ..., **arguments}``).
-
-        A class with a ``from_config`` classmethod gets the whole dict; any
-        other is called with the arguments.
-        """
+    def build(self, config: dict | str):
+        """An object from its short name, or from the dict its ``config()`` wrote (``{"name": ..., **arguments}``):
+        the class called with the arguments."""
         config = {"name": config} if isinstance(config, str) else dict(config)
         if "name" not in config:
             raise ValueError(f"A {self.kind} config needs a 'name'; got {config}.")
         cls = self.lookup(config["name"])
-        if hasattr(cls, "from_config"):
-            return cls.from_config(config, **extra)
-        return cls(**{key: value for key, value in config.items() if key != "name"}, **extra)
+        return cls(**{key: value for key, value in config.items() if key != "name"})
 
     def __getitem__(self, name: str) -> T:
         return self._classes[name]
@@ -70,3 +76,28 @@ class Registry(Mapping, Generic[T]):
 
     def __repr__(self) -> str:
         return f"Registry({self.kind!r}, {sorted(self._classes)})"
+
+
+def load_plugins() -> list[str]:
+    """Import every module that an installed package declares in the entry-point group ``pyro_vae.plugins``.
+
+    The modules register their priors, likelihoods, objectives or models as they are imported, so that
+    the command line offers them and rebuilds the runs that used them. A package declares its module in
+    its ``pyproject.toml``::
+
+        [project.entry-points."pyro_vae.plugins"]
+        my_likelihoods = "my_package.likelihoods"
+
+    :returns: the names of the entry points loaded.
+    """
+    loaded = []
+    for entry_point in entry_points(group=PLUGIN_GROUP):
+        try:
+            entry_point.load()
+        except Exception as err:
+            raise ImportError(
+                f"The {PLUGIN_GROUP} entry point {entry_point.name!r} ({entry_point.value}) failed to import: {err}. "
+                f"Fix or uninstall the package that declares it."
+            ) from err
+        loaded.append(entry_point.name)
+    return loaded

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from pyro_vae.cli import main
+from pyro_vae.components.likelihoods import LIKELIHOODS
 
 SMALL = ["--subset", "500", "--hidden", "64", "--eval-samples", "10", "--no-progress"]  # K = 10: no test reads it
 
@@ -105,3 +106,52 @@ def test_console_script_help():
 def test_module_entry_point():
     out = subprocess.run([sys.executable, "-m", "pyro_vae.cli", "--help"], capture_output=True, text=True, check=True)
     assert "train" in out.stdout
+
+
+PLUGIN = """
+import pyro.distributions as dist
+import pyro_vae as pv
+
+
+@pv.likelihoods.register_likelihood
+class StudentT(pv.likelihoods.Likelihood):
+    name = "student-t"
+
+    def forward(self, params):
+        return dist.StudentT(3.0, self._param(params, 0), 0.1).to_event(len(self.x_shape))
+"""
+
+
+def install_plugin(folder, module: str, source: str):
+    """A package that declares ``module`` as a pyro_vae.plugins entry point, as pip would install it."""
+    (folder / f"{module}.py").write_text(source)
+    info = folder / f"{module}-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module}\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text(f"[pyro_vae.plugins]\n{module} = {module}\n")
+
+
+def test_a_likelihood_from_an_installed_plugin_trains_and_evaluates_by_command(tmp_path, monkeypatch, capsys):
+    install_plugin(tmp_path, "pyro_vae_test_plugin", PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    run = tmp_path / "runs" / "t"
+    try:
+        args = ["train", *SMALL, "--likelihood", "student-t", "--epochs", "1", "--out", str(run.parent), "--name", "t"]
+        assert main(args) == 0
+        del LIKELIHOODS["student-t"], sys.modules["pyro_vae_test_plugin"]  # as a new process starts
+        assert main(["evaluate", str(run), "--samples", "4", "--test-points", "20", "--no-progress"]) == 0
+    finally:
+        LIKELIHOODS._classes.pop("student-t", None)
+        sys.modules.pop("pyro_vae_test_plugin", None)
+    sys.path.remove(str(tmp_path))  # the plugin uninstalled: its run's error names the fix
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "--samples", "4", "--no-progress"]) == 2
+    assert "Unknown likelihood 'student-t'" in (err := capsys.readouterr().err) and "'pyro_vae.plugins'" in err
+
+
+def test_a_plugin_that_fails_to_import_is_named(tmp_path, monkeypatch, capsys):
+    install_plugin(tmp_path, "pyro_vae_broken_plugin", "raise RuntimeError('broken on purpose')")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(["train", "--help"]) == 2
+    err = capsys.readouterr().err
+    assert "entry point 'pyro_vae_broken_plugin'" in err and "broken on purpose" in err
