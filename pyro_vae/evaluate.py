@@ -31,6 +31,7 @@ smaller than the two separate standard errors would suggest.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import time
 from pathlib import Path
@@ -39,6 +40,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .data import Dataset
 from .infer import (
     BDMC,
     AISEstimate,
@@ -60,7 +62,7 @@ from .infer.importance import PARETO_THRESHOLD
 from .models import Model, SemiSupervisedModel
 from .models.base import ACTIVE_UNIT_THRESHOLD
 from .runs import RunDirectory, load_run
-from .training.parallel import parameter_digest
+from .training.parallel import parameter_digest, state_digest
 
 METHODS = ("is", "ais", "auto", "bdmc")
 #: The per-point results an AIS evaluation saves (attributes of ``AISEstimate``).
@@ -144,7 +146,7 @@ def _of_current_weights(directory: RunDirectory, made_of) -> bool:
     """
     if made_of is None or not directory.holds_run():
         return True
-    return str(made_of) == parameter_digest(load_run(directory.path).model)
+    return str(made_of) == state_digest(directory.load_checkpoint("best")["model"])
 
 
 def evaluate_run(
@@ -162,8 +164,13 @@ def evaluate_run(
     seed: int = 0,
     device: str = "cpu",
     progress: bool = True,
+    model: Model | None = None,
+    data: Dataset | None = None,
 ) -> dict:
     """Evaluate a run's best checkpoint (the one ``metrics.json`` reports) by ``method``; returns the summary.
+
+    The model and test data are rebuilt from ``config.json``; pass ``model`` for a run with custom
+    networks and ``data`` for one trained on your own tensors (its test split is evaluated).
 
     :param num_samples: K of importance sampling (``"is"``, ``"auto"``).
     :param num_steps, num_chains, leapfrog_steps, schedule: the AIS settings (``"ais"``, ``"auto"``, ``"bdmc"``).
@@ -182,14 +189,14 @@ def evaluate_run(
         raise ValueError(f"schedule must be one of {SCHEDULES}; got {schedule!r}.")
     directory = RunDirectory(run_dir)
     directory.check_resumable()
-    run = load_run(directory.path, map_location=device)
+    run = load_run(directory.path, model=model, map_location=device)
     if method == "bdmc" and isinstance(run.model, SemiSupervisedModel):
         raise ValueError(
             "BDMC simulates points with their latents from the model and anneals every latent, but the label y "
             f"of {type(run.model).__name__} is discrete; estimate its log p(x) with method 'ais' (which sums y "
             "out) or 'is'."
         )
-    test = run.load_data().test.x
+    test = (run.load_data() if data is None else data).test.x
     if test_points is not None and test_points > len(test):
         raise ValueError(
             f"test_points must be at most the run's {len(test)} test points; got {test_points} "
@@ -200,6 +207,7 @@ def evaluate_run(
     model, clock = run.model, _WallClock()
     identity = {"model_digest": parameter_digest(model), "seed": seed, "batch_size": batch_size}
     with directory.lock():
+        _check_partial_evaluation(directory, name, identity)
         if method == "bdmc":
             bounds = _resumable_bdmc(directory, name, model, num_points, batch_size, ais, seed, progress, identity,
                                      clock)  # fmt: skip
@@ -209,7 +217,9 @@ def evaluate_run(
             arrays, summary = _evaluate_test_points(directory, name, model, x, method, num_samples, batch_size,
                                                     ais, seed, progress, identity, clock)  # fmt: skip
         summary.update(method=method, seconds=clock.seconds(), seed=seed)
-        directory.write_evaluation(name, {**arrays, "model_digest": identity["model_digest"]})
+        test_digest = points_digest(x) if method != "bdmc" else None  # BDMC's points are simulated
+        points = {} if test_digest is None else {"test_digest": test_digest}
+        directory.write_evaluation(name, {**arrays, "model_digest": identity["model_digest"], **points})
         metrics = directory.read_metrics()
         metrics.setdefault("evaluations", {})[name] = summary
         if method == "is" and test_points is None:  # the headline numbers and test_log_px.npy: all test points
@@ -218,6 +228,7 @@ def evaluate_run(
             per_layer = active_units_per_layer(model, x)
             metrics.update({"active_units": sum(per_layer), "z_dim": model.z_dim, "log_px_seed": seed})
             metrics[RunDirectory.LOG_PX_DIGEST] = identity["model_digest"]  # the weights test_log_px.npy describes
+            metrics[RunDirectory.LOG_PX_TEST_DIGEST] = test_digest  # and the points
             if len(per_layer) > 1:
                 metrics.update(active_units_per_layer=per_layer, latent_sizes=list(model.latent_sizes))
             directory.write_log_px(arrays["log_px"])
@@ -236,18 +247,24 @@ def _evaluate_test_points(
             directory, name, model, x, np.arange(len(x)), batch_size, ais, seed, progress, identity, clock
         )
         return estimate, ais_summary(*(estimate[key] for key in AIS_COLUMNS), ais)
-    importance = log_marginal_likelihood(
-        model.model, model.guide, x, num_samples=num_samples, batch_size=batch_size, seed=seed, progress=progress
-    )
-    if method == "is":
-        arrays = {"log_px": importance.log_px.double().numpy(), "pareto_k": importance.pareto_k.numpy()}
-        return arrays, importance.summary()
-    unreliable = np.flatnonzero(importance.pareto_k.numpy() > PARETO_THRESHOLD)
-    log_px = importance.log_px.double().numpy().copy()
+    saved = directory.read_evaluation(name, partial=True) if method == "auto" else None
+    if saved is not None and _same_identity(saved, identity) and "is_log_px" in saved:
+        is_log_px, pareto_k = saved["is_log_px"], saved["pareto_k"]  # a continued "auto": its IS pass is kept
+    else:
+        importance = log_marginal_likelihood(
+            model.model, model.guide, x, num_samples=num_samples, batch_size=batch_size, seed=seed, progress=progress
+        )
+        is_log_px, pareto_k = importance.log_px.double().numpy(), importance.pareto_k.numpy()
+        if method == "is":
+            return {"log_px": is_log_px, "pareto_k": pareto_k}, importance.summary()
+    importance_pass = {"is_log_px": is_log_px, "pareto_k": pareto_k}
+    directory.write_evaluation(name, {**identity, **importance_pass, "seconds": clock.seconds()}, partial=True)
+    unreliable = np.flatnonzero(pareto_k > PARETO_THRESHOLD)
+    log_px = is_log_px.copy()
     summary = {"num_points": len(x), "num_escalated": len(unreliable), "is_log_px": float(log_px.mean())}
     if len(unreliable):
         estimate = _resumable_ais(
-            directory, name, model, x, unreliable, batch_size, ais, seed, progress, identity, clock
+            directory, name, model, x, unreliable, batch_size, ais, seed, progress, identity, clock, importance_pass
         )
         log_px[unreliable] = estimate["log_px"]
         annealed = ais_summary(*(estimate[key] for key in AIS_COLUMNS), ais)
@@ -256,7 +273,7 @@ def _evaluate_test_points(
     summary["nll"] = -summary["log_px"]
     escalated = np.zeros(len(x), dtype=bool)
     escalated[unreliable] = True
-    return {"log_px": log_px, "pareto_k": importance.pareto_k.numpy(), "escalated": escalated}, summary
+    return {"log_px": log_px, "pareto_k": pareto_k, "escalated": escalated}, summary
 
 
 class _WallClock:
@@ -269,6 +286,26 @@ class _WallClock:
         return self.earlier + time.perf_counter() - self.started
 
 
+def _same_identity(saved: dict, identity: dict) -> bool:
+    return all(str(saved.get(key)) == str(value) for key, value in identity.items())
+
+
+def _check_partial_evaluation(directory, name: str, identity: dict) -> None:
+    """Refuse to overwrite a partial evaluation of the same weights begun with another seed or batch size.
+
+    One of other weights (the run trained on since) is of no use and is started again.
+    """
+    done = directory.read_evaluation(name, partial=True)
+    if done is None or str(done.get("model_digest")) != identity["model_digest"] or _same_identity(done, identity):
+        return
+    began = {key: done.get(key) for key in ("seed", "batch_size")}
+    raise ValueError(
+        f"{directory.path} holds a partial evaluation {name!r} of these weights begun with seed {began['seed']} and "
+        f"batch size {began['batch_size']}; continue it with --seed {began['seed']} --batch-size "
+        f"{began['batch_size']}, or delete {directory.evaluation_path(name, partial=True)} to start again."
+    )
+
+
 def _saved_batches(directory, name, identity: dict, keys, clock: _WallClock, indices=None) -> dict[str, list]:
     """The per-point columns of the batches a partial evaluation saved, or empty ones.
 
@@ -277,7 +314,7 @@ def _saved_batches(directory, name, identity: dict, keys, clock: _WallClock, ind
     spent on them.
     """
     done = directory.read_evaluation(name, partial=True) or {}
-    same = all(str(done.get(key)) == str(value) for key, value in identity.items())
+    same = _same_identity(done, identity)
     if indices is not None:
         same &= np.array_equal(done.get("indices", []), indices)
     if same and "seconds" in done:
@@ -285,11 +322,14 @@ def _saved_batches(directory, name, identity: dict, keys, clock: _WallClock, ind
     return {key: list(done.get(key, [])) if same else [] for key in keys}
 
 
-def _resumable_ais(directory, name, model, x, indices, batch_size, ais, seed, progress, identity, clock) -> dict:
+def _resumable_ais(
+    directory, name, model, x, indices, batch_size, ais, seed, progress, identity, clock, kept=None
+) -> dict:
     """AIS of the points ``x[indices]`` in batches, each saved as it finishes; a saved batch is not rerun.
 
     A saved partial evaluation is continued only if it was begun on the same points, with the same
-    weights, seed and batch size; otherwise it starts again.
+    weights, seed and batch size; otherwise it starts again. ``kept`` (arrays of the evaluation's
+    earlier work, "auto"'s importance-sampling pass) is saved beside the batches.
     """
     columns = _saved_batches(directory, name, identity, AIS_COLUMNS, clock, indices)
     batches = range(0, len(indices), batch_size)
@@ -301,7 +341,7 @@ def _resumable_ais(directory, name, model, x, indices, batch_size, ais, seed, pr
             estimate = annealed_log_px(model, x[chosen.to(x.device)], **ais, batch_size=batch_size, seed=seed + index)
             for key in AIS_COLUMNS:
                 columns[key].extend(getattr(estimate, key).double().tolist())
-            saved = {"indices": indices, **identity, **columns, "seconds": clock.seconds()}
+            saved = {"indices": indices, **(kept or {}), **identity, **columns, "seconds": clock.seconds()}
             directory.write_evaluation(name, saved, partial=True)
     except KeyboardInterrupt:
         raise EvaluationInterrupted(
@@ -309,6 +349,11 @@ def _resumable_ais(directory, name, model, x, indices, batch_size, ais, seed, pr
             f"Run the same pyro-vae evaluate command to continue."
         ) from None
     return {key: np.asarray(value) for key, value in columns.items()}
+
+
+def points_digest(x: torch.Tensor) -> str:
+    """SHA-256 of the points' float32 bytes: which test points an evaluation is of."""
+    return hashlib.sha256(x.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()).hexdigest()
 
 
 def annealed_log_px(model: Model, x: torch.Tensor, **ais) -> AISEstimate:
@@ -348,7 +393,8 @@ def _resumable_bdmc(
 
 
 def _test_set_identity(config: dict) -> tuple:
-    """What fixes the test points: the data set, whether it is binarised, and the test subset."""
+    """What fixes a run's test points in its config: the data set, whether it is binarised, the test subset
+    (for evaluations made before their points' digest was saved with them)."""
     data = config["data"] or {}
     subset = (data.get("subset") or {}).get("test")
     return data.get("name"), data.get("binarize") != "none", subset
@@ -370,26 +416,38 @@ def compare_runs(run_dirs: list[str | Path], evaluation: str | None = None) -> l
     for run_dir in map(Path, run_dirs):
         directory = RunDirectory(run_dir)
         if evaluation is None:
-            log_px, made_of = directory.read_log_px(), directory.read_metrics().get(directory.LOG_PX_DIGEST)
+            metrics = directory.read_metrics()
+            log_px, made_of = directory.read_log_px(), metrics.get(directory.LOG_PX_DIGEST)
+            of_points = metrics.get(directory.LOG_PX_TEST_DIGEST)
         else:
             arrays = directory.read_evaluation(evaluation)
-            log_px, made_of = arrays["log_px"], arrays.get("model_digest")
+            log_px, made_of, of_points = arrays["log_px"], arrays.get("model_digest"), arrays.get("test_digest")
         if not _of_current_weights(directory, made_of):
             raise ValueError(
                 f"The evaluation {evaluation or 'test_log_px.npy'!r} of {run_dir} was made of other weights "
                 f"than its best checkpoint now (the run trained further); run pyro-vae evaluate {run_dir} again."
             )
-        runs.append((run_dir, directory.read_config(), directory.read_metrics(), log_px))
-    identities = {_test_set_identity(config) for _, config, _, _ in runs}
-    lengths = {len(log_px) for *_, log_px in runs}
-    if len(identities) > 1 or len(lengths) > 1:
+        runs.append((run_dir, directory.read_config(), directory.read_metrics(), log_px, of_points))
+    if all(of_points is not None for *_, of_points in runs):
+        identities = [str(of_points) for *_, of_points in runs]  # the digests of the points themselves
+    else:
+        identities = [_test_set_identity(config) for _, config, *_ in runs]
+        if len(runs) > 1 and any(config["data"] is None for _, config, *_ in runs):
+            raise ValueError(
+                "A run trained on tensors of your own has an evaluation made before its test points were recorded "
+                "with it, so it cannot be paired with other runs; run pyro-vae evaluate on each run again."
+            )
+    if len(set(identities)) > 1 or len({len(run[3]) for run in runs}) > 1:
         raise ValueError(
             "The runs were evaluated on different test points, so their log p(x) cannot be compared point by point: "
-            + "; ".join(f"{d}: data {_test_set_identity(c)}, {len(lp)} points" for d, c, _, lp in runs)
+            + "; ".join(
+                f"{run[0]}: test points {identity}, {len(run[3])} of them"
+                for run, identity in zip(runs, identities, strict=True)
+            )
         )
     best = max(runs, key=lambda run: run[3].mean())
     rows = []
-    for run_dir, config, metrics, log_px in runs:
+    for run_dir, config, metrics, log_px, _ in runs:
         diff = log_px - best[3]
         n = len(diff)
         rows.append(

@@ -262,3 +262,54 @@ def test_an_interrupted_bdmc_evaluation_continues_to_the_same_bounds(two_runs, m
         a = np.load(reference / "evaluations" / f"{name}.npz")[key]
         b = np.load(interrupted / "evaluations" / f"{name}.npz")[key]
         assert np.array_equal(a, b)
+
+
+def test_a_continued_auto_evaluation_keeps_its_importance_pass_and_other_settings_are_refused(
+    two_runs, monkeypatch, tmp_path
+):
+    import shutil
+
+    from pyro_vae import evaluate
+
+    reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
+    shutil.copytree(two_runs[0], reference)
+    shutil.copytree(two_runs[0], interrupted)
+    settings = dict(method="auto", num_samples=20, num_steps=10, num_chains=2, leapfrog_steps=1, batch_size=50)
+    pv.evaluate_run(reference, **settings, progress=False)
+    real_ais, real_is = evaluate.ais_log_marginal_likelihood, evaluate.log_marginal_likelihood
+
+    def interrupted_at_once(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluate, "ais_log_marginal_likelihood", interrupted_at_once)
+    with pytest.raises(evaluate.EvaluationInterrupted, match="after 0 of"):
+        pv.evaluate_run(interrupted, **settings, progress=False)
+    monkeypatch.setattr(evaluate, "ais_log_marginal_likelihood", real_ais)
+    with pytest.raises(
+        ValueError, match="begun with seed 0 and batch size 50; continue it with --seed 0 --batch-size 50"
+    ):
+        pv.evaluate_run(interrupted, **{**settings, "batch_size": 25}, progress=False)  # before any work
+    importance_passes = []
+    monkeypatch.setattr(
+        evaluate, "log_marginal_likelihood", lambda *a, **k: importance_passes.append(1) or real_is(*a, **k)
+    )
+    pv.evaluate_run(interrupted, **settings, progress=False)
+    assert importance_passes == []  # the K = 20 pass of every point was saved with the partial evaluation
+    name = "auto-K20-T10-C2-L1-sigmoid"
+    a, b = (np.load(run / "evaluations" / f"{name}.npz") for run in (reference, interrupted))
+    assert np.array_equal(a["log_px"], b["log_px"]) and np.array_equal(a["escalated"], b["escalated"])
+
+
+def test_compare_pairs_runs_on_tensors_of_ones_own_only_on_the_same_test_points(tmp_path, capsys):
+    x = torch.bernoulli(torch.full((300, 1, 28, 28), 0.2))
+    runs = {}
+    for name, test in (("a", x[:50]), ("b", x[:50]), ("c", x[50:100])):
+        data = pv.make_dataset(x[100:], x_test=test, val_size=50)
+        pv.fit(small_vae(hidden=(16,)), data, epochs=1, run_dir=tmp_path / name, progress=False)
+        with pytest.raises(ValueError, match="tensors of your own; pass them as data="):
+            pv.evaluate_run(tmp_path / name, num_samples=5, progress=False)
+        pv.evaluate_run(tmp_path / name, num_samples=5, progress=False, data=data)
+        runs[name] = str(tmp_path / name)
+    assert len(pv.compare_runs([runs["a"], runs["b"]])) == 2
+    with pytest.raises(ValueError, match="different test points"):
+        pv.compare_runs([runs["a"], runs["c"]])  # the same data spec (none) and count, other points

@@ -62,6 +62,8 @@ class RunDirectory:
     RECORD = (CONFIG, HISTORY, METRICS, LOG_PX)
     #: The metrics key of the digest (``parameter_digest``) of the weights whose log p(x) :attr:`LOG_PX` holds.
     LOG_PX_DIGEST = "log_px_model_digest"
+    #: The metrics key of the digest (``pyro_vae.evaluate.points_digest``) of the test points :attr:`LOG_PX` is of.
+    LOG_PX_TEST_DIGEST = "log_px_test_digest"
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -173,7 +175,8 @@ class RunDirectory:
         np.save(buffer, np.asarray(log_px, dtype=np.float64))
         atomic_write_bytes(self.file(self.LOG_PX), buffer.getvalue())
 
-    def _evaluation_file(self, name: str, partial: bool = False) -> Path:
+    def evaluation_path(self, name: str, partial: bool = False) -> Path:
+        """The file of the evaluation ``name`` (``partial``: of its batches done so far)."""
         return self.path / self.EVALUATIONS / f"{name}{'.partial' if partial else ''}.npz"
 
     def evaluation_names(self) -> list[str]:
@@ -185,13 +188,13 @@ class RunDirectory:
         """Per-point arrays of an evaluation, atomically; ``partial`` for the batches done so far."""
         buffer = io.BytesIO()
         np.savez(buffer, **{key: np.asarray(value) for key, value in arrays.items()})
-        atomic_write_bytes(self._evaluation_file(name, partial), buffer.getvalue())
+        atomic_write_bytes(self.evaluation_path(name, partial), buffer.getvalue())
         if not partial:
-            self._evaluation_file(name, partial=True).unlink(missing_ok=True)
+            self.evaluation_path(name, partial=True).unlink(missing_ok=True)
 
     def read_evaluation(self, name: str, *, partial: bool = False) -> dict[str, np.ndarray] | None:
         """An evaluation's per-point arrays; None for a partial one not begun, an error naming the others."""
-        path = self._evaluation_file(name, partial)
+        path = self.evaluation_path(name, partial)
         if not path.exists():
             if partial:
                 return None
@@ -218,8 +221,8 @@ class RunDirectory:
             if self.file(name).exists():
                 atomic_write_bytes(record.file(name), self.file(name).read_bytes())
         for name in self.evaluation_names():
-            record._evaluation_file(name).parent.mkdir(exist_ok=True)
-            atomic_write_bytes(record._evaluation_file(name), self._evaluation_file(name).read_bytes())
+            record.evaluation_path(name).parent.mkdir(exist_ok=True)
+            atomic_write_bytes(record.evaluation_path(name), self.evaluation_path(name).read_bytes())
         return record
 
     def read_log_px(self) -> np.ndarray:
@@ -257,7 +260,10 @@ class Run:
     def load_data(self) -> Dataset:
         """The data set the run was trained on, rebuilt from its config."""
         if self.config["data"] is None:
-            raise ValueError(f"{self.path} was trained on user tensors; load them yourself.")
+            raise ValueError(
+                f"{self.path} was trained on tensors of your own; pass them as data= (pv.evaluate_run, "
+                "pv.resume_run), or load them yourself."
+            )
         return dataset_from_spec(self.config["data"])
 
 
@@ -279,7 +285,10 @@ def load_run(path: str | Path, *, model: Model | None = None, checkpoint: str = 
         )
     if model is None:
         if config["model"] is None:
-            raise ValueError(f"{run.path} used custom networks; build the same model and pass it as model=.")
+            raise ValueError(
+                f"{run.path} used custom networks; build the same model and pass it as model= (pv.load_run, "
+                "pv.evaluate_run, pv.resume_run)."
+            )
         model = build_model(config["model"])
     try:
         model.load_state_dict(state["model"])

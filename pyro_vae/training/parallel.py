@@ -23,9 +23,14 @@ import torch
 
 
 def parameter_digest(module: torch.nn.Module) -> str:
-    """SHA-256 of every parameter's bytes, in ``state_dict`` order: equal digests mean identical parameters."""
+    """SHA-256 of the module's ``state_dict`` (parameters and buffers): equal digests mean identical weights."""
+    return state_digest(module.state_dict())
+
+
+def state_digest(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of a ``state_dict``'s names and tensors' bytes, in its order (as a checkpoint saves it)."""
     digest = hashlib.sha256()
-    for name, tensor in module.state_dict().items():
+    for name, tensor in state.items():
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
