@@ -83,6 +83,21 @@ def _dataset_name(value: str) -> str:
     )
 
 
+def _val_size(value: str) -> int | float:
+    """A count of validation points (1 or more), or a fraction of the training points (between 0 and 1)."""
+    try:
+        size = float(value)
+    except ValueError:
+        size = math.nan
+    if size >= 1 and size.is_integer():
+        return int(size)
+    if 0 < size < 1:
+        return size
+    raise argparse.ArgumentTypeError(
+        f"{value!r} is neither a count of points (1, 2, ...) nor a fraction between 0 and 1 (0.1: a tenth)"
+    )
+
+
 def _run_name(value: str) -> str:
     if not value or value in (".", "..") or "/" in value or "\\" in value:
         raise argparse.ArgumentTypeError(f"{value!r} is not a folder name; give a name without slashes")
@@ -149,6 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--binarize",
         choices=BINARIZE_MODES,
         help="binarisation of the pixels [default: dynamic for the bernoulli likelihood, none for the others]",
+    )
+    data.add_argument(
+        "--val-size",
+        type=_val_size,
+        metavar="N",
+        help="training points held out for validation: a count, or a fraction below 1 [default: 10000]",
     )
     data.add_argument(
         "--subset", type=positive_int, metavar="N", help="train on the first N training points only (quick tries)"
@@ -381,8 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 #: Flags that the run's config fixes on --resume, and those that only one kind of training takes.
 MODEL_AND_DATA_FLAGS = (
-    "dataset", "data_dir", "download", "binarize", "subset", "z_dim", "hidden", "upper_hidden", "activation",
-    "arch", "prior", "likelihood", "components", "flow_layers", "scale", "init_scale", "elbo", "particles",
+    "dataset", "data_dir", "download", "binarize", "val_size", "subset", "z_dim", "hidden", "upper_hidden",
+    "activation", "arch", "prior", "likelihood", "components", "flow_layers", "scale", "init_scale", "elbo", "particles",
     "gradient", "warmup_epochs", "beta", "batch_size", "lr", "lr_schedule", "seed", "output_bias",
     "semi_supervised", "labels", "label_seed", "aux_weight", "classifier_steps", "class_prior", "m1", "name", "out",
 )  # fmt: skip
@@ -435,7 +456,8 @@ def check_flag_combinations(parser: argparse.ArgumentParser, args: argparse.Name
         train.error(f"{', '.join(wrong)} apply only with --semi-supervised or --m1")
     if semi_supervised and (wrong := [flag(d) for d in VAE_ONLY_FLAGS if d in given]):
         train.error(f"{', '.join(wrong)} apply only to VAE training, not to the semi-supervised objective")
-    if args.m1 and (wrong := [flag(d) for d in ("dataset", "binarize", "subset", "likelihood", "arch") if d in given]):
+    m1_fixes = ("dataset", "binarize", "val_size", "subset", "likelihood", "arch")
+    if args.m1 and (wrong := [flag(d) for d in m1_fixes if d in given]):
         train.error(f"{', '.join(wrong)} cannot be used with --m1 (M1's run fixes the data and the likelihood)")
     if args.m1 and "output_bias" in given:
         train.error(
@@ -453,6 +475,8 @@ def check_flag_combinations(parser: argparse.ArgumentParser, args: argparse.Name
         train.error("--elbo meanfield needs a mean-field guide; with several stochastic layers use trace or iwae")
     if layers == 1 and "upper_hidden" in given:
         train.error("--upper-hidden applies only with several stochastic layers (two or more --z-dim sizes)")
+    if args.arch == "conv" and len(args.hidden or ()) > 1:
+        train.error("--arch conv has one dense layer: give one --hidden size")
     if "activation" in given and (args.m1 or args.arch != "mlp"):
         train.error("--activation applies to MLPs only, not to --arch conv or to --m1")
     if args.gradient not in GRADIENTS.get(args.elbo, ("standard",)):
@@ -575,6 +599,7 @@ def _load_data(args) -> Dataset:
         seed=args.seed,
         data_dir=args.data_dir,
         download=args.download,
+        **({} if args.val_size is None else {"val_size": args.val_size}),
     )
     if args.subset:
         data = data.quick_subset(args.subset)

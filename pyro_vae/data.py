@@ -241,17 +241,39 @@ def _from_file(path: Path) -> tuple[Split, Split | None]:
         raise DataError(
             f"{path} has arrays {sorted(keys)}; it needs one named 'x' (and optionally 'y', 'x_test', 'y_test')."
         )
-    labels = lambda key: torch.as_tensor(loaded[key]).long() if key in keys else None  # noqa: E731
-    train = Split(_as_float(loaded["x"]), labels("y"))
-    test = Split(_as_float(loaded["x_test"]), labels("y_test")) if "x_test" in keys else None
-    return train, test
+    if "y_test" in keys and "x_test" not in keys:
+        raise DataError(f"{path} has 'y_test' but no 'x_test'; add the test points, or leave both out.")
+
+    def split(points: str, labels: str) -> Split:
+        x = _as_float(loaded[points])
+        return Split(x, _labels(loaded[labels], x, f"'{labels}' of {path}") if labels in keys else None)
+
+    return split("x", "y"), split("x_test", "y_test") if "x_test" in keys else None
 
 
-def _split_off(split: Split, n: int, seed: int) -> tuple[Split, Split]:
-    """Hold ``n`` random points (seeded) out of ``split``: returns (rest, held_out)."""
+def _labels(values, points: torch.Tensor, what: str) -> torch.Tensor:
+    """Class labels as integers: refused, naming the fix, unless one whole number per point."""
+    y = torch.as_tensor(np.asarray(values))
+    if y.ndim != 1 or len(y) != len(points):
+        raise DataError(
+            f"The labels {what} have shape {tuple(y.shape)} for {len(points)} data points; give one integer label "
+            "per point."
+        )
+    if (
+        y.dtype == torch.bool
+        or y.is_complex()
+        or (y.dtype.is_floating_point and not (torch.isfinite(y).all() and torch.equal(y, y.round())))
+    ):
+        raise DataError(f"The labels {what} are not all whole numbers; give class indices 0, 1, 2, ...")
+    return y.long()
+
+
+def _split_off(split: Split, n: int, seed: int, setting: str) -> tuple[Split, Split]:
+    """Hold ``n`` random points (seeded) out of ``split``: returns (rest, held_out); ``setting`` names the size."""
     if not 0 < n < len(split):
         raise DataError(
-            f"Cannot hold {n} of {len(split)} data points out; choose a size between 1 and {len(split) - 1}."
+            f"Cannot hold {n} of {len(split)} data points out; choose a {setting} between 1 and {len(split) - 1}, "
+            "or a fraction below 1."
         )
     order = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))
     rest, held = order[n:], order[:n]
@@ -277,12 +299,13 @@ def make_dataset(
     to [0, 1]. Without ``x_test`` a test split of ``test_size`` is held out;
     sizes below 1 are fractions.
     """
-    train = Split(_as_float(x), None if y is None else torch.as_tensor(np.asarray(y)).long())
-    test = (
-        None
-        if x_test is None
-        else Split(_as_float(x_test), None if y_test is None else torch.as_tensor(np.asarray(y_test)).long())
-    )
+    if y_test is not None and x_test is None:
+        raise DataError("y_test was given without x_test; pass the test points too, or neither.")
+    x = _as_float(x)
+    train = Split(x, None if y is None else _labels(y, x, "y"))
+    if x_test is not None:
+        x_test = _as_float(x_test)
+    test = None if x_test is None else Split(x_test, None if y_test is None else _labels(y_test, x_test, "y_test"))
     return _assemble(name, train, test, binarize=binarize, val_size=val_size, test_size=test_size, seed=seed)
 
 
@@ -294,17 +317,15 @@ def _assemble(name, train: Split, test: Split | None, *, binarize, val_size, tes
         raise DataError(
             f"Data must have shape (N, *x_shape) with at least one data dimension; got {tuple(train.x.shape)}."
         )
-    if train.y is not None and len(train.y) != len(train):
-        raise DataError(f"There are {len(train.y)} labels for {len(train)} data points; give one label per point.")
     as_count = lambda size, n: int(round(size * n)) if size < 1 else int(size)  # noqa: E731
     if test is None:
-        train, test = _split_off(train, as_count(test_size, len(train)), seed + 1)
+        train, test = _split_off(train, as_count(test_size, len(train)), seed + 1, "test_size")
     elif tuple(test.x.shape[1:]) != tuple(train.x.shape[1:]):
         raise DataError(
             f"Test points have shape {tuple(test.x.shape[1:])} but training points {tuple(train.x.shape[1:])}."
         )
     check_finite_and_nonempty(test.x, "test data")
-    train, val = _split_off(train, as_count(val_size, len(train)), seed)
+    train, val = _split_off(train, as_count(val_size, len(train)), seed, "val_size (pyro-vae train --val-size)")
     if binarize != "none":
         if binarize == "fixed":
             train = Split(binarize_once(train.x, seed), train.y)
@@ -341,10 +362,11 @@ def load_dataset(
         train, test = _torchvision(name, data_dir, download)
     elif path.suffix in (".npy", ".npz"):
         train, test = _from_file(path)
-        name = path.stem
+        name, spec_name = path.stem, str(path.resolve())  # a run resumed from another folder finds it
     else:
         raise DataError(f"Unknown data set {name!r}; use one of {DATASET_NAMES} or the path of a .npy/.npz file.")
     dataset = _assemble(name, train, test, binarize=binarize, val_size=val_size, test_size=0.1, seed=seed)
+    data_dir = None if data_dir is None else str(Path(data_dir).resolve())
     dataset.spec = {"name": spec_name, "binarize": binarize, "val_size": val_size, "seed": seed, "data_dir": data_dir}
     return dataset
 

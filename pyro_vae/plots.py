@@ -100,9 +100,11 @@ def plot_latent_space(vae: VAE, x: torch.Tensor, y: torch.Tensor | None, path: P
         points = loc if vae.z_dim == 2 else torch.cat([loc, torch.zeros_like(loc)], 1)
         labels, title = ("z1", "z2"), "latent means"
     fig, ax = plt.subplots(figsize=(6, 5))
-    colours = None if y is None else y.cpu().numpy()
-    scatter = ax.scatter(points[:, 0], points[:, 1], c=colours, cmap="tab10", s=3, alpha=0.7)
-    if y is not None:
+    if y is None:
+        ax.scatter(points[:, 0], points[:, 1], s=3, alpha=0.7)
+    else:
+        colours = y.cpu().numpy()
+        scatter = ax.scatter(points[:, 0], points[:, 1], c=colours, cmap="tab10", s=3, alpha=0.7)
         fig.colorbar(scatter, ax=ax, ticks=sorted(set(colours.tolist())), label="label")
     ax.set(xlabel=labels[0], ylabel=labels[1], title=title)
     return _save(fig, path)

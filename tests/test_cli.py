@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from pyro_vae.cli import main
@@ -155,3 +156,14 @@ def test_a_plugin_that_fails_to_import_is_named(tmp_path, monkeypatch, capsys):
     assert main(["train", "--help"]) == 2
     err = capsys.readouterr().err
     assert "entry point 'pyro_vae_broken_plugin'" in err and "broken on purpose" in err
+
+
+def test_a_small_data_file_trains_with_a_validation_split_of_its_size(tmp_path, capsys):
+    np.save(tmp_path / "small.npy", np.random.default_rng(0).random((600, 4, 4), dtype=np.float32))
+    args = ["train", "--dataset", str(tmp_path / "small.npy"), "--likelihood", "gaussian", "--hidden", "8"]
+    args += ["--epochs", "1", "--eval-samples", "4", "--no-progress", "--out", str(tmp_path)]
+    assert main([*args, "--name", "default"]) == 2  # 10,000 validation points of 540
+    assert "choose a val_size (pyro-vae train --val-size) between 1 and 539" in capsys.readouterr().err
+    assert not (tmp_path / "default").exists()
+    assert main([*args, "--name", "tenth", "--val-size", "0.1"]) == 0
+    assert json.loads((tmp_path / "tenth" / "config.json").read_text())["data"]["val_size"] == 0.1

@@ -65,6 +65,45 @@ def test_user_arrays_from_npz(tmp_path):
     assert torch.allclose(pixels, pixels.round(), atol=1e-4) and pixels.round().max() == x.max()
 
 
+def test_a_data_file_is_recorded_by_its_absolute_path(tmp_path, monkeypatch):
+    """So that a run resumed, evaluated or compared from another folder finds it."""
+    np.save(tmp_path / "mine.npy", np.zeros((30, 4), dtype=np.float32))
+    monkeypatch.chdir(tmp_path)
+    data = pv.load_dataset("mine.npy", binarize="none", val_size=5)
+    assert data.name == "mine" and data.spec["name"] == str(tmp_path / "mine.npy")
+    monkeypatch.chdir("/")
+    assert len(pv.data.dataset_from_spec(data.spec).train) == 22
+
+
+@pytest.mark.parametrize(
+    ("arrays", "message"),
+    [
+        ({"y": np.arange(99)}, r"'y' of .*mine.npz have shape \(99,\) for 100 data points"),
+        ({"y": np.arange(100) + 0.5}, "'y' of .*mine.npz are not all whole numbers"),
+        ({"y": np.full(100, np.nan)}, "not all whole numbers"),
+        ({"x_test": np.zeros((10, 4)), "y_test": np.arange(9)}, r"'y_test' of .*have shape \(9,\) for 10 data points"),
+        ({"y_test": np.arange(10)}, "has 'y_test' but no 'x_test'"),
+    ],
+    ids=["a label short", "fractions", "NaN", "a test label short", "test labels without test points"],
+)
+def test_bad_labels_in_a_file_are_refused_when_it_is_loaded(tmp_path, arrays, message):
+    """Before, labels of 2.7 became 2, and a test split's labels were checked by nothing until a figure failed."""
+    np.savez(tmp_path / "mine.npz", x=np.zeros((100, 4)), **arrays)
+    with pytest.raises(pv.DataError, match=message):
+        pv.load_dataset(str(tmp_path / "mine.npz"), binarize="none", val_size=10)
+
+
+def test_bad_labels_of_tensors_are_refused_by_make_dataset():
+    x = torch.zeros(50, 4)
+    with pytest.raises(pv.DataError, match="labels y are not all whole numbers"):
+        pv.make_dataset(x, torch.full((50,), 2.7))
+    with pytest.raises(pv.DataError, match=r"labels y_test have shape \(4,\) for 5 data points"):
+        pv.make_dataset(x, torch.zeros(50), x_test=torch.zeros(5, 4), y_test=torch.zeros(4))
+    with pytest.raises(pv.DataError, match="y_test was given without x_test"):
+        pv.make_dataset(x, torch.zeros(50), y_test=torch.zeros(4))
+    assert pv.make_dataset(x, torch.full((50,), 2.0)).train.y.dtype == torch.int64  # whole floats are fine
+
+
 def test_batches_cover_the_data_once():
     data = pv.make_dataset(torch.arange(375.0).unsqueeze(-1) / 375, val_size=25, test_size=50)  # distinct points
     batches = list(data.batches(128))

@@ -203,6 +203,11 @@ def build_nets(
     if arch == "conv":
         if activation != "relu":
             raise ValueError(f"The conv architecture uses ReLU; activation {activation!r} applies to arch='mlp'.")
+        if len(hidden) > 1:
+            raise ValueError(
+                f"The conv architecture has one dense layer, whose size is hidden[0]; got hidden={tuple(hidden)}. "
+                "Give one size."
+            )
         size = hidden[0] if hidden else 256
         return ConvEncoder(x_shape, z_dim, size), ConvDecoder(z_dim, x_shape, size, params_per_dim=params_per_dim)
     raise ValueError(f"Unknown architecture {arch!r}; choose one of {ARCHITECTURES}.")

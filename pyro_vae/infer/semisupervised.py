@@ -154,8 +154,7 @@ class SemiSupervisedELBO(Objective):
                 f"The semi-supervised objective needs a model with a class label (pv.SSVAE, pv.StackedSSVAE); "
                 f"got {type(model).__name__}."
             )
-        if data.train.y is None or data.val.y is None or data.test.y is None:
-            raise DataError("Semi-supervised training needs labels for the train, validation and test splits.")
+        # the labels of every split were checked by the model's check_dataset
         device = data.train.x.device
         self.labelled = draw_labelled(data.train.y, self.num_labels, model.num_classes, self.label_seed).to(device)
         is_labelled = torch.zeros(len(data.train), dtype=torch.bool, device=device)
