@@ -403,8 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
 #: Flags that the run's config fixes on --resume, and those that only one kind of training takes.
 MODEL_AND_DATA_FLAGS = (
     "dataset", "data_dir", "download", "binarize", "val_size", "subset", "z_dim", "hidden", "upper_hidden",
-    "activation", "arch", "prior", "likelihood", "components", "flow_layers", "scale", "init_scale", "elbo", "particles",
-    "gradient", "warmup_epochs", "beta", "batch_size", "lr", "lr_schedule", "seed", "output_bias",
+    "activation", "arch", "prior", "likelihood", "components", "flow_layers", "scale", "init_scale", "elbo",
+    "particles", "gradient", "warmup_epochs", "beta", "batch_size", "lr", "lr_schedule", "seed", "output_bias",
     "semi_supervised", "labels", "label_seed", "aux_weight", "classifier_steps", "class_prior", "m1", "name", "out",
 )  # fmt: skip
 SEMI_SUPERVISED_FLAGS = ("labels", "label_seed", "aux_weight", "classifier_steps", "class_prior")
