@@ -689,10 +689,12 @@ def _train(args) -> None:
         common["processes"] = processes
     if args.resume:
         run_dir = RunDirectory(args.resume)
-        run_dir.check_resumable()
+        run_dir.check_resumable()  # before the run directory is announced
         _announce(run_dir.path, processes)
         run = resume_run(run_dir.path, epochs=args.epochs, **common)
     else:
+        if Path(args.out).exists() and not Path(args.out).is_dir():
+            raise ValueError(f"--out {args.out} is a file; give the folder that is to hold the runs.")
         if args.name:  # refused before the data, M1 or the model are loaded
             RunDirectory(Path(args.out) / args.name).check_fresh()
         pyro.set_rng_seed(args.seed)

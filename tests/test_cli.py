@@ -167,3 +167,10 @@ def test_a_small_data_file_trains_with_a_validation_split_of_its_size(tmp_path, 
     assert not (tmp_path / "default").exists()
     assert main([*args, "--name", "tenth", "--val-size", "0.1"]) == 0
     assert json.loads((tmp_path / "tenth" / "config.json").read_text())["data"]["val_size"] == 0.1
+
+
+def test_an_out_that_is_a_file_is_refused_before_any_work(tmp_path, capsys):
+    (tmp_path / "runs").write_text("not a folder")
+    assert main(["train", *SMALL, "--epochs", "1", "--out", str(tmp_path / "runs")]) == 2
+    assert "--out" in (err := capsys.readouterr().err) and "is a file; give the folder" in err
+    assert (tmp_path / "runs").read_text() == "not a folder"

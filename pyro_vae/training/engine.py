@@ -311,14 +311,15 @@ def fit(
     processes = processes or SingleProcess()
     device = processes.device or resolve_device(device)
     data = as_dataset(data)
-    engine = _Engine(model, data.to(device), objective, processes, device, settings, seed, progress, compile)
     run = None if run_dir is None else RunDirectory(run_dir)
+    if run is not None and processes.is_writer:  # before the data moves or the model is checked
+        if resume:
+            run.check_resumable()
+        else:
+            run.check_fresh()  # before the lock makes the folder, so that a refused run leaves nothing behind
+    engine = _Engine(model, data.to(device), objective, processes, device, settings, seed, progress, compile)
     if run is None or not processes.is_writer:
         return engine.train(run, resume)
-    if resume:
-        run.check_resumable()
-    else:
-        run.check_fresh()  # before the lock makes the folder, so that a refused run leaves nothing behind
     with run.lock():
         if not resume:
             run.check_fresh()  # again: another process may have started it meanwhile
