@@ -156,6 +156,14 @@ MODELS: Registry[type[Model]] = Registry("model type")
 register_model = MODELS.register
 
 
+def completed_model_config(config: dict) -> dict:
+    """A model's config with what older runs did not record: its type (configs that predate types are
+    VAEs) and the keys its type added since (its ``legacy_config``), at the values those runs had."""
+    config = {"type": "vae", **config}
+    return MODELS[config["type"]].completed_config(config) if config["type"] in MODELS else config
+
+
 def build_model(config: dict) -> Model:
-    """A model from the dict its ``config()`` wrote (its ``"type"``; configs that predate types are VAEs)."""
-    return MODELS.lookup(config.get("type", "vae")).from_config(config)
+    """A model from the dict its ``config()`` wrote."""
+    config = completed_model_config(config)
+    return MODELS.lookup(config["type"]).from_config(config)

@@ -30,7 +30,8 @@ import numpy as np
 import torch
 
 from ..data import Dataset, dataset_from_spec
-from ..models import MODELS, Model, build_model
+from ..models import Model, build_model
+from ..models.base import completed_model_config
 from .files import (
     CheckpointError,
     atomic_write_bytes,
@@ -239,12 +240,7 @@ def model_config_matches(saved: dict | None, current: dict | None) -> bool:
     """
     if saved is None or current is None:
         return saved == current
-
-    def completed(config: dict) -> dict:
-        config = {"type": "vae", **config}
-        return MODELS[config["type"]].completed_config(config) if config["type"] in MODELS else config
-
-    return completed(saved) == completed(current)
+    return completed_model_config(saved) == completed_model_config(current)
 
 
 @dataclass
