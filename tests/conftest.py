@@ -41,6 +41,11 @@ def small_vae(**kwargs):
     return pv.VAE((1, 28, 28), kwargs.pop("z_dim", 8), **kwargs)
 
 
+def without_timings(history: list[dict]) -> list[dict]:
+    """History rows without their wall-clock columns (which no two runs share), for comparing runs."""
+    return [{key: value for key, value in row.items() if not key.endswith("seconds")} for row in history]
+
+
 class LinearGaussian:
     """p(z) = N(0, I), p(x | z) = N(W z + b, diag sigma^2), with W, b and sigma drawn from ``seed``.
 

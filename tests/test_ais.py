@@ -195,9 +195,9 @@ def integral_by_quadrature(decoder_logits, x: torch.Tensor, n: int = 800, half_w
     return log_px.float(), (border - total).float()
 
 
-def test_ais_at_its_defaults_matches_quadrature_on_a_trained_2d_vae():
+def test_ais_at_its_defaults_matches_quadrature_on_a_trained_2d_vae(mnist):
     pyro.set_rng_seed(0)
-    data = pv.load_dataset("mnist", binarize="dynamic").subset(train=3000, val=300, test=50)
+    data = mnist.subset(train=3000, val=300, test=50)
     vae = pv.VAE((1, 28, 28), 2, hidden=(32,))
     # Trained as the library trains by default (the decoder's output bias starts at the data). From PyTorch's
     # random output bias, 3 epochs leave a poorer model and guide (validation ELBO about -244 against -193)
@@ -222,18 +222,20 @@ def test_ais_at_its_defaults_matches_quadrature_on_a_trained_2d_vae():
     assert summary["ais_num_steps"] == 400 and summary["is_num_unreliable"] == int((ais.is_pareto_k > 0.7).sum())
 
 
-def test_ais_sums_m2_s_labels_out_and_matches_quadrature_on_a_2d_m2():
+def test_ais_sums_m2_s_labels_out_and_matches_quadrature_on_a_2d_m2(mnist):
     """M2's y is discrete: log p(x) = log sum_y p(y) p(x | y), each p(x | y) by AIS from q(z | x, y).
 
     A 2-D M2 (10 classes, hidden 32) after one epoch on 3,000 points with 100 labels (its best epoch
     by validation accuracy within three), its class prior then set far from uniform (logits -3 to 3),
     so that p(y) must enter. The truth sums over the labels the quadrature of the VAE test above (400
     points a side: the same to float32 rounding as 800 on these points). The tolerance is that test's,
-    0.05 nats on average at the default settings (measured on this model with logits -2 to 2: 0.012 on
-    average, 0.033 at the worst point): each label's AIS error is of that test's kind.
+    0.05 nats on average at the default settings (measured on this model: 0.012 on average, 0.033 at
+    the worst point): each label's AIS error is of that test's kind. Importance sampling with y drawn
+    from q(y | x), as the evaluation of M2 runs it, is checked on the same truth: at K = 1000 it was
+    0.22 nats off on average (1.28 at the worst point, -0.12 in the mean: a lower bound in expectation).
     """
     pyro.set_rng_seed(0)
-    data = pv.load_dataset("mnist", binarize="dynamic").subset(train=3000, val=300, test=20)
+    data = mnist.subset(train=3000, val=300, test=20)
     m2 = pv.SSVAE((1, 28, 28), 2, hidden=(32,), class_prior="learned")
     objective = pv.SemiSupervisedELBO(num_labels=100, classifier_steps=100)
     pv.fit(m2, data, objective=objective, epochs=1, batch_size=100, progress=False)
@@ -260,7 +262,7 @@ def test_ais_sums_m2_s_labels_out_and_matches_quadrature_on_a_2d_m2():
     assert ais.chain_log_weights.shape == (16, 20)  # chain j summed over the labels: 16 estimates of p(x)
     assert torch.allclose(ais.log_px, (ais.chain_log_weights.logsumexp(0) - math.log(16)).float())
     importance = pv.log_marginal_likelihood(m2.model, m2.guide, x, num_samples=1000)  # y drawn from q(y | x)
-    assert (importance.log_px - truth).abs().mean() > error.abs().mean()
+    assert error.abs().mean() < (importance.log_px - truth).abs().mean() < 0.5  # measured 0.22, see above
     with pytest.raises(ValueError, match="compare_is_samples would compare each label"):
         pv.ais_log_marginal_likelihood_by_label(m2.model, m2.guide, x, 10, compare_is_samples=100)
     with pytest.raises(ValueError, match="at least 2 classes"):

@@ -34,7 +34,7 @@ CASES = {
 }
 
 
-def tiny(kind):
+def tiny_model(kind):
     if kind == "ssvae":
         return pv.SSVAE((1, 28, 28), 4, hidden=(32,))
     if kind == "hierarchical":
@@ -53,7 +53,7 @@ def assert_same_gradients(compiled, eager):
 @pytest.mark.parametrize("case", CASES)
 def test_the_compiled_step_gives_the_eager_loss_and_gradient(case, small_mnist):
     config, kind = CASES[case]
-    model, objective = tiny(kind), build_objective(config)
+    model, objective = tiny_model(kind), build_objective(config)
     objective.setup(model, small_mnist, batch_size=32)
     pyro.clear_param_store()  # the IWAE bound's setup traces the guide once, registering its parameters
     kl_weight = 0.7 if objective.supports_kl_weight else 1.0
@@ -91,7 +91,7 @@ def test_an_enumerated_step_whose_class_probabilities_underflow_is_replayed(smal
     The recording sums the same terms without masking (``recordable_pyro``), so the replay needs no guard
     and gives the eager step's numbers with either branch.
     """
-    model, objective = tiny("ssvae"), build_objective({"name": "semi-supervised", "num_labels": 50})
+    model, objective = tiny_model("ssvae"), build_objective({"name": "semi-supervised", "num_labels": 50})
     objective.setup(model, small_mnist, batch_size=32)
     with torch.no_grad():
         model.classifier.net[-1].bias[0] += 150.0  # class 0 ahead by 150 nats: the others' probabilities are 0

@@ -151,7 +151,7 @@ def test_binarising_data_outside_unit_interval_is_refused():
         pv.make_dataset(torch.randn(20, 4), binarize="dynamic")
 
 
-def test_fit_refuses_bad_data_before_training(small_mnist):
+def test_fit_refuses_bad_data_before_training():
     data = pv.make_dataset(torch.rand(40, 1, 28, 28), binarize="none", val_size=5, test_size=5)
     vae = pv.VAE((1, 28, 28), 2, hidden=(8,))
     before = [p.detach().clone() for p in vae.parameters()]

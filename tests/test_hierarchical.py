@@ -21,6 +21,7 @@ from pyro.infer import Trace_ELBO
 from pyro.poutine.util import site_is_subsample
 
 import pyro_vae as pv
+from pyro_vae.components.nets import inverse_softplus
 from pyro_vae.components.priors import PRIORS, build_prior
 from pyro_vae.infer.densities import site_log_densities
 
@@ -71,7 +72,7 @@ def set_gaussian(net, weight, bias, covariance):
     layer, size = net.net[0], net.net[0].out_features // 2
     layer.weight[:size], layer.bias[:size] = weight, bias + 0.2
     scale = 1.2 * covariance.diagonal().sqrt() - net.head.min_scale
-    layer.bias[size:] = scale.expm1().log()  # the inverse of softplus
+    layer.bias[size:] = inverse_softplus(scale)
 
 
 def affine_gaussian(net):

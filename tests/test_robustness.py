@@ -20,7 +20,7 @@ import numpy as np
 import pyro
 import pytest
 import torch
-from conftest import continuous_bernoulli_log_density
+from conftest import continuous_bernoulli_log_density, without_timings
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -112,8 +112,7 @@ def assert_same_training_state(run: Path, reference: Path) -> None:
     for key, state in a["optimizer"]["state"].items():
         for name, value in state.items():
             assert torch.equal(value, b["optimizer"]["state"][key][name]), (key, name)
-    strip = lambda rows: [{k: v for k, v in r.items() if not k.endswith("seconds")} for r in rows]  # noqa: E731
-    assert strip(a["history"]) == strip(b["history"])
+    assert without_timings(a["history"]) == without_timings(b["history"])
     for key in a["objective"]:  # the semi-supervised objective's labelled order and cursor
         assert str(a["objective"][key]) == str(b["objective"][key]), key
 

@@ -127,7 +127,7 @@ def test_fit_takes_a_tensor_or_names_make_dataset(small_mnist):
 
 # ------------------------------------------------------------ a new model is one module
 @pv.register_model
-class BetaBinomialFreeVAE(pv.VAE):
+class ExternallyRegisteredVAE(pv.VAE):
     """A model written outside the package: a VAE subclass with its own type name and one figure less."""
 
     name = "test-model"
@@ -135,13 +135,13 @@ class BetaBinomialFreeVAE(pv.VAE):
 
 
 def test_a_model_registered_outside_the_package_trains_resumes_loads_and_plots(small_mnist, tmp_path):
-    model = BetaBinomialFreeVAE((1, 28, 28), 2, hidden=(16,))
+    model = ExternallyRegisteredVAE((1, 28, 28), 2, hidden=(16,))
     run = pv.train_run(model, small_mnist.subset(train=200), tmp_path / "new", epochs=1, progress=False)
     assert run.config["model"]["type"] == "test-model"
     assert {p.name for p in (tmp_path / "new" / "figures").iterdir()} == {"learning_curves.png", "samples.png"}
     resumed = pv.resume_run(tmp_path / "new", epochs=2, progress=False)
-    assert isinstance(resumed.model, BetaBinomialFreeVAE) and len(resumed.history) == 3
-    assert isinstance(pv.load_run(tmp_path / "new").model, BetaBinomialFreeVAE)
+    assert isinstance(resumed.model, ExternallyRegisteredVAE) and len(resumed.history) == 3
+    assert isinstance(pv.load_run(tmp_path / "new").model, ExternallyRegisteredVAE)
     assert cli.main(["train", "--resume", str(tmp_path / "new"), "--epochs", "3", "--no-progress"]) == 0
 
 

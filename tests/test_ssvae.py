@@ -119,9 +119,9 @@ def test_uniform_class_prior_is_log_one_over_k():
     assert list(ssvae.class_prior_net.parameters()) == []  # nothing to learn
 
 
-def test_a_short_run_on_a_small_subset_beats_chance(tmp_path):
+def test_a_short_run_on_a_small_subset_beats_chance(tmp_path, mnist):
     torch.manual_seed(0)
-    data = pv.load_dataset("mnist", binarize="dynamic").subset(train=2000, val=1000, test=1000)
+    data = mnist.subset(train=2000, val=1000, test=1000)
     ssvae = SSVAE(data.x_shape, z_dim=16, hidden=(128,))
     # alpha = 50 per labelled point, Kingma et al.'s 0.1 N / labels on all of MNIST with 100 labels; no warm
     # start, so that the objective alone has to learn.
@@ -134,7 +134,7 @@ def test_a_short_run_on_a_small_subset_beats_chance(tmp_path):
     # Chance is 10%; here (seeded) the first epochs reach 63% and 74%. 40% leaves room for other BLAS builds.
     assert metrics["test_accuracy"] > 0.4, history
     assert metrics["val_accuracy"] == max(row["val_accuracy"] for row in history)
-    assert math.isfinite(metrics["test_log_px"])  # its accuracy is checked against quadrature in test_stacked.py
+    assert math.isfinite(metrics["test_log_px"])  # its estimator against quadrature: tests/test_ais.py (2-D M2)
     run = pv.load_run(tmp_path / "ssl", checkpoint="last")
     assert isinstance(run.model, SSVAE) and run.epoch == 2
     # AIS sums y out (its accuracy against quadrature: tests/test_ais.py); auto escalates points to it
@@ -228,13 +228,14 @@ def test_an_objective_that_cannot_train_m2_is_refused_before_any_work(objective,
     assert not (tmp_path / "run").exists()
 
 
-def subset_for_labels():
-    return pv.load_dataset("mnist", binarize="dynamic").subset(train=1000, val=500, test=500)
+@pytest.fixture
+def labelled_subset(mnist):
+    return mnist.subset(train=1000, val=500, test=500)
 
 
-def test_the_warm_start_trains_only_the_classifier_and_learns_the_labels():
+def test_the_warm_start_trains_only_the_classifier_and_learns_the_labels(labelled_subset):
     torch.manual_seed(0)
-    data = subset_for_labels()
+    data = labelled_subset
     ssvae = SSVAE(data.x_shape, z_dim=4, hidden=(32,))
     objective = SemiSupervisedELBO(num_labels=50, classifier_steps=300)
     objective.setup(ssvae, data, batch_size=20)
@@ -249,8 +250,8 @@ def test_the_warm_start_trains_only_the_classifier_and_learns_the_labels():
     assert objective.labelled_order is None and objective.cursor == 0  # training draws its own order
 
 
-def test_a_fresh_run_warm_starts_once_and_a_resumed_run_never(tmp_path, monkeypatch):
-    data = subset_for_labels()
+def test_a_fresh_run_warm_starts_once_and_a_resumed_run_never(tmp_path, monkeypatch, labelled_subset):
+    data = labelled_subset
     calls = []
     original = SemiSupervisedELBO.start
     monkeypatch.setattr(SemiSupervisedELBO, "start", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))

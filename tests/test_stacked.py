@@ -8,6 +8,8 @@ import torch
 
 import pyro_vae as pv
 from pyro_vae import cli
+from pyro_vae.components.nets import inverse_softplus
+from pyro_vae.models.base import ACTIVE_UNIT_THRESHOLD
 from pyro_vae.models.stacked import LatentFeatures, StackedSSVAE
 
 
@@ -16,7 +18,7 @@ def _set_scale(encoder: torch.nn.Module, z_dim: int, scale: float) -> None:
     last = encoder.net[-1]
     with torch.no_grad():
         last.weight[z_dim:] = 0.0
-        last.bias[z_dim:] = math.log(math.expm1(scale))
+        last.bias[z_dim:] = inverse_softplus(torch.tensor(scale))
 
 
 @pytest.fixture
@@ -89,8 +91,8 @@ def test_features_keep_the_active_units_and_standardise_them(small_mnist):
     m1 = pv.VAE((1, 28, 28), z_dim=6, hidden=(64,))
     pv.fit(m1, small_mnist, epochs=2, batch_size=100, progress=False)
     features = LatentFeatures.fit(m1, small_mnist.train.x)
-    means = torch.cat([m1.encode(small_mnist.train.x)[0]]).detach()
-    assert features.active.tolist() == (means.var(0) > 0.01).nonzero().squeeze(1).tolist()
+    means = m1.encode(small_mnist.train.x)[0].detach()
+    assert features.active.tolist() == (means.var(0) > ACTIVE_UNIT_THRESHOLD).nonzero().squeeze(1).tolist()
     f = features.standardise(means)
     torch.testing.assert_close(f.mean(0), torch.zeros(features.num_active), atol=1e-4, rtol=0)
     torch.testing.assert_close(f.std(0), torch.ones(features.num_active), atol=1e-4, rtol=0)

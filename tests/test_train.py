@@ -7,7 +7,7 @@ import time
 import pyro
 import pytest
 import torch
-from conftest import small_vae
+from conftest import small_vae, without_timings
 from torch import nn
 
 import pyro_vae as pv
@@ -242,8 +242,7 @@ def test_resume_continues_exactly(small_mnist, tmp_path):
     resumed = pv.fit(resumed_vae, small_mnist, epochs=4, run_dir=tmp_path / "resumed", resume=True, progress=False)
 
     assert [r["epoch"] for r in resumed] == [0, 1, 2, 3, 4]
-    strip = lambda rows: [{k: v for k, v in r.items() if not k.endswith("seconds")} for r in rows]  # noqa: E731
-    assert strip(resumed) == strip(straight)
+    assert without_timings(resumed) == without_timings(straight)
     for a, b in zip(straight_vae.state_dict().values(), resumed_vae.state_dict().values(), strict=True):
         assert torch.equal(a, b)
     config = json.loads((tmp_path / "resumed" / "config.json").read_text())
