@@ -48,7 +48,8 @@ def test_ais_finds_the_closed_form_where_importance_sampling_at_equal_cost_does_
     # 0.02 nats: the target; the Monte Carlo spread of the mean over 40 points is about 0.003 here
     assert abs(ais_error) < 0.02, (ais_error, is_error)
     assert abs(is_error) > 2 * abs(ais_error), (ais_error, is_error)
-    assert (ais.acceptance > 0.4).all() and (ais.acceptance < 0.95).all()  # adapted towards 0.65
+    # adapted towards 0.65: 0.673 to 0.677 over three seeds; the band catches an adaptation that fails
+    assert (ais.acceptance > 0.55).all() and (ais.acceptance < 0.8).all()
 
 
 def test_ais_from_the_prior_finds_the_closed_form_too(linear_gaussian):
@@ -99,7 +100,8 @@ def test_bdmc_brackets_the_truth_on_simulated_data(linear_gaussian):
     # of their means over 300 points of about 0.05 and 0.15 (measured on 1,000 points): a clear bracket.
     assert bounds.lower.mean() < truth.mean() - 0.2 and truth.mean() + 0.5 < bounds.upper.mean()
     tight = pv.bdmc(model, guide, 300, num_steps=100, num_chains=4, batch_size=300)
-    assert 0 < tight.gap.mean() < bounds.gap.mean() / 4  # more steps, a tighter sandwich
+    # more steps, a tighter sandwich: mean gaps of 1.9 to 2.3 nats at 10 steps, 0.02 to 0.06 at 100 (seeds 0-2)
+    assert 0 < tight.gap.mean() < bounds.gap.mean() / 10
 
 
 def test_a_discrete_latent_site_is_refused_with_the_limitation():

@@ -38,7 +38,9 @@ def test_bound_tightens_with_k(small_mnist):
     for k in (1, 10, 100):
         torch.manual_seed(2)
         bounds.append(-sum(IWAE_ELBO(num_particles=k).loss(vae.model, vae.guide, x) for _ in range(5)))
-    assert bounds[0] < bounds[1] < bounds[2]
+    # Sums over 5 x 50 points, measured with seeds 2, 3, 4: L_1 -137,654 to -137,673, L_10 -137,315 to
+    # -137,320, L_100 -137,229 to -137,234; the steps (about 350 and 85) dwarf the seeds' spread (20 and 5)
+    assert bounds[0] + 100 < bounds[1] and bounds[1] + 30 < bounds[2], bounds
 
 
 def test_iwae_training_improves_and_refuses_warmup(small_mnist):
@@ -81,7 +83,8 @@ def test_the_best_checkpoint_of_an_iwae_run_is_that_of_its_bound(small_mnist, tm
     run = pv.load_run(tmp_path, checkpoint="last")
     direct = pv.log_marginal_likelihood(run.model.model, run.model.guide, data.val.x, num_samples=5, seed=0)
     assert history[-1]["val_iwae"] == pytest.approx(direct.mean, abs=1e-4)
-    assert history[-1]["val_iwae"] > history[-1]["val_elbo"]  # L_5 above L_1 by far more than their noise
+    # L_5 >= L_1 in expectation; measured 1.4 and 1.7 nats above it here (seeds 0 and 1)
+    assert history[-1]["val_iwae"] > history[-1]["val_elbo"]
 
 
 def test_negligible_shares_are_those_below_the_square_of_float32s_epsilon():

@@ -89,7 +89,10 @@ def test_poor_guide_is_below_the_truth_rises_with_k_and_converges(linear_gaussia
         k: pv.log_marginal_likelihood(model, poor_guide, x, num_samples=k, seed=1) for k in (1, 10, 100, 20_000)
     }
     gaps = {k: float((truth - e.log_px).mean()) for k, e in estimates.items()}
-    assert gaps[1] > gaps[10] > gaps[100] > 0  # a lower bound in expectation, tightening with K
+    # A lower bound in expectation, tightening with K. Measured over seeds 1, 2, 3: the gap at K = 1 is
+    # 0.60 to 1.97 nats; at K = 10 and 100, -0.02 to 0.13 and -0.04 to 0.06, so on 20 points their order
+    # is within the noise, and only the fall from K = 1 is asserted
+    assert gaps[1] > max(gaps[10], gaps[100]) + 0.3
     assert gaps[1] > 0.3  # the guide is really poor
     # Tolerance at K = 20,000: the delta method gives, per point, bias ~ r / (2K) and standard deviation
     # ~ sqrt(r / K), with r = K / ESS - 1 the relative variance of the weights; 4 standard errors of the

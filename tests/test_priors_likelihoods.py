@@ -139,10 +139,11 @@ def test_flow_prior_density_integrates_to_one():
     z = torch.cartesian_prod(grid, grid)
     with torch.no_grad():
         total = prior.log_prob(z).exp().sum() * step**2
-    # midpoint-rule error is O(step^2); the mass outside the box is below 1e-3 (checked with samples)
+    # Measured: 1 - 3.0e-5 at steps of 0.05, 0.025 and 0.0125 alike, so the midpoint rule's O(step^2) error
+    # is below that and the rest is mass outside the box, below 1e-3 (checked with samples): 2e-3 is the sum
     outside = (prior.sample(4000).abs() > 9).any(-1).float().mean()
     assert float(outside) < 1e-3
-    assert abs(float(total) - 1) < 0.01
+    assert abs(float(total) - 1) < 2e-3
 
 
 @pytest.mark.parametrize(
