@@ -475,6 +475,8 @@ def check_flag_combinations(parser: argparse.ArgumentParser, args: argparse.Name
         train.error("--elbo meanfield needs a mean-field guide; with several stochastic layers use trace or iwae")
     if layers == 1 and "upper_hidden" in given:
         train.error("--upper-hidden applies only with several stochastic layers (two or more --z-dim sizes)")
+    if "val_size" in given and "subset" in given:
+        train.error("--subset sets its own validation split (a fifth of N); give --val-size or --subset, not both")
     if args.arch == "conv" and len(args.hidden or ()) > 1:
         train.error("--arch conv has one dense layer: give one --hidden size")
     if "activation" in given and (args.m1 or args.arch != "mlp"):

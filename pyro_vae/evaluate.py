@@ -196,6 +196,13 @@ def evaluate_run(
             f"of {type(run.model).__name__} is discrete; estimate its log p(x) with method 'ais' (which sums y "
             "out) or 'is'."
         )
+    if data is not None and run.config["data"] is not None:
+        raise ValueError(
+            f"{directory.path} was trained on {run.config['data']['name']!r}, whose test points its config rebuilds; "
+            "leave data= out (it is for runs trained on tensors of your own)."
+        )
+    if data is not None and not isinstance(data, Dataset):
+        raise TypeError(f"data= must be the pv.Dataset the run was trained on; got {type(data).__name__}.")
     test = (run.load_data() if data is None else data).test.x
     if test_points is not None and test_points > len(test):
         raise ValueError(
@@ -206,6 +213,8 @@ def evaluate_run(
     run.model.check_data(x, "test data")
     model, clock = run.model, _WallClock()
     identity = {"model_digest": parameter_digest(model), "seed": seed, "batch_size": batch_size}
+    if method != "bdmc":  # BDMC's points are simulated
+        identity["test_digest"] = points_digest(x)
     with directory.lock():
         _check_partial_evaluation(directory, name, identity)
         if method == "bdmc":
@@ -217,7 +226,7 @@ def evaluate_run(
             arrays, summary = _evaluate_test_points(directory, name, model, x, method, num_samples, batch_size,
                                                     ais, seed, progress, identity, clock)  # fmt: skip
         summary.update(method=method, seconds=clock.seconds(), seed=seed)
-        test_digest = points_digest(x) if method != "bdmc" else None  # BDMC's points are simulated
+        test_digest = identity.get("test_digest")
         points = {} if test_digest is None else {"test_digest": test_digest}
         directory.write_evaluation(name, {**arrays, "model_digest": identity["model_digest"], **points})
         metrics = directory.read_metrics()
@@ -257,8 +266,9 @@ def _evaluate_test_points(
         is_log_px, pareto_k = importance.log_px.double().numpy(), importance.pareto_k.numpy()
         if method == "is":
             return {"log_px": is_log_px, "pareto_k": pareto_k}, importance.summary()
+        saved = {**identity, "is_log_px": is_log_px, "pareto_k": pareto_k, "seconds": clock.seconds()}
+        directory.write_evaluation(name, saved, partial=True)  # kept if the AIS that follows is interrupted
     importance_pass = {"is_log_px": is_log_px, "pareto_k": pareto_k}
-    directory.write_evaluation(name, {**identity, **importance_pass, "seconds": clock.seconds()}, partial=True)
     unreliable = np.flatnonzero(pareto_k > PARETO_THRESHOLD)
     log_px = is_log_px.copy()
     summary = {"num_points": len(x), "num_escalated": len(unreliable), "is_log_px": float(log_px.mean())}
@@ -287,7 +297,11 @@ class _WallClock:
 
 
 def _same_identity(saved: dict, identity: dict) -> bool:
-    return all(str(saved.get(key)) == str(value) for key, value in identity.items())
+    """Whether a partial evaluation was begun as ``identity`` says (its points taken as the same where it
+    predates their digest: the points were then always the run's own)."""
+    return all(
+        str(saved[key]) == str(value) if key in saved else key == "test_digest" for key, value in identity.items()
+    )
 
 
 def _check_partial_evaluation(directory, name: str, identity: dict) -> None:
@@ -298,6 +312,12 @@ def _check_partial_evaluation(directory, name: str, identity: dict) -> None:
     done = directory.read_evaluation(name, partial=True)
     if done is None or str(done.get("model_digest")) != identity["model_digest"] or _same_identity(done, identity):
         return
+    if "test_digest" in done and "test_digest" in identity and str(done["test_digest"]) != identity["test_digest"]:
+        raise ValueError(
+            f"{directory.path} holds a partial evaluation {name!r} of these weights begun on other test points; "
+            f"evaluate the points it began on, or delete {directory.evaluation_path(name, partial=True)} to start "
+            "again."
+        )
     began = {key: done.get(key) for key in ("seed", "batch_size")}
     raise ValueError(
         f"{directory.path} holds a partial evaluation {name!r} of these weights begun with seed {began['seed']} and "
@@ -437,6 +457,10 @@ def compare_runs(run_dirs: list[str | Path], evaluation: str | None = None) -> l
                 "A run trained on tensors of your own has an evaluation made before its test points were recorded "
                 "with it, so it cannot be paired with other runs; run pyro-vae evaluate on each run again."
             )
+    if len(set(identities)) > 1 and not all(of_points is not None for *_, of_points in runs):
+        identities = [f"{identity} (evaluated before test points were recorded: evaluate it again to pair it by "
+                      "its points)" if of_points is None else identity
+                      for identity, (*_, of_points) in zip(identities, runs, strict=True)]  # fmt: skip
     if len(set(identities)) > 1 or len({len(run[3]) for run in runs}) > 1:
         raise ValueError(
             "The runs were evaluated on different test points, so their log p(x) cannot be compared point by point: "

@@ -82,6 +82,7 @@ TRAIN_VALUES = [
     (["--arch", "conv", "--hidden", "400", "300"], "--arch conv has one dense layer: give one --hidden size"),
     (["--activation", "gelu"], "invalid choice"),
     (["--val-size", "0"], "neither a count of points"),
+    (["--val-size", "100", "--subset", "500"], "give --val-size or --subset, not both"),
     (["--val-size", "2.5"], "neither a count of points"),
     (["--val-size", "ten"], "neither a count of points"),
     (["--components", "5"], "--components applies only to the mixture and vamp priors"),

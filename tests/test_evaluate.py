@@ -264,7 +264,7 @@ def test_an_interrupted_bdmc_evaluation_continues_to_the_same_bounds(two_runs, m
         assert np.array_equal(a, b)
 
 
-def test_a_continued_auto_evaluation_keeps_its_importance_pass_and_other_settings_are_refused(
+def test_a_continued_auto_evaluation_keeps_its_importance_pass_and_batches_and_other_settings_are_refused(
     two_runs, monkeypatch, tmp_path
 ):
     import shutil
@@ -274,27 +274,39 @@ def test_a_continued_auto_evaluation_keeps_its_importance_pass_and_other_setting
     reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
     shutil.copytree(two_runs[0], reference)
     shutil.copytree(two_runs[0], interrupted)
-    settings = dict(method="auto", num_samples=20, num_steps=10, num_chains=2, leapfrog_steps=1, batch_size=50)
-    pv.evaluate_run(reference, **settings, progress=False)
+    settings = dict(method="auto", num_samples=20, num_steps=10, num_chains=2, leapfrog_steps=1, batch_size=25)
     real_ais, real_is = evaluate.ais_log_marginal_likelihood, evaluate.log_marginal_likelihood
+    ais_batches = []
+    monkeypatch.setattr(
+        evaluate, "ais_log_marginal_likelihood", lambda *a, **k: ais_batches.append(1) or real_ais(*a, **k)
+    )
+    pv.evaluate_run(reference, **settings, progress=False)
+    assert len(ais_batches) >= 3  # K = 20 leaves enough points unreliable for several AIS batches
+    total, ais_batches[:] = len(ais_batches), []
 
-    def interrupted_at_once(*args, **kwargs):
-        raise KeyboardInterrupt
+    def interrupted_in_the_second_batch(*args, **kwargs):
+        ais_batches.append(1)
+        if len(ais_batches) == 2:
+            raise KeyboardInterrupt
+        return real_ais(*args, **kwargs)
 
-    monkeypatch.setattr(evaluate, "ais_log_marginal_likelihood", interrupted_at_once)
-    with pytest.raises(evaluate.EvaluationInterrupted, match="after 0 of"):
+    monkeypatch.setattr(evaluate, "ais_log_marginal_likelihood", interrupted_in_the_second_batch)
+    with pytest.raises(evaluate.EvaluationInterrupted, match="after 25 of"):
         pv.evaluate_run(interrupted, **settings, progress=False)
-    monkeypatch.setattr(evaluate, "ais_log_marginal_likelihood", real_ais)
     with pytest.raises(
-        ValueError, match="begun with seed 0 and batch size 50; continue it with --seed 0 --batch-size 50"
+        ValueError, match="begun with seed 0 and batch size 25; continue it with --seed 0 --batch-size 25"
     ):
-        pv.evaluate_run(interrupted, **{**settings, "batch_size": 25}, progress=False)  # before any work
-    importance_passes = []
+        pv.evaluate_run(interrupted, **{**settings, "batch_size": 50}, progress=False)  # before any work
+    importance_passes, ais_batches[:] = [], []
     monkeypatch.setattr(
         evaluate, "log_marginal_likelihood", lambda *a, **k: importance_passes.append(1) or real_is(*a, **k)
     )
+    monkeypatch.setattr(
+        evaluate, "ais_log_marginal_likelihood", lambda *a, **k: ais_batches.append(1) or real_ais(*a, **k)
+    )
     pv.evaluate_run(interrupted, **settings, progress=False)
     assert importance_passes == []  # the K = 20 pass of every point was saved with the partial evaluation
+    assert len(ais_batches) == total - 1  # and the AIS batch that finished before the interruption
     name = "auto-K20-T10-C2-L1-sigmoid"
     a, b = (np.load(run / "evaluations" / f"{name}.npz") for run in (reference, interrupted))
     assert np.array_equal(a["log_px"], b["log_px"]) and np.array_equal(a["escalated"], b["escalated"])

@@ -9,6 +9,8 @@ from pyro.infer import SVI, Predictive, Trace_ELBO, TraceMeanField_ELBO
 from torch import nn
 
 import pyro_vae as pv
+from pyro_vae.models import build_model
+from pyro_vae.runs.directory import model_config_matches
 
 
 def test_sites_plates_and_shapes(small_mnist):
@@ -124,6 +126,15 @@ def test_config_round_trip():
     rebuilt = pv.VAE.from_config(vae.config())
     assert rebuilt.config() == vae.config()
     rebuilt.load_state_dict(vae.state_dict())
+
+
+def test_a_conv_run_recorded_with_several_hidden_sizes_still_loads_with_its_first():
+    """The command line once accepted --arch conv --hidden 64 32 and built the dense layer of 64."""
+    with pytest.raises(ValueError, match="one dense layer"):
+        pv.VAE((1, 28, 28), 4, hidden=(64, 32), arch="conv")
+    old = {**pv.VAE((1, 28, 28), 4, hidden=(64,), arch="conv").config(), "hidden": [64, 32]}
+    rebuilt = build_model(old)
+    assert rebuilt.config()["hidden"] == [64] and model_config_matches(old, rebuilt.config())
 
 
 def test_custom_networks_follow_the_documented_signature():

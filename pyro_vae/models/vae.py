@@ -64,6 +64,14 @@ class VAE(Model):
     legacy_config = {"activation": "relu"}  # runs written before the choice used ReLU
     figures = ("learning_curves", "latent_space", "reconstructions", "samples", "manifold")
 
+    @classmethod
+    def completed_config(cls, config: dict) -> dict:
+        """Also: a conv run of several hidden sizes (accepted before they were refused) used the first."""
+        config = super().completed_config(config)
+        if config.get("arch") == "conv" and len(config.get("hidden") or ()) > 1:
+            config = {**config, "hidden": list(config["hidden"][:1])}
+        return config
+
     def __init__(
         self,
         x_shape: Sequence[int],

@@ -335,6 +335,8 @@ class _Engine:
         model.to(device)
         model.check_dataset(data)
         objective.setup(model, data, batch_size=settings["batch_size"])
+        self.metric = objective.validation_metric or model.validation_metric
+        self._check_validation_metric()  # in every process, before the first collective call
         processes.share(model)
         self.optimizer = adam(model.parameters(), settings["lr"], device)
         self.points = objective.training_points(data)
@@ -365,8 +367,6 @@ class _Engine:
         }
         if processes.config() is not None:
             self.config["distributed"] = processes.config()
-        self.metric = objective.validation_metric or model.validation_metric
-        self._check_validation_metric()
         self.history: list[dict] = []
         self.best_epoch, self.best_state = 0, None
         self.run: RunDirectory | None = None
@@ -374,14 +374,13 @@ class _Engine:
     def _check_validation_metric(self) -> None:
         """Refuse, before any work, an objective whose validation lacks the metric that picks the best epoch
         (M2's ``val_accuracy`` under a plain ELBO): every epoch would count as the best."""
-        if not self.processes.is_writer:
-            return
         measured = self.objective.validate(self.model, self.data.val.subset(2), "val_")
         if self.metric not in measured:
             raise ValueError(
                 f"A {type(self.model).__name__} picks its best epoch by {self.metric}, which the "
                 f"{self.objective.name!r} objective does not measure (it gives {', '.join(sorted(measured))}); "
-                f"train it with its own objective, {self.model.default_objective!r}."
+                f"train it with its own objective, {self.model.default_objective!r} (a run begun with another one "
+                "cannot be continued: start a new run)."
             )
 
     # --------------------------------------------------------------- start
