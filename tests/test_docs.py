@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import small_vae
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 
@@ -49,3 +50,16 @@ def test_theory_page_loads_mathjax_from_the_build_not_a_cdn(docs_build):
         assert script.is_file() and script.stat().st_size > 0, f"{src} is not in the build output"
         if "chtml" in script.name:  # the CommonHTML output fetches its web fonts relative to the script
             assert list((script.parent / "output" / "chtml" / "fonts").rglob("*.woff")), src
+
+
+def python_blocks(page: Path) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", page.read_text(encoding="utf-8"), re.S)
+
+
+@pytest.mark.parametrize("page", ["README.md", "docs/quickstart.md"])
+def test_the_snippets_driving_a_vae_with_pyros_own_tools_run_as_printed(page, small_mnist):
+    """The blocks that take the library's VAE to Pyro's SVI and Predictive, with the page's ``vae`` and ``data``."""
+    blocks = [block for block in python_blocks(DOCS.parent / page) if "from pyro.infer import" in block]
+    assert blocks, f"{page} has no snippet with Pyro's own tools"
+    for block in blocks:
+        exec(block, {"vae": small_vae(), "data": small_mnist})  # noqa: S102 (the page's own code)
