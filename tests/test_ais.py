@@ -231,19 +231,20 @@ def test_ais_sums_m2_s_labels_out_and_matches_quadrature_on_a_2d_m2(mnist):
     by validation accuracy within three), its class prior then set far from uniform (logits -3 to 3),
     so that p(y) must enter. The truth sums over the labels the quadrature of the VAE test above (400
     points a side: the same to float32 rounding as 800 on these points). The tolerance is that test's,
-    0.05 nats on average at the default settings (measured on this model: 0.012 on average, 0.033 at
-    the worst point): each label's AIS error is of that test's kind. Importance sampling with y drawn
-    from q(y | x), as the evaluation of M2 runs it, is checked on the same truth: at K = 1000 it was
-    0.22 nats off on average (1.28 at the worst point, -0.12 in the mean: a lower bound in expectation).
+    0.05 nats on average at the default settings (measured on these 10 points: 0.020 on average, 0.040
+    at the worst; 0.012 and 0.033 on 20): each label's AIS error is of that test's kind. Importance
+    sampling with y drawn from q(y | x), as the evaluation of M2 runs it, is checked on the same truth:
+    at K = 1000 it was 0.41 nats off on average (1.44 at the worst point, -0.18 in the mean: a lower
+    bound in expectation).
     """
     pyro.set_rng_seed(0)
-    data = mnist.subset(train=3000, val=300, test=20)
+    data = mnist.subset(train=3000, val=300, test=10)
     m2 = pv.SSVAE((1, 28, 28), 2, hidden=(32,), class_prior="learned")
     objective = pv.SemiSupervisedELBO(num_labels=100, classifier_steps=100)
     pv.fit(m2, data, objective=objective, epochs=1, batch_size=100, progress=False)
     with torch.no_grad():
         m2.class_prior_net.logits.copy_(torch.linspace(-3, 3, m2.num_classes))
-    x = data.test.x[:20]
+    x = data.test.x[:10]
     log_px_given_y = []  # by quadrature, for every label
     for label in range(m2.num_classes):
         y = m2.one_hot(torch.tensor(label))
@@ -254,17 +255,17 @@ def test_ais_sums_m2_s_labels_out_and_matches_quadrature_on_a_2d_m2(mnist):
         log_px_given_y.append(log_integral)
     log_px_given_y = torch.stack(log_px_given_y)
     truth = (m2.label_prior().logits.log_softmax(-1)[:, None] + log_px_given_y).logsumexp(0)
-    # The test has power: p(x | y) of one label in place of the sum is off by 0.27 nats on average, and a
+    # The test has power: p(x | y) of one label in place of the sum is off by 0.28 nats on average, and a
     # sum that left p(y) out (a plain mean over the labels) by 0.13, over twice the tolerance.
     assert (log_px_given_y[0] - truth).abs().mean() > 0.1
     assert (log_px_given_y.logsumexp(0) - math.log(m2.num_classes) - truth).abs().mean() > 0.1
-    ais = pv.evaluate.annealed_log_px(m2, x, batch_size=20)
+    ais = pv.evaluate.annealed_log_px(m2, x, batch_size=10)
     error = ais.log_px - truth
     assert error.abs().mean() < 0.05 and error.abs().max() < 0.5, (error.abs().mean(), error.abs().max())
-    assert ais.chain_log_weights.shape == (16, 20)  # chain j summed over the labels: 16 estimates of p(x)
+    assert ais.chain_log_weights.shape == (16, 10)  # chain j summed over the labels: 16 estimates of p(x)
     assert torch.allclose(ais.log_px, (ais.chain_log_weights.logsumexp(0) - math.log(16)).float())
     importance = pv.log_marginal_likelihood(m2.model, m2.guide, x, num_samples=1000)  # y drawn from q(y | x)
-    assert error.abs().mean() < (importance.log_px - truth).abs().mean() < 0.5  # measured 0.22, see above
+    assert error.abs().mean() < (importance.log_px - truth).abs().mean() < 1.0  # measured 0.41, see above
     with pytest.raises(ValueError, match="compare_is_samples would compare each label"):
         pv.ais_log_marginal_likelihood_by_label(m2.model, m2.guide, x, 10, compare_is_samples=100)
     with pytest.raises(ValueError, match="at least 2 classes"):

@@ -56,7 +56,7 @@ def _report_counts(request):
 def m1_run(tmp_path_factory) -> Path:
     """A small trained VAE for M1+M2 to stack on."""
     out = tmp_path_factory.mktemp("m1")
-    args = ["--subset", "3000", "--hidden", "32", "--z-dim", "4", "--epochs", "2", "--eval-samples", "0"]
+    args = ["--subset", "1000", "--hidden", "32", "--z-dim", "4", "--epochs", "1", "--eval-samples", "0"]
     done = subprocess.run(
         [sys.executable, "-m", "pyro_vae.cli", "train", *args, "--no-progress", "--out", str(out), "--name", "m1"],
         capture_output=True,
