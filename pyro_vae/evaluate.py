@@ -435,8 +435,8 @@ def compare_runs(run_dirs: list[str | Path], evaluation: str | None = None) -> l
     runs = []
     for run_dir in map(Path, run_dirs):
         directory = RunDirectory(run_dir)
+        metrics = directory.read_metrics()
         if evaluation is None:
-            metrics = directory.read_metrics()
             log_px, made_of = directory.read_log_px(), metrics.get(directory.LOG_PX_DIGEST)
             of_points = metrics.get(directory.LOG_PX_TEST_DIGEST)
         else:
@@ -447,8 +447,9 @@ def compare_runs(run_dirs: list[str | Path], evaluation: str | None = None) -> l
                 f"The evaluation {evaluation or 'test_log_px.npy'!r} of {run_dir} was made of other weights "
                 f"than its best checkpoint now (the run trained further); run pyro-vae evaluate {run_dir} again."
             )
-        runs.append((run_dir, directory.read_config(), directory.read_metrics(), log_px, of_points))
-    if all(of_points is not None for *_, of_points in runs):
+        runs.append((run_dir, directory.read_config(), metrics, log_px, of_points))
+    by_digest = all(of_points is not None for *_, of_points in runs)
+    if by_digest:
         identities = [str(of_points) for *_, of_points in runs]  # the digests of the points themselves
     else:
         identities = [_test_set_identity(config) for _, config, *_ in runs]
@@ -457,16 +458,18 @@ def compare_runs(run_dirs: list[str | Path], evaluation: str | None = None) -> l
                 "A run trained on tensors of your own has an evaluation made before its test points were recorded "
                 "with it, so it cannot be paired with other runs; run pyro-vae evaluate on each run again."
             )
-    if len(set(identities)) > 1 and not all(of_points is not None for *_, of_points in runs):
-        identities = [f"{identity} (evaluated before test points were recorded: evaluate it again to pair it by "
-                      "its points)" if of_points is None else identity
-                      for identity, (*_, of_points) in zip(identities, runs, strict=True)]  # fmt: skip
     if len(set(identities)) > 1 or len({len(run[3]) for run in runs}) > 1:
         raise ValueError(
             "The runs were evaluated on different test points, so their log p(x) cannot be compared point by point: "
             + "; ".join(
                 f"{run[0]}: test points {identity}, {len(run[3])} of them"
                 for run, identity in zip(runs, identities, strict=True)
+            )
+            + (
+                ""
+                if by_digest
+                else " (evaluations made before their test points were recorded are matched by the "
+                "data set of their run's config; evaluate those runs again to pair them by their points)"
             )
         )
     best = max(runs, key=lambda run: run[3].mean())
