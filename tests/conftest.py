@@ -9,6 +9,8 @@ import torch
 
 import pyro_vae as pv
 
+pytest_plugins = ["training_processes"]  # the kill and interrupt tests' shared reference runs
+
 # pytest-xdist workers share the cores: each takes its share of threads, so that they never outnumber the cores
 _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _workers > 1:
@@ -86,6 +88,14 @@ def continuous_bernoulli_log_density(x: torch.Tensor, logits: torch.Tensor) -> t
 ROBUSTNESS: Counter = Counter()
 
 
+@pytest.fixture
+def robustness_report(request) -> Counter:
+    """This test's counts of kills survived and bad inputs refused, handed to the summary as a user property."""
+    counts: Counter = Counter()
+    yield counts
+    request.node.user_properties.append(("robustness", dict(counts)))
+
+
 def pytest_runtest_logreport(report):
     """Add up the robustness tests' counts (their "robustness" user property), from any pytest-xdist worker."""
     if report.when == "teardown":
@@ -95,7 +105,7 @@ def pytest_runtest_logreport(report):
 
 
 def pytest_terminal_summary(terminalreporter):
-    """The counts of kills survived and bad inputs refused, from tests/test_robustness.py."""
+    """The counts of kills survived and bad inputs refused (the tests that take ``robustness_report``)."""
     if ROBUSTNESS:
         counts = ", ".join(f"{name}: {count}" for name, count in sorted(ROBUSTNESS.items()))
         terminalreporter.write_line(f"robustness: {counts}, nothing lost")

@@ -1,0 +1,240 @@
+"""Nothing trusted blindly: hostile run and data files, and fuzzed numbers, are refused or stay finite.
+
+Every bad input here is counted in the test's ``robustness_report``; the terminal summary adds them up (on the
+controller too, when pytest-xdist runs the tests), beside the kills and interrupts of ``tests/test_kills.py``
+and ``tests/test_interrupts.py``.
+"""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pyro
+import pytest
+import torch
+from conftest import continuous_bernoulli_log_density
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import pyro_vae as pv
+from pyro_vae.runs.files import load_checkpoint
+
+# ------------------------------------------------------------------ hostile files
+
+
+@pytest.fixture
+def trained_run(tmp_path, small_mnist) -> Path:
+    run = tmp_path / "run"
+    pv.fit(pv.VAE((1, 28, 28), 2, hidden=(16,)), small_mnist.subset(train=100), epochs=1, run_dir=run, progress=False)
+    return run
+
+
+def _rewrite_checkpoint(run: Path, **changes) -> None:
+    state = load_checkpoint(run / "checkpoint.pt")
+    state.update(changes)
+    torch.save(state, run / "checkpoint.pt")
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda run: (run / "checkpoint.pt").write_bytes(b""), "truncated or corrupt"),
+        (lambda run: (run / "checkpoint.pt").write_bytes(b"PK\x03\x04 garbage"), "truncated or corrupt"),
+        (lambda run: _rewrite_checkpoint(run, version=99), "format version 99"),
+        (lambda run: _rewrite_checkpoint(run, format="something-else"), "not a pyro-vae checkpoint"),
+        (lambda run: torch.save([1, 2, 3], run / "checkpoint.pt"), "not a pyro-vae checkpoint"),
+        (lambda run: (run / "config.json").write_text("{not json"), "not valid JSON"),
+        (lambda run: (run / "checkpoint.pt").unlink(), "No checkpoint"),
+        (
+            lambda run: (run / "config.json").write_text(
+                json.dumps({**json.loads((run / "config.json").read_text()), "model": {"z_dim": 7}})
+            ),
+            "describes a different model",
+        ),
+    ],
+    ids=["empty", "bad-zip", "other-version", "other-format", "not-a-dict", "bad-json", "missing", "config-mismatch"],
+)
+def test_broken_run_files_are_refused_with_the_fix(trained_run, damage, message, robustness_report):
+    damage(trained_run)
+    with pytest.raises(pv.CheckpointError, match=message):
+        pv.load_run(trained_run, checkpoint="last")
+    robustness_report["bad inputs refused or cleaned"] += 1
+
+
+def test_a_pickle_that_runs_code_is_never_executed(trained_run, tmp_path, robustness_report):
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    torch.save({"format": "pyro-vae-checkpoint", "version": 1, "payload": Exploit()}, trained_run / "checkpoint.pt")
+    with pytest.raises(pv.CheckpointError, match="not trusted"):
+        pv.load_run(trained_run, checkpoint="last")
+    assert not marker.exists()
+    robustness_report["bad inputs refused or cleaned"] += 1
+
+
+@pytest.mark.parametrize(
+    "array, message",
+    [
+        (np.array(["a", "b", "c"] * 10).reshape(10, 3), "dtype <U1 cannot be modelled"),
+        (np.zeros((10, 3), dtype=np.complex64), "dtype complex64 cannot be modelled"),
+        (np.zeros(10, dtype=np.float32), "at least one data dimension"),
+        (np.zeros((0, 4), dtype=np.float32), "empty"),
+        (np.full((10, 4), np.nan, dtype=np.float32), "NaN"),
+    ],
+    ids=["strings", "complex", "1-d", "empty", "nan"],
+)
+def test_data_files_of_the_wrong_dtype_or_shape_are_refused(tmp_path, array, message, robustness_report):
+    np.save(tmp_path / "bad.npy", array)
+    with pytest.raises(pv.DataError, match=message):
+        pv.load_dataset(str(tmp_path / "bad.npy"), binarize="none")
+    robustness_report["bad inputs refused or cleaned"] += 1
+
+
+def test_a_pickled_data_file_is_refused(tmp_path, robustness_report):
+    np.save(tmp_path / "objects.npy", np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
+    with pytest.raises(pv.DataError, match="without pickle"):
+        pv.load_dataset(str(tmp_path / "objects.npy"))
+    robustness_report["bad inputs refused or cleaned"] += 1
+
+
+def test_data_of_the_wrong_shape_for_the_model_is_refused(trained_run, robustness_report):
+    run = pv.load_run(trained_run)
+    with pytest.raises(pv.DataError, match=r"shape \(784,\) but the model expects \(1, 28, 28\)"):
+        run.model.check_data(torch.zeros(5, 784))
+    robustness_report["bad inputs refused or cleaned"] += 1
+
+
+# ------------------------------------------------------------------------ fuzzing
+
+FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+extreme = st.floats(min_value=-1e6, max_value=1e6, allow_nan=False, allow_subnormal=False)
+
+
+def _likelihood(name: str, **kwargs) -> pv.likelihoods.Likelihood:
+    likelihood = pv.likelihoods.build_likelihood({"name": name, **kwargs})
+    likelihood.setup((3,))
+    return likelihood
+
+
+@FUZZ
+@given(logits=st.lists(extreme, min_size=3, max_size=3), bits=st.lists(st.booleans(), min_size=3, max_size=3))
+def test_bernoulli_log_prob_is_finite_and_correct_for_any_logits(logits, bits, robustness_report):
+    logits, x = torch.tensor([logits]), torch.tensor([bits], dtype=torch.float32)
+    log_p = _likelihood("bernoulli")(logits.unsqueeze(1)).log_prob(x)
+    reference = pyro.distributions.Bernoulli(logits=logits.double()).log_prob(x.double()).sum(-1)
+    assert torch.isfinite(log_p).all() and (log_p <= 0).all()
+    torch.testing.assert_close(log_p.double(), reference, rtol=1e-5, atol=1e-5)
+    robustness_report["fuzzed inputs, finite or refused"] += 1
+
+
+@FUZZ
+@given(logits=st.lists(extreme, min_size=3, max_size=3), x=st.lists(st.sampled_from([0.0, 1.0, 1e-7, 0.5, 1 - 1e-7])))
+def test_continuous_bernoulli_is_finite_and_correct_at_the_edges_of_its_support(logits, x, robustness_report):
+    x = torch.tensor((x + [0.0, 1.0, 0.5])[:3]).unsqueeze(0)
+    logits = torch.tensor([logits])
+    log_p = _likelihood("continuous-bernoulli")(logits.unsqueeze(1)).log_prob(x)
+    assert torch.isfinite(log_p).all()
+    # binary_cross_entropy_with_logits computes x l - softplus(l) as a difference of terms of size |l|:
+    # float32 leaves an error of a few ulp of |l| (6e-8 |l| each), however small the result
+    reference = continuous_bernoulli_log_density(x, logits).sum(-1)
+    tolerance = 1e-6 * reference.abs() + 3e-7 * logits.abs().sum(-1) + 1e-5
+    assert ((log_p.double() - reference).abs() <= tolerance).all()
+    robustness_report["fuzzed inputs, finite or refused"] += 1
+
+
+@FUZZ
+@given(
+    name=st.sampled_from(["gaussian", "laplace"]),
+    mode=st.sampled_from(["fixed", "shared", "per-dim", "decoder"]),
+    raw=extreme,
+    loc=extreme,
+    x=st.floats(min_value=-1e3, max_value=1e3),
+)
+def test_location_scale_likelihoods_stay_finite_with_the_scale_at_its_bound(name, mode, raw, loc, x, robustness_report):
+    likelihood = _likelihood(name, **({"sigma": mode} if name == "gaussian" else {"scale": mode}))
+    with torch.no_grad():
+        likelihood.raw_scale.fill_(raw)  # softplus(raw) -> 0 for raw -> -inf: the scale sits at its bound
+    params = torch.tensor([[[loc] * 3, [raw] * 3]])[:, : likelihood.params_per_dim]
+    log_p = likelihood(params).log_prob(torch.full((1, 3), x))
+    scale = likelihood.scale(params)
+    assert (scale >= likelihood.min_scale).all() and torch.isfinite(scale).all()
+    # even |x - loc| = 1e6 over the bound 1e-3 gives a squared distance of 1e18, far inside float32
+    assert torch.isfinite(log_p).all()
+    family = {"gaussian": pyro.distributions.Normal, "laplace": pyro.distributions.Laplace}[name]
+    reference = family(torch.full((1, 3), loc).double(), scale.double()).log_prob(torch.full((1, 3), x).double())
+    # float32 rounding of loc, x, their difference and its square: a few parts in 1e7 of the result
+    torch.testing.assert_close(log_p.double(), reference.sum(-1), rtol=1e-5, atol=1e-4)
+    robustness_report["fuzzed inputs, finite or refused"] += 1
+
+
+class ExtremeDecoder(torch.nn.Module):
+    """A decoder with fixed, huge logits: the evaluator must still give finite answers."""
+
+    def __init__(self, magnitude: float):
+        super().__init__()
+        self.magnitude = magnitude
+
+    def forward(self, z):
+        return (self.magnitude * torch.tanh(z.sum(-1, keepdim=True))).expand(*z.shape[:-1], 3).unsqueeze(-2)
+
+
+@FUZZ
+@given(
+    magnitude=st.floats(min_value=0.0, max_value=1e4),
+    num_samples=st.sampled_from([1, 2, 7, 64]),
+    batch=st.integers(min_value=1, max_value=5),
+    max_samples_per_pass=st.sampled_from([1, 3, 4096]),
+)
+def test_the_evaluator_is_finite_for_any_k_batch_and_chunking(
+    magnitude, num_samples, batch, max_samples_per_pass, robustness_report
+):
+    encoder = pv.nets.MLPEncoder((3,), 2, hidden=(4,))
+    vae = pv.VAE((3,), 2, encoder=encoder, decoder=ExtremeDecoder(magnitude))
+    x = torch.tensor([[0.0, 1.0, 1.0]] * batch)
+    estimate = pv.log_marginal_likelihood(
+        vae.model, vae.guide, x, num_samples=num_samples, max_samples_per_pass=max_samples_per_pass
+    )
+    assert estimate.log_px.shape == (batch,) and torch.isfinite(estimate.log_px).all()
+    assert (estimate.ess >= 1 - 1e-4).all() and (estimate.ess <= num_samples + 1e-3).all()
+    robustness_report["fuzzed inputs, finite or refused"] += 1
+
+
+def test_a_huge_k_is_chunked_and_agrees_with_one_pass(robustness_report):
+    """K = 200,000 in passes of 4,096: bounded memory, and the same answer as fewer, larger passes."""
+    torch.manual_seed(0)
+    vae = pv.VAE((6,), 2, likelihood=pv.likelihoods.Gaussian(init_sigma=1.0), hidden=(8,))
+    x = torch.randn(2, 6)
+    chunked = pv.log_marginal_likelihood(vae.model, vae.guide, x, num_samples=200_000, max_samples_per_pass=4096)
+    one_pass = pv.log_marginal_likelihood(vae.model, vae.guide, x, num_samples=200_000, max_samples_per_pass=400_000)
+    # different chunkings draw different particles, so the two agree to Monte Carlo error: per point the
+    # estimate's sd is about sqrt(r / K), r = K / ESS - 1 (delta method), and their difference's 5 * sqrt(2)
+    # of it; whether every particle is counted is checked exactly in tests/test_marginal.py
+    sd = ((200_000 / one_pass.ess - 1) / 200_000).sqrt()
+    assert ((chunked.log_px - one_pass.log_px).abs() < 5 * math.sqrt(2) * sd).all()
+    robustness_report["fuzzed inputs, finite or refused"] += 1
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_k_of_one_or_two_and_a_batch_of_one(k, robustness_report):
+    vae = pv.VAE((3,), 2, hidden=(4,))
+    estimate = pv.log_marginal_likelihood(vae.model, vae.guide, torch.ones(1, 3), num_samples=k)
+    assert torch.isfinite(estimate.log_px).all() and estimate.log_px.shape == (1,)
+    assert np.isfinite(estimate.summary()["log_px"])
+    if k == 1:  # one log weight: the estimate is the ELBO's one-sample term itself
+        assert torch.equal(estimate.log_px, estimate.elbo)
+    else:  # log mean exp of two weights exceeds their mean by log cosh of half their difference, >= 0
+        assert (estimate.log_px >= estimate.elbo).all()
+        assert (estimate.ess >= 1 - 1e-6).all() and (estimate.ess <= 2 + 1e-6).all()  # float32 rounding
+    robustness_report["fuzzed inputs, finite or refused"] += 1
+
+
+@pytest.mark.parametrize("bad", [0, -5])
+def test_a_non_positive_k_is_refused(bad, robustness_report):
+    vae = pv.VAE((3,), 2, hidden=(4,))
+    with pytest.raises(ValueError, match="num_samples"):
+        pv.log_marginal_likelihood(vae.model, vae.guide, torch.ones(1, 3), num_samples=bad)
+    robustness_report["bad inputs refused or cleaned"] += 1

@@ -1,0 +1,109 @@
+"""Real training processes for the kill and interrupt tests: start, signal, resume, compare bit for bit.
+
+Loaded as a pytest plugin by ``conftest.py``, so that ``tests/test_kills.py`` and ``tests/test_interrupts.py``
+share the reference runs they compare against: trained once per pytest process, on first use.
+"""
+
+import functools
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import without_timings
+
+from pyro_vae.runs.files import load_checkpoint
+
+# about 0.7 s per epoch for the VAE, 1-2 s for M2: long enough for a signal to land anywhere in it
+EPOCHS = 3
+COMMON = ["--subset", "3000", "--hidden", "32", "--z-dim", "2", "--batch-size", "10", "--epochs", str(EPOCHS)]
+TRAIN = {
+    "vae": [*COMMON, "--eval-samples", "10", "--no-progress"],
+    "ssvae": [*COMMON, "--semi-supervised", "--labels", "100", "--eval-samples", "10", "--no-progress"],
+    "m1m2": [*COMMON[2:], "--labels", "100", "--eval-samples", "10", "--no-progress"],  # M1's data: its subset
+    "vae-compiled": [*COMMON, "--compile", "on", "--eval-samples", "10", "--no-progress"],
+}
+
+
+def train_m1(out: Path) -> Path:
+    """A small VAE trained by command, for M1+M2 to stack on."""
+    args = ["--subset", "1000", "--hidden", "32", "--z-dim", "4", "--epochs", "1", "--eval-samples", "0"]
+    done = subprocess.run(
+        [sys.executable, "-m", "pyro_vae.cli", "train", *args, "--no-progress", "--out", str(out), "--name", "m1"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return out / "m1"
+
+
+@pytest.fixture(scope="session")
+def reference_runs(tmp_path_factory):
+    """``reference_runs(kind)`` -> (the run trained without interruption, the M1 it stacks on or None)."""
+
+    @functools.cache
+    def m1() -> Path:
+        return train_m1(tmp_path_factory.mktemp("m1"))
+
+    @functools.cache
+    def reference(kind: str) -> tuple[Path, Path | None]:
+        stacked_on = m1() if kind == "m1m2" else None
+        run = tmp_path_factory.mktemp(f"reference-{kind}") / "run"
+        finish(run, kind, stacked_on)
+        return run, stacked_on
+
+    return reference
+
+
+def start_training(run: Path, resume: bool, kind: str, m1: Path | None) -> subprocess.Popen:
+    if resume:
+        args = ["--resume", str(run), "--no-progress"]
+    else:
+        args = [*TRAIN[kind], *(["--m1", str(m1)] if kind == "m1m2" else []), "--out", str(run.parent)]
+        args += ["--name", run.name]
+    return subprocess.Popen(
+        [sys.executable, "-m", "pyro_vae.cli", "train", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},  # the same arithmetic in every process
+    )
+
+
+def finish(run: Path, kind: str, m1: Path | None) -> None:
+    process = start_training(run, (run / "checkpoint.pt").exists(), kind, m1)
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err[-2000:]
+
+
+def wait_for_training(process: subprocess.Popen) -> None:
+    """Until the command has imported everything and announced its run directory."""
+    line = process.stdout.readline()
+    while line.startswith("M1:"):  # M1+M2 first says which units of M1 it stacks on
+        line = process.stdout.readline()
+    assert line.startswith("run directory:"), line + process.communicate()[1][-2000:]
+
+
+def wait_for_first_checkpoint(run: Path, process: subprocess.Popen, timeout: float = 120) -> None:
+    """Until a fresh run has saved epoch 0 (its engine is then training), or the process has ended."""
+    deadline = time.monotonic() + timeout
+    while not (run / "checkpoint.pt").exists() and process.poll() is None:
+        assert time.monotonic() < deadline, f"no first checkpoint in {run} after {timeout} s"
+        time.sleep(0.02)
+
+
+def assert_same_training_state(run: Path, reference: Path) -> None:
+    a, b = load_checkpoint(run / "checkpoint.pt"), load_checkpoint(reference / "checkpoint.pt")
+    assert a["epoch"] == b["epoch"] == EPOCHS and a["position"] is None
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    for key, state in a["optimizer"]["state"].items():
+        for name, value in state.items():
+            assert torch.equal(value, b["optimizer"]["state"][key][name]), (key, name)
+    assert without_timings(a["history"]) == without_timings(b["history"])
+    for key in a["objective"]:  # the semi-supervised objective's labelled order and cursor
+        assert str(a["objective"][key]) == str(b["objective"][key]), key
