@@ -300,6 +300,12 @@ def train_in_parallel(train, where: tuple, jobs: list[tuple[int, int]], args, ou
             raise
 
 
+def mean_and_spread(values: list[float], unit: str = "") -> str:
+    """``mean +- sd`` of the values to two decimals (only the mean for one value)."""
+    spread = f" +- {statistics.stdev(values):.2f}" if len(values) > 1 else ""
+    return f"{statistics.mean(values):.2f}{unit}{spread}"
+
+
 def table(model: str, runs: dict[int, list[Path]]) -> str:
     """The study's markdown table: one row per label count, mean +- sd over the label draws, from the files of
     each run (or its kept record)."""
@@ -307,13 +313,12 @@ def table(model: str, runs: dict[int, list[Path]]) -> str:
     header = "| labels | test accuracy of q(y \\| x) (mean +- sd over draws) | each draw |"
     header += " generative classifier, argmax_y log p(x, y) | best epoch | training minutes per run |" if m2 else ""
     header += " Kingma et al.'s M2 | Pyro's example, run here |" if m2 else ""
-    header += " target | test log p(x) (first draw) |"
+    header += " target | test log p(x) (mean +- sd over draws) |"
     lines = [header, "|" + "---|" * header.count(" |")]
     for labels, dirs in runs.items():
         metrics = [pv.RunDirectory(run).read_metrics() for run in dirs]
         accuracies = [100 * m["test_accuracy"] for m in metrics]
-        spread = f" +- {statistics.stdev(accuracies):.2f}" if len(accuracies) > 1 else ""
-        row = f"| {labels} | {statistics.mean(accuracies):.2f}%{spread} | {', '.join(f'{a:.2f}' for a in accuracies)} |"
+        row = f"| {labels} | {mean_and_spread(accuracies, '%')} | {', '.join(f'{a:.2f}' for a in accuracies)} |"
         if m2:
             generative = [json.loads((run / GENERATIVE).read_text()) for run in dirs]
             minutes = [m["train_seconds"] / 60 for m in metrics]
@@ -322,8 +327,8 @@ def table(model: str, runs: dict[int, list[Path]]) -> str:
             for known in (PAPER_M2, PYRO_EXAMPLE_HERE):
                 row += f" {known[labels]}% |" if labels in known else " |"
         target = TARGETS[model].get(labels)
-        log_px = metrics[0].get("test_log_px")
-        density = "" if log_px is None else f"{log_px:.2f} +- {metrics[0]['test_log_px_se']:.2f}"
+        log_px = [m["test_log_px"] for m in metrics if m.get("test_log_px") is not None]
+        density = mean_and_spread(log_px) if len(log_px) == len(metrics) else ""
         row += f" {'' if target is None else f'at least {target}%'} | {density} |"
         lines.append(row)
     return "\n".join(lines) + "\n"
