@@ -98,7 +98,7 @@ def settings_of(text: str) -> tuple[int, int, int, str]:
 
 def accuracy(points: int, settings: list[tuple[int, int, int, str]], output_bias: str, seed: int) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from test_ais import log_px_by_quadrature
+    from quadrature import log_px_by_quadrature  # the tests' known answer
 
     pyro.set_rng_seed(0)
     data = pv.load_dataset("mnist", binarize="dynamic").subset(train=3000, val=300, test=points)
@@ -130,7 +130,9 @@ def accuracy(points: int, settings: list[tuple[int, int, int, str]], output_bias
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--points", type=positive_int, default=100, help="points annealed at once (AIS's batch_size)")
-    parser.add_argument("--chains", type=positive_int, default=DEFAULT_CHAINS, help="chains per point")
+    parser.add_argument(
+        "--chains", type=positive_int, default=DEFAULT_CHAINS, help="chains per point of the throughput"
+    )
     parser.add_argument("--steps", type=positive_int, default=20)
     parser.add_argument("--accuracy-points", type=count_or_zero, default=500, help="0 skips the accuracy check")
     parser.add_argument(
@@ -147,6 +149,15 @@ if __name__ == "__main__":
         "--output-bias", choices=OUTPUT_BIAS_STARTS, default="data", help="the 2-D VAE's output-bias start"
     )
     args = parser.parse_args()
+    given = {arg.split("=")[0] for arg in sys.argv[1:]}
+    for flags, part, skipped in (
+        ({"--points", "--chains", "--steps"}, "the throughput", args.no_throughput),
+        ({"--settings", "--seed", "--output-bias"}, "the accuracy check", not args.accuracy_points),
+    ):
+        if skipped and (ignored := sorted(flags & given)):
+            one = len(ignored) == 1
+            parser.error(f"{', '.join(ignored)} {'sets' if one else 'set'} {part}, which this command skips; drop "
+                         f"{'it' if one else 'them'}.")  # fmt: skip
     if args.no_throughput and not args.accuracy_points:
         parser.error("--no-throughput with --accuracy-points 0 leaves nothing to run; drop one of them.")
     if args.accuracy_points > (test_points := len(pv.load_dataset("mnist").test)):

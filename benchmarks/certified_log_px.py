@@ -31,6 +31,7 @@ from pyro_vae.cli import positive_int
 from pyro_vae.evaluate import current_evaluation, evaluation_name
 from pyro_vae.infer.ais import DEFAULT_CHAINS, DEFAULT_LEAPFROG_STEPS, DEFAULT_SCHEDULE, DEFAULT_STEPS, SCHEDULES
 from pyro_vae.infer.densities import standard_error
+from pyro_vae.models import SemiSupervisedModel
 
 
 def evaluated(run: str, method: str, ais: dict, **settings) -> tuple[dict, dict]:
@@ -94,7 +95,13 @@ def main() -> None:
             raise SystemExit(str(err)) from None
         if not directory.holds_run():
             raise SystemExit(f"{run} holds no checkpoint (a kept record?); give the directory of a trained run.")
-        if args.test_points and args.test_points > (size := len(pv.load_run(run).load_data().test)):
+        trained = pv.load_run(run)
+        if isinstance(trained.model, SemiSupervisedModel):  # evaluate_run would refuse its BDMC, hours in
+            raise SystemExit(
+                f"{run} holds a {type(trained.model).__name__}, whose label is discrete: BDMC cannot anneal it. "
+                f"Estimate its log p(x) with pyro-vae evaluate {run} --method ais instead."
+            )
+        if args.test_points and args.test_points > (size := len(trained.load_data().test)):
             raise SystemExit(f"--test-points {args.test_points} exceeds the {size} test points of {run}.")
     annealing = f"{args.steps} steps x {args.chains} chains x {args.leapfrog} leapfrog, {args.schedule}"
     print(

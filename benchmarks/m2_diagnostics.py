@@ -184,7 +184,7 @@ def main() -> None:
         "--fixed-classifier-epochs",
         type=count_or_zero,
         default=0,
-        help="then train the rest of M2 with q(y | x) held fixed",
+        help="then train the rest of M2 with q(y | x) held fixed (Adam 1e-3, whatever --lr)",
     )
     variant_parser.add_argument(
         "--rampup-epochs",

@@ -5,7 +5,7 @@
 
 **Epochs** (784-400-20 Bernoulli MLP VAE, the same ``MLPEncoder`` and
 ``MLPDecoder`` modules, the embedded MNIST dynamically binarised, Adam 1e-3,
-one epoch of 60,000 points), interleaved (the order rotates every repeat),
+one epoch of the 50,000 training points), interleaved (the order rotates every repeat),
 the median of the repeats:
 
 * **plain**: a hand-written eager PyTorch loop, the reference. No Pyro: the
@@ -69,6 +69,8 @@ from pyro_vae.infer import build_objective
 from pyro_vae.training.engine import adam, compiled_step, take_step
 
 Z_DIM, HIDDEN, LR = 20, (400,), 1e-3
+#: The embedded MNIST's training points, after the 10,000 of its validation split.
+TRAINING_POINTS = 50_000
 
 
 def plain_loss(encoder, decoder, x):
@@ -278,16 +280,27 @@ if __name__ == "__main__":
     )
     parser.add_argument("--m2-run", help="time the M2 step from this run's last checkpoint, not a fresh model")
     parser.add_argument(
-        "--profile", type=positive_int, help="profile this many steady-state steps of fit (first batch size) instead"
+        "--profile",
+        type=positive_int,
+        help="profile this many steady-state steps of fit instead, at one batch size (128, or one --batch-sizes)",
     )
     args = parser.parse_args()
     given = sorted({arg.split("=")[0] for arg in sys.argv[1:]} & {"--repeats", "--steps", "--m2-run"})
     if args.profile and given:
         verb = "does" if len(given) == 1 else "do"
         parser.error(f"--profile times fit's steps alone; {', '.join(given)} {verb} not apply to it.")
+    if args.profile and len(args.batch_sizes) > 1 and "--batch-sizes" in sys.argv:
+        parser.error("--profile profiles one batch size; give one --batch-sizes value.")
+    if args.profile and args.profile > (most := TRAINING_POINTS // args.batch_sizes[0]):
+        parser.error(f"--profile {args.profile}: one epoch of the {TRAINING_POINTS:,} training points holds "
+                     f"{most} steps of {args.batch_sizes[0]}; give at most that.")  # fmt: skip
     if args.m2_run:  # checked now, not after the minutes of the epoch benchmarks
         if not pv.RunDirectory(args.m2_run).holds_run():
             parser.error(f"--m2-run {args.m2_run} holds no trained run; give a pyro-vae train run of M2.")
-        if pv.RunDirectory(args.m2_run).read_config()["model"].get("type") != "ssvae":
+        config = pv.RunDirectory(args.m2_run).read_config()
+        if config["model"].get("type") != "ssvae":
             parser.error(f"--m2-run {args.m2_run} is not an M2 run; give one of pyro-vae train --semi-supervised.")
+        if config["model"]["x_shape"] != [1, 28, 28]:  # timed on the embedded MNIST
+            parser.error(f"--m2-run {args.m2_run} models points of shape {config['model']['x_shape']}; give an M2 "
+                         "run on MNIST (shape [1, 28, 28]).")  # fmt: skip
     main(**vars(args))

@@ -103,7 +103,10 @@ def train_and_evaluate(prior: str, args, out: Path) -> Path:
     directory = pv.RunDirectory(run)
     if not directory.holds_run():
         new_run(prior, args, run)
-    elif max(args.epochs, directory.read_config()["train"]["epochs"]) > directory.load_checkpoint("last")["epoch"]:
+    elif (
+        max(args.epochs, directory.read_config()["train"]["epochs"]) > directory.load_checkpoint("last")["epoch"]
+        or not directory.training_finished()
+    ):
         pv.resume_run(run, epochs=args.epochs, progress=False)
     metrics = directory.read_metrics()
     last_epoch = directory.load_checkpoint("last")["epoch"]

@@ -78,8 +78,9 @@ def main(steps: int, subset: int | None, test: int) -> None:
     x_test = F.avg_pool2d(data.test.x[:test], 2).flatten(1)
 
     svi = SVI(model, guide, Adam({"lr": 1e-2}), Trace_ELBO())
+    batch_size = min(256, len(train))  # Pyro's plate takes no subsample larger than the data
     for step in range(steps):
-        batch = train[torch.randint(len(train), (256,))]
+        batch = train[torch.randint(len(train), (batch_size,))]
         loss = svi.step(batch, num_data=len(train))
         if step % max(1, steps // 5) == 0 or step == steps - 1:
             print(f"step {step:5d}  ELBO per point {-loss / len(train):9.2f}")
@@ -95,7 +96,9 @@ def main(steps: int, subset: int | None, test: int) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=positive_int, default=3000, help="SVI steps of 256 images")
+    parser.add_argument(
+        "--steps", type=positive_int, default=3000, help="SVI steps of 256 images (all of them, if fewer)"
+    )
     parser.add_argument("--subset", type=positive_int, help="train on this many images only")
     parser.add_argument("--test", type=positive_int, default=1000, help="test images to evaluate")
     main(**vars(parser.parse_args()))

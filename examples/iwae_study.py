@@ -72,6 +72,8 @@ RUNS = {
 STUDY_AIS = {"num_steps": 500, "num_chains": 32, "leapfrog_steps": 2, "schedule": "sigmoid"}
 #: The study's batch size unless ``--batch-size`` says otherwise (Burda et al.'s was 20).
 DEFAULT_BATCH_SIZE = 100
+#: Where the study trains its runs unless ``--out`` says otherwise.
+DEFAULT_OUT = "runs/iwae-study"
 #: The orderings of the paper (and Tucker et al.'s for DReG): (better, worse, what it shows).
 ORDERINGS = [
     ("2-layer-vae", "1-layer-vae", "two layers beat one (VAE)"),
@@ -85,13 +87,14 @@ ORDERINGS = [
 ]
 
 
-def markers(lr_schedule: str, batch_size: int, output_bias: str, epochs: int) -> tuple[str, str]:
+def markers(lr_schedule: str, batch_size: int, output_bias: str, epochs: int, seed: int) -> tuple[str, str]:
     """The lines that hold the study's table in RESULTS.md: one per learning-rate schedule (and length, where the
-    schedule's rates depend on it), batch size and start."""
+    schedule's rates depend on it), batch size, start and seed."""
     study = "iwae-study" if lr_schedule == "constant" else f"iwae-study-{lr_schedule}-schedule"
     study += f"-{epochs}-epochs" if lr_schedule in LENGTH_DEPENDENT_SCHEDULES else ""
     study += "" if batch_size == DEFAULT_BATCH_SIZE else f"-batch-{batch_size}"
     study += "" if output_bias == "data" else f"-{output_bias}-output-bias"
+    study += f"-seed-{seed}" if seed else ""
     return f"<!-- {study}:begin -->", f"<!-- {study}:end -->"
 
 
@@ -156,6 +159,9 @@ def check_before_training(args, out: Path) -> None:
         raise SystemExit(f"--ais-points {args.ais_points} exceeds the {test_points} test points; give at most that.")
     if args.results and not args.results.is_file():
         raise SystemExit(f"--results {args.results} does not exist; give benchmarks/RESULTS.md.")
+    if args.results and args.subset:
+        raise SystemExit("--results takes the study on the whole training set: leave out --subset (a smoke "
+                         "test's table would replace the study's), or --results.")  # fmt: skip
 
 
 def load_data(args) -> pv.Dataset:
@@ -176,7 +182,10 @@ def train_and_evaluate(name: str, args, out: Path) -> Path:
             batch_size=args.batch_size, lr=1e-3, lr_schedule=args.lr_schedule, seed=args.seed, eval_samples=0,
             output_bias=args.output_bias, progress=args.progress,
         )  # fmt: skip
-    elif max(args.epochs, directory.read_config()["train"]["epochs"]) > directory.load_checkpoint("last")["epoch"]:
+    elif (
+        max(args.epochs, directory.read_config()["train"]["epochs"]) > directory.load_checkpoint("last")["epoch"]
+        or not directory.training_finished()
+    ):
         pv.resume_run(run, epochs=args.epochs, progress=args.progress)
     metrics = directory.read_metrics()
     last_epoch = directory.load_checkpoint("last")["epoch"]
@@ -197,22 +206,28 @@ def complete_record(name: str, args) -> Path | None:
     """KEEP/NAME where it holds this run of the study's settings, trained to --epochs and evaluated at
     --samples (and by the study's AIS with --ais-points), so that nothing is left to do; else None."""
     record = args.keep / name if args.keep else None
-    if record is None or not (record / pv.RunDirectory.LOG_PX).exists() or other_settings(record, args):
+    if record is None or not as_asked(record, args):
         return None
-    metrics = pv.RunDirectory(record).read_metrics()
-    done = metrics.get("epochs") == args.epochs and metrics.get("test_num_samples") == args.samples
-    return record if done and (not args.ais_points or ais_name(args) in metrics.get("evaluations", {})) else None
+    evaluations = pv.RunDirectory(record).read_metrics().get("evaluations", {})
+    return record if not args.ais_points or ais_name(args) in evaluations else None
+
+
+def as_asked(run: Path, args) -> bool:
+    """Whether ``run`` (or a record) was trained with this study's settings to --epochs and evaluated at
+    --samples: the table holds only such runs, so that its rows and its K describe them all."""
+    if not (run / pv.RunDirectory.LOG_PX).exists() or other_settings(run, args):
+        return False
+    metrics = pv.RunDirectory(run).read_metrics()
+    return metrics.get("epochs") == args.epochs and metrics.get("test_num_samples") == args.samples
 
 
 def finished_runs(out: Path, args) -> dict[str, Path]:
-    """Each evaluated run of this study (of its settings): trained here (OUT/NAME) or, failing that, kept from
-    earlier (KEEP/NAME)."""
+    """Each run of this study trained and evaluated as asked (:func:`as_asked`): here (OUT/NAME) or, failing
+    that, kept from earlier (KEEP/NAME)."""
     places = [out] + ([args.keep] if args.keep else [])
     runs = {}
     for name in RUNS:
-        found = [place / name for place in places if (place / name / pv.RunDirectory.LOG_PX).exists()]
-        found = [run for run in found if other_settings(run, args) is None]
-        if found:
+        if found := [place / name for place in places if as_asked(place / name, args)]:
             runs[name] = found[0]
     return runs
 
@@ -239,9 +254,12 @@ def mean_and_se(values: np.ndarray) -> str:
 
 
 def paired(better: Path, worse: Path, evaluation: str | None = None) -> tuple[float, float]:
-    """The mean of log p(x) of ``better`` minus ``worse`` over the same test points, and its standard error."""
-    difference = log_px(better, evaluation) - log_px(worse, evaluation)
-    return float(difference.mean()), float(standard_error(difference))
+    """The mean of log p(x) of ``better`` minus ``worse`` over the same test points, and its standard error,
+    from ``pv.compare_runs`` (which refuses evaluations of other weights or other test points)."""
+    rows = {Path(row["run"]): row for row in pv.compare_runs([better, worse], evaluation)}
+    # each row's difference is to the run of the higher mean, so one of the two is 0 (and so is its se)
+    mean = rows[better]["diff_to_best"] - rows[worse]["diff_to_best"]
+    return mean, max(rows[better]["diff_se"], rows[worse]["diff_se"])
 
 
 def table(runs: dict[str, Path], command: str, ais: str | None) -> str:
@@ -288,7 +306,7 @@ def table(runs: dict[str, Path], command: str, ais: str | None) -> str:
 def write_results(markdown: str, results: Path, args) -> None:
     """Put the table between the study's markers in RESULTS.md (appended with them the first time)."""
     text = results.read_text()
-    begin, end = markers(args.lr_schedule, args.batch_size, args.output_bias, args.epochs)
+    begin, end = markers(args.lr_schedule, args.batch_size, args.output_bias, args.epochs, args.seed)
     block = f"{begin}\n{markdown}{end}"
     if begin in text:
         text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S)
@@ -310,7 +328,7 @@ def main() -> None:
     parser.add_argument(
         "--output-bias", choices=OUTPUT_BIAS_STARTS, default="data", help="the decoders' output-bias start"
     )
-    parser.add_argument("--out", default="runs/iwae-study")
+    parser.add_argument("--out", default=DEFAULT_OUT)
     parser.add_argument("--results", type=Path, help="write the table into this RESULTS.md as well")
     parser.add_argument("--keep", type=Path, help="copy each finished run's record here (to commit); see above")
     parser.add_argument("--progress", action="store_true", help="progress bars")
@@ -333,6 +351,9 @@ def main() -> None:
     command += f" --lr-schedule {args.lr_schedule}" if args.lr_schedule != "constant" else ""
     command += f" --output-bias {args.output_bias}" if args.output_bias != "data" else ""
     command += f" --ais-points {args.ais_points}" if args.ais_points else ""
+    command += f" --seed {args.seed}" if args.seed else ""
+    command += f" --subset {args.subset}" if args.subset else ""
+    command += f" --out {args.out}" if args.out != DEFAULT_OUT else ""
     command += f" --keep {args.keep}" if args.keep else ""
     runs = finished_runs(out, args)
     command += f" --runs {' '.join(runs)}" if runs.keys() != RUNS.keys() else ""  # the table's runs, to redo it

@@ -69,6 +69,7 @@ from pyro_vae.evaluate import EvaluationInterrupted
 from pyro_vae.infer.objective import completed_objective_config
 from pyro_vae.infer.semisupervised import default_aux_weight, draw_labelled, paper_aux_weight
 from pyro_vae.training.engine import OUTPUT_BIAS_STARTS
+from pyro_vae.training.parallel import state_digest
 from pyro_vae.training.schedules import LR_SCHEDULES, length_conflict
 from pyro_vae.workflow import training_settings
 
@@ -113,8 +114,8 @@ def train_m1(args, out: Path) -> Path:
             eval_samples=0, output_bias=args.output_bias, progress=False,
         )  # fmt: skip
         return run
-    if last_epoch(run) < args.m1_epochs:
-        pv.resume_run(run, epochs=args.m1_epochs, progress=False)
+    if last_epoch(run) < args.m1_epochs or not pv.RunDirectory(run).training_finished():
+        pv.resume_run(run, epochs=max(args.m1_epochs, last_epoch(run)), progress=False)
     return run
 
 
@@ -134,6 +135,19 @@ def alpha(args, labels: int) -> float:
     if args.aux_weight == "paper":
         return paper_aux_weight(training_points(args.subset), labels)
     return default_aux_weight(labels) if args.aux_weight is None else args.aux_weight
+
+
+def check_stacked_on(run: Path, m1: Path) -> None:
+    """Refuse to continue an M1+M2 run stacked on another M1 than ``m1`` (its frozen copy of M1's weights differs
+    from ``m1``'s best checkpoint), rather than tabulate runs of two M1s together."""
+    if not pv.RunDirectory(m1).holds_run():
+        raise SystemExit(
+            f"{run} is stacked on an M1 that {m1} no longer holds; give that M1 as --m1, or another --out."
+        )
+    stacked = pv.RunDirectory(run).load_checkpoint("last")["model"]
+    frozen = {name.removeprefix("m1."): value for name, value in stacked.items() if name.startswith("m1.")}
+    if state_digest(frozen) != state_digest(pv.RunDirectory(m1).load_checkpoint("best")["model"]):
+        raise SystemExit(f"{run} is stacked on another M1 than {m1}; give that M1 as --m1, or another --out.")
 
 
 def check_subset(run: Path, args, place: str = "--out") -> None:
@@ -180,12 +194,13 @@ def training_points(subset: int | None) -> int:
 
 
 def finished(run: Path, args) -> bool:
-    """Whether ``run`` has trained ``--epochs`` (and was trained as this study trains its runs)."""
+    """Whether ``run`` has trained ``--epochs`` and written its metrics (and was trained as this study trains
+    its runs)."""
     directory = pv.RunDirectory(run)
     if not directory.holds_run():
         return False
     check_settings(run, args)
-    return directory.file(directory.METRICS).exists() and last_epoch(run) >= args.epochs
+    return directory.training_finished() and last_epoch(run) >= args.epochs
 
 
 def kept(record: Path, args) -> bool:
@@ -328,7 +343,8 @@ def table(model: str, runs: dict[int, list[Path]]) -> str:
                 row += f" {known[labels]}% |" if labels in known else " |"
         target = TARGETS[model].get(labels)
         log_px = [m["test_log_px"] for m in metrics if m.get("test_log_px") is not None]
-        density = mean_and_spread(log_px) if len(log_px) == len(metrics) else ""
+        samples = ", ".join(sorted({str(m.get("test_num_samples")) for m in metrics}))  # one K, unless told otherwise
+        density = f"{mean_and_spread(log_px)} (K = {samples})" if len(log_px) == len(metrics) else ""
         row += f" {'' if target is None else f'at least {target}%'} | {density} |"
         lines.append(row)
     return "\n".join(lines) + "\n"
@@ -376,7 +392,9 @@ def main() -> None:
         "0.46 per label]",
     )
     parser.add_argument(
-        "--output-bias", choices=OUTPUT_BIAS_STARTS, default="data", help="the decoders' output-bias start"
+        "--output-bias",
+        choices=OUTPUT_BIAS_STARTS,
+        help="the output-bias start of M2's decoder, or of the M1 that --model m1m2 trains [default: data]",
     )
     parser.add_argument("--samples", type=count_or_zero, default=1000, help="K of each test log p(x)")
     parser.add_argument("--subset", type=positive_int, help="train on this many points only (smoke tests)")
@@ -393,15 +411,21 @@ def main() -> None:
         parser.error("--m1 stacks M2 on a trained VAE: it applies to --model m1m2 only.")
     if args.m1_epochs is not None and (args.model == "m2" or args.m1):
         parser.error("--m1-epochs sets the M1 that --model m1m2 trains without --m1; drop it.")
+    if args.output_bias is not None and args.m1:
+        parser.error("--output-bias sets the start of the M1 that --model m1m2 trains without --m1; drop it.")
+    args.output_bias = args.output_bias or "data"
     args.m1_epochs = args.m1_epochs or M1_EPOCHS
     jobs = list(dict.fromkeys((labels, seed) for labels in args.labels for seed in args.label_seeds))
     places = {job: args.keep / run_name(args.model, *job) for job in jobs if args.keep}
     places = {job: record for job, record in places.items() if kept(record, args)}
     to_train = [job for job in jobs if job not in places]
     if to_train:  # every label count and draw, and every run to continue, checked before any training
+        stacked_on = Path(args.m1) if args.m1 else out / "m1"
         for labels, seed in to_train:
             if pv.RunDirectory(run := out / run_name(args.model, labels, seed)).holds_run():
                 check_settings(run, args)
+                if args.model == "m1m2":
+                    check_stacked_on(run, stacked_on)
         if args.model == "m1m2" and not args.m1 and pv.RunDirectory(out / "m1").holds_run():
             check_output_bias(out / "m1", args)
             check_subset(out / "m1", args)

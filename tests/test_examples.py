@@ -8,6 +8,7 @@ import argparse
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,9 +16,11 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import small_vae
 
 import pyro_vae as pv
+from pyro_vae.runs.files import load_checkpoint
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -128,6 +131,15 @@ def test_the_iwae_study_takes_a_kept_run_that_its_out_folder_no_longer_holds(tmp
                            tmp_path)  # fmt: skip
     assert too_many.returncode != 0 and "--ais-points 61 exceeds the 60 test points" in too_many.stderr
     assert not (tmp_path / "m").exists() and not (tmp_path / "kept-50").exists()
+    (tmp_path / "RESULTS.md").write_text("# results\n")
+    smoke = run_example("iwae_study.py", [*tiny, "--runs", "1-layer-vae", "--out", "m", "--results", "RESULTS.md"],
+                        tmp_path)  # fmt: skip
+    assert smoke.returncode != 0 and "leave out --subset (a smoke test's table would replace" in smoke.stderr
+    # the table holds only runs evaluated at --samples: the record of K = 10 leaves it when K = 20 is asked for
+    other_k = run_example("iwae_study.py", [*tiny[:4], "--samples", "20", *tiny[6:], "--runs", "1-layer-iwae-k5",
+                                            "--out", "machine-2"], tmp_path)  # fmt: skip
+    assert other_k.returncode == 0, other_k.stderr[-2000:]
+    assert "our NLL (K = 20)" in other_k.stdout and "| IWAE k = 50 |" not in other_k.stdout
 
 
 def test_the_semi_supervised_study_takes_kept_records_and_does_not_train_them_again(tmp_path):
@@ -290,6 +302,18 @@ def test_the_semi_supervised_study_runs_m1_plus_m2(tmp_path):
     for ignored in (["--model", "m2"], ["--model", "m1m2", "--m1", "s/m1"]):  # no M1 to train: refused, not ignored
         refused = run_example("semi_supervised_study.py", [*tiny, *ignored, "--out", "t"], tmp_path)
         assert refused.returncode == 2 and "--m1-epochs sets the M1 that --model m1m2 trains" in refused.stderr
+    given = ["--epochs", "1", "--subset", "2000", "--labels", "100", "--label-seeds", "0", "--model", "m1m2"]
+    again = run_example("semi_supervised_study.py", [*given, "--m1", "s/m1", "--samples", "5", "--out", "s"], tmp_path)
+    assert again.returncode == 0 and "| 100 |" in again.stdout, again.stderr[-2000:]  # the same M1: the same table
+    # a finished run stacked on another M1 is refused, not tabulated beside runs of this one
+    shutil.copytree(tmp_path / "s" / "m1", tmp_path / "other-m1")
+    best = load_checkpoint(tmp_path / "other-m1" / "best.pt")
+    next(iter(best["model"].values())).add_(1.0)
+    torch.save(best, tmp_path / "other-m1" / "best.pt")
+    other = run_example("semi_supervised_study.py", [*given, "--m1", "other-m1", "--out", "s"], tmp_path)
+    assert other.returncode != 0 and "is stacked on another M1 than other-m1" in other.stderr
+    with_bias = run_example("semi_supervised_study.py", [*given, "--m1", "s/m1", "--output-bias", "data"], tmp_path)
+    assert with_bias.returncode == 2 and "--output-bias sets the start of the M1" in with_bias.stderr
 
 
 @pytest.mark.parametrize("jobs", [1, 2])

@@ -49,6 +49,21 @@ def test_a_kept_record_reads_like_its_run_and_no_new_run_overwrites_it(small_mni
     assert {path.name: path.read_bytes() for path in record.path.iterdir() if path.is_file()} == before
 
 
+def test_a_run_stopped_before_writing_its_metrics_has_not_finished_until_resumed(small_mnist, tmp_path):
+    run, data = tmp_path / "run", small_mnist.subset(train=200, test=50)
+    pv.fit(small_vae(), data, epochs=1, run_dir=run, progress=False)
+    directory = pv.RunDirectory(run)
+    assert directory.training_finished()
+    metrics = directory.read_metrics()
+    directory.write_metrics({**metrics, "epochs": 0})  # the metrics of a shorter run, extended since
+    assert not directory.training_finished()
+    directory.file(directory.METRICS).unlink()  # what a kill after the last checkpoint, before the metrics, leaves
+    assert not directory.training_finished()
+    pv.fit(small_vae(), data, epochs=1, run_dir=run, resume=True, progress=False)  # trains nothing, finishes
+    assert directory.training_finished() and directory.read_metrics() == metrics
+    assert not pv.RunDirectory(tmp_path / "nothing").training_finished()
+
+
 def test_a_training_process_holds_its_run_and_a_killed_one_releases_it(tmp_path, capsys):
     args = ["--subset", "3000", "--hidden", "32", "--z-dim", "2", "--batch-size", "10", "--epochs", "50"]
     process = subprocess.Popen(

@@ -86,6 +86,12 @@ class RunDirectory:
         """Whether a run has been started here (it has a checkpoint)."""
         return self.file(self.CHECKPOINT).exists()
 
+    def training_finished(self) -> bool:
+        """Whether the run's metrics were written after its last checkpoint's epoch: a run stopped between its
+        last epoch and its metrics, or extended since they were written, has not finished (resuming it to the
+        same epochs writes them)."""
+        return self.holds_run() and self.read_metrics().get("epochs") == self.load_checkpoint("last")["epoch"]
+
     def check_fresh(self) -> None:
         """A new run must not overwrite a finished or interrupted one, nor a run's record (:meth:`keep_record`)."""
         if self.holds_run():
