@@ -128,7 +128,9 @@ def accuracy(points: int, settings: list[tuple[int, int, int, str]], output_bias
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
     parser.add_argument("--points", type=positive_int, default=100, help="points annealed at once (AIS's batch_size)")
     parser.add_argument(
         "--chains", type=positive_int, default=DEFAULT_CHAINS, help="chains per point of the throughput"

@@ -114,9 +114,21 @@ def train_m1(args, out: Path) -> Path:
             eval_samples=0, output_bias=args.output_bias, progress=False,
         )  # fmt: skip
         return run
-    if last_epoch(run) < args.m1_epochs or not pv.RunDirectory(run).training_finished():
-        pv.resume_run(run, epochs=max(args.m1_epochs, last_epoch(run)), progress=False)
+    if m1_trains_on(run, args):
+        pv.resume_run(run, epochs=max(args.m1_epochs, own_target(run)), progress=False)
     return run
+
+
+def m1_trains_on(run: Path, args) -> bool:
+    """Whether :func:`train_m1` would train the M1 in ``run`` further: short of ``--m1-epochs`` or of its own
+    target, or stopped part-way through an epoch."""
+    state = pv.RunDirectory(run).load_checkpoint("last")
+    return state["position"] is not None or state["epoch"] < max(args.m1_epochs, own_target(run))
+
+
+def own_target(run: Path) -> int:
+    """The epochs a run was set to train (a run extended by hand has more than the study's ``--epochs``)."""
+    return training_settings(pv.RunDirectory(run).read_config())["epochs"]
 
 
 def check_output_bias(run: Path, args, place: str = "--out") -> None:
@@ -223,7 +235,7 @@ def train_m1m2(m1: Path, labels: int, label_seed: int, args, out: Path) -> Path:
     if finished(run, args):
         return run
     if pv.RunDirectory(run).holds_run():
-        pv.resume_run(run, epochs=args.epochs, eval_samples=args.samples, progress=args.progress)
+        pv.resume_run(run, epochs=max(args.epochs, own_target(run)), eval_samples=args.samples, progress=args.progress)
         return run
     pyro.set_rng_seed(0)
     m1_run = pv.load_run(m1)  # M1's best checkpoint, frozen inside the stacked model
@@ -247,7 +259,9 @@ def train_m2(labels: int, label_seed: int, args, out: Path) -> Path:
     run = out / run_name("m2", labels, label_seed)
     if not finished(run, args):
         if pv.RunDirectory(run).holds_run():
-            pv.resume_run(run, epochs=args.epochs, eval_samples=args.samples, progress=args.progress)
+            pv.resume_run(
+                run, epochs=max(args.epochs, own_target(run)), eval_samples=args.samples, progress=args.progress
+            )
         else:
             pyro.set_rng_seed(0)
             data = load_data(args.subset)
@@ -328,7 +342,7 @@ def table(model: str, runs: dict[int, list[Path]]) -> str:
     header = "| labels | test accuracy of q(y \\| x) (mean +- sd over draws) | each draw |"
     header += " generative classifier, argmax_y log p(x, y) | best epoch | training minutes per run |" if m2 else ""
     header += " Kingma et al.'s M2 | Pyro's example, run here |" if m2 else ""
-    header += " target | test log p(x) (mean +- sd over draws) |"
+    header += " target | test log p(x) (mean +- sd over draws; one draw: +- its standard error) |"
     lines = [header, "|" + "---|" * header.count(" |")]
     for labels, dirs in runs.items():
         metrics = [pv.RunDirectory(run).read_metrics() for run in dirs]
@@ -343,8 +357,11 @@ def table(model: str, runs: dict[int, list[Path]]) -> str:
                 row += f" {known[labels]}% |" if labels in known else " |"
         target = TARGETS[model].get(labels)
         log_px = [m["test_log_px"] for m in metrics if m.get("test_log_px") is not None]
-        samples = ", ".join(sorted({str(m.get("test_num_samples")) for m in metrics}))  # one K, unless told otherwise
-        density = f"{mean_and_spread(log_px)} (K = {samples})" if len(log_px) == len(metrics) else ""
+        samples = ", ".join(map(str, sorted({m.get("test_num_samples") for m in metrics})))  # one K, or all of them
+        spread = (
+            mean_and_spread(log_px) if len(metrics) > 1 else f"{log_px[0]:.2f} +- {metrics[0]['test_log_px_se']:.2f}"
+        )
+        density = f"{spread} (K = {samples})" if log_px and len(log_px) == len(metrics) else ""
         row += f" {'' if target is None else f'at least {target}%'} | {density} |"
         lines.append(row)
     return "\n".join(lines) + "\n"
@@ -420,12 +437,6 @@ def main() -> None:
     places = {job: record for job, record in places.items() if kept(record, args)}
     to_train = [job for job in jobs if job not in places]
     if to_train:  # every label count and draw, and every run to continue, checked before any training
-        stacked_on = Path(args.m1) if args.m1 else out / "m1"
-        for labels, seed in to_train:
-            if pv.RunDirectory(run := out / run_name(args.model, labels, seed)).holds_run():
-                check_settings(run, args)
-                if args.model == "m1m2":
-                    check_stacked_on(run, stacked_on)
         if args.model == "m1m2" and not args.m1 and pv.RunDirectory(out / "m1").holds_run():
             check_output_bias(out / "m1", args)
             check_subset(out / "m1", args)
@@ -435,6 +446,20 @@ def main() -> None:
             if (kind := pv.RunDirectory(args.m1).read_config()["model"].get("type", "vae")) != "vae":
                 parser.error(f"--m1 needs the run of a plain VAE; {args.m1} holds a {kind} model.")
             check_subset(Path(args.m1), args)  # M2 trains on M1's data
+        stacked_on = Path(args.m1) if args.m1 else out / "m1"
+        stacked = []
+        for labels, seed in to_train:
+            if pv.RunDirectory(run := out / run_name(args.model, labels, seed)).holds_run():
+                check_settings(run, args)
+                if args.model == "m1m2":
+                    check_stacked_on(run, stacked_on)
+                    stacked.append(run.name)
+        if stacked and not args.m1 and m1_trains_on(stacked_on, args):
+            raise SystemExit(
+                f"{stacked_on} would train further (to --m1-epochs {args.m1_epochs} or its own target), but "
+                f"{', '.join(stacked)} in {out} are stacked on its weights now; give --m1-epochs "
+                f"{last_epoch(stacked_on)}, or another --out."
+            )
         try:
             data = pv.load_run(args.m1).load_data() if args.m1 else load_data(args.subset)
         except pv.DataError as err:

@@ -9,8 +9,6 @@ import torch
 
 import pyro_vae as pv
 
-pytest_plugins = ["training_processes"]  # the kill and interrupt tests' shared reference runs
-
 # pytest-xdist workers share the cores: each takes its share of threads, so that they never outnumber the cores
 _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _workers > 1:
@@ -83,6 +81,15 @@ def continuous_bernoulli_log_density(x: torch.Tensor, logits: torch.Tensor) -> t
     x, logits = x.double(), logits.double()
     ratio = torch.where(logits == 0, torch.full_like(logits, 2.0), logits / torch.tanh(logits / 2))
     return x * logits - torch.nn.functional.softplus(logits) + ratio.log()
+
+
+@pytest.fixture(scope="session")
+def reference_runs(tmp_path_factory):
+    """``reference_runs(kind)`` -> (a run of that kind trained without interruption, the M1 it stacks on or None):
+    what the kill and interrupt tests compare against, trained once per pytest process on first use."""
+    from training_processes import reference_runs  # imported here: it imports this module's helpers
+
+    return reference_runs(tmp_path_factory)
 
 
 ROBUSTNESS: Counter = Counter()

@@ -314,6 +314,10 @@ def test_the_semi_supervised_study_runs_m1_plus_m2(tmp_path):
     assert other.returncode != 0 and "is stacked on another M1 than other-m1" in other.stderr
     with_bias = run_example("semi_supervised_study.py", [*given, "--m1", "s/m1", "--output-bias", "data"], tmp_path)
     assert with_bias.returncode == 2 and "--output-bias sets the start of the M1" in with_bias.stderr
+    # an M1 that would train on under runs stacked on it (more --m1-epochs) is refused before it trains
+    longer = run_example("semi_supervised_study.py", [*tiny[2:], "--model", "m1m2", "--out", "s"], tmp_path)
+    assert longer.returncode != 0 and "s/m1 would train further" in longer.stderr, longer.stderr[-2000:]
+    assert load_checkpoint(tmp_path / "s" / "m1" / "checkpoint.pt")["epoch"] == 1
 
 
 @pytest.mark.parametrize("jobs", [1, 2])

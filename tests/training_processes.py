@@ -1,7 +1,7 @@
 """Real training processes for the kill and interrupt tests: start, signal, resume, compare bit for bit.
 
-Loaded as a pytest plugin by ``conftest.py``, so that ``tests/test_kills.py`` and ``tests/test_interrupts.py``
-share the reference runs they compare against: trained once per pytest process, on first use.
+``tests/test_kills.py`` and ``tests/test_interrupts.py`` share the reference runs they compare against through
+``conftest.py``'s session fixture ``reference_runs``: each trained once per pytest process, on first use.
 """
 
 import functools
@@ -9,9 +9,9 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-import pytest
 import torch
 from conftest import without_timings
 
@@ -41,9 +41,9 @@ def train_m1(out: Path) -> Path:
     return out / "m1"
 
 
-@pytest.fixture(scope="session")
-def reference_runs(tmp_path_factory):
-    """``reference_runs(kind)`` -> (the run trained without interruption, the M1 it stacks on or None)."""
+def reference_runs(tmp_path_factory) -> Callable[[str], tuple[Path, Path | None]]:
+    """``reference(kind)`` -> (the run of that kind trained without interruption, the M1 it stacks on or None),
+    each trained on first use and kept for the session (``conftest.py``'s ``reference_runs`` fixture)."""
 
     @functools.cache
     def m1() -> Path:

@@ -88,9 +88,12 @@ class RunDirectory:
 
     def training_finished(self) -> bool:
         """Whether the run's metrics were written after its last checkpoint's epoch: a run stopped between its
-        last epoch and its metrics, or extended since they were written, has not finished (resuming it to the
-        same epochs writes them)."""
-        return self.holds_run() and self.read_metrics().get("epochs") == self.load_checkpoint("last")["epoch"]
+        last epoch and its metrics, or extended since they were written (even part-way through an epoch), has
+        not finished (resuming it to the same epochs writes them)."""
+        if not self.holds_run():
+            return False
+        state = self.load_checkpoint("last")
+        return state["position"] is None and self.read_metrics().get("epochs") == state["epoch"]
 
     def check_fresh(self) -> None:
         """A new run must not overwrite a finished or interrupted one, nor a run's record (:meth:`keep_record`)."""
