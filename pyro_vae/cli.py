@@ -12,6 +12,7 @@ before any work starts: a bad one gets a one-line error and exit code 2.
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import sys
 import time
@@ -25,6 +26,7 @@ from .components.priors import PRIORS, build_prior
 from .data import BINARIZE_MODES, DATASET_NAMES, DataError, Dataset, load_dataset
 from .evaluate import METHODS, EvaluationInterrupted, compare_runs, comparison_csv, comparison_markdown, evaluate_run
 from .infer.ais import DEFAULT_CHAINS, DEFAULT_LEAPFROG_STEPS, DEFAULT_SCHEDULE, DEFAULT_STEPS, SCHEDULES
+from .infer.importance import pareto_k_assessable
 from .infer.path_derivatives import GRADIENTS
 from .models import SSVAE, VAE, HierarchicalVAE, LatentFeatures, StackedSSVAE
 from .models.ssvae import CLASS_PRIORS
@@ -172,7 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="training points held out for validation: a count, or a fraction below 1 [default: 10000]",
     )
     data.add_argument(
-        "--subset", type=positive_int, metavar="N", help="train on the first N training points only (quick tries)"
+        "--subset",
+        type=positive_int,
+        metavar="N",
+        help="train on the first N training points, and validate and test on N//5 (quick tries)",
     )
 
     model = train.add_argument_group("model")
@@ -545,7 +550,14 @@ def _evaluate(args) -> None:
         )
         return
     if args.method in ("ais", "auto") or args.test_points:
-        escalated = f", AIS on {metrics['num_escalated']} points whose Pareto k > 0.7" if args.method == "auto" else ""
+        escalated = ""
+        if args.method == "auto":
+            why = (
+                "Pareto k > 0.7"
+                if pareto_k_assessable(args.samples)
+                else f"Pareto k not assessable at K = {args.samples}"
+            )
+            escalated = f", AIS on {metrics['num_escalated']} points whose {why}"
         print(
             f"{args.run}: test log p(x) = {metrics['log_px']:.2f} +- {metrics['log_px_se']:.2f} nats "
             f"({args.method}{escalated}, {metrics['num_points']} points)\n  per point: {where}"
@@ -561,8 +573,15 @@ def _evaluate(args) -> None:
         f"  ELBO {metrics['test_elbo']:.2f} (reconstruction {metrics['test_reconstruction']:.2f}, "
         f"KL {metrics['test_kl']:.2f}); active units {metrics['active_units']} of {metrics['z_dim']}{per_layer}\n"
         f"  importance weights: mean ESS {metrics['test_ess_mean']:.1f}, "
-        f"Pareto k > 0.7 on {metrics['test_num_unreliable']} points"
+        f"{pareto_words(metrics['test_num_samples'], metrics['test_num_unreliable'])}"
     )
+
+
+def pareto_words(num_samples: int, num_unreliable: int) -> str:
+    """How many points' importance weights Pareto-k flags, or that K is too small to tell."""
+    if not pareto_k_assessable(num_samples):
+        return f"Pareto k not assessable at K = {num_samples}: too few weights (K >= 46), so none is trusted"
+    return f"Pareto k > 0.7 on {num_unreliable} points"
 
 
 def _compare(args) -> None:
@@ -701,6 +720,11 @@ def _train(args) -> None:
             RunDirectory(Path(args.out) / args.name).check_fresh()
         pyro.set_rng_seed(args.seed)
         model, data, objective, name = _new_model(args)
+        if "output_bias" in args.typed and args.output_bias == "data" and not _starts_from_data(model, data):
+            raise ValueError(
+                f"--output-bias data: this {model.name} has no output bias to start at the data (its decoder has "
+                "no start_output_at, as the conv decoder, or its likelihood no constant fit); drop --output-bias."
+            )
         run_dir = RunDirectory(Path(args.out) / (args.name or name))
         run_dir.check_fresh()
         _announce(run_dir.path, processes)
@@ -719,6 +743,11 @@ def _train(args) -> None:
         run = train_run(model, data, run_dir.path, **settings, **common)
     if run is not None:
         _report(run)
+
+
+def _starts_from_data(model, data: Dataset) -> bool:
+    """Whether ``fit``'s ``output_bias="data"`` can start this model's decoder at the data (tried on a copy)."""
+    return copy.deepcopy(model).start_output_bias(data.train.x[:1000])
 
 
 def _announce(path: Path, processes) -> None:
@@ -740,9 +769,10 @@ def _report(run) -> None:
             f"point (reconstruction {metrics['test_reconstruction']:.2f}, KL {metrics['test_kl']:.2f})"
         )
     if "test_log_px" in metrics:
+        weights = pareto_words(metrics["test_num_samples"], metrics["test_num_unreliable"])
         print(
             f"test log p(x) {metrics['test_log_px']:.2f} +- {metrics['test_log_px_se']:.2f} nats "
-            f"(K = {metrics['test_num_samples']}; Pareto k > 0.7 on {metrics['test_num_unreliable']} points)"
+            f"(K = {metrics['test_num_samples']}; {weights})"
         )
     figures = RunDirectory(run.path).figures
     print(f"figures: {', '.join(sorted(p.name for p in figures.glob('*.png')))} in {figures}")
@@ -756,7 +786,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     parser = build_parser()
     args = parser.parse_args(argv)  # a bad value: its one-line message, then SystemExit(2)
-    check_flag_combinations(parser, args, flags_given(argv))
+    args.typed = flags_given(argv)
+    check_flag_combinations(parser, args, args.typed)
     fill_mode_defaults(args)
     try:
         {"train": _train, "evaluate": _evaluate, "compare": _compare}[args.command](args)

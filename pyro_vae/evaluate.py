@@ -33,6 +33,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import re
 import time
 from pathlib import Path
 
@@ -58,7 +59,7 @@ from .infer.ais import (
     ais_summary,
 )
 from .infer.densities import evaluating, standard_error
-from .infer.importance import PARETO_THRESHOLD
+from .infer.importance import untrusted
 from .models import Model, SemiSupervisedModel
 from .models.base import ACTIVE_UNIT_THRESHOLD
 from .runs import RunDirectory, load_run
@@ -123,6 +124,29 @@ def evaluation_name(
         "auto": f"auto-K{num_samples}-{annealing}",
         "bdmc": f"bdmc-N{num_points}-{annealing}",
     }[method] + ("" if test_points is None or method == "bdmc" else f"-first{test_points}")
+
+
+#: The command-line flag of each number in an evaluation's name (:func:`evaluation_name`).
+_NAME_FLAGS = {"K": "--samples", "T": "--steps", "C": "--chains", "L": "--leapfrog", "N": "--points",
+               "first": "--test-points"}  # fmt: skip
+
+
+def evaluate_command(run_dir: str | Path, name: str | None = None) -> str:
+    """The ``pyro-vae evaluate`` command that makes the evaluation ``name`` of a run (by default
+    ``test_log_px.npy``'s) again, with the settings and seed it was made with."""
+    metrics = RunDirectory(run_dir).read_metrics()
+    if name is None:
+        name = f"is-K{metrics.get('test_num_samples', 5000)}"
+        seed = metrics.get("log_px_seed", 0)
+    else:
+        seed = metrics.get("evaluations", {}).get(name, {}).get("seed", 0)
+    method, *parts = name.split("-")
+    flags = [] if method == "is" else [f"--method {method}"]
+    for part in parts:
+        number = re.fullmatch(r"(K|T|C|L|N|first)(\d+)", part)
+        flags.append(f"{_NAME_FLAGS[number[1]]} {number[2]}" if number else f"--schedule {part}")
+    flags += [f"--seed {seed}"] if seed else []
+    return " ".join(["pyro-vae evaluate", str(run_dir), *flags])
 
 
 def current_evaluation(run_dir: str | Path, name: str) -> dict | None:
@@ -231,6 +255,9 @@ def evaluate_run(
         directory.write_evaluation(name, {**arrays, "model_digest": identity["model_digest"], **points})
         metrics = directory.read_metrics()
         metrics.setdefault("evaluations", {})[name] = summary
+        earlier = metrics.pop("earlier_evaluations", {})
+        earlier.pop(name, None)  # its file now holds these weights' numbers
+        metrics.update({"earlier_evaluations": earlier} if earlier else {})
         if method == "is" and test_points is None:  # the headline numbers and test_log_px.npy: all test points
             headline = {key: value for key, value in summary.items() if key not in ("method", "seed", "seconds")}
             metrics.update({f"test_{key}": value for key, value in headline.items()})
@@ -269,7 +296,7 @@ def _evaluate_test_points(
         saved = {**identity, "is_log_px": is_log_px, "pareto_k": pareto_k, "seconds": clock.seconds()}
         directory.write_evaluation(name, saved, partial=True)  # kept if the AIS that follows is interrupted
     importance_pass = {"is_log_px": is_log_px, "pareto_k": pareto_k}
-    unreliable = np.flatnonzero(pareto_k > PARETO_THRESHOLD)
+    unreliable = np.flatnonzero(untrusted(pareto_k))
     log_px = is_log_px.copy()
     summary = {"num_points": len(x), "num_escalated": len(unreliable), "is_log_px": float(log_px.mean())}
     if len(unreliable):
@@ -420,6 +447,15 @@ def _test_set_identity(config: dict) -> tuple:
     return data.get("name"), data.get("binarize") != "none", subset
 
 
+def _describe_test_points(config: dict) -> str:
+    """A run's test points in words, from its config: the data set, how it is binarised, the subset."""
+    data = config["data"]
+    if data is None:
+        return "test points of your own tensors"
+    subset = (data.get("subset") or {}).get("test")
+    return f"{data.get('name')} test points, binarize {data.get('binarize')}" + (f", first {subset}" if subset else "")
+
+
 def compare_runs(run_dirs: list[str | Path], evaluation: str | None = None) -> list[dict]:
     """One row per run: test log p(x) +- se, and the paired difference to the best run +- its se.
 
@@ -445,9 +481,17 @@ def compare_runs(run_dirs: list[str | Path], evaluation: str | None = None) -> l
         if not _of_current_weights(directory, made_of):
             raise ValueError(
                 f"The evaluation {evaluation or 'test_log_px.npy'!r} of {run_dir} was made of other weights "
-                f"than its best checkpoint now (the run trained further); run pyro-vae evaluate {run_dir} again."
+                f"than its best checkpoint now (the run trained further); make it again: "
+                f"{evaluate_command(run_dir, evaluation)}"
             )
         runs.append((run_dir, directory.read_config(), metrics, log_px, of_points))
+    if evaluation is None and len({metrics.get("test_num_samples") for _, _, metrics, *_ in runs}) > 1:
+        raise ValueError(
+            "The runs' test log p(x) were estimated with different numbers of importance samples, and the "
+            "estimate rises with K, favouring the larger: "
+            + ", ".join(f"{run_dir}: K = {metrics.get('test_num_samples')}" for run_dir, _, metrics, *_ in runs)
+            + ". Evaluate them at one K (pyro-vae evaluate RUN --samples K), or compare a named evaluation."
+        )
     by_digest = all(of_points is not None for *_, of_points in runs)
     if by_digest:
         identities = [str(of_points) for *_, of_points in runs]  # the digests of the points themselves
@@ -462,7 +506,7 @@ def compare_runs(run_dirs: list[str | Path], evaluation: str | None = None) -> l
         raise ValueError(
             "The runs were evaluated on different test points, so their log p(x) cannot be compared point by point: "
             + "; ".join(
-                f"{run[0]}: test points {identity}, {len(run[3])} of them"
+                f"{run[0]}: {_describe_test_points(run[1])}, {len(run[3])} of them ({identity})"
                 for run, identity in zip(runs, identities, strict=True)
             )
             + (

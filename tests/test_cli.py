@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 
+import pyro_vae as pv
 from pyro_vae.cli import main
 from pyro_vae.components.likelihoods import LIKELIHOODS
 
@@ -167,6 +168,29 @@ def test_a_small_data_file_trains_with_a_validation_split_of_its_size(tmp_path, 
     assert not (tmp_path / "default").exists()
     assert main([*args, "--name", "tenth", "--val-size", "0.1"]) == 0
     assert json.loads((tmp_path / "tenth" / "config.json").read_text())["data"]["val_size"] == 0.1
+
+
+def test_an_output_bias_start_from_the_data_that_the_model_has_not_is_refused(tmp_path, capsys):
+    """The conv decoder has no start at the data: by default it keeps its random start (the config says so),
+    but --output-bias data typed out is refused, not ignored, before anything is written."""
+    conv = [
+        "--arch",
+        "conv",
+        "--subset",
+        "200",
+        "--z-dim",
+        "2",
+        "--epochs",
+        "1",
+        "--eval-samples",
+        "0",
+        "--no-progress",
+    ]
+    assert main(["train", *conv, "--output-bias", "data", "--out", str(tmp_path / "runs")]) == 2
+    assert "--output-bias data: this vae has no output bias to start at the data" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+    assert main(["train", *conv, "--out", str(tmp_path / "runs"), "--name", "conv"]) == 0
+    assert pv.RunDirectory(tmp_path / "runs" / "conv").read_config()["train"]["output_bias"] == "random"
 
 
 def test_an_out_that_is_a_file_is_refused_before_any_work(tmp_path, capsys):

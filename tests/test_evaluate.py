@@ -74,7 +74,14 @@ def test_compare_refuses_unevaluated_runs_and_different_test_points(two_runs, tm
     assert main(["evaluate", str(tmp_path / "other"), "--samples", "10", "--no-progress"]) == 0
     assert main(["evaluate", str(two_runs[0]), "--samples", "10", "--no-progress"]) == 0
     assert main(["compare", str(two_runs[0]), str(tmp_path / "other")]) == 2
-    assert "different test points" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "different test points" in err and "mnist test points, binarize dynamic, first 50" in err
+    # the importance-sampled estimate rises with K: runs evaluated at different K are not ranked
+    assert main(["evaluate", str(two_runs[1]), "--samples", "20", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["compare", *map(str, two_runs)]) == 2
+    err = capsys.readouterr().err
+    assert "different numbers of importance samples" in err and f"{two_runs[0]}: K = 10" in err
 
 
 FAST_AIS = ["--steps", "20", "--chains", "4", "--leapfrog", "1"]
@@ -98,11 +105,16 @@ def test_ais_auto_and_bdmc_from_the_command_line(two_runs, capsys, tmp_path):
     assert main(["compare", str(wide), "--evaluation", "ais-T999-C4-L1-sigmoid"]) == 2
     assert "has no evaluation 'ais-T999-C4-L1-sigmoid' (it has: ais-T20-C4-L1-sigmoid" in capsys.readouterr().err
 
+    assert main(["evaluate", str(wide), "--method", "auto", "--samples", "50", *FAST_AIS, "--no-progress"]) == 0
+    auto = np.load(wide / "evaluations" / "auto-K50-T20-C4-L1-sigmoid.npz")
+    escalated = auto["escalated"]
+    assert 0 < escalated.sum() == (auto["pareto_k"] > 0.7).sum() < 200  # K = 50 leaves many weights unreliable
+    assert f"AIS on {escalated.sum()} points whose Pareto k > 0.7" in capsys.readouterr().out
+    # K = 20 weights have no tail to fit (fewer than 10 in it): Pareto k cannot tell, so every point goes to AIS
     assert main(["evaluate", str(wide), "--method", "auto", "--samples", "20", *FAST_AIS, "--no-progress"]) == 0
     auto = np.load(wide / "evaluations" / "auto-K20-T20-C4-L1-sigmoid.npz")
-    escalated = auto["escalated"]
-    assert escalated.sum() == (auto["pareto_k"] > 0.7).sum() > 0  # K = 20 leaves many weights unreliable
-    assert f"AIS on {escalated.sum()} points whose Pareto k > 0.7" in capsys.readouterr().out
+    assert np.isnan(auto["pareto_k"]).all() and auto["escalated"].all()
+    assert "AIS on 200 points whose Pareto k not assessable at K = 20" in capsys.readouterr().out
 
     assert main(["evaluate", str(wide), "--method", "bdmc", "--points", "30", *FAST_AIS, "--no-progress"]) == 0
     assert "BDMC on 30 simulated points" in capsys.readouterr().out
@@ -197,7 +209,15 @@ def test_an_evaluation_of_older_weights_is_not_compared(two_runs, tmp_path, caps
     assert current_evaluation(run, "is-K20-first20") is None  # kept, but of the weights before
     capsys.readouterr()
     assert main(["compare", str(run), "--evaluation", "is-K20-first20"]) == 2
-    assert "made of other weights than its best checkpoint now" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "made of other weights than its best checkpoint now" in err
+    assert f"make it again: pyro-vae evaluate {run} --samples 20 --test-points 20" in err  # the command that does
+    metrics = pv.RunDirectory(run).read_metrics()  # its summary is set apart, not read as the run's
+    assert "is-K20-first20" in metrics["earlier_evaluations"] and "is-K20-first20" not in metrics.get("evaluations", {})
+    assert main(["evaluate", str(run), "--samples", "20", "--test-points", "20", "--no-progress"]) == 0
+    metrics = pv.RunDirectory(run).read_metrics()
+    assert "is-K20-first20" in metrics["evaluations"] and "is-K20-first20" not in metrics.get("earlier_evaluations", {})
+    assert main(["compare", str(run), "--evaluation", "is-K20-first20"]) == 0
 
 
 def test_training_on_keeps_the_evaluations_and_compare_refuses_an_older_log_px(two_runs, tmp_path, capsys):
@@ -218,10 +238,12 @@ def test_training_on_keeps_the_evaluations_and_compare_refuses_an_older_log_px(t
     assert main(["train", "--resume", str(run), "--epochs", "1", "--no-progress"]) == 2  # below what it trained
     assert "has trained 2 epochs; resume it to at least 2 epochs in all, not 1" in capsys.readouterr().err
     assert json.loads((run / "metrics.json").read_text()) == kept  # refused before anything was written
-    # trained on: the named evaluations stay (each records its weights); the headline is the new weights'
+    # trained on: the named evaluations' summaries are set apart (their files record their weights); the
+    # headline is the new weights'
     assert main(["train", "--resume", str(run), "--epochs", "3", "--eval-samples", "5", "--no-progress"]) == 0
     after = json.loads((run / "metrics.json").read_text())
-    assert after["evaluations"] == evaluated["evaluations"] and after["test_num_samples"] == 5
+    assert after["earlier_evaluations"] == evaluated["evaluations"] and "evaluations" not in after
+    assert after["test_num_samples"] == 5
     capsys.readouterr()
     assert main(["compare", str(run)]) == 2
     assert "'test_log_px.npy' of" in capsys.readouterr().err

@@ -228,6 +228,17 @@ def test_pareto_k_flags_a_heavy_tailed_guide(linear_gaussian):
     assert not exact.unreliable.any()
 
 
+def test_pareto_k_needs_ten_weights_in_its_tail_and_without_them_nothing_is_trusted():
+    """The tail is the ceil(min(0.2 K, 3 sqrt K)) largest weights; the fit takes at least 10 (Pyro's rule), so
+    below K = 46 Pareto-k cannot be assessed: NaN, and every such point counts as untrusted (an estimate at
+    K = 20 was reported as trusted everywhere before)."""
+    assert not importance.pareto_k_assessable(45) and importance.pareto_k_assessable(46)
+    log_weights = torch.randn(45, 4, generator=torch.Generator().manual_seed(0))
+    assert importance._pareto_k(log_weights.topk(importance._tail_size(45) + 1, dim=0).values, 45).isnan().all()
+    k = torch.tensor([float("nan"), 0.5, 0.8, -math.inf, math.inf])
+    assert importance.untrusted(k).tolist() == [True, False, True, False, True]
+
+
 def test_batched_pareto_fit_matches_pyro():
     g = torch.Generator().manual_seed(0)
     rows = []

@@ -154,6 +154,21 @@ def test_custom_networks_follow_the_documented_signature():
         vae.config()
 
 
+def test_custom_networks_of_the_wrong_shape_are_refused_at_construction():
+    """A decoder without the params_per_dim axis would be read along the batch axis: every point decoded from
+    the first one's code, and no error. Refused when the VAE is built, with the shape it needs."""
+    flat = nn.Sequential(nn.Linear(2, 784), nn.Unflatten(-1, (1, 28, 28)))  # (batch, 1, 28, 28): the axis left out
+    with pytest.raises(ValueError, match=r"gives \(2, 1, 28, 28\) for 2 latent codes.*\(2, 1, 1, 28, 28\)"):
+        pv.VAE((1, 28, 28), 2, decoder=flat)
+    one_output = nn.Sequential(nn.Flatten(), nn.Linear(784, 2))  # returns loc only
+
+    with pytest.raises(ValueError, match=r"encoder gives Tensor for 2 points; q\(z \| x\) reads \(loc, scale\)"):
+        pv.VAE((1, 28, 28), 2, encoder=one_output)
+    decoder = nn.Sequential(nn.Linear(2, 784), nn.BatchNorm1d(784), nn.Unflatten(-1, (1, 1, 28, 28)))
+    pv.VAE((1, 28, 28), 2, decoder=decoder)
+    assert decoder.training and decoder[1].num_batches_tracked == 0  # the probe left the batch statistics alone
+
+
 def test_conv_architecture_rejects_non_image_shapes():
     with pytest.raises(ValueError, match="divisible by 4"):
         pv.VAE((1, 30, 30), 4, arch="conv")

@@ -56,7 +56,7 @@ from .densities import (
     seeded,
     standard_error,
 )
-from .importance import PARETO_THRESHOLD, log_marginal_likelihood
+from .importance import log_marginal_likelihood, untrusted
 
 SCHEDULES = ("sigmoid", "linear")
 DEFAULT_SCHEDULE = "sigmoid"
@@ -126,7 +126,7 @@ class AISEstimate:
                 is_log_px=float(self.is_log_px.mean()),
                 ais_minus_is=float(diff.mean()),
                 ais_minus_is_se=standard_error(diff),
-                is_num_unreliable=int((self.is_pareto_k > PARETO_THRESHOLD).sum()),
+                is_num_unreliable=int(untrusted(self.is_pareto_k).sum()),
             )
         return out
 

@@ -27,6 +27,21 @@ from .densities import SiteLogDensities, guess_max_plate_nesting, seeded, site_l
 #: Above this Pareto-k an importance-sampled estimate cannot be trusted (Vehtari et al., *Pareto Smoothed
 #: Importance Sampling*).
 PARETO_THRESHOLD = 0.7
+#: The fewest weights in a Pareto tail that the fit takes (as in Pyro's psis_diagnostic).
+MIN_TAIL = 10
+
+
+def pareto_k_assessable(num_samples: int) -> bool:
+    """Whether K weights have a tail (``_tail_size(K)``, K >= 46) long enough to fit Pareto-k at all."""
+    return _tail_size(num_samples) >= MIN_TAIL
+
+
+def untrusted(pareto_k):
+    """Points whose importance-sampled estimate cannot be trusted: Pareto-k above the threshold, or not
+    assessable (NaN: too few samples). Tensors or arrays."""
+    return ~(pareto_k <= PARETO_THRESHOLD)
+
+
 MIN_REPLAYED_PASSES = 500  # with fewer passes, recording and compiling costs more than the replays save
 
 
@@ -39,7 +54,8 @@ class MarginalLikelihoodEstimate:
     * ``ess``: effective sample size of the normalised weights, (sum_k w_k)^2 / sum_k w_k^2, in [1, K];
     * ``pareto_k``: the Pareto-k of the weights' tail (Vehtari et al., *Pareto Smoothed Importance
       Sampling*): below 0.5 the estimate is reliable, above 0.7 it cannot be trusted. It is -inf when
-      the largest weights are all equal (bounded weights) and NaN when K < 12 leaves no tail to fit.
+      the largest weights are all equal (bounded weights) and NaN when K < 46 leaves a tail too short to
+      fit (fewer than 10 weights): then it cannot be assessed, and :attr:`unreliable` counts the point.
     """
 
     log_px: torch.Tensor
@@ -62,8 +78,8 @@ class MarginalLikelihoodEstimate:
 
     @property
     def unreliable(self) -> torch.Tensor:
-        """Points whose Pareto-k exceeds the threshold: their estimate cannot be trusted."""
-        return self.pareto_k > self.pareto_threshold
+        """Points whose Pareto-k exceeds the threshold, or cannot be assessed: their estimate cannot be trusted."""
+        return ~(self.pareto_k <= self.pareto_threshold)
 
     def summary(self) -> dict:
         n = self.log_px.numel()
@@ -79,7 +95,7 @@ class MarginalLikelihoodEstimate:
             "num_points": n,
             "ess_mean": float(self.ess.mean()),
             "ess_min": float(self.ess.min()),
-            "pareto_k_max": float(self.pareto_k.max()),
+            "pareto_k_max": float(self.pareto_k.max()),  # NaN where K is too small to assess it
             "num_unreliable": int(self.unreliable.sum()),
         }
 
@@ -110,19 +126,19 @@ def fit_generalized_pareto_k(x: torch.Tensor) -> torch.Tensor:
 def _pareto_k(top_log_weights: torch.Tensor, num_samples: int) -> torch.Tensor:
     """Pareto-k per point from its M + 1 largest log weights, shape ``(M + 1, B)`` descending."""
     num_points = top_log_weights.shape[1]
-    if num_samples < 12:
+    if not pareto_k_assessable(num_samples):
         return torch.full((num_points,), float("nan"), device=top_log_weights.device)
     lw = (top_log_weights - top_log_weights[0]).double()  # the largest weight becomes 1
     cutoff = lw[-1].clamp(min=math.log(1e-15))
     tail = (lw[:-1].exp() - cutoff.exp()).flip(0).T  # ascending, (B, M)
     k = torch.full((num_points,), -math.inf, dtype=torch.double, device=lw.device)
-    # As in Pyro's psis_diagnostic: fewer than 10 weights above a cutoff of 1e-15 times the largest
+    # As in Pyro's psis_diagnostic: fewer than MIN_TAIL weights above a cutoff of 1e-15 times the largest
     # means a few samples carry all the weight (k = inf). Largest weights equal up to rounding
     # (spanning less than 1e-3 nats) are bounded: k = -inf.
     in_tail = (tail > 0).sum(-1)
     flat = -lw[-1] < 1e-3
-    k[(in_tail < 10) & ~flat] = math.inf
-    fit = (in_tail >= 10) & ~flat
+    k[(in_tail < MIN_TAIL) & ~flat] = math.inf
+    fit = (in_tail >= MIN_TAIL) & ~flat
     if fit.any():
         k[fit] = fit_generalized_pareto_k(tail[fit].clamp(min=1e-300))
     return k.float()

@@ -99,9 +99,39 @@ class VAE(Model):
         )
         self.encoder = encoder if encoder is not None else default_encoder
         self.decoder = decoder if decoder is not None else default_decoder
+        if self.custom_nets:
+            self._check_net_shapes()
         self.prior = StandardNormal() if prior is None else prior
         self.prior.setup(self.z_dim, x_shape=self.x_shape, encoder=self.encoder)
         self.pyro_name = name or f"vae{next(_instance_ids)}"
+
+    def _check_net_shapes(self) -> None:
+        """Networks of one's own must give the shapes the model reads (docs/conventions.md), checked on two
+        points at construction: a decoder output without its ``params_per_dim`` axis would otherwise be read
+        along the batch axis, and train a wrong model without an error."""
+        device = next(self.decoder.parameters(), torch.empty(0)).device
+        modes = self.encoder.training, self.decoder.training
+        self.encoder.eval(), self.decoder.eval()  # no batch statistics updated by the probe
+        try:
+            with torch.no_grad():
+                output = self.decoder(torch.zeros(2, self.z_dim, device=device))
+                encoded = self.encoder(torch.zeros(2, *self.x_shape, device=device))
+        finally:
+            self.encoder.train(modes[0]), self.decoder.train(modes[1])
+        wanted = (2, self.likelihood.params_per_dim, *self.x_shape)
+        if not isinstance(output, torch.Tensor) or tuple(output.shape) != wanted:
+            got = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+            raise ValueError(
+                f"The decoder gives {got} for 2 latent codes; the {self.likelihood.name} likelihood reads "
+                f"(batch, params_per_dim, *x_shape) = {wanted}. Return a tensor of that shape (e.g. "
+                f".reshape(*z.shape[:-1], {self.likelihood.params_per_dim}, *x_shape))."
+            )
+        shapes = [tuple(t.shape) for t in encoded] if isinstance(encoded, tuple | list) else None
+        if shapes != [(2, self.z_dim)] * 2:
+            raise ValueError(
+                f"The encoder gives {shapes or type(encoded).__name__} for 2 points; q(z | x) reads (loc, scale), "
+                f"each of shape (batch, z_dim) = {(2, self.z_dim)}."
+            )
 
     # ----------------------------------------------------------------- Pyro
     def model(self, x=None, *, kl_weight: float = 1.0, num_data: int | None = None, batch_size: int | None = None):

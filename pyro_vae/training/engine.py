@@ -638,18 +638,32 @@ class _Engine:
             metrics.update(world_size=self.processes.world_size, replica_parameter_digests=digests)
         self.run.write_metrics({**metrics, **evaluated})
 
+    def _evaluation_digest(self, name: str) -> str | None:
+        """The digest of the weights the evaluation ``name`` was made of (None: no file, or none recorded)."""
+        if not self.run.evaluation_path(name).exists():
+            return None
+        made_of = self.run.read_evaluation(name).get("model_digest")
+        return None if made_of is None else str(made_of)
+
     def _evaluations_kept(self, digest: str) -> dict:
         """What ``pyro-vae evaluate`` wrote into a resumed run's metrics and still holds.
 
-        The named evaluations are kept whatever the weights (each file records the weights it was made
-        of, and ``compare`` refuses older ones), with the digest of ``test_log_px.npy``'s weights; the
-        headline numbers evaluate wrote (test log p(x), active units, ...) only while the best weights
-        are still those (``digest``).
+        The summaries of the named evaluations of the best weights (``digest``) stay under
+        ``evaluations``; those of earlier weights move to ``earlier_evaluations``, so that no number of
+        other weights reads as the run's (their files stay, and ``compare`` refuses them). The digest of
+        ``test_log_px.npy``'s weights is kept, and the headline numbers evaluate wrote (test log p(x),
+        active units, ...) only while the best weights are still those.
         """
         previous = self.run.read_metrics()
-        kept = {key: previous[key] for key in ("evaluations", self.run.LOG_PX_DIGEST) if key in previous}
+        kept = {key: previous[key] for key in (self.run.LOG_PX_DIGEST,) if key in previous}
+        evaluations, earlier = {}, dict(previous.get("earlier_evaluations", {}))
+        for name, summary in previous.get("evaluations", {}).items():
+            made_of = self._evaluation_digest(name)
+            (evaluations if made_of in (None, digest) else earlier)[name] = summary  # None: cannot tell, kept
+        kept.update({"evaluations": evaluations} if evaluations else {})
+        kept.update({"earlier_evaluations": earlier} if earlier else {})
         if previous.get(self.run.LOG_PX_DIGEST) != digest:
             return kept
         training = {"best_epoch", self.metric, "num_test", "binarize", "epochs", "train_seconds", "world_size",
-                    "replica_parameter_digests"}  # fmt: skip
+                    "replica_parameter_digests", "evaluations", "earlier_evaluations"}  # fmt: skip
         return {**{key: value for key, value in previous.items() if key not in training}, **kept}
