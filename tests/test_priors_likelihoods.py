@@ -213,6 +213,36 @@ def test_a_likelihood_of_your_own_is_one_small_class():
         del LIKELIHOODS["student-t"]
 
 
+class WideNormal(pv.priors.Prior):
+    """A user's prior with a constructor argument that its config() (the base class's, the name only) leaves out."""
+
+    name = "wide-normal"
+
+    def __init__(self, scale: float = 1.0):
+        super().__init__()
+        self.scale = scale
+
+    def forward(self):
+        return dist.Normal(torch.zeros(self.z_dim), self.scale).to_event(1)
+
+
+def test_a_component_whose_config_does_not_rebuild_it_is_refused_before_a_run_starts(tmp_path):
+    """It would reload, evaluate and resume as another distribution (scale 1), without an error."""
+    pv.priors.register_prior(WideNormal)
+    try:
+        data = pv.make_dataset(data_for("bernoulli", n=24), val_size=4, test_size=4)
+        with pytest.raises(ValueError, match=r"prior 'wide-normal' is not rebuilt by its config\(\) \{'name'"):
+            pv.fit(pv.VAE(X_SHAPE, Z_DIM, prior=WideNormal(5.0), hidden=(8,)), data, epochs=1, run_dir=tmp_path / "r")
+        assert not (tmp_path / "r").exists()
+        assert pv.VAE(X_SHAPE, Z_DIM, prior=WideNormal(1.0)).config()["prior"] == {"name": "wide-normal"}  # it does
+    finally:
+        del pv.priors.PRIORS["wide-normal"]
+    for name in sorted(LIKELIHOODS):  # every built-in component rebuilds itself from its config
+        pv.VAE(X_SHAPE, Z_DIM, likelihood=build_likelihood(name)).config()
+    for name in sorted(pv.priors.PRIORS):
+        pv.VAE(X_SHAPE, Z_DIM, prior=pv.priors.build_prior(name)).config()
+
+
 @pytest.mark.parametrize("likelihood", sorted(LIKELIHOODS))
 def test_the_constant_fit_maximises_the_likelihood_of_the_data(likelihood):
     """The output bias a fresh decoder starts at: the p(x | .) that ignores z and fits x best.

@@ -26,6 +26,7 @@ the evaluator and the figures then take it.
 
 from __future__ import annotations
 
+import math
 from abc import abstractmethod
 from typing import TYPE_CHECKING, ClassVar
 
@@ -33,6 +34,8 @@ import pyro
 import torch
 from torch import nn
 
+from ..components.likelihoods import build_likelihood
+from ..components.priors import build_prior
 from ..data import DataError, check_finite_and_nonempty
 from ..registry import Registry
 
@@ -41,6 +44,56 @@ if TYPE_CHECKING:
 
 #: A latent unit u is active when Cov_x(E_{q(u|x)}[u]) exceeds this (Burda et al. 2015, section 5.2).
 ACTIVE_UNIT_THRESHOLD = 0.01
+
+
+def config_that_rebuilds(component: nn.Module, kind: str, build, setup, log_density) -> dict:
+    """``component.config()``, refused unless it rebuilds ``component``: a copy built from it (``build``, then
+    ``setup``) and given ``component``'s state must give the same ``log_density`` on a fixed probe.
+
+    A prior or likelihood of one's own whose ``config()`` leaves out a constructor argument would otherwise
+    reload (``pv.load_run``, ``--resume``, ``pyro-vae evaluate``) as another distribution, without an error.
+    """
+    config = component.config()
+    wrong = (
+        f"The {kind} {config.get('name')!r} is not rebuilt by its config() {config}: a copy built from it gives "
+        f"another density. Return every constructor argument from config() (see docs/conventions.md)."
+    )
+    copy = build(config)
+    setup(copy)
+    try:
+        copy.load_state_dict(component.state_dict())
+    except RuntimeError as err:
+        raise ValueError(f"{wrong} ({err})") from None
+    copy.to(next(component.parameters(), torch.empty(0)).device).train(component.training)
+    with torch.no_grad():
+        same = torch.allclose(log_density(component), log_density(copy), equal_nan=True)
+    if not same:
+        raise ValueError(wrong)
+    return config
+
+
+def prior_config(prior: nn.Module, z_dim: int, x_shape: tuple[int, ...], encoder: nn.Module) -> dict:
+    """The prior's config, checked to rebuild it (:func:`config_that_rebuilds`) on three fixed codes z."""
+    z = torch.linspace(-2.0, 2.0, 3 * z_dim).reshape(3, z_dim)
+    return config_that_rebuilds(
+        prior, "prior", build_prior, lambda copy: copy.setup(z_dim, x_shape=x_shape, encoder=encoder),
+        lambda p: p.log_prob(z.to(next(p.parameters(), z).device)),
+    )  # fmt: skip
+
+
+def likelihood_config(likelihood: nn.Module, x_shape: tuple[int, ...]) -> dict:
+    """The likelihood's config, checked to rebuild it (:func:`config_that_rebuilds`) on two fixed decoder
+    outputs and one draw of data from them (the global random state left as it was)."""
+    size = likelihood.params_per_dim * math.prod(x_shape)
+    params = torch.linspace(-1.0, 1.0, 2 * size).reshape(2, likelihood.params_per_dim, *x_shape)
+    params = params.to(next(likelihood.parameters(), params).device)
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        x = likelihood(params).sample()
+    return config_that_rebuilds(
+        likelihood, "likelihood", build_likelihood, lambda copy: copy.setup(x_shape),
+        lambda candidate: candidate(params).log_prob(x),
+    )  # fmt: skip
 
 
 def data_plate(batch_size: int, num_data: int | None, device) -> pyro.plate:

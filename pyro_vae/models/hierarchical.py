@@ -47,7 +47,15 @@ from torch import nn
 from ..components.likelihoods import Bernoulli, Likelihood, build_likelihood
 from ..components.nets import MLPDecoder, MLPEncoder, activation_class
 from ..components.priors import Prior, StandardNormal, build_prior
-from .base import Model, check_points, data_plate, register_model, start_decoder_output
+from .base import (
+    Model,
+    check_points,
+    data_plate,
+    likelihood_config,
+    prior_config,
+    register_model,
+    start_decoder_output,
+)
 
 _instance_ids = itertools.count()
 
@@ -206,8 +214,8 @@ class HierarchicalVAE(Model):
             "z_dims": list(self.z_dims),
             "hidden": [list(block) for block in self.hidden],
             "activation": self.activation,
-            "prior": self.prior.config(),
-            "likelihood": self.likelihood.config(),
+            "prior": prior_config(self.prior, self.z_dims[-1], self.x_shape, MeanPath(self.encoders)),
+            "likelihood": likelihood_config(self.likelihood, self.x_shape),
         }
 
     @classmethod

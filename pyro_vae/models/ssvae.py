@@ -57,7 +57,15 @@ from ..components.likelihoods import Bernoulli, Likelihood, build_likelihood
 from ..components.nets import MLPClassifier, MLPDecoder, MLPEncoder, activation_class
 from ..components.priors import Prior, StandardNormal, build_prior
 from ..data import DataError
-from .base import Model, check_points, data_plate, register_model, start_decoder_output
+from .base import (
+    Model,
+    check_points,
+    data_plate,
+    likelihood_config,
+    prior_config,
+    register_model,
+    start_decoder_output,
+)
 
 _instance_ids = itertools.count()
 CLASS_PRIORS = ("uniform", "learned")
@@ -347,8 +355,8 @@ class SSVAE(SemiSupervisedModel):
             "hidden": list(self.hidden),
             "class_prior": self.class_prior,
             "activation": self.activation,
-            "prior": self.prior.config(),
-            "likelihood": self.likelihood.config(),
+            "prior": prior_config(self.prior, self.z_dim, self.x_shape, self._encode_with_predicted_label),
+            "likelihood": likelihood_config(self.likelihood, self.x_shape),
         }
 
     @classmethod

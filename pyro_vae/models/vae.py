@@ -37,7 +37,15 @@ from torch import nn
 from ..components.likelihoods import Bernoulli, Likelihood, build_likelihood
 from ..components.nets import build_nets
 from ..components.priors import Prior, StandardNormal, build_prior
-from .base import Model, check_points, data_plate, register_model, start_decoder_output
+from .base import (
+    Model,
+    check_points,
+    data_plate,
+    likelihood_config,
+    prior_config,
+    register_model,
+    start_decoder_output,
+)
 
 _instance_ids = itertools.count()
 
@@ -200,8 +208,8 @@ class VAE(Model):
             "hidden": list(self.hidden),
             "arch": self.arch,
             "activation": self.activation,
-            "prior": self.prior.config(),
-            "likelihood": self.likelihood.config(),
+            "prior": prior_config(self.prior, self.z_dim, self.x_shape, self.encoder),
+            "likelihood": likelihood_config(self.likelihood, self.x_shape),
         }
 
     @classmethod
