@@ -6,12 +6,16 @@ A :class:`Registry` maps a name to a class. The class carries its own name
 into an object, so that a run's ``config.json`` rebuilds it exactly. An
 unknown name gets an error that lists the known ones. The ``pyro-vae``
 command first imports the modules that installed packages declare as
-``pyro_vae.plugins`` entry points (:func:`load_plugins`), so that the pieces
-they register are known to it too.
+``pyro_vae.plugins`` entry points, and those named in the environment
+variable ``PYRO_VAE_PLUGINS`` (:func:`load_plugins`), so that the pieces they
+register are known to it too.
 """
 
 from __future__ import annotations
 
+import importlib
+import os
+import sys
 from collections.abc import Iterator, Mapping
 from importlib.metadata import entry_points
 from typing import Generic, TypeVar
@@ -20,6 +24,9 @@ T = TypeVar("T", bound=type)
 
 #: The entry-point group whose modules the ``pyro-vae`` command imports before it starts (:func:`load_plugins`).
 PLUGIN_GROUP = "pyro_vae.plugins"
+#: The environment variable that names more modules to import, comma-separated: modules of one's own, without
+#: a package to install (found on the usual path, and in the current folder).
+PLUGIN_VARIABLE = "PYRO_VAE_PLUGINS"
 
 
 class Registry(Mapping, Generic[T]):
@@ -48,7 +55,8 @@ class Registry(Mapping, Generic[T]):
             raise ValueError(
                 f"Unknown {self.kind} {name!r}; choose one of {sorted(self._classes)}. A {self.kind} of your own is "
                 f"known once the module that registers it is imported: in Python, import it first; for the "
-                f"pyro-vae command, declare the module as a {PLUGIN_GROUP!r} entry point of its package."
+                f"pyro-vae command, name the module in {PLUGIN_VARIABLE} (e.g. {PLUGIN_VARIABLE}=my_module "
+                f"pyro-vae ...) or declare it as a {PLUGIN_GROUP!r} entry point of its package."
             )
         return self._classes[name]
 
@@ -79,7 +87,9 @@ class Registry(Mapping, Generic[T]):
 
 
 def load_plugins() -> list[str]:
-    """Import every module that an installed package declares in the entry-point group ``pyro_vae.plugins``.
+    """Import every module that an installed package declares in the entry-point group ``pyro_vae.plugins``,
+    then every module named in the environment variable ``PYRO_VAE_PLUGINS`` (comma-separated; the current
+    folder is searched after the usual path, so that ``PYRO_VAE_PLUGINS=my_prior`` finds ``./my_prior.py``).
 
     The modules register their priors, likelihoods, objectives or models as they are imported, so that
     the command line offers them and rebuilds the runs that used them. A package declares its module in
@@ -88,7 +98,7 @@ def load_plugins() -> list[str]:
         [project.entry-points."pyro_vae.plugins"]
         my_likelihoods = "my_package.likelihoods"
 
-    :returns: the names of the entry points loaded.
+    :returns: the names of the entry points and modules loaded.
     """
     loaded = []
     for entry_point in entry_points(group=PLUGIN_GROUP):
@@ -100,4 +110,16 @@ def load_plugins() -> list[str]:
                 f"Fix or uninstall the package that declares it."
             ) from err
         loaded.append(entry_point.name)
+    modules = [name.strip() for name in os.environ.get(PLUGIN_VARIABLE, "").split(",") if name.strip()]
+    if modules and os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except Exception as err:
+            raise ImportError(
+                f"The module {module!r} named in {PLUGIN_VARIABLE} failed to import: {err}. Fix it, or leave it out "
+                f"of {PLUGIN_VARIABLE}."
+            ) from err
+        loaded.append(module)
     return loaded

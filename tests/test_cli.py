@@ -151,6 +151,30 @@ def test_a_likelihood_from_an_installed_plugin_trains_and_evaluates_by_command(t
     assert "Unknown likelihood 'student-t'" in (err := capsys.readouterr().err) and "'pyro_vae.plugins'" in err
 
 
+def test_a_module_named_in_pyro_vae_plugins_is_imported_from_the_current_folder(tmp_path, monkeypatch, capsys):
+    """No package to install: PYRO_VAE_PLUGINS=module finds ./module.py; a module that fails is named."""
+    (tmp_path / "my_student_t.py").write_text(PLUGIN)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the folder load_plugins adds goes with the test
+    monkeypatch.setenv("PYRO_VAE_PLUGINS", "my_student_t")
+    try:
+        args = ["train", *SMALL, "--likelihood", "student-t", "--epochs", "1", "--out", "runs", "--name", "t"]
+        assert main(args) == 0
+        del LIKELIHOODS["student-t"], sys.modules["my_student_t"]  # as a new process starts
+        assert main(["evaluate", "runs/t", "--samples", "4", "--test-points", "20", "--no-progress"]) == 0
+    finally:
+        LIKELIHOODS._classes.pop("student-t", None)
+        sys.modules.pop("my_student_t", None)
+    monkeypatch.setenv("PYRO_VAE_PLUGINS", "my_student_t, no_such_module")
+    capsys.readouterr()
+    try:
+        assert main(["train", "--help"]) == 2
+    finally:
+        LIKELIHOODS._classes.pop("student-t", None)
+        sys.modules.pop("my_student_t", None)
+    assert "'no_such_module' named in PYRO_VAE_PLUGINS failed to import" in capsys.readouterr().err
+
+
 def test_a_plugin_that_fails_to_import_is_named(tmp_path, monkeypatch, capsys):
     install_plugin(tmp_path, "pyro_vae_broken_plugin", "raise RuntimeError('broken on purpose')")
     monkeypatch.syspath_prepend(str(tmp_path))

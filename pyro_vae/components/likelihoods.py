@@ -59,7 +59,7 @@ class Likelihood(nn.Module):
         if not bool(inside.all()):
             outside = x[~inside]
             raise DataError(
-                f"The {self.name} likelihood needs data in {self.support}, but {outside.numel()} values lie "
+                f"The {self.name} likelihood needs data in {_in_words(self.support)}, but {outside.numel()} values lie "
                 f"outside it (e.g. {float(outside[0]):g}). {self.fix_hint()}"
             )
 
@@ -79,6 +79,13 @@ class Likelihood(nn.Module):
     def config(self) -> dict:
         """The short name and arguments that rebuild this likelihood (see :func:`build_likelihood`)."""
         return {"name": self.name}
+
+
+def _in_words(support: constraints.Constraint) -> str:
+    """A support as a reader would write it: {0, 1} for ``constraints.boolean``, not ``Boolean()``."""
+    words = {constraints.boolean: "{0, 1} (binary data)", constraints.unit_interval: "[0, 1]",
+             constraints.real: "the real numbers (finite values)"}  # fmt: skip
+    return words.get(support, str(support))
 
 
 LIKELIHOODS: Registry[type[Likelihood]] = Registry("likelihood")
