@@ -58,8 +58,9 @@ def config_that_rebuilds(component: nn.Module, kind: str, build, setup, log_dens
         f"The {kind} {config.get('name')!r} is not rebuilt by its config() {config}: a copy built from it gives "
         f"another density. Return every constructor argument from config() (see docs/conventions.md)."
     )
-    copy = build(config)
-    setup(copy)
+    with torch.random.fork_rng(devices=[]):  # building the copy draws its initial weights: not from the user's stream
+        copy = build(config)
+        setup(copy)
     try:
         copy.load_state_dict(component.state_dict())
     except RuntimeError as err:
