@@ -217,7 +217,7 @@ def test_an_evaluation_of_older_weights_is_not_compared(two_runs, tmp_path, caps
     assert main(["evaluate", str(run), "--samples", "20", "--test-points", "20", "--no-progress"]) == 0
     metrics = pv.RunDirectory(run).read_metrics()
     assert "is-K20-first20" in metrics["evaluations"] and "is-K20-first20" not in metrics.get("earlier_evaluations", {})
-    assert main(["compare", str(run), "--evaluation", "is-K20-first20"]) == 0
+    assert main(["compare", str(run), "--evaluation", "is-K20-first20", "--out", str(tmp_path / "table")]) == 0
 
 
 def test_training_on_keeps_the_evaluations_and_compare_refuses_an_older_log_px(two_runs, tmp_path, capsys):
