@@ -384,7 +384,9 @@ def main() -> None:
     )
     parser.add_argument("--labels", type=positive_int, nargs="+", default=list(LABEL_COUNTS), help="label counts")
     parser.add_argument("--label-seeds", type=seed_value, nargs="+", default=[0, 1, 2], help="label draws per count")
-    parser.add_argument("--epochs", type=positive_int, default=200, help="epochs of each M2")
+    parser.add_argument(
+        "--epochs", type=positive_int, default=M2_DEFAULTS["epochs"], help="epochs of each M2 [default: %(default)s]"
+    )
     parser.add_argument(
         "--lr",
         type=positive_float,

@@ -37,7 +37,6 @@ from .training.engine import AUTO_COMPILE_STEPS, MAX_SEED, OUTPUT_BIAS_STARTS, r
 from .training.schedules import LR_SCHEDULES
 from .workflow import resume_run, train_run
 
-DEFAULT_EPOCHS = 30
 DEFAULT_EVAL_SAMPLES = 1000
 #: --compile values and the ``compile`` argument of ``fit`` each stands for.
 COMPILE_CHOICES = {"auto": "auto", "on": True, "off": False}
@@ -242,7 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     training = train.add_argument_group("training")
     training.add_argument(
-        "--epochs", type=positive_int, help=f"epochs in all [default: {DEFAULT_EPOCHS}; with --resume: the run's own]"
+        "--epochs",
+        type=positive_int,
+        help=f"epochs in all [default: {VAE_DEFAULTS['epochs']}; {M2_DEFAULTS['epochs']} for --semi-supervised "
+        "without --m1; with --resume: the run's own]",
     )
     training.add_argument(
         "--batch-size",
@@ -417,10 +419,10 @@ VAE_ONLY_FLAGS = ("elbo", "particles", "gradient")
 
 
 #: The defaults of ``train --semi-supervised`` (M2 from pixels) that differ from the VAE's: Kingma et al.'s
-#: (2014) M2 architecture (50 latent units, 500 hidden), and the batch, Adam rate and step schedule chosen by
-#: the study (docs/semi-supervised.md, benchmarks/RESULTS.md).
-M2_DEFAULTS = {"z_dim": [50], "hidden": [500], "batch_size": 200, "lr": 3e-3, "lr_schedule": "step"}
-VAE_DEFAULTS = {"z_dim": [20], "batch_size": 128, "lr": 1e-3, "lr_schedule": "constant"}
+#: (2014) M2 architecture (50 latent units, 500 hidden), and the batch, Adam rate, step schedule and length
+#: of the study whose runs reach the paper's accuracy (docs/semi-supervised.md, benchmarks/RESULTS.md).
+M2_DEFAULTS = {"z_dim": [50], "hidden": [500], "batch_size": 200, "lr": 3e-3, "lr_schedule": "step", "epochs": 200}
+VAE_DEFAULTS = {"z_dim": [20], "batch_size": 128, "lr": 1e-3, "lr_schedule": "constant", "epochs": 30}
 
 
 def fill_mode_defaults(args: argparse.Namespace) -> None:
@@ -730,7 +732,7 @@ def _train(args) -> None:
         _announce(run_dir.path, processes)
         settings = dict(
             objective=objective,
-            epochs=args.epochs or DEFAULT_EPOCHS,
+            epochs=args.epochs,
             batch_size=args.batch_size,
             lr=args.lr,
             lr_schedule=args.lr_schedule,

@@ -197,7 +197,8 @@ def test_help_states_each_default_once():
     out = subprocess.run(
         [sys.executable, "-m", "pyro_vae.cli", "train", "--help"], capture_output=True, text=True, check=True
     ).stdout
-    assert "(default: None)" not in out and "[default: 30; with --resume" in out
+    assert "(default: None)" not in out
+    assert "[default: 30; 200 for --semi-supervised without --m1; with --resume" in " ".join(out.split())
     assert "[default: 1e-3; 3e-3 for" in " ".join(out.split())  # the rate of each kind of run
 
 
@@ -215,6 +216,21 @@ def test_each_kind_of_run_gets_its_learning_rate_schedule_unless_one_is_given(fl
     args = cli.build_parser().parse_args(["train", *flags])
     cli.fill_mode_defaults(args)
     assert args.lr_schedule == schedule
+
+
+@pytest.mark.parametrize(
+    "flags, epochs",
+    [
+        (["--semi-supervised"], 200),  # M2's default: the study's length, which reaches the paper's accuracy
+        (["--semi-supervised", "--epochs", "7"], 7),
+        (["--m1", "RUN", "--labels", "100"], 30),  # M1+M2 keeps the VAE's
+        ([], 30),
+    ],
+)
+def test_each_kind_of_run_gets_its_length_unless_one_is_given(flags, epochs):
+    args = cli.build_parser().parse_args(["train", *flags])
+    cli.fill_mode_defaults(args)
+    assert args.epochs == epochs
 
 
 def test_the_config_records_what_the_flags_said(finished_run):
