@@ -29,6 +29,10 @@ whose warm-up epoch is also excluded.
 the four forward products and the seven backward ones of every step, run
 back to back on tensors of the same shapes.
 
+**Binarising a batch** of the training images, first: ``torch.bernoulli``
+as the plain loops draw, one float uniform per pixel below its intensity,
+and ``pyro_vae.data.binarize`` (16 random bits per pixel), medians of 200.
+
 **Steps** (``--steps`` timed steps after warm-up, interleaved, medians):
 the enumerated M2 step (``pv.SSVAE``, z 50, hidden 500, batch 200, 100
 labels) and the IWAE k = 50 step (the VAE above, batch 128, the standard
@@ -65,6 +69,7 @@ import torch.nn.functional as F
 import pyro_vae as pv
 from pyro_vae.cli import positive_int
 from pyro_vae.components.nets import MLPDecoder, MLPEncoder
+from pyro_vae.data import binarize
 from pyro_vae.infer import build_objective
 from pyro_vae.training.engine import adam, compiled_step, take_step
 
@@ -125,6 +130,24 @@ def matmul_bound_epoch(num_points: int, batch_size: int) -> float:
             if i > 0:  # no gradient flows into the data
                 grad_out @ weight
     return time.perf_counter() - started
+
+
+def binarisation_milliseconds(data: pv.Dataset, batch_size: int, repeats: int = 200) -> dict[str, float]:
+    """Median milliseconds to binarise a batch of the training images: the plain loop's way, the float-uniform
+    way, and the library's (``pyro_vae.data.binarize``), interleaved."""
+    x = data.train.x[:batch_size]
+    ways = {
+        "torch.bernoulli(x)": lambda: torch.bernoulli(x),
+        "(torch.rand_like(x) < x).float()": lambda: (torch.rand_like(x) < x).float(),
+        "pyro_vae.data.binarize(x)": lambda: binarize(x),
+    }
+    times: dict[str, list[float]] = {way: [] for way in ways}
+    for _ in range(repeats):
+        for way, draw in ways.items():
+            started = time.perf_counter()
+            draw()
+            times[way].append(time.perf_counter() - started)
+    return {way: 1000 * statistics.median(values) for way, values in times.items()}
 
 
 @contextlib.contextmanager
@@ -218,6 +241,9 @@ def main(batch_sizes: list[int], repeats: int, steps: int, m2_run: str | None, p
         "matmul bound": lambda batch_size: matmul_bound_epoch(len(data.train), batch_size),
     }
     print(f"threads: {torch.get_num_threads()}, torch {torch.__version__}, pyro {pyro.__version__}")
+    for batch_size in batch_sizes:
+        binarising = binarisation_milliseconds(data, batch_size)
+        print(f"binarising a batch of {batch_size}: " + ", ".join(f"{way} {ms:.2f} ms" for way, ms in binarising.items()))
     print(
         "| batch | plain | plain, fused Adam | plain, torch.compile | fit | fit, eager | matmul bound "
         "| fit / plain | fit / plain fused | fit / plain compiled | fit / fit eager | fit / matmul bound "

@@ -33,14 +33,29 @@ def test_dynamic_batches_are_resampled(small_mnist):
     assert abs(float(first.mean() - small_mnist.train.x[:64].mean())) < 0.01
 
 
-def test_dynamic_binarisation_draws_each_pixel_with_its_intensity():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_dynamic_binarisation_draws_each_pixel_with_its_intensity(dtype):
     torch.manual_seed(0)
-    p = torch.tensor([0.0, 0.1, 0.5, 0.9, 1.0])
+    p = torch.tensor([0.0, 0.1, 0.5, 0.9, 1.0], dtype=dtype)  # five pixels: not a whole number of 64-bit words
     draws = torch.stack([binarize(p) for _ in range(20000)])
     assert set(draws.unique().tolist()) <= {0.0, 1.0} and draws.dtype == p.dtype
-    # 20,000 draws: the standard error of a frequency is at most 0.0035; 5 of them is 0.018
-    assert torch.allclose(draws.mean(0), p, atol=0.018)
+    # 20,000 draws: the standard error of a frequency is at most 0.0035; 5 of them is 0.018 (the 16-bit
+    # uniform's bias, at most 2^-17, is far below)
+    assert torch.allclose(draws.double().mean(0), p.double(), atol=0.018)
     assert draws[:, 0].sum() == 0 and draws[:, 4].sum() == 20000  # 0 and 1 are exact
+
+
+def test_dynamic_binarisation_has_the_resolution_it_states():
+    """u takes the 2^16 midpoints (b + 1/2) / 2^16: below the first, a pixel is never on; at a grid point k / 2^16
+    it is on with probability exactly k / 2^16."""
+    torch.manual_seed(0)
+    n = 2_000_000
+    assert binarize(torch.full((n,), 0.49 / 2**16)).sum() == 0  # exact Bernoulli would give about 15 ones
+    # 1 / 2^16: 30.5 ones expected (Poisson sd 5.5), so 10 to 60 is more than 3.7 sd either side; exact
+    # Bernoulli(0.99 / 2^16) would give the same, and 2^-16 round(2^16 x) must not round it to 0
+    assert 10 < binarize(torch.full((n,), 0.99 / 2**16)).sum() < 60
+    # 1/2: the standard error of the frequency is 0.00035
+    assert abs(float(binarize(torch.full((n,), 0.5)).mean()) - 0.5) < 0.002
 
 
 def test_fixed_binarisation_is_seeded():
