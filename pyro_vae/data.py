@@ -156,10 +156,8 @@ def binarize(x: torch.Tensor) -> torch.Tensor:
     Each pixel gets 16 random bits b, read as u = (b + 1/2) / 2^16, a uniform on the midpoints of
     2^16 equal cells of (0, 1), so P(x_bin = 1) is 2^-16 round(2^16 x): Bernoulli(x) to within
     2^-17, exact at 0 and 1, and also exact at any x on that grid. The bits come four to a 64-bit
-    word of the generator, a quarter of the calls one float uniform per pixel makes, and the
-    comparison writes floats directly: on CPU a batch of 128 MNIST images takes a quarter of
-    ``(torch.rand_like(x) < x).float()`` and a tenth of ``torch.bernoulli(x)``
-    (``python benchmarks/train_speed.py``, benchmarks/RESULTS.md, "Training speed").
+    word of the generator, and the comparison writes floats directly (its speed: benchmarks/RESULTS.md,
+    "Training speed").
     """
     words = torch.empty(-(-x.numel() // 4), dtype=torch.int64, device=x.device).random_(-(2**63), None)
     dtype = torch.promote_types(x.dtype, torch.float32)  # 2^15 + 1/2 needs 17 significant bits
