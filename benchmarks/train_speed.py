@@ -243,7 +243,8 @@ def main(batch_sizes: list[int], repeats: int, steps: int, m2_run: str | None, p
     print(f"threads: {torch.get_num_threads()}, torch {torch.__version__}, pyro {pyro.__version__}")
     for batch_size in batch_sizes:
         binarising = binarisation_milliseconds(data, batch_size)
-        print(f"binarising a batch of {batch_size}: " + ", ".join(f"{way} {ms:.2f} ms" for way, ms in binarising.items()))
+        times = ", ".join(f"{way} {ms:.2f} ms" for way, ms in binarising.items())
+        print(f"binarising a batch of {batch_size}: {times}")
     print(
         "| batch | plain | plain, fused Adam | plain, torch.compile | fit | fit, eager | matmul bound "
         "| fit / plain | fit / plain fused | fit / plain compiled | fit / fit eager | fit / matmul bound "
