@@ -5,24 +5,14 @@ rest of the suite.
 """
 
 import argparse
-import importlib.util
 import json
-import os
-import shutil
-import signal
 import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
-import torch
 from conftest import small_vae
+from example_scripts import EXAMPLES, load_example, run_example
 
 import pyro_vae as pv
-from pyro_vae.runs.files import load_checkpoint
-
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 TINY = {
     "basic_vae.py": (["--epochs", "1", "--subset", "500"], "validation ELBO after 1 epochs"),
@@ -61,18 +51,6 @@ TINY = {
 
 def test_every_example_is_tested():
     assert sorted(path.name for path in EXAMPLES.glob("*.py")) == sorted(TINY)
-
-
-def run_example(script: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    """The finished process of ``examples/SCRIPT ARGS`` run in ``cwd`` on one thread."""
-    return subprocess.run(
-        [sys.executable, str(EXAMPLES / script), *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
 
 
 @pytest.mark.parametrize("script", sorted(TINY))
@@ -142,39 +120,6 @@ def test_the_iwae_study_takes_a_kept_run_that_its_out_folder_no_longer_holds(tmp
     assert "our NLL (K = 20)" in other_k.stdout and "| IWAE k = 50 |" not in other_k.stdout
 
 
-def test_the_semi_supervised_study_takes_kept_records_and_does_not_train_them_again(tmp_path):
-    """A run finished on one machine enters the table on the next (wiped) one through its kept record."""
-    tiny = ["--epochs", "1", "--subset", "2000", "--labels", "100", "--label-seeds", "0", "--samples", "5"]
-    tiny += ["--keep", "kept"]
-
-    def study(out: str, steps: str = "50") -> subprocess.CompletedProcess:
-        return run_example("semi_supervised_study.py", [*tiny, "--classifier-steps", steps, "--out", out], tmp_path)
-
-    first = study("machine-1")
-    assert first.returncode == 0, first.stderr[-2000:]
-    record = tmp_path / "kept" / "m2-100-labels-draw-0"
-    assert {"config.json", "history.csv", "metrics.json", "generative_classifier.json"} <= {
-        p.name for p in record.iterdir()
-    } and not list(record.glob("*.pt"))
-    second = study("machine-2")
-    assert second.returncode == 0, second.stderr[-2000:]
-    assert not (tmp_path / "machine-2" / "m2-100-labels-draw-0").exists()  # not trained again
-    table = (tmp_path / "machine-1" / "m2_table.md").read_text()
-    assert (tmp_path / "machine-2" / "m2_table.md").read_text() == table and "| 100 |" in table
-    # a record of other settings is refused before any training, not mixed in
-    other = study("machine-3", steps="60")
-    assert other.returncode != 0 and "trained with --classifier-steps 50, not 60" in other.stderr
-    assert not (tmp_path / "machine-3").exists()
-
-
-def load_example(script: str):
-    """The module of ``examples/SCRIPT``, imported without running its ``main``."""
-    spec = importlib.util.spec_from_file_location(Path(script).stem, EXAMPLES / script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_the_prior_study_refuses_a_run_of_other_settings_before_training(tmp_path, mnist):
     """A run in --out trained otherwise (a smoke test's, say) is named with its flags, not trained on."""
     study = load_example("compare_priors.py")
@@ -205,148 +150,3 @@ def test_the_iwae_study_refuses_a_step_run_of_another_length_before_training(tmp
     ):
         study.check_before_training(args, tmp_path)
     study.check_before_training(argparse.Namespace(**{**vars(args), "epochs": 2}), tmp_path)  # its own length
-
-
-def test_the_semi_supervised_study_takes_the_library_s_alpha_for_each_label_count(tmp_path):
-    """Without --aux-weight each count gets default_aux_weight, and a record at another alpha is refused."""
-    study = load_example("semi_supervised_study.py")
-    args = argparse.Namespace(aux_weight=None, subset=None, model="m2", lr=3e-3, classifier_steps=1000)
-    args.output_bias, args.lr_schedule, args.epochs = "data", "step", 200
-    assert [study.alpha(args, labels) for labels in (100, 600, 3000)] == [46.0, 276.0, 1380.0]
-    assert study.alpha(argparse.Namespace(**{**vars(args), "aux_weight": 7.5}), 600) == 7.5
-    objective = {"name": "semi-supervised", "num_labels": 600, "label_seed": 0, "aux_weight": 46.0}
-    objective["classifier_steps"] = 1000
-    config = {"data": {"name": "mnist"}, "train": {"lr": 3e-3, "output_bias": "data", "objective": objective}}
-    config["train"].update(lr_schedule="step", epochs=200)
-    (tmp_path / pv.RunDirectory.CONFIG).write_text(json.dumps(config))
-    with pytest.raises(SystemExit, match="trained with --aux-weight 46, not 276; give that, or another --out"):
-        study.check_settings(tmp_path, args)  # the old default's 600-label run
-    objective["aux_weight"] = 276.0
-    (tmp_path / pv.RunDirectory.CONFIG).write_text(json.dumps(config))
-    study.check_settings(tmp_path, args)  # the new default's: it goes ahead
-
-
-def test_the_semi_supervised_study_refuses_a_run_of_another_schedule_or_of_another_length_under_step(tmp_path):
-    """The step schedule's rates depend on the run's epochs: a 100-epoch run is not the start of a 200-epoch one."""
-    study = load_example("semi_supervised_study.py")
-    args = argparse.Namespace(aux_weight=None, subset=None, model="m2", lr=3e-3, classifier_steps=1000)
-    args.output_bias, args.lr_schedule, args.epochs = "data", "step", 200
-    objective = {"name": "semi-supervised", "num_labels": 100, "label_seed": 0, "aux_weight": 46.0}
-    objective["classifier_steps"] = 1000
-    train = {"lr": 3e-3, "output_bias": "data", "objective": objective, "epochs": 200}
-    for schedule, epochs, message in [
-        (None, 200, "trained with --lr-schedule constant, not step"),  # a run written before the option
-        ("constant", 200, "trained with --lr-schedule constant, not step"),
-        ("step", 100, "follows the step learning-rate schedule over 100 epochs.*give --epochs 100, or another --out"),
-    ]:
-        config = {"data": {"name": "mnist"}, "train": {**train, "epochs": epochs}}
-        if schedule:
-            config["train"]["lr_schedule"] = schedule
-        (tmp_path / pv.RunDirectory.CONFIG).write_text(json.dumps(config))
-        with pytest.raises(SystemExit, match=message):
-            study.check_settings(tmp_path, args)
-
-
-def test_the_semi_supervised_study_keeps_each_run_as_it_finishes_and_checks_every_count_first(
-    tmp_path, monkeypatch, capsys
-):
-    """A stop in the second run leaves the first one's record kept; an impossible label count trains nothing."""
-    study = load_example("semi_supervised_study.py")
-    train_m2 = study.train_m2
-
-    def stopped_in_the_second_run(labels, label_seed, args, out):
-        if label_seed == 1:
-            raise KeyboardInterrupt
-        return train_m2(labels, label_seed, args, out)
-
-    monkeypatch.setattr(study, "train_m2", stopped_in_the_second_run)
-    monkeypatch.chdir(tmp_path)
-    tiny = ["--epochs", "1", "--subset", "2000", "--classifier-steps", "50", "--samples", "0", "--keep", "kept"]
-    monkeypatch.setattr(sys, "argv", ["study", *tiny, "--labels", "100", "--label-seeds", "0", "1", "--out", "s"])
-    with pytest.raises(SystemExit) as stop:
-        study.main()
-    assert stop.value.code == 130
-    assert (tmp_path / "kept" / "m2-100-labels-draw-0" / "metrics.json").exists()
-    assert not (tmp_path / "kept" / "m2-100-labels-draw-1").exists()
-
-    monkeypatch.setattr(sys, "argv", ["study", *tiny, "--labels", "200", "5", "--label-seeds", "0", "--out", "t"])
-    with pytest.raises(SystemExit) as refused:
-        study.main()
-    assert refused.value.code == 2 and not (tmp_path / "t").exists()
-    assert "--labels 5: 5 labels cannot cover 10 classes" in capsys.readouterr().err
-
-    # a run of another --subset is not trained on, and --m1 is refused where no M1 is stacked on
-    smaller = ["--epochs", "2", "--subset", "1000", "--labels", "100", "--label-seeds", "0", "--out", "s"]
-    monkeypatch.setattr(sys, "argv", ["study", *smaller])
-    with pytest.raises(SystemExit, match="trained on --subset 2000; give that, or another --out"):
-        study.main()
-    monkeypatch.setattr(sys, "argv", ["study", *smaller, "--m1", "s"])
-    with pytest.raises(SystemExit) as refused:
-        study.main()
-    assert refused.value.code == 2 and "applies to --model m1m2 only" in capsys.readouterr().err
-    assert pv.RunDirectory(tmp_path / "s" / "m2-100-labels-draw-0").load_checkpoint("last")["epoch"] == 1
-
-
-def test_the_semi_supervised_study_runs_m1_plus_m2(tmp_path):
-    tiny = ["--m1-epochs", "1", "--epochs", "1", "--subset", "2000", "--labels", "100", "--label-seeds", "0"]
-    # one epoch of M1 on 2,000 points from the data's means has no active unit yet; from the random start it has
-    tiny += ["--output-bias", "random"]
-    result = run_example(
-        "semi_supervised_study.py", [*tiny, "--model", "m1m2", "--samples", "5", "--out", "s"], tmp_path
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "M1: s/m1" in result.stdout and "| 100 |" in result.stdout
-    assert (tmp_path / "s" / "m1m2-100-labels-draw-0" / "config.json").exists()
-    other_start = run_example("semi_supervised_study.py", [*tiny[:-2], "--model", "m1m2", "--out", "s"], tmp_path)
-    assert other_start.returncode != 0 and "m1 started its output bias 'random'" in other_start.stderr
-    for ignored in (["--model", "m2"], ["--model", "m1m2", "--m1", "s/m1"]):  # no M1 to train: refused, not ignored
-        refused = run_example("semi_supervised_study.py", [*tiny, *ignored, "--out", "t"], tmp_path)
-        assert refused.returncode == 2 and "--m1-epochs sets the M1 that --model m1m2 trains" in refused.stderr
-    given = ["--epochs", "1", "--subset", "2000", "--labels", "100", "--label-seeds", "0", "--model", "m1m2"]
-    again = run_example("semi_supervised_study.py", [*given, "--m1", "s/m1", "--samples", "5", "--out", "s"], tmp_path)
-    assert again.returncode == 0 and "| 100 |" in again.stdout, again.stderr[-2000:]  # the same M1: the same table
-    # a finished run stacked on another M1 is refused, not tabulated beside runs of this one
-    shutil.copytree(tmp_path / "s" / "m1", tmp_path / "other-m1")
-    best = load_checkpoint(tmp_path / "other-m1" / "best.pt")
-    next(iter(best["model"].values())).add_(1.0)
-    torch.save(best, tmp_path / "other-m1" / "best.pt")
-    other = run_example("semi_supervised_study.py", [*given, "--m1", "other-m1", "--out", "s"], tmp_path)
-    assert other.returncode != 0 and "is stacked on another M1 than other-m1" in other.stderr
-    with_bias = run_example("semi_supervised_study.py", [*given, "--m1", "s/m1", "--output-bias", "data"], tmp_path)
-    assert with_bias.returncode == 2 and "--output-bias sets the start of the M1" in with_bias.stderr
-    # an M1 that would train on under runs stacked on it (more --m1-epochs) is refused before it trains
-    longer = run_example("semi_supervised_study.py", [*tiny[2:], "--model", "m1m2", "--out", "s"], tmp_path)
-    assert longer.returncode != 0 and "s/m1 would train further" in longer.stderr, longer.stderr[-2000:]
-    assert load_checkpoint(tmp_path / "s" / "m1" / "checkpoint.pt")["epoch"] == 1
-
-
-@pytest.mark.parametrize("jobs", [1, 2])
-def test_a_ctrl_c_saves_the_semi_supervised_study_runs_in_progress_and_starts_no_other(tmp_path, jobs):
-    """SIGINT to the process group (a terminal's Ctrl-C) saves the runs in progress and starts none of the others.
-
-    150 epochs of 10 steps stay below the steps at which a run is compiled, so the runs train at once.
-    """
-    args = ["--epochs", "150", "--subset", "2000", "--labels", "100", "--label-seeds", "0", "1", "2"]
-    args += ["--classifier-steps", "50", "--samples", "0", "--jobs", str(jobs), "--out", "study"]
-    process = subprocess.Popen(
-        [sys.executable, str(EXAMPLES / "semi_supervised_study.py"), *args],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )  # fmt: skip
-    runs = [tmp_path / "study" / f"m2-100-labels-draw-{draw}" for draw in range(3)]
-    deadline = time.monotonic() + 300
-    try:
-        while not all((run / "checkpoint.pt").exists() for run in runs[:jobs]):  # each has its Ctrl-C handler
-            assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1][-2000:]
-            time.sleep(0.2)
-        time.sleep(1.0)
-        os.killpg(process.pid, signal.SIGINT)
-        _, err = process.communicate(timeout=120)  # a study that goes on to the third run does not stop
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-    assert process.returncode == 130 and "the same command resumes the study" in err, err[-2000:]
-    for run in runs[:jobs]:
-        assert 0 <= pv.RunDirectory(run).load_checkpoint("last")["epoch"] < 150
-    assert not any(run.exists() for run in runs[jobs:])
-    assert "Traceback" not in err, err[-2000:]
