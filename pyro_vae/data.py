@@ -146,10 +146,6 @@ def check_unit_interval(x: torch.Tensor) -> None:
         )
 
 
-#: Random bits behind each pixel of a dynamic binarisation: its uniform takes 2**16 values.
-UNIFORM_BITS = 16
-
-
 def binarize(x: torch.Tensor) -> torch.Tensor:
     """A fresh binarisation of intensities in [0, 1]: x_bin = 1 where u < x, u uniform on 2^16 levels.
 
@@ -162,7 +158,7 @@ def binarize(x: torch.Tensor) -> torch.Tensor:
     words = torch.empty(-(-x.numel() // 4), dtype=torch.int64, device=x.device).random_(-(2**63), None)
     dtype = torch.promote_types(x.dtype, torch.float32)  # 2^15 + 1/2 needs 17 significant bits
     levels = words.view(torch.int16)[: x.numel()].view(x.shape).to(dtype)  # b - 2^15, in [-2^15, 2^15)
-    uniforms = levels.add_(2**15 + 0.5).mul_(2.0**-UNIFORM_BITS)
+    uniforms = levels.add_(2**15 + 0.5).mul_(2.0**-16)
     return torch.lt(uniforms, x, out=uniforms) if dtype == x.dtype else (uniforms < x).to(x.dtype)
 
 
