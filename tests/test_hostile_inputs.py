@@ -238,3 +238,24 @@ def test_a_non_positive_k_is_refused(bad, robustness_report):
     with pytest.raises(ValueError, match="num_samples"):
         pv.log_marginal_likelihood(vae.model, vae.guide, torch.ones(1, 3), num_samples=bad)
     robustness_report["bad inputs refused or cleaned"] += 1
+
+
+@pytest.mark.parametrize(
+    "settings, x, message",
+    [({"num_particles": 0}, torch.ones(2, 3), "num_particles >= 1"),
+     ({"batch_size": 0}, torch.ones(2, 3), "batch_size >= 1"),
+     ({}, torch.ones(0, 3), "x is empty")],
+    ids=["no-particles", "no-batch", "no-points"],
+)  # fmt: skip
+def test_the_elbo_estimates_refuse_what_they_cannot_average(settings, x, message, robustness_report):
+    vae = pv.VAE((3,), 2, hidden=(4,))
+    with pytest.raises(ValueError, match=message):
+        pv.evaluate_elbo(vae, x, **settings)
+    with pytest.raises(ValueError, match=message.replace("particles", "samples")):  # its K, num_samples
+        pv.log_marginal_likelihood(
+            vae.model, vae.guide, x, **{name.replace("particles", "samples"): value for name, value in settings.items()}
+        )
+    if "num_particles" in settings:
+        with pytest.raises(ValueError, match=message):
+            pv.site_log_densities(vae.model, vae.guide, x, **settings)
+    robustness_report["bad inputs refused or cleaned"] += 1

@@ -184,6 +184,14 @@ def check_reparameterized_guide(guide, x: torch.Tensor, estimator: str) -> None:
         )
 
 
+def check_points_and_batches(x: torch.Tensor, num_samples: int, batch_size: int, samples: str) -> None:
+    """Refuse, before any work, an empty ``x`` or fewer than one draw (named ``samples``) or point per batch."""
+    if num_samples < 1 or batch_size < 1:
+        raise ValueError(f"Need {samples} >= 1 and batch_size >= 1; got {num_samples} and {batch_size}.")
+    if x.shape[0] == 0:
+        raise ValueError("x is empty: give at least one data point.")
+
+
 def site_log_densities(
     model,
     guide,
@@ -204,6 +212,8 @@ def site_log_densities(
         is then evaluated with them held fixed, for the path derivative (see the module's docstring).
     :returns: :class:`SiteLogDensities` with tensors of shape ``(num_particles, N)``.
     """
+    if num_particles < 1:
+        raise ValueError(f"Need num_particles >= 1; got {num_particles}.")
     particle_dim = -max_plate_nesting - 1
     with pyro.plate(PARTICLE_PLATE, num_particles, dim=particle_dim):
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
@@ -255,6 +265,7 @@ def elbo_per_point(
     model, guide, x: torch.Tensor, *, num_particles: int = 1, batch_size: int = 1000, **kwargs
 ) -> ELBOEstimate:
     """ELBO(x_n) for every data point, averaged over ``num_particles`` draws from the guide."""
+    check_points_and_batches(x, num_particles, batch_size, "num_particles")
     parts = []
     for start in range(0, x.shape[0], batch_size):
         d = site_log_densities(model, guide, x[start : start + batch_size], num_particles=num_particles, **kwargs)

@@ -22,7 +22,14 @@ from tqdm.auto import tqdm
 
 from ..accel.bernoulli import LOG_DENSITY_KERNELS
 from ..accel.replay import record
-from .densities import SiteLogDensities, guess_max_plate_nesting, seeded, site_log_densities, standard_error
+from .densities import (
+    SiteLogDensities,
+    check_points_and_batches,
+    guess_max_plate_nesting,
+    seeded,
+    site_log_densities,
+    standard_error,
+)
 
 #: Above this Pareto-k an importance-sampled estimate cannot be trusted (Vehtari et al., *Pareto Smoothed
 #: Importance Sampling*).
@@ -261,10 +268,7 @@ def log_marginal_likelihood(
         programs whose Python reads state that changes between calls.
     :returns: :class:`MarginalLikelihoodEstimate`.
     """
-    if num_samples < 1 or batch_size < 1:
-        raise ValueError(f"Need num_samples >= 1 and batch_size >= 1; got {num_samples} and {batch_size}.")
-    if x.shape[0] == 0:
-        raise ValueError("x is empty: give at least one data point.")
+    check_points_and_batches(x, num_samples, batch_size, "num_samples")
     full_chunk = max(1, min(num_samples, max_samples_per_pass // batch_size))
     replayed_passes = (x.shape[0] // batch_size) * (num_samples // full_chunk)
     if replay is None:
