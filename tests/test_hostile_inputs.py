@@ -259,3 +259,11 @@ def test_the_elbo_estimates_refuse_what_they_cannot_average(settings, x, message
         with pytest.raises(ValueError, match=message):
             pv.site_log_densities(vae.model, vae.guide, x, **settings)
     robustness_report["bad inputs refused or cleaned"] += 1
+
+
+@pytest.mark.parametrize("z_dim", [0, -3, 2.5, True])
+@pytest.mark.parametrize("model", [pv.VAE, pv.SSVAE])
+def test_a_model_without_a_latent_code_is_refused(model, z_dim, robustness_report):
+    with pytest.raises(ValueError, match="z_dim must be a whole number >= 1"):
+        model((1, 28, 28), z_dim)
+    robustness_report["bad inputs refused or cleaned"] += 1

@@ -27,6 +27,7 @@ the evaluator and the figures then take it.
 from __future__ import annotations
 
 import math
+import numbers
 from abc import abstractmethod
 from typing import TYPE_CHECKING, ClassVar
 
@@ -102,6 +103,13 @@ def data_plate(batch_size: int, num_data: int | None, device) -> pyro.plate:
     if num_data is None or num_data == batch_size:
         return pyro.plate("data", batch_size, dim=-1)
     return pyro.plate("data", num_data, subsample=torch.arange(batch_size, device=device), dim=-1)
+
+
+def latent_size(z_dim) -> int:
+    """``z_dim`` as an int, refused unless it is a whole number >= 1 (a model needs a latent code)."""
+    if isinstance(z_dim, bool) or not isinstance(z_dim, numbers.Integral) or z_dim < 1:
+        raise ValueError(f"z_dim must be a whole number >= 1; got {z_dim!r}.")
+    return int(z_dim)
 
 
 def check_points(x: torch.Tensor, x_shape: tuple[int, ...], likelihood, what: str, model: str) -> None:

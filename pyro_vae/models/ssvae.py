@@ -61,6 +61,7 @@ from .base import (
     Model,
     check_points,
     data_plate,
+    latent_size,
     likelihood_config,
     prior_config,
     register_model,
@@ -248,7 +249,7 @@ class SSVAE(SemiSupervisedModel):
             raise ValueError(f"Unknown class prior {class_prior!r}; choose one of {CLASS_PRIORS}.")
         if num_classes < 2:
             raise ValueError(f"A class label needs at least 2 classes; got num_classes={num_classes}.")
-        self.x_shape, self.z_dim, self.num_classes = tuple(x_shape), int(z_dim), int(num_classes)
+        self.x_shape, self.z_dim, self.num_classes = tuple(x_shape), latent_size(z_dim), int(num_classes)
         self.hidden, self.class_prior, self.activation = tuple(hidden), class_prior, activation
         act = activation_class(activation)
         self.likelihood = Bernoulli() if likelihood is None else likelihood

@@ -41,6 +41,7 @@ from .base import (
     Model,
     check_points,
     data_plate,
+    latent_size,
     likelihood_config,
     prior_config,
     register_model,
@@ -95,7 +96,7 @@ class VAE(Model):
         name: str | None = None,
     ):
         super().__init__()
-        self.x_shape, self.z_dim = tuple(x_shape), int(z_dim)
+        self.x_shape, self.z_dim = tuple(x_shape), latent_size(z_dim)
         self.hidden, self.arch, self.activation = tuple(hidden), arch, activation
         self.custom_nets = encoder is not None or decoder is not None
         self.likelihood = Bernoulli() if likelihood is None else likelihood
