@@ -63,6 +63,7 @@ from .infer.importance import untrusted
 from .models import Model, SemiSupervisedModel
 from .models.base import ACTIVE_UNIT_THRESHOLD
 from .runs import RunDirectory, load_run
+from .training.engine import resolve_device
 from .training.parallel import parameter_digest, state_digest
 
 METHODS = ("is", "ais", "auto", "bdmc")
@@ -100,6 +101,11 @@ def classify_generatively(model, x: torch.Tensor, *, num_samples: int = 10, batc
     ``num_samples``), so it judges the generative model p(x | y, z) rather
     than the classifier q(y | x) (Kingma et al. 2014 classify with q).
     """
+    if not isinstance(model, SemiSupervisedModel):
+        raise TypeError(
+            "classify_generatively needs a model with a label y (pv.SSVAE, pv.StackedSSVAE); "
+            f"got {type(model).__name__}."
+        )
     with evaluating(model):
         scores = [
             log_marginal_likelihood(
@@ -186,7 +192,7 @@ def evaluate_run(
     num_points: int = 1000,
     test_points: int | None = None,
     seed: int = 0,
-    device: str = "cpu",
+    device: str | torch.device = "cpu",
     progress: bool = True,
     model: Model | None = None,
     data: Dataset | None = None,
@@ -199,6 +205,7 @@ def evaluate_run(
     :param num_samples: K of importance sampling (``"is"``, ``"auto"``).
     :param num_steps, num_chains, leapfrog_steps, schedule: the AIS settings (``"ais"``, ``"auto"``, ``"bdmc"``).
     :param num_points: simulated points of ``"bdmc"``.
+    :param device: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"`` (CUDA where there is a GPU), as for training.
     :param test_points: evaluate only the first this many test points (the name records it, and
         :func:`compare_runs` pairs only evaluations of the same points); None evaluates all of them.
     """
@@ -211,6 +218,7 @@ def evaluate_run(
             raise ValueError(f"{key} must be >= 1; got {value}.")
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}; got {schedule!r}.")
+    device = resolve_device(device)
     directory = RunDirectory(run_dir)
     directory.check_resumable()
     run = load_run(directory.path, model=model, map_location=device)

@@ -1,6 +1,7 @@
 """pyro-vae evaluate and compare on small trained runs."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -347,3 +348,19 @@ def test_compare_pairs_runs_on_tensors_of_ones_own_only_on_the_same_test_points(
     assert len(pv.compare_runs([runs["a"], runs["b"]])) == 2
     with pytest.raises(ValueError, match="different test points"):
         pv.compare_runs([runs["a"], runs["c"]])  # the same data spec (none) and count, other points
+
+
+def test_evaluate_run_takes_the_devices_training_takes_and_refuses_others(two_runs, tmp_path):
+    wide, _ = two_runs
+    run = tmp_path / "copy"
+    shutil.copytree(wide, run)  # the module's runs keep their evaluations as the tests above left them
+    with pytest.raises(ValueError, match="Unknown device 'tpu'"):
+        pv.evaluate_run(run, num_samples=5, device="tpu", progress=False)
+    assert not (run / "evaluations").exists() or not list((run / "evaluations").glob("*K5*"))  # no work started
+    summary = pv.evaluate_run(run, num_samples=5, test_points=20, device="auto", progress=False)  # CPU here
+    assert np.isfinite(summary["log_px"]) and summary["num_points"] == 20
+
+
+def test_the_generative_classifier_refuses_a_model_without_a_label(two_runs, mnist):
+    with pytest.raises(TypeError, match="needs a model with a label y"):
+        pv.classify_generatively(pv.load_run(two_runs[0]).model, mnist.test.x[:4])
