@@ -26,7 +26,7 @@ from .components.priors import PRIORS, build_prior
 from .data import BINARIZE_MODES, DATASET_NAMES, DataError, Dataset, load_dataset
 from .evaluate import METHODS, EvaluationInterrupted, compare_runs, comparison_csv, comparison_markdown, evaluate_run
 from .infer.ais import DEFAULT_CHAINS, DEFAULT_LEAPFROG_STEPS, DEFAULT_SCHEDULE, DEFAULT_STEPS, SCHEDULES
-from .infer.importance import pareto_k_assessable
+from .infer.importance import PARETO_THRESHOLD, pareto_k_assessable
 from .infer.path_derivatives import GRADIENTS
 from .models import SSVAE, VAE, HierarchicalVAE, LatentFeatures, StackedSSVAE
 from .models.ssvae import CLASS_PRIORS
@@ -363,7 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
         "sampling from the encoder (HMC along the geometric path from q(z|x) to p(x, z), spaced by --schedule; for "
         "M2 and M1+M2 once per label, y summed out). "
         "--method auto: importance sampling, then AIS on "
-        "the points whose Pareto k exceeds 0.7. --method bdmc: lower and upper bounds on points simulated from "
+        f"the points whose Pareto k exceeds {PARETO_THRESHOLD} or cannot be assessed (K < 46). "
+        "--method bdmc: lower and upper bounds on points simulated from "
         "the model, whose gap bounds the error of AIS at its settings (not for M2 and M1+M2). Every method's "
         "per-point values go to evaluations/<method and settings>.npz; an interrupted AIS or BDMC evaluation "
         "continues where it stopped.",
@@ -555,7 +556,7 @@ def _evaluate(args) -> None:
         escalated = ""
         if args.method == "auto":
             why = (
-                "Pareto k > 0.7"
+                f"Pareto k > {PARETO_THRESHOLD}"
                 if pareto_k_assessable(args.samples)
                 else f"Pareto k not assessable at K = {args.samples}"
             )
@@ -583,7 +584,7 @@ def pareto_words(num_samples: int, num_unreliable: int) -> str:
     """How many points' importance weights Pareto-k flags, or that K is too small to tell."""
     if not pareto_k_assessable(num_samples):
         return f"Pareto k not assessable at K = {num_samples}: too few weights (K >= 46), so none is trusted"
-    return f"Pareto k > 0.7 on {num_unreliable} points"
+    return f"Pareto k > {PARETO_THRESHOLD} on {num_unreliable} points"
 
 
 def _compare(args) -> None:

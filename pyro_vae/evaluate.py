@@ -11,7 +11,8 @@ by one of four methods:
   semi-supervised model once per label, the labels summed out,
   :func:`~pyro_vae.infer.ais.ais_log_marginal_likelihood_by_label`);
 * ``"auto"``: importance sampling on every point, then AIS on the points
-  whose Pareto-k exceeds 0.7, where importance sampling cannot be trusted;
+  where importance sampling cannot be trusted: Pareto-k above 0.7, or not
+  assessable (K < 46 gives every point's weights too short a tail to fit);
 * ``"bdmc"``: bidirectional Monte Carlo bounds on points simulated from the
   model (:func:`~pyro_vae.infer.ais.bdmc`), which bound the error of AIS at
   its settings; refused for semi-supervised models, whose label is discrete.

@@ -108,7 +108,7 @@ def assume_true(guards: list[torch.Tensor]) -> Iterator[None]:
 class CompiledStep:
     """``loss_fn(*inputs)`` and its gradient with respect to ``module``'s trainable parameters, compiled.
 
-    ``step(*inputs)`` returns ``(loss, gradients)``, the loss detached and
+    Called with the step's inputs, it returns ``(loss, gradients)``, the loss detached and
     the gradients in the order of :attr:`parameters` (None where the loss does
     not depend on one), or None where the caller must run the eager step:
     inputs of another shape than the first call's, or a step that cannot be

@@ -13,7 +13,7 @@ their tail (Vehtari et al., *Pareto Smoothed Importance Sampling*).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pyro
 import torch
@@ -72,7 +72,6 @@ class MarginalLikelihoodEstimate:
     ess: torch.Tensor
     pareto_k: torch.Tensor
     num_samples: int
-    pareto_threshold: float = field(default=PARETO_THRESHOLD)
 
     @property
     def mean(self) -> float:
@@ -86,7 +85,7 @@ class MarginalLikelihoodEstimate:
     @property
     def unreliable(self) -> torch.Tensor:
         """Points whose Pareto-k exceeds the threshold, or cannot be assessed: their estimate cannot be trusted."""
-        return ~(self.pareto_k <= self.pareto_threshold)
+        return untrusted(self.pareto_k)
 
     def summary(self) -> dict:
         n = self.log_px.numel()
