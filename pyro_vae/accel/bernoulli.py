@@ -101,10 +101,7 @@ DECOMPOSITIONS[torch.ops.pyro_vae.bernoulli_log_prob_sum.default] = grouped_log_
 
 def binary_bernoulli_log_prob(fn: BinaryBernoulli, value: torch.Tensor) -> torch.Tensor:
     """``fn.log_prob(value)`` through the compiled kernels (first derivatives in the logits only)."""
-    if fn.base_dist._validate_args:
-        fn.base_dist._validate_sample(value)
-    n = fn.reinterpreted_batch_ndims
-    return compiled_bernoulli_log_prob_sum(fn.base_dist.logits.flatten(-n), value.flatten(-n))
+    return compiled_bernoulli_log_prob_sum(*fn.flat_logits_and_value(value))
 
 
 #: Distribution type -> faster ``log_prob(fn, value)`` for the evaluators: importance sampling (no gradient)

@@ -105,11 +105,15 @@ class BinaryBernoulli(dist.Independent):
     which the two forms differ.
     """
 
-    def log_prob(self, value):
+    def flat_logits_and_value(self, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The logits and ``value`` (checked against the support when validation is on), event dims flattened."""
         if self.base_dist._validate_args:
             self.base_dist._validate_sample(value)
         n = self.reinterpreted_batch_ndims
-        return bernoulli_log_prob_sum(self.base_dist.logits.flatten(-n), value.flatten(-n))
+        return self.base_dist.logits.flatten(-n), value.flatten(-n)
+
+    def log_prob(self, value):
+        return bernoulli_log_prob_sum(*self.flat_logits_and_value(value))
 
 
 def bernoulli_log_prob_sum(logits: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
