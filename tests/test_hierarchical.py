@@ -190,8 +190,12 @@ def test_sites_config_samples_and_active_units_per_layer(small_mnist):
     rebuilt = pv.models.build_model(model.config())
     assert rebuilt.config() == model.config() and isinstance(rebuilt, pv.HierarchicalVAE)
     assert model.sample(5).shape == (5, 1, 28, 28) and model.reconstruct(small_mnist.test.x[:3]).shape == (3, 1, 28, 28)
-    per_layer = pv.active_units_per_layer(model, small_mnist.test.x)
-    assert len(per_layer) == 2 and sum(per_layer) == pv.active_units(model, small_mnist.test.x)
+    with torch.no_grad():  # z1: units 0, 2 and 4 follow x strongly, 1, 3 and 5 ignore it; z2: unit 0 only
+        for encoder, (used, ignored) in zip(model.encoders, (([0, 2, 4], [1, 3, 5]), ([0], [1, 2])), strict=True):
+            encoder.net[-1].weight[used] *= 20.0
+            encoder.net[-1].weight[ignored] = 0.0
+    assert pv.active_units_per_layer(model, small_mnist.test.x) == [3, 1]
+    assert pv.active_units(model, small_mnist.test.x) == 4
     assert model.latent_means(small_mnist.test.x[:7]).shape == (7, 9) and model.z_dim == 9
     with pytest.raises(ValueError, match="two or more layer sizes"):
         pv.HierarchicalVAE((4,), z_dims=(3,), hidden=((8,),))

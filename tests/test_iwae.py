@@ -79,10 +79,17 @@ def test_the_best_checkpoint_of_an_iwae_run_is_that_of_its_bound(small_mnist, tm
     assert all("val_iwae" in row for row in history)
     best = max(history, key=lambda row: row["val_iwae"])["epoch"]
     assert pv.RunDirectory(tmp_path).read_metrics()["best_epoch"] == best
-    # the bound L_5 of the validation points, from fixed draws: what the importance sampler gives at K = 5
+    # the bound L_5 of the validation points, against L_5 computed here from the log weights of 5 particles,
+    # over 20 independent draws: within 4 of their standard deviations (one draw's mean over the 100 points;
+    # measured -205.43 against -205.41 +- 0.14, where L_1, the ELBO, is 1.4 nats lower)
     run = pv.load_run(tmp_path, checkpoint="last")
-    direct = pv.log_marginal_likelihood(run.model.model, run.model.guide, data.val.x, num_samples=5, seed=0)
-    assert history[-1]["val_iwae"] == pytest.approx(direct.mean, abs=1e-4)
+    with torch.no_grad():
+        bounds = torch.stack([
+            (site_log_densities(run.model.model, run.model.guide, data.val.x, num_particles=5).log_weights
+             .logsumexp(0) - math.log(5)).mean()
+            for _ in range(20)
+        ])  # fmt: skip
+    assert abs(history[-1]["val_iwae"] - bounds.mean()) < 4 * bounds.std() * math.sqrt(1 + 1 / 20)
     # L_5 >= L_1 in expectation; measured 1.4 and 1.7 nats above it here (seeds 0 and 1)
     assert history[-1]["val_iwae"] > history[-1]["val_elbo"]
 
