@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import pyro_vae as pv
 from pyro_vae import cli
@@ -104,7 +105,8 @@ def _run(argv, capsys):
 
 
 @pytest.mark.parametrize("flags, message", TRAIN_VALUES, ids=[" ".join(f) for f, _ in TRAIN_VALUES])
-def test_an_invalid_train_value_is_refused_before_any_work(flags, message, tmp_path, capsys):
+def test_an_invalid_train_value_is_refused_before_any_work(flags, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # "sees no GPU" on a machine with one too
     code, err = _run(["train", *SMALL, *flags, "--out", str(tmp_path / "runs")], capsys)
     assert code == 2, err
     assert message in err, err

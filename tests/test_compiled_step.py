@@ -184,15 +184,26 @@ def test_a_step_that_reads_values_runs_eagerly_after_one_warning(small_mnist):
 
 
 def test_a_decision_that_holds_is_replayed_and_one_that_fails_runs_eagerly(small_mnist, monkeypatch, recwarn):
+    replayed = []  # the compiled step's answer at each step of the compiled run (None: the eager step ran)
+    record_and_replay = training_step.CompiledStep.__call__
+    monkeypatch.setattr(
+        training_step.CompiledStep,
+        "__call__",
+        lambda step, *inputs: replayed.append(record_and_replay(step, *inputs)) or replayed[-1],
+    )
     data = small_mnist.subset(train=400)
     (compiled, params), (eager, reference) = fit_both(BranchingVAE, data)  # x.mean() > -1 always holds
     assert compiled == pytest.approx(eager, rel=1e-5)
+    # every step after the first (which runs eagerly, with Pyro's checks) replayed
+    assert len(replayed) == len(data.train.x) // 50 - 1 and all(result is not None for result in replayed)
     assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
 
+    replayed.clear()
     monkeypatch.setattr(BranchingVAE, "threshold", 2.0)  # never holds: every replay's guard fails
     with pytest.warns(RuntimeWarning, match="took a branch that 5 steps in a row did not take"):
         (compiled, params), (eager, reference) = fit_both(BranchingVAE, data)
     assert compiled == eager  # the failed replays gave their random draws back
+    assert replayed and all(result is None for result in replayed)  # every replay thrown away: eager steps
     assert all(torch.equal(a, b) for a, b in zip(params, reference, strict=True))
 
 
