@@ -254,8 +254,10 @@ def test_the_constant_fit_maximises_the_likelihood_of_the_data(likelihood):
     """The output bias a fresh decoder starts at: the p(x | .) that ignores z and fits x best.
 
     Skewed data, so that the Gaussian's mean, the Laplace's median and the continuous Bernoulli's
-    logit (not the Bernoulli's) differ; means well inside the clipping range. Any step of 0.05 in
-    the location outputs lowers the log-likelihood: the fit is the maximum, not near it.
+    logit (not the Bernoulli's) differ; means well inside the clipping range. The fit is the closed
+    form where there is one (the Bernoulli's logit of the mean, the Gaussian's mean, the Laplace's
+    median; the continuous Bernoulli's is a bisection, checked against its exact mean below), and any
+    step of 0.05 in the location outputs lowers the log-likelihood.
     """
     torch.manual_seed(0)
     lik = build_likelihood({"name": "gaussian", "sigma": "decoder"} if likelihood == "gaussian" else likelihood)
@@ -264,6 +266,13 @@ def test_the_constant_fit_maximises_the_likelihood_of_the_data(likelihood):
     x = x.bernoulli() if likelihood == "bernoulli" else x
     fit = lik.constant_fit(x)
     assert fit.shape == (lik.params_per_dim, *X_SHAPE)
+    if likelihood == "bernoulli":
+        torch.testing.assert_close(fit[0], torch.logit(x.mean(0)), rtol=1e-5, atol=1e-5)
+    elif likelihood == "gaussian":
+        torch.testing.assert_close(fit[0], x.mean(0), rtol=1e-5, atol=1e-5)
+    elif likelihood == "laplace":  # 400 points: any value between the middle two is a maximum
+        middle = x.sort(0).values[199:201]
+        assert ((middle[0] <= fit[0]) & (fit[0] <= middle[1])).all()
 
     def log_likelihood(params):
         return float(lik(params.expand(len(x), *params.shape)).log_prob(x).mean())
