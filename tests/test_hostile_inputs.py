@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import pyro_vae as pv
+from pyro_vae.infer import importance
 from pyro_vae.runs.files import load_checkpoint
 
 # ------------------------------------------------------------------ hostile files
@@ -203,12 +204,22 @@ def test_the_evaluator_is_finite_for_any_k_batch_and_chunking(
     robustness_report["fuzzed inputs, finite or refused"] += 1
 
 
-def test_a_huge_k_is_chunked_and_agrees_with_one_pass(robustness_report):
-    """K = 200,000 in passes of 4,096: bounded memory, and the same answer as fewer, larger passes."""
+def test_a_huge_k_is_chunked_and_agrees_with_one_pass(robustness_report, monkeypatch):
+    """K = 200,000 in passes of at most 4,096 particle x point evaluations (bounded memory), and the same
+    answer as fewer, larger passes."""
     torch.manual_seed(0)
     vae = pv.VAE((6,), 2, likelihood=pv.likelihoods.Gaussian(init_sigma=1.0), hidden=(8,))
     x = torch.randn(2, 6)
+    passes = []  # the particle x point evaluations of every pass
+    one_pass_of = importance.site_log_densities
+
+    def counted(model, guide, xb, *args, num_particles=1, **kwargs):
+        passes.append(num_particles * len(xb))
+        return one_pass_of(model, guide, xb, *args, num_particles=num_particles, **kwargs)
+
+    monkeypatch.setattr(importance, "site_log_densities", counted)
     chunked = pv.log_marginal_likelihood(vae.model, vae.guide, x, num_samples=200_000, max_samples_per_pass=4096)
+    assert max(passes) <= 4096 and sum(passes) == 200_000 * len(x)  # every particle counted once
     one_pass = pv.log_marginal_likelihood(vae.model, vae.guide, x, num_samples=200_000, max_samples_per_pass=400_000)
     # different chunkings draw different particles, so the two agree to Monte Carlo error: per point the
     # estimate's sd is about sqrt(r / K), r = K / ESS - 1 (delta method), and their difference's 5 * sqrt(2)
