@@ -46,6 +46,12 @@ def without_timings(history: list[dict]) -> list[dict]:
     return [{key: value for key, value in row.items() if not key.endswith("seconds")} for row in history]
 
 
+def delta_method_sd(estimate, num_samples: int) -> torch.Tensor:
+    """Per point, the standard deviation of an importance-sampled log p(x) by the delta method: about
+    sqrt(r / K), with r = K / ESS - 1 the relative variance of the K weights."""
+    return ((num_samples / estimate.ess - 1) / num_samples).sqrt()
+
+
 class LinearGaussian:
     """p(z) = N(0, I), p(x | z) = N(W z + b, diag sigma^2), with W, b and sigma drawn from ``seed``.
 

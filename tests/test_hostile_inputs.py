@@ -13,7 +13,7 @@ import numpy as np
 import pyro
 import pytest
 import torch
-from conftest import continuous_bernoulli_log_density
+from conftest import continuous_bernoulli_log_density, delta_method_sd
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -224,7 +224,7 @@ def test_a_huge_k_is_chunked_and_agrees_with_one_pass(robustness_report, monkeyp
     # different chunkings draw different particles, so the two agree to Monte Carlo error: per point the
     # estimate's sd is about sqrt(r / K), r = K / ESS - 1 (delta method), and their difference's 5 * sqrt(2)
     # of it; whether every particle is counted is checked exactly in tests/test_marginal.py
-    sd = ((200_000 / one_pass.ess - 1) / 200_000).sqrt()
+    sd = delta_method_sd(one_pass, 200_000)
     assert ((chunked.log_px - one_pass.log_px).abs() < 5 * math.sqrt(2) * sd).all()
     robustness_report["fuzzed inputs, finite or refused"] += 1
 
