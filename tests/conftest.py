@@ -46,6 +46,21 @@ def without_timings(history: list[dict]) -> list[dict]:
     return [{key: value for key, value in row.items() if not key.endswith("seconds")} for row in history]
 
 
+def discrete_latent_program():
+    """A model with a discrete latent y, Bernoulli(1/2), and a guide that samples it: (model, guide)."""
+
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            y = pyro.sample("y", dist.Bernoulli(0.5))
+            pyro.sample("x", dist.Normal(y, 1.0), obs=x)
+
+    def guide(x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("y", dist.Bernoulli(0.3))
+
+    return model, guide
+
+
 def delta_method_sd(estimate, num_samples: int) -> torch.Tensor:
     """Per point, the standard deviation of an importance-sampled log p(x) by the delta method: about
     sqrt(r / K), with r = K / ESS - 1 the relative variance of the K weights."""

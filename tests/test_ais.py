@@ -6,7 +6,7 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
-from conftest import LinearGaussian
+from conftest import LinearGaussian, discrete_latent_program
 from quadrature import integral_by_quadrature, log_px_by_quadrature
 
 import pyro_vae as pv
@@ -106,15 +106,7 @@ def test_bdmc_brackets_the_truth_on_simulated_data(linear_gaussian):
 
 
 def test_a_discrete_latent_site_is_refused_with_the_limitation():
-    def model(x):
-        with pyro.plate("data", x.shape[0]):
-            y = pyro.sample("y", dist.Bernoulli(0.5))
-            pyro.sample("x", dist.Normal(y, 1.0), obs=x)
-
-    def guide(x):
-        with pyro.plate("data", x.shape[0]):
-            pyro.sample("y", dist.Bernoulli(0.3))
-
+    model, guide = discrete_latent_program()
     with pytest.raises(ValueError, match="continuous latent sites.*'y' is discrete"):
         pv.ais_log_marginal_likelihood(model, guide, torch.zeros(3), num_steps=2)
 

@@ -2,10 +2,9 @@
 
 import math
 
-import pyro
 import pytest
 import torch
-from conftest import small_vae
+from conftest import discrete_latent_program, small_vae
 from pyro.infer import RenyiELBO, Trace_ELBO
 
 import pyro_vae as pv
@@ -59,15 +58,7 @@ def test_iwae_training_improves_and_refuses_warmup(small_mnist):
 
 
 def test_non_reparameterised_guide_is_refused():
-    def model(x):
-        with pyro.plate("data", x.shape[0]):
-            y = pyro.sample("y", pyro.distributions.Bernoulli(0.5))
-            pyro.sample("x", pyro.distributions.Normal(y, 1.0), obs=x)
-
-    def guide(x):
-        with pyro.plate("data", x.shape[0]):
-            pyro.sample("y", pyro.distributions.Bernoulli(0.3))
-
+    model, guide = discrete_latent_program()
     with pytest.raises(ValueError, match="reparameterisable"):
         IWAE_ELBO(num_particles=3).differentiable_loss(model, guide, torch.zeros(4))
 
