@@ -189,14 +189,15 @@ class _Densities:
     def _plate(self):
         return pyro.plate(PARTICLE_PLATE, self.num_chains, dim=self.particle_dim)
 
-    def draw_guide(self) -> dict[str, torch.Tensor]:
-        with torch.no_grad(), self._plate():
-            trace = poutine.trace(self.guide).get_trace(self.x, *self.args, **self.kwargs)
-        return {name: site["value"] for name, site in trace.nodes.items() if site["type"] == "sample"}
-
     def trace_guide(self):
+        """One draw of the guide for every chain and point, as a trace."""
         with torch.no_grad(), self._plate():
             return poutine.trace(self.guide).get_trace(self.x, *self.args, **self.kwargs)
+
+    def draw_guide(self) -> dict[str, torch.Tensor]:
+        """The values of a fresh draw of the guide (:meth:`trace_guide`), by site."""
+        trace = self.trace_guide()
+        return {name: site["value"] for name, site in trace.nodes.items() if site["type"] == "sample"}
 
     def __call__(self, values: dict[str, torch.Tensor], prior_start: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """(log f_0, log p(x, z)): f_0 is q(z | x), or p(z) when the chains start from the prior."""
