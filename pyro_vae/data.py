@@ -9,7 +9,7 @@ PIL transform is ever run.
 Binarisation (a Bernoulli likelihood is a density only for binary data):
 
 * ``"dynamic"`` -- every training batch is resampled, ``x ~ Bernoulli(pixels)``,
-  as in Burda et al. (2015);
+  as in Burda et al. (2016);
 * ``"fixed"`` -- the training set is binarised once with the seed;
 * ``"none"`` -- the pixels stay in [0, 1] (use a likelihood for continuous data).
 

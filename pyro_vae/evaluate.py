@@ -80,7 +80,7 @@ class EvaluationInterrupted(RuntimeError):
 def active_units(
     model: Model, x: torch.Tensor, threshold: float = ACTIVE_UNIT_THRESHOLD, batch_size: int = 1000
 ) -> int:
-    """Latent dimensions u with Cov_x(E_{q(u|x)}[u]) > ``threshold`` (Burda et al. 2015, section 5.2)."""
+    """Latent dimensions u with Cov_x(E_{q(u|x)}[u]) > ``threshold`` (Burda et al. 2016, section 5.2)."""
     return sum(active_units_per_layer(model, x, threshold, batch_size))
 
 

@@ -3,7 +3,7 @@
     log p(x) ~= logsumexp_k [log p(x, z_k) - log q(z_k | x)] - log K,  z_k ~ q(z | x),
 
 a lower bound in expectation that tightens as K grows (Burda, Grosse &
-Salakhutdinov, *Importance Weighted Autoencoders*, 2015). The densities are
+Salakhutdinov, *Importance Weighted Autoencoders*, ICLR 2016). The densities are
 the unscaled per-site ones of :mod:`pyro_vae.infer.densities`, so minibatch
 scaling and ``poutine.scale`` never leak into the estimate. Each point's
 weights are diagnosed by their effective sample size and by the Pareto-k of

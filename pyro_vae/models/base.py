@@ -43,7 +43,7 @@ from ..registry import Registry
 if TYPE_CHECKING:
     from ..data import Dataset
 
-#: A latent unit u is active when Cov_x(E_{q(u|x)}[u]) exceeds this (Burda et al. 2015, section 5.2).
+#: A latent unit u is active when Cov_x(E_{q(u|x)}[u]) exceeds this (Burda et al. 2016, section 5.2).
 ACTIVE_UNIT_THRESHOLD = 0.01
 
 
