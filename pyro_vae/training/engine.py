@@ -126,13 +126,14 @@ def as_objective(objective, model: Model) -> Objective:
 def check_settings(objective: Objective, **settings) -> None:
     """Refuse impossible training settings before any work, naming the valid range."""
     integer = lambda value: isinstance(value, numbers.Integral) and not isinstance(value, bool)  # noqa: E731
+    real = lambda value: isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)  # noqa: E731
     checks = {
         "epochs": (integer(settings["epochs"]) and settings["epochs"] >= 0, "an integer >= 0"),
         "batch_size": (integer(settings["batch_size"]) and settings["batch_size"] >= 1, "an integer >= 1"),
-        "lr": (settings["lr"] > 0 and math.isfinite(settings["lr"]), "a number > 0"),
+        "lr": (real(settings["lr"]) and settings["lr"] > 0, "a number > 0"),
         "lr_schedule": (settings["lr_schedule"] in LR_SCHEDULES, f"one of {', '.join(map(repr, LR_SCHEDULES))}"),
-        "beta": (settings["beta"] > 0 and math.isfinite(settings["beta"]), "a number > 0"),
-        "warmup_epochs": (settings["warmup_epochs"] >= 0 and math.isfinite(settings["warmup_epochs"]), "a number >= 0"),
+        "beta": (real(settings["beta"]) and settings["beta"] > 0, "a number > 0"),
+        "warmup_epochs": (real(settings["warmup_epochs"]) and settings["warmup_epochs"] >= 0, "a number >= 0"),
         "eval_samples": (
             integer(settings["eval_samples"]) and settings["eval_samples"] >= 0,
             "an integer >= 0 (0 skips the test log p(x))",
