@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import small_vae
 
 import pyro_vae as pv
@@ -260,3 +261,24 @@ def test_nothing_but_the_run_directory_spells_its_file_names():
         spelled += [f"{path.name}: {name}" for name in ('"config.json"', '"checkpoint.pt"', '"metrics.json"',
                                                         '"best.pt"', '"history.csv"') if name in text]  # fmt: skip
     assert not spelled
+
+
+def test_the_gpus_generators_are_saved_and_restored_where_there_are_gpus(monkeypatch):
+    """The CUDA branch of the checkpoint's RNG state, on this CPU machine: two GPUs stood in by tensors.
+
+    A checkpoint from a machine with more GPUs than this one restores the states of the GPUs there are.
+    """
+    states = {0: torch.tensor([1, 2], dtype=torch.uint8), 1: torch.tensor([3, 4], dtype=torch.uint8)}
+    restored = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [states[0], states[1]])
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.__setitem__(device, state))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    saved = files.rng_state()
+    assert torch.equal(saved["torch"], torch.get_rng_state()) and saved["cuda"] == [states[0], states[1]]
+    files.restore_rng(saved)
+    assert list(restored) == [0] and torch.equal(restored[0], states[0])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a GPU checkpoint resumed on a CPU machine
+    restored.clear()
+    files.restore_rng(saved)
+    assert restored == {}
