@@ -67,12 +67,16 @@ DEFAULT_STEPS, DEFAULT_CHAINS, DEFAULT_LEAPFROG_STEPS = 400, 16, 2
 STARTS = ("guide", "prior")
 
 
-def beta_schedule(num_steps: int, kind: str = DEFAULT_SCHEDULE, delta: float = 4.0) -> torch.Tensor:
+#: delta of the sigmoidal schedule (:func:`beta_schedule`).
+SIGMOID_DELTA = 4.0
+
+
+def beta_schedule(num_steps: int, kind: str = DEFAULT_SCHEDULE) -> torch.Tensor:
     """beta_0 = 0 < ... < beta_T = 1 (float64): linear, or sigmoidal, dense near both ends.
 
     Linear: beta_t = t / T. Sigmoidal (Grosse, Ghahramani & Adams, *Sandwiching the marginal likelihood
     using bidirectional Monte Carlo*, 2015, followed by Wu et al. 2017): s_t = sigmoid(delta (2 t / T - 1))
-    and beta_t = (s_t - s_0) / (s_T - s_0), with delta = 4.
+    and beta_t = (s_t - s_0) / (s_T - s_0), with delta = :data:`SIGMOID_DELTA`.
     """
     if num_steps < 1:
         raise ValueError(f"AIS needs num_steps >= 1; got {num_steps}.")
@@ -81,7 +85,7 @@ def beta_schedule(num_steps: int, kind: str = DEFAULT_SCHEDULE, delta: float = 4
     t = torch.linspace(0.0, 1.0, num_steps + 1, dtype=torch.float64)
     if kind == "linear":
         return t
-    s = torch.sigmoid(delta * (2 * t - 1))
+    s = torch.sigmoid(SIGMOID_DELTA * (2 * t - 1))
     return (s - s[0]) / (s[-1] - s[0])
 
 
