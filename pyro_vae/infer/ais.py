@@ -51,6 +51,7 @@ from ..accel.bernoulli import LOG_DENSITY_KERNELS
 from .densities import (
     PARTICLE_PLATE,
     _per_point,
+    check_points_and_batches,
     guess_max_plate_nesting,
     latent_sites,
     seeded,
@@ -403,8 +404,7 @@ def ais_log_marginal_likelihood(
     _check_settings(num_steps, num_chains, leapfrog_steps, step_size, target_acceptance, schedule, start, batch_size)
     if isinstance(compare_is_samples, bool) or not isinstance(compare_is_samples, int) or compare_is_samples < 0:
         raise ValueError(f"compare_is_samples must be a whole number >= 0 (0 skips it); got {compare_is_samples!r}.")
-    if x.shape[0] == 0:
-        raise ValueError("x is empty: give at least one data point.")
+    check_points_and_batches(x, num_chains, batch_size, "num_chains")
     if max_plate_nesting is None:
         with seeded(seed):  # one trace, drawn without touching the caller's RNG
             max_plate_nesting = guess_max_plate_nesting(model, guide, x[:batch_size], *args, **kwargs)
