@@ -269,6 +269,9 @@ def test_the_elbo_estimates_refuse_what_they_cannot_average(settings, x, message
     if "num_particles" in settings:
         with pytest.raises(ValueError, match=message):
             pv.site_log_densities(vae.model, vae.guide, x, **settings)
+    if not settings:  # AIS checks its chains and batches with its other settings
+        with pytest.raises(ValueError, match=message):
+            pv.ais_log_marginal_likelihood(vae.model, vae.guide, x)
     robustness_report["bad inputs refused or cleaned"] += 1
 
 
