@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 from conftest import small_vae
-from example_scripts import EXAMPLES, load_example, run_example
+from example_scripts import EXAMPLES, load_example, refusal_of, run_example
 
 import pyro_vae as pv
 
@@ -88,29 +88,29 @@ def test_the_iwae_study_takes_a_kept_run_that_its_out_folder_no_longer_holds(tmp
     metrics_file = tmp_path / "kept" / "1-layer-iwae-k50" / pv.RunDirectory.METRICS
     metrics = json.loads(metrics_file.read_text())
     metrics_file.write_text(json.dumps({**metrics, "epochs": 5}))
-    past = study("1-layer-iwae-k50", "machine-5")
+    past = refusal_of("iwae_study.py", [*tiny, "--runs", "1-layer-iwae-k50", "--out", "machine-5"], tmp_path)
     assert past.returncode != 0 and "keeps a run of 5 epochs, past --epochs 1: give --epochs 5" in past.stderr
     assert not (tmp_path / "machine-5").exists()
     metrics_file.write_text(json.dumps(metrics))
     # another output-bias start is another study: its runs are not kept over the records of this one, and a run
     # of the other start refuses it, both before any training
     random = [*tiny, "--runs", "1-layer-iwae-k5", "--out", "machine-3", "--output-bias", "random"]
-    refused = run_example("iwae_study.py", random, tmp_path)
+    refused = refusal_of("iwae_study.py", random, tmp_path)
     assert refused.returncode != 0 and "give another --keep" in refused.stderr
     assert not (tmp_path / "machine-3").exists()
-    mixed = run_example("iwae_study.py", [*tiny, "--runs", "1-layer-iwae-k5", "--out", "machine-2", "--output-bias",
+    mixed = refusal_of("iwae_study.py", [*tiny, "--runs", "1-layer-iwae-k5", "--out", "machine-2", "--output-bias",
                                           "random", "--keep", "kept-random"], tmp_path)  # fmt: skip
     assert mixed.returncode != 0 and "give it --output-bias data, or another --out" in mixed.stderr
     # so are another batch size in --out, and more AIS points than the test set holds
-    other = run_example("iwae_study.py", [*tiny, "--runs", "1-layer-iwae-k5", "--out", "machine-2", "--batch-size",
+    other = refusal_of("iwae_study.py", [*tiny, "--runs", "1-layer-iwae-k5", "--out", "machine-2", "--batch-size",
                                           "50", "--keep", "kept-50"], tmp_path)  # fmt: skip
     assert other.returncode != 0 and "holds a run of --batch-size 100: give it --batch-size 100" in other.stderr
-    too_many = run_example("iwae_study.py", [*tiny, "--runs", "1-layer-vae", "--out", "m", "--ais-points", "61"],
+    too_many = refusal_of("iwae_study.py", [*tiny, "--runs", "1-layer-vae", "--out", "m", "--ais-points", "61"],
                            tmp_path)  # fmt: skip
     assert too_many.returncode != 0 and "--ais-points 61 exceeds the 60 test points" in too_many.stderr
     assert not (tmp_path / "m").exists() and not (tmp_path / "kept-50").exists()
     (tmp_path / "RESULTS.md").write_text("# results\n")
-    smoke = run_example("iwae_study.py", [*tiny, "--runs", "1-layer-vae", "--out", "m", "--results", "RESULTS.md"],
+    smoke = refusal_of("iwae_study.py", [*tiny, "--runs", "1-layer-vae", "--out", "m", "--results", "RESULTS.md"],
                         tmp_path)  # fmt: skip
     assert smoke.returncode != 0 and "leave out --subset (a smoke test's table would replace" in smoke.stderr
     # the table holds only runs evaluated at --samples: the record of K = 10 leaves it when K = 20 is asked for

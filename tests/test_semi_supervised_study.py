@@ -16,7 +16,7 @@ import time
 
 import pytest
 import torch
-from example_scripts import EXAMPLES, load_example, run_example
+from example_scripts import EXAMPLES, load_example, refusal_of, run_example
 
 import pyro_vae as pv
 from pyro_vae.runs.files import load_checkpoint
@@ -42,7 +42,7 @@ def test_the_semi_supervised_study_takes_kept_records_and_does_not_train_them_ag
     table = (tmp_path / "machine-1" / "m2_table.md").read_text()
     assert (tmp_path / "machine-2" / "m2_table.md").read_text() == table and "| 100 |" in table
     # a record of other settings is refused before any training, not mixed in
-    other = study("machine-3", steps="60")
+    other = refusal_of("semi_supervised_study.py", [*tiny, "--classifier-steps", "60", "--out", "machine-3"], tmp_path)
     assert other.returncode != 0 and "trained with --classifier-steps 50, not 60" in other.stderr
     assert not (tmp_path / "machine-3").exists()
 
@@ -137,10 +137,10 @@ def test_the_semi_supervised_study_runs_m1_plus_m2(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "M1: s/m1" in result.stdout and "| 100 |" in result.stdout
     assert (tmp_path / "s" / "m1m2-100-labels-draw-0" / "config.json").exists()
-    other_start = run_example("semi_supervised_study.py", [*tiny[:-2], "--model", "m1m2", "--out", "s"], tmp_path)
+    other_start = refusal_of("semi_supervised_study.py", [*tiny[:-2], "--model", "m1m2", "--out", "s"], tmp_path)
     assert other_start.returncode != 0 and "m1 started its output bias 'random'" in other_start.stderr
     for ignored in (["--model", "m2"], ["--model", "m1m2", "--m1", "s/m1"]):  # no M1 to train: refused, not ignored
-        refused = run_example("semi_supervised_study.py", [*tiny, *ignored, "--out", "t"], tmp_path)
+        refused = refusal_of("semi_supervised_study.py", [*tiny, *ignored, "--out", "t"], tmp_path)
         assert refused.returncode == 2 and "--m1-epochs sets the M1 that --model m1m2 trains" in refused.stderr
     given = ["--epochs", "1", "--subset", "2000", "--labels", "100", "--label-seeds", "0", "--model", "m1m2"]
     again = run_example("semi_supervised_study.py", [*given, "--m1", "s/m1", "--samples", "5", "--out", "s"], tmp_path)
@@ -150,12 +150,12 @@ def test_the_semi_supervised_study_runs_m1_plus_m2(tmp_path):
     best = load_checkpoint(tmp_path / "other-m1" / "best.pt")
     next(iter(best["model"].values())).add_(1.0)
     torch.save(best, tmp_path / "other-m1" / "best.pt")
-    other = run_example("semi_supervised_study.py", [*given, "--m1", "other-m1", "--out", "s"], tmp_path)
+    other = refusal_of("semi_supervised_study.py", [*given, "--m1", "other-m1", "--out", "s"], tmp_path)
     assert other.returncode != 0 and "is stacked on another M1 than other-m1" in other.stderr
-    with_bias = run_example("semi_supervised_study.py", [*given, "--m1", "s/m1", "--output-bias", "data"], tmp_path)
+    with_bias = refusal_of("semi_supervised_study.py", [*given, "--m1", "s/m1", "--output-bias", "data"], tmp_path)
     assert with_bias.returncode == 2 and "--output-bias sets the start of the M1" in with_bias.stderr
     # an M1 that would train on under runs stacked on it (more --m1-epochs) is refused before it trains
-    longer = run_example("semi_supervised_study.py", [*tiny[2:], "--model", "m1m2", "--out", "s"], tmp_path)
+    longer = refusal_of("semi_supervised_study.py", [*tiny[2:], "--model", "m1m2", "--out", "s"], tmp_path)
     assert longer.returncode != 0 and "s/m1 would train further" in longer.stderr, longer.stderr[-2000:]
     assert load_checkpoint(tmp_path / "s" / "m1" / "checkpoint.pt")["epoch"] == 1
 
