@@ -72,17 +72,33 @@ def test_the_likelihood_stays_eager_and_the_evaluators_kernel_is_compiled_with_i
         assert torch.equal(kernel(likelihood(params), x), evaluated)  # no gradient: the same kernel
 
 
-def test_the_evaluator_compiles_and_agrees_with_the_eager_density(monkeypatch):
+def test_the_evaluators_compile_from_a_size_on_and_agree_with_the_eager_density(monkeypatch):
+    """Importance sampling and AIS use the compiled kernel for evaluations of at least MIN_COMPILED_ELEMENTS
+    data elements times density evaluations, and the eager density below: the same numbers either way."""
     vae = pv.VAE((1, 28, 28), 4, hidden=(16,))
     x = torch.rand(6, 1, 28, 28).round()
     calls = []
     kernel = fused._compiled_log_sigmoid_sum
     monkeypatch.setattr(fused, "_compiled_log_sigmoid_sum", lambda *args: calls.append(1) or kernel(*args))
+    assert x.numel() * 50 < fused.MIN_COMPILED_ELEMENTS  # a small evaluation, at the library's threshold
+    eager = pv.log_marginal_likelihood(vae.model, vae.guide, x, num_samples=50)
+    assert not calls
+    monkeypatch.setattr(fused, "MIN_COMPILED_ELEMENTS", x.numel() * 50)  # this evaluation is just large enough
     compiled = pv.log_marginal_likelihood(vae.model, vae.guide, x, num_samples=50)
     assert calls
-    monkeypatch.setattr(fused, "_compiled_log_sigmoid_sum", bernoulli_log_prob_sum)
-    eager = pv.log_marginal_likelihood(vae.model, vae.guide, x, num_samples=50)
     assert torch.allclose(compiled.log_px, eager.log_px, rtol=2e-6, atol=0)
+    calls.clear()
+    assert pv.log_marginal_likelihood(vae.model, vae.guide, x, num_samples=49).log_px.isfinite().all()
+    assert not calls  # one particle fewer: below it
+    # AIS: C chains x T steps x L leapfrog steps evaluate the densities (and their gradients)
+    ais = dict(num_steps=5, num_chains=3, leapfrog_steps=2, seed=0)
+    monkeypatch.setattr(fused, "MIN_COMPILED_ELEMENTS", x.numel() * 3 * 5 * 2 + 1)
+    eager = pv.ais_log_marginal_likelihood(vae.model, vae.guide, x, **ais)
+    assert not calls
+    monkeypatch.setattr(fused, "MIN_COMPILED_ELEMENTS", x.numel() * 3 * 5 * 2)
+    compiled = pv.ais_log_marginal_likelihood(vae.model, vae.guide, x, **ais)
+    assert calls
+    assert torch.allclose(compiled.log_px, eager.log_px, rtol=1e-5, atol=0)
 
 
 def test_a_failed_compile_warns_once_and_falls_back_to_the_same_numbers():

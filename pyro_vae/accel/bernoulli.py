@@ -26,8 +26,12 @@ Eagerly it is one opaque call to the compiled kernel; a graph recorded by
 together with the decoder's last layer.
 
 The likelihood itself stays plain PyTorch: the evaluators (importance
-sampling and AIS) install this kernel by passing :data:`LOG_DENSITY_KERNELS` to
-:func:`~pyro_vae.infer.densities.site_log_densities`. Where ``torch.compile``
+sampling and AIS) install this kernel by passing :func:`log_density_kernels`
+to :func:`~pyro_vae.infer.densities.site_log_densities`, for evaluations of at
+least :data:`MIN_COMPILED_ELEMENTS` pixel log-densities: compiling takes
+seconds, so a smaller evaluation (a smoke test's, a short run's validation)
+keeps the eager form. The choice depends on the evaluation's size alone, so a
+resumed run evaluates as the uninterrupted one did. Where ``torch.compile``
 cannot run (no C++ compiler, say) the eager form is used after one warning.
 Measurements: docs/evaluation.md and benchmarks/RESULTS.md.
 """
@@ -107,3 +111,14 @@ def binary_bernoulli_log_prob(fn: BinaryBernoulli, value: torch.Tensor) -> torch
 #: Distribution type -> faster ``log_prob(fn, value)`` for the evaluators: importance sampling (no gradient)
 #: and AIS (the gradient in the latent values).
 LOG_DENSITY_KERNELS = {BinaryBernoulli: binary_bernoulli_log_prob}
+
+#: Data elements x evaluations of the densities below which an evaluator keeps the eager log-densities:
+#: the eager Bernoulli form takes about 10 ns an element on one CPU thread, so below 2^24 it costs at most
+#: about 0.2 s more, where compiling its kernel takes 2 to 20 s (benchmarks/RESULTS.md).
+MIN_COMPILED_ELEMENTS = 2**24
+
+
+def log_density_kernels(elements: int) -> dict:
+    """:data:`LOG_DENSITY_KERNELS` for an evaluation of at least :data:`MIN_COMPILED_ELEMENTS` data elements
+    times density evaluations (``x.numel() * K`` for importance sampling), else none: eager PyTorch."""
+    return LOG_DENSITY_KERNELS if elements >= MIN_COMPILED_ELEMENTS else {}

@@ -47,7 +47,7 @@ from pyro.poutine.util import site_is_subsample
 from torch.distributions import biject_to, constraints
 from tqdm.auto import tqdm
 
-from ..accel.bernoulli import LOG_DENSITY_KERNELS
+from ..accel.bernoulli import log_density_kernels
 from .densities import (
     PARTICLE_PLATE,
     _per_point,
@@ -185,11 +185,17 @@ class _LatentSpace:
 
 
 class _Densities:
-    """log q(z | x) and log p(x, z) per (chain, point) at given latent values, unscaled."""
+    """log q(z | x) and log p(x, z) per (chain, point) at given latent values, unscaled.
 
-    def __init__(self, model, guide, x, args, kwargs, num_chains: int, max_plate_nesting: int):
+    The likelihood's compiled kernels serve annealing runs that evaluate enough elements to repay compiling
+    them: ``x.numel()`` times C chains times T steps of L leapfrog steps.
+    """
+
+    def __init__(self, model, guide, x, args, kwargs, settings: dict, max_plate_nesting: int):
         self.model, self.guide, self.x, self.args, self.kwargs = model, guide, x, args, kwargs
-        self.num_chains, self.particle_dim = num_chains, -max_plate_nesting - 1
+        self.num_chains, self.particle_dim = settings["num_chains"], -max_plate_nesting - 1
+        evaluations = self.num_chains * settings["num_steps"] * settings["leapfrog_steps"]
+        self.kernels = log_density_kernels(x.numel() * evaluations)
 
     def _plate(self):
         return pyro.plate(PARTICLE_PLATE, self.num_chains, dim=self.particle_dim)
@@ -217,7 +223,7 @@ class _Densities:
         log_p = log_prior = torch.zeros(shape, device=self.x.device)
         for name, site in model_trace.nodes.items():
             if site["type"] == "sample" and not site_is_subsample(site):
-                term = _per_point(site, self.particle_dim, LOG_DENSITY_KERNELS)
+                term = _per_point(site, self.particle_dim, self.kernels)
                 log_p = log_p + term
                 if name in values:
                     log_prior = log_prior + term
@@ -497,7 +503,7 @@ def _check_one_plate(max_plate_nesting: int) -> None:
 
 
 def _forward_batch(model, guide, xb, args, kwargs, betas, settings, step_size, max_plate_nesting, bar):
-    densities = _Densities(model, guide, xb, args, kwargs, settings["num_chains"], max_plate_nesting)
+    densities = _Densities(model, guide, xb, args, kwargs, settings, max_plate_nesting)
     space = _LatentSpace(densities.trace_guide())
     prior_start = settings["start"] == "prior"
     if prior_start:
@@ -607,9 +613,7 @@ class BDMC:
             )  # fmt: skip
         num_chains = settings["num_chains"]
         with seeded(None if self.seed is None else self.seed + REVERSE_SEED_OFFSET + index):
-            densities = _Densities(
-                self.model, self.guide, xb, self.args, self.kwargs, num_chains, self.max_plate_nesting
-            )
+            densities = _Densities(self.model, self.guide, xb, self.args, self.kwargs, settings, self.max_plate_nesting)
             space = _LatentSpace(densities.trace_guide())
             exact = {name: self.latents[name][begin : begin + self.batch_size] for name in space.sites}
             u = space.unconstrain({name: value.expand(num_chains, *value.shape) for name, value in exact.items()})

@@ -207,7 +207,7 @@ def site_log_densities(
     :param max_plate_nesting: how many plates the model nests (the particle
         plate goes one dim further left).
     :param kernels: faster log densities by distribution type, for the evaluators' passes
-        (:data:`pyro_vae.accel.bernoulli.LOG_DENSITY_KERNELS`).
+        (:func:`pyro_vae.accel.bernoulli.log_density_kernels`).
     :param hold_fixed: the module that holds the guide's parameters: log q(z | x)
         is then evaluated with them held fixed, for the path derivative (see the module's docstring).
     :returns: :class:`SiteLogDensities` with tensors of shape ``(num_particles, N)``.

@@ -20,7 +20,7 @@ import torch
 from pyro.infer.util import is_validation_enabled
 from tqdm.auto import tqdm
 
-from ..accel.bernoulli import LOG_DENSITY_KERNELS
+from ..accel.bernoulli import log_density_kernels
 from ..accel.replay import record
 from .densities import (
     SiteLogDensities,
@@ -200,9 +200,9 @@ class _Accumulator:
 class _Passes:
     """The evaluator's particle passes over one batch shape: eager, or recorded once and replayed compiled."""
 
-    def __init__(self, model, guide, args, kwargs, max_plate_nesting: int, replayed_shape: tuple | None):
+    def __init__(self, model, guide, args, kwargs, max_plate_nesting: int, replayed_shape: tuple | None, kernels):
         self.model, self.guide, self.args, self.kwargs = model, guide, args, kwargs
-        self.max_plate_nesting, self.replayed_shape = max_plate_nesting, replayed_shape
+        self.max_plate_nesting, self.replayed_shape, self.kernels = max_plate_nesting, replayed_shape, kernels
         self.replay, self.recorded = None, False
 
     def __call__(self, xb: torch.Tensor, num_particles: int) -> SiteLogDensities:
@@ -222,7 +222,7 @@ class _Passes:
             *self.args,
             num_particles=num_particles,
             max_plate_nesting=self.max_plate_nesting,
-            kernels=LOG_DENSITY_KERNELS,
+            kernels=self.kernels,
             **self.kwargs,
         )
 
@@ -256,8 +256,9 @@ def log_marginal_likelihood(
     model's plates) of at most ``max_samples_per_pass`` particle x point
     evaluations, and the statistics are accumulated in a streaming logsumexp,
     so memory does not grow with K. The Bernoulli likelihood's log-density
-    runs compiled here (:mod:`pyro_vae.accel.bernoulli`), and the passes over full
-    batches are recorded once and replayed compiled (:mod:`pyro_vae.accel.replay`).
+    runs compiled here where the evaluation is large enough to repay compiling
+    (:mod:`pyro_vae.accel.bernoulli`), and the passes over full batches are
+    recorded once and replayed compiled (:mod:`pyro_vae.accel.replay`).
 
     :param num_samples: K, importance samples per data point (5000 is the literature's standard).
     :param batch_size: data points per batch.
@@ -275,7 +276,9 @@ def log_marginal_likelihood(
     if max_plate_nesting is None:
         with seeded(seed):  # its draws are discarded; the estimate's draws start from the seed
             max_plate_nesting = guess_max_plate_nesting(model, guide, x[:batch_size], *args, **kwargs)
-    passes = _Passes(model, guide, args, kwargs, max_plate_nesting, (batch_size, full_chunk) if replay else None)
+    replayed_shape = (batch_size, full_chunk) if replay else None
+    kernels = log_density_kernels(x.numel() * num_samples)
+    passes = _Passes(model, guide, args, kwargs, max_plate_nesting, replayed_shape, kernels)
     with seeded(seed):
         results, validate = [], is_validation_enabled()
         batches = range(0, x.shape[0], batch_size)
