@@ -1,7 +1,8 @@
 """Real training processes for the kill and interrupt tests: start, signal, resume, compare bit for bit.
 
 ``tests/test_kills.py`` and ``tests/test_interrupts.py`` share the reference runs they compare against through
-``conftest.py``'s session fixture ``reference_runs``: each trained once per pytest process, on first use.
+``conftest.py``'s session fixture ``reference_runs``: each trained once per test session, on first use, by
+whichever pytest-xdist worker asks first (:func:`trained_once`).
 """
 
 import functools
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import torch
 from conftest import without_timings
+from filelock import FileLock
 
 from pyro_vae.runs.files import load_checkpoint
 
@@ -41,20 +43,36 @@ def train_m1(out: Path) -> Path:
     return out / "m1"
 
 
+def trained_once(tmp_path_factory, name: str, train: Callable[[Path], None]) -> Path:
+    """The folder ``name`` that ``train(folder)`` fills, trained once per test session.
+
+    pytest-xdist's workers share their session's temporary folder (the parent of each one's own): the first
+    worker to ask trains while holding a lock, the others wait for it and read. A plain pytest run uses its
+    own temporary folder, never one of an earlier session.
+    """
+    shared = tmp_path_factory.getbasetemp()
+    shared = shared.parent if os.environ.get("PYTEST_XDIST_WORKER") else shared
+    folder, done = shared / f"shared-{name}", shared / f"shared-{name}.done"
+    with FileLock(shared / f"shared-{name}.lock"):
+        if not done.exists():
+            train(folder)
+            done.touch()
+    return folder
+
+
 def reference_runs(tmp_path_factory) -> Callable[[str], tuple[Path, Path | None]]:
     """``reference(kind)`` -> (the run of that kind trained without interruption, the M1 it stacks on or None),
     each trained on first use and kept for the session (``conftest.py``'s ``reference_runs`` fixture)."""
 
     @functools.cache
     def m1() -> Path:
-        return train_m1(tmp_path_factory.mktemp("m1"))
+        return trained_once(tmp_path_factory, "m1", train_m1) / "m1"
 
     @functools.cache
     def reference(kind: str) -> tuple[Path, Path | None]:
         stacked_on = m1() if kind == "m1m2" else None
-        run = tmp_path_factory.mktemp(f"reference-{kind}") / "run"
-        finish(run, kind, stacked_on)
-        return run, stacked_on
+        folder = trained_once(tmp_path_factory, f"reference-{kind}", lambda out: finish(out / "run", kind, stacked_on))
+        return folder / "run", stacked_on
 
     return reference
 
