@@ -112,9 +112,10 @@ def binary_bernoulli_log_prob(fn: BinaryBernoulli, value: torch.Tensor) -> torch
 #: and AIS (the gradient in the latent values).
 LOG_DENSITY_KERNELS = {BinaryBernoulli: binary_bernoulli_log_prob}
 
-#: Data elements x evaluations of the densities below which an evaluator keeps the eager log-densities:
-#: the eager Bernoulli form takes about 10 ns an element on one CPU thread, so below 2^24 it costs at most
-#: about 0.2 s more, where compiling its kernel takes 2 to 20 s (benchmarks/RESULTS.md).
+#: Data elements x evaluations of the densities below which an evaluator keeps the eager log-densities.
+#: Compiling the kernel takes seconds, and an evaluation this small spends well under a second in the eager
+#: form (benchmarks/RESULTS.md, "The Bernoulli kernel's threshold"); so a repeated small evaluation (a
+#: validation each epoch) loses little by staying eager, and a one-off one starts at once.
 MIN_COMPILED_ELEMENTS = 2**24
 
 
