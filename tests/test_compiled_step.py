@@ -273,3 +273,21 @@ def test_recording_leaves_pyro_as_it_was():
         assert not torch.tensor(False)  # ... and real tensors keep their truth
     assert patched() == before and not guards  # after, every replaced function is Pyro's own again
     assert type(pyro.infer.trace_elbo.torch_item(torch.tensor(2.0))) is float
+
+
+def test_a_failed_guard_restores_the_generator_of_the_gpu_the_inputs_are_on(monkeypatch):
+    """The CUDA branch of the random states a failed guard restores, on this CPU machine: the inputs stood in
+    on a second GPU, whose generator (not the current device's) is read and set again."""
+    gpu = torch.device("cuda", 1)
+    on_gpu = type("OnGPU", (), {"is_cuda": True, "device": gpu})()
+    read, restored = [], {}
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: read.append(device) or torch.tensor([7]))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.__setitem__(device, state))
+    cpu_state = torch.get_rng_state()
+    states = training_step.CompiledStep._random_states([torch.zeros(2), on_gpu])
+    assert read == [gpu] and torch.equal(states[0], cpu_state)
+    torch.rand(3)  # the step's draws move the CPU generator on
+    training_step.CompiledStep._restore_random_states(states)
+    assert torch.equal(torch.get_rng_state(), cpu_state) and list(restored) == [gpu]
+    assert torch.equal(restored[gpu], torch.tensor([7]))
+    assert len(training_step.CompiledStep._random_states([torch.zeros(2)])) == 1  # CPU inputs: no GPU is read

@@ -169,16 +169,18 @@ class CompiledStep:
 
     @staticmethod
     def _random_states(inputs) -> list:
+        """The CPU generator's state, and that of the GPU the inputs are on (a step's draws come from both)."""
         states = [torch.get_rng_state()]
-        if torch.cuda.is_available() and any(tensor.is_cuda for tensor in inputs):
-            states.append(torch.cuda.get_rng_state())
+        device = next((tensor.device for tensor in inputs if tensor.is_cuda), None)
+        if device is not None:
+            states.append((device, torch.cuda.get_rng_state(device)))
         return states
 
     @staticmethod
     def _restore_random_states(states: list) -> None:
         torch.set_rng_state(states[0])
-        if len(states) > 1:
-            torch.cuda.set_rng_state(states[1])
+        for device, state in states[1:]:
+            torch.cuda.set_rng_state(state, device)
 
     def _state(self) -> list[torch.Tensor]:
         buffers = dict(self.module.named_buffers())
