@@ -137,7 +137,7 @@ def main(points: int, samples: int, peer_points: int) -> None:
     def evaluate():
         pv.log_marginal_likelihood(vae.model, vae.guide, x, num_samples=samples, max_samples_per_pass=rows)
 
-    pv.log_marginal_likelihood(vae.model, vae.guide, x[:10], num_samples=100)  # warm-up
+    pv.log_marginal_likelihood(vae.model, vae.guide, x[:10], num_samples=100)  # warm-up: imports, first calls
     rate = points * samples / best_of(evaluate, 2)
     after = matmul_flops_per_second(rows)  # the machine is noisy: bracket the run, keep the best
     flops = {name: max(before[name], after[name]) for name in before}

@@ -107,7 +107,7 @@ def continuous_bernoulli_log_density(x: torch.Tensor, logits: torch.Tensor) -> t
 @pytest.fixture(scope="session")
 def reference_runs(tmp_path_factory):
     """``reference_runs(kind)`` -> (a run of that kind trained without interruption, the M1 it stacks on or None):
-    what the kill and interrupt tests compare against, trained once per pytest process on first use."""
+    what the kill and interrupt tests compare against, trained once per test session on first use."""
     from training_processes import reference_runs  # imported here: it imports this module's helpers
 
     return reference_runs(tmp_path_factory)

@@ -87,9 +87,7 @@ def test_the_semi_supervised_study_refuses_a_run_of_another_schedule_or_of_anoth
             study.check_settings(tmp_path, args)
 
 
-def test_the_semi_supervised_study_keeps_each_run_as_it_finishes_and_checks_every_count_first(
-    tmp_path, monkeypatch, capsys
-):
+def test_the_semi_supervised_study_keeps_each_run_as_it_finishes_and_checks_every_count_first(tmp_path, monkeypatch):
     """A stop in the second run leaves the first one's record kept; an impossible label count trains nothing."""
     study = load_example("semi_supervised_study.py")
     train_m2 = study.train_m2
@@ -109,21 +107,17 @@ def test_the_semi_supervised_study_keeps_each_run_as_it_finishes_and_checks_ever
     assert (tmp_path / "kept" / "m2-100-labels-draw-0" / "metrics.json").exists()
     assert not (tmp_path / "kept" / "m2-100-labels-draw-1").exists()
 
-    monkeypatch.setattr(sys, "argv", ["study", *tiny, "--labels", "200", "5", "--label-seeds", "0", "--out", "t"])
-    with pytest.raises(SystemExit) as refused:
-        study.main()
-    assert refused.value.code == 2 and not (tmp_path / "t").exists()
-    assert "--labels 5: 5 labels cannot cover 10 classes" in capsys.readouterr().err
+    impossible = [*tiny, "--labels", "200", "5", "--label-seeds", "0", "--out", "t"]
+    refused = refusal_of("semi_supervised_study.py", impossible, tmp_path)
+    assert refused.returncode == 2 and not (tmp_path / "t").exists()
+    assert "--labels 5: 5 labels cannot cover 10 classes" in refused.stderr
 
     # a run of another --subset is not trained on, and --m1 is refused where no M1 is stacked on
     smaller = ["--epochs", "2", "--subset", "1000", "--labels", "100", "--label-seeds", "0", "--out", "s"]
-    monkeypatch.setattr(sys, "argv", ["study", *smaller])
-    with pytest.raises(SystemExit, match="trained on --subset 2000; give that, or another --out"):
-        study.main()
-    monkeypatch.setattr(sys, "argv", ["study", *smaller, "--m1", "s"])
-    with pytest.raises(SystemExit) as refused:
-        study.main()
-    assert refused.value.code == 2 and "applies to --model m1m2 only" in capsys.readouterr().err
+    refused = refusal_of("semi_supervised_study.py", smaller, tmp_path)
+    assert refused.returncode == 1 and "trained on --subset 2000; give that, or another --out" in refused.stderr
+    refused = refusal_of("semi_supervised_study.py", [*smaller, "--m1", "s"], tmp_path)
+    assert refused.returncode == 2 and "applies to --model m1m2 only" in refused.stderr
     assert pv.RunDirectory(tmp_path / "s" / "m2-100-labels-draw-0").load_checkpoint("last")["epoch"] == 1
 
 

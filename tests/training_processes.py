@@ -9,6 +9,7 @@ import functools
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -47,16 +48,18 @@ def trained_once(tmp_path_factory, name: str, train: Callable[[Path], None]) -> 
     """The folder ``name`` that ``train(folder)`` fills, trained once per test session.
 
     pytest-xdist's workers share their session's temporary folder (the parent of each one's own): the first
-    worker to ask trains while holding a lock, the others wait for it and read. A plain pytest run uses its
-    own temporary folder, never one of an earlier session.
+    worker to ask trains while holding a lock, the others wait for it and read. Training fills a fresh folder
+    that takes the name once it is done, so a failed try leaves nothing that a later one would resume. A plain
+    pytest run uses its own temporary folder, never one of an earlier session.
     """
     shared = tmp_path_factory.getbasetemp()
     shared = shared.parent if os.environ.get("PYTEST_XDIST_WORKER") else shared
-    folder, done = shared / f"shared-{name}", shared / f"shared-{name}.done"
+    folder = shared / f"shared-{name}"
     with FileLock(shared / f"shared-{name}.lock"):
-        if not done.exists():
-            train(folder)
-            done.touch()
+        if not folder.exists():
+            attempt = Path(tempfile.mkdtemp(prefix=f"training-{name}-", dir=shared))
+            train(attempt)
+            attempt.rename(folder)
     return folder
 
 
@@ -94,7 +97,12 @@ def start_training(run: Path, resume: bool, kind: str, m1: Path | None) -> subpr
 
 def finish(run: Path, kind: str, m1: Path | None) -> None:
     process = start_training(run, (run / "checkpoint.pt").exists(), kind, m1)
-    _, err = process.communicate(timeout=300)
+    try:
+        _, err = process.communicate(timeout=300)
+    finally:
+        if process.poll() is None:  # timed out: it must not train on beside the next try
+            process.kill()
+            process.wait()
     assert process.returncode == 0, err[-2000:]
 
 

@@ -187,8 +187,9 @@ class _LatentSpace:
 class _Densities:
     """log q(z | x) and log p(x, z) per (chain, point) at given latent values, unscaled.
 
-    The likelihood's compiled kernels serve annealing runs that evaluate enough elements to repay compiling
-    them: ``x.numel()`` times C chains times T steps of L leapfrog steps.
+    The likelihood's compiled kernels serve batches whose annealing evaluates enough elements to repay
+    compiling them (:func:`~pyro_vae.accel.bernoulli.log_density_kernels`): the batch's ``x.numel()`` times
+    C chains times T steps of L leapfrog steps.
     """
 
     def __init__(self, model, guide, x, args, kwargs, settings: dict, max_plate_nesting: int):
