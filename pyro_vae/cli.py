@@ -23,7 +23,7 @@ import pyro
 from .components.likelihoods import LIKELIHOODS, Gaussian, build_likelihood
 from .components.nets import ACTIVATIONS, ARCHITECTURES
 from .components.priors import PRIORS, build_prior
-from .data import BINARIZE_MODES, DATASET_NAMES, DataError, Dataset, load_dataset
+from .data import BINARIZE_MODES, DATASET_NAMES, TORCHVISION_DATASETS, DataError, Dataset, load_dataset
 from .evaluate import METHODS, EvaluationInterrupted, compare_runs, comparison_csv, comparison_markdown, evaluate_run
 from .infer.ais import DEFAULT_CHAINS, DEFAULT_LEAPFROG_STEPS, DEFAULT_SCHEDULE, DEFAULT_STEPS, SCHEDULES
 from .infer.importance import PARETO_THRESHOLD, pareto_k_assessable
@@ -346,7 +346,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     output = train.add_argument_group("output")
     output.add_argument("--out", default="runs", help="folder of run directories")
-    output.add_argument("--name", type=_run_name, help="run name [default: <dataset>-<likelihood>-<prior>-<time>]")
+    output.add_argument(
+        "--name",
+        type=_run_name,
+        help="run name [default: <dataset>-<likelihood>-<prior>-<time>; for M2 <dataset>-ssvae-<N>-labels-<time>, "
+        "for M1+M2 <dataset>-m1m2-<N>-labels-<time>]",
+    )
     output.add_argument(
         "--resume",
         metavar="RUN_DIR",
@@ -359,7 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="estimate a run's test log p(x): importance sampling, AIS, or BDMC bounds",
         description="Estimate the test log p(x) of a run's best checkpoint. --method is: K importance samples per "
         "point (logsumexp_k [log p(x, z_k) - log q(z_k|x)] - log K) with the ELBO, the active units and the "
-        "diagnostics (ESS, Pareto k), into metrics.json and test_log_px.npy. --method ais: annealed importance "
+        "diagnostics (ESS, Pareto k), into metrics.json and test_log_px.npy (with --test-points N into evaluations/ "
+        "only). --method ais: annealed importance "
         "sampling from the encoder (HMC along the geometric path from q(z|x) to p(x, z), spaced by --schedule; for "
         "M2 and M1+M2 once per label, y summed out). "
         "--method auto: importance sampling, then AIS on "
@@ -498,8 +504,14 @@ def check_flag_combinations(parser: argparse.ArgumentParser, args: argparse.Name
         train.error(f"--flow-layers applies only to the flow prior, not to --prior {args.prior}")
     if ("scale" in given or "init_scale" in given) and (args.m1 or args.likelihood not in ("gaussian", "laplace")):
         train.error("--scale and --init-scale apply only to the gaussian and laplace likelihoods")
-    if args.m1 and (wrong := [flag(d) for d in ("data_dir", "download") if d in given]):
+    data_flags = [flag(d) for d in ("data_dir", "download") if d in given]
+    if args.m1 and (wrong := data_flags):
         train.error(f"{', '.join(wrong)} cannot be used with --m1 (M1's run fixes the data)")
+    if not args.m1 and args.dataset not in TORCHVISION_DATASETS and (wrong := data_flags):
+        train.error(
+            f"{', '.join(wrong)} apply only to the torchvision data sets ({', '.join(TORCHVISION_DATASETS)}); "
+            f"--dataset {args.dataset} needs neither: drop them"
+        )
     if args.elbo == "iwae" and ("warmup_epochs" in given or "beta" in given):
         train.error("--warmup-epochs and --beta do not apply to the IWAE bound; use --elbo trace for them")
     distributed = [flag(d) for d in ("devices", "num_nodes", "strategy", "accelerator") if d in typed]

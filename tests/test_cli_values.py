@@ -89,6 +89,8 @@ TRAIN_VALUES = [
     (["--components", "5"], "--components applies only to the mixture and vamp priors"),
     (["--flow-layers", "2"], "--flow-layers applies only to the flow prior"),
     (["--scale", "shared"], "apply only to the gaussian and laplace likelihoods"),
+    (["--data-dir", "data"], "--data-dir apply only to the torchvision data sets"),
+    (["--dataset", "mnist", "--download"], "--dataset mnist needs neither: drop them"),
     (["--seed", "4294967295", "--epochs", "0"], "give a value >= 1"),
     (["--binarize", "none"], "--binarize dynamic"),  # Bernoulli on grayscale: the fix named
     (["--likelihood", "bernoulli", "--binarize", "none"], "binarise"),
