@@ -10,6 +10,7 @@ are skipped for other data.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import matplotlib
@@ -21,6 +22,7 @@ import torch  # noqa: E402
 
 from .data import Dataset  # noqa: E402
 from .models import VAE  # noqa: E402
+from .runs.files import atomic_write_bytes  # noqa: E402
 
 
 def is_image_shape(x_shape) -> bool:
@@ -36,9 +38,11 @@ def _show_grid(ax, images: torch.Tensor, nrow: int) -> None:
 
 
 def _save(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    """Write ``fig`` to ``path`` (its format from the suffix) as every file of a run: whole, or not at all."""
+    image = io.BytesIO()
+    fig.savefig(image, format=path.suffix.lstrip("."), dpi=120, bbox_inches="tight")
     plt.close(fig)
+    atomic_write_bytes(path, image.getvalue())
     return path
 
 

@@ -15,7 +15,7 @@ import torch
 from conftest import small_vae
 
 import pyro_vae as pv
-from pyro_vae import cli
+from pyro_vae import cli, plots
 from pyro_vae.runs import files
 from pyro_vae.runs.files import load_checkpoint
 
@@ -131,6 +131,17 @@ def test_a_full_disk_while_writing_results_keeps_the_previous_results(small_mnis
     err = capsys.readouterr().err
     assert "the disk is full" in err and "is intact" in err and "Traceback" not in err
     assert (run / "metrics.json").read_bytes() == metrics and (run / "test_log_px.npy").read_bytes() == log_px
+
+
+def test_a_full_disk_while_drawing_a_figure_keeps_the_previous_figure(tmp_path, monkeypatch):
+    path = tmp_path / "figures" / "samples.png"
+    plots.plot_samples(small_vae(), path, n=4)
+    before = path.read_bytes()
+    assert before.startswith(b"\x89PNG")  # the format from the suffix
+    _full_disk_after(monkeypatch, 0)
+    with pytest.raises(pv.CheckpointError, match=r"the disk is full; the previous samples\.png is intact"):
+        plots.plot_samples(small_vae(), path, n=4)
+    assert path.read_bytes() == before and not list(path.parent.glob(".*.tmp"))
 
 
 def test_fit_takes_a_tensor_or_names_make_dataset(small_mnist):
