@@ -57,7 +57,7 @@ def config_that_rebuilds(component: nn.Module, kind: str, build, setup, log_dens
     config = component.config()
     wrong = (
         f"The {kind} {config.get('name')!r} is not rebuilt by its config() {config}: a copy built from it gives "
-        f"another density. Return every constructor argument from config() (see docs/conventions.md)."
+        f"another density. Return every constructor argument from config() (see docs/howto/custom-prior-likelihood.md)."
     )
     with torch.random.fork_rng(devices=[]):  # building the copy draws its initial weights: not from the user's stream
         copy = build(config)
