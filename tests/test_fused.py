@@ -90,6 +90,13 @@ def test_the_evaluators_compile_from_a_size_on_and_agree_with_the_eager_density(
     calls.clear()
     assert pv.log_marginal_likelihood(vae.model, vae.guide, x, num_samples=49).log_px.isfinite().all()
     assert not calls  # one particle fewer: below it
+    # replayed passes take the kernel's definition into their recording; the few passes outside the replay
+    # (the first, validating one; one of another shape) do not compile the kernel for themselves
+    replayed = pv.log_marginal_likelihood(vae.model, vae.guide, x, num_samples=50, replay=True, batch_size=4)
+    assert not calls
+    traced = pv.log_marginal_likelihood(vae.model, vae.guide, x, num_samples=50, replay=False, batch_size=4)
+    assert calls and torch.allclose(replayed.log_px, traced.log_px, rtol=2e-6, atol=0)  # the same draws
+    calls.clear()
     # AIS: C chains x T steps x L leapfrog steps evaluate the densities (and their gradients)
     ais = dict(num_steps=5, num_chains=3, leapfrog_steps=2, seed=0)
     monkeypatch.setattr(fused, "MIN_COMPILED_ELEMENTS", x.numel() * 3 * 5 * 2 + 1)

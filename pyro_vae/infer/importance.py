@@ -209,12 +209,21 @@ class _Passes:
         if (xb.shape[0], num_particles) != self.replayed_shape:
             return self.eager(xb, num_particles)
         if not self.recorded:
-            self.replay, self.recorded = record(lambda data: self.eager(data, num_particles).as_tuple(), xb), True
+            self.replay, self.recorded = record(lambda data: self.traced(data, num_particles).as_tuple(), xb), True
         if self.replay is None:  # the program cannot be recorded
-            return self.eager(xb, num_particles)
+            return self.traced(xb, num_particles)
         return SiteLogDensities(*self.replay(xb))
 
     def eager(self, xb: torch.Tensor, num_particles: int) -> SiteLogDensities:
+        """A pass through Pyro outside the replay: the first, validating one, and any of another shape.
+
+        Where the full passes are replayed, these few do without the compiled kernels: compiling those for
+        them would cost seconds (a recording takes the kernels' definitions in, without compiling them).
+        """
+        return self.traced(xb, num_particles, kernels={} if self.replayed_shape else self.kernels)
+
+    def traced(self, xb: torch.Tensor, num_particles: int, kernels=None) -> SiteLogDensities:
+        """A pass through Pyro, with the evaluation's kernels unless ``kernels`` is given."""
         return site_log_densities(
             self.model,
             self.guide,
@@ -222,7 +231,7 @@ class _Passes:
             *self.args,
             num_particles=num_particles,
             max_plate_nesting=self.max_plate_nesting,
-            kernels=self.kernels,
+            kernels=self.kernels if kernels is None else kernels,
             **self.kwargs,
         )
 
