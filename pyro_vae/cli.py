@@ -367,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
         "diagnostics (ESS, Pareto k), into metrics.json and test_log_px.npy (with --test-points N into evaluations/ "
         "only). --method ais: annealed importance "
         "sampling from the encoder (HMC along the geometric path from q(z|x) to p(x, z), spaced by --schedule; for "
-        "M2 and M1+M2 once per label, y summed out). "
+        "M2 and M1+M2 with each label given, y summed out). "
         "--method auto: importance sampling, then AIS on "
         f"the points whose Pareto k exceeds {PARETO_THRESHOLD} or cannot be assessed (K < 46). "
         "--method bdmc: lower and upper bounds on points simulated from "
@@ -389,7 +389,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--test-points", type=positive_int, metavar="N", help="evaluate the first N test points only [default: all]"
     )
-    evaluate.add_argument("--batch-size", type=positive_int, default=100, help="test points per batch")
+    evaluate.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=100,
+        help="test points per batch, each saved as it finishes (AIS of M2 and M1+M2 anneals this many rows at once, "
+        "a row a point with one of its labels)",
+    )
     evaluate.add_argument("--seed", type=seed_value, default=0, help=f"random seed, 0 to {MAX_SEED}")
     evaluate.add_argument("--device", type=_device, default="cpu", help="cpu, cuda, cuda:N or auto")
     evaluate.add_argument("--no-progress", action="store_true", help="no progress bar")

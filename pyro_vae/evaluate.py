@@ -8,7 +8,7 @@ by one of four methods:
   Pareto-k diagnostics; its per-point values also go to ``test_log_px.npy``;
 * ``"ais"``: annealed importance sampling from the guide
   (:func:`~pyro_vae.infer.ais.ais_log_marginal_likelihood`; for a
-  semi-supervised model once per label, the labels summed out,
+  semi-supervised model with each label given, the labels summed out,
   :func:`~pyro_vae.infer.ais.ais_log_marginal_likelihood_by_label`);
 * ``"auto"``: importance sampling on every point, then AIS on the points
   where importance sampling cannot be trusted: Pareto-k above 0.7, or not

@@ -448,18 +448,24 @@ def ais_log_marginal_likelihood(
     return estimate
 
 
-def ais_log_marginal_likelihood_by_label(model, guide, x: torch.Tensor, num_classes: int, **ais) -> AISEstimate:
+def ais_log_marginal_likelihood_by_label(
+    model, guide, x: torch.Tensor, num_classes: int, *, batch_size: int = 100, seed: int | None = 0, **ais
+) -> AISEstimate:
     """log p(x) = log sum_y p(x, y) for a model with a discrete label y, each p(x, y) by AIS with y given.
 
     For Kingma et al.'s (2014) M2 and M1+M2: ``model(x, y=...)`` and ``guide(x, y=...)`` take
-    the label as the keyword ``y`` (a class index); given y, every latent site is continuous and
-    the chains anneal from q(z | x, y) to p(z | x, y), and their log weights include log p(y),
-    the observed site. For every chain index j, w_j = sum_y w_{y, j} is an unbiased estimate of
-    p(x), as each w_{y, j} is of p(x, y); so :attr:`AISEstimate.chain_log_weights` holds log w_j,
-    shape ``(C, N)``, and ``log_px`` is their logmeanexp, a stochastic lower bound as before. The
-    labels share the random streams of ``seed``. ``acceptance`` and ``step_size`` are averaged
-    over the labels. The cost is ``num_classes`` runs of :func:`ais_log_marginal_likelihood`,
-    to which ``ais`` (its keyword settings) is passed.
+    the label as the keyword ``y`` (class indices, one per point); given y, every latent site is
+    continuous and the chains anneal from q(z | x, y) to p(z | x, y), and their log weights include
+    log p(y), the observed site. For every chain index j, w_j = sum_y w_{y, j} is an unbiased estimate
+    of p(x), as each w_{y, j} is of p(x, y); so :attr:`AISEstimate.chain_log_weights` holds log w_j,
+    shape ``(C, N)``, and ``log_px`` is their logmeanexp, a stochastic lower bound as before.
+    ``acceptance`` and ``step_size`` are averaged over the labels.
+
+    Every label of a point is annealed in the same vectorised pass: a point is ``num_classes`` rows
+    (the point with each label), and ``batch_size`` counts rows, so memory grows with
+    ``batch_size * num_chains`` as for :func:`ais_log_marginal_likelihood`, to which ``ais`` (its keyword
+    settings) is passed; a batch holds ``batch_size // num_classes`` points (at least one). ``seed``
+    seeds the whole estimate, whose batches draw one stream in turn.
     """
     if num_classes < 2:
         raise ValueError(f"A label needs at least 2 classes; got num_classes={num_classes}.")
@@ -468,19 +474,25 @@ def ais_log_marginal_likelihood_by_label(model, guide, x: torch.Tensor, num_clas
             "compare_is_samples would compare each label's AIS with importance sampling given that label; "
             "estimate log p(x) by pv.log_marginal_likelihood (which draws y from the guide) and compare the two."
         )
-    per_label = [
-        ais_log_marginal_likelihood(model, guide, x, y=torch.tensor(label, device=x.device), **ais)
-        for label in range(num_classes)
-    ]
-    chain_log_weights = torch.stack([estimate.chain_log_weights for estimate in per_label]).logsumexp(0)
+    check_points_and_batches(x, ais.get("num_chains", DEFAULT_CHAINS), batch_size, "num_chains")
+    points = max(1, batch_size // num_classes)
+    labels = torch.arange(num_classes, device=x.device)
+    chains, acceptance, step_size = [], [], []
+    with seeded(seed):
+        for begin in range(0, x.shape[0], points):
+            xb = x[begin : begin + points]
+            n = xb.shape[0]
+            rows = xb.repeat(num_classes, *(1,) * (xb.dim() - 1))  # label-major: every point with label 0, ...
+            estimate = ais_log_marginal_likelihood(
+                model, guide, rows, y=labels.repeat_interleave(n), batch_size=rows.shape[0], seed=None, **ais
+            )
+            split = (num_classes, n)  # rows back to (label, point)
+            chains.append(estimate.chain_log_weights.unflatten(-1, split).logsumexp(-2))
+            acceptance.append(estimate.acceptance.unflatten(-1, split).mean(-2))
+            step_size.append(estimate.step_size.unflatten(-1, split).mean(-2))
+    chain_log_weights = torch.cat(chains, dim=-1)
     log_px = (chain_log_weights.logsumexp(0) - math.log(chain_log_weights.shape[0])).float()
-    return AISEstimate(
-        log_px,
-        chain_log_weights,
-        torch.stack([estimate.acceptance for estimate in per_label]).mean(0),
-        torch.stack([estimate.step_size for estimate in per_label]).mean(0),
-        per_label[0].settings,
-    )
+    return AISEstimate(log_px, chain_log_weights, torch.cat(acceptance), torch.cat(step_size), estimate.settings)
 
 
 def _settings(num_steps, num_chains, leapfrog_steps, schedule, start, target_acceptance) -> dict:
