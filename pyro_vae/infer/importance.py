@@ -209,9 +209,10 @@ class _Passes:
         if (xb.shape[0], num_particles) != self.replayed_shape:
             return self.eager(xb, num_particles)
         if not self.recorded:
-            self.replay, self.recorded = record(lambda data: self.traced(data, num_particles).as_tuple(), xb), True
+            self.replay = record(lambda data: self.traced(data, num_particles, self.kernels).as_tuple(), xb)
+            self.recorded = True
         if self.replay is None:  # the program cannot be recorded
-            return self.traced(xb, num_particles)
+            return self.traced(xb, num_particles, self.kernels)
         return SiteLogDensities(*self.replay(xb))
 
     def eager(self, xb: torch.Tensor, num_particles: int) -> SiteLogDensities:
@@ -220,10 +221,10 @@ class _Passes:
         Where the full passes are replayed, these few do without the compiled kernels: compiling those for
         them would cost seconds (a recording takes the kernels' definitions in, without compiling them).
         """
-        return self.traced(xb, num_particles, kernels={} if self.replayed_shape else self.kernels)
+        return self.traced(xb, num_particles, {} if self.replayed_shape else self.kernels)
 
-    def traced(self, xb: torch.Tensor, num_particles: int, kernels=None) -> SiteLogDensities:
-        """A pass through Pyro, with the evaluation's kernels unless ``kernels`` is given."""
+    def traced(self, xb: torch.Tensor, num_particles: int, kernels) -> SiteLogDensities:
+        """A pass through Pyro with these log-density ``kernels``."""
         return site_log_densities(
             self.model,
             self.guide,
@@ -231,7 +232,7 @@ class _Passes:
             *self.args,
             num_particles=num_particles,
             max_plate_nesting=self.max_plate_nesting,
-            kernels=self.kernels if kernels is None else kernels,
+            kernels=kernels,
             **self.kwargs,
         )
 
