@@ -2,6 +2,7 @@
 
     python benchmarks/train_speed.py [--batch-sizes 128 512] [--repeats 3] [--steps 30] [--m2-run RUN]
     python benchmarks/train_speed.py --profile 100     # what 100 steady-state steps of fit are made of
+    python benchmarks/train_speed.py --matmul-precision medium   # every contender's products in bfloat16
 
 **Epochs** (784-400-20 Bernoulli MLP VAE, the same ``MLPEncoder`` and
 ``MLPDecoder`` modules, the embedded MNIST dynamically binarised, Adam 1e-3,
@@ -50,6 +51,11 @@ at the first batch size (the second of two epochs of N steps), and
 ``torch.profiler``'s table of N such steps through ``take_step``, the step
 without the engine's loop, the operators by their own time.
 
+**Precision** (``--matmul-precision``, default ``highest``): every
+contender's float32 products at that precision of
+:func:`torch.set_float32_matmul_precision`, ``fit`` through its own
+``matmul_precision``, so that the comparisons stay like for like.
+
 The machine is shared and noisy: only the ratios within one run mean something.
 """
 
@@ -72,6 +78,7 @@ from pyro_vae.components.nets import MLPDecoder, MLPEncoder
 from pyro_vae.data import binarize
 from pyro_vae.infer import build_objective
 from pyro_vae.training.engine import adam, compiled_step, take_step
+from pyro_vae.training.precision import MATMUL_PRECISIONS, float32_matmul_precision
 
 Z_DIM, HIDDEN, LR = 20, (400,), 1e-3
 #: The embedded MNIST's training points, after the 10,000 of its validation split.
@@ -110,9 +117,10 @@ def plain_epoch(data: pv.Dataset, batch_size: int, fused: bool = False, compiled
 
 
 def fit_epoch(data: pv.Dataset, batch_size: int, compile: bool = True) -> tuple[float, float]:
-    """The second epoch of ``pv.fit`` and the first epoch's compile seconds."""
+    """The second epoch of ``pv.fit`` and the first epoch's compile seconds, at the caller's matmul precision."""
     vae = pv.VAE(data.x_shape, Z_DIM, hidden=HIDDEN)
-    history = pv.fit(vae, data, epochs=2, batch_size=batch_size, lr=LR, progress=False, compile=compile)
+    history = pv.fit(vae, data, epochs=2, batch_size=batch_size, lr=LR, progress=False, compile=compile,
+                     matmul_precision=torch.get_float32_matmul_precision())  # fmt: skip
     return history[2]["seconds"], history[1].get("compile_seconds", 0.0)
 
 
@@ -206,7 +214,7 @@ def profile_fit(data: pv.Dataset, batch_size: int, steps: int) -> None:
 
     few = data.subset(train=steps * batch_size, val=batch_size, test=batch_size)
     history = pv.fit(pv.VAE(data.x_shape, Z_DIM, hidden=HIDDEN), few, epochs=2, batch_size=batch_size, lr=LR,
-                     progress=False, compile=True)  # fmt: skip
+                     progress=False, compile=True, matmul_precision=torch.get_float32_matmul_precision())  # fmt: skip
     model = pv.VAE(data.x_shape, Z_DIM, hidden=HIDDEN)
     objective = build_objective({"name": "trace"})
     objective.setup(model, few, batch_size=batch_size)
@@ -240,7 +248,10 @@ def main(batch_sizes: list[int], repeats: int, steps: int, m2_run: str | None, p
         "fit, eager": lambda batch_size: fit_epoch(data, batch_size, compile=False)[0],
         "matmul bound": lambda batch_size: matmul_bound_epoch(len(data.train), batch_size),
     }
-    print(f"threads: {torch.get_num_threads()}, torch {torch.__version__}, pyro {pyro.__version__}")
+    print(
+        f"threads: {torch.get_num_threads()}, torch {torch.__version__}, pyro {pyro.__version__}, "
+        f"float32 matmul precision {torch.get_float32_matmul_precision()}"
+    )
     for batch_size in batch_sizes:
         binarising = binarisation_milliseconds(data, batch_size)
         times = ", ".join(f"{way} {ms:.2f} ms" for way, ms in binarising.items())
@@ -311,6 +322,12 @@ if __name__ == "__main__":
         type=positive_int,
         help="profile this many steady-state steps of fit instead, at one batch size (128, or one --batch-sizes)",
     )
+    parser.add_argument(
+        "--matmul-precision",
+        choices=MATMUL_PRECISIONS,
+        default="highest",
+        help="torch's float32 matmul precision for every contender (fit's matmul_precision)",
+    )
     args = parser.parse_args()
     given = sorted({arg.split("=")[0] for arg in sys.argv[1:]} & {"--repeats", "--steps", "--m2-run"})
     if args.profile and given:
@@ -330,4 +347,6 @@ if __name__ == "__main__":
         if config["model"]["x_shape"] != [1, 28, 28]:  # timed on the embedded MNIST
             parser.error(f"--m2-run {args.m2_run} models points of shape {config['model']['x_shape']}; give an M2 "
                          "run on MNIST (shape [1, 28, 28]).")  # fmt: skip
-    main(**vars(args))
+    precision = vars(args).pop("matmul_precision")
+    with float32_matmul_precision(precision):
+        main(**vars(args))

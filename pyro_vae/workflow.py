@@ -43,7 +43,8 @@ def train_run(model: Model, data, run_dir: str | Path, **settings) -> Run | None
 def training_settings(config: dict) -> dict:
     """The keyword arguments of ``fit`` that a run's ``config.json`` recorded (older runs' layout included, with
     the values those runs had for settings added since)."""
-    train = {"output_bias": "random", "lr_schedule": "constant", **config["train"]}  # the random start, no schedule
+    # the random start, no schedule, float32 products
+    train = {"output_bias": "random", "lr_schedule": "constant", "matmul_precision": "highest", **config["train"]}
     if "objective" not in train:  # written before objectives were pluggable
         if train.pop("semi_supervised", False):
             keys = ("num_labels", "label_seed", "aux_weight")

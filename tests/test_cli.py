@@ -29,6 +29,7 @@ def test_train_smoke_writes_a_readable_run_directory(tmp_path, capsys):
         1e-3,
         "constant",
     )  # the VAE's defaults
+    assert config["train"]["matmul_precision"] == "highest"
     assert "test ELBO" in capsys.readouterr().out
 
     assert main(["train", "--resume", str(run), "--epochs", "2", "--no-progress"]) == 0
@@ -38,8 +39,9 @@ def test_train_smoke_writes_a_readable_run_directory(tmp_path, capsys):
 
 def test_gaussian_likelihood_on_grayscale(tmp_path):
     args = ["train", *SMALL, "--binarize", "none", "--likelihood", "gaussian", "--sigma", "shared", "--epochs", "1"]
-    assert main([*args, "--arch", "conv", "--out", str(tmp_path), "--name", "g"]) == 0
-    assert json.loads((tmp_path / "g" / "config.json").read_text())["model"]["likelihood"]["sigma"] == "shared"
+    assert main([*args, "--arch", "conv", "--matmul-precision", "medium", "--out", str(tmp_path), "--name", "g"]) == 0
+    config = json.loads((tmp_path / "g" / "config.json").read_text())
+    assert config["model"]["likelihood"]["sigma"] == "shared" and config["train"]["matmul_precision"] == "medium"
 
 
 @pytest.mark.parametrize(

@@ -128,6 +128,7 @@ def finished_run(tmp_path_factory):
     [
         (["--z-dim", "5"], "--z-dim cannot change a run on --resume"),
         (["--prior", "vamp", "--lr", "0.1"], "--prior, --lr cannot change a run on --resume"),
+        (["--matmul-precision", "medium"], "--matmul-precision cannot change a run on --resume"),
         (["--semi-supervised"], "cannot change a run on --resume"),
         (["--epochs", "0"], "give a value >= 1"),
     ],

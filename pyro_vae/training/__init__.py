@@ -1,4 +1,5 @@
-"""Training: the one engine (:mod:`.engine`), its KL schedule, Ctrl-C handling, and several processes."""
+"""Training: the one engine (:mod:`.engine`), its KL schedule, Ctrl-C handling, the precision of its products
+(:mod:`.precision`), and several processes."""
 
 from .engine import TrainingDiverged, TrainingInterrupted, fit
 from .parallel import LightningProcesses, ReplicasDiverged, SingleProcess

@@ -38,6 +38,11 @@ Whatever the model and objective, the engine guarantees:
   never stopped;
 * **one writer**: the run directory is locked while the run writes it.
 
+``matmul_precision`` (:mod:`.precision`) may let the optimisation's float32
+matrix products round their inputs to bfloat16 or TensorFloat-32 where the
+hardware multiplies those faster; validation and evaluation keep the
+caller's precision.
+
 A fresh run starts the decoder's output bias at the likelihood's constant
 fit to the training points (``output_bias="data"``,
 :meth:`~pyro_vae.models.Model.start_output_bias`), as Burda et al.'s code
@@ -75,6 +80,7 @@ from ..runs.directory import RunDirectory, model_config_matches
 from ..runs.files import CheckpointError, restore_rng, rng_state
 from .interrupts import InterruptRequests
 from .parallel import ReplicasDiverged, SingleProcess, parameter_digest
+from .precision import MATMUL_PRECISIONS, float32_matmul_precision
 from .schedules import LR_SCHEDULES, kl_weight_schedule, length_conflict
 
 
@@ -139,6 +145,10 @@ def check_settings(objective: Objective, **settings) -> None:
             "an integer >= 0 (0 skips the test log p(x))",
         ),
         "output_bias": (settings["output_bias"] in OUTPUT_BIAS_STARTS, f"one of {OUTPUT_BIAS_STARTS}"),
+        "matmul_precision": (
+            settings["matmul_precision"] in MATMUL_PRECISIONS,
+            f"one of {', '.join(map(repr, MATMUL_PRECISIONS))}",
+        ),
         "seed": (integer(settings["seed"]) and 0 <= settings["seed"] <= MAX_SEED, f"an integer from 0 to {MAX_SEED}"),
     }
     for name, (valid, what) in checks.items():
@@ -216,12 +226,15 @@ OUTPUT_BIAS_STARTS = ("data", "random")
 MAX_SEED = 2**32 - 1
 
 #: Training settings that a resumed run must share with the run it continues.
-RESUMED_SETTINGS = ("batch_size", "lr", "lr_schedule", "objective", "warmup_epochs", "beta", "seed")
+RESUMED_SETTINGS = (
+    "batch_size", "lr", "lr_schedule", "objective", "warmup_epochs", "beta", "seed", "matmul_precision",
+)  # fmt: skip
 
 
 def check_same_training(run: RunDirectory, saved: dict, current: dict) -> None:
     """Refuse to resume a run with other training settings than its own (the epoch target may change)."""
     saved, current = dict(saved), dict(current)
+    saved.setdefault("matmul_precision", "highest")  # every run before the setting multiplied in float32
     for settings in (saved, current):
         if isinstance(settings.get("objective"), dict):
             settings["objective"] = completed_objective_config(settings["objective"])
@@ -254,6 +267,7 @@ def fit(
     progress: bool = True,
     processes: SingleProcess | None = None,
     compile: bool | str = "auto",
+    matmul_precision: str = "highest",
 ) -> list[dict]:
     """Train ``model`` on ``data`` and return the history, one dict per epoch.
 
@@ -292,6 +306,12 @@ def fit(
         eagerly; ``"auto"`` compiles runs of at least :data:`AUTO_COMPILE_STEPS`
         steps (``epochs`` times the steps per epoch, so that a resumed run
         decides as the run it continues did).
+    :param matmul_precision: the precision of the optimisation's float32 matrix products,
+        one of :data:`~pyro_vae.training.precision.MATMUL_PRECISIONS`: ``"highest"``
+        (float32), ``"high"`` (TensorFloat-32 where the hardware has it) or ``"medium"``
+        (bfloat16 inputs, float32 sums, where the hardware has them); used for the
+        objective's start and every step, not for validation or evaluation
+        (:mod:`pyro_vae.training.precision`). A run resumes only with its own.
     """
     objective = as_objective(objective, model)
     settings = dict(
@@ -303,6 +323,7 @@ def fit(
         beta=beta,
         eval_samples=eval_samples,
         output_bias=output_bias,
+        matmul_precision=matmul_precision,
     )
     if compile not in (True, False, "auto"):
         raise ValueError(f"compile must be True, False or 'auto'; got {compile!r}.")
@@ -363,6 +384,7 @@ class _Engine:
                 "output_bias": settings["output_bias"],
                 "device": str(device),
                 "compile": compile,
+                "matmul_precision": settings["matmul_precision"],
                 "eval_samples": settings["eval_samples"],
             },
         }
@@ -403,7 +425,8 @@ class _Engine:
         pyro.set_rng_seed((self.seed + self.processes.rank) % 2**32)
         if self.settings["output_bias"] == "data" and not self.model.start_output_bias(self.data.train.x):
             self.config["train"]["output_bias"] = "random"  # what the run did: this model has no constant fit
-        self.objective.start(self.model, self.data, progress=self.progress and self.processes.is_writer)
+        with float32_matmul_precision(self.settings["matmul_precision"]):
+            self.objective.start(self.model, self.data, progress=self.progress and self.processes.is_writer)
         self.processes.share(self.model)  # process 0's start for every process
         self.history = [{"epoch": 0, **self._validate()}]
         self.best_epoch = 0
@@ -501,7 +524,7 @@ class _Engine:
             compiling = compiled is not None and compiled.compiled is None and not compiled.failed
             if compiling:
                 bar.set_postfix_str("compiling the step")
-            with pyro.validation_enabled(global_step == 0):
+            with pyro.validation_enabled(global_step == 0), float32_matmul_precision(self.settings["matmul_precision"]):
                 total, count = take_step(
                     self.model, self.objective, self.optimizer, self.data, batch, kl_weight=kl_weight,
                     processes=self.processes, compiled=compiled,

@@ -1,0 +1,43 @@
+"""The precision of float32 matrix products while training.
+
+Training's matrix products may run with inputs rounded to fewer mantissa
+bits, and float32 accumulation, where the hardware does that faster: PyTorch's
+:func:`torch.set_float32_matmul_precision`, whose names are kept here.
+
+* ``"highest"`` (the default): float32 products;
+* ``"high"``: TensorFloat-32 inputs (10 stored mantissa bits) where the
+  hardware has them (NVIDIA Ampere and later GPUs); elsewhere as ``"highest"``;
+* ``"medium"``: bfloat16 inputs (7 stored mantissa bits) and float32 sums
+  where a fast bfloat16 product exists (oneDNN on CPUs with AVX-512 BF16 or
+  AMX); elsewhere as ``"high"`` (on NVIDIA GPUs, TensorFloat-32).
+
+Parameters, gradients, densities and Adam's state stay float32: only the
+products' inputs are rounded, by up to 2^-8 relatively at ``"medium"``: a
+milder form of the trade that mixed-precision training makes (Micikevicius et al. 2018,
+*Mixed Precision Training*; Kalamkar et al. 2019, *A Study of BFLOAT16 for
+Deep Learning Training*). :func:`~pyro_vae.training.engine.fit` uses the
+precision for the optimisation alone, the objective's start and every
+epoch's steps, and the caller's setting for validation and evaluation, so
+that a log p(x) or a certificate is computed as it always is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+#: The precisions of :func:`torch.set_float32_matmul_precision`, the most exact first.
+MATMUL_PRECISIONS = ("highest", "high", "medium")
+
+
+@contextlib.contextmanager
+def float32_matmul_precision(precision: str) -> Iterator[None]:
+    """Run the block with torch's float32 matmul precision set to ``precision``; the caller's after it."""
+    caller = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(caller)

@@ -1,0 +1,112 @@
+"""fit's matmul_precision: reduced-precision products for the optimisation alone, recorded, resumed exactly."""
+
+import json
+
+import pytest
+import torch
+from conftest import small_vae, without_timings
+
+import pyro_vae as pv
+from pyro_vae.infer import build_objective
+from pyro_vae.runs import CheckpointError
+from pyro_vae.training.engine import adam, check_same_training, take_step
+from pyro_vae.training.precision import float32_matmul_precision
+
+#: Whether this CPU multiplies bfloat16 natively (oneDNN with AVX-512 BF16 or AMX); elsewhere "medium" is float32.
+BF16_PRODUCTS = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+class PrecisionSeen:
+    """Wraps an objective's start, loss and validate to note torch's float32 matmul precision at each call."""
+
+    def __init__(self, objective):
+        self.seen = {"start": set(), "loss": set(), "validate": set()}
+        for name in self.seen:
+            setattr(objective, name, self._noting(name, getattr(objective, name)))
+
+    def _noting(self, name, method):
+        def noted(*args, **kwargs):
+            self.seen[name].add(torch.get_float32_matmul_precision())
+            return method(*args, **kwargs)
+
+        return noted
+
+
+def test_the_precision_holds_for_the_optimisation_and_not_for_validation(small_mnist):
+    objective = build_objective("trace")
+    noted = PrecisionSeen(objective)
+    few = small_mnist.subset(train=256, val=64, test=64)
+    pv.fit(small_vae(), few, objective=objective, epochs=2, compile=False, progress=False, matmul_precision="medium")
+    assert noted.seen == {"start": {"medium"}, "loss": {"medium"}, "validate": {"highest"}}
+    assert torch.get_float32_matmul_precision() == "highest"
+
+
+def test_the_callers_precision_is_restored_when_training_fails(small_mnist):
+    objective = build_objective("trace")
+    loss = objective.loss
+
+    def failing(*args, **kwargs):
+        if failing.calls == 2:
+            raise RuntimeError("a failure inside the third step")
+        failing.calls += 1
+        return loss(*args, **kwargs)
+
+    failing.calls, objective.loss = 0, failing
+    with float32_matmul_precision("high"), pytest.raises(RuntimeError, match="inside the third step"):
+        pv.fit(small_vae(), small_mnist, objective=objective, epochs=1, compile=False, progress=False,
+               matmul_precision="medium")  # fmt: skip
+    assert torch.get_float32_matmul_precision() == "highest"  # the block's caller's
+    with float32_matmul_precision("high"):
+        with pytest.raises(RuntimeError):
+            pv.fit(small_vae(), small_mnist, objective=objective, epochs=1, compile=False, progress=False)
+        assert torch.get_float32_matmul_precision() == "high"  # fit's caller's, after fit's "highest"
+
+
+def test_an_unknown_precision_is_refused_before_any_work(small_mnist, tmp_path):
+    with pytest.raises(ValueError, match="matmul_precision must be one of 'highest', 'high', 'medium'; got 'bf16'"):
+        pv.fit(small_vae(), small_mnist, epochs=1, run_dir=tmp_path / "run", matmul_precision="bf16")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_run_records_its_precision_and_resumes_only_with_it_bit_for_bit(small_mnist, tmp_path):
+    few = small_mnist.subset(train=512, val=64, test=64)
+    settings = dict(batch_size=64, compile=True, progress=False, matmul_precision="medium")
+    torch.manual_seed(0)
+    whole = pv.fit(small_vae(), few, epochs=2, run_dir=tmp_path / "whole", **settings)
+    torch.manual_seed(0)
+    pv.fit(small_vae(), few, epochs=1, run_dir=tmp_path / "parts", **settings)
+    assert json.loads((tmp_path / "parts" / "config.json").read_text())["train"]["matmul_precision"] == "medium"
+    with pytest.raises(CheckpointError, match="matmul_precision 'medium' -> 'highest'"):
+        pv.resume_run(tmp_path / "parts", epochs=2, progress=False, matmul_precision="highest")
+    resumed = pv.resume_run(tmp_path / "parts", epochs=2, progress=False)  # the run's own precision
+    assert without_timings(resumed.history) == without_timings(whole)
+
+
+def test_runs_from_before_the_setting_resume_only_in_float32(tmp_path):
+    """Their checkpoints' configs lack the key; every one of them multiplied in float32."""
+    run = pv.RunDirectory(tmp_path / "old")
+    check_same_training(run, {"lr": 1e-3}, {"lr": 1e-3, "matmul_precision": "highest"})
+    with pytest.raises(CheckpointError, match="matmul_precision 'highest' -> 'medium'"):
+        check_same_training(run, {"lr": 1e-3}, {"lr": 1e-3, "matmul_precision": "medium"})
+
+
+@pytest.mark.skipif(not BF16_PRODUCTS, reason="this CPU has no bfloat16 products: 'medium' multiplies in float32")
+def test_medium_rounds_the_products_and_moves_the_loss_by_little(small_mnist):
+    """The same step from the same weights and draws, in float32 and at "medium". Rounding the products'
+    inputs to bfloat16 (8 significant bits) moves each product by about 2^-9 of its terms' size; the loss, a sum
+    over 64 x 784 pixels whose roundings mostly cancel, moved by 5e-6 of itself when measured: the bound 1e-4
+    leaves a factor of 20 for other weights and draws. The same step twice in float32 gives the same loss to
+    the bit, so any difference is the rounding's."""
+    losses = {}
+    for precision in ("highest", "medium", "highest"):
+        torch.manual_seed(0)
+        model = small_vae()
+        objective = build_objective("trace")
+        objective.setup(model, small_mnist, batch_size=64)
+        optimizer = adam(model.parameters(), 1e-3, torch.device("cpu"))
+        torch.manual_seed(1)
+        with float32_matmul_precision(precision):
+            loss, _ = take_step(model, objective, optimizer, small_mnist, torch.arange(64))
+        assert losses.setdefault(precision, loss) == loss
+    relative = abs(losses["medium"] - losses["highest"]) / abs(losses["highest"])
+    assert 0 < relative < 1e-4
