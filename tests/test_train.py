@@ -412,3 +412,48 @@ def test_resume_refuses_other_training_settings(small_mnist, tmp_path):
             small_vae(), data, objective={"name": "trace", "gradient": "stl"}, epochs=2, run_dir=tmp_path,
             resume=True, progress=False,
         )  # fmt: skip
+
+
+def test_flushing_adams_subnormal_moments_zeroes_them_and_moves_no_parameter():
+    """Two copies of a parameter whose Adam state holds subnormal moments (as a dead ReLU unit's weights come to),
+    one flushed: the flushed moments are zero, every other moment is untouched, and after ten more Adam steps with
+    the same gradients the two parameters agree to the bit (the docstring's bound: the update changes by far less
+    than the parameters' rounding)."""
+    torch.manual_seed(0)
+    start = torch.randn(1000)
+    tiny, smallest = torch.finfo(torch.float32).tiny, torch.finfo(torch.float32).smallest_normal / 2**23
+    parameters = [nn.Parameter(start.clone()) for _ in range(2)]
+    optimizers = [adam([parameter], 1e-3, torch.device("cpu")) for parameter in parameters]
+    gradients = [torch.randn(1000) * (torch.arange(1000) >= 300) for _ in range(11)]  # the first 300 never move
+    for parameter, optimizer in zip(parameters, optimizers, strict=True):
+        parameter.grad = gradients[0].clone()
+        optimizer.step()
+        state = optimizer.state[parameter]
+        state["exp_avg"][:100] = 4 * smallest  # stuck there: 0.9 x 4 x 2^-149 rounds to 4 x 2^-149
+        state["exp_avg"][100:200] = -tiny / 3
+        state["exp_avg_sq"][:200] = tiny / 7
+    kept = {name: optimizers[1].state[parameters[1]][name][200:].clone() for name in ("exp_avg", "exp_avg_sq")}
+    engine_module.flush_subnormal_moments(optimizers[1])
+    flushed = optimizers[1].state[parameters[1]]
+    assert not flushed["exp_avg"][:200].any() and not flushed["exp_avg_sq"][:200].any()
+    assert all(torch.equal(flushed[name][200:], kept[name]) for name in kept)
+    assert (optimizers[0].state[parameters[0]]["exp_avg"][:100] == 4 * smallest).all()  # the unflushed copy's
+    for gradient in gradients[1:]:
+        for parameter, optimizer in zip(parameters, optimizers, strict=True):
+            parameter.grad = gradient.clone()
+            optimizer.step()
+    assert torch.equal(parameters[0], parameters[1])
+    assert (optimizers[0].state[parameters[0]]["exp_avg"][:100] == 4 * smallest).all()  # still stuck
+
+
+def test_fit_flushes_adams_subnormal_moments_at_the_start_of_every_fresh_epoch(small_mnist, tmp_path, monkeypatch):
+    """Once before each epoch's first step. A run resumed part-way through an epoch does not flush again there,
+    as the run that never stopped did not: tests/test_interrupts.py compares the two, Adam's state included."""
+    few = small_mnist.subset(train=256, val=64, test=64)
+    flushes = []
+    flush = engine_module.flush_subnormal_moments
+    monkeypatch.setattr(
+        engine_module, "flush_subnormal_moments", lambda optimizer: (flushes.append(1), flush(optimizer))
+    )
+    pv.fit(small_vae(), few, epochs=3, batch_size=64, compile=False, progress=False)
+    assert len(flushes) == 3
