@@ -24,19 +24,18 @@ from typing import ClassVar
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 
 from .densities import check_reparameterized_guide
-from .objective import Objective, register_objective
+from .objective import ParticleObjective, register_objective
 from .path_derivatives import GRADIENTS, STL_ELBO
 
 
 @register_objective
-class ELBO(Objective):
+class ELBO(ParticleObjective):
     """The ELBO of Pyro's ``Trace_ELBO``, with ``num_particles`` vectorised draws per point.
 
     :param gradient: ``"standard"`` (Pyro's estimator) or ``"stl"`` (Roeder et al.'s path derivative).
     """
 
     name = "trace"
-    legacy_config = {"gradient": "standard"}  # config() leaves the standard gradient out, as older runs did
     pyro_elbo: ClassVar[type] = Trace_ELBO
     gradients: ClassVar[tuple[str, ...]] = GRADIENTS["trace"]
 
@@ -63,10 +62,6 @@ class ELBO(Objective):
                 model.model, model.guide, x, kl_weight=kl_weight
             )
         return self.elbo.differentiable_loss(model.model, model.guide, x, kl_weight=kl_weight)
-
-    def config(self):
-        extra = {} if self.gradient == "standard" else {"gradient": self.gradient}  # as older runs wrote it
-        return {"name": self.name, "num_particles": self.num_particles, **extra}
 
 
 @register_objective

@@ -26,7 +26,7 @@ import torch
 
 from .densities import check_reparameterized_guide, evaluating, negligible_shares, site_log_densities
 from .importance import log_marginal_likelihood
-from .objective import Objective, register_objective
+from .objective import ParticleObjective, register_objective
 from .path_derivatives import GRADIENTS, DReG_IWAE_ELBO
 
 
@@ -60,7 +60,7 @@ class IWAE_ELBO:  # noqa: N801 (named like Pyro's ELBOs)
 
 
 @register_objective
-class IWAEBound(Objective):
+class IWAEBound(ParticleObjective):
     """L_K of Burda et al. as a training objective, with K = ``num_particles`` vectorised samples per point.
 
     :param gradient: ``"standard"`` (through the reparameterised draws) or
@@ -68,7 +68,6 @@ class IWAEBound(Objective):
     """
 
     name = "iwae"
-    legacy_config = {"gradient": "standard"}  # config() leaves the standard gradient out, as older runs did
     supports_kl_weight = False  # the bound has no separate KL term to weigh
     validation_metric = "val_iwae"  # the best checkpoint is the one of the best bound, not of the ELBO
 
@@ -102,7 +101,3 @@ class IWAEBound(Objective):
                 model.model, model.guide, split.x, num_samples=k, batch_size=200, max_samples_per_pass=200 * k, seed=0
             )
         return {**metrics, f"{prefix}iwae": bound.mean, f"{prefix}iwae_se": bound.stderr}
-
-    def config(self):
-        extra = {} if self.gradient == "standard" else {"gradient": self.gradient}  # as older runs wrote it
-        return {"name": self.name, "num_particles": self.num_particles, **extra}

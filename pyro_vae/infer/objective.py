@@ -95,6 +95,19 @@ class Objective(ABC):
         return {"name": self.name}
 
 
+class ParticleObjective(Objective):
+    """An objective estimated from ``num_particles`` draws per point, with a choice of ``gradient`` estimator
+    (the ELBO's and the IWAE bound's); subclasses set both attributes."""
+
+    legacy_config = {"gradient": "standard"}  # config() leaves the standard gradient out, as older runs did
+    num_particles: int
+    gradient: str
+
+    def config(self) -> dict:
+        extra = {} if self.gradient == "standard" else {"gradient": self.gradient}  # as older runs wrote it
+        return {"name": self.name, "num_particles": self.num_particles, **extra}
+
+
 def evaluate_elbo(model, x: torch.Tensor, *, num_particles: int = 1, batch_size: int = 1000, prefix: str = "") -> dict:
     """Mean ELBO per data point (with standard error), reconstruction and KL terms, with unscaled densities."""
     with evaluating(model):
