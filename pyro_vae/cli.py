@@ -467,6 +467,11 @@ def flags_given(argv: list[str] | None) -> set[str]:
     return set(vars(parser.parse_args(argv)))
 
 
+def flags_apply(flags: list[str]) -> str:
+    """``"--a applies"`` or ``"--a, --b apply"``: the flags, and the verb that agrees with them."""
+    return f"{', '.join(flags)} {'applies' if len(flags) == 1 else 'apply'}"
+
+
 def check_flag_combinations(parser: argparse.ArgumentParser, args: argparse.Namespace, typed: set[str]) -> None:
     """Refuse flags that would be silently ignored, before any work starts; ``typed``: the flags given."""
     if args.command == "evaluate":
@@ -483,9 +488,9 @@ def check_flag_combinations(parser: argparse.ArgumentParser, args: argparse.Name
         )
     semi_supervised = args.semi_supervised or args.m1
     if not semi_supervised and (wrong := [flag(d) for d in SEMI_SUPERVISED_FLAGS if d in given]):
-        train.error(f"{', '.join(wrong)} apply only with --semi-supervised or --m1")
+        train.error(f"{flags_apply(wrong)} only with --semi-supervised or --m1")
     if semi_supervised and (wrong := [flag(d) for d in VAE_ONLY_FLAGS if d in given]):
-        train.error(f"{', '.join(wrong)} apply only to VAE training, not to the semi-supervised objective")
+        train.error(f"{flags_apply(wrong)} only to VAE training, not to the semi-supervised objective")
     m1_fixes = ("dataset", "binarize", "val_size", "subset", "likelihood", "arch")
     if args.m1 and (wrong := [flag(d) for d in m1_fixes if d in given]):
         train.error(f"{', '.join(wrong)} cannot be used with --m1 (M1's run fixes the data and the likelihood)")
@@ -524,9 +529,10 @@ def check_flag_combinations(parser: argparse.ArgumentParser, args: argparse.Name
     if args.m1 and (wrong := data_flags):
         train.error(f"{', '.join(wrong)} cannot be used with --m1 (M1's run fixes the data)")
     if not args.m1 and args.dataset not in TORCHVISION_DATASETS and (wrong := data_flags):
+        needless = "does not need it: drop it" if len(wrong) == 1 else "needs neither: drop them"
         train.error(
-            f"{', '.join(wrong)} apply only to the torchvision data sets ({', '.join(TORCHVISION_DATASETS)}); "
-            f"--dataset {args.dataset} needs neither: drop them"
+            f"{flags_apply(wrong)} only to the torchvision data sets ({', '.join(TORCHVISION_DATASETS)}); "
+            f"--dataset {args.dataset} {needless}"
         )
     if args.elbo == "iwae" and ("warmup_epochs" in given or "beta" in given):
         train.error("--warmup-epochs and --beta do not apply to the IWAE bound; use --elbo trace for them")
