@@ -6,8 +6,8 @@ RUN is a VAE run of ``pyro-vae train`` (``pv.fit``'s ``run_dir``). Its last
 checkpoint's model and Adam state are loaded, and for every parameter the
 share of Adam's moments (``exp_avg``, ``exp_avg_sq``) below float32's
 smallest normal number (2^-126) is printed. Then ``--steps`` training
-steps of RUN's objective (``take_step`` with the compiled step, batch as the
-run's, on its training data) are timed from that state twice: with the state
+steps of RUN's objective (``take_step`` with the compiled step, batch and
+matmul precision as the run's, on its training data) are timed from that state twice: with the state
 as saved, and after ``pyro_vae.training.engine.flush_subnormal_moments``.
 Each repeat starts both from the checkpoint again, in alternating order, and
 reports the median step; ``torch.profiler`` then times fused Adam's kernel
@@ -29,7 +29,8 @@ import pyro_vae as pv
 from pyro_vae.cli import positive_int
 from pyro_vae.data import dataset_from_spec
 from pyro_vae.infer import build_objective
-from pyro_vae.training.engine import ADAM_MOMENTS, adam, compiled_step, flush_subnormal_moments, take_step
+from pyro_vae.training.engine import adam, compiled_step, flush_subnormal_moments, take_step
+from pyro_vae.training.precision import float32_matmul_precision
 from pyro_vae.workflow import training_settings
 
 
@@ -62,26 +63,29 @@ def trainer(run: pv.Run, flushed: bool):
 def main(run_dir: str, steps: int, repeats: int) -> None:
     run = pv.load_run(run_dir, checkpoint="last")
     state = pv.RunDirectory(run_dir).load_checkpoint("last")
-    names = [name for name, parameter in run.model.named_parameters() if parameter.requires_grad]
+    # fit's Adam holds every parameter of the model, in order; its state is keyed by their positions
+    names = dict(zip(state["optimizer"]["param_groups"][0]["params"], dict(run.model.named_parameters()), strict=True))
     print(f"{run_dir}, epoch {state['epoch']}: the share of Adam's moments that are subnormal")
     print("| parameter | shape | exp_avg | exp_avg_sq |\n|---|---|---|---|")
-    for name, moments in zip(names, state["optimizer"]["state"].values(), strict=True):
-        shares = " | ".join(f"{100 * subnormal_share(moments[key]):.2f}%" for key in ADAM_MOMENTS[:2])
-        print(f"| {name} | {tuple(moments['exp_avg'].shape)} | {shares} |")
+    for index, moments in state["optimizer"]["state"].items():
+        shares = " | ".join(f"{100 * subnormal_share(moments[key]):.2f}%" for key in ("exp_avg", "exp_avg_sq"))
+        print(f"| {names[index]} | {tuple(moments['exp_avg'].shape)} | {shares} |")
 
     times: dict[str, list[float]] = {"as saved": [], "flushed": []}
     adam_kernel: dict[str, list[float]] = {"as saved": [], "flushed": []}
+    precision = training_settings(run.config)["matmul_precision"]  # the run's own, as fit would train it
     for repeat in range(repeats):
         for kind in ("as saved", "flushed") if repeat % 2 == 0 else ("flushed", "as saved"):
-            step, _ = trainer(run, flushed=kind == "flushed")
-            generator = torch.Generator().manual_seed(repeat + 1)
-            started = time.perf_counter()
-            for _ in range(steps):
-                step(generator)
-            times[kind].append((time.perf_counter() - started) / steps)
-            with profile() as profiler:
-                for _ in range(20):
+            with float32_matmul_precision(precision):
+                step, _ = trainer(run, flushed=kind == "flushed")
+                generator = torch.Generator().manual_seed(repeat + 1)
+                started = time.perf_counter()
+                for _ in range(steps):
                     step(generator)
+                times[kind].append((time.perf_counter() - started) / steps)
+                with profile() as profiler:
+                    for _ in range(20):
+                        step(generator)
             kernel = [event for event in profiler.key_averages() if event.key == "aten::_fused_adam_"]
             adam_kernel[kind].append(kernel[0].self_cpu_time_total / 20 / 1000 if kernel else float("nan"))
     for kind in times:

@@ -131,11 +131,17 @@ def other_settings(run: Path, args) -> str | None:
 
 def check_before_training(args, out: Path) -> None:
     """Refuse, before any training, what would mix studies or fail late: a run in --out or a record in --keep of
-    other settings (a finished run would be kept over the record), a run in --out or a record already past
-    --epochs, a run in --out of another length under a schedule whose rates depend on it, more --ais-points
-    than test points, and a --results file that does not exist."""
+    other settings or with reduced-precision products (a finished run would be kept over the record), a run in
+    --out or a record already past --epochs, a run in --out of another length under a schedule whose rates
+    depend on it, more --ais-points than test points, and a --results file that does not exist."""
     for name in args.runs:
         run, record = out / name, (args.keep / name if args.keep else None)
+        for held, place in ((run, "--out"), (record, "--keep")):
+            if held is None or not (held / pv.RunDirectory.CONFIG).exists():
+                continue
+            if (precision := training_settings(pv.RunDirectory(held).read_config())["matmul_precision"]) != "highest":
+                raise SystemExit(f"{held} was trained with --matmul-precision {precision}; the study trains in "
+                                 f"float32 (highest): give another {place}.")  # fmt: skip
         if pv.RunDirectory(run).holds_run():
             if other := other_settings(run, args):
                 raise SystemExit(f"{run} holds a run of {other}: give it {other}, or another --out for this study.")

@@ -171,9 +171,10 @@ def check_subset(run: Path, args, place: str = "--out") -> None:
 
 
 def check_settings(run: Path, args, place: str = "--out") -> None:
-    """Refuse a run (or a kept record) of another learning rate or schedule, warm start, alpha, output-bias start or
-    subset, or of another length under a schedule that depends on it, rather than mix it in (M1+M2's stacked M2
-    has no output-bias start). ``place`` is the flag that put it there (``--out``, or ``--keep`` for a record)."""
+    """Refuse a run (or a kept record) of another learning rate or schedule, warm start, alpha, output-bias start,
+    subset or matmul precision, or of another length under a schedule that depends on it, rather than mix it in
+    (M1+M2's stacked M2 has no output-bias start). ``place`` is the flag that put it there (``--out``, or
+    ``--keep`` for a record)."""
     train = training_settings(pv.RunDirectory(run).read_config())  # older runs' missing settings filled in
     check_subset(run, args, place)
     if args.model == "m2":
@@ -185,6 +186,9 @@ def check_settings(run: Path, args, place: str = "--out") -> None:
     if train["lr_schedule"] != args.lr_schedule:
         raise SystemExit(f"{run} was trained with --lr-schedule {train['lr_schedule']}, not {args.lr_schedule}; give "
                          f"that, or another {place}.")  # fmt: skip
+    if train["matmul_precision"] != "highest":
+        raise SystemExit(f"{run} was trained with --matmul-precision {train['matmul_precision']}; the study trains in "
+                         f"float32 (highest): give another {place}.")  # fmt: skip
     if conflict := length_conflict(train["lr_schedule"], train["epochs"], args.epochs):
         raise SystemExit(f"{run} {conflict}; give --epochs {train['epochs']}, or another {place}.")
     objective = completed_objective_config(train["objective"])

@@ -294,6 +294,15 @@ def build_parser() -> argparse.ArgumentParser:
         "the logit of each pixel's mean, as Burda et al.'s code), or where the random initialisation put it",
     )
     training.add_argument(
+        "--matmul-precision",
+        choices=MATMUL_PRECISIONS,
+        default="highest",
+        help="precision of the optimisation's float32 matrix products (validation and evaluation stay float32): "
+        "highest (float32), high (TensorFloat-32 where the hardware has it) or medium (bfloat16 inputs with float32 "
+        "sums where the hardware has them: AMX and AVX-512 BF16 CPUs; TensorFloat-32 on NVIDIA GPUs) "
+        "[default: highest; with --resume: the run's own]",
+    )
+    training.add_argument(
         "--device", type=_device, help="cpu, cuda, cuda:N or auto [default: cpu; with --resume: the run's own]"
     )
     training.add_argument(
@@ -301,14 +310,6 @@ def build_parser() -> argparse.ArgumentParser:
         choices=COMPILE_CHOICES,
         help="replay the training step compiled by TorchInductor (the same numbers, faster): on, off, or auto for "
         f"runs of at least {AUTO_COMPILE_STEPS} steps [default: auto; with --resume: the run's own]",
-    )
-    training.add_argument(
-        "--matmul-precision",
-        choices=MATMUL_PRECISIONS,
-        default="highest",
-        help="precision of the training's float32 matrix products (validation and evaluation keep float32): "
-        "highest (float32), high (TensorFloat-32 where the hardware has it) or medium (bfloat16 inputs, float32 "
-        "sums, where the hardware has them: faster on AMX CPUs and recent GPUs)",
     )
     training.add_argument(
         "--eval-samples",

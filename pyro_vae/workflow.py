@@ -15,7 +15,7 @@ from .data import Dataset, dataset_from_spec
 from .infer.objective import completed_objective_config
 from .models import Model, build_model
 from .runs import CheckpointError, Run, RunDirectory
-from .training.engine import as_dataset, fit
+from .training.engine import LEGACY_SETTINGS, as_dataset, fit
 
 
 def train_run(model: Model, data, run_dir: str | Path, **settings) -> Run | None:
@@ -43,8 +43,7 @@ def train_run(model: Model, data, run_dir: str | Path, **settings) -> Run | None
 def training_settings(config: dict) -> dict:
     """The keyword arguments of ``fit`` that a run's ``config.json`` recorded (older runs' layout included, with
     the values those runs had for settings added since)."""
-    # the random start, no schedule, float32 products
-    train = {"output_bias": "random", "lr_schedule": "constant", "matmul_precision": "highest", **config["train"]}
+    train = {**LEGACY_SETTINGS, **config["train"]}
     if "objective" not in train:  # written before objectives were pluggable
         if train.pop("semi_supervised", False):
             keys = ("num_labels", "label_seed", "aux_weight")

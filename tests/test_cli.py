@@ -39,9 +39,16 @@ def test_train_smoke_writes_a_readable_run_directory(tmp_path, capsys):
 
 def test_gaussian_likelihood_on_grayscale(tmp_path):
     args = ["train", *SMALL, "--binarize", "none", "--likelihood", "gaussian", "--sigma", "shared", "--epochs", "1"]
-    assert main([*args, "--arch", "conv", "--matmul-precision", "medium", "--out", str(tmp_path), "--name", "g"]) == 0
-    config = json.loads((tmp_path / "g" / "config.json").read_text())
-    assert config["model"]["likelihood"]["sigma"] == "shared" and config["train"]["matmul_precision"] == "medium"
+    assert main([*args, "--arch", "conv", "--out", str(tmp_path), "--name", "g"]) == 0
+    assert json.loads((tmp_path / "g" / "config.json").read_text())["model"]["likelihood"]["sigma"] == "shared"
+
+
+def test_a_run_of_medium_precision_products_records_it_and_resumes_with_it(tmp_path):
+    args = ["train", *SMALL, "--epochs", "1", "--matmul-precision", "medium", "--out", str(tmp_path), "--name", "m"]
+    assert main(args) == 0
+    assert main(["train", "--resume", str(tmp_path / "m"), "--epochs", "2", "--no-progress"]) == 0
+    run = pv.load_run(tmp_path / "m")
+    assert run.config["train"]["matmul_precision"] == "medium" and [row["epoch"] for row in run.history] == [0, 1, 2]
 
 
 @pytest.mark.parametrize(

@@ -150,3 +150,16 @@ def test_the_iwae_study_refuses_a_step_run_of_another_length_before_training(tmp
     ):
         study.check_before_training(args, tmp_path)
     study.check_before_training(argparse.Namespace(**{**vars(args), "epochs": 2}), tmp_path)  # its own length
+
+
+def test_the_iwae_study_refuses_a_kept_record_of_reduced_precision_products(tmp_path):
+    study = load_example("iwae_study.py")
+    (tmp_path / "kept" / "1-layer-vae").mkdir(parents=True)
+    config = {"data": {"name": "mnist"}, "train": {"objective": {"name": "iwae"}, "matmul_precision": "medium"}}
+    (tmp_path / "kept" / "1-layer-vae" / pv.RunDirectory.CONFIG).write_text(json.dumps(config))
+    args = argparse.Namespace(runs=["1-layer-vae"], keep=tmp_path / "kept", epochs=3, lr_schedule="constant",
+                              output_bias="data", batch_size=100, seed=0, subset=None, ais_points=0,
+                              results=None)  # fmt: skip
+    message = r"kept/1-layer-vae was trained with --matmul-precision medium; the study trains in float32 \(highest\)"
+    with pytest.raises(SystemExit, match=message + ": give another --keep"):
+        study.check_before_training(args, tmp_path / "out")

@@ -9,8 +9,9 @@ from conftest import small_vae, without_timings
 import pyro_vae as pv
 from pyro_vae.infer import build_objective
 from pyro_vae.runs import CheckpointError
+from pyro_vae.training import engine as engine_module
 from pyro_vae.training.engine import adam, check_same_training, take_step
-from pyro_vae.training.precision import float32_matmul_precision
+from pyro_vae.training.precision import float32_matmul_precision, per_backend_settings
 
 
 def medium_rounds_products() -> bool:
@@ -27,24 +28,38 @@ class PrecisionSeen:
 
     def __init__(self, objective):
         self.seen = {"start": set(), "loss": set(), "validate": set()}
+        self.calls = dict.fromkeys(self.seen, 0)
         for name in self.seen:
             setattr(objective, name, self._noting(name, getattr(objective, name)))
 
     def _noting(self, name, method):
         def noted(*args, **kwargs):
             self.seen[name].add(torch.get_float32_matmul_precision())
+            self.calls[name] += 1
             return method(*args, **kwargs)
 
         return noted
 
 
-def test_the_precision_holds_for_the_optimisation_and_not_for_validation(small_mnist):
+def test_the_precision_holds_for_the_optimisation_and_not_for_validation_or_evaluation(small_mnist, tmp_path,
+                                                                                       monkeypatch):  # fmt: skip
+    """The start and every step at fit's precision; every epoch's validation, the test metrics and the test log
+    p(x) at the caller's ("high" here, so that neither fit's default nor its setting could pass for it)."""
     objective = build_objective("trace")
     noted = PrecisionSeen(objective)
+    evaluations = []
+    log_px = engine_module.log_marginal_likelihood
+    monkeypatch.setattr(engine_module, "log_marginal_likelihood",
+                        lambda *args, **kwargs: (evaluations.append(torch.get_float32_matmul_precision()),
+                                                 log_px(*args, **kwargs))[1])  # fmt: skip
     few = small_mnist.subset(train=256, val=64, test=64)
-    pv.fit(small_vae(), few, objective=objective, epochs=2, compile=False, progress=False, matmul_precision="medium")
-    assert noted.seen == {"start": {"medium"}, "loss": {"medium"}, "validate": {"highest"}}
-    assert torch.get_float32_matmul_precision() == "highest"
+    with float32_matmul_precision("high"):
+        pv.fit(small_vae(), few, objective=objective, epochs=2, compile=False, progress=False, run_dir=tmp_path / "r",
+               eval_samples=4, matmul_precision="medium")  # fmt: skip
+        assert torch.get_float32_matmul_precision() == "high"
+    assert noted.seen == {"start": {"medium"}, "loss": {"medium"}, "validate": {"high"}}
+    assert noted.calls["validate"] == 5  # the metric's check, epochs 0 to 2, the test split
+    assert evaluations == ["high"]
 
 
 def test_the_callers_precision_is_restored_when_training_fails(small_mnist):
@@ -58,14 +73,30 @@ def test_the_callers_precision_is_restored_when_training_fails(small_mnist):
         return loss(*args, **kwargs)
 
     failing.calls, objective.loss = 0, failing
-    with float32_matmul_precision("high"), pytest.raises(RuntimeError, match="inside the third step"):
-        pv.fit(small_vae(), small_mnist, objective=objective, epochs=1, compile=False, progress=False,
-               matmul_precision="medium")  # fmt: skip
-    assert torch.get_float32_matmul_precision() == "highest"  # the block's caller's
-    with float32_matmul_precision("high"):
-        with pytest.raises(RuntimeError):
-            pv.fit(small_vae(), small_mnist, objective=objective, epochs=1, compile=False, progress=False)
-        assert torch.get_float32_matmul_precision() == "high"  # fit's caller's, after fit's "highest"
+    for precision in ("medium", "highest"):  # fit's setting, and its default
+        failing.calls = 0
+        with float32_matmul_precision("high"):
+            with pytest.raises(RuntimeError, match="inside the third step"):
+                pv.fit(small_vae(), small_mnist, objective=objective, epochs=1, compile=False, progress=False,
+                       matmul_precision=precision)  # fmt: skip
+            assert torch.get_float32_matmul_precision() == "high"
+
+
+@pytest.mark.skipif(not per_backend_settings(), reason="this torch keeps no per-backend matmul settings")
+def test_a_caller_who_set_the_backends_apart_trains_and_gets_them_back(small_mnist):
+    """torch refuses to read one precision back after the backends were set apart; fit neither needs it nor
+    loses the caller's settings."""
+    backends = per_backend_settings()
+    callers = [backend.fp32_precision for backend in backends]
+    try:
+        backends[0].fp32_precision = "bf16" if backends[0] is torch.backends.mkldnn.matmul else "tf32"
+        set_apart = [backend.fp32_precision for backend in backends]
+        few = small_mnist.subset(train=128, val=32, test=32)
+        pv.fit(small_vae(), few, epochs=1, compile=False, progress=False, matmul_precision="medium")
+        assert [backend.fp32_precision for backend in backends] == set_apart
+    finally:
+        for backend, setting in zip(backends, callers, strict=True):
+            backend.fp32_precision = setting
 
 
 def test_an_unknown_precision_is_refused_before_any_work(small_mnist, tmp_path):
@@ -74,7 +105,7 @@ def test_an_unknown_precision_is_refused_before_any_work(small_mnist, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_a_run_records_its_precision_and_resumes_only_with_it_bit_for_bit(small_mnist, tmp_path):
+def test_a_run_records_its_precision_and_resumes_only_with_it_bit_for_bit(small_mnist, tmp_path, monkeypatch):
     few = small_mnist.subset(train=512, val=64, test=64)
     settings = dict(batch_size=64, compile=True, progress=False, matmul_precision="medium")
     torch.manual_seed(0)
@@ -84,16 +115,23 @@ def test_a_run_records_its_precision_and_resumes_only_with_it_bit_for_bit(small_
     assert json.loads((tmp_path / "parts" / "config.json").read_text())["train"]["matmul_precision"] == "medium"
     with pytest.raises(CheckpointError, match="matmul_precision 'medium' -> 'highest'"):
         pv.resume_run(tmp_path / "parts", epochs=2, progress=False, matmul_precision="highest")
+    steps = []
+    take_step = engine_module.take_step
+    monkeypatch.setattr(engine_module, "take_step",
+                        lambda *args, **kwargs: (steps.append(torch.get_float32_matmul_precision()),
+                                                 take_step(*args, **kwargs))[1])  # fmt: skip
     resumed = pv.resume_run(tmp_path / "parts", epochs=2, progress=False)  # the run's own precision
-    assert without_timings(resumed.history) == without_timings(whole)
+    assert set(steps) == {"medium"} and len(steps) == 8  # epoch 2's 512 / 64 steps
+    assert json.loads((tmp_path / "parts" / "config.json").read_text())["train"]["matmul_precision"] == "medium"
+    assert without_timings(resumed.history) == without_timings(whole)  # bit for bit (where "medium" rounds)
 
 
 def test_runs_from_before_the_setting_resume_only_in_float32(tmp_path):
     """Their checkpoints' configs lack the key; every one of them multiplied in float32."""
-    run = pv.RunDirectory(tmp_path / "old")
-    check_same_training(run, {"lr": 1e-3}, {"lr": 1e-3, "matmul_precision": "highest"})
+    run, saved = pv.RunDirectory(tmp_path / "old"), {"lr": 1e-3, "lr_schedule": "constant"}
+    check_same_training(run, saved, {**saved, "matmul_precision": "highest"})
     with pytest.raises(CheckpointError, match="matmul_precision 'highest' -> 'medium'"):
-        check_same_training(run, {"lr": 1e-3}, {"lr": 1e-3, "matmul_precision": "medium"})
+        check_same_training(run, saved, {**saved, "matmul_precision": "medium"})
 
 
 @pytest.mark.skipif(not medium_rounds_products(), reason="this CPU multiplies in float32 at every precision")

@@ -184,3 +184,21 @@ def test_a_ctrl_c_saves_the_semi_supervised_study_runs_in_progress_and_starts_no
         assert 0 <= pv.RunDirectory(run).load_checkpoint("last")["epoch"] < 150
     assert not any(run.exists() for run in runs[jobs:])
     assert "Traceback" not in err, err[-2000:]
+
+
+def test_the_semi_supervised_study_refuses_a_run_of_reduced_precision_products(tmp_path):
+    """A run trained with --matmul-precision medium is not mixed into the study's float32 table."""
+    study = load_example("semi_supervised_study.py")
+    args = argparse.Namespace(aux_weight=None, subset=None, model="m2", lr=3e-3, classifier_steps=1000)
+    args.output_bias, args.lr_schedule, args.epochs = "data", "step", 200
+    objective = {"name": "semi-supervised", "num_labels": 100, "label_seed": 0, "aux_weight": 46.0}
+    objective["classifier_steps"] = 1000
+    train = {"lr": 3e-3, "output_bias": "data", "objective": objective, "epochs": 200, "lr_schedule": "step"}
+    for precision in ("highest", "medium"):
+        config = {"data": {"name": "mnist"}, "train": {**train, "matmul_precision": precision}}
+        (tmp_path / pv.RunDirectory.CONFIG).write_text(json.dumps(config))
+        if precision == "highest":
+            study.check_settings(tmp_path, args)
+            continue
+        with pytest.raises(SystemExit, match="--matmul-precision medium; the study trains in float32.*another --keep"):
+            study.check_settings(tmp_path, args, "--keep")

@@ -447,13 +447,22 @@ def test_flushing_adams_subnormal_moments_zeroes_them_and_moves_no_parameter():
 
 
 def test_fit_flushes_adams_subnormal_moments_at_the_start_of_every_fresh_epoch(small_mnist, tmp_path, monkeypatch):
-    """Once before each epoch's first step. A run resumed part-way through an epoch does not flush again there,
-    as the run that never stopped did not: tests/test_interrupts.py compares the two, Adam's state included."""
+    """Once before each epoch's first step; a run stopped part-way through epoch 2 and resumed flushes at the
+    starts of epochs 1, 2 and 3 alone, as the run that never stopped does, so that resume stays exact."""
     few = small_mnist.subset(train=256, val=64, test=64)
-    flushes = []
+    flushed_at = []
     flush = engine_module.flush_subnormal_moments
-    monkeypatch.setattr(
-        engine_module, "flush_subnormal_moments", lambda optimizer: (flushes.append(1), flush(optimizer))
-    )
+    monkeypatch.setattr(engine_module, "flush_subnormal_moments",
+                        lambda optimizer: (flushed_at.append(len(optimizer.state)), flush(optimizer)))  # fmt: skip
     pv.fit(small_vae(), few, epochs=3, batch_size=64, compile=False, progress=False)
-    assert len(flushes) == 3
+    assert flushed_at == [0, 8, 8]  # Adam's state is empty before the first step: nothing to flush
+    flushed_at.clear()
+    steps = iter(range(10**6))
+    stop_in_epoch_two = lambda engine, interrupt: engine.history[-1]["epoch"] == 1 and next(steps) == 1  # noqa: E731
+    with monkeypatch.context() as patch:
+        patch.setattr(engine_module._Engine, "_interrupted", stop_in_epoch_two)
+        with pytest.raises(pv.TrainingInterrupted, match="at epoch 2, step 1 of 4"):
+            pv.fit(small_vae(), few, epochs=3, batch_size=64, compile=False, progress=False, run_dir=tmp_path / "r")
+    pv.fit(small_vae(), few, epochs=3, batch_size=64, compile=False, progress=False, run_dir=tmp_path / "r",
+           resume=True)  # fmt: skip
+    assert len(flushed_at) == 3

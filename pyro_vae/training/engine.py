@@ -126,11 +126,15 @@ def flush_subnormal_moments(optimizer: torch.optim.Optimizer) -> None:
     such a state runs several times slower. Zeroing them is what flush-to-zero
     arithmetic does, for the optimiser's state alone.
 
-    It moves no parameter: Adam's update lr m_hat / (sqrt(v_hat) + eps)
-    changes by at most lr 2^-126 / ((1 - beta1) eps), below 2^-96 for lr <= 1
-    and eps = 1e-8, which rounds away in every parameter larger than 2^-72 in
-    magnitude; a v below 2^-126 changes the denominator by less than
-    2^-63 / eps, below float32's rounding.
+    Adam's update is lr m_hat / (sqrt(v_hat) + eps), with m_hat = m / (1 - beta1^t)
+    and v_hat = v / (1 - beta2^t). Zeroing an m below 2^-126 changes it by at
+    most lr 2^-126 / ((1 - beta1) eps), below 2^-96 for lr <= 1 and eps = 1e-8;
+    zeroing a v below 2^-126 changes sqrt(v_hat) by at most 2^-63 / sqrt(1 - beta2),
+    below 2^-58, against eps = 1e-8: a relative change of the denominator below
+    2^-31, under float32's rounding. So a parameter whose gradient is zero (the
+    dead unit's, whose update is itself below 2^-96) does not move, and any
+    other parameter above 2^-72 in magnitude moves by at most one unit in the
+    last place, where the update lands on a rounding tie.
     """
     for state in optimizer.state.values():
         for name in ADAM_MOMENTS:
@@ -254,6 +258,9 @@ OUTPUT_BIAS_STARTS = ("data", "random")
 #: The largest seed: numpy's seeds are 0 to 2^32 - 1, and pyro.set_rng_seed sets numpy's too.
 MAX_SEED = 2**32 - 1
 
+#: The values of settings added to ``fit`` after runs were written without them: what those runs did (the
+#: random start of the output bias, no learning-rate schedule, float32 products).
+LEGACY_SETTINGS = {"output_bias": "random", "lr_schedule": "constant", "matmul_precision": "highest"}
 #: Training settings that a resumed run must share with the run it continues.
 RESUMED_SETTINGS = (
     "batch_size", "lr", "lr_schedule", "objective", "warmup_epochs", "beta", "seed", "matmul_precision",
@@ -262,8 +269,7 @@ RESUMED_SETTINGS = (
 
 def check_same_training(run: RunDirectory, saved: dict, current: dict) -> None:
     """Refuse to resume a run with other training settings than its own (the epoch target may change)."""
-    saved, current = dict(saved), dict(current)
-    saved.setdefault("matmul_precision", "highest")  # every run before the setting multiplied in float32
+    saved, current = {**LEGACY_SETTINGS, **saved}, dict(current)
     for settings in (saved, current):
         if isinstance(settings.get("objective"), dict):
             settings["objective"] = completed_objective_config(settings["objective"])
@@ -339,7 +345,8 @@ def fit(
         one of :data:`~pyro_vae.training.precision.MATMUL_PRECISIONS`: ``"highest"``
         (float32), ``"high"`` (TensorFloat-32 where the hardware has it) or ``"medium"``
         (bfloat16 inputs, float32 sums, where the hardware has them); used for the
-        objective's start and every step, not for validation or evaluation
+        objective's start and every step, whatever the caller set, and not for
+        validation or evaluation, which keep the caller's setting
         (:mod:`pyro_vae.training.precision`). A run resumes only with its own.
     """
     objective = as_objective(objective, model)

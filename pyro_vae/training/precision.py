@@ -32,12 +32,34 @@ import torch
 MATMUL_PRECISIONS = ("highest", "high", "medium")
 
 
+def per_backend_settings() -> list:
+    """The backends' own float32 matmul settings that :func:`torch.set_float32_matmul_precision` writes
+    (``torch.backends.mkldnn.matmul`` and ``torch.backends.cuda.matmul``, each with ``fp32_precision``), where
+    this torch has them (2.9 and later); an empty list before."""
+    backends = (getattr(torch.backends.mkldnn, "matmul", None), getattr(torch.backends.cuda, "matmul", None))
+    return [backend for backend in backends if hasattr(backend, "fp32_precision")]
+
+
 @contextlib.contextmanager
 def float32_matmul_precision(precision: str) -> Iterator[None]:
-    """Run the block with torch's float32 matmul precision set to ``precision``; the caller's after it."""
-    caller = torch.get_float32_matmul_precision()
+    """Run the block with torch's float32 matmul precision set to ``precision``; the caller's settings after it.
+
+    Both of torch's records are restored: the one precision of :func:`torch.get_float32_matmul_precision`,
+    and each backend's own setting where torch has them. A caller who set the backends apart
+    (``torch.backends.mkldnn.matmul.fp32_precision = "bf16"``, say) has no one precision to read back (torch
+    raises), and gets the backends' settings back as they were.
+    """
+    backends = per_backend_settings()
+    settings = [backend.fp32_precision for backend in backends]
+    try:
+        callers = torch.get_float32_matmul_precision()
+    except RuntimeError:  # the backends were set apart
+        callers = None
     torch.set_float32_matmul_precision(precision)
     try:
         yield
     finally:
-        torch.set_float32_matmul_precision(caller)
+        if callers is not None:
+            torch.set_float32_matmul_precision(callers)
+        for backend, setting in zip(backends, settings, strict=True):
+            backend.fp32_precision = setting
