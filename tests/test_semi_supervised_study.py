@@ -66,23 +66,29 @@ def test_the_semi_supervised_study_takes_the_library_s_alpha_for_each_label_coun
     study.check_settings(tmp_path, args)  # the new default's: it goes ahead
 
 
-def test_the_semi_supervised_study_refuses_a_run_of_another_schedule_or_of_another_length_under_step(tmp_path):
-    """The step schedule's rates depend on the run's epochs: a 100-epoch run is not the start of a 200-epoch one."""
+def test_the_semi_supervised_study_refuses_a_run_of_another_schedule_length_under_step_or_precision(tmp_path):
+    """The step schedule's rates depend on the run's epochs: a 100-epoch run is not the start of a 200-epoch one.
+    A run of reduced-precision products (--matmul-precision medium) is not mixed into the float32 table."""
     study = load_example("semi_supervised_study.py")
     args = argparse.Namespace(aux_weight=None, subset=None, model="m2", lr=3e-3, classifier_steps=1000)
     args.output_bias, args.lr_schedule, args.epochs = "data", "step", 200
     objective = {"name": "semi-supervised", "num_labels": 100, "label_seed": 0, "aux_weight": 46.0}
     objective["classifier_steps"] = 1000
     train = {"lr": 3e-3, "output_bias": "data", "objective": objective, "epochs": 200}
-    for schedule, epochs, message in [
-        (None, 200, "trained with --lr-schedule constant, not step"),  # a run written before the option
-        ("constant", 200, "trained with --lr-schedule constant, not step"),
-        ("step", 100, "follows the step learning-rate schedule over 100 epochs.*give --epochs 100, or another --out"),
-    ]:
-        config = {"data": {"name": "mnist"}, "train": {**train, "epochs": epochs}}
-        if schedule:
-            config["train"]["lr_schedule"] = schedule
+    for settings, message in [
+        ({}, "trained with --lr-schedule constant, not step"),  # a run written before the option
+        ({"lr_schedule": "constant"}, "trained with --lr-schedule constant, not step"),
+        ({"lr_schedule": "step", "epochs": 100},
+         "follows the step learning-rate schedule over 100 epochs.*give --epochs 100, or another --out"),
+        ({"lr_schedule": "step", "matmul_precision": "medium"},
+         "trained with --matmul-precision medium; the study trains in float32 \\(highest\\): give another --out"),
+        ({"lr_schedule": "step", "matmul_precision": "highest"}, None),  # the study's own
+    ]:  # fmt: skip
+        config = {"data": {"name": "mnist"}, "train": {**train, **settings}}
         (tmp_path / pv.RunDirectory.CONFIG).write_text(json.dumps(config))
+        if message is None:
+            study.check_settings(tmp_path, args)
+            continue
         with pytest.raises(SystemExit, match=message):
             study.check_settings(tmp_path, args)
 
@@ -184,21 +190,3 @@ def test_a_ctrl_c_saves_the_semi_supervised_study_runs_in_progress_and_starts_no
         assert 0 <= pv.RunDirectory(run).load_checkpoint("last")["epoch"] < 150
     assert not any(run.exists() for run in runs[jobs:])
     assert "Traceback" not in err, err[-2000:]
-
-
-def test_the_semi_supervised_study_refuses_a_run_of_reduced_precision_products(tmp_path):
-    """A run trained with --matmul-precision medium is not mixed into the study's float32 table."""
-    study = load_example("semi_supervised_study.py")
-    args = argparse.Namespace(aux_weight=None, subset=None, model="m2", lr=3e-3, classifier_steps=1000)
-    args.output_bias, args.lr_schedule, args.epochs = "data", "step", 200
-    objective = {"name": "semi-supervised", "num_labels": 100, "label_seed": 0, "aux_weight": 46.0}
-    objective["classifier_steps"] = 1000
-    train = {"lr": 3e-3, "output_bias": "data", "objective": objective, "epochs": 200, "lr_schedule": "step"}
-    for precision in ("highest", "medium"):
-        config = {"data": {"name": "mnist"}, "train": {**train, "matmul_precision": precision}}
-        (tmp_path / pv.RunDirectory.CONFIG).write_text(json.dumps(config))
-        if precision == "highest":
-            study.check_settings(tmp_path, args)
-            continue
-        with pytest.raises(SystemExit, match="--matmul-precision medium; the study trains in float32.*another --keep"):
-            study.check_settings(tmp_path, args, "--keep")
