@@ -269,7 +269,7 @@ RESUMED_SETTINGS = (
 
 def check_same_training(run: RunDirectory, saved: dict, current: dict) -> None:
     """Refuse to resume a run with other training settings than its own (the epoch target may change)."""
-    saved, current = {**LEGACY_SETTINGS, **saved}, dict(current)
+    saved, current = {**LEGACY_SETTINGS, **saved}, {**LEGACY_SETTINGS, **current}
     for settings in (saved, current):
         if isinstance(settings.get("objective"), dict):
             settings["objective"] = completed_objective_config(settings["objective"])
