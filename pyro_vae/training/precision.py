@@ -13,9 +13,9 @@ bits, and float32 accumulation, where the hardware does that faster: PyTorch's
 
 Parameters, gradients, densities and Adam's state stay float32: only the
 products' inputs are rounded, by up to 2^-8 relatively at ``"medium"``: a
-milder form of the trade that mixed-precision training makes (Micikevicius et al. 2018,
-*Mixed Precision Training*; Kalamkar et al. 2019, *A Study of BFLOAT16 for
-Deep Learning Training*). :func:`~pyro_vae.training.engine.fit` uses the
+milder form of the trade that mixed-precision training makes (Micikevicius
+et al. 2018, *Mixed Precision Training*; Kalamkar et al. 2019, *A Study of
+BFLOAT16 for Deep Learning Training*). :func:`~pyro_vae.training.engine.fit` uses the
 precision for the optimisation alone, the objective's start and every
 epoch's steps, and the caller's setting for validation and evaluation, so
 that a log p(x) or a certificate is computed as it always is.
@@ -35,7 +35,7 @@ MATMUL_PRECISIONS = ("highest", "high", "medium")
 def per_backend_settings() -> list:
     """The backends' own float32 matmul settings that :func:`torch.set_float32_matmul_precision` writes
     (``torch.backends.mkldnn.matmul`` and ``torch.backends.cuda.matmul``, each with ``fp32_precision``), where
-    this torch has them (2.9 and later); an empty list before."""
+    this torch has them (recent releases); an empty list before."""
     backends = (getattr(torch.backends.mkldnn, "matmul", None), getattr(torch.backends.cuda, "matmul", None))
     return [backend for backend in backends if hasattr(backend, "fp32_precision")]
 
