@@ -127,7 +127,9 @@ def check_finite_and_nonempty(x: torch.Tensor, what: str = "data") -> None:
         raise DataError(f"The {what} is empty (shape {tuple(x.shape)}): give at least one data point.")
     if not torch.is_floating_point(x):
         raise DataError(f"The {what} has dtype {x.dtype}; convert it to a floating-point tensor.")
-    bad = ~torch.isfinite(x)
+    if torch.isfinite(x.sum()):  # one NaN or infinity makes the sum NaN or infinite, whatever the order
+        return
+    bad = ~torch.isfinite(x)  # the sum overflowed, or some value is not finite
     if bad.any():
         nan, inf = int(torch.isnan(x).sum()), int(torch.isinf(x).sum())
         first = int(bad.reshape(x.shape[0], -1).any(-1).nonzero()[0])
@@ -196,7 +198,7 @@ def _embedded_mnist() -> tuple[Split, Split]:
     def split(prefix: str) -> Split:
         images = torch.from_numpy(arrays[f"{prefix}-images-idx3-ubyte.gz"].copy())
         labels = torch.from_numpy(arrays[f"{prefix}-labels-idx1-ubyte.gz"].astype(np.int64))
-        return Split(images.unsqueeze(1).float() / 255.0, labels)
+        return Split(images.unsqueeze(1).float().div_(255.0), labels)
 
     return split("train"), split("t10k")
 
@@ -216,7 +218,7 @@ def _torchvision(name: str, data_dir: str | None, download: bool) -> tuple[Split
                 f"{name} was not found under {data_dir} ({err}). Pass download=True (--download) to fetch it, "
                 "which needs a network."
             ) from err
-        splits.append(Split(ds.data.unsqueeze(1).float() / 255.0, ds.targets.long()))
+        splits.append(Split(ds.data.unsqueeze(1).float().div_(255.0), ds.targets.long()))
     return splits[0], splits[1]
 
 
@@ -230,7 +232,7 @@ def _as_float(array) -> torch.Tensor:
             f"Data of dtype {array.dtype} cannot be modelled; give numbers (uint8 pixels, integers or floats)."
         )
     x = torch.from_numpy(np.ascontiguousarray(array))
-    return x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+    return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
 
 
 def _from_file(path: Path) -> tuple[Split, Split | None]:

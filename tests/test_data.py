@@ -147,6 +147,19 @@ def test_nan_and_inf_are_refused():
         pv.make_dataset(torch.full((10, 4), float("nan")))
 
 
+def test_finite_values_whose_sum_overflows_are_accepted_and_opposite_infinities_refused():
+    """The check sums first (a NaN or an infinity makes the sum non-finite) and looks value by value only when
+    the sum is not finite: large finite values whose sum overflows pass, inf and -inf (a NaN sum) do not."""
+    vae = pv.VAE((4,), 2, likelihood=pv.likelihoods.Gaussian(), hidden=(8,))
+    huge = torch.full((10, 4), 3e38)
+    assert not torch.isfinite(huge.sum())
+    vae.check_data(huge)
+    x = torch.zeros(5, 4)
+    x[1, 0], x[2, 2] = float("inf"), -float("inf")
+    with pytest.raises(pv.DataError, match=r"0 NaN and 2 infinite values \(the first in data point 1\)"):
+        vae.check_data(x)
+
+
 def test_wrong_shape_is_refused():
     vae = pv.VAE((1, 28, 28), 2, hidden=(8,))
     with pytest.raises(pv.DataError, match=r"expects \(1, 28, 28\)"):
