@@ -24,9 +24,18 @@ from .components.likelihoods import LIKELIHOODS, Gaussian, build_likelihood
 from .components.nets import ACTIVATIONS, ARCHITECTURES
 from .components.priors import PRIORS, build_prior
 from .data import BINARIZE_MODES, DATASET_NAMES, TORCHVISION_DATASETS, DataError, Dataset, load_dataset
-from .evaluate import METHODS, EvaluationInterrupted, compare_runs, comparison_csv, comparison_markdown, evaluate_run
+from .evaluate import (
+    DEFAULT_BDMC_POINTS,
+    DEFAULT_EVALUATION_BATCH,
+    METHODS,
+    EvaluationInterrupted,
+    compare_runs,
+    comparison_csv,
+    comparison_markdown,
+    evaluate_run,
+)
 from .infer.ais import DEFAULT_CHAINS, DEFAULT_LEAPFROG_STEPS, DEFAULT_SCHEDULE, DEFAULT_STEPS, SCHEDULES
-from .infer.importance import PARETO_THRESHOLD, pareto_k_assessable
+from .infer.importance import DEFAULT_NUM_SAMPLES, PARETO_THRESHOLD, pareto_k_assessable
 from .infer.path_derivatives import GRADIENTS
 from .models import SSVAE, VAE, HierarchicalVAE, LatentFeatures, StackedSSVAE
 from .models.ssvae import CLASS_PRIORS
@@ -388,21 +397,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("run", help="the run directory")
     evaluate.add_argument("--method", choices=METHODS, default="is", help="how to estimate log p(x)")
-    evaluate.add_argument("--samples", type=positive_int, default=5000, help="K, importance samples per test point")
+    evaluate.add_argument(
+        "--samples", type=positive_int, default=DEFAULT_NUM_SAMPLES, help="K, importance samples per test point"
+    )
     evaluate.add_argument("--steps", type=positive_int, default=DEFAULT_STEPS, help="AIS: intermediate distributions")
     evaluate.add_argument("--chains", type=positive_int, default=DEFAULT_CHAINS, help="AIS: chains per point")
     evaluate.add_argument(
         "--leapfrog", type=positive_int, default=DEFAULT_LEAPFROG_STEPS, help="AIS: leapfrog steps per HMC transition"
     )
     evaluate.add_argument("--schedule", choices=SCHEDULES, default=DEFAULT_SCHEDULE, help="AIS: spacing of the path")
-    evaluate.add_argument("--points", type=positive_int, default=1000, help="BDMC: points simulated from the model")
+    evaluate.add_argument(
+        "--points", type=positive_int, default=DEFAULT_BDMC_POINTS, help="BDMC: points simulated from the model"
+    )
     evaluate.add_argument(
         "--test-points", type=positive_int, metavar="N", help="evaluate the first N test points only [default: all]"
     )
     evaluate.add_argument(
         "--batch-size",
         type=positive_int,
-        default=100,
+        default=DEFAULT_EVALUATION_BATCH,
         help="test points per batch, each saved as it finishes (AIS of M2 and M1+M2 anneals this many rows at once, "
         "a row a point with one of its labels)",
     )

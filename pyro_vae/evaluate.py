@@ -60,7 +60,7 @@ from .infer.ais import (
     ais_summary,
 )
 from .infer.densities import evaluating, standard_error
-from .infer.importance import untrusted
+from .infer.importance import DEFAULT_NUM_SAMPLES, untrusted
 from .models import Model, SemiSupervisedModel
 from .models.base import ACTIVE_UNIT_THRESHOLD
 from .runs import RunDirectory, load_run
@@ -68,6 +68,9 @@ from .training.engine import resolve_device
 from .training.parallel import parameter_digest, state_digest
 
 METHODS = ("is", "ais", "auto", "bdmc")
+#: Test points per batch of an evaluation (each batch saved as it finishes), and BDMC's points simulated
+#: from the model, unless told otherwise.
+DEFAULT_EVALUATION_BATCH, DEFAULT_BDMC_POINTS = 100, 1000
 #: The per-point results an AIS evaluation saves (attributes of ``AISEstimate``).
 AIS_COLUMNS = ("log_px", "chain_std", "acceptance", "step_size")
 
@@ -143,7 +146,7 @@ def evaluate_command(run_dir: str | Path, name: str | None = None) -> str:
     ``test_log_px.npy``'s) again, with the settings and seed it was made with."""
     metrics = RunDirectory(run_dir).read_metrics()
     if name is None:
-        name = f"is-K{metrics.get('test_num_samples', 5000)}"
+        name = f"is-K{metrics.get('test_num_samples', DEFAULT_NUM_SAMPLES)}"
         seed = metrics.get("log_px_seed", 0)
     else:
         seed = metrics.get("evaluations", {}).get(name, {}).get("seed", 0)
@@ -184,13 +187,13 @@ def evaluate_run(
     run_dir: str | Path,
     *,
     method: str = "is",
-    num_samples: int = 5000,
-    batch_size: int = 100,
+    num_samples: int = DEFAULT_NUM_SAMPLES,
+    batch_size: int = DEFAULT_EVALUATION_BATCH,
     num_steps: int = DEFAULT_STEPS,
     num_chains: int = DEFAULT_CHAINS,
     leapfrog_steps: int = DEFAULT_LEAPFROG_STEPS,
     schedule: str = DEFAULT_SCHEDULE,
-    num_points: int = 1000,
+    num_points: int = DEFAULT_BDMC_POINTS,
     test_points: int | None = None,
     seed: int = 0,
     device: str | torch.device = "cpu",

@@ -34,6 +34,8 @@ from .densities import (
 #: Above this Pareto-k an importance-sampled estimate cannot be trusted (Vehtari et al., *Pareto Smoothed
 #: Importance Sampling*).
 PARETO_THRESHOLD = 0.7
+#: K, the importance samples per data point unless told otherwise: the literature's standard since Burda et al.
+DEFAULT_NUM_SAMPLES = 5000
 #: The fewest weights in a Pareto tail that the fit takes (as in Pyro's psis_diagnostic).
 MIN_TAIL = 10
 
@@ -243,7 +245,7 @@ def log_marginal_likelihood(
     guide,
     x: torch.Tensor,
     *args,
-    num_samples: int = 5000,
+    num_samples: int = DEFAULT_NUM_SAMPLES,
     batch_size: int = 100,
     max_samples_per_pass: int = 4096,
     max_plate_nesting: int | None = None,
@@ -270,7 +272,7 @@ def log_marginal_likelihood(
     (:mod:`pyro_vae.accel.bernoulli`), and the passes over full batches are
     recorded once and replayed compiled (:mod:`pyro_vae.accel.replay`).
 
-    :param num_samples: K, importance samples per data point (5000 is the literature's standard).
+    :param num_samples: K, importance samples per data point (:data:`DEFAULT_NUM_SAMPLES`).
     :param batch_size: data points per batch.
     :param seed: makes the estimate deterministic (the caller's RNG state is left untouched); None uses the global RNG.
     :param replay: record the pass over a full batch and chunk of particles and replay it compiled. None

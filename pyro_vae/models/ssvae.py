@@ -283,7 +283,7 @@ class SSVAE(SemiSupervisedModel):
 
     def observe(self, z, y_onehot, n, device, x):
         """x ~ p(x | y, z)."""
-        return pyro.sample("x", self.likelihood(self.decoder(concat_broadcast(z, y_onehot))), obs=x)
+        return pyro.sample("x", self.decode(z, y_onehot), obs=x)
 
     def guide_features(self, x: torch.Tensor) -> torch.Tensor:
         return x
