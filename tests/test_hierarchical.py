@@ -130,7 +130,8 @@ def test_the_elbo_matches_its_closed_form(linear_two_layer):
     estimate, se = log_weights.mean(0), log_weights.std(0) / math.sqrt(log_weights.shape[0])
     exact = closed_form_elbo(model, x)
     assert ((estimate - exact).abs() < 4 * se).all(), (estimate - exact) / se
-    # and Pyro's own Trace_ELBO on the same programs estimates the same sum
+    # and Pyro's own Trace_ELBO on the same programs estimates the same sum: with 20,000 particles its standard
+    # error is sqrt(10) times that of 200,000, and the bound is 4 of them
     loss = Trace_ELBO(num_particles=20_000, vectorize_particles=True, max_plate_nesting=1).loss(
         model.model, model.guide, x
     )

@@ -87,6 +87,7 @@ def test_a_replay_draws_the_eager_samples_and_gives_the_eager_numbers(program):
     # VAE's |log w| ~ 550), into a relative error of twice that; 4 ulps leave room.
     ulps = 4 * torch.finfo(torch.float32).eps * float(eager.log_px.abs().max())
     torch.testing.assert_close(replayed.ess, eager.ess, rtol=max(ulps, 1e-5), atol=0)
+    # k is fitted to the largest weights, which move with them by rounding: measured at most 8e-5 apart.
     torch.testing.assert_close(replayed.pareto_k, eager.pareto_k, rtol=0, atol=1e-3)
 
 
