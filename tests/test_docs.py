@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import small_vae
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
@@ -62,4 +63,8 @@ def test_the_snippets_driving_a_vae_with_pyros_own_tools_run_as_printed(page, sm
     blocks = [block for block in python_blocks(DOCS.parent / page) if "from pyro.infer import" in block]
     assert blocks, f"{page} has no snippet with Pyro's own tools"
     for block in blocks:
-        exec(block, {"vae": small_vae(), "data": small_mnist})  # noqa: S102 (the page's own code)
+        vae = small_vae()
+        before = [parameter.detach().clone() for parameter in vae.parameters()]
+        exec(block, {"vae": vae, "data": small_mnist})  # noqa: S102 (the page's own code)
+        # SVI's step trained the library's own modules: pyro.module put each of their parameters in Pyro's store
+        assert all(not torch.equal(old, new) for old, new in zip(before, vae.parameters(), strict=True))
