@@ -44,7 +44,12 @@ everywhere), as the objectives were before they left them out: the float32
 subnormals of those terms slow the backward products. ``--m2-run RUN``
 times the M2 step from a run's last checkpoint instead of a fresh model (its
 label count from the run's config): a trained q(y | x) is confident, and
-its negligible values of y are what the cut-off drops.
+its negligible values of y are what the cut-off drops. **Its products
+alone**: every matrix product of one eager step (``aten::mm``, ``addmm``,
+``bmm``, ``baddbmm``, forwards and backwards, recorded by a
+``TorchDispatchMode`` with their very operands: shapes, layouts and values),
+run again back to back, the median of 20; no step that computes its
+gradient with these products can take less.
 
 **Profile** (``--profile N``): the time of a steady-state step of ``pv.fit``
 at the first batch size (the second of two epochs of N steps), and
@@ -71,6 +76,7 @@ from unittest import mock
 import pyro
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import pyro_vae as pv
 from pyro_vae.cli import positive_int
@@ -168,9 +174,42 @@ def every_term_kept():
         yield
 
 
-def time_steps(model, objective_config, data, batch_size: int, steps: int) -> tuple[float, float, float, float]:
+#: The matrix products of a step, as ATen runs them.
+PRODUCTS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+            torch.ops.aten.baddbmm.default}  # fmt: skip
+
+
+class RecordProducts(TorchDispatchMode):
+    """Keeps every matrix product that runs under it, forwards and backwards, with its very operands."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in PRODUCTS:
+            self.calls.append((func, args, kwargs))
+        return func(*args, **kwargs)
+
+
+def products_alone(step, repeats: int = 20) -> tuple[float, int]:
+    """Median seconds of the products of one call of ``step()`` run back to back on their own operands (the same
+    shapes, layouts and values, in the same order), and their number."""
+    with RecordProducts() as recorder:
+        step()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        for func, args, kwargs in recorder.calls:
+            func(*args, **kwargs)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times), len(recorder.calls)
+
+
+def time_steps(model, objective_config, data, batch_size: int, steps: int) -> tuple[float, ...]:
     """Median seconds of a compiled step, an eager one and an eager one keeping every term (interleaved),
-    and the compile seconds."""
+    the compile seconds, and the seconds of the eager step's products alone (:func:`products_alone`)."""
     objective = build_objective(objective_config)
     objective.setup(model, data, batch_size=batch_size)
     optimizer = adam(model.parameters(), LR, torch.device("cpu"))
@@ -187,7 +226,8 @@ def time_steps(model, objective_config, data, batch_size: int, steps: int) -> tu
                 take_step(model, objective, optimizer, data, batch, compiled=compiled if kind == "compiled" else None)
             if i >= 2:  # warm-up
                 times[kind].append(time.perf_counter() - started)
-    return (*(statistics.median(times[kind]) for kind in kinds), compiled.compile_seconds)
+    products, _ = products_alone(lambda: take_step(model, objective, optimizer, data, batches[-1]))
+    return (*(statistics.median(times[kind]) for kind in kinds), compiled.compile_seconds, products)
 
 
 def m2_case(data, run_dir: str | None):
@@ -281,8 +321,11 @@ def main(batch_sizes: list[int], repeats: int, steps: int, m2_run: str | None, p
             flush=True,
         )
 
-    print("\n| step | compiled | eager | eager, every term kept | compiled / eager | compiled / every term | compile |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "\n| step | compiled | eager | eager, every term kept | its products alone | compiled / eager "
+        "| compiled / every term | compiled / products | eager / products | compile |"
+    )
+    print("|" + "---|" * 10)
     m2_name, m2 = m2_case(data, m2_run)
     cases = {
         m2_name: m2,
@@ -299,10 +342,11 @@ def main(batch_sizes: list[int], repeats: int, steps: int, m2_run: str | None, p
     }
     for name, (build, config, batch_size) in cases.items():
         pyro.clear_param_store()
-        compiled, eager, every_term, compile_seconds = time_steps(build(), config, data, batch_size, steps)
+        compiled, eager, every_term, compile_seconds, products = time_steps(build(), config, data, batch_size, steps)
         print(
             f"| {name} | {1000 * compiled:.1f} ms | {1000 * eager:.1f} ms | {1000 * every_term:.1f} ms "
-            f"| {compiled / eager:.2f} | {compiled / every_term:.2f} | {compile_seconds:.1f} s |",
+            f"| {1000 * products:.1f} ms | {compiled / eager:.2f} | {compiled / every_term:.2f} "
+            f"| {compiled / products:.2f} | {eager / products:.2f} | {compile_seconds:.1f} s |",
             flush=True,
         )
 
