@@ -48,8 +48,8 @@ its negligible values of y are what the cut-off drops. **Its products
 alone**: every matrix product of one eager step (``aten::mm``, ``addmm``,
 ``bmm``, ``baddbmm``, forwards and backwards, recorded by a
 ``TorchDispatchMode`` with their very operands: shapes, layouts and values),
-run again back to back, the median of 20; no step that computes its
-gradient with these products can take less.
+run again back to back, interleaved with the steps; no step that
+computes its gradient with these products can take less.
 
 **Profile** (``--profile N``): the time of a steady-state step of ``pv.fit``
 at the first batch size (the second of two epochs of N steps), and
@@ -71,6 +71,7 @@ import contextlib
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from unittest import mock
 
 import pyro
@@ -193,41 +194,45 @@ class RecordProducts(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-def products_alone(step, repeats: int = 20) -> tuple[float, int]:
-    """Median seconds of the products of one call of ``step()`` run back to back on their own operands (the same
-    shapes, layouts and values, in the same order), and their number."""
+def recorded_products(step) -> Callable[[], None]:
+    """A function that runs the matrix products of one call of ``step()`` again, back to back, on their very
+    operands (the same shapes, layouts and values, in the same order)."""
     with RecordProducts() as recorder:
         step()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
+
+    def products() -> None:
         for func, args, kwargs in recorder.calls:
             func(*args, **kwargs)
-        times.append(time.perf_counter() - started)
-    return statistics.median(times), len(recorder.calls)
+
+    return products
 
 
 def time_steps(model, objective_config, data, batch_size: int, steps: int) -> tuple[float, ...]:
-    """Median seconds of a compiled step, an eager one and an eager one keeping every term (interleaved),
-    the compile seconds, and the seconds of the eager step's products alone (:func:`products_alone`)."""
+    """Median seconds of a compiled step, an eager one, an eager one keeping every term and the eager step's
+    products alone (:func:`recorded_products`), interleaved, and the compile seconds."""
     objective = build_objective(objective_config)
     objective.setup(model, data, batch_size=batch_size)
     optimizer = adam(model.parameters(), LR, torch.device("cpu"))
     compiled = compiled_step(model, objective)
     points = objective.training_points(data)
-    batches = [points[torch.randint(len(points), (batch_size,))] for _ in range(steps + 3)]
+    batches = [points[torch.randint(len(points), (batch_size,))] for _ in range(steps + 4)]
     take_step(model, objective, optimizer, data, batches[0], compiled=compiled)  # records and compiles
-    kinds = ("compiled", "eager", "eager, every term")
+    products = recorded_products(lambda: take_step(model, objective, optimizer, data, batches[1]))
+    kinds = ("compiled", "eager", "eager, every term", "products alone")
     times = {kind: [] for kind in kinds}
-    for i, batch in enumerate(batches[1:]):
-        for kind in kinds[i % 3 :] + kinds[: i % 3]:
+    for i, batch in enumerate(batches[2:]):
+        for kind in kinds[i % 4 :] + kinds[: i % 4]:
             started = time.perf_counter()
-            with every_term_kept() if kind == "eager, every term" else contextlib.nullcontext():
-                take_step(model, objective, optimizer, data, batch, compiled=compiled if kind == "compiled" else None)
+            if kind == "products alone":
+                products()
+            else:
+                with every_term_kept() if kind == "eager, every term" else contextlib.nullcontext():
+                    take_step(
+                        model, objective, optimizer, data, batch, compiled=compiled if kind == "compiled" else None
+                    )
             if i >= 2:  # warm-up
                 times[kind].append(time.perf_counter() - started)
-    products, _ = products_alone(lambda: take_step(model, objective, optimizer, data, batches[-1]))
-    return (*(statistics.median(times[kind]) for kind in kinds), compiled.compile_seconds, products)
+    return (*(statistics.median(times[kind]) for kind in kinds), compiled.compile_seconds)
 
 
 def m2_case(data, run_dir: str | None):
@@ -342,7 +347,7 @@ def main(batch_sizes: list[int], repeats: int, steps: int, m2_run: str | None, p
     }
     for name, (build, config, batch_size) in cases.items():
         pyro.clear_param_store()
-        compiled, eager, every_term, compile_seconds, products = time_steps(build(), config, data, batch_size, steps)
+        compiled, eager, every_term, products, compile_seconds = time_steps(build(), config, data, batch_size, steps)
         print(
             f"| {name} | {1000 * compiled:.1f} ms | {1000 * eager:.1f} ms | {1000 * every_term:.1f} ms "
             f"| {1000 * products:.1f} ms | {compiled / eager:.2f} | {compiled / every_term:.2f} "
