@@ -54,6 +54,7 @@ from .densities import (
     check_points_and_batches,
     guess_max_plate_nesting,
     latent_sites,
+    log_mean_exp,
     seeded,
     standard_error,
 )
@@ -438,7 +439,7 @@ def ais_log_marginal_likelihood(
                     )  # fmt: skip
                 )
     log_w, acceptance, final_step = (torch.cat(column, dim=-1).cpu() for column in zip(*results, strict=True))
-    estimate = AISEstimate((log_w.logsumexp(0) - math.log(num_chains)).float(), log_w, acceptance, final_step, settings)
+    estimate = AISEstimate(log_mean_exp(log_w).float(), log_w, acceptance, final_step, settings)
     if compare_is_samples:
         is_estimate = log_marginal_likelihood(
             model, guide, x, *args, num_samples=compare_is_samples, seed=seed, max_plate_nesting=max_plate_nesting,
@@ -491,7 +492,7 @@ def ais_log_marginal_likelihood_by_label(
             acceptance.append(estimate.acceptance.unflatten(-1, split).mean(-2))
             step_size.append(estimate.step_size.unflatten(-1, split).mean(-2))
     chain_log_weights = torch.cat(chains, dim=-1)
-    log_px = (chain_log_weights.logsumexp(0) - math.log(chain_log_weights.shape[0])).float()
+    log_px = log_mean_exp(chain_log_weights).float()
     return AISEstimate(log_px, chain_log_weights, torch.cat(acceptance), torch.cat(step_size), estimate.settings)
 
 
@@ -634,9 +635,9 @@ class BDMC:
             step = torch.full((xb.shape[0],), float(self.step_size), device=xb.device)
             betas = beta_schedule(settings["num_steps"], settings["schedule"]).flip(0)
             log_w_rev, _, _ = _anneal(annealer, u, betas, step, settings["target_acceptance"], bar)
-        lower = log_w.logsumexp(0) - math.log(num_chains)
+        lower = log_mean_exp(log_w)
         # the reverse weights estimate 1 / p(x): log p(x) <= -logmeanexp(log w_rev) in expectation
-        upper = -(log_w_rev.logsumexp(0) - math.log(num_chains))
+        upper = -log_mean_exp(log_w_rev)
         return lower.float().cpu(), upper.float().cpu()
 
 

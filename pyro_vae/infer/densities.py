@@ -49,6 +49,12 @@ def standard_error(values) -> float:
     return float(values.std() / math.sqrt(n)) if n > 1 else float("nan")
 
 
+def log_mean_exp(log_weights: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """log (1/K sum_k exp(log w_k)) along ``dim`` of K weights: the log of an importance-sampled (or annealed)
+    estimate of p(x), and Burda et al.'s bound L_K where the weights are p(x, z_k) / q(z_k | x)."""
+    return log_weights.logsumexp(dim) - math.log(log_weights.shape[dim])
+
+
 #: Distribution type -> ``log_prob(fn, value)`` used instead of ``fn.log_prob(value)``.
 LogDensityKernels = Mapping[type, Callable[[object, torch.Tensor], torch.Tensor]]
 

@@ -20,11 +20,15 @@ signal-to-noise ratio does not fall with K as the standard one's does.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from .densities import check_reparameterized_guide, evaluating, negligible_shares, site_log_densities
+from .densities import (
+    check_reparameterized_guide,
+    evaluating,
+    log_mean_exp,
+    negligible_shares,
+    site_log_densities,
+)
 from .importance import log_marginal_likelihood
 from .objective import ParticleObjective, register_objective
 from .path_derivatives import GRADIENTS, DReG_IWAE_ELBO
@@ -51,7 +55,7 @@ class IWAE_ELBO:  # noqa: N801 (named like Pyro's ELBOs)
             raise ValueError("IWAE training needs a guide whose every site is reparameterisable (has rsample).")
         log_weights = densities.log_weights
         log_weights = torch.where(negligible_shares(log_weights), log_weights.detach(), log_weights)
-        bound = log_weights.logsumexp(0) - math.log(self.num_particles)
+        bound = log_mean_exp(log_weights)
         return -bound.sum()
 
     @torch.no_grad()

@@ -37,11 +37,9 @@ loss is the negative ELBO, or IWAE bound, as the standard estimator's is.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from .densities import DATA_PLATE, SiteLogDensities, negligible_shares, site_log_densities
+from .densities import DATA_PLATE, SiteLogDensities, log_mean_exp, negligible_shares, site_log_densities
 
 #: The gradient estimators, by the objective they apply to.
 GRADIENTS = {"trace": ("standard", "stl"), "iwae": ("standard", "dreg")}
@@ -112,7 +110,7 @@ class DReG_IWAE_ELBO(_PathDerivativeEstimator):  # noqa: N801 (named like Pyro's
             if value.requires_grad:
                 value.register_hook(_scale_by(weights, site, -self.max_plate_nesting - 1))
         surrogate = (weights * log_weights).sum(0)
-        bound = log_weights.detach().logsumexp(0) - math.log(self.num_particles)
+        bound = log_mean_exp(log_weights.detach())
         return -(surrogate - surrogate.detach() + bound).sum()
 
 
