@@ -25,7 +25,6 @@ from .components.nets import ACTIVATIONS, ARCHITECTURES
 from .components.priors import PRIORS, build_prior
 from .data import BINARIZE_MODES, DATASET_NAMES, TORCHVISION_DATASETS, DataError, Dataset, load_dataset
 from .evaluate import (
-    DEFAULT_BDMC_POINTS,
     DEFAULT_EVALUATION_BATCH,
     METHODS,
     EvaluationInterrupted,
@@ -34,7 +33,14 @@ from .evaluate import (
     comparison_markdown,
     evaluate_run,
 )
-from .infer.ais import DEFAULT_CHAINS, DEFAULT_LEAPFROG_STEPS, DEFAULT_SCHEDULE, DEFAULT_STEPS, SCHEDULES
+from .infer.ais import (
+    DEFAULT_BDMC_POINTS,
+    DEFAULT_CHAINS,
+    DEFAULT_LEAPFROG_STEPS,
+    DEFAULT_SCHEDULE,
+    DEFAULT_STEPS,
+    SCHEDULES,
+)
 from .infer.importance import DEFAULT_NUM_SAMPLES, PARETO_THRESHOLD, pareto_k_assessable
 from .infer.path_derivatives import GRADIENTS
 from .models import SSVAE, VAE, HierarchicalVAE, LatentFeatures, StackedSSVAE
@@ -279,7 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="VAE objective: Trace_ELBO, TraceMeanField_ELBO or the IWAE bound",
     )
     training.add_argument(
-        "--particles", type=positive_int, default=1, help="particles per ELBO estimate (K of the IWAE bound)"
+        "--particles",
+        type=positive_int,
+        help="particles per ELBO estimate, K of the IWAE bound [default: 1 for trace and meanfield, 5 for iwae]",
     )
     training.add_argument(
         "--gradient",
@@ -740,7 +748,9 @@ def _new_model(args):
                 arch=args.arch,
                 activation=args.activation or "relu",
             )
-        objective = {"name": args.elbo, "num_particles": args.particles, "gradient": args.gradient}
+        objective = {"name": args.elbo, "gradient": args.gradient}
+        if args.particles is not None:  # otherwise the objective's own: 1 for the ELBOs, 5 for the IWAE bound
+            objective["num_particles"] = args.particles
         return model, data, objective, f"{data.name}-{args.likelihood}-{args.prior}-{stamp}"
     objective = {"name": "semi-supervised", "num_labels": args.labels, "label_seed": args.label_seed}
     objective["aux_weight"], objective["classifier_steps"] = args.aux_weight, args.classifier_steps

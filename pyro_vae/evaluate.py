@@ -52,6 +52,7 @@ from .infer import (
     log_marginal_likelihood,
 )
 from .infer.ais import (
+    DEFAULT_BDMC_POINTS,
     DEFAULT_CHAINS,
     DEFAULT_LEAPFROG_STEPS,
     DEFAULT_SCHEDULE,
@@ -68,9 +69,8 @@ from .training.engine import resolve_device
 from .training.parallel import parameter_digest, state_digest
 
 METHODS = ("is", "ais", "auto", "bdmc")
-#: Test points per batch of an evaluation (each batch saved as it finishes), and BDMC's points simulated
-#: from the model, unless told otherwise.
-DEFAULT_EVALUATION_BATCH, DEFAULT_BDMC_POINTS = 100, 1000
+#: Test points per batch of an evaluation (each batch saved as it finishes) unless told otherwise.
+DEFAULT_EVALUATION_BATCH = 100
 #: The per-point results an AIS evaluation saves (attributes of ``AISEstimate``).
 AIS_COLUMNS = ("log_px", "chain_std", "acceptance", "step_size")
 

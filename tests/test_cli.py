@@ -69,6 +69,15 @@ def test_prior_and_likelihood_flags_reach_the_config(tmp_path, flags, prior, lik
     assert main(["evaluate", str(tmp_path / "r"), "--samples", "4", "--no-progress"]) == 0
 
 
+@pytest.mark.parametrize("elbo, particles", [("trace", 1), ("meanfield", 1), ("iwae", 5)])
+def test_without_particles_each_objective_takes_its_own_default(tmp_path, elbo, particles):
+    """``--elbo iwae`` alone trains the IWAE bound of ``pv.IWAEBound()``, K = 5, not K = 1 (which is the ELBO)."""
+    flags = ["--elbo", elbo, "--epochs", "1", "--eval-samples", "0", "--out", str(tmp_path), "--name", "r"]
+    assert main(["train", *SMALL, *flags]) == 0
+    config = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert config["train"]["objective"]["num_particles"] == particles
+
+
 def test_two_stochastic_layers_with_dreg_train_and_evaluate_per_layer(tmp_path, capsys):
     flags = ["--z-dim", "6", "3", "--upper-hidden", "16", "--elbo", "iwae", "--particles", "3", "--gradient", "dreg"]
     assert (

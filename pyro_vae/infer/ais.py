@@ -66,6 +66,8 @@ REVERSE_SEED_OFFSET = 1_000_003  # BDMC's reverse batches draw streams apart fro
 #: The default settings, checked against quadrature on a trained 2-D VAE (tests/test_ais.py) and by BDMC on
 #: the default training run (benchmarks/RESULTS.md).
 DEFAULT_STEPS, DEFAULT_CHAINS, DEFAULT_LEAPFROG_STEPS = 400, 16, 2
+#: BDMC's points simulated from the model unless told otherwise.
+DEFAULT_BDMC_POINTS = 1000
 STARTS = ("guide", "prior")
 
 
@@ -586,7 +588,7 @@ class BDMC:
         self,
         model,
         guide,
-        num_points: int = 100,
+        num_points: int = DEFAULT_BDMC_POINTS,
         *args,
         num_steps: int = DEFAULT_STEPS,
         num_chains: int = DEFAULT_CHAINS,
@@ -641,7 +643,7 @@ class BDMC:
         return lower.float().cpu(), upper.float().cpu()
 
 
-def bdmc(model, guide, num_points: int = 100, *args, progress: bool = False, **kwargs) -> BDMCEstimate:
+def bdmc(model, guide, num_points: int = DEFAULT_BDMC_POINTS, *args, progress: bool = False, **kwargs) -> BDMCEstimate:
     """Bidirectional Monte Carlo on ``num_points`` points simulated from the model: AIS lower and upper bounds.
 
     Takes the settings of :class:`BDMC` (``num_steps``, ``num_chains``, ``leapfrog_steps``,
