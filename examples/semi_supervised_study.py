@@ -12,7 +12,8 @@ Adam ``--lr``, 3e-3 by default, ``--lr-schedule`` step by default (the last
 tenth of the epochs at a tenth of the rate), alpha ``--aux-weight`` per labelled point
 (0.46 per label by default), the classifier first trained on the labels for
 ``--classifier-steps``, the decoder's output bias
-started at the logits of the pixels' means unless ``--output-bias random``),
+started at the logits of the pixels' means unless ``--output-bias random``,
+the weights themselves validated and kept unless ``--ema-decay d`` averages them),
 which is what ``pyro-vae train --semi-supervised --labels N --label-seed S``
 does. Beside the accuracy of q(y | x) the table
 gives the generative classifier argmax_y log p(x, y)
@@ -60,6 +61,7 @@ from pyro_vae.cli import (
     M2_DEFAULTS,
     VAE_DEFAULTS,
     count_or_zero,
+    decay_value,
     non_negative_float,
     positive_float,
     positive_int,
@@ -171,10 +173,10 @@ def check_subset(run: Path, args, place: str = "--out") -> None:
 
 
 def check_settings(run: Path, args, place: str = "--out") -> None:
-    """Refuse a run (or a kept record) of another learning rate or schedule, warm start, alpha, output-bias start,
-    subset or matmul precision, or of another length under a schedule that depends on it, rather than mix it in
-    (M1+M2's stacked M2 has no output-bias start). ``place`` is the flag that put it there (``--out``, or
-    ``--keep`` for a record)."""
+    """Refuse a run (or a kept record) of another learning rate or schedule, average of the weights, warm start,
+    alpha, output-bias start, subset or matmul precision, or of another length under a schedule that depends on
+    it, rather than mix it in (M1+M2's stacked M2 has no output-bias start). ``place`` is the flag that put it
+    there (``--out``, or ``--keep`` for a record)."""
     train = training_settings(pv.RunDirectory(run).read_config())  # older runs' missing settings filled in
     check_subset(run, args, place)
     if args.model == "m2":
@@ -185,6 +187,9 @@ def check_settings(run: Path, args, place: str = "--out") -> None:
         )
     if train["lr_schedule"] != args.lr_schedule:
         raise SystemExit(f"{run} was trained with --lr-schedule {train['lr_schedule']}, not {args.lr_schedule}; give "
+                         f"that, or another {place}.")  # fmt: skip
+    if train["ema_decay"] != args.ema_decay:
+        raise SystemExit(f"{run} was trained with --ema-decay {train['ema_decay']:g}, not {args.ema_decay:g}; give "
                          f"that, or another {place}.")  # fmt: skip
     if train["matmul_precision"] != "highest":
         raise SystemExit(f"{run} was trained with --matmul-precision {train['matmul_precision']}; the study trains in "
@@ -253,7 +258,8 @@ def train_m1m2(m1: Path, labels: int, label_seed: int, args, out: Path) -> Path:
     )  # fmt: skip
     pv.train_run(
         stacked, data, run, objective=objective, epochs=args.epochs, batch_size=200, lr=args.lr,
-        lr_schedule=args.lr_schedule, seed=0, eval_samples=args.samples, progress=args.progress,
+        lr_schedule=args.lr_schedule, ema_decay=args.ema_decay, seed=0, eval_samples=args.samples,
+        progress=args.progress,
     )  # fmt: skip
     return run
 
@@ -276,7 +282,7 @@ def train_m2(labels: int, label_seed: int, args, out: Path) -> Path:
             )  # fmt: skip
             pv.train_run(
                 model, data, run, objective=objective, epochs=args.epochs, batch_size=M2_DEFAULTS["batch_size"],
-                lr=args.lr, lr_schedule=args.lr_schedule, seed=0,
+                lr=args.lr, lr_schedule=args.lr_schedule, ema_decay=args.ema_decay, seed=0,
                 eval_samples=args.samples, output_bias=args.output_bias, progress=args.progress,
             )  # fmt: skip
     generative = run / GENERATIVE
@@ -401,6 +407,13 @@ def main() -> None:
         choices=LR_SCHEDULES,
         help=f"the rate by epoch, as pyro-vae train's [default: {M2_DEFAULTS['lr_schedule']} for m2, "
         f"{VAE_DEFAULTS['lr_schedule']} for m1m2]",
+    )
+    parser.add_argument(
+        "--ema-decay",
+        type=decay_value,
+        default=0.0,
+        help="the decay of the average of M2's weights that is validated and kept, as pyro-vae train's --ema-decay "
+        "[default: 0, the weights themselves]",
     )
     parser.add_argument(
         "--classifier-steps",

@@ -60,8 +60,9 @@ VAE_OBJECTIVES = ("trace", "meanfield", "iwae")
 
 
 # ------------------------------------------------------------ value checks
-def _number(kind, low=None, high=None, *, low_open=False, what=None):
-    """An argparse type: ``kind`` (int or float) within [low, high] (low excluded with ``low_open``)."""
+def _number(kind, low=None, high=None, *, low_open=False, high_open=False, what=None):
+    """An argparse type: ``kind`` (int or float) within [low, high] (low excluded with ``low_open``, high with
+    ``high_open``)."""
 
     def parse(text: str):
         try:
@@ -71,18 +72,21 @@ def _number(kind, low=None, high=None, *, low_open=False, what=None):
         if kind is float and not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
         too_low = low is not None and (value <= low if low_open else value < low)
-        if too_low or (high is not None and value > high):
-            raise argparse.ArgumentTypeError(f"{text} is out of range; {what or _range(low, high, low_open)}")
+        too_high = high is not None and (value >= high if high_open else value > high)
+        if too_low or too_high:
+            raise argparse.ArgumentTypeError(
+                f"{text} is out of range; {what or _range(low, high, low_open, high_open)}"
+            )
         return value
 
     parse.__name__ = kind.__name__  # argparse names the type in its messages
     return parse
 
 
-def _range(low, high, low_open) -> str:
+def _range(low, high, low_open, high_open) -> str:
     if high is None:
         return f"give a value {'>' if low_open else '>='} {low}"
-    return f"give a value in [{low}, {high}]"
+    return f"give a value in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
 
 
 positive_int = _number(int, 1)
@@ -90,6 +94,7 @@ count_or_zero = _number(int, 0)
 seed_value = _number(int, 0, MAX_SEED)
 positive_float = _number(float, 0, low_open=True)
 non_negative_float = _number(float, 0)
+decay_value = _number(float, 0, 1, high_open=True)
 
 
 def _dataset_name(value: str) -> str:
@@ -311,6 +316,14 @@ def build_parser() -> argparse.ArgumentParser:
         "the logit of each pixel's mean, as Burda et al.'s code), or where the random initialisation put it",
     )
     training.add_argument(
+        "--ema-decay",
+        type=decay_value,
+        default=0.0,
+        help="validate, keep and evaluate the exponential moving average of the weights over the steps at this "
+        "decay (Kingma & Ba 2015's temporal averaging; 0.9999 spans about 10,000 steps); 0: the weights "
+        "themselves [default: 0; with --resume: the run's own]",
+    )
+    training.add_argument(
         "--matmul-precision",
         choices=MATMUL_PRECISIONS,
         default="highest",
@@ -456,7 +469,7 @@ MODEL_AND_DATA_FLAGS = (
     "dataset", "data_dir", "download", "binarize", "val_size", "subset", "z_dim", "hidden", "upper_hidden",
     "activation", "arch", "prior", "likelihood", "components", "flow_layers", "scale", "init_scale", "elbo",
     "particles", "gradient", "warmup_epochs", "beta", "batch_size", "lr", "lr_schedule", "seed", "output_bias",
-    "matmul_precision",
+    "matmul_precision", "ema_decay",
     "semi_supervised", "labels", "label_seed", "aux_weight", "classifier_steps", "class_prior", "m1", "name", "out",
 )  # fmt: skip
 SEMI_SUPERVISED_FLAGS = ("labels", "label_seed", "aux_weight", "classifier_steps", "class_prior")
@@ -800,6 +813,7 @@ def _train(args) -> None:
             seed=args.seed,
             output_bias=args.output_bias,
             matmul_precision=args.matmul_precision,
+            ema_decay=args.ema_decay,
         )
         common.setdefault("eval_samples", DEFAULT_EVAL_SAMPLES)
         run = train_run(model, data, run_dir.path, **settings, **common)

@@ -43,6 +43,18 @@ def test_gaussian_likelihood_on_grayscale(tmp_path):
     assert json.loads((tmp_path / "g" / "config.json").read_text())["model"]["likelihood"]["sigma"] == "shared"
 
 
+def test_a_run_of_averaged_weights_records_its_decay_and_resumes_with_it(tmp_path, capsys):
+    args = ["train", *SMALL, "--epochs", "1", "--ema-decay", "0.9", "--out", str(tmp_path), "--name", "a"]
+    assert main(args) == 0
+    assert main(["train", "--resume", str(tmp_path / "a"), "--epochs", "2", "--no-progress"]) == 0
+    run = pv.load_run(tmp_path / "a")
+    assert run.config["train"]["ema_decay"] == 0.9 and [row["epoch"] for row in run.history] == [0, 1, 2]
+    with pytest.raises(SystemExit):
+        main(["train", *SMALL, "--ema-decay", "1", "--out", str(tmp_path), "--name", "b"])
+    assert "argument --ema-decay: 1 is out of range; give a value in [0, 1)" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
+
+
 def test_a_run_of_medium_precision_products_records_it_and_resumes_with_it(tmp_path):
     args = ["train", *SMALL, "--epochs", "1", "--matmul-precision", "medium", "--out", str(tmp_path), "--name", "m"]
     assert main(args) == 0

@@ -50,7 +50,7 @@ def test_the_semi_supervised_study_takes_kept_records_and_does_not_train_them_ag
 def test_the_semi_supervised_study_takes_the_library_s_alpha_for_each_label_count(tmp_path):
     """Without --aux-weight each count gets default_aux_weight, and a record at another alpha is refused."""
     study = load_example("semi_supervised_study.py")
-    args = argparse.Namespace(aux_weight=None, subset=None, model="m2", lr=3e-3, classifier_steps=1000)
+    args = argparse.Namespace(aux_weight=None, subset=None, model="m2", lr=3e-3, classifier_steps=1000, ema_decay=0.0)
     args.output_bias, args.lr_schedule, args.epochs = "data", "step", 200
     assert [study.alpha(args, labels) for labels in (100, 600, 3000)] == [46.0, 276.0, 1380.0]
     assert study.alpha(argparse.Namespace(**{**vars(args), "aux_weight": 7.5}), 600) == 7.5
@@ -68,9 +68,10 @@ def test_the_semi_supervised_study_takes_the_library_s_alpha_for_each_label_coun
 
 def test_the_semi_supervised_study_refuses_a_run_of_another_schedule_length_under_step_or_precision(tmp_path):
     """The step schedule's rates depend on the run's epochs: a 100-epoch run is not the start of a 200-epoch one.
-    A run of reduced-precision products (--matmul-precision medium) is not mixed into the float32 table."""
+    A run of reduced-precision products (--matmul-precision medium), or one of another average of the weights
+    (--ema-decay), is not mixed into the table."""
     study = load_example("semi_supervised_study.py")
-    args = argparse.Namespace(aux_weight=None, subset=None, model="m2", lr=3e-3, classifier_steps=1000)
+    args = argparse.Namespace(aux_weight=None, subset=None, model="m2", lr=3e-3, classifier_steps=1000, ema_decay=0.0)
     args.output_bias, args.lr_schedule, args.epochs = "data", "step", 200
     objective = {"name": "semi-supervised", "num_labels": 100, "label_seed": 0, "aux_weight": 46.0}
     objective["classifier_steps"] = 1000
@@ -82,6 +83,7 @@ def test_the_semi_supervised_study_refuses_a_run_of_another_schedule_length_unde
          "follows the step learning-rate schedule over 100 epochs.*give --epochs 100, or another --out"),
         ({"lr_schedule": "step", "matmul_precision": "medium"},
          "trained with --matmul-precision medium; the study trains in float32 \\(highest\\): give another --out"),
+        ({"lr_schedule": "step", "ema_decay": 0.9999}, "trained with --ema-decay 0.9999, not 0; give that, or another"),
         ({"lr_schedule": "step", "matmul_precision": "highest"}, None),  # the study's own
     ]:  # fmt: skip
         config = {"data": {"name": "mnist"}, "train": {**train, **settings}}

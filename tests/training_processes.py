@@ -25,7 +25,9 @@ EPOCHS = 3
 COMMON = ["--subset", "3000", "--hidden", "32", "--z-dim", "2", "--batch-size", "10", "--epochs", str(EPOCHS)]
 TRAIN = {
     "vae": [*COMMON, "--eval-samples", "10", "--no-progress"],
-    "ssvae": [*COMMON, "--semi-supervised", "--labels", "100", "--eval-samples", "10", "--no-progress"],
+    # M2 with its weights averaged: the iterates and their average resume exactly
+    "ssvae": [*COMMON, "--semi-supervised", "--labels", "100", "--ema-decay", "0.99", "--eval-samples", "10"]
+    + ["--no-progress"],
     "m1m2": [*COMMON[2:], "--labels", "100", "--eval-samples", "10", "--no-progress"],  # M1's data: its subset
     "vae-compiled": [*COMMON, "--compile", "on", "--eval-samples", "10", "--no-progress"],
 }
@@ -123,11 +125,12 @@ def wait_for_first_checkpoint(run: Path, process: subprocess.Popen, timeout: flo
 
 
 def assert_same_training_state(run: Path, reference: Path) -> None:
-    """The two runs' last checkpoints hold the same numbers, bit for bit: parameters, Adam's state and settings,
-    history (timings aside) and the objective's state."""
+    """The two runs' last checkpoints hold the same numbers, bit for bit: parameters (and the iterates beside their
+    average), Adam's state and settings, history (timings aside) and the objective's state."""
     a, b = load_checkpoint(run / "checkpoint.pt"), load_checkpoint(reference / "checkpoint.pt")
     assert a["epoch"] == b["epoch"] == EPOCHS and a["position"] is None
     assert_same_values(a["model"], b["model"], "model")
+    assert_same_values(a["averaging"], b["averaging"], "averaging")  # M2's iterates beside their average
     assert a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]
     assert_same_values(a["optimizer"]["state"], b["optimizer"]["state"], "optimizer state")
     assert without_timings(a["history"]) == without_timings(b["history"])

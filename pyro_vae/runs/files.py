@@ -95,6 +95,7 @@ def save_checkpoint(
     objective_state: dict | None = None,
     best_epoch: int | None = None,
     rng: dict | None = None,
+    averaging: dict | None = None,
 ) -> None:
     """Atomically save everything needed to continue training exactly where it stopped, to each of ``paths``.
 
@@ -103,7 +104,9 @@ def save_checkpoint(
     totals), or is None. ``objective_state`` is the objective's own
     (:meth:`pyro_vae.infer.objective.Objective.state_dict`); ``best_epoch`` the
     epoch of the best checkpoint so far; ``rng`` the random number generators'
-    states (by default this process's, :func:`rng_state`).
+    states (by default this process's, :func:`rng_state`). With an average of the weights
+    (:mod:`pyro_vae.training.averaging`), ``model_state`` is the average and ``averaging`` holds the
+    iterates (``"iterates"``) and how many steps the average spans (``"steps"``); else None.
     """
     state = {
         "format": CHECKPOINT_FORMAT,
@@ -117,6 +120,7 @@ def save_checkpoint(
         "objective": objective_state or {},
         "best_epoch": best_epoch,
         "rng": rng_state() if rng is None else rng,
+        "averaging": averaging,
     }
     buffer = io.BytesIO()
     torch.save(state, buffer)
@@ -150,6 +154,7 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
         )
     state.setdefault("objective", {})
     state.setdefault("best_epoch", None)
+    state.setdefault("averaging", None)
     return state
 
 

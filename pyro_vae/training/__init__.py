@@ -1,4 +1,5 @@
-"""Training: the one engine (:mod:`.engine`), its KL schedule, Ctrl-C handling, the precision of its products
+"""Training: the one engine (:mod:`.engine`), its KL schedule, the average of its weights (:mod:`.averaging`),
+Ctrl-C handling, the precision of its products
 (:mod:`.precision`), and several processes."""
 
 from .engine import TrainingDiverged, TrainingInterrupted, fit

@@ -38,6 +38,11 @@ Whatever the model and objective, the engine guarantees:
   never stopped;
 * **one writer**: the run directory is locked while the run writes it.
 
+With ``ema_decay`` the run validates, keeps and returns an exponential
+moving average of its weights over the steps (:mod:`.averaging`), while the
+gradients are taken at the iterates, which the checkpoints hold beside the
+average for an exact resume.
+
 ``matmul_precision`` (:mod:`.precision`) may let the optimisation's float32
 matrix products round their inputs to bfloat16 or TensorFloat-32 where the
 hardware multiplies those faster; validation and evaluation keep the
@@ -59,6 +64,7 @@ what differs.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import numbers
@@ -78,6 +84,7 @@ from ..infer.objective import Objective, completed_objective_config
 from ..models import Model
 from ..runs.directory import RunDirectory, model_config_matches
 from ..runs.files import CheckpointError, restore_rng, rng_state
+from .averaging import WeightAverage
 from .interrupts import InterruptRequests
 from .parallel import ReplicasDiverged, SingleProcess, parameter_digest
 from .precision import MATMUL_PRECISIONS, float32_matmul_precision
@@ -183,6 +190,10 @@ def check_settings(objective: Objective, **settings) -> None:
             f"one of {', '.join(map(repr, MATMUL_PRECISIONS))}",
         ),
         "seed": (integer(settings["seed"]) and 0 <= settings["seed"] <= MAX_SEED, f"an integer from 0 to {MAX_SEED}"),
+        "ema_decay": (
+            real(settings["ema_decay"]) and 0 <= settings["ema_decay"] < 1,
+            "a number from 0 (no averaging) to below 1",
+        ),
     }
     for name, (valid, what) in checks.items():
         if not valid:
@@ -259,11 +270,11 @@ OUTPUT_BIAS_STARTS = ("data", "random")
 MAX_SEED = 2**32 - 1
 
 #: The values of settings added to ``fit`` after runs were written without them: what those runs did (the
-#: random start of the output bias, no learning-rate schedule, float32 products).
-LEGACY_SETTINGS = {"output_bias": "random", "lr_schedule": "constant", "matmul_precision": "highest"}
+#: random start of the output bias, no learning-rate schedule, float32 products, no averaging).
+LEGACY_SETTINGS = {"output_bias": "random", "lr_schedule": "constant", "matmul_precision": "highest", "ema_decay": 0.0}
 #: Training settings that a resumed run must share with the run it continues.
 RESUMED_SETTINGS = (
-    "batch_size", "lr", "lr_schedule", "objective", "warmup_epochs", "beta", "seed", "matmul_precision",
+    "batch_size", "lr", "lr_schedule", "objective", "warmup_epochs", "beta", "seed", "matmul_precision", "ema_decay",
 )  # fmt: skip
 
 
@@ -303,6 +314,7 @@ def fit(
     processes: SingleProcess | None = None,
     compile: bool | str = "auto",
     matmul_precision: str = "highest",
+    ema_decay: float = 0.0,
 ) -> list[dict]:
     """Train ``model`` on ``data`` and return the history, one dict per epoch.
 
@@ -348,6 +360,10 @@ def fit(
         objective's start and every step, whatever the caller set, and not for
         validation or evaluation, which keep the caller's setting
         (:mod:`pyro_vae.training.precision`). A run resumes only with its own.
+    :param ema_decay: d of the exponential moving average of the weights over the steps
+        (:mod:`~pyro_vae.training.averaging`, Kingma & Ba's temporal averaging) that the run
+        validates, keeps as its best and returns; 0 keeps the iterates themselves. A run resumes
+        only with its own.
     """
     objective = as_objective(objective, model)
     settings = dict(
@@ -360,6 +376,7 @@ def fit(
         eval_samples=eval_samples,
         output_bias=output_bias,
         matmul_precision=matmul_precision,
+        ema_decay=ema_decay,
     )
     if compile not in (True, False, "auto"):
         raise ValueError(f"compile must be True, False or 'auto'; got {compile!r}.")
@@ -397,6 +414,7 @@ class _Engine:
         self._check_validation_metric()  # in every process, before the first collective call
         processes.share(model)
         self.optimizer = adam(model.parameters(), settings["lr"], device)
+        self.average = WeightAverage(model, settings["ema_decay"]) if settings["ema_decay"] else None
         self.points = objective.training_points(data)
         self.global_batch = settings["batch_size"] * processes.world_size
         self.steps_per_epoch = math.ceil(len(self.points) / self.global_batch)
@@ -421,6 +439,7 @@ class _Engine:
                 "device": str(device),
                 "compile": compile,
                 "matmul_precision": settings["matmul_precision"],
+                "ema_decay": settings["ema_decay"],
                 "eval_samples": settings["eval_samples"],
             },
         }
@@ -498,7 +517,12 @@ class _Engine:
                 f"The checkpoint in {run.path} was written for the model {saved}, not {self.config['model']}; "
                 "rebuild the model from the run's config.json (pyro_vae.load_run)."
             )
-        self.model.load_state_dict(state["model"])
+        check_same_training(run, state["config"].get("train", {}), self.config["train"])
+        if self.average is None:
+            self.model.load_state_dict(state["model"])
+        else:  # the iterates go on from where they were; "model" holds their average
+            self.model.load_state_dict(state["averaging"]["iterates"])
+            self.average.load(state["model"], state["averaging"]["steps"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.history, epoch = list(state["history"]), state["epoch"]
         self.best_epoch = state["best_epoch"] if state["best_epoch"] is not None else self._best_epoch_of_history()
@@ -512,7 +536,6 @@ class _Engine:
             self.objective.load_state_dict(state["objective"]["per_rank"][rank])
         else:  # another number of processes: a fresh stream per process and resumption
             pyro.set_rng_seed((self.seed + world * epoch + rank) % 2**32)
-        check_same_training(run, state["config"].get("train", {}), self.config["train"])
         # how the run started, not this call's default (runs written before the option started at random)
         self.config["train"]["output_bias"] = state["config"].get("train", {}).get("output_bias", "random")
         position = state["position"]
@@ -577,6 +600,8 @@ class _Engine:
                     f"The loss became {total} at epoch {epoch}, step {step + 1}. Lower the learning rate "
                     f"(now {self.settings['lr']:g}) or check the data for extreme values{last}"
                 )
+            if self.average is not None:
+                self.average.update(self.model)
             position.update(step=step + 1, total=position["total"] + total, count=position["count"] + count)
             if self.progress and step % 25 == 0:
                 bar.set_postfix(objective=f"{-position['total'] / position['count']:.2f}")
@@ -622,7 +647,12 @@ class _Engine:
     def _validate(self) -> dict:
         if not self.processes.is_writer:
             return {}
-        return self.objective.validate(self.model, self.data.val, "val_")
+        with self.average.applied(self.model) if self.average is not None else contextlib.nullcontext():
+            return self.objective.validate(self.model, self.data.val, "val_")
+
+    def _kept_state(self) -> dict:
+        """The weights the run keeps and evaluates: the average over the steps, or the iterates themselves."""
+        return self.average.state_of(self.model) if self.average is not None else self.model.state_dict()
 
     def _summarise(self, row: dict) -> None:
         if not self.processes.is_writer:
@@ -644,12 +674,15 @@ class _Engine:
         objective_states = self.processes.gather(self.objective.state_dict())
         if self.run is None:
             if best:  # kept in memory, since there is no best.pt
-                self.best_state = copy.deepcopy(self.model.state_dict())
+                self.best_state = copy.deepcopy(self._kept_state())
             return
         world = self.processes.world_size
         self.run.save_checkpoint(
             best=best,
-            model_state=self.model.state_dict(),
+            model_state=self._kept_state(),
+            averaging=None
+            if self.average is None
+            else {"iterates": self.model.state_dict(), "steps": self.average.steps},
             optimizer_state=self.optimizer.state_dict(),
             epoch=epoch,
             history=self.history,
@@ -667,7 +700,7 @@ class _Engine:
             raise ReplicasDiverged(f"The {len(digests)} processes ended with different parameters: {digests}.")
         if self.source is not None and self.source.file(self.source.BEST).exists():
             self.best_state = self.source.load_checkpoint("best", map_location=self.device)["model"]
-        best = self.best_state if self.best_state is not None else self.model.state_dict()
+        best = self.best_state if self.best_state is not None else self._kept_state()
         self.model.load_state_dict(best)
         if self.run is None:
             return
