@@ -5,7 +5,9 @@
 Trains M2 from pixels as ``pyro-vae train --semi-supervised --labels N
 --label-seed S`` does (the library's defaults, ``--ema-decay 0``), and
 beside it keeps one :class:`~pyro_vae.training.averaging.WeightAverage` of
-the weights for each of ``--decays``. After every epoch it writes the
+the weights for each of ``--decays`` (the library's, whose decay warms up as
+``pyro-vae train --ema-decay`` averages) and of ``--fixed-decays`` (the decay
+fixed from the first step, Kingma & Ba's form). After every epoch it writes the
 validation and test accuracy of q(y | x) at the iterates and at each
 average to OUT/averages.jsonl, one line an epoch. The averages draw no
 random numbers, so the run trains as it would without them, and every
@@ -39,32 +41,33 @@ from pyro_vae.training.averaging import WeightAverage
 class Watched:
     """The averages of one run's weights, updated after every step of ``fit`` and evaluated after every epoch."""
 
-    def __init__(self, decays: list[float], out: Path):
-        self.decays, self.state_file, self.log = decays, out / "averages.pt", out / "averages.jsonl"
-        self.averages: dict[float, WeightAverage] = {}
+    def __init__(self, decays: list[float], fixed_decays: list[float], out: Path):
+        self.decays = {f"ema {d:g}": (d, True) for d in decays} | {f"fixed {d:g}": (d, False) for d in fixed_decays}
+        self.state_file, self.log = out / "averages.pt", out / "averages.jsonl"
+        self.averages: dict[str, WeightAverage] = {}
         self.saved = torch.load(self.state_file) if self.state_file.exists() else None
 
     def after_step(self, model) -> None:
         if not self.averages:  # the first step of this process: start the averages, or restore them
-            self.averages = {decay: WeightAverage(model, decay) for decay in self.decays}
+            self.averages = {name: WeightAverage(model, d, warm_up) for name, (d, warm_up) in self.decays.items()}
             if self.saved is not None:
-                for decay, average in self.averages.items():
-                    average.load(self.saved[decay]["state"], self.saved[decay]["steps"])
+                for name, average in self.averages.items():
+                    average.load(self.saved[name]["state"], self.saved[name]["steps"])
         for average in self.averages.values():
             average.update(model)
 
     def after_epoch(self, epoch: int, model, data) -> None:
         row = {"epoch": epoch, "iterates": accuracies(model, data)}
-        for decay, average in self.averages.items():
+        for name, average in self.averages.items():
             with average.applied(model):
-                row[f"ema {decay:g}"] = accuracies(model, data)
+                row[name] = accuracies(model, data)
         with self.log.open("a") as log:
             log.write(json.dumps(row) + "\n")
 
     def save(self, model) -> None:
         """With every checkpoint of the run (after an epoch, or at a Ctrl-C within one)."""
         if self.averages:
-            saved = {d: {"state": a.state_of(model), "steps": a.steps} for d, a in self.averages.items()}
+            saved = {name: {"state": a.state_of(model), "steps": a.steps} for name, a in self.averages.items()}
             torch.save(saved, self.state_file)
 
 
@@ -118,11 +121,12 @@ def main() -> None:
     parser.add_argument("--labels", type=positive_int, default=1000)
     parser.add_argument("--label-seed", type=seed_value, default=0)
     parser.add_argument("--epochs", type=positive_int, default=M2_DEFAULTS["epochs"])
-    parser.add_argument("--decays", type=decay_value, nargs="+", default=[0.999, 0.9999])
+    parser.add_argument("--decays", type=decay_value, nargs="+", default=[0.9999], help="warmed up, as fit's")
+    parser.add_argument("--fixed-decays", type=decay_value, nargs="*", default=[0.999, 0.9999], help="fixed")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    watched = Watched(args.decays, args.out)
+    watched = Watched(args.decays, args.fixed_decays, args.out)
     watch(watched)
     run = args.out / "run"
     if pv.RunDirectory(run).holds_run():

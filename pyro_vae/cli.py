@@ -320,8 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=decay_value,
         default=0.0,
         help="validate, keep and evaluate the exponential moving average of the weights over the steps at this "
-        "decay (Kingma & Ba 2015's temporal averaging; 0.9999 spans about 10,000 steps); 0: the weights "
-        "themselves [default: 0; with --resume: the run's own]",
+        "decay (Kingma & Ba 2015's temporal averaging), warmed up as min(d, t / (t + 9)) at step t: about the last "
+        "ninth of the steps, up to 1 / (1 - d) of them; 0: the weights themselves [default: 0; with --resume: the "
+        "run's own]",
     )
     training.add_argument(
         "--matmul-precision",

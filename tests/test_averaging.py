@@ -10,26 +10,36 @@ from training_processes import assert_same_values
 import pyro_vae as pv
 from pyro_vae.infer import objective as objective_module
 from pyro_vae.runs.files import CheckpointError, load_checkpoint
-from pyro_vae.training.averaging import WeightAverage
+from pyro_vae.training.averaging import WeightAverage, warmed_up_decay
 
 
-def test_the_average_is_the_exponentially_weighted_sum_of_the_iterates():
-    """theta_bar_t = d^(t-1) theta_1 + sum_{s=2..t} (1 - d) d^(t-s) theta_s, written out, after five steps."""
-    module, decay = torch.nn.Linear(3, 2), 0.8
-    average = WeightAverage(module, decay)
-    iterates = []
+@pytest.mark.parametrize("decay, warm_up", [(0.8, True), (0.9999, True), (0.8, False)])
+def test_the_average_follows_its_recursion_with_the_decay_warmed_up(decay, warm_up):
+    """theta_bar_1 = theta_1, theta_bar_t = d_t theta_bar_(t-1) + (1 - d_t) theta_t with d_t = min(d, t / (t + 9)),
+    written out in float64 over 60 steps: at d = 0.8 the cap holds from step 36 on, at 0.9999 the warm-up decides
+    every step; without the warm-up d_t = d (Kingma & Ba's form)."""
+    module = torch.nn.Linear(3, 2)
+    average = WeightAverage(module, decay, warm_up)
+    expected = None
     with torch.no_grad():
-        for _ in range(5):
+        for t in range(1, 61):
             for parameter in module.parameters():
                 parameter.add_(torch.randn_like(parameter))
-            iterates.append([parameter.clone() for parameter in module.parameters()])
             average.update(module)
-    t = len(iterates)
-    for i, averaged in enumerate(average.averaged.module.parameters()):
-        expected = decay ** (t - 1) * iterates[0][i]
-        expected = expected + sum((1 - decay) * decay ** (t - s) * iterates[s - 1][i] for s in range(2, t + 1))
-        torch.testing.assert_close(averaged, expected, rtol=1e-6, atol=1e-6)  # float32 rounding of 5 lerps
-    assert average.steps == 5
+            iterate = [parameter.double() for parameter in module.parameters()]
+            d_t = min(decay, t / (t + 9)) if warm_up else decay
+            if expected is None:
+                expected = iterate
+            else:
+                expected = [d_t * a + (1 - d_t) * w for a, w in zip(expected, iterate, strict=True)]
+    assert average.steps == 60
+    for averaged, wanted in zip(average.averaged.module.parameters(), expected, strict=True):
+        torch.testing.assert_close(averaged.double(), wanted, rtol=0, atol=1e-5)  # 60 float32 lerps of values about 10
+
+
+def test_the_decay_warms_up_to_its_cap():
+    assert [warmed_up_decay(0.9999, t) for t in (1, 9, 91)] == [0.1, 0.5, 91 / 100]
+    assert warmed_up_decay(0.9, 81) == 0.9 and warmed_up_decay(0.9, 1000) == 0.9  # 81 / 90 reaches the cap
 
 
 def test_the_average_is_applied_within_the_block_and_the_iterates_come_back_bit_for_bit():
@@ -43,10 +53,11 @@ def test_the_average_is_applied_within_the_block_and_the_iterates_come_back_bit_
         for parameter in module.parameters():
             parameter.mul_(3.0)
     iterates = [parameter.clone() for parameter in module.parameters()]
-    average.update(module)  # 0.5 before + 0.5 * 3 before = 2 before
+    average.update(module)  # d_2 before + (1 - d_2) 3 before
+    d_2 = warmed_up_decay(0.5, 2)
     with average.applied(module):
         for parameter, first in zip(module.parameters(), before, strict=True):
-            torch.testing.assert_close(parameter, 2.0 * first)
+            torch.testing.assert_close(parameter, (d_2 + 3 * (1 - d_2)) * first)
     for parameter, iterate in zip(module.parameters(), iterates, strict=True):
         assert torch.equal(parameter, iterate)
 

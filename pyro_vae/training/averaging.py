@@ -5,13 +5,18 @@ Kingma & Ba (2015, *Adam*, section 7.2, "Temporal averaging") average them
 with exponential weights, Polyak & Juditsky's (1992) averaging of stochastic
 approximation with a moving window:
 
-    theta_bar_1 = theta_1,    theta_bar_t = d theta_bar_{t-1} + (1 - d) theta_t
+    theta_bar_1 = theta_1,    theta_bar_t = d_t theta_bar_{t-1} + (1 - d_t) theta_t
 
-after every optimiser step t, at decay ``d``: the average spans about
-1 / (1 - d) steps (10,000 at 0.9999, 40 epochs of M2's 245 steps). The
+after every optimiser step t. At a fixed decay d_t = d the average spans
+about 1 / (1 - d) steps (10,000 at 0.9999, 40 epochs of M2's 245 steps),
+and a run shorter than a few spans would keep much of its first, untrained
+weights (d^t of theta_1: half of it after 7,000 steps at 0.9999). So the
+decay warms up as TensorFlow's ``ExponentialMovingAverage`` with
+``num_updates`` does: d_t = min(d, t / (t + 9)), which spans
+1 / (1 - d_t) = (t + 9) / 9 steps, about the last ninth of the steps so far,
+until that reaches 1 / (1 - d) (after 90,000 steps at 0.9999). The
 gradients are always taken at the iterates theta_t; the average only
-watches. :class:`torch.optim.swa_utils.AveragedModel` with
-:func:`~torch.optim.swa_utils.get_ema_multi_avg_fn` holds it.
+watches. :class:`torch.optim.swa_utils.AveragedModel` holds it.
 
 The engine (:func:`~pyro_vae.training.engine.fit`, ``ema_decay``) validates
 the averaged weights, picks the best epoch by them, saves them as the
@@ -27,21 +32,34 @@ from collections.abc import Iterator
 
 import torch
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
+
+
+def warmed_up_decay(decay: float, step: int) -> float:
+    """d_t = min(d, t / (t + 9)) at step t >= 1 (TensorFlow's ``(1 + n) / (10 + n)`` at its n = t - 1 updates)."""
+    return min(decay, step / (step + 9))
 
 
 class WeightAverage:
-    """The exponential moving average of a module's weights over the optimiser's steps.
+    """The exponential moving average of a module's weights over the optimiser's steps, its decay warmed up.
 
     Before the first :meth:`update` the average is the module's weights themselves.
 
     :param module: the module whose parameters are averaged (its buffers are copied as they are).
-    :param decay: d in (0, 1): the weight of the previous average at every step.
+    :param decay: d in (0, 1): the largest weight of the previous average at a step.
+    :param warm_up: False keeps d at every step, Kingma & Ba's form (what ``fit`` does not;
+        ``benchmarks/m2_weight_average.py`` compares the two).
     """
 
-    def __init__(self, module: nn.Module, decay: float):
-        self.decay = decay
-        self.averaged = AveragedModel(module, multi_avg_fn=get_ema_multi_avg_fn(decay))
+    def __init__(self, module: nn.Module, decay: float, warm_up: bool = True):
+        self.decay, self.warm_up = decay, warm_up
+        self.averaged = AveragedModel(module, multi_avg_fn=self._average_in)
+
+    @torch.no_grad()
+    def _average_in(self, averages: list[torch.Tensor], weights: list[torch.Tensor], steps: torch.Tensor) -> None:
+        """AveragedModel's update at the step after ``steps``: theta_bar = d_t theta_bar + (1 - d_t) theta."""
+        decay = warmed_up_decay(self.decay, int(steps) + 1) if self.warm_up else self.decay
+        torch._foreach_lerp_(averages, weights, 1.0 - decay)
 
     @property
     def steps(self) -> int:
