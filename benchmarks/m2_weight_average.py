@@ -18,7 +18,8 @@ At the end it prints, for the iterates and each average, the test accuracy
 at the epoch of its best validation accuracy (how a run picks its best
 checkpoint) and the means over the last 20 epochs. The run directory
 (OUT/run) and the averages (OUT/averages.pt, saved with every checkpoint)
-resume after a stop or a Ctrl-C: run the same command again.
+resume after a stop or a Ctrl-C: run the same command again. ``--report``
+prints the table of OUT/averages.jsonl alone.
 """
 
 from __future__ import annotations
@@ -124,7 +125,11 @@ def main() -> None:
     parser.add_argument("--decays", type=decay_value, nargs="+", default=[0.9999], help="warmed up, as fit's")
     parser.add_argument("--fixed-decays", type=decay_value, nargs="*", default=[0.999, 0.9999], help="fixed")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--report", action="store_true", help="only print the table of OUT/averages.jsonl")
     args = parser.parse_args()
+    if args.report:
+        report(args.out / "averages.jsonl")
+        return
     args.out.mkdir(parents=True, exist_ok=True)
     watched = Watched(args.decays, args.fixed_decays, args.out)
     watch(watched)
