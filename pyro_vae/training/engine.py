@@ -361,9 +361,9 @@ def fit(
         validation or evaluation, which keep the caller's setting
         (:mod:`pyro_vae.training.precision`). A run resumes only with its own.
     :param ema_decay: d of the exponential moving average of the weights over the steps
-        (:mod:`~pyro_vae.training.averaging`, Kingma & Ba's temporal averaging) that the run
-        validates, keeps as its best and returns; 0 keeps the iterates themselves. A run resumes
-        only with its own.
+        (:mod:`~pyro_vae.training.averaging`, Kingma & Ba's temporal averaging, its decay warmed
+        up as min(d, t / (t + 9)) at step t) that the run validates, keeps as its best and
+        returns; 0 keeps the iterates themselves. A run resumes only with its own.
     """
     objective = as_objective(objective, model)
     settings = dict(
