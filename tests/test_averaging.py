@@ -45,9 +45,12 @@ def test_the_decay_warms_up_to_its_cap():
 def test_the_average_is_applied_within_the_block_and_the_iterates_come_back_bit_for_bit():
     module = torch.nn.Linear(4, 3)
     average = WeightAverage(module, 0.5)
-    with average.applied(module):  # before any step the average is the weights themselves
-        pass
     before = [parameter.clone() for parameter in module.parameters()]
+    with average.applied(module):  # before any step the average is the weights themselves
+        for parameter, first in zip(module.parameters(), before, strict=True):
+            assert torch.equal(parameter, first)
+    for parameter, first in zip(module.parameters(), before, strict=True):
+        assert torch.equal(parameter, first)
     average.update(module)
     with torch.no_grad():
         for parameter in module.parameters():
