@@ -2,9 +2,9 @@
 
     python benchmarks/m2_weight_average.py --labels 1000 --label-seed 0 --out runs/m2-average
 
-Trains M2 from pixels as ``pyro-vae train --semi-supervised --labels N
---label-seed S`` does (the library's defaults, ``--ema-decay 0``), and
-beside it keeps one :class:`~pyro_vae.training.averaging.WeightAverage` of
+Runs ``pyro-vae train --semi-supervised --labels N --label-seed S --out
+OUT --name run --eval-samples 0`` (M2 from pixels, the library's defaults,
+``--ema-decay 0``) in this process, and beside it keeps one :class:`~pyro_vae.training.averaging.WeightAverage` of
 the weights for each of ``--decays`` (the library's, whose decay warms up as
 ``pyro-vae train --ema-decay`` averages) and of ``--fixed-decays`` (the decay
 fixed from the first step, Kingma & Ba's form). After every epoch it writes the
@@ -25,35 +25,58 @@ prints the table of OUT/averages.jsonl alone.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import statistics
 from pathlib import Path
 
-import pyro
 import torch
 
 import pyro_vae as pv
+from pyro_vae import cli
 from pyro_vae.cli import M2_DEFAULTS, decay_value, positive_int, seed_value
-from pyro_vae.infer.semisupervised import default_aux_weight
+from pyro_vae.runs.files import atomic_write_bytes
 from pyro_vae.training import engine
 from pyro_vae.training.averaging import WeightAverage
 
 
 class Watched:
-    """The averages of one run's weights, updated after every step of ``fit`` and evaluated after every epoch."""
+    """The averages of one run's weights, updated after every step of ``fit`` and evaluated after every epoch.
+
+    OUT/averages.pt holds the averages at the run's last two checkpoints, each beside the checkpoint's place (its
+    epoch, and its step within an interrupted epoch): a stop between the averages' write and the checkpoint's
+    leaves the one that matches."""
 
     def __init__(self, decays: list[float], fixed_decays: list[float], out: Path):
         self.decays = {f"ema {d:g}": (d, True) for d in decays} | {f"fixed {d:g}": (d, False) for d in fixed_decays}
         self.state_file, self.log = out / "averages.pt", out / "averages.jsonl"
         self.averages: dict[str, WeightAverage] = {}
         self.saved = torch.load(self.state_file) if self.state_file.exists() else None
+        self.restored = None
+        if self.saved is not None and (kept := sorted(self.saved["latest"]["averages"])) != sorted(self.decays):
+            raise SystemExit(
+                f"{out} keeps the averages {', '.join(kept)}, not {', '.join(sorted(self.decays))}: give the "
+                "--decays and --fixed-decays of those, or another --out."
+            )
+
+    def resume_at(self, checkpoint: dict) -> None:
+        """Take the saved averages of the checkpoint the run resumes from."""
+        place = checkpoint_place(checkpoint["epoch"], checkpoint["position"])
+        if place == checkpoint_place(0, None):  # no step taken yet: the averages start afresh
+            return
+        for saved in (self.saved["latest"], self.saved["previous"]) if self.saved else ():
+            if saved is not None and saved["place"] == place:
+                self.restored = saved["averages"]
+                return
+        raise SystemExit(f"{self.state_file} holds no averages of the run's checkpoint (epoch {place['epoch']}): "
+                         f"start again with another --out.")  # fmt: skip
 
     def after_step(self, model) -> None:
         if not self.averages:  # the first step of this process: start the averages, or restore them
             self.averages = {name: WeightAverage(model, d, warm_up) for name, (d, warm_up) in self.decays.items()}
-            if self.saved is not None:
+            if self.restored is not None:
                 for name, average in self.averages.items():
-                    average.load(self.saved[name]["state"], self.saved[name]["steps"])
+                    average.load(self.restored[name]["state"], self.restored[name]["steps"])
         for average in self.averages.values():
             average.update(model)
 
@@ -65,11 +88,22 @@ class Watched:
         with self.log.open("a") as log:
             log.write(json.dumps(row) + "\n")
 
-    def save(self, model) -> None:
-        """With every checkpoint of the run (after an epoch, or at a Ctrl-C within one)."""
-        if self.averages:
-            saved = {name: {"state": a.state_of(model), "steps": a.steps} for name, a in self.averages.items()}
-            torch.save(saved, self.state_file)
+    def save(self, model, epoch: int, position: dict | None) -> None:
+        """Before every checkpoint of the run (after an epoch, or at a Ctrl-C within one)."""
+        if not self.averages:
+            return
+        latest = {
+            "place": checkpoint_place(epoch, position),
+            "averages": {name: {"state": a.state_of(model), "steps": a.steps} for name, a in self.averages.items()},
+        }
+        self.saved = {"latest": latest, "previous": self.saved["latest"] if self.saved else None}
+        buffer = io.BytesIO()
+        torch.save(self.saved, buffer)
+        atomic_write_bytes(self.state_file, buffer.getvalue())
+
+
+def checkpoint_place(epoch: int, position: dict | None) -> dict:
+    return {"epoch": epoch, "step": None if position is None else position["step"]}
 
 
 @torch.no_grad()
@@ -91,9 +125,9 @@ def watch(watched: Watched) -> None:
         watched.after_epoch(len(self.history), self.model, self.data)
         return metrics
 
-    def save_both(self, *args, **kwargs):
-        watched.save(self.model)
-        save(self, *args, **kwargs)
+    def save_both(self, epoch, *, best=False, position=None):
+        watched.save(self.model, epoch, position)
+        save(self, epoch, best=best, position=position)
 
     engine.take_step, engine._Engine._validate, engine._Engine._save = (
         step_and_average,
@@ -103,7 +137,9 @@ def watch(watched: Watched) -> None:
 
 
 def report(log: Path) -> None:
-    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    rows = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    if not rows:
+        raise SystemExit(f"{log} holds no epochs yet: run the benchmark without --report first.")
     by_epoch = {row["epoch"]: row for row in rows}  # a resumed run writes its epochs again: the last write counts
     rows = [by_epoch[epoch] for epoch in sorted(by_epoch)]
     print("| weights | best validation accuracy (epoch) | test accuracy there | last 20 epochs: val | test |")
@@ -132,19 +168,20 @@ def main() -> None:
         return
     args.out.mkdir(parents=True, exist_ok=True)
     watched = Watched(args.decays, args.fixed_decays, args.out)
-    watch(watched)
     run = args.out / "run"
     if pv.RunDirectory(run).holds_run():
-        pv.resume_run(run, epochs=args.epochs, eval_samples=0, progress=False)
+        objective = pv.RunDirectory(run).read_config()["train"]["objective"]
+        if (objective["num_labels"], objective["label_seed"]) != (args.labels, args.label_seed):
+            raise SystemExit(f"{run} trains on --labels {objective['num_labels']} --label-seed "
+                             f"{objective['label_seed']}: give those, or another --out.")  # fmt: skip
+        watched.resume_at(pv.RunDirectory(run).load_checkpoint("last"))
+        command = ["train", "--resume", str(run)]
     else:
-        pyro.set_rng_seed(0)  # as the study's runs
-        data = pv.load_dataset("mnist", binarize="dynamic", seed=0)
-        model = pv.SSVAE(data.x_shape, z_dim=M2_DEFAULTS["z_dim"][0], hidden=tuple(M2_DEFAULTS["hidden"]))
-        objective = pv.SemiSupervisedELBO(
-            num_labels=args.labels, label_seed=args.label_seed, aux_weight=default_aux_weight(args.labels)
-        )
-        settings = {key: M2_DEFAULTS[key] for key in ("batch_size", "lr", "lr_schedule")}
-        pv.fit(model, data, objective=objective, epochs=args.epochs, run_dir=run, progress=False, **settings)
+        command = ["train", "--semi-supervised", "--labels", str(args.labels), "--label-seed", str(args.label_seed)]
+        command += ["--out", str(args.out), "--name", "run"]
+    watch(watched)
+    if code := cli.main([*command, "--epochs", str(args.epochs), "--eval-samples", "0", "--no-progress"]):
+        raise SystemExit(code)
     report(watched.log)
 
 
