@@ -181,16 +181,11 @@ def check_settings(run: Path, args, place: str = "--out") -> None:
     check_subset(run, args, place)
     if args.model == "m2":
         check_output_bias(run, args, place)
-    if train["lr"] != args.lr:
-        raise SystemExit(
-            f"{run} was trained with --lr {train['lr']:g}, not {args.lr:g}; give that, or another {place}."
-        )
-    if train["lr_schedule"] != args.lr_schedule:
-        raise SystemExit(f"{run} was trained with --lr-schedule {train['lr_schedule']}, not {args.lr_schedule}; give "
-                         f"that, or another {place}.")  # fmt: skip
-    if train["ema_decay"] != args.ema_decay:
-        raise SystemExit(f"{run} was trained with --ema-decay {train['ema_decay']:g}, not {args.ema_decay:g}; give "
-                         f"that, or another {place}.")  # fmt: skip
+    for key in ("lr", "lr_schedule", "ema_decay"):
+        if (theirs := train[key]) != (ours := getattr(args, key)):
+            theirs, ours = (f"{value:g}" if isinstance(value, float) else value for value in (theirs, ours))
+            raise SystemExit(f"{run} was trained with --{key.replace('_', '-')} {theirs}, not {ours}; give that, or "
+                             f"another {place}.")  # fmt: skip
     if train["matmul_precision"] != "highest":
         raise SystemExit(f"{run} was trained with --matmul-precision {train['matmul_precision']}; the study trains in "
                          f"float32 (highest): give another {place}.")  # fmt: skip

@@ -79,6 +79,7 @@ def test_the_semi_supervised_study_refuses_a_run_of_another_schedule_length_unde
     for settings, message in [
         ({}, "trained with --lr-schedule constant, not step"),  # a run written before the option
         ({"lr_schedule": "constant"}, "trained with --lr-schedule constant, not step"),
+        ({"lr_schedule": "step", "lr": 1e-3}, "trained with --lr 0.001, not 0.003; give that, or another --out"),
         ({"lr_schedule": "step", "epochs": 100},
          "follows the step learning-rate schedule over 100 epochs.*give --epochs 100, or another --out"),
         ({"lr_schedule": "step", "matmul_precision": "medium"},
