@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pyro
+import torch
 
 from .components.likelihoods import LIKELIHOODS, Gaussian, build_likelihood
 from .components.nets import ACTIVATIONS, ARCHITECTURES
@@ -47,6 +48,7 @@ from .models import SSVAE, VAE, HierarchicalVAE, LatentFeatures, StackedSSVAE
 from .models.ssvae import CLASS_PRIORS
 from .registry import load_plugins
 from .runs import CheckpointError, RunDirectory, load_run
+from .runs.files import first_line
 from .training import LightningProcesses, TrainingDiverged, TrainingInterrupted
 from .training.engine import AUTO_COMPILE_STEPS, MAX_SEED, OUTPUT_BIAS_STARTS, resolve_device
 from .training.precision import MATMUL_PRECISIONS
@@ -657,13 +659,27 @@ def pareto_words(num_samples: int, num_unreliable: int) -> str:
     return f"Pareto k > {PARETO_THRESHOLD} on {num_unreliable} points"
 
 
+def make_folder(path: str | Path, flag: str, what: str) -> None:
+    """Create ``path`` (and its parents) for ``flag``, or refuse it, naming why, before any work starts."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise ValueError(f"{flag} {path} is a file; give {what}.") from None
+    except OSError as err:
+        raise ValueError(f"{flag} {path} cannot be made a folder ({err.strerror}); give {what}.") from None
+
+
 def _compare(args) -> None:
     for run in args.runs:
         RunDirectory(run).check_resumable()
+    if len({Path(run).resolve() for run in args.runs}) < len(args.runs):
+        raise ValueError(f"{' '.join(map(str, args.runs))}: a run is given twice; give each run once.")
+    out = Path(args.out)
+    if not out.name:
+        raise ValueError(f"--out {args.out!r} names no file; give a path and a name, e.g. --out runs/comparison.")
+    make_folder(out.parent, "--out", "a path whose folder can be written, e.g. --out runs/comparison")
     rows = compare_runs(args.runs, evaluation=args.evaluation)
     table = comparison_markdown(rows)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text(table)
     out.with_suffix(".csv").write_text(comparison_csv(rows))
     print(table + f"\nwritten to {out.with_suffix('.md')} and {out.with_suffix('.csv')}")
@@ -789,8 +805,7 @@ def _train(args) -> None:
         _announce(run_dir.path, processes)
         run = resume_run(run_dir.path, epochs=args.epochs, **common)
     else:
-        if Path(args.out).exists() and not Path(args.out).is_dir():
-            raise ValueError(f"--out {args.out} is a file; give the folder that is to hold the runs.")
+        make_folder(args.out, "--out", "the folder that is to hold the runs")
         if args.name:  # refused before the data, M1 or the model are loaded
             RunDirectory(Path(args.out) / args.name).check_fresh()
         pyro.set_rng_seed(args.seed)
@@ -870,6 +885,12 @@ def main(argv: list[str] | None = None) -> int:
         {"train": _train, "evaluate": _evaluate, "compare": _compare}[args.command](args)
     except (DataError, CheckpointError, TrainingDiverged, ValueError) as err:
         print(f"pyro-vae: error: {err}", file=sys.stderr)
+        return 2
+    except (MemoryError, RuntimeError) as err:
+        if not isinstance(err, MemoryError | torch.OutOfMemoryError) and "can't allocate memory" not in str(err):
+            raise
+        print(f"pyro-vae: error: out of memory ({first_line(err)}); give smaller sizes (--hidden, --z-dim, "
+              "--batch-size, --particles), or free memory.", file=sys.stderr)  # fmt: skip
         return 2
     except (TrainingInterrupted, EvaluationInterrupted) as err:
         print(f"pyro-vae: {err}", file=sys.stderr)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import math
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from importlib import resources
@@ -235,17 +236,40 @@ def _as_float(array) -> torch.Tensor:
     return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
 
 
+NUMPY_MAGIC = b"\x93NUMPY"  # how every .npy file starts; an .npz is a zip archive of them
+
+
+def load_numpy(path: Path, fix: str, error: type[Exception] = DataError) -> np.ndarray | dict[str, np.ndarray]:
+    """The array of a ``.npy`` file, or the arrays of an ``.npz`` by name, read without pickle (``allow_pickle=False``).
+
+    A file that is not one, is cut short, or holds object arrays (which only pickle can read) raises ``error``
+    naming the file and ``fix``.
+    """
+    path = Path(path)
+    with path.open("rb") as f:
+        head = f.read(len(NUMPY_MAGIC))
+    if head != NUMPY_MAGIC and not zipfile.is_zipfile(path):
+        raise error(f"{path} is not a NumPy .npy or .npz file (corrupt, or another kind of file); {fix}")
+    try:
+        loaded = np.load(path, allow_pickle=False)
+        if isinstance(loaded, np.ndarray):
+            return loaded
+        with loaded:
+            return {key: loaded[key] for key in loaded.files}
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
+        first_line = (str(err).splitlines() or [type(err).__name__])[0]
+        raise error(f"{path} could not be read as NumPy arrays without pickle ({first_line}); {fix}") from err
+
+
 def _from_file(path: Path) -> tuple[Split, Split | None]:
     """A ``.npy`` array of data points, or an ``.npz`` with ``x`` [``y``, ``x_test``, ``y_test``]."""
     if not path.exists():
-        raise DataError(f"Data file {path} does not exist.")
-    try:
-        loaded = np.load(path, allow_pickle=False)
-    except ValueError as err:
-        raise DataError(f"{path} could not be read as a NumPy file without pickle ({err}).") from err
-    if path.suffix == ".npy":
+        raise DataError(f"Data file {path} does not exist; give the path of a .npy or .npz file, or a dataset name.")
+    fix = "give an array saved by numpy.save, or arrays by numpy.savez, of numbers (not objects)."
+    loaded = load_numpy(path, fix)
+    if isinstance(loaded, np.ndarray):
         return Split(_as_float(loaded)), None
-    keys = set(loaded.files)
+    keys = set(loaded)
     if "x" not in keys:
         raise DataError(
             f"{path} has arrays {sorted(keys)}; it needs one named 'x' (and optionally 'y', 'x_test', 'y_test')."

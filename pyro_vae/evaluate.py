@@ -527,6 +527,8 @@ def compare_runs(run_dirs: list[str | Path], evaluation: str | None = None) -> l
                 else " (evaluations made before their test points were recorded are matched by the "
                 "data set of their run's config; evaluate those runs again to pair them by their points)"
             )
+            + ". Evaluate them on the same points (pyro-vae evaluate RUN with one --test-points), or compare runs "
+            "of one data set."
         )
     best = max(runs, key=lambda run: run[3].mean())
     rows = []

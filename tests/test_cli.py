@@ -7,8 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import pyro_vae as pv
+from pyro_vae import cli
 from pyro_vae.cli import main
 from pyro_vae.components.likelihoods import LIKELIHOODS
 
@@ -248,8 +250,40 @@ def test_an_output_bias_start_from_the_data_that_the_model_has_not_is_refused(tm
     assert pv.RunDirectory(tmp_path / "runs" / "conv").read_config()["train"]["output_bias"] == "random"
 
 
-def test_an_out_that_is_a_file_is_refused_before_any_work(tmp_path, capsys):
+def test_an_out_or_a_name_that_is_a_file_is_refused_before_any_work(tmp_path, capsys):
     (tmp_path / "runs").write_text("not a folder")
     assert main(["train", *SMALL, "--epochs", "1", "--out", str(tmp_path / "runs")]) == 2
     assert "--out" in (err := capsys.readouterr().err) and "is a file; give the folder" in err
     assert (tmp_path / "runs").read_text() == "not a folder"
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "taken").write_text("not a run")
+    assert main(["train", *SMALL, "--epochs", "1", "--out", str(tmp_path / "out"), "--name", "taken"]) == 2
+    assert "taken is a file; choose another name for the run, or move the file away" in capsys.readouterr().err
+    assert (tmp_path / "out" / "taken").read_text() == "not a run"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is of a machine without a GPU")
+def test_gpu_processes_on_a_machine_without_a_gpu_are_refused_before_any_launch(tmp_path, capsys):
+    assert main(["train", *SMALL, "--accelerator", "gpu", "--devices", "2", "--out", str(tmp_path)]) == 2
+    assert "PyTorch sees no GPU here; use --accelerator cpu" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_running_out_of_memory_is_one_line_that_names_the_sizes(tmp_path, monkeypatch, capsys):
+    """PyTorch's CPU allocator raises a RuntimeError (``--hidden 100000000`` asks for 313 GB): no traceback."""
+
+    def allocating(args):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 313600000000 bytes.")
+
+    monkeypatch.setattr(cli, "_train", allocating)
+    assert main(["train", "--hidden", "100000000", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pyro-vae: error: out of memory (DefaultCPUAllocator") and "--hidden" in err
+    assert err.count("\n") == 1
+
+    def failing(args):
+        raise RuntimeError("some other failure")
+
+    monkeypatch.setattr(cli, "_train", failing)
+    with pytest.raises(RuntimeError, match="some other failure"):  # only memory is turned into a message
+        main(["train", "--out", str(tmp_path)])

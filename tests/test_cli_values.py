@@ -170,15 +170,22 @@ def test_a_new_run_never_overwrites_an_old_one(finished_run, capsys, monkeypatch
         (["evaluate", "NOWHERE"], "does not exist"),
         (["compare", "NOWHERE"], "does not exist"),
         (["compare", "RUN"], "has no per-point log p(x); run `pyro-vae evaluate"),
+        (["compare", "RUN", "RUN"], "a run is given twice; give each run once"),
+        (["compare", "RUN", "--out", ""], "names no file; give a path and a name, e.g. --out runs/comparison"),
+        (["compare", "RUN", "--out", "AFILE/table"], "--out AFILE is a file; give a path whose folder can be written"),
+        (["train", "--out", "AFILE/runs"], "--out AFILE/runs cannot be made a folder (Not a directory)"),
         (["train", "--m1", "NOWHERE"], "does not exist"),
         (["train", "--m1", "RUN", "--output-bias", "data"], "--output-bias cannot be used with --m1"),
     ],
 )
-def test_evaluate_compare_and_m1_refuse_bad_values(finished_run, tmp_path, argv, message, capsys):
-    argv = [str(finished_run) if a == "RUN" else str(tmp_path / "nowhere") if a == "NOWHERE" else a for a in argv]
+def test_evaluate_compare_and_train_refuse_bad_values_and_paths(finished_run, tmp_path, argv, message, capsys):
+    (tmp_path / "afile").write_text("a file, not a folder")
+    names = {"RUN": str(finished_run), "NOWHERE": str(tmp_path / "nowhere")}
+    argv = [names.get(a, a.replace("AFILE", str(tmp_path / "afile"))) for a in argv]
     metrics = (finished_run / "metrics.json").read_text()
     code, err = _run(argv, capsys)
-    assert code == 2 and message in err and err.count("\n") == 1, err
+    assert code == 2 and message.replace("AFILE", str(tmp_path / "afile")) in err and err.count("\n") == 1, err
+    assert (tmp_path / "afile").read_text() == "a file, not a folder"
     assert (finished_run / "metrics.json").read_text() == metrics
 
 

@@ -42,10 +42,12 @@ def _rewrite_checkpoint(run: Path, **changes) -> None:
     [
         (lambda run: (run / "checkpoint.pt").write_bytes(b""), "truncated or corrupt"),
         (lambda run: (run / "checkpoint.pt").write_bytes(b"PK\x03\x04 garbage"), "truncated or corrupt"),
+        (lambda run: (run / "checkpoint.pt").write_bytes(bytes(range(256)) * 4), "not PyTorch's zip archive"),
         (lambda run: _rewrite_checkpoint(run, version=99), "format version 99"),
         (lambda run: _rewrite_checkpoint(run, format="something-else"), "not a pyro-vae checkpoint"),
         (lambda run: torch.save([1, 2, 3], run / "checkpoint.pt"), "not a pyro-vae checkpoint"),
         (lambda run: (run / "config.json").write_text("{not json"), "not valid JSON"),
+        (lambda run: (run / "config.json").write_text("[1, 2]"), "holds a JSON list, not the object pyro-vae writes"),
         (lambda run: (run / "checkpoint.pt").unlink(), "No checkpoint"),
         (
             lambda run: (run / "config.json").write_text(
@@ -54,12 +56,41 @@ def _rewrite_checkpoint(run: Path, **changes) -> None:
             "describes a different model",
         ),
     ],
-    ids=["empty", "bad-zip", "other-version", "other-format", "not-a-dict", "bad-json", "missing", "config-mismatch"],
+    ids=[
+        "empty",
+        "bad-zip",
+        "garbage",
+        "other-version",
+        "other-format",
+        "not-a-dict",
+        "bad-json",
+        "json-list",
+        "missing",
+        "config-mismatch",
+    ],
 )
 def test_broken_run_files_are_refused_with_the_fix(trained_run, damage, message, robustness_report):
     damage(trained_run)
     with pytest.raises(pv.CheckpointError, match=message):
         pv.load_run(trained_run, checkpoint="last")
+    robustness_report["bad inputs refused or cleaned"] += 1
+
+
+@pytest.mark.parametrize(
+    "name, read, fix",
+    [
+        ("metrics.json", lambda run: run.read_metrics(), "restore it or start a new run"),
+        ("test_log_px.npy", lambda run: run.read_log_px(), "delete it and run `pyro-vae evaluate"),
+        ("evaluations/is-k10.npz", lambda run: run.read_evaluation("is-k10"), "delete it and run pyro-vae evaluate"),
+    ],
+)
+def test_a_damaged_result_file_is_refused_naming_it_and_the_fix(trained_run, name, read, fix, robustness_report):
+    """A results file that is another JSON value, or bytes that are no NumPy file, is refused with its path."""
+    (trained_run / name).parent.mkdir(exist_ok=True)
+    (trained_run / name).write_bytes(b"[1]" if name.endswith(".json") else bytes(range(256)))
+    with pytest.raises(pv.CheckpointError, match=f"{name}.*{fix}") as refusal:
+        read(pv.RunDirectory(trained_run))
+    assert "pickle" not in str(refusal.value)
     robustness_report["bad inputs refused or cleaned"] += 1
 
 
@@ -71,9 +102,10 @@ def test_a_pickle_that_runs_code_is_never_executed(trained_run, tmp_path, robust
             return (Path.touch, (marker,))
 
     torch.save({"format": "pyro-vae-checkpoint", "version": 1, "payload": Exploit()}, trained_run / "checkpoint.pt")
-    with pytest.raises(pv.CheckpointError, match="not trusted"):
+    with pytest.raises(pv.CheckpointError, match="not trusted") as refusal:
         pv.load_run(trained_run, checkpoint="last")
     assert not marker.exists()
+    assert "weights_only" not in str(refusal.value)  # torch's advice to load it unsafely is not passed on
     robustness_report["bad inputs refused or cleaned"] += 1
 
 
@@ -97,8 +129,17 @@ def test_data_files_of_the_wrong_dtype_or_shape_are_refused(tmp_path, array, mes
 
 def test_a_pickled_data_file_is_refused(tmp_path, robustness_report):
     np.save(tmp_path / "objects.npy", np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
-    with pytest.raises(pv.DataError, match="without pickle"):
+    with pytest.raises(pv.DataError, match="without pickle.*numpy.save"):
         pv.load_dataset(str(tmp_path / "objects.npy"))
+    robustness_report["bad inputs refused or cleaned"] += 1
+
+
+@pytest.mark.parametrize("name", ["garbage.npy", "garbage.npz"])
+def test_a_data_file_that_is_no_numpy_file_is_refused_naming_what_to_give(tmp_path, name, robustness_report):
+    (tmp_path / name).write_bytes(bytes(range(256)))
+    with pytest.raises(pv.DataError, match="is not a NumPy .npy or .npz file.*numpy.save") as refusal:
+        pv.load_dataset(str(tmp_path / name))
+    assert "allow_pickle" not in str(refusal.value)
     robustness_report["bad inputs refused or cleaned"] += 1
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data import Dataset, dataset_from_spec
+from ..data import Dataset, dataset_from_spec, load_numpy
 from ..models import Model, build_model
 from ..models.base import completed_model_config
 from .files import (
@@ -97,6 +97,8 @@ class RunDirectory:
 
     def check_fresh(self) -> None:
         """A new run must not overwrite a finished or interrupted one, nor a run's record (:meth:`keep_record`)."""
+        if self.path.exists() and not self.path.is_dir():
+            raise CheckpointError(f"{self.path} is a file; choose another name for the run, or move the file away.")
         if self.holds_run():
             raise CheckpointError(f"{self.path} already holds a run; resume it (--resume) or choose another name.")
         measured = [name for name in (self.HISTORY, self.METRICS, self.LOG_PX) if self.file(name).exists()]
@@ -213,8 +215,8 @@ class RunDirectory:
                 f"{self.path} has no evaluation {name!r} (it has: {known}); run pyro-vae evaluate with that method "
                 "and those settings first."
             )
-        with np.load(path, allow_pickle=False) as arrays:
-            return {key: arrays[key] for key in arrays.files}
+        fix = "delete it to start that evaluation again." if partial else "delete it and run pyro-vae evaluate again."
+        return load_numpy(path, fix, CheckpointError)
 
     def keep_record(self, destination: str | Path, extra: tuple[str, ...] = ()) -> RunDirectory:
         """Copy the run's record to ``destination``: :attr:`RECORD`, the finished evaluations, and the files
@@ -238,7 +240,9 @@ class RunDirectory:
     def read_log_px(self) -> np.ndarray:
         if not self.file(self.LOG_PX).exists():
             raise ValueError(f"{self.path} has no per-point log p(x); run `pyro-vae evaluate {self.path}` first.")
-        return np.load(self.file(self.LOG_PX))
+        return load_numpy(
+            self.file(self.LOG_PX), f"delete it and run `pyro-vae evaluate {self.path}` again.", CheckpointError
+        )
 
 
 def model_config_matches(saved: dict | None, current: dict | None) -> bool:

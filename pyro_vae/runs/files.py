@@ -69,9 +69,15 @@ def read_json(path: Path) -> dict:
     if not path.exists():
         raise CheckpointError(f"{path} does not exist; is {path.parent} a pyro-vae run directory?")
     try:
-        return json.loads(path.read_text())
+        content = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{path} is not valid JSON ({err}); restore it or start a new run.") from err
+    if not isinstance(content, dict):
+        raise CheckpointError(
+            f"{path} holds a JSON {type(content).__name__}, not the object pyro-vae writes; restore it or start a "
+            "new run."
+        )
+    return content
 
 
 def write_history_csv(path: Path, history: list[dict]) -> None:
@@ -133,17 +139,23 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"No checkpoint at {path}. Train first (pyro-vae train), or drop --resume to start anew.")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; anything else is no checkpoint of ours
+        raise CheckpointError(
+            f"{path} is truncated or corrupt, or not a checkpoint that pyro-vae wrote (not PyTorch's zip archive). "
+            "Delete it and train again, or restore a copy."
+        )
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
+        found = str(err).partition("WeightsUnpickler error:")[2].strip().splitlines()
         raise CheckpointError(
-            f"{path} holds objects other than tensors and plain data, and was refused unread: a checkpoint that "
-            f"can run code when loaded is not trusted ({_first_line(err)}). "
-            "Use a checkpoint written by pyro-vae."
+            f"{path} holds objects other than tensors and plain data ({found[0] if found else first_line(err)}), "
+            "and was refused unread: a checkpoint that can run code when loaded is not trusted. Use a checkpoint "
+            "written by pyro-vae."
         ) from err
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
         raise CheckpointError(
-            f"{path} is truncated or corrupt ({_first_line(err)}). Delete it and train again, or restore a copy."
+            f"{path} is truncated or corrupt ({first_line(err)}). Delete it and train again, or restore a copy."
         ) from err
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a pyro-vae checkpoint.")
@@ -158,7 +170,7 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
     return state
 
 
-def _first_line(err: BaseException) -> str:
+def first_line(err: BaseException) -> str:
     return (str(err).splitlines() or [type(err).__name__])[0]
 
 

@@ -92,6 +92,8 @@ class LightningProcesses(SingleProcess):
                 f"Training on several processes needs PyTorch Lightning ({err}); "
                 'install it with: pip install "pyro-vae[distributed]"'
             ) from err
+        if accelerator == "gpu" and not torch.cuda.is_available():
+            raise ValueError("--accelerator gpu was asked for, but PyTorch sees no GPU here; use --accelerator cpu.")
         self.settings = {"devices": devices, "num_nodes": num_nodes, "strategy": strategy, "accelerator": accelerator}
         self.fabric = Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy)
         self.fabric.launch()
