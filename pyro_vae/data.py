@@ -145,7 +145,8 @@ def check_unit_interval(x: torch.Tensor) -> None:
     if x.numel() and (x.min() < 0 or x.max() > 1):
         raise DataError(
             f"Binarisation needs values in [0, 1]; the data spans [{float(x.min()):g}, {float(x.max()):g}]. "
-            "Rescale it to [0, 1], or use binarize='none' with a likelihood for real-valued data (gaussian)."
+            "Rescale it to [0, 1], or use binarize='none' (--binarize none) with a likelihood for real-valued data "
+            "(gaussian)."
         )
 
 
@@ -301,12 +302,13 @@ def _labels(values, points: torch.Tensor, what: str) -> torch.Tensor:
     return y.long()
 
 
-def _split_off(split: Split, n: int, seed: int, setting: str) -> tuple[Split, Split]:
-    """Hold ``n`` random points (seeded) out of ``split``: returns (rest, held_out); ``setting`` names the size."""
+def _split_off(split: Split, n: int, seed: int, setting: str, instead: str = "") -> tuple[Split, Split]:
+    """Hold ``n`` random points (seeded) out of ``split``: returns (rest, held_out); ``setting`` names the size,
+    ``instead`` the other fixes."""
     if not 0 < n < len(split):
         raise DataError(
             f"Cannot hold {n} of {len(split)} data points out; choose a {setting} between 1 and {len(split) - 1}, "
-            "or a fraction below 1."
+            f"or a fraction below 1{instead}."
         )
     order = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))
     rest, held = order[n:], order[:n]
@@ -352,7 +354,8 @@ def _assemble(name, train: Split, test: Split | None, *, binarize, val_size, tes
         )
     as_count = lambda size, n: int(round(size * n)) if size < 1 else int(size)  # noqa: E731
     if test is None:
-        train, test = _split_off(train, as_count(test_size, len(train)), seed + 1, "test_size")
+        instead = "; from the command line, give more points, or the test points as 'x_test' in an .npz file"
+        train, test = _split_off(train, as_count(test_size, len(train)), seed + 1, "test_size", instead)
     elif tuple(test.x.shape[1:]) != tuple(train.x.shape[1:]):
         raise DataError(
             f"Test points have shape {tuple(test.x.shape[1:])} but training points {tuple(train.x.shape[1:])}."

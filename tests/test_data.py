@@ -187,6 +187,14 @@ def test_fit_refuses_bad_data_before_training():
     assert all(torch.equal(b, p) for b, p in zip(before, vae.parameters(), strict=True))
 
 
+def test_too_few_points_for_a_test_split_name_the_fixes_of_python_and_the_command_line(tmp_path):
+    np.save(tmp_path / "five.npy", np.random.default_rng(0).random((5, 4), dtype=np.float32))
+    with pytest.raises(pv.DataError, match="Cannot hold 0 of 5 data points out; choose a test_size between 1 and 4, "
+                       "or a fraction below 1; from the command line, give more points, or the test points as "
+                       "'x_test' in an .npz file"):  # fmt: skip
+        pv.load_dataset(str(tmp_path / "five.npy"), binarize="none", val_size=1)
+
+
 def test_unknown_data_set_name():
     with pytest.raises(pv.DataError, match="Unknown data set"):
         pv.load_dataset("cifar-1000")

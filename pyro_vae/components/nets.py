@@ -131,7 +131,7 @@ def _check_image_shape(x_shape) -> tuple[int, int, int]:
     if len(x_shape) != 3 or x_shape[1] % 4 or x_shape[2] % 4:
         raise ValueError(
             f"The conv architecture needs images shaped (channels, height, width) with height and width "
-            f"divisible by 4; got {tuple(x_shape)}. Use arch='mlp' for other data."
+            f"divisible by 4; got {tuple(x_shape)}. Use arch='mlp' (--arch mlp) for other data."
         )
     return tuple(x_shape)
 
@@ -202,7 +202,9 @@ def build_nets(
         )
     if arch == "conv":
         if activation != "relu":
-            raise ValueError(f"The conv architecture uses ReLU; activation {activation!r} applies to arch='mlp'.")
+            raise ValueError(
+                f"The conv architecture uses ReLU; activation {activation!r} applies to arch='mlp' (--arch mlp)."
+            )
         if len(hidden) > 1:
             raise ValueError(
                 f"The conv architecture has one dense layer, whose size is hidden[0]; got hidden={tuple(hidden)}. "
