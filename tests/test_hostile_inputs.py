@@ -94,6 +94,17 @@ def test_a_damaged_result_file_is_refused_naming_it_and_the_fix(trained_run, nam
     robustness_report["bad inputs refused or cleaned"] += 1
 
 
+def test_a_run_without_the_best_pt_it_wrote_is_refused_not_read_from_its_last_checkpoint(trained_run):
+    """Only runs older than best.pt (their checkpoints record no best epoch) take the last checkpoint as the best."""
+    (trained_run / "best.pt").unlink()
+    for use in (lambda: pv.load_run(trained_run), lambda: pv.resume_run(trained_run, epochs=2, progress=False)):
+        with pytest.raises(pv.CheckpointError, match="best.pt is missing, though the run kept its best epoch"):
+            use()
+    assert pv.load_run(trained_run, checkpoint="last").epoch == 1
+    _rewrite_checkpoint(trained_run, best_epoch=None)  # as a run written before best.pt
+    assert pv.load_run(trained_run).epoch == 1
+
+
 def test_a_pickle_that_runs_code_is_never_executed(trained_run, tmp_path, robustness_report):
     marker = tmp_path / "pwned"
 

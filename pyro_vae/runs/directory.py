@@ -168,8 +168,21 @@ class RunDirectory:
         """The last checkpoint, or the best one (``which="best"``; runs older than best.pt give the last)."""
         if which not in ("last", "best"):
             raise ValueError(f"checkpoint must be 'last' or 'best'; got {which!r}.")
-        name = self.BEST if which == "best" and self.file(self.BEST).exists() else self.CHECKPOINT
-        return load_checkpoint(self.file(name), map_location=map_location)
+        if which == "last" or self.file(self.BEST).exists():
+            return load_checkpoint(self.file(self.BEST if which == "best" else self.CHECKPOINT), map_location)
+        last = load_checkpoint(self.file(self.CHECKPOINT), map_location=map_location)
+        self.check_best_kept(last)
+        return last
+
+    def check_best_kept(self, last: dict) -> None:
+        """A run whose last checkpoint records its best epoch wrote best.pt: refuse to go on without it (only runs
+        older than best.pt, which record none, take their last checkpoint as their best)."""
+        if last["best_epoch"] is not None and not self.file(self.BEST).exists():
+            raise CheckpointError(
+                f"{self.file(self.BEST)} is missing, though the run kept its best epoch ({last['best_epoch']}) there: "
+                f"restore it, or load the last checkpoint (epoch {last['epoch']}) with "
+                "pv.load_run(run, checkpoint='last')."
+            )
 
     def remove_stale_temporaries(self) -> None:
         """Temporary files left by a process killed while writing."""

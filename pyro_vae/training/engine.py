@@ -494,6 +494,7 @@ class _Engine:
         if self.processes.is_writer:
             run.remove_stale_temporaries()
         state = run.load_checkpoint("last", map_location=self.device)
+        run.check_best_kept(state)
         trained = state["epoch"] + (state["position"] is not None)  # a run stopped part-way is in its next epoch
         if self.settings["epochs"] < trained:
             target = state["config"].get("train", {}).get("epochs", "not recorded")
