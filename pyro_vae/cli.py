@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -659,14 +660,17 @@ def pareto_words(num_samples: int, num_unreliable: int) -> str:
     return f"Pareto k > {PARETO_THRESHOLD} on {num_unreliable} points"
 
 
-def make_folder(path: str | Path, flag: str, what: str) -> None:
-    """Create ``path`` (and its parents) for ``flag``, or refuse it, naming why, before any work starts."""
-    try:
-        Path(path).mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
-        raise ValueError(f"{flag} {path} is a file; give {what}.") from None
-    except OSError as err:
-        raise ValueError(f"{flag} {path} cannot be made a folder ({err.strerror}); give {what}.") from None
+def check_folder(path: str | Path, flag: str, what: str) -> None:
+    """Refuse ``path`` for ``flag``, naming why, before any work starts (and without making it), unless it is a
+    folder that can be written, or the nearest folder above it that exists is one."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{flag} {path} is a file; give {what}.")
+    existing = next(folder for folder in (path, *path.parents) if folder.exists())
+    if not existing.is_dir():
+        raise ValueError(f"{flag} {path} cannot be made a folder ({existing} is a file); give {what}.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path} cannot be written ({existing} is not writable); give {what}.")
 
 
 def _compare(args) -> None:
@@ -677,9 +681,10 @@ def _compare(args) -> None:
     out = Path(args.out)
     if not out.name:
         raise ValueError(f"--out {args.out!r} names no file; give a path and a name, e.g. --out runs/comparison.")
-    make_folder(out.parent, "--out", "a path whose folder can be written, e.g. --out runs/comparison")
+    check_folder(out.parent, "--out", "a path whose folder can be written, e.g. --out runs/comparison")
     rows = compare_runs(args.runs, evaluation=args.evaluation)
     table = comparison_markdown(rows)
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text(table)
     out.with_suffix(".csv").write_text(comparison_csv(rows))
     print(table + f"\nwritten to {out.with_suffix('.md')} and {out.with_suffix('.csv')}")
@@ -805,7 +810,7 @@ def _train(args) -> None:
         _announce(run_dir.path, processes)
         run = resume_run(run_dir.path, epochs=args.epochs, **common)
     else:
-        make_folder(args.out, "--out", "the folder that is to hold the runs")
+        check_folder(args.out, "--out", "the folder that is to hold the runs")
         if args.name:  # refused before the data, M1 or the model are loaded
             RunDirectory(Path(args.out) / args.name).check_fresh()
         pyro.set_rng_seed(args.seed)
@@ -886,18 +891,22 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, CheckpointError, TrainingDiverged, ValueError) as err:
         print(f"pyro-vae: error: {err}", file=sys.stderr)
         return 2
-    except (MemoryError, RuntimeError) as err:
-        if not isinstance(err, MemoryError | torch.OutOfMemoryError) and "can't allocate memory" not in str(err):
-            raise
-        print(f"pyro-vae: error: out of memory ({first_line(err)}); give smaller sizes (--hidden, --z-dim, "
-              "--batch-size, --particles), or free memory.", file=sys.stderr)  # fmt: skip
-        return 2
     except (TrainingInterrupted, EvaluationInterrupted) as err:
         print(f"pyro-vae: {err}", file=sys.stderr)
         return 130  # the shell's code for a SIGINT
     except KeyboardInterrupt:
         print("pyro-vae: interrupted; every completed epoch is saved in the run directory.", file=sys.stderr)
         return 130
+    except OSError as err:  # a path the checks up front could not foresee (a read-only or special file system)
+        print(f"pyro-vae: error: {err.strerror or err}: {err.filename}; check that path and its permissions.",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    except (MemoryError, RuntimeError) as err:
+        if not isinstance(err, MemoryError | torch.OutOfMemoryError) and "can't allocate memory" not in str(err):
+            raise
+        print(f"pyro-vae: error: out of memory ({first_line(err)}); give smaller sizes (--hidden, --z-dim, "
+              "--batch-size, --particles), or free memory.", file=sys.stderr)  # fmt: skip
+        return 2
     return 0
 
 

@@ -269,8 +269,18 @@ def test_gpu_processes_on_a_machine_without_a_gpu_are_refused_before_any_launch(
     assert list(tmp_path.iterdir()) == []
 
 
-def test_running_out_of_memory_is_one_line_that_names_the_sizes(tmp_path, monkeypatch, capsys):
-    """PyTorch's CPU allocator raises a RuntimeError (``--hidden 100000000`` asks for 313 GB): no traceback."""
+def test_running_out_of_memory_or_an_unwritable_path_is_one_line_that_names_the_fix(tmp_path, monkeypatch, capsys):
+    """PyTorch's CPU allocator raises a RuntimeError (``--hidden 100000000`` asks for 313 GB), and a file system can
+    refuse a path that looked writable (``--out /proc/runs``): no traceback."""
+
+    def refused(args):
+        raise PermissionError(13, "Permission denied", "/proc/runs")
+
+    monkeypatch.setattr(cli, "_train", refused)
+    assert main(["train", "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == (
+        "pyro-vae: error: Permission denied: /proc/runs; check that path and its permissions.\n"
+    )
 
     def allocating(args):
         raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 313600000000 bytes.")

@@ -173,7 +173,7 @@ def test_a_new_run_never_overwrites_an_old_one(finished_run, capsys, monkeypatch
         (["compare", "RUN", "RUN"], "a run is given twice; give each run once"),
         (["compare", "RUN", "--out", ""], "names no file; give a path and a name, e.g. --out runs/comparison"),
         (["compare", "RUN", "--out", "AFILE/table"], "--out AFILE is a file; give a path whose folder can be written"),
-        (["train", "--out", "AFILE/runs"], "--out AFILE/runs cannot be made a folder (Not a directory)"),
+        (["train", "--out", "AFILE/runs"], "--out AFILE/runs cannot be made a folder (AFILE is a file)"),
         (["train", "--m1", "NOWHERE"], "does not exist"),
         (["train", "--m1", "RUN", "--output-bias", "data"], "--output-bias cannot be used with --m1"),
     ],
