@@ -138,7 +138,7 @@ class RunDirectory:
                 holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
                 raise RunLocked(
                     f"{self.path} is being written by another process (pid {holder}); wait for it to finish or stop "
-                    "it, or choose another run name."
+                    "it (a new run can take another name instead)."
                 ) from None
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
