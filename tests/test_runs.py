@@ -65,6 +65,20 @@ def test_a_run_stopped_before_writing_its_metrics_has_not_finished_until_resumed
     assert not pv.RunDirectory(tmp_path / "nothing").training_finished()
 
 
+def test_a_finished_run_resumed_on_another_random_stream_keeps_its_test_metrics(small_mnist, tmp_path):
+    """The test metrics are drawn from the run's seed, not from the stream training left: a finished run resumed
+    with other generators (as on another number of processes, each of which starts a fresh stream) writes the
+    same test ELBO, where it had written another draw of it."""
+    run, data = tmp_path / "run", small_mnist.subset(train=200, test=50)
+    pv.fit(small_vae(), data, epochs=1, run_dir=run, progress=False)
+    metrics = pv.RunDirectory(run).read_metrics()
+    state = load_checkpoint(run / "checkpoint.pt")
+    state["rng"] = {"torch": torch.Generator().manual_seed(12345).get_state(), "cuda": []}
+    torch.save(state, run / "checkpoint.pt")
+    pv.fit(small_vae(), data, epochs=1, run_dir=run, resume=True, progress=False)  # trains nothing, finishes
+    assert pv.RunDirectory(run).read_metrics() == metrics
+
+
 def test_a_training_process_holds_its_run_and_a_killed_one_releases_it(tmp_path, capsys):
     args = ["--subset", "3000", "--hidden", "32", "--z-dim", "2", "--batch-size", "10", "--epochs", "50"]
     process = subprocess.Popen(

@@ -705,6 +705,7 @@ class _Engine:
         self.model.load_state_dict(best)
         if self.run is None:
             return
+        pyro.set_rng_seed(self.seed)  # the test metrics depend on the weights and the seed, not on how training went
         metrics = {"best_epoch": self.best_epoch}
         best_row = self.history[self.best_epoch_index]
         if self.metric in best_row:
