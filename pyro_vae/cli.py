@@ -45,6 +45,7 @@ from .infer.ais import (
 )
 from .infer.importance import DEFAULT_NUM_SAMPLES, PARETO_THRESHOLD, pareto_k_assessable
 from .infer.path_derivatives import GRADIENTS
+from .infer.semisupervised import check_label_count
 from .models import SSVAE, VAE, HierarchicalVAE, LatentFeatures, StackedSSVAE
 from .models.ssvae import CLASS_PRIORS
 from .registry import load_plugins
@@ -787,6 +788,7 @@ def _new_model(args):
         if args.particles is not None:  # otherwise the objective's own: 1 for the ELBOs, 5 for the IWAE bound
             objective["num_particles"] = args.particles
         return model, data, objective, f"{data.name}-{args.likelihood}-{args.prior}-{stamp}"
+    check_label_count(args.labels, len(data.train), model.num_classes)  # before the run directory is announced
     objective = {"name": "semi-supervised", "num_labels": args.labels, "label_seed": args.label_seed}
     objective["aux_weight"], objective["classifier_steps"] = args.aux_weight, args.classifier_steps
     return model, data, objective, name
@@ -815,6 +817,7 @@ def _train(args) -> None:
             RunDirectory(Path(args.out) / args.name).check_fresh()
         pyro.set_rng_seed(args.seed)
         model, data, objective, name = _new_model(args)
+        model.check_dataset(data)  # before the run directory is announced (fit checks it too, for the library's users)
         if "output_bias" in args.typed and args.output_bias == "data" and not _starts_from_data(model, data):
             raise ValueError(
                 f"--output-bias data: this {model.name} has no output bias to start at the data (its decoder has "

@@ -42,8 +42,8 @@ TRAIN_VALUES = [
     (["--init-scale", "0"], "give a scale > 0.001"),
     (["--init-scale", "0.0005"], "give a scale > 0.001"),
     (["--semi-supervised", "--labels", "0"], "give a value >= 1"),
-    (["--semi-supervised", "--labels", "70000"], "--labels must lie in [1, "),
-    (["--semi-supervised", "--labels", "5"], "5 labels cannot cover 10 classes; give at least 10"),
+    (["--semi-supervised", "--labels", "70000"], "--labels 70000 is not below the "),
+    (["--semi-supervised", "--labels", "5"], "5 labels cannot cover 10 classes; give --labels 10 or more"),
     (["--semi-supervised", "--label-seed", "-2"], "give a value in [0, 4294967295]"),
     (["--semi-supervised", "--aux-weight", "-1"], "give a value >= 0"),
     (["--semi-supervised", "--classifier-steps", "-5"], "give a value >= 0"),
@@ -110,10 +110,15 @@ def _run(argv, capsys):
 @pytest.mark.parametrize("flags, message", TRAIN_VALUES, ids=[" ".join(f) for f, _ in TRAIN_VALUES])
 def test_an_invalid_train_value_is_refused_before_any_work(flags, message, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # "sees no GPU" on a machine with one too
-    code, err = _run(["train", *SMALL, *flags, "--out", str(tmp_path / "runs")], capsys)
+    try:
+        code = cli.main(["train", *SMALL, *flags, "--out", str(tmp_path / "runs")])
+    except SystemExit as done:
+        code = done.code
+    out, err = capsys.readouterr()
     assert code == 2, err
     assert message in err, err
     assert err.count("\n") == 1 and "Traceback" not in err, err  # one line
+    assert "run directory" not in out, out  # refused before a run directory was announced
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())  # no run directory
 
 

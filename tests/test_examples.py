@@ -125,7 +125,8 @@ def test_the_prior_study_refuses_a_run_of_other_settings_before_training(tmp_pat
     study = load_example("compare_priors.py")
     args = argparse.Namespace(epochs=3, warmup_epochs=10.0, components=5, subset=500, seed=0, output_bias="data")
     vae = pv.VAE((1, 28, 28), 4, prior=pv.priors.build_prior(study.prior_config("mixture", args)), hidden=(16,))
-    pv.fit(vae, mnist.quick_subset(500), epochs=1, warmup_epochs=10, run_dir=tmp_path / "mixture", progress=False)
+    with pytest.warns(UserWarning, match="KL warm-up"):  # 10 epochs of warm-up in a run of 1
+        pv.fit(vae, mnist.quick_subset(500), epochs=1, warmup_epochs=10, run_dir=tmp_path / "mixture", progress=False)
     study.check_before_training(args, tmp_path)  # the same settings: it goes ahead
     for change, message in [
         ({"components": None}, "was trained with --components 5; give that"),

@@ -178,7 +178,13 @@ def test_alpha_grows_with_the_label_count_unless_given_and_a_bad_one_is_refused(
 
 @pytest.mark.parametrize(
     ("count", "message"),
-    [(0, "must lie in"), (1001, "must lie in"), (5, "cannot cover 10 classes"), (500, "Class 9 has 10")],
+    [
+        (0, "cannot cover 10 classes"),
+        (5, "cannot cover 10 classes"),
+        (1000, "not below the 1000 training points"),
+        (1001, "not below the 1000 training points"),
+        (500, "Class 9 has 10"),
+    ],
 )
 def test_impossible_label_counts_are_refused(count, message):
     y = torch.cat([torch.arange(990) % 9, torch.full((10,), 9)])

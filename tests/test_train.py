@@ -92,6 +92,12 @@ def test_meanfield_elbo_and_warmup_train(small_mnist):
     assert history[-1]["val_elbo"] > history[0]["val_elbo"] + 200
 
 
+def test_a_warmup_longer_than_the_run_is_warned_of(small_mnist):
+    with pytest.warns(UserWarning, match=r"--warmup-epochs 4\) is longer than the 1 epochs: .* only 0.25 of beta"):
+        history = pv.fit(small_vae(), small_mnist, epochs=1, warmup_epochs=4, progress=False)
+    assert history[-1]["kl_weight"] <= 0.25
+
+
 def test_kl_weight_schedule():
     weights = [kl_weight_schedule(step, beta=2.0, warmup_steps=4) for step in range(6)]
     assert weights == [0.5, 1.0, 1.5, 2.0, 2.0, 2.0]

@@ -45,17 +45,29 @@ from .densities import evaluating, negligible_shares
 from .objective import Objective, register_objective
 
 
+def check_label_count(num_labels: int, num_points: int, num_classes: int) -> None:
+    """Refuse a count of labels that cannot cover every class, or leaves no unlabelled training point.
+
+    Raises :class:`~pyro_vae.data.DataError` naming the counts that would do.
+    """
+    if num_labels < num_classes:
+        raise DataError(
+            f"{num_labels} labels cannot cover {num_classes} classes; give --labels {num_classes} or more (one per "
+            "class)."
+        )
+    if num_labels >= num_points:
+        raise DataError(
+            f"--labels {num_labels} is not below the {num_points} training points, and the semi-supervised objective "
+            f"learns from unlabelled points too; give --labels {num_points - 1} or fewer, or train a VAE."
+        )
+
+
 def draw_labelled(y: torch.Tensor, num_labels: int, num_classes: int, seed: int = 0) -> torch.Tensor:
     """Indices of ``num_labels`` points, as many of each class as possible (the first classes get any remainder).
 
     Raises :class:`~pyro_vae.data.DataError` when the count is impossible.
     """
-    if not 1 <= num_labels <= len(y):
-        raise DataError(f"--labels must lie in [1, {len(y)}] (the training points); got {num_labels}.")
-    if num_labels < num_classes:
-        raise DataError(
-            f"{num_labels} labels cannot cover {num_classes} classes; give at least {num_classes} (one per class)."
-        )
+    check_label_count(num_labels, len(y), num_classes)
     generator = torch.Generator().manual_seed(seed)
     per_class = [num_labels // num_classes + (c < num_labels % num_classes) for c in range(num_classes)]
     chosen = []
@@ -160,8 +172,6 @@ class SemiSupervisedELBO(Objective):
         is_labelled = torch.zeros(len(data.train), dtype=torch.bool, device=device)
         is_labelled[self.labelled] = True
         self.unlabelled = (~is_labelled).nonzero().squeeze(1)
-        if len(self.unlabelled) == 0:
-            raise DataError("Every training point is labelled; use fewer --labels, or train a VAE.")
         self.num_data = len(data.train)
         self.labelled_batch = min(batch_size, self.num_labels)
 

@@ -69,6 +69,7 @@ import copy
 import math
 import numbers
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -381,6 +382,15 @@ def fit(
     if compile not in (True, False, "auto"):
         raise ValueError(f"compile must be True, False or 'auto'; got {compile!r}.")
     check_settings(objective, seed=seed, **settings)
+    if settings["warmup_epochs"] > settings["epochs"] > 0:  # resuming for more epochs may finish the warm-up
+        warnings.warn(
+            f"The KL warm-up (warmup_epochs, --warmup-epochs {settings['warmup_epochs']:g}) is longer than the "
+            f"{settings['epochs']} epochs: the KL weight reaches only "
+            f"{settings['epochs'] / settings['warmup_epochs']:.2g} of beta by the last epoch. Train for "
+            f"{math.ceil(settings['warmup_epochs'])} epochs or more (resume this run with --epochs) to finish it.",
+            UserWarning,
+            stacklevel=2,
+        )
     if resume and run_dir is None:
         raise ValueError("resume=True needs the run_dir to resume from.")
     processes = processes or SingleProcess()
