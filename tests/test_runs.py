@@ -2,6 +2,8 @@
 
 import ast
 import errno
+import json
+import math
 import os
 import signal
 import subprocess
@@ -156,6 +158,23 @@ def test_a_full_disk_while_drawing_a_figure_keeps_the_previous_figure(tmp_path, 
     with pytest.raises(pv.CheckpointError, match=r"the disk is full; the previous samples\.png is intact"):
         plots.plot_samples(small_vae(), path, n=4)
     assert path.read_bytes() == before and not list(path.parent.glob(".*.tmp"))
+
+
+def test_json_files_are_strict_json_and_read_back_their_non_finite_numbers(tmp_path):
+    written = {"se": math.nan, "k": [math.inf, 0.5, -math.inf], "nested": {"name": "NaNo", "x": 1.0}}
+    files.write_json(tmp_path / "m.json", written)
+    text = (tmp_path / "m.json").read_text()
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not strict JSON")
+
+    strict = json.loads(text, parse_constant=refuse)  # what a strict reader (jq, JavaScript) takes
+    assert strict["se"] == "NaN" and strict["k"] == ["Infinity", 0.5, "-Infinity"]
+    read = files.read_json(tmp_path / "m.json")
+    assert math.isnan(read["se"]) and read["k"] == [math.inf, 0.5, -math.inf] and read["nested"] == written["nested"]
+    (tmp_path / "old.json").write_text('{"se": NaN, "k": Infinity}')  # as earlier versions wrote them
+    old = files.read_json(tmp_path / "old.json")
+    assert math.isnan(old["se"]) and old["k"] == math.inf
 
 
 def test_fit_takes_a_tensor_or_names_make_dataset(small_mnist):

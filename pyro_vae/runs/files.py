@@ -16,6 +16,7 @@ import csv
 import errno
 import io
 import json
+import math
 import os
 import pickle
 import tempfile
@@ -60,8 +61,38 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+#: How the numbers that JSON has no literal for are written, as strings, so that every file is strict JSON
+#: (RFC 8259) that any reader takes; :func:`read_json` turns them back into floats.
+NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+
+def _spelled_out(obj):
+    """``obj`` with every NaN or infinite float replaced by its name in :data:`NON_FINITE`."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "NaN" if math.isnan(obj) else ("Infinity" if obj > 0 else "-Infinity")
+    if isinstance(obj, dict):
+        return {key: _spelled_out(value) for key, value in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_spelled_out(value) for value in obj]
+    return obj
+
+
+def _read_back(obj):
+    """The inverse of :func:`_spelled_out`."""
+    if isinstance(obj, str):
+        return NON_FINITE.get(obj, obj)
+    if isinstance(obj, dict):
+        return {key: _read_back(value) for key, value in obj.items()}
+    if isinstance(obj, list):
+        return [_read_back(value) for value in obj]
+    return obj
+
+
 def write_json(path: Path, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+    """Write ``obj`` as strict JSON: a NaN (the standard error of one point) or an infinity (a Pareto k of a
+    tail too short to fit) becomes the string of :data:`NON_FINITE`."""
+    text = json.dumps(_spelled_out(obj), indent=2, sort_keys=False, allow_nan=False)
+    atomic_write_bytes(path, (text + "\n").encode())
 
 
 def read_json(path: Path) -> dict:
@@ -77,7 +108,7 @@ def read_json(path: Path) -> dict:
             f"{path} holds a JSON {type(content).__name__}, not the object pyro-vae writes; restore it or start a "
             "new run."
         )
-    return content
+    return _read_back(content)  # the files of earlier versions, with NaN and Infinity bare, read as well
 
 
 def write_history_csv(path: Path, history: list[dict]) -> None:
