@@ -621,9 +621,11 @@ def _evaluate(args) -> None:
     where = Path(args.run) / RunDirectory.EVALUATIONS / f"{metrics['evaluation']}.npz"
     if args.method == "bdmc":
         print(
-            f"{args.run}: BDMC on {metrics['bdmc_num_points']} simulated points: lower {metrics['bdmc_lower']:.3f}, "
-            f"upper {metrics['bdmc_upper']:.3f}, gap {metrics['bdmc_gap_mean']:.3f} on average "
-            f"({metrics['bdmc_gap_max']:.3f} at most) nats\n  per point: {where}"
+            f"{args.run}: BDMC on {metrics['bdmc_num_points']} simulated points: lower {metrics['bdmc_lower']:.3f} "
+            f"+- {metrics['bdmc_lower_se']:.3f}, upper {metrics['bdmc_upper']:.3f} +- {metrics['bdmc_upper_se']:.3f}, "
+            f"gap {metrics['bdmc_gap_mean']:.3f} +- {metrics['bdmc_gap_se']:.3f} on average "
+            f"({metrics['bdmc_gap_max']:.3f} at most; negative at {metrics['bdmc_num_negative_gaps']} points, by "
+            f"noise) nats\n  per point: {where}"
         )
         return
     if args.method in ("ais", "auto") or args.test_points:

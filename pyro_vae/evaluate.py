@@ -15,7 +15,9 @@ by one of four methods:
   assessable (K < 46 gives every point's weights too short a tail to fit);
 * ``"bdmc"``: bidirectional Monte Carlo bounds on points simulated from the
   model (:func:`~pyro_vae.infer.ais.bdmc`), which bound the error of AIS at
-  its settings; refused for semi-supervised models, whose label is discrete.
+  its settings on such points, in expectation (on the test points only as
+  far as their posteriors are no harder, as when the model fits the data);
+  refused for semi-supervised models, whose label is discrete.
 
 Each evaluation's per-point values go to ``evaluations/<name>.npz`` under a
 name that records the method and its settings, and its summary to
@@ -124,7 +126,11 @@ def classify_generatively(model, x: torch.Tensor, *, num_samples: int = 10, batc
 def evaluation_name(
     method: str, *, num_samples: int, ais: dict, num_points: int, test_points: int | None = None
 ) -> str:
-    """The file name of an evaluation: its method, every setting that changes its numbers, and its points."""
+    """The file name of an evaluation: its method, the settings that change what it estimates, and its points.
+
+    The seed and the batch size change only its random draws; ``metrics.json`` records the seed beside the
+    evaluation's summary, and an evaluation made again with another seed replaces it.
+    """
     if method not in METHODS:
         raise ValueError(f"Unknown method {method!r}; choose one of {METHODS}.")
     annealing = f"T{ais['num_steps']}-C{ais['num_chains']}-L{ais['leapfrog_steps']}-{ais['schedule']}"

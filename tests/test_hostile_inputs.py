@@ -305,10 +305,12 @@ def test_a_non_positive_k_is_refused(bad, robustness_report):
 
 @pytest.mark.parametrize(
     "settings, x, message",
-    [({"num_particles": 0}, torch.ones(2, 3), "num_particles >= 1"),
-     ({"batch_size": 0}, torch.ones(2, 3), "batch_size >= 1"),
+    [({"num_particles": 0}, torch.ones(2, 3), "num_particles (and batch_size )?must be (a )?whole numbers? >= 1"),
+     ({"num_particles": 2.5}, torch.ones(2, 3), "num_particles (and batch_size )?must be (a )?whole numbers? >= 1"),
+     ({"batch_size": 0}, torch.ones(2, 3), "and batch_size must be whole numbers >= 1"),
+     ({"batch_size": True}, torch.ones(2, 3), "and batch_size must be whole numbers >= 1"),
      ({}, torch.ones(0, 3), "x is empty")],
-    ids=["no-particles", "no-batch", "no-points"],
+    ids=["no-particles", "half-a-particle", "no-batch", "a-bool-batch", "no-points"],
 )  # fmt: skip
 def test_the_elbo_estimates_refuse_what_they_cannot_average(settings, x, message, robustness_report):
     vae = pv.VAE((3,), 2, hidden=(4,))

@@ -22,16 +22,28 @@ marginal likelihood using bidirectional Monte Carlo*, 2015): on data
 simulated from the model, (z, x) ~ p(z) p(x | z), z is an exact posterior
 sample for x. AIS run in reverse from it, from beta = 1 down to 0, gives
 log w_rev with E[w_rev] = 1 / p(x), so -logmeanexp(log w_rev) is a
-stochastic *upper* bound. The gap between the two bounds bounds the error
-of AIS at those settings.
+stochastic *upper* bound. The gap between the two bounds bounds, in
+expectation, the error of AIS at those settings *on data simulated from the
+model*. Carrying the bound over to real test points assumes that their
+posteriors are no harder than those of simulated points, as they are when
+the model fits the data; Grosse et al. and Wu et al. state the same caveat.
 
 Latent sites with constrained supports are moved to the reals through
 ``torch.distributions.biject_to`` with the log-Jacobian added; a discrete
 latent site is refused. The densities are the unscaled per-site ones of
 :mod:`pyro_vae.infer.densities`, so plate scaling and ``poutine.scale``
 never change the answer. Every point and chain runs at once (a particle
-plate of chains left of the model's plates); the step size is adapted per
-data point towards a target acceptance rate.
+plate of chains left of the model's plates).
+
+The leapfrog step size is adapted per data point towards a target acceptance
+rate from :data:`PILOT_CHAINS` pilot chains that run beside the C chains
+along the same path and whose weights are dropped. The C chains' transitions
+then depend on nothing that they themselves drew: given the pilots, each
+chain follows a fixed sequence of HMC kernels, and E[w] = p(x) (forward) and
+E[w_rev] = 1 / p(x) (reverse) hold exactly at any T. Adapting from the
+chains' own acceptances, as Wu et al.'s code does, would make each
+transition depend on the chain's past and leave both bounds exact only in a
+limit that a finite schedule never reaches.
 """
 
 from __future__ import annotations
@@ -53,6 +65,7 @@ from .densities import (
     _per_point,
     check_points_and_batches,
     guess_max_plate_nesting,
+    is_whole_number,
     latent_sites,
     log_mean_exp,
     seeded,
@@ -69,6 +82,8 @@ DEFAULT_STEPS, DEFAULT_CHAINS, DEFAULT_LEAPFROG_STEPS = 400, 16, 2
 #: BDMC's points simulated from the model unless told otherwise.
 DEFAULT_BDMC_POINTS = 1000
 STARTS = ("guide", "prior")
+#: Chains per point that adapt the step size and carry no weight (see the module docstring).
+PILOT_CHAINS = 4
 
 
 #: delta of the sigmoidal schedule (:func:`beta_schedule`).
@@ -197,7 +212,7 @@ class _Densities:
 
     def __init__(self, model, guide, x, args, kwargs, settings: dict, max_plate_nesting: int):
         self.model, self.guide, self.x, self.args, self.kwargs = model, guide, x, args, kwargs
-        self.num_chains, self.particle_dim = settings["num_chains"], -max_plate_nesting - 1
+        self.num_chains, self.particle_dim = settings["num_chains"] + PILOT_CHAINS, -max_plate_nesting - 1
         evaluations = self.num_chains * settings["num_steps"] * settings["leapfrog_steps"]
         self.kernels = log_density_kernels(x.numel() * evaluations)
 
@@ -217,9 +232,6 @@ class _Densities:
     def __call__(self, values: dict[str, torch.Tensor], prior_start: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """(log f_0, log p(x, z)): f_0 is q(z | x), or p(z) when the chains start from the prior."""
         with self._plate():
-            guide_trace = poutine.trace(poutine.condition(self.guide, data=values)).get_trace(
-                self.x, *self.args, **self.kwargs
-            )
             model_trace = poutine.trace(poutine.condition(self.model, data=values)).get_trace(
                 self.x, *self.args, **self.kwargs
             )
@@ -233,6 +245,10 @@ class _Densities:
                     log_prior = log_prior + term
         if prior_start:
             return log_prior.expand(shape), log_p.expand(shape)
+        with self._plate():
+            guide_trace = poutine.trace(poutine.condition(self.guide, data=values)).get_trace(
+                self.x, *self.args, **self.kwargs
+            )
         log_q = torch.zeros(shape, device=self.x.device)
         for name, site in guide_trace.nodes.items():
             if site["type"] == "sample" and name in values:
@@ -342,27 +358,32 @@ def _align(t: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
 
 
 def _anneal(annealer: _Annealer, u, betas, step_size, target_acceptance, progress_bar):
-    """Run the path forwards (betas increasing) or backwards; returns log weights, acceptance, step size."""
+    """Run the path forwards (betas increasing) or backwards from ``u``, whose last :data:`PILOT_CHAINS`
+    chains are the pilots; returns the other chains' log weights and acceptance rate, and the step size."""
     num_chains, n = next(iter(u.values())).shape[:2]
+    weighted = num_chains - PILOT_CHAINS
     device = step_size.device
-    log_w = torch.zeros(num_chains, n, dtype=torch.float64, device=device)
+    log_w = torch.zeros(weighted, n, dtype=torch.float64, device=device)
     accepted = torch.zeros(n, dtype=torch.float64, device=device)
     state = annealer.evaluate(u)
     for t in range(1, len(betas)):
-        log_w += (betas[t] - betas[t - 1]) * (state.log_p - state.log_f0).double()  # at the state before the step
+        increment = (state.log_p - state.log_f0)[:weighted]  # at the state before the step
+        log_w += (betas[t] - betas[t - 1]) * increment.double()
         state, accept = annealer.transition(state, float(betas[t]), step_size)
-        rate = accept.mean(0)
-        accepted += rate.double()
-        # per point, towards the target acceptance rate: log epsilon moves by 0.5 (rate - target), less than
-        # 0.5 a step. The step size then depends on the chains' earlier acceptances, so E[w] = p(x) is
-        # exact only in the limit where the adaptation settles; Wu et al.'s code adapts from the acceptance
-        # rate likewise. The quadrature test and BDMC measure the whole estimator, adaptation included.
-        step_size = step_size * torch.exp(0.5 * (rate - target_acceptance))
+        accepted += accept[:weighted].mean(0).double()
+        # per point, from the pilots alone, towards the target acceptance rate: log epsilon moves by
+        # 0.5 (rate - target), less than 0.5 a step
+        step_size = step_size * torch.exp(0.5 * (accept[weighted:].mean(0) - target_acceptance))
         progress_bar.update(1)
     return log_w, accepted / (len(betas) - 1), step_size
 
 
 def _check_settings(num_steps, num_chains, leapfrog_steps, step_size, target_acceptance, schedule, start, batch_size):
+    counts = {"num_steps": num_steps, "num_chains": num_chains, "leapfrog_steps": leapfrog_steps,
+              "batch_size": batch_size}  # fmt: skip
+    for name, value in counts.items():
+        if not is_whole_number(value):
+            raise ValueError(f"{name} must be a whole number; got {value!r}.")
     checks = [
         (num_steps >= 1, f"num_steps must be >= 1; got {num_steps}"),
         (num_chains >= 1, f"num_chains must be >= 1; got {num_chains}"),
@@ -412,7 +433,7 @@ def ais_log_marginal_likelihood(
         not depend on the others); None uses the global RNG.
     """
     _check_settings(num_steps, num_chains, leapfrog_steps, step_size, target_acceptance, schedule, start, batch_size)
-    if isinstance(compare_is_samples, bool) or not isinstance(compare_is_samples, int) or compare_is_samples < 0:
+    if not is_whole_number(compare_is_samples) or compare_is_samples < 0:
         raise ValueError(f"compare_is_samples must be a whole number >= 0 (0 skips it); got {compare_is_samples!r}.")
     check_points_and_batches(x, num_chains, batch_size, "num_chains")
     if max_plate_nesting is None:
@@ -507,6 +528,7 @@ def _settings(num_steps, num_chains, leapfrog_steps, schedule, start, target_acc
         "schedule": schedule,
         "start": start,
         "target_acceptance": target_acceptance,
+        "pilot_chains": PILOT_CHAINS,
     }
 
 
@@ -552,11 +574,18 @@ class BDMCEstimate:
         return self.upper - self.lower
 
     def summary(self) -> dict:
+        """The mean bounds and gap with their standard errors over the points (the gap's is the paired one),
+        the largest gap, and how many points have a negative gap (noise: each bound holds only in
+        expectation)."""
         return {
             "bdmc_lower": float(self.lower.mean()),
+            "bdmc_lower_se": standard_error(self.lower),
             "bdmc_upper": float(self.upper.mean()),
+            "bdmc_upper_se": standard_error(self.upper),
             "bdmc_gap_mean": float(self.gap.mean()),
+            "bdmc_gap_se": standard_error(self.gap),
             "bdmc_gap_max": float(self.gap.max()),
+            "bdmc_num_negative_gaps": int((self.gap < 0).sum()),
             "bdmc_num_points": self.lower.numel(),
             **{f"ais_{key}": value for key, value in self.settings.items()},
         }
@@ -603,8 +632,8 @@ class BDMC:
         _check_settings(
             num_steps, num_chains, leapfrog_steps, step_size, target_acceptance, schedule, "guide", batch_size
         )
-        if num_points < 1:
-            raise ValueError(f"num_points must be >= 1; got {num_points}.")
+        if not is_whole_number(num_points) or num_points < 1:
+            raise ValueError(f"num_points must be a whole number >= 1; got {num_points!r}.")
         self.model, self.guide, self.args, self.kwargs, self.seed = model, guide, args, kwargs, seed
         self.step_size, self.batch_size = step_size, batch_size
         self.settings = _settings(num_steps, num_chains, leapfrog_steps, schedule, "guide", target_acceptance)
@@ -627,7 +656,7 @@ class BDMC:
                 self.model, self.guide, xb, self.args, self.kwargs, beta_schedule(settings["num_steps"],
                 settings["schedule"]), settings, self.step_size, self.max_plate_nesting, bar,
             )  # fmt: skip
-        num_chains = settings["num_chains"]
+        num_chains = settings["num_chains"] + PILOT_CHAINS
         with seeded(None if self.seed is None else self.seed + REVERSE_SEED_OFFSET + index):
             densities = _Densities(self.model, self.guide, xb, self.args, self.kwargs, settings, self.max_plate_nesting)
             space = _LatentSpace(densities.trace_guide())

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -190,10 +191,15 @@ def check_reparameterized_guide(guide, x: torch.Tensor, estimator: str) -> None:
         )
 
 
+def is_whole_number(value) -> bool:
+    """Whether ``value`` is an integer (Python's or NumPy's), and not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def check_points_and_batches(x: torch.Tensor, num_samples: int, batch_size: int, samples: str) -> None:
     """Refuse, before any work, an empty ``x`` or fewer than one draw (named ``samples``) or point per batch."""
-    if num_samples < 1 or batch_size < 1:
-        raise ValueError(f"Need {samples} >= 1 and batch_size >= 1; got {num_samples} and {batch_size}.")
+    if not (is_whole_number(num_samples) and is_whole_number(batch_size)) or num_samples < 1 or batch_size < 1:
+        raise ValueError(f"{samples} and batch_size must be whole numbers >= 1; got {num_samples!r} and {batch_size!r}.")
     if x.shape[0] == 0:
         raise ValueError("x is empty: give at least one data point.")
 
@@ -218,8 +224,8 @@ def site_log_densities(
         is then evaluated with them held fixed, for the path derivative (see the module's docstring).
     :returns: :class:`SiteLogDensities` with tensors of shape ``(num_particles, N)``.
     """
-    if num_particles < 1:
-        raise ValueError(f"Need num_particles >= 1; got {num_particles}.")
+    if not is_whole_number(num_particles) or num_particles < 1:
+        raise ValueError(f"num_particles must be a whole number >= 1; got {num_particles!r}.")
     particle_dim = -max_plate_nesting - 1
     with pyro.plate(PARTICLE_PLATE, num_particles, dim=particle_dim):
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)

@@ -142,7 +142,9 @@ def _pareto_k(top_log_weights: torch.Tensor, num_samples: int) -> torch.Tensor:
     k = torch.full((num_points,), -math.inf, dtype=torch.double, device=lw.device)
     # As in Pyro's psis_diagnostic: fewer than MIN_TAIL weights above a cutoff of 1e-15 times the largest
     # means a few samples carry all the weight (k = inf). Largest weights equal up to rounding
-    # (spanning less than 1e-3 nats) are bounded: k = -inf.
+    # (spanning less than 1e-3 nats) are bounded: k = -inf. Unlike Pyro, which fits the weights above the
+    # cutoff alone, the fit takes all M, those at or below the cutoff as 1e-300; the two differ only on ties
+    # with the cutoff or where it is clamped at 1e-15, tails far heavier than k = 0.7, judged untrusted by both.
     in_tail = (tail > 0).sum(-1)
     flat = -lw[-1] < 1e-3
     k[(in_tail < MIN_TAIL) & ~flat] = math.inf
