@@ -35,7 +35,14 @@ import torch
 import pyro_vae as pv
 from pyro_vae.accel import bernoulli
 from pyro_vae.cli import count_or_zero, positive_int, seed_value
-from pyro_vae.infer.ais import DEFAULT_CHAINS, DEFAULT_LEAPFROG_STEPS, DEFAULT_SCHEDULE, DEFAULT_STEPS, SCHEDULES
+from pyro_vae.infer.ais import (
+    DEFAULT_CHAINS,
+    DEFAULT_LEAPFROG_STEPS,
+    DEFAULT_SCHEDULE,
+    DEFAULT_STEPS,
+    PILOT_CHAINS,
+    SCHEDULES,
+)
 from pyro_vae.training.engine import OUTPUT_BIAS_STARTS
 
 X_DIM, HIDDEN, Z_DIM = 784, 400, 20
@@ -73,12 +80,16 @@ def throughput(points: int, chains: int, steps: int) -> None:
     start = time.perf_counter()
     pv.ais_log_marginal_likelihood(vae.model, vae.guide, x, num_steps=steps, num_chains=chains, batch_size=points)
     seconds = time.perf_counter() - start
-    gradients = points * chains * (steps * leapfrog + 1)  # each transition starts from the last one's gradient
-    rate, bound = gradients / seconds, matmul_rate(points * chains) / FLOPS_PER_GRADIENT
-    print(f"AIS, {points} points x {chains} chains x ({steps} steps x {leapfrog} + 1) gradients: {seconds:.1f} s")
+    rows = points * (chains + PILOT_CHAINS)  # the pilot chains that adapt the step size are evaluated as well
+    gradients = rows * (steps * leapfrog + 1)  # each transition starts from the last one's gradient
+    rate, bound = gradients / seconds, matmul_rate(rows) / FLOPS_PER_GRADIENT
+    print(
+        f"AIS, {points} points x ({chains} + {PILOT_CHAINS} pilot) chains x ({steps} steps x {leapfrog} + 1) "
+        f"gradients: {seconds:.1f} s"
+    )
     print(f"  (a first pass of 2 steps, compiling the Bernoulli kernels for these shapes: {warm_up:.1f} s)")
     print(f"  {rate:,.0f} gradient evaluations/s; matmul bound {bound:,.0f}/s; ratio {rate / bound:.2f}")
-    full = 10_000 * chains * (DEFAULT_STEPS * leapfrog + 1) / rate
+    full = 10_000 * (chains + PILOT_CHAINS) * (DEFAULT_STEPS * leapfrog + 1) / rate
     print(f"  {DEFAULT_STEPS} steps x {chains} chains on 10,000 test points: {full / 60:.0f} min at this rate")
 
 
@@ -110,7 +121,7 @@ def accuracy(points: int, settings: list[tuple[int, int, int, str]], output_bias
     x = data.test.x
     truth, border = log_px_by_quadrature(vae, x)
     print(f"AIS against quadrature on {points} test points of a 2-D VAE (output bias started at {output_bias}):")
-    columns = "steps T", "chains C", "leapfrog L", "schedule", "gradients per point, C (T L + 1)", "mean abs error"
+    columns = "steps T", "chains C", "leapfrog L", "schedule", f"gradients per point, (C + {PILOT_CHAINS}) (T L + 1)", "mean abs error"
     print("| " + " | ".join((*columns, "worst point", "mean signed error", "seconds")) + " |")
     print("|---|---|---|---|---|---|---|---|---|")
     for steps, chains, leapfrog, schedule in settings:
@@ -122,7 +133,7 @@ def accuracy(points: int, settings: list[tuple[int, int, int, str]], output_bias
         seconds = time.perf_counter() - start
         error = ais.log_px - truth
         print(
-            f"| {steps} | {chains} | {leapfrog} | {schedule} | {chains * (steps * leapfrog + 1):,} "
+            f"| {steps} | {chains} | {leapfrog} | {schedule} | {(chains + PILOT_CHAINS) * (steps * leapfrog + 1):,} "
             f"| {error.abs().mean():.4f} | {error.abs().max():.3f} | {error.mean():+.4f} | {seconds:.0f} |"
         )
     is_error = (pv.log_marginal_likelihood(vae.model, vae.guide, x, num_samples=5000).log_px - truth).abs()
