@@ -540,9 +540,22 @@ def _check_one_plate(max_plate_nesting: int) -> None:
         )
 
 
-def _forward_batch(model, guide, xb, args, kwargs, betas, settings, step_size, max_plate_nesting, bar):
+def _densities_and_space(model, guide, xb, args, kwargs, settings, max_plate_nesting):
+    """The densities of a batch's chains (pilots included) and the guide's latent space."""
     densities = _Densities(model, guide, xb, args, kwargs, settings, max_plate_nesting)
-    space = _LatentSpace(densities.trace_guide())
+    return densities, _LatentSpace(densities.trace_guide())
+
+
+def _run_chains(densities, space, values, betas, settings, step_size, bar, prior_start=False):
+    """Anneal the chains from the site ``values`` (one per chain and point) along ``betas``; as :func:`_anneal`."""
+    u = space.unconstrain({name: values[name] for name in space.sites})
+    annealer = _Annealer(space, densities, prior_start, settings["leapfrog_steps"])
+    step = torch.full((densities.x.shape[0],), float(step_size), device=densities.x.device)
+    return _anneal(annealer, u, betas, step, settings["target_acceptance"], bar)
+
+
+def _forward_batch(model, guide, xb, args, kwargs, betas, settings, step_size, max_plate_nesting, bar):
+    densities, space = _densities_and_space(model, guide, xb, args, kwargs, settings, max_plate_nesting)
     prior_start = settings["start"] == "prior"
     if prior_start:
         with torch.no_grad(), densities._plate():
@@ -550,11 +563,7 @@ def _forward_batch(model, guide, xb, args, kwargs, betas, settings, step_size, m
         values = {name: trace.nodes[name]["value"] for name in space.sites}
     else:
         values = densities.draw_guide()
-    u = space.unconstrain({name: values[name] for name in space.sites})
-    annealer = _Annealer(space, densities, prior_start, settings["leapfrog_steps"])
-    step = torch.full((xb.shape[0],), float(step_size), device=xb.device)
-    log_w, acceptance, step = _anneal(annealer, u, betas, step, settings["target_acceptance"], bar)
-    return log_w, acceptance, step
+    return _run_chains(densities, space, values, betas, settings, step_size, bar, prior_start)
 
 
 @dataclass
@@ -656,16 +665,14 @@ class BDMC:
                 self.model, self.guide, xb, self.args, self.kwargs, beta_schedule(settings["num_steps"],
                 settings["schedule"]), settings, self.step_size, self.max_plate_nesting, bar,
             )  # fmt: skip
-        num_chains = settings["num_chains"] + PILOT_CHAINS
         with seeded(None if self.seed is None else self.seed + REVERSE_SEED_OFFSET + index):
-            densities = _Densities(self.model, self.guide, xb, self.args, self.kwargs, settings, self.max_plate_nesting)
-            space = _LatentSpace(densities.trace_guide())
+            densities, space = _densities_and_space(
+                self.model, self.guide, xb, self.args, self.kwargs, settings, self.max_plate_nesting
+            )
             exact = {name: self.latents[name][begin : begin + self.batch_size] for name in space.sites}
-            u = space.unconstrain({name: value.expand(num_chains, *value.shape) for name, value in exact.items()})
-            annealer = _Annealer(space, densities, False, settings["leapfrog_steps"])
-            step = torch.full((xb.shape[0],), float(self.step_size), device=xb.device)
+            exact = {name: value.expand(densities.num_chains, *value.shape) for name, value in exact.items()}
             betas = beta_schedule(settings["num_steps"], settings["schedule"]).flip(0)
-            log_w_rev, _, _ = _anneal(annealer, u, betas, step, settings["target_acceptance"], bar)
+            log_w_rev, _, _ = _run_chains(densities, space, exact, betas, settings, self.step_size, bar)
         lower = log_mean_exp(log_w)
         # the reverse weights estimate 1 / p(x): log p(x) <= -logmeanexp(log w_rev) in expectation
         upper = -log_mean_exp(log_w_rev)
