@@ -286,3 +286,5 @@ def test_ais_sums_m2_s_labels_out_and_matches_quadrature_on_a_2d_m2(mnist):
         pv.ais_log_marginal_likelihood_by_label(m2.model, m2.guide, x, 10, compare_is_samples=100)
     with pytest.raises(ValueError, match="at least 2 classes"):
         pv.ais_log_marginal_likelihood_by_label(m2.model, m2.guide, x, 1)
+    with pytest.raises(ValueError, match="the model's label site 'y' takes 10 values; give num_classes=10"):
+        pv.ais_log_marginal_likelihood_by_label(m2.model, m2.guide, x, 9)

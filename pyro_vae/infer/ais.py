@@ -499,6 +499,7 @@ def ais_log_marginal_likelihood_by_label(
             "estimate log p(x) by pv.log_marginal_likelihood (which draws y from the guide) and compare the two."
         )
     check_points_and_batches(x, ais.get("num_chains", DEFAULT_CHAINS), batch_size, "num_chains")
+    _check_label_count(model, x, num_classes, seed)
     points = max(1, batch_size // num_classes)
     labels = torch.arange(num_classes, device=x.device)
     chains, acceptance, step_size = [], [], []
@@ -517,6 +518,23 @@ def ais_log_marginal_likelihood_by_label(
     chain_log_weights = torch.cat(chains, dim=-1)
     log_px = log_mean_exp(chain_log_weights).float()
     return AISEstimate(log_px, chain_log_weights, torch.cat(acceptance), torch.cat(step_size), estimate.settings)
+
+
+def _check_label_count(model, x, num_classes: int, seed: int | None) -> None:
+    """Refuse a ``num_classes`` other than the number of values of the model's label site ``y`` (traced once
+    with the first point and label 0), which would sum p(x, y) over only some labels, or over labels that
+    the model does not have."""
+    with seeded(seed), torch.no_grad():
+        trace = poutine.trace(model).get_trace(x[:1], y=torch.zeros(1, dtype=torch.long, device=x.device))
+    site = trace.nodes.get("y")
+    if site is None or site["type"] != "sample" or not site["fn"].has_enumerate_support:
+        return
+    count = site["fn"].enumerate_support(expand=False).shape[0]
+    if count != num_classes:
+        raise ValueError(
+            f"num_classes={num_classes}, but the model's label site 'y' takes {count} values; give "
+            f"num_classes={count}, so that log p(x) = log sum_y p(x, y) sums over every label."
+        )
 
 
 def _settings(num_steps, num_chains, leapfrog_steps, schedule, start, target_acceptance) -> dict:
