@@ -17,8 +17,9 @@ script can be run again after a stop. It then prints one markdown row per
 run: both estimates with their standard errors, the paired difference
 AIS - IS with its standard error (the same points, so the standard error
 is that of the per-point differences) and how many standard errors it is,
-the mean and largest BDMC gap (upper - lower bound: at most this far is
-AIS from log p(x) on the model's own data, up to the bounds' noise), and
+the mean BDMC gap with its standard error, the largest, and how many are
+negative by noise (upper - lower bound: in expectation at most this far is
+AIS from log p(x) on the model's own data), and
 each evaluation's wall time as it was recorded when it ran.
 """
 
@@ -56,7 +57,8 @@ def row(run: str, samples: int, test_points: int | None, bdmc_points: int, ais_s
         f"| {run} | {len(diff)} | {importance['log_px'].mean():.2f} +- {standard_error(importance['log_px']):.2f} "
         f"(Pareto k > 0.7 at {unreliable}) | {ais['log_px'].mean():.2f} +- {standard_error(ais['log_px']):.2f} "
         f"| **{diff.mean():+.3f} +- {se:.3f}** ({diff.mean() / se:.0f} se; smallest {diff.min():+.2f}) "
-        f"| {len(gap)}: **{gap.mean():.3f}** mean, {np.max(gap):.3f} largest "
+        f"| {len(gap)}: **{gap.mean():.3f} +- {standard_error(gap):.3f}** mean, {np.max(gap):.3f} largest, "
+        f"{int((gap < 0).sum())} negative "
         f"| {is_summary['seconds'] / 60:.1f} / {ais_summary['seconds'] / 60:.1f} / "
         f"{bdmc_summary['seconds'] / 60:.1f} min |"
     )
