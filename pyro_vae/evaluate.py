@@ -105,13 +105,17 @@ def classify_generatively(model, x: torch.Tensor, *, num_samples: int = 10, batc
     log p(x, y) = log p(y) + log p(x | y) is estimated for every class by
     importance sampling with the guide given y, q(z | x, y) (K =
     ``num_samples``), so it judges the generative model p(x | y, z) rather
-    than the classifier q(y | x) (Kingma et al. 2014 classify with q).
+    than the classifier q(y | x) (Kingma et al. 2014 classify with q). The
+    estimate is biased low by how far q(z | x, y) is from p(z | x, y), and
+    that gap can differ between the classes, so at small K it judges the
+    encoder a little too.
     """
     if not isinstance(model, SemiSupervisedModel):
         raise TypeError(
             "classify_generatively needs a model with a label y (pv.SSVAE, pv.StackedSSVAE); "
             f"got {type(model).__name__}."
         )
+    model.check_data(x)
     with evaluating(model):
         scores = [
             log_marginal_likelihood(

@@ -208,7 +208,7 @@ def test_a_model_registered_outside_the_package_trains_resumes_loads_and_plots(s
 # ------------------------------------------------------------------ the layers
 #: Each layer imports only layers before it (and itself); the interface modules come last.
 LAYERS = [
-    {"_version", "registry", "data"},
+    {"_version", "registry", "data", "checks"},
     {"components"},
     {"models"},
     {"accel"},

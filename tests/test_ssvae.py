@@ -174,6 +174,15 @@ def test_alpha_grows_with_the_label_count_unless_given_and_a_bad_one_is_refused(
     for bad in (0, -5, 2.5, True):  # the default alpha needs a label count; draw_labelled checks it against the data
         with pytest.raises(ValueError, match=r"num_labels must be an integer >= 1"):
             SemiSupervisedELBO(num_labels=bad)
+    for bad in (-1, 2.7, True, "3"):
+        with pytest.raises(ValueError, match=r"label_seed must be an integer >= 0"):
+            SemiSupervisedELBO(label_seed=bad)
+    assert SemiSupervisedELBO(classifier_steps=np.int64(5)).classifier_steps == 5  # any integer type, as num_labels
+    with pytest.raises(ValueError, match=r"num_labels must be > 0"):
+        paper_aux_weight(50_000, 0)
+    for bad in (1, 2.5, "10"):
+        with pytest.raises(ValueError, match=r"a whole number of classes, at least 2; got num_classes="):
+            SSVAE(X_SHAPE, z_dim=2, num_classes=bad, hidden=(8,))
 
 
 @pytest.mark.parametrize(

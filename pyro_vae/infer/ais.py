@@ -60,12 +60,12 @@ from torch.distributions import biject_to, constraints
 from tqdm.auto import tqdm
 
 from ..accel.bernoulli import log_density_kernels
+from ..checks import is_whole_number
 from .densities import (
     PARTICLE_PLATE,
     _per_point,
     check_points_and_batches,
     guess_max_plate_nesting,
-    is_whole_number,
     latent_sites,
     log_mean_exp,
     seeded,
@@ -491,8 +491,8 @@ def ais_log_marginal_likelihood_by_label(
     settings) is passed; a batch holds ``batch_size // num_classes`` points (at least one). ``seed``
     seeds the whole estimate, whose batches draw one stream in turn.
     """
-    if num_classes < 2:
-        raise ValueError(f"A label needs at least 2 classes; got num_classes={num_classes}.")
+    if not is_whole_number(num_classes) or num_classes < 2:
+        raise ValueError(f"A label needs a whole number of classes, at least 2; got num_classes={num_classes!r}.")
     if ais.get("compare_is_samples"):
         raise ValueError(
             "compare_is_samples would compare each label's AIS with importance sampling given that label; "

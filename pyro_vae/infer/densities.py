@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import numbers
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -38,6 +37,8 @@ import pyro.poutine as poutine
 import torch
 from pyro.poutine.util import site_is_subsample
 from torch.nn.utils import stateless
+
+from ..checks import is_whole_number
 
 DATA_PLATE = "data"
 PARTICLE_PLATE = "_pyro_vae_particles"
@@ -189,11 +190,6 @@ def check_reparameterized_guide(guide, x: torch.Tensor, estimator: str) -> None:
             f"{', '.join(repr(name) for name in sites)} {'is' if len(sites) == 1 else 'are'} not. Train with the "
             "'trace' ELBO and its standard gradient, or with the model's default objective."
         )
-
-
-def is_whole_number(value) -> bool:
-    """Whether ``value`` is an integer (Python's or NumPy's), and not a bool."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def check_points_and_batches(x: torch.Tensor, num_samples: int, batch_size: int, samples: str) -> None:

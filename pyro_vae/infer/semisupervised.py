@@ -3,7 +3,10 @@
 
     J = sum_labelled [L(x, y) + alpha * log q(y | x)] + sum_unlabelled U(x),
 
-with U summed over y exactly by ``TraceEnum_ELBO`` on the enumerated guide.
+where alpha weighs each labelled point (the paper's alpha multiplies the
+*mean* over the labelled set, so its 0.1 N is 0.1 N / N_labelled here:
+:func:`paper_aux_weight`) and U is summed over y exactly by
+``TraceEnum_ELBO`` on the enumerated guide.
 Every step takes one unlabelled batch and one labelled batch and adds their
 losses. Each loss is scaled to its whole set by sizing the plate
 (``num_data``), so the step's loss is an unbiased estimate of -J however
@@ -40,6 +43,7 @@ from pyro.infer import Trace_ELBO, TraceEnum_ELBO, config_enumerate
 from pyro.poutine.messenger import Messenger
 from tqdm.auto import tqdm
 
+from ..checks import is_whole_number
 from ..data import DataError
 from .densities import evaluating, negligible_shares
 from .objective import Objective, register_objective
@@ -81,6 +85,8 @@ def draw_labelled(y: torch.Tensor, num_labels: int, num_classes: int, seed: int 
 
 def paper_aux_weight(num_data: int, num_labels: int) -> float:
     """Kingma et al.'s alpha = 0.1 N on the mean over the labelled set, i.e. 0.1 N / N_labelled per labelled point."""
+    if not num_labels > 0:
+        raise ValueError(f"num_labels must be > 0; got {num_labels!r}.")
     return 0.1 * num_data / num_labels
 
 
@@ -142,8 +148,10 @@ class SemiSupervisedELBO(Objective):
         aux_weight: float | None = None,
         classifier_steps: int = 1000,
     ):
-        if isinstance(num_labels, bool) or not hasattr(num_labels, "__index__") or num_labels < 1:
+        if not is_whole_number(num_labels) or num_labels < 1:
             raise ValueError(f"num_labels must be an integer >= 1 (labelled training points); got {num_labels!r}.")
+        if not is_whole_number(label_seed) or label_seed < 0:
+            raise ValueError(f"label_seed must be an integer >= 0 (the seed of the label draw); got {label_seed!r}.")
         if aux_weight is None:
             aux_weight = default_aux_weight(int(num_labels))
         if isinstance(aux_weight, bool) or not isinstance(aux_weight, int | float) or not 0 <= aux_weight < math.inf:
@@ -151,10 +159,10 @@ class SemiSupervisedELBO(Objective):
                 f"aux_weight (alpha per labelled point) must be a number >= 0; got {aux_weight!r}. Kingma et al.'s "
                 "is pyro_vae.infer.semisupervised.paper_aux_weight(num_data, num_labels)."
             )
-        if isinstance(classifier_steps, bool) or not isinstance(classifier_steps, int) or classifier_steps < 0:
+        if not is_whole_number(classifier_steps) or classifier_steps < 0:
             raise ValueError(f"classifier_steps must be an integer >= 0 (0: no warm start); got {classifier_steps!r}.")
         self.num_labels, self.label_seed, self.aux_weight = int(num_labels), int(label_seed), float(aux_weight)
-        self.classifier_steps = classifier_steps
+        self.classifier_steps = int(classifier_steps)
         self.unlabelled_elbo = TraceEnum_ELBO(max_plate_nesting=1)
         self.labelled_elbo = Trace_ELBO(max_plate_nesting=1)
         self.labelled_order, self.cursor = None, 0

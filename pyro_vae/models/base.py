@@ -27,7 +27,6 @@ the evaluator and the figures then take it.
 from __future__ import annotations
 
 import math
-import numbers
 from abc import abstractmethod
 from typing import TYPE_CHECKING, ClassVar
 
@@ -35,6 +34,7 @@ import pyro
 import torch
 from torch import nn
 
+from ..checks import is_whole_number
 from ..components.likelihoods import build_likelihood
 from ..components.priors import build_prior
 from ..data import DataError, check_finite_and_nonempty
@@ -107,7 +107,7 @@ def data_plate(batch_size: int, num_data: int | None, device) -> pyro.plate:
 
 def latent_size(z_dim) -> int:
     """``z_dim`` as an int, refused unless it is a whole number >= 1 (a model needs a latent code)."""
-    if isinstance(z_dim, bool) or not isinstance(z_dim, numbers.Integral) or z_dim < 1:
+    if not is_whole_number(z_dim) or z_dim < 1:
         raise ValueError(f"z_dim must be a whole number >= 1; got {z_dim!r}.")
     return int(z_dim)
 

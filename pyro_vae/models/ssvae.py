@@ -53,6 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checks import is_whole_number
 from ..components.likelihoods import Bernoulli, Likelihood, build_likelihood
 from ..components.nets import MLPClassifier, MLPDecoder, MLPEncoder, activation_class
 from ..components.priors import Prior, StandardNormal, build_prior
@@ -100,10 +101,10 @@ class ClassPrior(nn.Module):
 class SemiSupervisedModel(Model):
     """What M2 and M1+M2 share: a class label y beside the code z, a classifier q(y | x), labels to check.
 
-    Subclasses provide ``model(x, y, *, aux_weight, kl_weight, num_data, batch_size)``,
-    the guide with the same signature, ``num_classes``, ``classify``,
-    ``encode(x, y_onehot)``, ``decode(z, y_onehot)``, ``one_hot`` and
-    ``sample_labels``; the rest follows from those.
+    This class puts together ``model(x, y, *, aux_weight, kl_weight, num_data, batch_size)`` and the
+    guide with the same signature from the parts that differ between M2 and M1+M2, which subclasses
+    provide: ``num_classes``, ``classify``, ``encode(x, y_onehot)``, ``decode(z, y_onehot)``, ``one_hot``,
+    ``sample_labels`` and the hooks listed below the class attributes.
     """
 
     default_objective = "semi-supervised"
@@ -247,8 +248,8 @@ class SSVAE(SemiSupervisedModel):
         super().__init__()
         if class_prior not in CLASS_PRIORS:
             raise ValueError(f"Unknown class prior {class_prior!r}; choose one of {CLASS_PRIORS}.")
-        if num_classes < 2:
-            raise ValueError(f"A class label needs at least 2 classes; got num_classes={num_classes}.")
+        if not is_whole_number(num_classes) or num_classes < 2:
+            raise ValueError(f"A class label needs a whole number of classes, at least 2; got num_classes={num_classes!r}.")
         self.x_shape, self.z_dim, self.num_classes = tuple(x_shape), latent_size(z_dim), int(num_classes)
         self.hidden, self.class_prior, self.activation = tuple(hidden), class_prior, activation
         act = activation_class(activation)

@@ -1,5 +1,5 @@
 """M1+M2 of Kingma, Rezende, Mohamed & Welling, *Semi-Supervised Learning
-with Deep Generative Models* (NeurIPS 2014, section 3.2): the semi-supervised
+with Deep Generative Models* (NeurIPS 2014, section 2.3): the semi-supervised
 M2 trained on the latent code z1 of an already trained VAE (M1) instead of
 on the pixels.
 

@@ -79,6 +79,7 @@ from tqdm.auto import tqdm
 
 from .._version import __version__
 from ..accel.training_step import CompiledStep
+from ..checks import is_whole_number
 from ..data import Dataset, make_dataset
 from ..infer import build_objective, log_marginal_likelihood
 from ..infer.objective import Objective, completed_objective_config
@@ -172,17 +173,16 @@ def as_objective(objective, model: Model) -> Objective:
 
 def check_settings(objective: Objective, **settings) -> None:
     """Refuse impossible training settings before any work, naming the valid range."""
-    integer = lambda value: isinstance(value, numbers.Integral) and not isinstance(value, bool)  # noqa: E731
     real = lambda value: isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)  # noqa: E731
     checks = {
-        "epochs": (integer(settings["epochs"]) and settings["epochs"] >= 0, "an integer >= 0"),
-        "batch_size": (integer(settings["batch_size"]) and settings["batch_size"] >= 1, "an integer >= 1"),
+        "epochs": (is_whole_number(settings["epochs"]) and settings["epochs"] >= 0, "an integer >= 0"),
+        "batch_size": (is_whole_number(settings["batch_size"]) and settings["batch_size"] >= 1, "an integer >= 1"),
         "lr": (real(settings["lr"]) and settings["lr"] > 0, "a number > 0"),
         "lr_schedule": (settings["lr_schedule"] in LR_SCHEDULES, f"one of {', '.join(map(repr, LR_SCHEDULES))}"),
         "beta": (real(settings["beta"]) and settings["beta"] > 0, "a number > 0"),
         "warmup_epochs": (real(settings["warmup_epochs"]) and settings["warmup_epochs"] >= 0, "a number >= 0"),
         "eval_samples": (
-            integer(settings["eval_samples"]) and settings["eval_samples"] >= 0,
+            is_whole_number(settings["eval_samples"]) and settings["eval_samples"] >= 0,
             "an integer >= 0 (0 skips the test log p(x))",
         ),
         "output_bias": (settings["output_bias"] in OUTPUT_BIAS_STARTS, f"one of {OUTPUT_BIAS_STARTS}"),
@@ -190,7 +190,7 @@ def check_settings(objective: Objective, **settings) -> None:
             settings["matmul_precision"] in MATMUL_PRECISIONS,
             f"one of {', '.join(map(repr, MATMUL_PRECISIONS))}",
         ),
-        "seed": (integer(settings["seed"]) and 0 <= settings["seed"] <= MAX_SEED, f"an integer from 0 to {MAX_SEED}"),
+        "seed": (is_whole_number(settings["seed"]) and 0 <= settings["seed"] <= MAX_SEED, f"an integer from 0 to {MAX_SEED}"),
         "ema_decay": (
             real(settings["ema_decay"]) and 0 <= settings["ema_decay"] < 1,
             "a number from 0 (no averaging) to below 1",
