@@ -89,6 +89,34 @@ def test_the_labelled_loss_is_the_elbo_given_y_plus_log_p_y_plus_the_auxiliary_t
     torch.testing.assert_close(-plain, (elbo_given_y + log_p_y).sum(), rtol=1e-5, atol=1e-4)
 
 
+def test_a_step_scales_each_term_to_its_whole_set(small):
+    """One step's loss estimates -J: the unlabelled batch's term times N_unlabelled / B and the labelled
+    batch's (alpha included) times N_labelled / B_labelled, against Pyro's unscaled losses of the same draws
+    (the two tests above check those term by term). The sets' sizes swapped, or N for both, would scale a
+    term by 3, 1/3 or 4, far beyond float32 rounding."""
+    ssvae, _ = small
+    torch.manual_seed(0)
+    x = torch.bernoulli(torch.full((40, *X_SHAPE), 0.3))
+    y = torch.arange(40) % 4
+    split = pv.data.Split
+    data = pv.Dataset("toy", split(x[:32], y[:32]), split(x[32:36], y[32:36]), split(x[36:], y[36:]))
+    objective = SemiSupervisedELBO(num_labels=8, aux_weight=7.5, classifier_steps=0)
+    objective.setup(ssvae, data, batch_size=4)
+    assert (len(objective.unlabelled), objective.num_labels, objective.labelled_batch) == (24, 8, 4)
+    x_unlabelled, x_labelled, y_labelled = objective.batch(data, objective.unlabelled[:4])
+    pyro.set_rng_seed(3)
+    loss = objective.loss(ssvae, x_unlabelled, x_labelled, y_labelled, kl_weight=1.0)
+    pyro.set_rng_seed(3)  # the same draws, in the same order: the unlabelled term first
+    unlabelled = TraceEnum_ELBO(max_plate_nesting=1).differentiable_loss(
+        ssvae.model, objective.enumerated_guide(ssvae), x_unlabelled
+    )
+    labelled = Trace_ELBO(max_plate_nesting=1).differentiable_loss(
+        ssvae.model, ssvae.guide, x_labelled, y_labelled, aux_weight=7.5
+    )
+    # float32 sums of a few hundred nats in another order: rounding of about 1e-5 relative, nothing more
+    torch.testing.assert_close(loss, 24 / 4 * unlabelled + 8 / 4 * labelled, rtol=1e-5, atol=1e-4)
+
+
 def test_the_encoder_splits_its_first_layer_over_x_and_y_with_the_same_result(small):
     ssvae, x = small
     y = torch.eye(4).unsqueeze(1)  # the shape of enumerated y: (4, 1, 4) against (5, 36)
