@@ -346,10 +346,18 @@ def test_the_generative_classifier_is_argmax_of_log_p_x_y_where_it_is_known(smal
         torch.ones(ssvae.z_dim),
     )
     labels = torch.eye(ssvae.num_classes)
-    log_p_x_y = torch.stack(
-        [ssvae.decode(torch.zeros(ssvae.z_dim), labels[c]).log_prob(x) + ssvae.class_prior_net().log_prob(labels[c])
-         for c in range(ssvae.num_classes)], -1,
-    )  # fmt: skip
+    with torch.no_grad():
+        log_p_x_given_y = torch.stack(
+            [ssvae.decode(torch.zeros(ssvae.z_dim), labels[c]).log_prob(x) for c in range(ssvae.num_classes)], -1
+        )
+        # a prior that overturns the likelihood's choice at the point where it is closest: log p(y) must count
+        top_two = log_p_x_given_y.topk(2, dim=-1)
+        closest = (top_two.values[:, 0] - top_two.values[:, 1]).argmin()
+        logits = torch.zeros(ssvae.num_classes)
+        logits[top_two.indices[closest, 1]] = float(top_two.values[closest, 0] - top_two.values[closest, 1]) + 0.1
+        ssvae.class_prior_net.logits.copy_(logits)
+        log_p_x_y = log_p_x_given_y + ssvae.class_prior_net().log_prob(labels)
+    assert log_p_x_y[closest].argmax() != log_p_x_given_y[closest].argmax()
     assert len(set(log_p_x_y.argmax(-1).tolist())) > 1  # the answer differs between points
     assert torch.equal(pv.classify_generatively(ssvae, x, num_samples=3, batch_size=2), log_p_x_y.argmax(-1))
 
