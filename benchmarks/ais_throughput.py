@@ -121,7 +121,14 @@ def accuracy(points: int, settings: list[tuple[int, int, int, str]], output_bias
     x = data.test.x
     truth, border = log_px_by_quadrature(vae, x)
     print(f"AIS against quadrature on {points} test points of a 2-D VAE (output bias started at {output_bias}):")
-    columns = "steps T", "chains C", "leapfrog L", "schedule", f"gradients per point, (C + {PILOT_CHAINS}) (T L + 1)", "mean abs error"
+    columns = (
+        "steps T",
+        "chains C",
+        "leapfrog L",
+        "schedule",
+        f"gradients per point, (C + {PILOT_CHAINS}) (T L + 1)",
+        "mean abs error",
+    )
     print("| " + " | ".join((*columns, "worst point", "mean signed error", "seconds")) + " |")
     print("|---|---|---|---|---|---|---|---|---|")
     for steps, chains, leapfrog, schedule in settings:

@@ -195,7 +195,9 @@ def check_reparameterized_guide(guide, x: torch.Tensor, estimator: str) -> None:
 def check_points_and_batches(x: torch.Tensor, num_samples: int, batch_size: int, samples: str) -> None:
     """Refuse, before any work, an empty ``x`` or fewer than one draw (named ``samples``) or point per batch."""
     if not (is_whole_number(num_samples) and is_whole_number(batch_size)) or num_samples < 1 or batch_size < 1:
-        raise ValueError(f"{samples} and batch_size must be whole numbers >= 1; got {num_samples!r} and {batch_size!r}.")
+        raise ValueError(
+            f"{samples} and batch_size must be whole numbers >= 1; got {num_samples!r} and {batch_size!r}."
+        )
     if x.shape[0] == 0:
         raise ValueError("x is empty: give at least one data point.")
 

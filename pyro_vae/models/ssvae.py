@@ -249,7 +249,9 @@ class SSVAE(SemiSupervisedModel):
         if class_prior not in CLASS_PRIORS:
             raise ValueError(f"Unknown class prior {class_prior!r}; choose one of {CLASS_PRIORS}.")
         if not is_whole_number(num_classes) or num_classes < 2:
-            raise ValueError(f"A class label needs a whole number of classes, at least 2; got num_classes={num_classes!r}.")
+            raise ValueError(
+                f"A class label needs a whole number of classes, at least 2; got num_classes={num_classes!r}."
+            )
         self.x_shape, self.z_dim, self.num_classes = tuple(x_shape), latent_size(z_dim), int(num_classes)
         self.hidden, self.class_prior, self.activation = tuple(hidden), class_prior, activation
         act = activation_class(activation)

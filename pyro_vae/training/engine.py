@@ -190,7 +190,10 @@ def check_settings(objective: Objective, **settings) -> None:
             settings["matmul_precision"] in MATMUL_PRECISIONS,
             f"one of {', '.join(map(repr, MATMUL_PRECISIONS))}",
         ),
-        "seed": (is_whole_number(settings["seed"]) and 0 <= settings["seed"] <= MAX_SEED, f"an integer from 0 to {MAX_SEED}"),
+        "seed": (
+            is_whole_number(settings["seed"]) and 0 <= settings["seed"] <= MAX_SEED,
+            f"an integer from 0 to {MAX_SEED}",
+        ),
         "ema_decay": (
             real(settings["ema_decay"]) and 0 <= settings["ema_decay"] < 1,
             "a number from 0 (no averaging) to below 1",
