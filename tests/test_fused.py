@@ -9,6 +9,7 @@ import pyro_vae as pv
 from pyro_vae.accel import bernoulli as fused
 from pyro_vae.accel.compiling import CompiledOnce
 from pyro_vae.components.likelihoods import Bernoulli, bernoulli_log_prob_sum
+from pyro_vae.infer.ais import PILOT_CHAINS
 
 
 def reference(logits, value):
@@ -97,12 +98,13 @@ def test_the_evaluators_compile_from_a_size_on_and_agree_with_the_eager_density(
     traced = pv.log_marginal_likelihood(vae.model, vae.guide, x, num_samples=50, replay=False, batch_size=4)
     assert calls and torch.allclose(replayed.log_px, traced.log_px, rtol=2e-6, atol=0)  # the same draws
     calls.clear()
-    # AIS: C chains x T steps x L leapfrog steps evaluate the densities (and their gradients)
+    # AIS: C chains and the pilots x T steps x L leapfrog steps evaluate the densities (and their gradients)
     ais = dict(num_steps=5, num_chains=3, leapfrog_steps=2, seed=0)
-    monkeypatch.setattr(fused, "MIN_COMPILED_ELEMENTS", x.numel() * 3 * 5 * 2 + 1)
+    chains = 3 + PILOT_CHAINS
+    monkeypatch.setattr(fused, "MIN_COMPILED_ELEMENTS", x.numel() * chains * 5 * 2 + 1)
     eager = pv.ais_log_marginal_likelihood(vae.model, vae.guide, x, **ais)
     assert not calls
-    monkeypatch.setattr(fused, "MIN_COMPILED_ELEMENTS", x.numel() * 3 * 5 * 2)
+    monkeypatch.setattr(fused, "MIN_COMPILED_ELEMENTS", x.numel() * chains * 5 * 2)
     compiled = pv.ais_log_marginal_likelihood(vae.model, vae.guide, x, **ais)
     assert calls
     assert torch.allclose(compiled.log_px, eager.log_px, rtol=1e-5, atol=0)

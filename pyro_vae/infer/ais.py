@@ -207,7 +207,7 @@ class _Densities:
 
     The likelihood's compiled kernels serve batches whose annealing evaluates enough elements to repay
     compiling them (:func:`~pyro_vae.accel.bernoulli.log_density_kernels`): the batch's ``x.numel()`` times
-    C chains times T steps of L leapfrog steps.
+    C chains and the :data:`PILOT_CHAINS` times T steps of L leapfrog steps.
     """
 
     def __init__(self, model, guide, x, args, kwargs, settings: dict, max_plate_nesting: int):
