@@ -59,6 +59,7 @@ from .infer.ais import (
     DEFAULT_LEAPFROG_STEPS,
     DEFAULT_SCHEDULE,
     DEFAULT_STEPS,
+    PILOT_CHAINS,
     SCHEDULES,
     ais_summary,
 )
@@ -259,6 +260,8 @@ def evaluate_run(
     run.model.check_data(x, "test data")
     model, clock = run.model, _WallClock()
     identity = {"model_digest": parameter_digest(model), "seed": seed, "batch_size": batch_size}
+    if method != "is":  # AIS's estimator: until 2026-12-07 its chains adapted their own step size, without pilots
+        identity["pilot_chains"] = PILOT_CHAINS
     if method != "bdmc":  # BDMC's points are simulated
         identity["test_digest"] = points_digest(x)
     with directory.lock():
@@ -361,6 +364,13 @@ def _check_partial_evaluation(directory, name: str, identity: dict) -> None:
     done = directory.read_evaluation(name, partial=True)
     if done is None or str(done.get("model_digest")) != identity["model_digest"] or _same_identity(done, identity):
         return
+    if "pilot_chains" in identity and str(done.get("pilot_chains")) != str(identity["pilot_chains"]):
+        raise ValueError(
+            f"{directory.path} holds a partial evaluation {name!r} begun by an earlier pyro-vae, whose AIS "
+            f"{'chains adapted their own step size' if 'pilot_chains' not in done else 'had other pilot chains'}; "
+            f"its batches cannot be continued by this AIS (with {PILOT_CHAINS} pilot chains): delete "
+            f"{directory.evaluation_path(name, partial=True)} to start again."
+        )
     if "test_digest" in done and "test_digest" in identity and str(done["test_digest"]) != identity["test_digest"]:
         raise ValueError(
             f"{directory.path} holds a partial evaluation {name!r} of these weights begun on other test points; "

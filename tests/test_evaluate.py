@@ -153,6 +153,12 @@ def test_an_interrupted_ais_evaluation_continues_to_the_same_result(two_runs, mo
     name = "ais-T10-C2-L1-sigmoid"
     partial = pv.RunDirectory(interrupted).read_evaluation(name, partial=True)
     assert 0 < partial["seconds"] < 600  # the seconds spent so far, saved with the batches
+    older = tmp_path / "older"  # a partial evaluation of the AIS before its pilot chains is not continued
+    shutil.copytree(interrupted, older)
+    before_pilots = {key: value for key, value in partial.items() if key != "pilot_chains"}
+    pv.RunDirectory(older).write_evaluation(name, before_pilots, partial=True)
+    with pytest.raises(ValueError, match="begun by an earlier pyro-vae, whose AIS chains adapted their own step"):
+        pv.evaluate_run(older, **settings)
     pv.RunDirectory(interrupted).write_evaluation(name, {**partial, "seconds": 1000.0}, partial=True)
     monkeypatch.setattr(evaluate, "ais_log_marginal_likelihood", real)
     calls.clear()
