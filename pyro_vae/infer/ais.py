@@ -359,7 +359,8 @@ def _align(t: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
 
 def _anneal(annealer: _Annealer, u, betas, step_size, target_acceptance, progress_bar):
     """Run the path forwards (betas increasing) or backwards from ``u``, whose last :data:`PILOT_CHAINS`
-    chains are the pilots; returns the other chains' log weights and acceptance rate, and the step size."""
+    chains are the pilots; returns the other chains' log weights and acceptance rate, the step size, and
+    the pilots' last states (unconstrained, by site)."""
     num_chains, n = next(iter(u.values())).shape[:2]
     weighted = num_chains - PILOT_CHAINS
     device = step_size.device
@@ -375,7 +376,8 @@ def _anneal(annealer: _Annealer, u, betas, step_size, target_acceptance, progres
         # 0.5 (rate - target), less than 0.5 a step
         step_size = step_size * torch.exp(0.5 * (accept[weighted:].mean(0) - target_acceptance))
         progress_bar.update(1)
-    return log_w, accepted / (len(betas) - 1), step_size
+    pilots = {name: value[weighted:] for name, value in state.u.items()}
+    return log_w, accepted / (len(betas) - 1), step_size, pilots
 
 
 def _check_settings(num_steps, num_chains, leapfrog_steps, step_size, target_acceptance, schedule, start, batch_size):
@@ -459,7 +461,7 @@ def ais_log_marginal_likelihood(
                         step_size,
                         max_plate_nesting,
                         bar,
-                    )  # fmt: skip
+                    )[:3]  # fmt: skip
                 )
     log_w, acceptance, final_step = (torch.cat(column, dim=-1).cpu() for column in zip(*results, strict=True))
     estimate = AISEstimate(log_mean_exp(log_w).float(), log_w, acceptance, final_step, settings)
@@ -564,9 +566,9 @@ def _densities_and_space(model, guide, xb, args, kwargs, settings, max_plate_nes
     return densities, _LatentSpace(densities.trace_guide())
 
 
-def _run_chains(densities, space, values, betas, settings, step_size, bar, prior_start=False):
-    """Anneal the chains from the site ``values`` (one per chain and point) along ``betas``; as :func:`_anneal`."""
-    u = space.unconstrain({name: values[name] for name in space.sites})
+def _run_chains(densities, space, u, betas, settings, step_size, bar, prior_start=False):
+    """Anneal the chains from ``u`` (unconstrained values by site, one per chain and point, the pilots last)
+    along ``betas``; as :func:`_anneal`."""
     annealer = _Annealer(space, densities, prior_start, settings["leapfrog_steps"])
     step = torch.full((densities.x.shape[0],), float(step_size), device=densities.x.device)
     return _anneal(annealer, u, betas, step, settings["target_acceptance"], bar)
@@ -581,7 +583,8 @@ def _forward_batch(model, guide, xb, args, kwargs, betas, settings, step_size, m
         values = {name: trace.nodes[name]["value"] for name in space.sites}
     else:
         values = densities.draw_guide()
-    return _run_chains(densities, space, values, betas, settings, step_size, bar, prior_start)
+    u = space.unconstrain({name: values[name] for name in space.sites})
+    return _run_chains(densities, space, u, betas, settings, step_size, bar, prior_start)
 
 
 @dataclass
@@ -679,7 +682,7 @@ class BDMC:
         xb = self.x[begin : begin + self.batch_size]
         settings = self.settings
         with seeded(None if self.seed is None else self.seed + 1 + index):  # the forward stream of batch index
-            log_w, _, _ = _forward_batch(
+            log_w, _, _, pilots = _forward_batch(
                 self.model, self.guide, xb, self.args, self.kwargs, beta_schedule(settings["num_steps"],
                 settings["schedule"]), settings, self.step_size, self.max_plate_nesting, bar,
             )  # fmt: skip
@@ -687,10 +690,18 @@ class BDMC:
             densities, space = _densities_and_space(
                 self.model, self.guide, xb, self.args, self.kwargs, settings, self.max_plate_nesting
             )
-            exact = {name: self.latents[name][begin : begin + self.batch_size] for name in space.sites}
-            exact = {name: value.expand(densities.num_chains, *value.shape) for name, value in exact.items()}
+            # the chains start from the simulated latents, exact posterior draws; the pilots from the forward
+            # pilots' last states, which are independent of them given x, so that the step sizes they adapt
+            # are too
+            exact = space.unconstrain(
+                {name: self.latents[name][begin : begin + self.batch_size] for name in space.sites}
+            )
+            u = {
+                name: torch.cat([value.expand(settings["num_chains"], *value.shape), pilots[name]])
+                for name, value in exact.items()
+            }
             betas = beta_schedule(settings["num_steps"], settings["schedule"]).flip(0)
-            log_w_rev, _, _ = _run_chains(densities, space, exact, betas, settings, self.step_size, bar)
+            log_w_rev, _, _, _ = _run_chains(densities, space, u, betas, settings, self.step_size, bar)
         lower = log_mean_exp(log_w)
         # the reverse weights estimate 1 / p(x): log p(x) <= -logmeanexp(log w_rev) in expectation
         upper = -log_mean_exp(log_w_rev)
