@@ -3,6 +3,7 @@
 import json
 import math
 import time
+import warnings
 
 import pyro
 import pytest
@@ -96,6 +97,10 @@ def test_a_warmup_longer_than_the_run_is_warned_of(small_mnist):
     with pytest.warns(UserWarning, match=r"--warmup-epochs 4\) is longer than the 1 epochs: .* only 0.25 of beta"):
         history = pv.fit(small_vae(), small_mnist, epochs=1, warmup_epochs=4, progress=False)
     assert history[-1]["kl_weight"] <= 0.25
+    with warnings.catch_warnings(record=True) as caught:  # a warm-up that rounds to the run's steps: no warning
+        warnings.simplefilter("always")
+        history = pv.fit(small_vae(), small_mnist, epochs=1, warmup_epochs=1.001, progress=False)
+    assert history[-1]["kl_weight"] == 1.0 and not [w for w in caught if "KL warm-up" in str(w.message)]
 
 
 def test_kl_weight_schedule():

@@ -115,7 +115,7 @@ class AISEstimate:
     * ``log_px``: logmeanexp over the chains of the chains' log weights (a lower bound in expectation);
     * ``chain_log_weights``: every chain's log weight, shape ``(C, N)``;
     * ``chain_std``: the spread of the log weights across chains;
-    * ``acceptance``: the HMC acceptance rate, averaged over steps and chains;
+    * ``acceptance``: the HMC acceptance rate, averaged over steps and the C chains (not the pilots);
     * ``step_size``: the adapted leapfrog step size at the end;
     * ``is_log_px``, ``is_pareto_k``: the importance-sampling estimate of the same points, for comparison
       (None when not asked for).
@@ -429,7 +429,7 @@ def ais_log_marginal_likelihood(
     :param target_acceptance: the acceptance rate the step size is adapted towards.
     :param schedule: ``"sigmoid"`` or ``"linear"`` spacing of beta.
     :param start: ``"guide"`` (q(z | x), Wu et al.'s AIS + encoder) or ``"prior"`` (p(z)).
-    :param batch_size: points annealed at once (memory grows with ``batch_size * num_chains``).
+    :param batch_size: points annealed at once (memory grows with ``batch_size * (num_chains + PILOT_CHAINS)``).
     :param compare_is_samples: K of an importance-sampling estimate of the same points; 0 skips it.
     :param seed: makes the estimate deterministic (each batch is seeded on its own, so a batch's result does
         not depend on the others); None uses the global RNG.
@@ -489,8 +489,8 @@ def ais_log_marginal_likelihood_by_label(
 
     Every label of a point is annealed in the same vectorised pass: a point is ``num_classes`` rows
     (the point with each label), and ``batch_size`` counts rows, so memory grows with
-    ``batch_size * num_chains`` as for :func:`ais_log_marginal_likelihood`, to which ``ais`` (its keyword
-    settings) is passed; a batch holds ``batch_size // num_classes`` points (at least one). ``seed``
+    ``batch_size * (num_chains + PILOT_CHAINS)`` as for :func:`ais_log_marginal_likelihood`, to which
+    ``ais`` (its keyword settings) is passed; a batch holds ``batch_size // num_classes`` points (at least one). ``seed``
     seeds the whole estimate, whose batches draw one stream in turn.
     """
     if not is_whole_number(num_classes) or num_classes < 2:

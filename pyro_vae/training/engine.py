@@ -385,15 +385,6 @@ def fit(
     if compile not in (True, False, "auto"):
         raise ValueError(f"compile must be True, False or 'auto'; got {compile!r}.")
     check_settings(objective, seed=seed, **settings)
-    if settings["warmup_epochs"] > settings["epochs"] > 0:  # resuming for more epochs may finish the warm-up
-        warnings.warn(
-            f"The KL warm-up (warmup_epochs, --warmup-epochs {settings['warmup_epochs']:g}) is longer than the "
-            f"{settings['epochs']} epochs: the KL weight reaches only "
-            f"{settings['epochs'] / settings['warmup_epochs']:.2g} of beta by the last epoch. Train for "
-            f"{math.ceil(settings['warmup_epochs'])} epochs or more (resume this run with --epochs) to finish it.",
-            UserWarning,
-            stacklevel=2,
-        )
     if resume and run_dir is None:
         raise ValueError("resume=True needs the run_dir to resume from.")
     processes = processes or SingleProcess()
@@ -432,6 +423,15 @@ class _Engine:
         self.global_batch = settings["batch_size"] * processes.world_size
         self.steps_per_epoch = math.ceil(len(self.points) / self.global_batch)
         self.warmup_steps = round(settings["warmup_epochs"] * self.steps_per_epoch)
+        if self.warmup_steps > (steps := settings["epochs"] * self.steps_per_epoch) > 0:  # resuming can finish it
+            warnings.warn(
+                f"The KL warm-up (warmup_epochs, --warmup-epochs {settings['warmup_epochs']:g}) is longer than the "
+                f"{settings['epochs']} epochs: the KL weight reaches only {steps / self.warmup_steps:.2g} of beta "
+                f"by the last step. Train for {math.ceil(settings['warmup_epochs'])} epochs or more (resume this run "
+                "with --epochs) to finish it.",
+                UserWarning,
+                stacklevel=3,
+            )
         if compile == "auto":
             compile = settings["epochs"] * self.steps_per_epoch >= AUTO_COMPILE_STEPS
         self.compiled = compiled_step(model, objective) if compile else None
