@@ -490,8 +490,8 @@ def ais_log_marginal_likelihood_by_label(
     Every label of a point is annealed in the same vectorised pass: a point is ``num_classes`` rows
     (the point with each label), and ``batch_size`` counts rows, so memory grows with
     ``batch_size * (num_chains + PILOT_CHAINS)`` as for :func:`ais_log_marginal_likelihood`, to which
-    ``ais`` (its keyword settings) is passed; a batch holds ``batch_size // num_classes`` points (at least one). ``seed``
-    seeds the whole estimate, whose batches draw one stream in turn.
+    ``ais`` (its keyword settings) is passed; a batch holds ``batch_size // num_classes`` points (at least
+    one). ``seed`` seeds the whole estimate, whose batches draw one stream in turn.
     """
     if not is_whole_number(num_classes) or num_classes < 2:
         raise ValueError(f"A label needs a whole number of classes, at least 2; got num_classes={num_classes!r}.")
