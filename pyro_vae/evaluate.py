@@ -277,7 +277,8 @@ def evaluate_run(
         summary.update(method=method, seconds=clock.seconds(), seed=seed)
         test_digest = identity.get("test_digest")
         points = {} if test_digest is None else {"test_digest": test_digest}
-        directory.write_evaluation(name, {**arrays, "model_digest": identity["model_digest"], **points})
+        estimator = {key: identity[key] for key in ("pilot_chains",) if key in identity}  # AIS's, when it ran
+        directory.write_evaluation(name, {**arrays, "model_digest": identity["model_digest"], **points, **estimator})
         metrics = directory.read_metrics()
         metrics.setdefault("evaluations", {})[name] = summary
         earlier = metrics.pop("earlier_evaluations", {})

@@ -171,6 +171,12 @@ def test_an_interrupted_ais_evaluation_continues_to_the_same_result(two_runs, mo
     b = np.load(interrupted / "evaluations" / f"{name}.npz")["log_px"]
     assert np.array_equal(a, b)
     assert not (interrupted / "evaluations" / f"{name}.partial.npz").exists()
+    made_by = np.load(interrupted / "evaluations" / f"{name}.npz")["pilot_chains"]  # the estimator recorded
+    assert (
+        made_by
+        == pv.infer.ais.PILOT_CHAINS
+        == pv.RunDirectory(interrupted).read_metrics()["evaluations"][name]["ais_pilot_chains"]
+    )
 
 
 def test_a_subset_of_test_points_is_named_and_paired_only_with_itself(two_runs, capsys, tmp_path):

@@ -165,7 +165,7 @@ def ais_summary(log_px, chain_std, acceptance, step_size, settings: dict) -> dic
         "chain_std_mean": float(chain_std.mean()),
         "acceptance_mean": float(acceptance.mean()),
         "step_size_median": float(step_size.double().quantile(0.5)),  # the middle two's mean, as numpy's
-        **{f"ais_{key}": value for key, value in settings.items()},
+        **{f"ais_{key}": value for key, value in {**settings, "pilot_chains": PILOT_CHAINS}.items()},
     }
 
 
