@@ -40,7 +40,9 @@ rate from :data:`PILOT_CHAINS` pilot chains that run beside the C chains
 along the same path and whose weights are dropped. The C chains' transitions
 then depend on nothing that they themselves drew: given the pilots, each
 chain follows a fixed sequence of HMC kernels, and E[w] = p(x) (forward) and
-E[w_rev] = 1 / p(x) (reverse) hold exactly at any T. Adapting from the
+E[w_rev] = 1 / p(x) (reverse) hold exactly at any T. The reverse pilots start
+from the forward pilots' last states, not from the simulated z that the
+reverse chains start from, so that they too are independent of the chains. Adapting from the
 chains' own acceptances, as Wu et al.'s code does, would make each
 transition depend on the chain's past and leave both bounds exact only in a
 limit that a finite schedule never reaches.
