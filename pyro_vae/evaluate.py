@@ -277,7 +277,7 @@ def evaluate_run(
         summary.update(method=method, seconds=clock.seconds(), seed=seed)
         test_digest = identity.get("test_digest")
         points = {} if test_digest is None else {"test_digest": test_digest}
-        estimator = {key: identity[key] for key in ("pilot_chains",) if key in identity}  # AIS's, when it ran
+        estimator = {"pilot_chains": identity["pilot_chains"]} if "pilot_chains" in identity else {}  # AIS's
         directory.write_evaluation(name, {**arrays, "model_digest": identity["model_digest"], **points, **estimator})
         metrics = directory.read_metrics()
         metrics.setdefault("evaluations", {})[name] = summary
