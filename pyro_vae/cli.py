@@ -58,6 +58,8 @@ from .training.schedules import LR_SCHEDULES
 from .workflow import resume_run, train_run
 
 DEFAULT_EVAL_SAMPLES = 1000
+#: The classes of every data set the command line trains on (MNIST and its torchvision kin).
+NUM_CLASSES = 10
 #: --compile values and the ``compile`` argument of ``fit`` each stands for.
 COMPILE_CHOICES = {"auto": "auto", "on": True, "off": False}
 VAE_OBJECTIVES = ("trace", "meanfield", "iwae")
@@ -745,17 +747,26 @@ def _new_model(args):
         if not isinstance(m1.model, VAE):
             raise ValueError(f"--m1 needs the run of a plain VAE; {args.m1} holds a {m1.config['model']['type']}.")
         data = m1.load_data()
+        check_label_count(args.labels, len(data.train), NUM_CLASSES)  # before M1's features are fitted
         features = LatentFeatures.fit(m1.model, data.train.x)
         model = StackedSSVAE(
-            m1.model, features, args.z_dim[0], prior=prior, hidden=args.hidden or [400], class_prior=args.class_prior
+            m1.model,
+            features,
+            args.z_dim[0],
+            NUM_CLASSES,
+            prior=prior,
+            hidden=args.hidden or [400],
+            class_prior=args.class_prior,
         )
         print(f"M1: {args.m1}, {features.num_active} of its {m1.model.z_dim} latent units active")
         name = f"{data.name}-m1m2-{args.labels}-labels-{stamp}"
     elif args.semi_supervised:
         data = _load_data(args)
+        check_label_count(args.labels, len(data.train), NUM_CLASSES)
         model = SSVAE(
             data.x_shape,
             args.z_dim[0],
+            NUM_CLASSES,
             prior=prior,
             likelihood=build_likelihood(_likelihood_config(args)),
             hidden=args.hidden,
@@ -790,7 +801,6 @@ def _new_model(args):
         if args.particles is not None:  # otherwise the objective's own: 1 for the ELBOs, 5 for the IWAE bound
             objective["num_particles"] = args.particles
         return model, data, objective, f"{data.name}-{args.likelihood}-{args.prior}-{stamp}"
-    check_label_count(args.labels, len(data.train), model.num_classes)  # before the run directory is announced
     objective = {"name": "semi-supervised", "num_labels": args.labels, "label_seed": args.label_seed}
     objective["aux_weight"], objective["classifier_steps"] = args.aux_weight, args.classifier_steps
     return model, data, objective, name

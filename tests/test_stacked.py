@@ -151,6 +151,17 @@ def test_the_command_stacks_on_a_vae_run(m1_run, tmp_path, capsys):
     assert "--m1 needs the run of a plain VAE" in capsys.readouterr().err
 
 
+def test_the_command_refuses_a_label_count_before_fitting_m1s_features(m1_run, tmp_path, capsys, monkeypatch):
+    def fit_refused(*args, **kwargs):
+        raise AssertionError("M1's features were fitted before the label count was checked")
+
+    monkeypatch.setattr(LatentFeatures, "fit", fit_refused)
+    for labels, message in (("5", "5 labels cannot cover 10 classes"), ("2000", "--labels 2000 is not below the")):
+        assert cli.main(["train", "--m1", str(m1_run), "--labels", labels, "--out", str(tmp_path)]) == 2
+        assert message in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
 def test_an_older_config_without_activations_rebuilds_relu_layers_and_still_matches(tiny):
     from pyro_vae.runs.directory import model_config_matches
 

@@ -103,7 +103,7 @@ class SemiSupervisedModel(Model):
 
     This class puts together ``model(x, y, *, aux_weight, kl_weight, num_data, batch_size)`` and the
     guide with the same signature from the parts that differ between M2 and M1+M2, which subclasses
-    provide: ``num_classes``, ``classify``, ``encode(x, y_onehot)``, ``decode(z, y_onehot)``, ``one_hot``,
+    provide: ``num_classes``, ``encode(x, y_onehot)``, ``decode(z, y_onehot)``, ``one_hot``,
     ``sample_labels`` and the hooks listed below the class attributes.
     """
 
@@ -177,6 +177,16 @@ class SemiSupervisedModel(Model):
     def feature_means(self, x: torch.Tensor) -> torch.Tensor:
         """The features of x at their mean, as the auxiliary classification term reads them (x itself for M2)."""
         return x
+
+    @torch.no_grad()
+    def classify(self, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+        """The most probable class under q(y | x) (of the features at their mean), for each point."""
+        return torch.cat(
+            [
+                self.classifier_logits(self.feature_means(x[i : i + batch_size])).argmax(-1)
+                for i in range(0, len(x), batch_size)
+            ]
+        )
 
     @torch.no_grad()
     def accuracy(self, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -317,11 +327,6 @@ class SSVAE(SemiSupervisedModel):
     def decode(self, z: torch.Tensor, y_onehot: torch.Tensor):
         """The distribution p(x | y, z)."""
         return self.likelihood(self.decoder(concat_broadcast(z, y_onehot)))
-
-    @torch.no_grad()
-    def classify(self, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
-        """The most probable class under q(y | x), for each point."""
-        return torch.cat([self.classifier(x[i : i + batch_size]).argmax(-1) for i in range(0, len(x), batch_size)])
 
     def sample_labels(self, num_samples: int) -> torch.Tensor:
         """Class indices drawn from p(y)."""

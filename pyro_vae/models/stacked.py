@@ -223,16 +223,6 @@ class StackedSSVAE(SemiSupervisedModel):
         f = self.m2.decode(z, y_onehot).mean
         return self.m1.decode(self.features.assemble(f, f.new_zeros(len(self.features.inactive))))
 
-    @torch.no_grad()
-    def classify(self, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
-        """The most probable class under q(y | E[f | x]), for each point."""
-        return torch.cat(
-            [
-                self.m2.classifier(self.feature_means(x[i : i + batch_size])).argmax(-1)
-                for i in range(0, len(x), batch_size)
-            ]
-        )
-
     def sample_labels(self, num_samples: int) -> torch.Tensor:
         """Class indices drawn from p(y)."""
         return self.m2.sample_labels(num_samples)
