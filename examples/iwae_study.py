@@ -55,6 +55,7 @@ from pyro_vae.cli import count_or_zero, positive_int, seed_value
 from pyro_vae.evaluate import EvaluationInterrupted, current_evaluation, evaluation_name
 from pyro_vae.infer.densities import standard_error
 from pyro_vae.training.engine import OUTPUT_BIAS_STARTS
+from pyro_vae.training.precision import precision_conflict
 from pyro_vae.training.schedules import LENGTH_DEPENDENT_SCHEDULES, LR_SCHEDULES, length_conflict
 from pyro_vae.workflow import training_settings
 
@@ -139,9 +140,10 @@ def check_before_training(args, out: Path) -> None:
         for held, place in ((run, "--out"), (record, "--keep")):
             if held is None or not (held / pv.RunDirectory.CONFIG).exists():
                 continue
-            if (precision := training_settings(pv.RunDirectory(held).read_config())["matmul_precision"]) != "highest":
-                raise SystemExit(f"{held} was trained with --matmul-precision {precision}; the study trains in "
-                                 f"float32 (highest): give another {place}.")  # fmt: skip
+            if conflict := precision_conflict(
+                training_settings(pv.RunDirectory(held).read_config())["matmul_precision"]
+            ):
+                raise SystemExit(f"{held} {conflict}: give another {place}.")
         if pv.RunDirectory(run).holds_run():
             if other := other_settings(run, args):
                 raise SystemExit(f"{run} holds a run of {other}: give it {other}, or another --out for this study.")

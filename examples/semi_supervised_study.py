@@ -72,6 +72,7 @@ from pyro_vae.infer.objective import completed_objective_config
 from pyro_vae.infer.semisupervised import default_aux_weight, draw_labelled, paper_aux_weight
 from pyro_vae.training.engine import OUTPUT_BIAS_STARTS
 from pyro_vae.training.parallel import state_digest
+from pyro_vae.training.precision import precision_conflict
 from pyro_vae.training.schedules import LR_SCHEDULES, length_conflict
 from pyro_vae.workflow import training_settings
 
@@ -186,9 +187,8 @@ def check_settings(run: Path, args, place: str = "--out") -> None:
             theirs, ours = (f"{value:g}" if isinstance(value, float) else value for value in (theirs, ours))
             raise SystemExit(f"{run} was trained with --{key.replace('_', '-')} {theirs}, not {ours}; give that, or "
                              f"another {place}.")  # fmt: skip
-    if train["matmul_precision"] != "highest":
-        raise SystemExit(f"{run} was trained with --matmul-precision {train['matmul_precision']}; the study trains in "
-                         f"float32 (highest): give another {place}.")  # fmt: skip
+    if conflict := precision_conflict(train["matmul_precision"]):
+        raise SystemExit(f"{run} {conflict}: give another {place}.")
     if conflict := length_conflict(train["lr_schedule"], train["epochs"], args.epochs):
         raise SystemExit(f"{run} {conflict}; give --epochs {train['epochs']}, or another {place}.")
     objective = completed_objective_config(train["objective"])

@@ -32,6 +32,13 @@ import torch
 MATMUL_PRECISIONS = ("highest", "high", "medium")
 
 
+def precision_conflict(precision: str) -> str | None:
+    """Why a run trained at ``precision`` cannot join a study whose runs all train in float32 (None where it can)."""
+    if precision != "highest":
+        return f"was trained with --matmul-precision {precision}; the study trains in float32 (highest)"
+    return None
+
+
 def per_backend_settings() -> list:
     """The backends' own float32 matmul settings that :func:`torch.set_float32_matmul_precision` writes
     (``torch.backends.mkldnn.matmul`` and ``torch.backends.cuda.matmul``, each with ``fp32_precision``), where
