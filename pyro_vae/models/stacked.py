@@ -76,7 +76,8 @@ class LatentFeatures(nn.Module):
 
     @classmethod
     def fit(cls, m1: VAE, x: torch.Tensor, threshold: float = ACTIVE_UNIT_THRESHOLD) -> LatentFeatures:
-        """Choose the units whose posterior means vary more than ``threshold`` over ``x``; standardise them."""
+        """Choose the units whose posterior means vary more than ``threshold`` over ``x``; standardise them by the
+        means' mean and standard deviation over ``x`` (the grayscale images, where training sees binarised draws)."""
         means = m1.latent_means(x)
         variance = means.var(0)
         features = cls(m1.z_dim, (variance > threshold).nonzero().squeeze(1).tolist())
