@@ -250,6 +250,11 @@ def evaluate_run(
         )
     if data is not None and not isinstance(data, Dataset):
         raise TypeError(f"data= must be the pv.Dataset the run was trained on; got {type(data).__name__}.")
+    if data is not None and (counts := run.config.get("data_points")) and len(data.test) != counts["test"]:
+        raise ValueError(
+            f"{directory.path} was trained on data with {counts['test']} test points; data= has {len(data.test)}. "
+            "Give the pv.Dataset the run was trained on."
+        )
     test = (run.load_data() if data is None else data).test.x
     if test_points is not None and test_points > len(test):
         raise ValueError(

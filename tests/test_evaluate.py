@@ -358,6 +358,8 @@ def test_compare_pairs_runs_on_tensors_of_ones_own_only_on_the_same_test_points(
         pv.fit(small_vae(hidden=(16,)), data, epochs=1, run_dir=tmp_path / name, progress=False)
         with pytest.raises(ValueError, match="tensors of your own; pass them as data="):
             pv.evaluate_run(tmp_path / name, num_samples=5, progress=False)
+        with pytest.raises(ValueError, match="with 50 test points; data= has 40"):
+            pv.evaluate_run(tmp_path / name, num_samples=5, progress=False, data=data.subset(test=40))
         pv.evaluate_run(tmp_path / name, num_samples=5, progress=False, data=data)
         runs[name] = str(tmp_path / name)
     assert len(pv.compare_runs([runs["a"], runs["b"]])) == 2

@@ -4,6 +4,7 @@ import json
 import math
 import time
 import warnings
+from dataclasses import replace
 
 import pyro
 import pytest
@@ -427,6 +428,28 @@ def test_resume_refuses_other_training_settings(small_mnist, tmp_path):
             small_vae(), data, objective={"name": "trace", "gradient": "stl"}, epochs=2, run_dir=tmp_path,
             resume=True, progress=False,
         )  # fmt: skip
+
+
+def test_resume_refuses_other_data(small_mnist, tmp_path):
+    """Another subset, another binarisation, or tensors of one's own of other sizes: a run stopped part-way would
+    index its saved order of points into the new training set, and its config would describe data it was not
+    trained on."""
+    data = small_mnist.subset(train=200)
+    pv.fit(small_vae(), data, epochs=1, run_dir=tmp_path / "run", progress=False)
+    resumed = {"epochs": 2, "run_dir": tmp_path / "run", "resume": True, "progress": False}
+    with pytest.raises(pv.CheckpointError, match=r"other data \(subset .*'train': 200.* -> .*'train': 100"):
+        pv.fit(small_vae(), small_mnist.subset(train=100), **resumed)
+    with pytest.raises(pv.CheckpointError, match=r"other data \(binarize 'dynamic' -> 'none'"):
+        pv.fit(small_vae(), replace(data, spec={**data.spec, "binarize": "none"}), **resumed)
+    own = replace(data, spec=None)  # tensors of one's own: no spec, so the counts tell
+    with pytest.raises(pv.CheckpointError, match=r"other data \(data \{.*\} -> None\)"):
+        pv.fit(small_vae(), own, **resumed)
+    pv.fit(small_vae(), own, epochs=1, run_dir=tmp_path / "own", progress=False)
+    with pytest.raises(pv.CheckpointError, match=r"points \{'train': 200, .*\} -> \{'train': 150, "):
+        pv.fit(small_vae(), replace(own, train=own.train.subset(150)), **{**resumed, "run_dir": tmp_path / "own"})
+    assert pv.fit(small_vae(), own, **{**resumed, "run_dir": tmp_path / "own"})[-1]["epoch"] == 2
+    moved = {**data.spec, "data_dir": str(tmp_path)}  # where the files are is no part of what they are
+    assert pv.fit(small_vae(), replace(data, spec=moved), **resumed)[-1]["epoch"] == 2
 
 
 def test_flushing_adams_subnormal_moments_zeroes_them_and_moves_no_parameter():

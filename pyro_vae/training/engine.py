@@ -297,6 +297,31 @@ def check_same_training(run: RunDirectory, saved: dict, current: dict) -> None:
         )
 
 
+def data_points(data) -> dict[str, int]:
+    """The number of points in each split, which a run records beside its data's spec."""
+    return {split: len(getattr(data, split)) for split in ("train", "val", "test")}
+
+
+def check_same_data(run: RunDirectory, saved: dict, current: dict) -> None:
+    """Refuse to resume a run on other data than its own: another data set, binarisation, split or subset (where
+    the files are, ``data_dir``, may change), or other numbers of points (tensors of one's own have no spec).
+    Runs written before the counts were recorded are checked on their spec alone."""
+    saved_spec, spec = saved.get("data"), current["data"]
+    changed = []
+    if saved_spec is not None and spec is not None:
+        shared = sorted((saved_spec.keys() & spec.keys()) - {"data_dir"})
+        changed += [f"{key} {saved_spec[key]!r} -> {spec[key]!r}" for key in shared if saved_spec[key] != spec[key]]
+    elif (saved_spec is None) != (spec is None):
+        changed.append(f"data {saved_spec!r} -> {spec!r}")
+    if (counts := saved.get("data_points")) is not None and counts != current["data_points"]:
+        changed.append(f"points {counts} -> {current['data_points']}")
+    if changed:
+        raise CheckpointError(
+            f"{run.path} was trained on other data ({', '.join(changed)}); resume it on its own data (pv.resume_run "
+            "and pyro-vae train --resume rebuild it from the run's config), or start a new run."
+        )
+
+
 def fit(
     model: Model,
     data,
@@ -439,6 +464,7 @@ class _Engine:
             "pyro_vae_version": __version__,
             "model": model.config() if model.describable else None,
             "data": data.spec,
+            "data_points": data_points(data),
             "train": {
                 "epochs": settings["epochs"],
                 "batch_size": settings["batch_size"],
@@ -532,6 +558,7 @@ class _Engine:
                 "rebuild the model from the run's config.json (pyro_vae.load_run)."
             )
         check_same_training(run, state["config"].get("train", {}), self.config["train"])
+        check_same_data(run, state["config"], self.config)
         if self.average is None:
             self.model.load_state_dict(state["model"])
         else:  # the iterates go on from where they were; "model" holds their average
