@@ -10,6 +10,7 @@ import torch
 
 import pyro_vae as pv
 from pyro_vae import cli
+from pyro_vae.training.engine import resolve_device
 
 SMALL = ["--subset", "200", "--hidden", "16", "--epochs", "1", "--no-progress"]
 
@@ -35,6 +36,8 @@ TRAIN_VALUES = [
     (["--seed", str(2**32)], "give a value in [0, 4294967295]"),
     (["--device", "gpu9"], "Unknown device"),
     (["--device", "cuda"], "sees no GPU"),
+    (["--device", "meta"], "Device 'meta' is not supported; use cpu, cuda"),
+    (["--device", "mps"], "Device 'mps' is not supported"),
     (["--device", "cpu", "--devices", "2"], "--device does not apply with --devices"),
     (["--eval-samples", "-1"], "give a value >= 0"),
     (["--components", "0"], "give a value >= 1"),
@@ -105,6 +108,14 @@ def _run(argv, capsys):
     except SystemExit as done:
         code = done.code
     return code, capsys.readouterr().err
+
+
+def test_a_gpu_that_is_not_here_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match=r"--device cuda:3 was asked for, but PyTorch sees 1 GPU\(s\) here; give an "):
+        resolve_device("cuda:3")
+    assert resolve_device("cuda:0") == torch.device("cuda:0")
 
 
 @pytest.mark.parametrize("flags, message", TRAIN_VALUES, ids=[" ".join(f) for f, _ in TRAIN_VALUES])

@@ -102,15 +102,21 @@ class TrainingInterrupted(RuntimeError):
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``"auto"`` picks CUDA when there is a GPU; an unavailable CUDA gets a clear error."""
+    """``"auto"`` picks CUDA when there is a GPU; a device that is not here, or that training does not run on
+    (cpu and cuda), gets a clear error."""
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(device)
     except RuntimeError as err:
         raise ValueError(f"Unknown device {device!r}; use cpu, cuda, cuda:N or auto.") from err
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"Device {str(device)!r} is not supported; use cpu, cuda, cuda:N or auto.")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for, but PyTorch sees no GPU here; use --device cpu.")
+    if device.type == "cuda" and device.index is not None and device.index >= (count := torch.cuda.device_count()):
+        raise ValueError(f"--device {device} was asked for, but PyTorch sees {count} GPU(s) here; give an index "
+                         f"below {count}.")  # fmt: skip
     return device
 
 
