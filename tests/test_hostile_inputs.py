@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import pyro_vae as pv
-from pyro_vae.infer import importance
+from pyro_vae.infer import build_objective, importance
 from pyro_vae.runs.files import load_checkpoint
 
 # ------------------------------------------------------------------ hostile files
@@ -326,6 +326,23 @@ def test_the_elbo_estimates_refuse_what_they_cannot_average(settings, x, message
     if not settings:  # AIS checks its chains and batches with its other settings
         with pytest.raises(ValueError, match=message):
             pv.ais_log_marginal_likelihood(vae.model, vae.guide, x)
+    robustness_report["bad inputs refused or cleaned"] += 1
+
+
+@pytest.mark.parametrize("bad", [0, 1000.0, True])
+def test_a_pass_size_that_is_not_whole_is_refused(bad, robustness_report):
+    vae = pv.VAE((3,), 2, hidden=(4,))
+    with pytest.raises(ValueError, match="max_samples_per_pass must be a whole number >= 1"):
+        pv.log_marginal_likelihood(vae.model, vae.guide, torch.ones(1, 3), num_samples=5, max_samples_per_pass=bad)
+    robustness_report["bad inputs refused or cleaned"] += 1
+
+
+@pytest.mark.parametrize("particles", [0, 2.5, True, "3", None])
+@pytest.mark.parametrize("objective", ["trace", "meanfield", "iwae"])
+def test_a_training_objective_refuses_a_particle_count_that_is_not_whole(objective, particles, robustness_report):
+    """Truncated, 2.5 particles trained with K = 2 and recorded 2 in the config."""
+    with pytest.raises(ValueError, match="needs a whole num_particles >= 1"):
+        build_objective({"name": objective, "num_particles": particles})
     robustness_report["bad inputs refused or cleaned"] += 1
 
 

@@ -23,6 +23,7 @@ from typing import ClassVar
 
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 
+from ..checks import is_whole_number
 from .densities import check_reparameterized_guide
 from .objective import ParticleObjective, register_objective
 from .path_derivatives import GRADIENTS, STL_ELBO
@@ -40,14 +41,14 @@ class ELBO(ParticleObjective):
     gradients: ClassVar[tuple[str, ...]] = GRADIENTS["trace"]
 
     def __init__(self, num_particles: int = 1, gradient: str = "standard"):
-        if int(num_particles) < 1:
-            raise ValueError(f"The ELBO needs num_particles >= 1; got {num_particles}.")
+        if not is_whole_number(num_particles) or num_particles < 1:
+            raise ValueError(f"The ELBO needs a whole num_particles >= 1; got {num_particles!r}.")
         if gradient not in self.gradients:
             raise ValueError(
                 f"The {self.name!r} ELBO takes the gradient estimators {self.gradients}, not {gradient!r}"
                 + (" (STL needs the Monte Carlo KL of the 'trace' ELBO)." if gradient == "stl" else ".")
             )
-        self.num_particles, self.gradient = int(num_particles), gradient
+        self.num_particles, self.gradient = int(num_particles), gradient  # a NumPy integer made Python's
         self.elbo = self.pyro_elbo(
             num_particles=self.num_particles, vectorize_particles=self.num_particles > 1, max_plate_nesting=1
         )

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from ..accel.bernoulli import log_density_kernels
 from ..accel.replay import record
+from ..checks import is_whole_number
 from .densities import (
     SiteLogDensities,
     check_points_and_batches,
@@ -276,6 +277,8 @@ def log_marginal_likelihood(
 
     :param num_samples: K, importance samples per data point (:data:`DEFAULT_NUM_SAMPLES`).
     :param batch_size: data points per batch.
+    :param max_samples_per_pass: the most particle x point evaluations in one vectorised pass (at least one
+        particle a pass, whatever the batch).
     :param seed: makes the estimate deterministic (the caller's RNG state is left untouched); None uses the global RNG.
     :param replay: record the pass over a full batch and chunk of particles and replay it compiled. None
         does so when there are at least ``MIN_REPLAYED_PASSES`` such passes; False always runs Pyro, for
@@ -283,6 +286,8 @@ def log_marginal_likelihood(
     :returns: :class:`MarginalLikelihoodEstimate`.
     """
     check_points_and_batches(x, num_samples, batch_size, "num_samples")
+    if not is_whole_number(max_samples_per_pass) or max_samples_per_pass < 1:
+        raise ValueError(f"max_samples_per_pass must be a whole number >= 1; got {max_samples_per_pass!r}.")
     full_chunk = max(1, min(num_samples, max_samples_per_pass // batch_size))
     replayed_passes = (x.shape[0] // batch_size) * (num_samples // full_chunk)
     if replay is None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from ..checks import is_whole_number
 from .densities import (
     check_reparameterized_guide,
     evaluating,
@@ -42,9 +43,9 @@ class IWAE_ELBO:  # noqa: N801 (named like Pyro's ELBOs)
     """
 
     def __init__(self, num_particles: int = 5, max_plate_nesting: int = 1):
-        if num_particles < 1:
-            raise ValueError(f"IWAE needs num_particles >= 1; got {num_particles}.")
-        self.num_particles, self.max_plate_nesting = num_particles, max_plate_nesting
+        if not is_whole_number(num_particles) or num_particles < 1:
+            raise ValueError(f"IWAE needs a whole num_particles >= 1; got {num_particles!r}.")
+        self.num_particles, self.max_plate_nesting = int(num_particles), max_plate_nesting
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
         """-sum_n L_K(x_n), differentiable through the reparameterised samples."""
@@ -81,7 +82,7 @@ class IWAEBound(ParticleObjective):
                 f"The IWAE bound takes the gradient estimators {GRADIENTS['iwae']}, not {gradient!r}"
                 + (" (STL is biased for K > 1, Tucker et al. 2019; use 'dreg')." if gradient == "stl" else ".")
             )
-        self.bound = IWAE_ELBO(num_particles=int(num_particles))
+        self.bound = IWAE_ELBO(num_particles=num_particles)
         self.num_particles, self.gradient = self.bound.num_particles, gradient
 
     def setup(self, model, data, *, batch_size):
