@@ -44,6 +44,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .checks import is_whole_number
 from .data import Dataset
 from .infer import (
     BDMC,
@@ -68,7 +69,7 @@ from .infer.importance import DEFAULT_NUM_SAMPLES, untrusted
 from .models import Model, SemiSupervisedModel
 from .models.base import ACTIVE_UNIT_THRESHOLD
 from .runs import RunDirectory, load_run
-from .training.engine import resolve_device
+from .training.engine import MAX_SEED, resolve_device
 from .training.parallel import parameter_digest, state_digest
 
 METHODS = ("is", "ais", "auto", "bdmc")
@@ -225,14 +226,16 @@ def evaluate_run(
         :func:`compare_runs` pairs only evaluations of the same points); None evaluates all of them.
     """
     ais = {"num_steps": num_steps, "num_chains": num_chains, "leapfrog_steps": leapfrog_steps, "schedule": schedule}
-    name = evaluation_name(method, num_samples=num_samples, ais=ais, num_points=num_points, test_points=test_points)
     sizes = [("num_samples", num_samples), ("batch_size", batch_size), ("num_points", num_points)]
     sizes += [(key, ais[key]) for key in ("num_steps", "num_chains", "leapfrog_steps")]
     for key, value in sizes + ([("test_points", test_points)] if test_points is not None else []):
-        if value < 1:
-            raise ValueError(f"{key} must be >= 1; got {value}.")
+        if not is_whole_number(value) or value < 1:
+            raise ValueError(f"{key} must be a whole number >= 1; got {value!r}.")
+    if not is_whole_number(seed) or not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed must be an integer from 0 to {MAX_SEED}; got {seed!r}.")
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}; got {schedule!r}.")
+    name = evaluation_name(method, num_samples=num_samples, ais=ais, num_points=num_points, test_points=test_points)
     device = resolve_device(device)
     directory = RunDirectory(run_dir)
     directory.check_resumable()

@@ -205,11 +205,15 @@ def test_evaluate_compare_and_train_refuse_bad_values_and_paths(finished_run, tm
     assert (finished_run / "metrics.json").read_text() == metrics
 
 
-@pytest.mark.parametrize("setting", ["num_steps", "num_chains", "leapfrog_steps"])
-def test_evaluate_run_checks_the_ais_settings_before_importance_sampling(finished_run, setting):
+@pytest.mark.parametrize("value", [0, 2.0, True])
+@pytest.mark.parametrize("setting", ["num_steps", "num_chains", "leapfrog_steps", "test_points", "num_samples"])
+def test_evaluate_run_checks_its_settings_before_importance_sampling(finished_run, setting, value):
     metrics = (finished_run / "metrics.json").read_text()
-    with pytest.raises(ValueError, match=f"{setting} must be >= 1; got 0"):
-        pv.evaluate_run(finished_run, method="auto", **{setting: 0})
+    with pytest.raises(ValueError, match=f"{setting} must be a whole number >= 1; got {value!r}"):
+        pv.evaluate_run(finished_run, method="auto", **{setting: value})
+    for seed in (None, -1, 2**32, 1.0):
+        with pytest.raises(ValueError, match=f"seed must be an integer from 0 to 4294967295; got {seed!r}"):
+            pv.evaluate_run(finished_run, method="auto", seed=seed)
     assert (finished_run / "metrics.json").read_text() == metrics
 
 
