@@ -125,3 +125,18 @@ def test_a_failed_compile_warns_once_and_falls_back_to_the_same_numbers():
     assert kernel.failed and torch.equal(first, second)
     exact, magnitude = reference(logits, value)
     assert ((first.double() - exact).abs() <= float32_tolerance(magnitude)).all()
+
+
+def test_an_error_of_the_inputs_is_raised_and_keeps_the_compiled_code():
+    """Shapes that fail eagerly too are no compiler failure: the eager error, no warning, the compiled code kept."""
+
+    def compiled(*args):
+        raise RuntimeError("the compiled kernel's own message for the same bad shapes")
+
+    kernel = CompiledOnce(fused.grouped_log_sigmoid_sum, bernoulli_log_prob_sum, "the Bernoulli log-density")
+    kernel.compiled = compiled
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(RuntimeError, match="must match the size"):
+            kernel(torch.randn(4, 784), torch.rand(4, 783).round())
+    assert not kernel.failed and kernel.compiled is compiled
