@@ -89,8 +89,14 @@ class Dataset:
         return replace(self, train=self.train.to(device), val=self.val.to(device), test=self.test.to(device))
 
     def subset(self, train: int | None = None, val: int | None = None, test: int | None = None) -> Dataset:
-        """A smaller copy, for smoke tests and quick experiments."""
-        spec = None if self.spec is None else {**self.spec, "subset": {"train": train, "val": val, "test": test}}
+        """A smaller copy, for smoke tests and quick experiments: the first ``train``, ``val`` and ``test`` points of
+        each split (None keeps a split whole). The spec records the subset, so the copy rebuilds as it is, a subset
+        of a subset included."""
+        spec = None
+        if self.spec is not None:
+            before = self.spec.get("subset") or {}
+            wanted = {"train": train, "val": val, "test": test}
+            spec = {**self.spec, "subset": {split: _first_of(before.get(split), n) for split, n in wanted.items()}}
         return replace(
             self, train=self.train.subset(train), val=self.val.subset(val), test=self.test.subset(test), spec=spec
         )
@@ -120,6 +126,11 @@ class Dataset:
         """The training points at ``indices``, dynamically binarised when the mode says so."""
         batch = self.train.x[indices]
         return binarize(batch) if self.binarize == "dynamic" else batch
+
+
+def _first_of(before: int | None, n: int | None) -> int | None:
+    """How many points the first ``n`` of the first ``before`` points are (None: all of them)."""
+    return n if before is None else before if n is None else min(before, n)
 
 
 def check_finite_and_nonempty(x: torch.Tensor, what: str = "data") -> None:

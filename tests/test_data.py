@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import pyro_vae as pv
-from pyro_vae.data import binarize
+from pyro_vae.data import binarize, dataset_from_spec
 
 
 def test_embedded_mnist_is_complete(mnist):
@@ -210,3 +210,13 @@ def test_a_quick_subset_keeps_a_fifth_for_validation_and_test_and_at_least_one(s
     data = small_mnist.quick_subset(n)
     assert (len(data.train), len(data.val), len(data.test)) == (n, held_out, held_out)
     assert torch.equal(data.train.x, small_mnist.train.x[:n])
+
+
+def test_a_subset_of_a_subset_rebuilds_from_its_spec_as_it_is(small_mnist):
+    """Each call used to record only its own sizes: ``small_mnist.subset(train=200)`` rebuilt with 10,000
+    validation and test points where it held 500 (runs evaluated and resumed on other points than they had)."""
+    data = small_mnist.subset(train=200, test=1000)
+    assert data.spec["subset"] == {"train": 200, "val": 500, "test": 500}
+    rebuilt = dataset_from_spec(data.spec)
+    for split in ("train", "val", "test"):
+        assert torch.equal(getattr(rebuilt, split).x, getattr(data, split).x), split
