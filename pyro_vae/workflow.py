@@ -11,10 +11,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .data import Dataset, dataset_from_spec
+from .data import Dataset
 from .infer.objective import completed_objective_config
-from .models import Model, build_model
-from .runs import CheckpointError, Run, RunDirectory
+from .models import Model
+from .runs import Run, RunDirectory
+from .runs.directory import data_from_config, model_from_config
 from .training.engine import LEGACY_SETTINGS, as_dataset, fit
 
 
@@ -72,14 +73,8 @@ def resume_run(
     directory = RunDirectory(run_dir)
     directory.check_resumable()
     config = directory.read_config()
-    if model is None:
-        if config["model"] is None:
-            raise CheckpointError(f"{directory.path} used custom networks; pass the same model as model=.")
-        model = build_model(config["model"])
-    if data is None:
-        if config["data"] is None:
-            raise CheckpointError(f"{directory.path} was trained on your own tensors; pass them as data=.")
-        data = dataset_from_spec(config["data"])
+    model = model_from_config(directory.path, config) if model is None else model
+    data = data_from_config(directory.path, config) if data is None else data
     train = {**training_settings(config), **settings}
     if epochs is not None:
         train["epochs"] = epochs

@@ -281,12 +281,27 @@ class Run:
 
     def load_data(self) -> Dataset:
         """The data set the run was trained on, rebuilt from its config."""
-        if self.config["data"] is None:
-            raise ValueError(
-                f"{self.path} was trained on tensors of your own; pass them as data= (pv.evaluate_run, "
-                "pv.resume_run), or load them yourself."
-            )
-        return dataset_from_spec(self.config["data"])
+        return data_from_config(self.path, self.config)
+
+
+def model_from_config(path: Path, config: dict) -> Model:
+    """The model of the run at ``path`` rebuilt from its ``config``, with fresh weights."""
+    if config["model"] is None:
+        raise ValueError(
+            f"{path} used custom networks; build the same model and pass it as model= (pv.load_run, "
+            "pv.evaluate_run, pv.resume_run)."
+        )
+    return build_model(config["model"])
+
+
+def data_from_config(path: Path, config: dict) -> Dataset:
+    """The data set the run at ``path`` was trained on, rebuilt from its ``config``."""
+    if config["data"] is None:
+        raise ValueError(
+            f"{path} was trained on tensors of your own; pass them as data= (pv.evaluate_run, pv.resume_run), "
+            "or load them yourself."
+        )
+    return dataset_from_spec(config["data"])
 
 
 def load_run(path: str | Path, *, model: Model | None = None, checkpoint: str = "best", map_location="cpu") -> Run:
@@ -306,12 +321,7 @@ def load_run(path: str | Path, *, model: Model | None = None, checkpoint: str = 
             "restore the config.json that was written with this checkpoint."
         )
     if model is None:
-        if config["model"] is None:
-            raise ValueError(
-                f"{run.path} used custom networks; build the same model and pass it as model= (pv.load_run, "
-                "pv.evaluate_run, pv.resume_run)."
-            )
-        model = build_model(config["model"])
+        model = model_from_config(run.path, config)
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as err:
