@@ -410,6 +410,25 @@ def _saved_batches(directory, name, identity: dict, keys, clock: _WallClock, ind
     return {key: list(done.get(key, [])) if same else [] for key in keys}
 
 
+def _evaluate_in_batches(directory, name, columns: dict[str, list], starts, compute, saved_with: dict, clock, what):
+    """Extend ``columns`` by ``compute(index, begin)`` (a dict of per-point tensors) for every batch they lack,
+    saving the partial evaluation as each finishes; a Ctrl-C keeps the batches done, for the same command to
+    continue. ``what`` counts the points in the message, e.g. "of 10000 points"."""
+    first = next(iter(columns))
+    try:
+        for index, begin in enumerate(starts):
+            if begin < len(columns[first]):  # saved before
+                continue
+            for key, values in compute(index, begin).items():
+                columns[key].extend(values.double().tolist())
+            directory.write_evaluation(name, {**saved_with, **columns, "seconds": clock.seconds()}, partial=True)
+    except KeyboardInterrupt:
+        raise EvaluationInterrupted(
+            f"Interrupted after {len(columns[first])} {what}; they are saved. Run the same pyro-vae evaluate command "
+            "to continue."
+        ) from None
+
+
 def _resumable_ais(
     directory, name, model, x, indices, batch_size, ais, seed, progress, identity, clock, kept=None
 ) -> dict:
@@ -419,23 +438,16 @@ def _resumable_ais(
     weights, seed and batch size; otherwise it starts again. ``kept`` (arrays of the evaluation's
     earlier work, "auto"'s importance-sampling pass) is saved beside the batches.
     """
+
+    def compute(index: int, begin: int) -> dict[str, torch.Tensor]:
+        chosen = torch.as_tensor(indices[begin : begin + batch_size]).to(x.device)
+        estimate = annealed_log_px(model, x[chosen], **ais, batch_size=batch_size, seed=seed + index)
+        return {key: getattr(estimate, key) for key in AIS_COLUMNS}
+
     columns = _saved_batches(directory, name, identity, AIS_COLUMNS, clock, indices)
-    batches = range(0, len(indices), batch_size)
-    try:
-        for index, begin in enumerate(tqdm(batches, desc=f"AIS {name}", disable=not progress, leave=False)):
-            if begin < len(columns["log_px"]):
-                continue
-            chosen = torch.as_tensor(indices[begin : begin + batch_size])
-            estimate = annealed_log_px(model, x[chosen.to(x.device)], **ais, batch_size=batch_size, seed=seed + index)
-            for key in AIS_COLUMNS:
-                columns[key].extend(getattr(estimate, key).double().tolist())
-            saved = {"indices": indices, **(kept or {}), **identity, **columns, "seconds": clock.seconds()}
-            directory.write_evaluation(name, saved, partial=True)
-    except KeyboardInterrupt:
-        raise EvaluationInterrupted(
-            f"Interrupted after {len(columns['log_px'])} of {len(indices)} points; they are saved. "
-            f"Run the same pyro-vae evaluate command to continue."
-        ) from None
+    starts = tqdm(range(0, len(indices), batch_size), desc=f"AIS {name}", disable=not progress, leave=False)
+    saved_with = {"indices": indices, **(kept or {}), **identity}
+    _evaluate_in_batches(directory, name, columns, starts, compute, saved_with, clock, f"of {len(indices)} points")
     return {key: np.asarray(value) for key, value in columns.items()}
 
 
@@ -460,22 +472,17 @@ def _resumable_bdmc(
     """
     plan = BDMC(model.model, model.guide, num_points, **ais, batch_size=batch_size, seed=seed)
     columns = _saved_batches(directory, name, identity, ("lower", "upper"), clock)
-    total = 2 * len(plan.batches) * ais["num_steps"]
-    try:
-        with tqdm(total=total, desc=f"BDMC {name}", disable=not progress, leave=False) as bar:
-            for index, begin in enumerate(plan.batches):
-                if begin < len(columns["lower"]):
-                    bar.update(2 * ais["num_steps"])
-                    continue
-                lower, upper = plan.bounds(index, bar)
-                columns["lower"].extend(lower.double().tolist())
-                columns["upper"].extend(upper.double().tolist())
-                directory.write_evaluation(name, {**identity, **columns, "seconds": clock.seconds()}, partial=True)
-    except KeyboardInterrupt:
-        raise EvaluationInterrupted(
-            f"Interrupted after {len(columns['lower'])} of {num_points} simulated points; they are saved. "
-            f"Run the same pyro-vae evaluate command to continue."
-        ) from None
+    steps = 2 * ais["num_steps"]  # of the progress bar, per batch: forward and reverse chains
+    done = sum(begin < len(columns["lower"]) for begin in plan.batches)
+    bar = tqdm(total=steps * len(plan.batches), initial=steps * done, desc=f"BDMC {name}", disable=not progress,
+               leave=False)  # fmt: skip
+
+    def compute(index: int, begin: int) -> dict[str, torch.Tensor]:
+        return dict(zip(("lower", "upper"), plan.bounds(index, bar), strict=True))
+
+    with bar:
+        what = f"of {num_points} simulated points"
+        _evaluate_in_batches(directory, name, columns, plan.batches, compute, identity, clock, what)
     lower, upper = (torch.tensor(columns[key], dtype=torch.float64) for key in ("lower", "upper"))
     return BDMCEstimate(lower.float(), upper.float(), plan.x.cpu(), plan.settings)
 
