@@ -909,8 +909,10 @@ def main(argv: list[str] | None = None) -> int:
     except (TrainingInterrupted, EvaluationInterrupted) as err:
         print(f"pyro-vae: {err}", file=sys.stderr)
         return 130  # the shell's code for a SIGINT
-    except KeyboardInterrupt:
-        print("pyro-vae: interrupted; every completed epoch is saved in the run directory.", file=sys.stderr)
+    except KeyboardInterrupt:  # before training or evaluation began, or while the results were written
+        saved = {"train": "every completed epoch is saved in the run directory", "evaluate": "finished evaluations "
+                 "are saved in the run directory", "compare": "nothing was written"}[args.command]  # fmt: skip
+        print(f"pyro-vae: interrupted; {saved}.", file=sys.stderr)
         return 130
     except OSError as err:  # a path the checks up front could not foresee (a read-only or special file system)
         print(f"pyro-vae: error: {err.strerror or err}: {err.filename}; check that path and its permissions.",

@@ -273,6 +273,7 @@ def evaluate_run(
     if method != "bdmc":  # BDMC's points are simulated
         identity["test_digest"] = points_digest(x)
     with directory.lock():
+        directory.remove_stale_temporaries()
         _check_partial_evaluation(directory, name, identity)
         if method == "bdmc":
             bounds = _resumable_bdmc(directory, name, model, num_points, batch_size, ais, seed, progress, identity,

@@ -60,10 +60,17 @@ def test_sigkill_at_random_moments_loses_nothing(tmp_path, reference_runs, robus
 def test_stale_temporary_files_do_not_block_a_resume(tmp_path, small_mnist, robustness_report):
     run = tmp_path / "run"
     pv.fit(pv.VAE((1, 28, 28), 2, hidden=(16,)), small_mnist.subset(train=100), epochs=1, run_dir=run, progress=False)
-    (run / ".checkpoint.pt.abc.tmp").write_bytes(b"half a checkpoint")  # what a kill during a write leaves
+    stale = [run / ".checkpoint.pt.abc.tmp", run / "figures" / ".samples.png.def.tmp"]  # what kills while writing leave
+    for path in stale:
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(b"half a file")
     pv.fit(
         pv.VAE((1, 28, 28), 2, hidden=(16,)), small_mnist.subset(train=100), epochs=2, run_dir=run, resume=True,
         progress=False,
     )  # fmt: skip
-    assert not list(run.glob(".*.tmp"))
+    assert not list(run.rglob(".*.tmp"))
+    (run / "evaluations").mkdir(exist_ok=True)
+    (run / "evaluations" / ".is-K5.npz.ghi.tmp").write_bytes(b"half an evaluation")
+    pv.evaluate_run(run, num_samples=5, progress=False)
+    assert not list(run.rglob(".*.tmp"))
     robustness_report["bad inputs refused or cleaned"] += 1

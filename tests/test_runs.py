@@ -49,6 +49,15 @@ def test_a_kept_record_reads_like_its_run_and_no_new_run_overwrites_it(small_mni
     before = {path.name: path.read_bytes() for path in record.path.iterdir() if path.is_file()}
     with pytest.raises(pv.CheckpointError, match="holds what a run measured .* but no checkpoint"):
         pv.fit(small_vae(), small_mnist.subset(train=200), epochs=1, run_dir=record.path, progress=False)
+    uses = {
+        "load": pv.load_run,
+        "evaluate": lambda path: pv.evaluate_run(path, num_samples=5, progress=False),
+        "resume": pv.resume_run,
+        "fit": lambda path: pv.fit(small_vae(), small_mnist.subset(train=200), run_dir=path, resume=True),
+    }
+    for use in uses.values():
+        with pytest.raises(pv.CheckpointError, match="is the record of a run .* without its weights"):
+            use(record.path)
     assert {path.name: path.read_bytes() for path in record.path.iterdir() if path.is_file()} == before
 
 

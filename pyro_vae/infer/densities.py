@@ -69,8 +69,8 @@ class SiteLogDensities:
     latent_prior: dict[str, torch.Tensor]  # log p(z | ...) of the model's latent sites
     latent_guide: dict[str, torch.Tensor]  # log q(z | ...) of the guide's sites
     reparameterized: bool = True  # whether every guide site was drawn with rsample
-    #: The guide's draws as the model and the densities read them, with their guide sites
-    #: (each draw an alias of the guide's own, so a hook on it sees only the densities' gradient).
+    #: The guide's draws as the model and the densities read them, with their guide sites (with
+    #: ``hold_fixed``, each draw an alias of the guide's own, so a hook on it sees only the densities' gradient).
     draws: dict[str, tuple[torch.Tensor, dict]] = field(default_factory=dict)
 
     def as_tuple(self) -> tuple[dict[str, torch.Tensor], ...]:

@@ -125,6 +125,15 @@ class RunDirectory:
             raise CheckpointError(f"{self.path} does not exist; give the folder of a run, such as runs/<name>.")
         raise CheckpointError(f"{self.path} holds no pyro-vae run (no {self.CONFIG}); give the folder of a run.")
 
+    def check_weights(self) -> None:
+        """A run to load, evaluate or resume holds its weights; a study's kept record (config, history, metrics,
+        :meth:`keep_record`) does not."""
+        if not self.holds_run() and self.file(self.CONFIG).exists():
+            raise CheckpointError(
+                f"{self.path} is the record of a run (config, history, metrics) without its weights, as a study "
+                "keeps it; train the run again to evaluate or resume it."
+            )
+
     # ------------------------------------------------------------- the lock
     @contextmanager
     def lock(self):
@@ -168,6 +177,7 @@ class RunDirectory:
         """The last checkpoint, or the best one (``which="best"``; runs older than best.pt give the last)."""
         if which not in ("last", "best"):
             raise ValueError(f"checkpoint must be 'last' or 'best'; got {which!r}.")
+        self.check_weights()
         if which == "last" or self.file(self.BEST).exists():
             return load_checkpoint(self.file(self.BEST if which == "best" else self.CHECKPOINT), map_location)
         last = load_checkpoint(self.file(self.CHECKPOINT), map_location=map_location)
@@ -185,8 +195,8 @@ class RunDirectory:
             )
 
     def remove_stale_temporaries(self) -> None:
-        """Temporary files left by a process killed while writing."""
-        for stale in self.path.glob(".*.tmp"):
+        """Temporary files left by a process killed while writing (its checkpoints, evaluations or figures)."""
+        for stale in self.path.rglob(".*.tmp"):
             stale.unlink(missing_ok=True)
 
     def read_metrics(self) -> dict:
@@ -317,7 +327,7 @@ def load_run(path: str | Path, *, model: Model | None = None, checkpoint: str = 
     state = run.load_checkpoint(checkpoint, map_location=map_location)
     if not model_config_matches(state["config"]["model"], config["model"]):
         raise CheckpointError(
-            f"{run.file(run.CONFIG)} describes a different model than {run.file(run.CHECKPOINT)}; "
+            f"{run.file(run.CONFIG)} describes a different model than the {checkpoint} checkpoint; "
             "restore the config.json that was written with this checkpoint."
         )
     if model is None:

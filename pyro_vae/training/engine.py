@@ -425,6 +425,7 @@ def fit(
     if run is not None and processes.is_writer:  # before the data moves or the model is checked
         if resume:
             run.check_resumable()
+            run.check_weights()
         else:
             run.check_fresh()  # before the lock makes the folder, so that a refused run leaves nothing behind
     engine = _Engine(model, data.to(device), objective, processes, device, settings, seed, progress, compile)
