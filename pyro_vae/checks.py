@@ -1,4 +1,4 @@
-"""Checks of argument values that every layer shares."""
+"""Checks of argument values, and the wording of errors, that every layer shares."""
 
 from __future__ import annotations
 
@@ -8,3 +8,8 @@ import numbers
 def is_whole_number(value) -> bool:
     """Whether ``value`` is an integer (Python's or NumPy's), and not a bool."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an error's message (its type's name where it has none), for messages of one line."""
+    return (str(err).splitlines() or [type(err).__name__])[0]

@@ -22,6 +22,7 @@ from pathlib import Path
 import pyro
 import torch
 
+from .checks import first_line
 from .components.likelihoods import LIKELIHOODS, Gaussian, build_likelihood
 from .components.nets import ACTIVATIONS, ARCHITECTURES
 from .components.priors import PRIORS, build_prior
@@ -50,7 +51,6 @@ from .models import SSVAE, VAE, HierarchicalVAE, LatentFeatures, StackedSSVAE
 from .models.ssvae import CLASS_PRIORS
 from .registry import load_plugins
 from .runs import CheckpointError, RunDirectory, load_run
-from .runs.files import first_line
 from .training import LightningProcesses, TrainingDiverged, TrainingInterrupted
 from .training.engine import AUTO_COMPILE_STEPS, MAX_SEED, OUTPUT_BIAS_STARTS, resolve_device
 from .training.precision import MATMUL_PRECISIONS

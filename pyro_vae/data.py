@@ -32,6 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .checks import first_line
+
 BINARIZE_MODES = ("dynamic", "fixed", "none")
 TORCHVISION_DATASETS = {"fashion-mnist": "FashionMNIST", "kmnist": "KMNIST", "mnist-torchvision": "MNIST"}
 DATASET_NAMES = ("mnist", *TORCHVISION_DATASETS)
@@ -269,8 +271,7 @@ def load_numpy(path: Path, fix: str, error: type[Exception] = DataError) -> np.n
         with loaded:
             return {key: loaded[key] for key in loaded.files}
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
-        first_line = (str(err).splitlines() or [type(err).__name__])[0]
-        raise error(f"{path} could not be read as NumPy arrays without pickle ({first_line}); {fix}") from err
+        raise error(f"{path} could not be read as NumPy arrays without pickle ({first_line(err)}); {fix}") from err
 
 
 def _from_file(path: Path) -> tuple[Split, Split | None]:

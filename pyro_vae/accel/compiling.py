@@ -6,6 +6,8 @@ import warnings
 
 import torch
 
+from ..checks import first_line
+
 
 class CompiledOnce:
     """``torch.compile(fn)``, falling back to ``eager`` for good after the first failure to compile.
@@ -36,10 +38,9 @@ class CompiledOnce:
 
 def warn_compiler_failed(err: Exception, fallback: str, stacklevel: int) -> None:
     """Warn that TorchInductor failed with ``err`` and that ``fallback`` happens instead, with the fix."""
-    message = str(err).splitlines()[0] if str(err) else ""
     warnings.warn(
-        f"Compiling with TorchInductor failed ({type(err).__name__}: {message}); {fallback}, which gives the same "
-        "numbers more slowly. A C++ compiler (e.g. apt install g++) makes it fast.",
+        f"Compiling with TorchInductor failed ({type(err).__name__}: {first_line(err)}); {fallback}, which gives the "
+        "same numbers more slowly. A C++ compiler (e.g. apt install g++) makes it fast.",
         RuntimeWarning,
         stacklevel=stacklevel,
     )

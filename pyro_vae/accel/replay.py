@@ -51,6 +51,7 @@ import pyro.infer.util
 import torch
 import torch.utils._pytree as pytree
 
+from ..checks import first_line
 from .compiling import warn_compiler_failed
 
 logger = logging.getLogger(__name__)
@@ -161,7 +162,7 @@ def record_graph(fn: Callable, *args) -> torch.fx.GraphModule:
                 *args
             )
     except Exception as err:  # what fake tensors cannot run: data-dependent Python, ops without a fake kernel
-        raise CannotRecord(f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
+        raise CannotRecord(f"{type(err).__name__}: {first_line(err)}") from err
     if reads_tensor_values(graph):
         raise CannotRecord("it reads a tensor's value in Python, e.g. with .item()")
     return graph

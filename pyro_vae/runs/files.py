@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from ..checks import first_line
+
 CHECKPOINT_FORMAT = "pyro-vae-checkpoint"
 CHECKPOINT_VERSION = 2
 READABLE_VERSIONS = (1, 2)  # version 1 lacks the objective's state and the best epoch, which default
@@ -199,10 +201,6 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
     state.setdefault("best_epoch", None)
     state.setdefault("averaging", None)
     return state
-
-
-def first_line(err: BaseException) -> str:
-    return (str(err).splitlines() or [type(err).__name__])[0]
 
 
 def rng_state() -> dict:
