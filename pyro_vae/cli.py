@@ -161,8 +161,7 @@ class _HelpFormatter(argparse.HelpFormatter):
         unstated = action.default is None or action.default is False or action.default == argparse.SUPPRESS
         if "default" in text or unstated or not action.option_strings:
             return text
-        default = " ".join(map(str, action.default)) if isinstance(action.default, list) else action.default
-        return f"{text} (default: {default})" if text else f"(default: {default})"
+        return f"{text} (default: {action.default})" if text else f"(default: {action.default})"
 
 
 # ------------------------------------------------------------------ parser

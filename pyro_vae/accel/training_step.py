@@ -115,12 +115,10 @@ class CompiledStep:
     compiled. The first call records and compiles; :attr:`compile_seconds`
     says how long that took. ``loss_fn`` must be a function of its inputs and
     the module alone: Python state it reads is frozen at its first value.
-
-    :param what: names the step in the warnings, e.g. "the training step".
     """
 
-    def __init__(self, loss_fn: Callable[..., torch.Tensor], module: torch.nn.Module, what: str = "the training step"):
-        self.loss_fn, self.module, self.what = loss_fn, module, what
+    def __init__(self, loss_fn: Callable[..., torch.Tensor], module: torch.nn.Module):
+        self.loss_fn, self.module = loss_fn, module
         named = [(name, parameter) for name, parameter in module.named_parameters() if parameter.requires_grad]
         self.names = [name for name, _ in named]
         #: The trainable parameters, in the order of the gradients (the optimiser's tensors, updated in place).
@@ -156,8 +154,8 @@ class CompiledStep:
             if self._guard_failures >= MAX_GUARD_FAILURES:
                 self.failed = True
                 warnings.warn(
-                    f"The recording of {self.what} took a branch that {MAX_GUARD_FAILURES} steps in a row did not "
-                    "take; it runs eagerly from now on.",
+                    f"The recording of the training step took a branch that {MAX_GUARD_FAILURES} steps in a row did "
+                    "not take; it runs eagerly from now on.",
                     RuntimeWarning,
                     stacklevel=2,
                 )
@@ -207,11 +205,11 @@ class CompiledStep:
         except CannotRecord as why:
             return self._cannot_record(str(why))
         example = [tensor.detach() for tensor in state] + list(inputs)
-        return compile_graph(graph, example, f"{self.what} runs eagerly", stacklevel=4)
+        return compile_graph(graph, example, "the training step runs eagerly", stacklevel=4)
 
     def _cannot_record(self, why: str) -> None:
         warnings.warn(
-            f"{self.what[0].upper()}{self.what[1:]} cannot be recorded for compiling ({why}); it runs eagerly, "
+            f"The training step cannot be recorded for compiling ({why}); it runs eagerly, "
             "with the same numbers, more slowly. Pass compile=False (pyro-vae train --compile off) to silence this.",
             RuntimeWarning,
             stacklevel=4,
