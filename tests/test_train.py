@@ -226,6 +226,11 @@ def test_invalid_settings_are_refused_before_the_run_directory_is_made(small_mni
     assert not (tmp_path / "run").exists()
 
 
+def test_a_test_log_px_without_a_run_directory_to_write_it_is_refused(small_mnist):
+    with pytest.raises(ValueError, match="eval_samples writes the test log p.x. into the run directory's metrics"):
+        pv.fit(small_vae(), small_mnist, epochs=1, eval_samples=100, progress=False)
+
+
 def test_run_directory_and_round_trip(small_mnist, tmp_path):
     vae = small_vae()
     pv.fit(vae, small_mnist, epochs=1, run_dir=tmp_path / "run", progress=False)

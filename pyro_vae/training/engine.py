@@ -381,7 +381,8 @@ def fit(
         ``"random"``); ``"random"`` always keeps it.
     :param run_dir: write config, checkpoints, history and metrics here.
     :param resume: continue from ``run_dir``'s checkpoint up to ``epochs`` in all.
-    :param eval_samples: K of a test log p(x) of the best checkpoint in ``metrics.json``; 0 skips it.
+    :param eval_samples: K of a test log p(x) of the best checkpoint in ``metrics.json`` (with ``run_dir``);
+        0 skips it.
     :param processes: :class:`~pyro_vae.training.parallel.LightningProcesses` to train on several.
     :param compile: True replays every full-size step after the first
         compiled (:mod:`pyro_vae.accel.training_step`); False runs every step
@@ -418,6 +419,11 @@ def fit(
     check_settings(objective, seed=seed, **settings)
     if resume and run_dir is None:
         raise ValueError("resume=True needs the run_dir to resume from.")
+    if eval_samples and run_dir is None:
+        raise ValueError(
+            "eval_samples writes the test log p(x) into the run directory's metrics.json; give run_dir, or estimate "
+            "it with pv.log_marginal_likelihood after training."
+        )
     processes = processes or SingleProcess()
     device = processes.device or resolve_device(device)
     data = as_dataset(data)
