@@ -12,6 +12,7 @@ from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 import pyro_vae as pv
 from pyro_vae.components.likelihoods import LIKELIHOODS, LogitContinuousBernoulli, build_likelihood
 from pyro_vae.components.priors import PRIORS, build_prior
+from pyro_vae.models.base import device_of
 
 X_SHAPE, Z_DIM = (1, 4, 4), 3
 SMALL_PRIORS = {
@@ -300,3 +301,16 @@ def test_a_likelihood_without_a_constant_fit_leaves_the_decoder_as_initialised()
     bias = vae.decoder.net[-1].bias.detach().clone()
     assert not vae.start_output_bias(data_for("gaussian"))
     assert torch.equal(vae.decoder.net[-1].bias, bias)
+
+
+def test_a_component_of_buffers_alone_is_found_where_its_buffers_are():
+    """The config check probes a prior or likelihood on its own device; the standard-normal prior and fixed scales
+    hold buffers and no parameter, and were probed on the CPU wherever they were (a GPU run failed at its config)."""
+    prior = build_prior("standard-normal")
+    prior.setup(3, x_shape=(2,), encoder=None)
+    assert not list(prior.parameters())
+    assert device_of(prior.to("meta")) == torch.device("meta")
+    likelihood = build_likelihood({"name": "gaussian", "sigma": "fixed"})
+    likelihood.setup((2,))
+    assert device_of(likelihood.to("meta")) == torch.device("meta")
+    assert device_of(torch.nn.Identity()) == torch.device("cpu")

@@ -26,6 +26,7 @@ the evaluator and the figures then take it.
 
 from __future__ import annotations
 
+import itertools
 import math
 from abc import abstractmethod
 from typing import TYPE_CHECKING, ClassVar
@@ -47,6 +48,18 @@ if TYPE_CHECKING:
 ACTIVE_UNIT_THRESHOLD = 0.01
 
 
+def device_of(component: nn.Module) -> torch.device:
+    """Where a component's tensors are: its parameters', else its buffers' (a standard-normal prior and fixed
+    scales hold buffers alone); the CPU for a component without tensors."""
+    tensor = next(itertools.chain(component.parameters(), component.buffers()), None)
+    return torch.device("cpu") if tensor is None else tensor.device
+
+
+def _random_streams_kept(device: torch.device):
+    """The global random state of the CPU, and of ``device`` if it is a GPU, restored after the block."""
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+
+
 def config_that_rebuilds(component: nn.Module, kind: str, build, setup, log_density) -> dict:
     """``component.config()``, refused unless it rebuilds ``component``: a copy built from it (``build``, then
     ``setup``) and given ``component``'s state must give the same ``log_density`` on a fixed probe.
@@ -59,14 +72,14 @@ def config_that_rebuilds(component: nn.Module, kind: str, build, setup, log_dens
         f"The {kind} {config.get('name')!r} is not rebuilt by its config() {config}: a copy built from it gives "
         f"another density. Return every constructor argument from config() (see docs/howto/custom-prior-likelihood.md)."
     )
-    with torch.random.fork_rng(devices=[]):  # building the copy draws its initial weights: not from the user's stream
+    with _random_streams_kept(torch.device("cpu")):  # building the copy draws its weights: not the user's stream
         copy = build(config)
         setup(copy)
     try:
         copy.load_state_dict(component.state_dict())
     except RuntimeError as err:
         raise ValueError(f"{wrong} ({err})") from None
-    copy.to(next(component.parameters(), torch.empty(0)).device).train(component.training)
+    copy.to(device_of(component)).train(component.training)
     with torch.no_grad():
         same = torch.allclose(log_density(component), log_density(copy), equal_nan=True)
     if not same:
@@ -79,7 +92,7 @@ def prior_config(prior: nn.Module, z_dim: int, x_shape: tuple[int, ...], encoder
     z = torch.linspace(-2.0, 2.0, 3 * z_dim).reshape(3, z_dim)
     return config_that_rebuilds(
         prior, "prior", build_prior, lambda copy: copy.setup(z_dim, x_shape=x_shape, encoder=encoder),
-        lambda p: p.log_prob(z.to(next(p.parameters(), z).device)),
+        lambda p: p.log_prob(z.to(device_of(p))),
     )  # fmt: skip
 
 
@@ -88,8 +101,8 @@ def likelihood_config(likelihood: nn.Module, x_shape: tuple[int, ...]) -> dict:
     outputs and one draw of data from them (the global random state left as it was)."""
     size = likelihood.params_per_dim * math.prod(x_shape)
     params = torch.linspace(-1.0, 1.0, 2 * size).reshape(2, likelihood.params_per_dim, *x_shape)
-    params = params.to(next(likelihood.parameters(), params).device)
-    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+    params = params.to(device := device_of(likelihood))
+    with torch.no_grad(), _random_streams_kept(device):
         torch.manual_seed(0)
         x = likelihood(params).sample()
     return config_that_rebuilds(
