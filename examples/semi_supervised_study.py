@@ -363,10 +363,12 @@ def table(model: str, runs: dict[int, list[Path]]) -> str:
         target = TARGETS[model].get(labels)
         log_px = [m["test_log_px"] for m in metrics if m.get("test_log_px") is not None]
         samples = ", ".join(map(str, sorted({m.get("test_num_samples") for m in metrics})))  # one K, or all of them
-        spread = (
-            mean_and_spread(log_px) if len(metrics) > 1 else f"{log_px[0]:.2f} +- {metrics[0]['test_log_px_se']:.2f}"
-        )
-        density = f"{spread} (K = {samples})" if log_px and len(log_px) == len(metrics) else ""
+        density = ""
+        if log_px and len(log_px) == len(metrics):  # every run's (none with --samples 0)
+            spread = (
+                mean_and_spread(log_px) if len(log_px) > 1 else f"{log_px[0]:.2f} +- {metrics[0]['test_log_px_se']:.2f}"
+            )
+            density = f"{spread} (K = {samples})"
         row += f" {'' if target is None else f'at least {target}%'} | {density} |"
         lines.append(row)
     return "\n".join(lines) + "\n"

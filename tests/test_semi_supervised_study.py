@@ -115,6 +115,9 @@ def test_the_semi_supervised_study_keeps_each_run_as_it_finishes_and_checks_ever
     assert stop.value.code == 130
     assert (tmp_path / "kept" / "m2-100-labels-draw-0" / "metrics.json").exists()
     assert not (tmp_path / "kept" / "m2-100-labels-draw-1").exists()
+    monkeypatch.setattr(sys, "argv", ["study", *tiny, "--labels", "100", "--label-seeds", "0", "--out", "s"])
+    study.main()  # draw 0 finished: its table, without a test log p(x) (--samples 0)
+    assert "| 100 | " in (tmp_path / "s" / "m2_table.md").read_text()
 
     impossible = [*tiny, "--labels", "200", "5", "--label-seeds", "0", "--out", "t"]
     refused = refusal_of("semi_supervised_study.py", impossible, tmp_path)
