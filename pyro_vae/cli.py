@@ -698,6 +698,8 @@ def _prior_config(args) -> dict:
     config = {"name": args.prior}
     if args.prior in ("mixture", "vamp") and args.components is not None:
         config["num_components"] = args.components
+    if args.prior == "vamp" and args.m1:  # M2's data are M1's standardised features, not images in [0, 1]
+        config["bounds"] = None
     if args.prior == "flow":
         config["num_layers"] = args.flow_layers
     return config

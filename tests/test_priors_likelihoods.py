@@ -100,6 +100,24 @@ def test_vamp_prior_is_the_mean_of_the_encoder_posteriors_at_the_pseudo_inputs()
     assert prior.encoder is vae.encoder
 
 
+@pytest.mark.parametrize("bounds", [None, (-3.0, 3.0)])
+def test_vamp_prior_keeps_its_pseudo_inputs_in_the_data_s_range_or_leaves_them_free(bounds):
+    """Data outside [0, 1] (M1+M2's standardised features) need pseudo-inputs there too."""
+    prior = pv.priors.VampPrior(num_components=6, bounds=bounds)
+    vae = pv.VAE(X_SHAPE, Z_DIM, prior=prior, hidden=(16,), likelihood=pv.likelihoods.Gaussian("fixed"))
+    with torch.no_grad():
+        prior.pseudo_inputs.copy_(5 * torch.randn_like(prior.pseudo_inputs))  # outside [0, 1] and [-3, 3]
+        inputs = prior.pseudo_inputs if bounds is None else prior.pseudo_inputs.clamp(*bounds)
+        loc, scale = vae.encoder(inputs)
+        torch.testing.assert_close(prior().locs, loc)
+    config = vae.config()["prior"]
+    assert config["bounds"] == (None if bounds is None else list(bounds))
+    assert pv.priors.VampPrior(**{k: v for k, v in config.items() if k != "name"}).bounds == bounds
+    assert "bounds" not in pv.priors.VampPrior().config()  # images' [0, 1], as runs before bounds wrote it
+    with pytest.raises(ValueError, match="bounds must be .low, high. with low < high"):
+        pv.priors.VampPrior(bounds=(1.0, 0.0))
+
+
 def test_mixture_log_prob_is_the_brute_force_sum():
     prior = pv.priors.MixtureOfGaussians(num_components=4)
     prior.setup(Z_DIM, x_shape=X_SHAPE, encoder=None)

@@ -181,18 +181,30 @@ class VampPrior(Prior):
     The mixture of the encoder's own posteriors at K learned pseudo-inputs
     u_k, which approximates the aggregate posterior (1/N) sum_n q(z | x_n),
     the prior that maximises the ELBO. Pseudo-inputs live in the data space;
-    as in the paper they start at N(0.05, 0.01^2) and are kept in [0, 1] by a
-    hardtanh, which suits image data. The encoder is shared with the guide,
-    not copied: it is held by reference and trained by both.
+    as in the paper they start at N(0.05, 0.01^2) and are kept in the data's
+    range by a hardtanh: ``bounds``, [0, 1] for images; None leaves them free
+    (data of any range, such as M1+M2's standardised features). The encoder is
+    shared with the guide, not copied: it is held by reference and trained by both.
     """
 
     name = "vamp"
+    #: The pseudo-inputs' range of images, which the config leaves out (as runs written before ``bounds`` did).
+    IMAGE_BOUNDS = (0.0, 1.0)
 
-    def __init__(self, num_components: int = 500, init_mean: float = 0.05, init_std: float = 0.01):
+    def __init__(
+        self,
+        num_components: int = 500,
+        init_mean: float = 0.05,
+        init_std: float = 0.01,
+        bounds: tuple[float, float] | None = IMAGE_BOUNDS,
+    ):
         super().__init__()
         if num_components < 1:
             raise ValueError(f"A VampPrior needs at least one pseudo-input; got num_components={num_components}.")
+        if bounds is not None and not (len(bounds) == 2 and bounds[0] < bounds[1]):
+            raise ValueError(f"bounds must be (low, high) with low < high, or None; got {bounds!r}.")
         self.num_components, self.init_mean, self.init_std = num_components, init_mean, init_std
+        self.bounds = None if bounds is None else (float(bounds[0]), float(bounds[1]))
 
     def setup(self, z_dim, *, x_shape, encoder):
         super().setup(z_dim, x_shape=x_shape, encoder=encoder)
@@ -204,16 +216,20 @@ class VampPrior(Prior):
         return self._encoder[0]
 
     def forward(self):
-        loc, scale = self.encoder(F.hardtanh(self.pseudo_inputs, 0.0, 1.0))
+        inputs = self.pseudo_inputs if self.bounds is None else F.hardtanh(self.pseudo_inputs, *self.bounds)
+        loc, scale = self.encoder(inputs)
         return DiagonalNormalMixture(torch.zeros(self.num_components, device=loc.device), loc, scale)
 
     def config(self):
-        return {
+        config = {
             "name": self.name,
             "num_components": self.num_components,
             "init_mean": self.init_mean,
             "init_std": self.init_std,
         }
+        if self.bounds != self.IMAGE_BOUNDS:
+            config["bounds"] = None if self.bounds is None else list(self.bounds)
+        return config
 
 
 @register_prior
