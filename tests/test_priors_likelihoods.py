@@ -332,3 +332,13 @@ def test_a_component_of_buffers_alone_is_found_where_its_buffers_are():
     likelihood.setup((2,))
     assert device_of(likelihood.to("meta")) == torch.device("meta")
     assert device_of(torch.nn.Identity()) == torch.device("cpu")
+
+
+def test_a_prior_or_likelihood_given_to_a_second_model_is_refused():
+    """Set up again, the first model's VampPrior would read the second model's encoder, outside its parameters."""
+    prior, likelihood = pv.priors.VampPrior(num_components=3), pv.likelihoods.Bernoulli()
+    pv.VAE(X_SHAPE, Z_DIM, prior=prior, likelihood=likelihood, hidden=(8,))
+    with pytest.raises(ValueError, match="This VampPrior belongs to a model already; give each model a prior of its"):
+        pv.VAE(X_SHAPE, Z_DIM, prior=prior, hidden=(8,))
+    with pytest.raises(ValueError, match="This Bernoulli belongs to a model already; give each model a likelihood"):
+        pv.VAE(X_SHAPE, Z_DIM, likelihood=likelihood, hidden=(8,))

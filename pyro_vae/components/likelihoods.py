@@ -43,7 +43,15 @@ class Likelihood(nn.Module):
     support: ClassVar[constraints.Constraint] = constraints.real
 
     def setup(self, x_shape: tuple[int, ...]) -> None:
-        """Called once by the VAE; builds whatever depends on the data shape."""
+        """Called once by the VAE; builds whatever depends on the data shape.
+
+        A likelihood belongs to one model: a second setup (the same instance given to another model) is refused.
+        """
+        if "x_shape" in self.__dict__:
+            raise ValueError(
+                f"This {type(self).__name__} belongs to a model already; give each model a likelihood of its own "
+                f"(build_likelihood({self.config()!r}) builds another)."
+            )
         self.x_shape = tuple(x_shape)
 
     def forward(self, params: torch.Tensor) -> dist.TorchDistribution:

@@ -49,7 +49,16 @@ class Prior(nn.Module):
     name: ClassVar[str]
 
     def setup(self, z_dim: int, *, x_shape: tuple[int, ...], encoder: nn.Module) -> None:
-        """Called once by the VAE before use; builds whatever depends on the sizes."""
+        """Called once by the VAE before use; builds whatever depends on the sizes.
+
+        A prior belongs to one model: a second setup (the same instance given to another model) is refused,
+        since it would rebuild the first model's prior for the second's sizes and encoder.
+        """
+        if "z_dim" in self.__dict__:
+            raise ValueError(
+                f"This {type(self).__name__} belongs to a model already; give each model a prior of its own "
+                f"(build_prior({self.config()!r}) builds another)."
+            )
         self.z_dim = z_dim
 
     def forward(self) -> dist.TorchDistribution:
