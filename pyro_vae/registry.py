@@ -16,7 +16,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from importlib.metadata import entry_points
 from typing import Generic, TypeVar
 
@@ -68,6 +68,20 @@ class Registry(Mapping, Generic[T]):
             raise ValueError(f"A {self.kind} config needs a 'name'; got {config}.")
         cls = self.lookup(config["name"])
         return cls(**{key: value for key, value in config.items() if key != "name"})
+
+    def instance(self, value, base: type, default: Callable[[], object]):
+        """``value`` where it is a ``base``; built from its short name or config dict; ``default()`` for None."""
+        if value is None:
+            return default()
+        if isinstance(value, str | dict):
+            return self.build(value)
+        if not isinstance(value, base):
+            raise TypeError(
+                f"The {self.kind} must be a {base.__name__}, its short name ({', '.join(sorted(self._classes))}) or "
+                f"its config dict; got a {type(value).__name__}. A {self.kind} of your own is a {base.__name__} "
+                "subclass (docs/howto/custom-prior-likelihood.md)."
+            )
+        return value
 
     def __getitem__(self, name: str) -> T:
         return self._classes[name]

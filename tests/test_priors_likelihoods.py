@@ -342,3 +342,14 @@ def test_a_prior_or_likelihood_given_to_a_second_model_is_refused():
         pv.VAE(X_SHAPE, Z_DIM, prior=prior, hidden=(8,))
     with pytest.raises(ValueError, match="This Bernoulli belongs to a model already; give each model a likelihood"):
         pv.VAE(X_SHAPE, Z_DIM, likelihood=likelihood, hidden=(8,))
+
+
+def test_a_model_takes_its_prior_and_likelihood_by_name_or_config_and_refuses_other_things():
+    vae = pv.VAE(X_SHAPE, Z_DIM, prior="vamp", likelihood={"name": "gaussian", "sigma": "shared"}, hidden=(8,))
+    assert isinstance(vae.prior, pv.priors.VampPrior) and vae.likelihood.config()["sigma"] == "shared"
+    with pytest.raises(TypeError, match="The prior must be a Prior, its short name .*standard-normal.* or its config"):
+        pv.VAE(X_SHAPE, Z_DIM, prior=dist.Normal(0.0, 1.0), hidden=(8,))
+    with pytest.raises(TypeError, match="The likelihood must be a Likelihood, .*; got a Bernoulli"):
+        pv.SSVAE(X_SHAPE, Z_DIM, likelihood=dist.Bernoulli(0.5), hidden=(8,))
+    with pytest.raises(ValueError, match="Unknown prior 'laplace'"):
+        pv.HierarchicalVAE(X_SHAPE, (2, 1), ((8,), (4,)), prior="laplace")

@@ -103,6 +103,11 @@ register_likelihood = LIKELIHOODS.register
 build_likelihood = LIKELIHOODS.build
 
 
+def as_likelihood(likelihood: Likelihood | str | dict | None) -> Likelihood:
+    """A model's likelihood from itself, its short name or config dict, or None (the Bernoulli)."""
+    return LIKELIHOODS.instance(likelihood, Likelihood, Bernoulli)
+
+
 class BinaryBernoulli(dist.Independent):
     """Independent Bernoulli pixels, ``dist.Bernoulli(logits=l).to_event(n)``, for x in {0, 1}.
 

@@ -84,6 +84,11 @@ register_prior = PRIORS.register
 build_prior = PRIORS.build
 
 
+def as_prior(prior: Prior | str | dict | None) -> Prior:
+    """A model's prior from itself, its short name or config dict, or None (the standard normal)."""
+    return PRIORS.instance(prior, Prior, StandardNormal)
+
+
 @register_prior
 class StandardNormal(Prior):
     """p(z) = N(0, I), the prior of Kingma & Welling (2014)."""

@@ -44,9 +44,9 @@ import pyro.poutine as poutine
 import torch
 from torch import nn
 
-from ..components.likelihoods import Bernoulli, Likelihood, build_likelihood
+from ..components.likelihoods import Likelihood, as_likelihood, build_likelihood
 from ..components.nets import MLPDecoder, MLPEncoder, activation_class
-from ..components.priors import Prior, StandardNormal, build_prior
+from ..components.priors import Prior, as_prior, build_prior
 from .base import (
     Model,
     check_points,
@@ -86,8 +86,10 @@ class HierarchicalVAE(Model):
     :param z_dims: the sizes of z_1, ..., z_L, from the data side.
     :param hidden: one tuple of hidden sizes per layer, from the data side: the deterministic layers
         between x and z_1, then between z_{l-1} and z_l; p's networks mirror q's.
-    :param prior: the :class:`~pyro_vae.components.priors.Prior` of z_L (default standard normal).
-    :param likelihood: p(x | z_1), a :class:`~pyro_vae.components.likelihoods.Likelihood` (default Bernoulli).
+    :param prior: the :class:`~pyro_vae.components.priors.Prior` of z_L, its short name or config dict
+        (default standard normal).
+    :param likelihood: p(x | z_1), a :class:`~pyro_vae.components.likelihoods.Likelihood`, its short name or config dict
+        (default Bernoulli).
     :param activation: of every hidden layer (default tanh, as Burda et al.).
     :param name: prefix of the parameters in Pyro's param store (default unique per instance).
     """
@@ -101,8 +103,8 @@ class HierarchicalVAE(Model):
         x_shape: Sequence[int],
         z_dims: Sequence[int] = (100, 50),
         hidden: Sequence[Sequence[int]] = ((200, 200), (100, 100)),
-        prior: Prior | None = None,
-        likelihood: Likelihood | None = None,
+        prior: Prior | str | dict | None = None,
+        likelihood: Likelihood | str | dict | None = None,
         *,
         activation: str = "tanh",
         name: str | None = None,
@@ -117,7 +119,7 @@ class HierarchicalVAE(Model):
             )
         self.activation, self.z_dim = activation, sum(self.z_dims)
         act = activation_class(activation)
-        self.likelihood = Bernoulli() if likelihood is None else likelihood
+        self.likelihood = as_likelihood(likelihood)
         self.likelihood.setup(self.x_shape)
         inputs = [self.x_shape, *((d,) for d in self.z_dims[:-1])]
         #: q(z_1 | x), q(z_2 | z_1), ...
@@ -133,7 +135,7 @@ class HierarchicalVAE(Model):
         self.decoder = MLPDecoder(
             self.z_dims[0], self.x_shape, self.hidden[0], self.likelihood.params_per_dim, activation=act
         )
-        self.prior = StandardNormal() if prior is None else prior
+        self.prior = as_prior(prior)
         self.prior.setup(self.z_dims[-1], x_shape=self.x_shape, encoder=MeanPath(self.encoders))
         self.pyro_name = name or f"hvae{next(_instance_ids)}"
 

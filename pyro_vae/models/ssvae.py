@@ -54,9 +54,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checks import is_whole_number
-from ..components.likelihoods import Bernoulli, Likelihood, build_likelihood
+from ..components.likelihoods import Likelihood, as_likelihood, build_likelihood
 from ..components.nets import MLPClassifier, MLPDecoder, MLPEncoder, activation_class
-from ..components.priors import Prior, StandardNormal, build_prior
+from ..components.priors import Prior, as_prior, build_prior
 from ..data import DataError
 from .base import (
     Model,
@@ -227,10 +227,11 @@ class SSVAE(SemiSupervisedModel):
     :param x_shape: shape of one data point, e.g. ``(1, 28, 28)``.
     :param z_dim: dimension of z (the "style").
     :param num_classes: number of values of y.
-    :param prior: a :class:`~pyro_vae.components.priors.Prior` for z (default standard normal). The
-        VampPrior's pseudo-inputs go through q(z | u, y) with y the classifier's
-        soft prediction for u.
-    :param likelihood: a :class:`~pyro_vae.components.likelihoods.Likelihood` (default Bernoulli).
+    :param prior: a :class:`~pyro_vae.components.priors.Prior` for z, its short name or config dict (default
+        standard normal). The VampPrior's pseudo-inputs go through q(z | u, y) with y the classifier's soft
+        prediction for u.
+    :param likelihood: a :class:`~pyro_vae.components.likelihoods.Likelihood`, its short name or config dict
+        (default Bernoulli).
     :param hidden: hidden sizes of the classifier, encoder and decoder MLPs.
     :param class_prior: ``"uniform"`` p(y), or ``"learned"`` class probabilities.
     :param activation: of every hidden layer, ``"softplus"`` as in Kingma et al. (2014) and
@@ -247,8 +248,8 @@ class SSVAE(SemiSupervisedModel):
         x_shape: Sequence[int],
         z_dim: int = 50,
         num_classes: int = 10,
-        prior: Prior | None = None,
-        likelihood: Likelihood | None = None,
+        prior: Prior | str | dict | None = None,
+        likelihood: Likelihood | str | dict | None = None,
         *,
         hidden: Sequence[int] = (500,),
         class_prior: str = "uniform",
@@ -265,7 +266,7 @@ class SSVAE(SemiSupervisedModel):
         self.x_shape, self.z_dim, self.num_classes = tuple(x_shape), latent_size(z_dim), int(num_classes)
         self.hidden, self.class_prior, self.activation = tuple(hidden), class_prior, activation
         act = activation_class(activation)
-        self.likelihood = Bernoulli() if likelihood is None else likelihood
+        self.likelihood = as_likelihood(likelihood)
         self.likelihood.setup(self.x_shape)
         x_dim = math.prod(self.x_shape)
         self.classifier = MLPClassifier(self.x_shape, self.num_classes, self.hidden, activation=act)
@@ -274,7 +275,7 @@ class SSVAE(SemiSupervisedModel):
             self.z_dim + self.num_classes, self.x_shape, self.hidden, self.likelihood.params_per_dim, activation=act
         )
         self.class_prior_net = ClassPrior(self.num_classes, learned=class_prior == "learned")
-        self.prior = StandardNormal() if prior is None else prior
+        self.prior = as_prior(prior)
         self.prior.setup(self.z_dim, x_shape=self.x_shape, encoder=self._encode_with_predicted_label)
         self.pyro_name = name or f"ssvae{next(_instance_ids)}"
 

@@ -127,7 +127,7 @@ class StackedSSVAE(SemiSupervisedModel):
         features: LatentFeatures,
         z_dim: int = 10,
         num_classes: int = 10,
-        prior: Prior | None = None,
+        prior: Prior | str | dict | None = None,
         *,
         hidden=(500,),
         class_prior: str = "uniform",

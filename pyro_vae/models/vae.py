@@ -34,9 +34,9 @@ import pyro.poutine as poutine
 import torch
 from torch import nn
 
-from ..components.likelihoods import Bernoulli, Likelihood, build_likelihood
+from ..components.likelihoods import Likelihood, as_likelihood, build_likelihood
 from ..components.nets import build_nets
-from ..components.priors import Prior, StandardNormal, build_prior
+from ..components.priors import Prior, as_prior, build_prior
 from .base import (
     Model,
     check_points,
@@ -57,8 +57,10 @@ class VAE(Model):
 
     :param x_shape: shape of one data point, e.g. ``(1, 28, 28)``.
     :param z_dim: latent dimension.
-    :param prior: a :class:`~pyro_vae.components.priors.Prior` (default standard normal).
-    :param likelihood: a :class:`~pyro_vae.components.likelihoods.Likelihood` (default Bernoulli).
+    :param prior: a :class:`~pyro_vae.components.priors.Prior`, its short name or config dict (default
+        standard normal).
+    :param likelihood: a :class:`~pyro_vae.components.likelihoods.Likelihood`, its short name or config dict
+        (default Bernoulli).
     :param hidden: hidden sizes of the default networks.
     :param arch: ``"mlp"`` or ``"conv"``, the default networks' architecture.
     :param activation: of the MLP's hidden layers: ``"relu"``, ``"softplus"``, or ``"tanh"`` as in
@@ -85,8 +87,8 @@ class VAE(Model):
         self,
         x_shape: Sequence[int],
         z_dim: int = 50,
-        prior: Prior | None = None,
-        likelihood: Likelihood | None = None,
+        prior: Prior | str | dict | None = None,
+        likelihood: Likelihood | str | dict | None = None,
         *,
         hidden: Sequence[int] = (400,),
         arch: str = "mlp",
@@ -99,7 +101,7 @@ class VAE(Model):
         self.x_shape, self.z_dim = tuple(x_shape), latent_size(z_dim)
         self.hidden, self.arch, self.activation = tuple(hidden), arch, activation
         self.custom_nets = encoder is not None or decoder is not None
-        self.likelihood = Bernoulli() if likelihood is None else likelihood
+        self.likelihood = as_likelihood(likelihood)
         self.likelihood.setup(self.x_shape)
         default_encoder, default_decoder = (
             build_nets(arch, self.x_shape, self.z_dim, self.hidden, self.likelihood.params_per_dim, activation)
@@ -110,7 +112,7 @@ class VAE(Model):
         self.decoder = decoder if decoder is not None else default_decoder
         if self.custom_nets:
             self._check_net_shapes()
-        self.prior = StandardNormal() if prior is None else prior
+        self.prior = as_prior(prior)
         self.prior.setup(self.z_dim, x_shape=self.x_shape, encoder=self.encoder)
         self.pyro_name = name or f"vae{next(_instance_ids)}"
 
