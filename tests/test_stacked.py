@@ -190,3 +190,22 @@ def test_ais_of_the_stacked_model_sums_y_out_and_matches_quadrature(tiny):
     truth = stacked_log_px_by_quadrature(tiny, x.double())
     estimate = pv.evaluate.annealed_log_px(tiny, x, num_steps=1000, num_chains=32)
     torch.testing.assert_close(estimate.log_px.double(), truth, atol=0.05, rtol=0)
+
+
+def test_m1_must_be_a_vae_and_one_of_custom_networks_trains_without_a_config(small_mnist, tmp_path):
+    """M1 of networks of one's own: the stacked model is as undescribable as its M1, and trains (it failed at its
+    config before); a two-layer M1 is refused up front (it failed in M1's decoder)."""
+    with pytest.raises(TypeError, match="M1 must be a pv.VAE .*; got a HierarchicalVAE"):
+        StackedSSVAE(pv.HierarchicalVAE((2,), (2, 2), ((8,), (4,))), LatentFeatures(4, [0]))
+    m1 = pv.VAE(
+        (1, 28, 28),
+        4,
+        encoder=pv.nets.MLPEncoder((1, 28, 28), 4, (32,)),
+        decoder=pv.nets.MLPDecoder(4, (1, 28, 28), (32,)),
+    )
+    stacked = StackedSSVAE(m1, LatentFeatures(4, [0, 1]), z_dim=2, hidden=(16,))
+    assert not stacked.describable
+    objective = pv.SemiSupervisedELBO(num_labels=20, classifier_steps=0)
+    pv.fit(stacked, small_mnist.subset(train=200), objective=objective, epochs=1, batch_size=50, run_dir=tmp_path / "r",
+           progress=False)  # fmt: skip
+    assert pv.RunDirectory(tmp_path / "r").read_config()["model"] is None

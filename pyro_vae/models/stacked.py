@@ -135,6 +135,10 @@ class StackedSSVAE(SemiSupervisedModel):
         name: str | None = None,
     ):
         super().__init__()
+        if not isinstance(m1, VAE):
+            raise TypeError(
+                f"M1 must be a pv.VAE (one stochastic layer, whose code M2 models); got a {type(m1).__name__}."
+            )
         if features.z_dim != m1.z_dim:
             raise ValueError(f"The features split a {features.z_dim}-dim code but M1 has z_dim={m1.z_dim}.")
         self.m1 = m1.requires_grad_(False)
@@ -156,6 +160,11 @@ class StackedSSVAE(SemiSupervisedModel):
     @property
     def x_shape(self) -> tuple[int, ...]:
         return self.m1.x_shape
+
+    @property
+    def describable(self) -> bool:
+        """As M1 is: an M1 of networks of one's own has no config that rebuilds it."""
+        return self.m1.describable
 
     @property
     def num_classes(self) -> int:
