@@ -198,7 +198,9 @@ def test_sites_config_samples_and_active_units_per_layer(small_mnist):
     assert pv.active_units_per_layer(model, small_mnist.test.x) == [3, 1]
     assert pv.active_units(model, small_mnist.test.x) == 4
     assert model.latent_means(small_mnist.test.x[:7]).shape == (7, 9) and model.z_dim == 9
-    with pytest.raises(ValueError, match="two or more layer sizes"):
-        pv.HierarchicalVAE((4,), z_dims=(3,), hidden=((8,),))
+    for z_dims, hidden in [((3,), ((8,),)), ((3, 2.5), ((8,), (4,))), ((3, True), ((8,), (4,))), (50, ((8,),)),
+                           ((3, 2), (8, 4)), ((3, 2), ((8,),)), ((3, 2), ((8,), (0,)))]:  # fmt: skip
+        with pytest.raises(ValueError, match="two or more layer sizes and one tuple of hidden sizes per layer, whole"):
+            pv.HierarchicalVAE((4,), z_dims=z_dims, hidden=hidden)
     with pytest.raises(ValueError, match="Unknown activation"):
         pv.HierarchicalVAE((4,), activation="sigmoid")

@@ -44,6 +44,7 @@ import pyro.poutine as poutine
 import torch
 from torch import nn
 
+from ..checks import is_whole_number
 from ..components.likelihoods import Likelihood, as_likelihood, build_likelihood
 from ..components.nets import MLPDecoder, MLPEncoder, activation_class
 from ..components.priors import Prior, as_prior, build_prior
@@ -110,13 +111,19 @@ class HierarchicalVAE(Model):
         name: str | None = None,
     ):
         super().__init__()
+
+        def whole_sizes(values) -> bool:
+            return isinstance(values, Sequence) and all(is_whole_number(v) and v >= 1 for v in values)
+
+        layers = whole_sizes(z_dims) and len(z_dims) >= 2 and isinstance(hidden, Sequence)
+        if not (layers and len(hidden) == len(z_dims) and all(whole_sizes(block) for block in hidden)):
+            raise ValueError(
+                f"A hierarchical VAE needs two or more layer sizes and one tuple of hidden sizes per layer, whole "
+                f"numbers >= 1, e.g. z_dims=(100, 50), hidden=((200, 200), (100, 100)); got z_dims={z_dims!r} and "
+                f"hidden={hidden!r}. For one stochastic layer use pv.VAE."
+            )
         self.x_shape, self.z_dims = tuple(x_shape), tuple(int(d) for d in z_dims)
         self.hidden = tuple(tuple(int(h) for h in block) for block in hidden)
-        if len(self.z_dims) < 2 or len(self.hidden) != len(self.z_dims) or min(self.z_dims) < 1:
-            raise ValueError(
-                f"A hierarchical VAE needs two or more layer sizes >= 1 and one tuple of hidden sizes per layer; "
-                f"got z_dims={self.z_dims} and hidden={self.hidden}. For one stochastic layer use pv.VAE."
-            )
         self.activation, self.z_dim = activation, sum(self.z_dims)
         act = activation_class(activation)
         self.likelihood = as_likelihood(likelihood)
