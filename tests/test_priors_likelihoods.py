@@ -353,3 +353,16 @@ def test_a_model_takes_its_prior_and_likelihood_by_name_or_config_and_refuses_ot
         pv.SSVAE(X_SHAPE, Z_DIM, likelihood=dist.Bernoulli(0.5), hidden=(8,))
     with pytest.raises(ValueError, match="Unknown prior 'laplace'"):
         pv.HierarchicalVAE(X_SHAPE, (2, 1), ((8,), (4,)), prior="laplace")
+
+
+@pytest.mark.parametrize("bad", [0, 2.5, True, "10"])
+def test_prior_sizes_that_are_not_whole_are_refused_when_built(bad):
+    """They failed at setup with a TypeError from torch, or (a flow's hidden=0) were replaced silently."""
+    with pytest.raises(ValueError, match="A mixture needs a whole number >= 1 of components"):
+        pv.priors.MixtureOfGaussians(bad)
+    with pytest.raises(ValueError, match="A VampPrior needs a whole number >= 1 of pseudo-inputs"):
+        pv.priors.VampPrior(bad)
+    with pytest.raises(ValueError, match="A flow prior needs a whole number >= 1 of layers"):
+        pv.priors.FlowPrior(bad)
+    with pytest.raises(ValueError, match=r"hidden must be a whole number >= 1 \(None: 4 z_dim\)"):
+        pv.priors.FlowPrior(2, hidden=bad)

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributions import constraints
 
+from ..checks import is_whole_number
 from ..registry import Registry
 from .nets import inverse_softplus
 
@@ -171,8 +172,10 @@ class MixtureOfGaussians(Prior):
 
     def __init__(self, num_components: int = 10):
         super().__init__()
-        if num_components < 1:
-            raise ValueError(f"A mixture needs at least one component; got num_components={num_components}.")
+        if not is_whole_number(num_components) or num_components < 1:
+            raise ValueError(
+                f"A mixture needs a whole number >= 1 of components; got num_components={num_components!r}."
+            )
         self.num_components = num_components
 
     def setup(self, z_dim, *, x_shape, encoder):
@@ -213,8 +216,10 @@ class VampPrior(Prior):
         bounds: tuple[float, float] | None = IMAGE_BOUNDS,
     ):
         super().__init__()
-        if num_components < 1:
-            raise ValueError(f"A VampPrior needs at least one pseudo-input; got num_components={num_components}.")
+        if not is_whole_number(num_components) or num_components < 1:
+            raise ValueError(
+                f"A VampPrior needs a whole number >= 1 of pseudo-inputs; got num_components={num_components!r}."
+            )
         if bounds is not None and not (len(bounds) == 2 and bounds[0] < bounds[1]):
             raise ValueError(f"bounds must be (low, high) with low < high, or None; got {bounds!r}.")
         self.num_components, self.init_mean, self.init_std = num_components, init_mean, init_std
@@ -260,13 +265,15 @@ class FlowPrior(Prior):
 
     def __init__(self, num_layers: int = 4, hidden: int | None = None):
         super().__init__()
-        if num_layers < 1:
-            raise ValueError(f"A flow prior needs at least one layer; got num_layers={num_layers}.")
+        if not is_whole_number(num_layers) or num_layers < 1:
+            raise ValueError(f"A flow prior needs a whole number >= 1 of layers; got num_layers={num_layers!r}.")
+        if hidden is not None and (not is_whole_number(hidden) or hidden < 1):
+            raise ValueError(f"hidden must be a whole number >= 1 (None: 4 z_dim); got {hidden!r}.")
         self.num_layers, self.hidden = num_layers, hidden
 
     def setup(self, z_dim, *, x_shape, encoder):
         super().setup(z_dim, x_shape=x_shape, encoder=encoder)
-        hidden = self.hidden or 4 * z_dim
+        hidden = 4 * z_dim if self.hidden is None else self.hidden
         self.layers = nn.ModuleList(
             T.affine_autoregressive(z_dim, hidden_dims=[hidden, hidden]) for _ in range(self.num_layers)
         )
