@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checks import first_line
+from .checks import first_line, is_whole_number
 
 BINARIZE_MODES = ("dynamic", "fixed", "none")
 TORCHVISION_DATASETS = {"fashion-mnist": "FashionMNIST", "kmnist": "KMNIST", "mnist-torchvision": "MNIST"}
@@ -94,10 +94,13 @@ class Dataset:
         """A smaller copy, for smoke tests and quick experiments: the first ``train``, ``val`` and ``test`` points of
         each split (None keeps a split whole). The spec records the subset, so the copy rebuilds as it is, a subset
         of a subset included."""
+        wanted = {"train": train, "val": val, "test": test}
+        for split, n in wanted.items():
+            if n is not None and (not is_whole_number(n) or n < 1):
+                raise ValueError(f"subset: {split} must be a whole number >= 1 (None keeps the split); got {n!r}.")
         spec = None
         if self.spec is not None:
             before = self.spec.get("subset") or {}
-            wanted = {"train": train, "val": val, "test": test}
             spec = {**self.spec, "subset": {split: _first_of(before.get(split), n) for split, n in wanted.items()}}
         return replace(
             self, train=self.train.subset(train), val=self.val.subset(val), test=self.test.subset(test), spec=spec
@@ -108,6 +111,8 @@ class Dataset:
 
         Raises :class:`DataError` when the training split holds fewer than ``n`` points.
         """
+        if not is_whole_number(n) or n < 1:
+            raise DataError(f"--subset {n!r}: give a whole number of training points >= 1.")
         if n > len(self.train):
             raise DataError(
                 f"--subset {n} exceeds the {len(self.train)} training points of {self.name}; give at most "

@@ -220,3 +220,12 @@ def test_a_subset_of_a_subset_rebuilds_from_its_spec_as_it_is(small_mnist):
     rebuilt = dataset_from_spec(data.spec)
     for split in ("train", "val", "test"):
         assert torch.equal(getattr(rebuilt, split).x, getattr(data, split).x), split
+
+
+@pytest.mark.parametrize("bad", [-5, 0, 2.5])
+def test_a_subset_of_no_points_or_of_all_but_some_is_refused(small_mnist, bad):
+    """x[:-5] keeps all but the last five: a negative size once gave nearly the whole split."""
+    with pytest.raises(ValueError, match=f"subset: test must be a whole number >= 1 .*; got {bad!r}"):
+        small_mnist.subset(test=bad)
+    with pytest.raises(pv.DataError, match=f"--subset {bad!r}: give a whole number of training points >= 1"):
+        small_mnist.quick_subset(bad)
