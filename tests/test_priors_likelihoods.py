@@ -366,3 +366,20 @@ def test_prior_sizes_that_are_not_whole_are_refused_when_built(bad):
         pv.priors.FlowPrior(bad)
     with pytest.raises(ValueError, match=r"hidden must be a whole number >= 1 \(None: 4 z_dim\)"):
         pv.priors.FlowPrior(2, hidden=bad)
+
+
+def test_data_outside_the_support_is_refused_naming_a_point_and_a_value():
+    likelihood = pv.likelihoods.Bernoulli()
+    likelihood.setup((2, 2))
+    x = torch.zeros(5, 2, 2)
+    x[3, 1, 0], x[4, 0, 0] = 0.5, 2.0
+    with pytest.raises(pv.DataError, match=r"but 2 of the 5 points lie outside it \(point 3, e.g. 0.5\)"):
+        likelihood.check_data(x)
+
+    class OnTheSimplex(pv.likelihoods.Bernoulli):  # a support of vectors, checked a point at a time
+        support = dist.constraints.simplex
+
+    simplex = OnTheSimplex()
+    simplex.setup((3,))
+    with pytest.raises(pv.DataError, match=r"but 1 of the 2 points lie outside it \(point 1, e.g. 0.5\)"):
+        simplex.check_data(torch.tensor([[0.2, 0.3, 0.5], [0.5, 0.6, 0.1]]))

@@ -63,12 +63,15 @@ class Likelihood(nn.Module):
 
     def check_data(self, x: torch.Tensor) -> None:
         """Raise :class:`~pyro_vae.data.DataError` if x lies outside this likelihood's support."""
-        inside = self.support.check(x)
+        checked = self.support.check(x)  # per value, or per vector for a support of vectors (a simplex, say)
+        inside = checked.reshape(len(x), -1).all(-1)
         if not bool(inside.all()):
-            outside = x[~inside]
+            first = int((~inside).nonzero()[0])
+            values = x[first][~checked[first]] if checked.shape == x.shape else x[first]
             raise DataError(
-                f"The {self.name} likelihood needs data in {_in_words(self.support)}, but {outside.numel()} values lie "
-                f"outside it (e.g. {float(outside[0]):g}). {self.fix_hint()}"
+                f"The {self.name} likelihood needs data in {_in_words(self.support)}, but {int((~inside).sum())} of "
+                f"the {len(x)} points lie outside it (point {first}, e.g. {float(values.flatten()[0]):g}). "
+                f"{self.fix_hint()}"
             )
 
     def fix_hint(self) -> str:

@@ -128,7 +128,8 @@ class RunDirectory:
     def check_weights(self) -> None:
         """A run to load, evaluate or resume holds its weights; a study's kept record (config, history, metrics,
         :meth:`keep_record`) does not."""
-        if not self.holds_run() and self.file(self.CONFIG).exists():
+        weights = (self.file(self.CHECKPOINT), self.file(self.BEST))
+        if self.file(self.CONFIG).exists() and not any(path.exists() for path in weights):
             raise CheckpointError(
                 f"{self.path} is the record of a run (config, history, metrics) without its weights, as a study "
                 "keeps it; train the run again to evaluate or resume it."
