@@ -59,6 +59,8 @@ def main() -> None:
     parser.add_argument("--seed", type=seed_value, default=0)
     parser.add_argument("--out", type=Path, default=Path("docs/images/gradient-snr.png"))
     args = parser.parse_args()
+    if args.repeats < 2:
+        parser.error(f"--repeats {args.repeats}: a signal-to-noise ratio needs the spread of two draws or more.")
     formats = FigureCanvasBase.get_supported_filetypes()
     if args.out.suffix[1:].lower() not in formats:
         parser.error(f"--out {args.out}: give a file name ending in one of .{', .'.join(sorted(formats))}")
