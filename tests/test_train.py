@@ -6,6 +6,7 @@ import time
 import warnings
 from dataclasses import replace
 
+import numpy as np
 import pyro
 import pytest
 import torch
@@ -455,6 +456,26 @@ def test_resume_refuses_other_data(small_mnist, tmp_path):
     assert pv.fit(small_vae(), own, **{**resumed, "run_dir": tmp_path / "own"})[-1]["epoch"] == 2
     moved = {**data.spec, "data_dir": str(tmp_path)}  # where the files are is no part of what they are
     assert pv.fit(small_vae(), replace(data, spec=moved), **resumed)[-1]["epoch"] == 2
+
+
+def test_resume_takes_an_older_run_s_data_recorded_as_it_was(small_mnist, tmp_path, monkeypatch):
+    """Runs before 2026-12-06 recorded a data file by the path as typed, and no counts; a run resumed from its
+    config gets the absolute path. A subset the old spec lacks is still another data set."""
+    x = torch.bernoulli(torch.full((300, 1, 28, 28), 0.3))
+    np.savez(tmp_path / "points.npz", x=x.numpy())
+    monkeypatch.chdir(tmp_path)
+    data = pv.load_dataset("points.npz", binarize="none", val_size=50)
+    pv.fit(small_vae(), data, epochs=1, run_dir=tmp_path / "run", progress=False)
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    del config["data_points"]
+    config["data"]["name"] = "points.npz"  # as typed
+    for name in ("checkpoint.pt", "best.pt"):
+        state = torch.load(tmp_path / "run" / name, weights_only=True)
+        torch.save({**state, "config": config}, tmp_path / "run" / name)
+    (tmp_path / "run" / "config.json").write_text(json.dumps(config))
+    assert pv.resume_run(tmp_path / "run", epochs=2, progress=False).epoch == 2
+    with pytest.raises(pv.CheckpointError, match=r"other data \(subset None -> \{'train': 200"):
+        pv.fit(small_vae(), data.subset(train=200), epochs=3, run_dir=tmp_path / "run", resume=True, progress=False)
 
 
 def test_flushing_adams_subnormal_moments_zeroes_them_and_moves_no_parameter():

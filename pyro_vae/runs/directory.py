@@ -131,8 +131,8 @@ class RunDirectory:
         weights = (self.file(self.CHECKPOINT), self.file(self.BEST))
         if self.file(self.CONFIG).exists() and not any(path.exists() for path in weights):
             raise CheckpointError(
-                f"{self.path} is the record of a run (config, history, metrics) without its weights, as a study "
-                "keeps it; train the run again to evaluate or resume it."
+                f"{self.path} holds no checkpoint: the record of a run (config, history, metrics) as a study keeps "
+                "it, or a run stopped before its first checkpoint; train the run again to evaluate or resume it."
             )
 
     # ------------------------------------------------------------- the lock
@@ -295,10 +295,16 @@ class Run:
         return data_from_config(self.path, self.config)
 
 
+class NotRebuildable(CheckpointError, ValueError):
+    """A run whose config cannot rebuild its model (networks of one's own) or data (tensors of one's own): pass
+    them yourself. Both a :class:`CheckpointError`, as :func:`~pyro_vae.resume_run` raised, and a ``ValueError``,
+    as :func:`load_run` did."""
+
+
 def model_from_config(path: Path, config: dict) -> Model:
     """The model of the run at ``path`` rebuilt from its ``config``, with fresh weights."""
     if config["model"] is None:
-        raise ValueError(
+        raise NotRebuildable(
             f"{path} used custom networks; build the same model and pass it as model= (pv.load_run, "
             "pv.evaluate_run, pv.resume_run)."
         )
@@ -308,7 +314,7 @@ def model_from_config(path: Path, config: dict) -> Model:
 def data_from_config(path: Path, config: dict) -> Dataset:
     """The data set the run at ``path`` was trained on, rebuilt from its ``config``."""
     if config["data"] is None:
-        raise ValueError(
+        raise NotRebuildable(
             f"{path} was trained on tensors of your own; pass them as data= (pv.evaluate_run, pv.resume_run), "
             "or load them yourself."
         )

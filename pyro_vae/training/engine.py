@@ -308,14 +308,24 @@ def data_points(data) -> dict[str, int]:
     return {split: len(getattr(data, split)) for split in ("train", "val", "test")}
 
 
+def _what_the_data_are(spec: dict) -> dict:
+    """A data set's spec without where its files are: no ``data_dir``, a data file by its file name (runs before
+    2026-12-06 recorded the path as typed, later ones the absolute path), and no subset as ``subset`` None."""
+    spec = {key: value for key, value in spec.items() if key != "data_dir"}
+    if Path(spec.get("name", "")).suffix in (".npy", ".npz"):
+        spec["name"] = Path(spec["name"]).name
+    return {"subset": None, **spec}
+
+
 def check_same_data(run: RunDirectory, saved: dict, current: dict) -> None:
     """Refuse to resume a run on other data than its own: another data set, binarisation, split or subset (where
-    the files are, ``data_dir``, may change), or other numbers of points (tensors of one's own have no spec).
-    Runs written before the counts were recorded are checked on their spec alone."""
+    the files are may change: ``data_dir``, a data file's folder), or other numbers of points (tensors of one's
+    own have no spec). Runs written before the counts were recorded are checked on their spec alone."""
     saved_spec, spec = saved.get("data"), current["data"]
     changed = []
     if saved_spec is not None and spec is not None:
-        shared = sorted((saved_spec.keys() & spec.keys()) - {"data_dir"})
+        saved_spec, spec = _what_the_data_are(saved_spec), _what_the_data_are(spec)
+        shared = sorted(saved_spec.keys() & spec.keys())  # keys a spec of older runs lacks are not compared
         changed += [f"{key} {saved_spec[key]!r} -> {spec[key]!r}" for key in shared if saved_spec[key] != spec[key]]
     elif (saved_spec is None) != (spec is None):
         changed.append(f"data {saved_spec!r} -> {spec!r}")
