@@ -101,6 +101,7 @@ class Dataset:
         spec = None
         if self.spec is not None:
             before = self.spec.get("subset") or {}
+            wanted = {split: None if n is None else int(n) for split, n in wanted.items()}  # JSON holds Python's ints
             spec = {**self.spec, "subset": {split: _first_of(before.get(split), n) for split, n in wanted.items()}}
         return replace(
             self, train=self.train.subset(train), val=self.val.subset(val), test=self.test.subset(test), spec=spec

@@ -225,16 +225,19 @@ def evaluate_run(
     :param test_points: evaluate only the first this many test points (the name records it, and
         :func:`compare_runs` pairs only evaluations of the same points); None evaluates all of them.
     """
-    ais = {"num_steps": num_steps, "num_chains": num_chains, "leapfrog_steps": leapfrog_steps, "schedule": schedule}
-    sizes = [("num_samples", num_samples), ("batch_size", batch_size), ("num_points", num_points)]
-    sizes += [(key, ais[key]) for key in ("num_steps", "num_chains", "leapfrog_steps")]
-    for key, value in sizes + ([("test_points", test_points)] if test_points is not None else []):
+    sizes = {"num_samples": num_samples, "batch_size": batch_size, "num_points": num_points, "num_steps": num_steps}
+    sizes |= {"num_chains": num_chains, "leapfrog_steps": leapfrog_steps}
+    for key, value in {**sizes, **({"test_points": test_points} if test_points is not None else {})}.items():
         if not is_whole_number(value) or value < 1:
             raise ValueError(f"{key} must be a whole number >= 1; got {value!r}.")
     if not is_whole_number(seed) or not 0 <= seed <= MAX_SEED:
         raise ValueError(f"seed must be an integer from 0 to {MAX_SEED}; got {seed!r}.")
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}; got {schedule!r}.")
+    # NumPy's integers made Python's, which the summary's JSON can hold
+    num_samples, batch_size, num_points, num_steps, num_chains, leapfrog_steps = map(int, sizes.values())
+    seed, test_points = int(seed), None if test_points is None else int(test_points)
+    ais = {"num_steps": num_steps, "num_chains": num_chains, "leapfrog_steps": leapfrog_steps, "schedule": schedule}
     name = evaluation_name(method, num_samples=num_samples, ais=ais, num_points=num_points, test_points=test_points)
     device = resolve_device(device)
     directory = RunDirectory(run_dir)

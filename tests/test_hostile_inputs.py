@@ -352,3 +352,18 @@ def test_a_model_without_a_latent_code_is_refused(model, z_dim, robustness_repor
     with pytest.raises(ValueError, match="z_dim must be a whole number >= 1"):
         model((1, 28, 28), z_dim)
     robustness_report["bad inputs refused or cleaned"] += 1
+
+
+def test_numpy_integers_are_taken_and_written_as_python_s(small_mnist, tmp_path, robustness_report):
+    """Whole numbers of NumPy pass the checks; kept as they were, they failed to be written as JSON (the config
+    at a run's start, an evaluation's summary after its work)."""
+    import numpy as np
+
+    data = small_mnist.subset(train=np.int64(200), test=np.int64(20))
+    prior = pv.priors.MixtureOfGaussians(np.int64(3))
+    pv.fit(pv.VAE((1, 28, 28), 2, prior=prior, hidden=(16,)), data, epochs=1, run_dir=tmp_path / "r", progress=False)
+    summary = pv.evaluate_run(tmp_path / "r", num_samples=np.int64(5), seed=np.int64(1), progress=False)
+    metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert metrics["log_px_seed"] == 1 and metrics["test_num_samples"] == 5 and summary["evaluation"] == "is-K5"
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["data"]["subset"]["train"] == 200
+    robustness_report["bad inputs refused or cleaned"] += 1

@@ -176,7 +176,7 @@ class MixtureOfGaussians(Prior):
             raise ValueError(
                 f"A mixture needs a whole number >= 1 of components; got num_components={num_components!r}."
             )
-        self.num_components = num_components
+        self.num_components = int(num_components)
 
     def setup(self, z_dim, *, x_shape, encoder):
         super().setup(z_dim, x_shape=x_shape, encoder=encoder)
@@ -222,7 +222,7 @@ class VampPrior(Prior):
             )
         if bounds is not None and not (len(bounds) == 2 and bounds[0] < bounds[1]):
             raise ValueError(f"bounds must be (low, high) with low < high, or None; got {bounds!r}.")
-        self.num_components, self.init_mean, self.init_std = num_components, init_mean, init_std
+        self.num_components, self.init_mean, self.init_std = int(num_components), init_mean, init_std
         self.bounds = None if bounds is None else (float(bounds[0]), float(bounds[1]))
 
     def setup(self, z_dim, *, x_shape, encoder):
@@ -269,7 +269,7 @@ class FlowPrior(Prior):
             raise ValueError(f"A flow prior needs a whole number >= 1 of layers; got num_layers={num_layers!r}.")
         if hidden is not None and (not is_whole_number(hidden) or hidden < 1):
             raise ValueError(f"hidden must be a whole number >= 1 (None: 4 z_dim); got {hidden!r}.")
-        self.num_layers, self.hidden = num_layers, hidden
+        self.num_layers, self.hidden = int(num_layers), None if hidden is None else int(hidden)
 
     def setup(self, z_dim, *, x_shape, encoder):
         super().setup(z_dim, x_shape=x_shape, encoder=encoder)
