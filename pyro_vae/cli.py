@@ -25,7 +25,7 @@ import torch
 from .checks import first_line
 from .components.likelihoods import LIKELIHOODS, Gaussian, build_likelihood
 from .components.nets import ACTIVATIONS, ARCHITECTURES
-from .components.priors import PRIORS, build_prior
+from .components.priors import PRIORS
 from .data import BINARIZE_MODES, DATASET_NAMES, TORCHVISION_DATASETS, DataError, Dataset, load_dataset
 from .evaluate import (
     DEFAULT_EVALUATION_BATCH,
@@ -698,8 +698,6 @@ def _prior_config(args) -> dict:
     config = {"name": args.prior}
     if args.prior in ("mixture", "vamp") and args.components is not None:
         config["num_components"] = args.components
-    if args.prior == "vamp" and args.m1:  # M2's data are M1's standardised features, not images in [0, 1]
-        config["bounds"] = None
     if args.prior == "flow":
         config["num_layers"] = args.flow_layers
     return config
@@ -742,7 +740,7 @@ def _processes(args) -> LightningProcesses | None:
 def _new_model(args):
     """The model, the data and the objective that the flags describe, and the run's default name."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    prior = build_prior(_prior_config(args))
+    prior = _prior_config(args)  # each model builds its own
     if args.m1:
         m1 = load_run(args.m1)
         if not isinstance(m1.model, VAE):

@@ -270,11 +270,3 @@ def test_the_config_records_what_the_flags_said(finished_run):
     config = json.loads((finished_run / "config.json").read_text())
     assert config["train"]["objective"] == {"name": "trace", "num_particles": 1}
     assert config["model"]["type"] == "vae" and config["model"]["z_dim"] == 2
-
-
-def test_m1_plus_m2_s_vamp_prior_leaves_its_pseudo_inputs_free():
-    """M2's data are then M1's standardised features, not images in [0, 1]."""
-    parser = cli.build_parser()
-    stacked = parser.parse_args(["train", "--m1", "RUN", "--prior", "vamp", "--labels", "20"])
-    assert cli._prior_config(stacked)["bounds"] is None
-    assert "bounds" not in cli._prior_config(parser.parse_args(["train", "--prior", "vamp"]))

@@ -209,3 +209,12 @@ def test_m1_must_be_a_vae_and_one_of_custom_networks_trains_without_a_config(sma
     pv.fit(stacked, small_mnist.subset(train=200), objective=objective, epochs=1, batch_size=50, run_dir=tmp_path / "r",
            progress=False)  # fmt: skip
     assert pv.RunDirectory(tmp_path / "r").read_config()["model"] is None
+
+
+def test_m2_s_vamp_prior_on_m1_s_features_leaves_its_pseudo_inputs_free(tiny):
+    """M2's data are M1's standardised features, not images in [0, 1]; a VampPrior given as an instance keeps its
+    own bounds (runs before the choice rebuild so, with [0, 1])."""
+    for prior in ("vamp", {"name": "vamp", "num_components": 3}):
+        assert StackedSSVAE(tiny.m1, tiny.features, z_dim=1, num_classes=2, prior=prior).prior.bounds is None
+    given = pv.priors.VampPrior(num_components=3)
+    assert StackedSSVAE(tiny.m1, tiny.features, z_dim=1, num_classes=2, prior=given).prior.bounds == (0.0, 1.0)

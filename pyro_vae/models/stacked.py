@@ -114,7 +114,9 @@ class StackedSSVAE(SemiSupervisedModel):
     :param features: the split of M1's code, from :meth:`LatentFeatures.fit` on the training data.
     :param z_dim: dimension of M2's code z.
     :param num_classes: number of values of y.
-    :param prior: M2's prior p(z) (default standard normal).
+    :param prior: M2's prior p(z), a :class:`~pyro_vae.components.priors.Prior`, its short name or config dict
+        (default standard normal). A VampPrior named so keeps its pseudo-inputs free (``bounds=None``), as M2's
+        data are M1's standardised features, not images in [0, 1].
     :param hidden: hidden sizes of M2's classifier, encoder and decoder.
     :param class_prior: ``"uniform"`` or ``"learned"`` p(y).
     :param activation: M2's hidden activation, ``"softplus"`` (Kingma et al.'s) or ``"relu"`` (runs
@@ -139,6 +141,9 @@ class StackedSSVAE(SemiSupervisedModel):
             raise TypeError(
                 f"M1 must be a pv.VAE (one stochastic layer, whose code M2 models); got a {type(m1).__name__}."
             )
+        named = {"name": prior} if isinstance(prior, str) else prior
+        if isinstance(named, dict) and named.get("name") == "vamp":  # M2's data: standardised features, not images
+            prior = {"bounds": None, **named}
         if features.z_dim != m1.z_dim:
             raise ValueError(f"The features split a {features.z_dim}-dim code but M1 has z_dim={m1.z_dim}.")
         self.m1 = m1.requires_grad_(False)
