@@ -14,6 +14,7 @@ expected quadratic forms under the Gaussian q(z1, z2 | x).
 
 import math
 
+import numpy as np
 import pyro
 import pytest
 import torch
@@ -202,5 +203,7 @@ def test_sites_config_samples_and_active_units_per_layer(small_mnist):
                            ((3, 2), (8, 4)), ((3, 2), ((8,),)), ((3, 2), ((8,), (0,)))]:  # fmt: skip
         with pytest.raises(ValueError, match="two or more layer sizes and one tuple of hidden sizes per layer, whole"):
             pv.HierarchicalVAE((4,), z_dims=z_dims, hidden=hidden)
+    sizes = pv.HierarchicalVAE((4,), z_dims=np.array([3, 2]), hidden=[np.array([8]), [np.int64(4)]])
+    assert sizes.z_dims == (3, 2) and sizes.hidden == ((8,), (4,)) and type(sizes.hidden[1][0]) is int
     with pytest.raises(ValueError, match="Unknown activation"):
         pv.HierarchicalVAE((4,), activation="sigmoid")

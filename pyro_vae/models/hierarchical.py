@@ -111,19 +111,19 @@ class HierarchicalVAE(Model):
         name: str | None = None,
     ):
         super().__init__()
-
-        def whole_sizes(values) -> bool:
-            return isinstance(values, Sequence) and all(is_whole_number(v) and v >= 1 for v in values)
-
-        layers = whole_sizes(z_dims) and len(z_dims) >= 2 and isinstance(hidden, Sequence)
-        if not (layers and len(hidden) == len(z_dims) and all(whole_sizes(block) for block in hidden)):
+        try:
+            layers, blocks = tuple(z_dims), tuple(tuple(block) for block in hidden)  # NumPy arrays and lists too
+        except TypeError:  # a size where sizes belong
+            layers, blocks = (), ()
+        sizes = [*layers, *(size for block in blocks for size in block)]
+        if len(layers) < 2 or len(blocks) != len(layers) or not all(is_whole_number(n) and n >= 1 for n in sizes):
             raise ValueError(
                 f"A hierarchical VAE needs two or more layer sizes and one tuple of hidden sizes per layer, whole "
                 f"numbers >= 1, e.g. z_dims=(100, 50), hidden=((200, 200), (100, 100)); got z_dims={z_dims!r} and "
                 f"hidden={hidden!r}. For one stochastic layer use pv.VAE."
             )
-        self.x_shape, self.z_dims = tuple(x_shape), tuple(int(d) for d in z_dims)
-        self.hidden = tuple(tuple(int(h) for h in block) for block in hidden)
+        self.x_shape, self.z_dims = tuple(x_shape), tuple(int(d) for d in layers)
+        self.hidden = tuple(tuple(int(h) for h in block) for block in blocks)
         self.activation, self.z_dim = activation, sum(self.z_dims)
         act = activation_class(activation)
         self.likelihood = as_likelihood(likelihood)
