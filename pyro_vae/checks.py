@@ -13,3 +13,8 @@ def is_whole_number(value) -> bool:
 def first_line(err: BaseException) -> str:
     """The first line of an error's message (its type's name where it has none), for messages of one line."""
     return (str(err).splitlines() or [type(err).__name__])[0]
+
+
+def named_error(err: BaseException) -> str:
+    """The error's type and the first line of its message, "RuntimeError: ...", or its type alone without one."""
+    return f"{type(err).__name__}: {first_line(err)}" if str(err).strip() else type(err).__name__

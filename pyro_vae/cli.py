@@ -58,7 +58,8 @@ from .training.schedules import LR_SCHEDULES
 from .workflow import resume_run, train_run
 
 DEFAULT_EVAL_SAMPLES = 1000
-#: The classes of every data set the command line trains on (MNIST and its torchvision kin).
+#: The classes of the command line's semi-supervised models: MNIST's and its torchvision kin's ten (a data file's
+#: labels must lie in 0..9; the library's models take any number).
 NUM_CLASSES = 10
 #: --compile values and the ``compile`` argument of ``fit`` each stands for.
 COMPILE_CHOICES = {"auto": "auto", "on": True, "off": False}

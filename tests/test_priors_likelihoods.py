@@ -322,8 +322,9 @@ def test_a_likelihood_without_a_constant_fit_leaves_the_decoder_as_initialised()
 
 
 def test_a_component_of_buffers_alone_is_found_where_its_buffers_are():
-    """The config check probes a prior or likelihood on its own device; the standard-normal prior and fixed scales
-    hold buffers and no parameter, and were probed on the CPU wherever they were (a GPU run failed at its config)."""
+    """``device_of``, by which the config check probes a prior or likelihood on its own device, finds components
+    of buffers alone (the standard-normal prior, fixed scales), which were probed on the CPU wherever they were.
+    The GPU path itself (a run on CUDA writing its config) needs a GPU, which this machine lacks."""
     prior = build_prior("standard-normal")
     prior.setup(3, x_shape=(2,), encoder=None)
     assert not list(prior.parameters())

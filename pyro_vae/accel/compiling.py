@@ -6,7 +6,7 @@ import warnings
 
 import torch
 
-from ..checks import first_line
+from ..checks import named_error
 
 
 class CompiledOnce:
@@ -39,7 +39,7 @@ class CompiledOnce:
 def warn_compiler_failed(err: Exception, fallback: str, stacklevel: int) -> None:
     """Warn that TorchInductor failed with ``err`` and that ``fallback`` happens instead, with the fix."""
     warnings.warn(
-        f"Compiling with TorchInductor failed ({type(err).__name__}: {first_line(err)}); {fallback}, which gives the "
+        f"Compiling with TorchInductor failed ({named_error(err)}); {fallback}, which gives the "
         "same numbers more slowly. A C++ compiler (e.g. apt install g++) makes it fast.",
         RuntimeWarning,
         stacklevel=stacklevel,

@@ -51,7 +51,7 @@ import pyro.infer.util
 import torch
 import torch.utils._pytree as pytree
 
-from ..checks import first_line
+from ..checks import named_error
 from .compiling import warn_compiler_failed
 
 logger = logging.getLogger(__name__)
@@ -162,7 +162,7 @@ def record_graph(fn: Callable, *args) -> torch.fx.GraphModule:
                 *args
             )
     except Exception as err:  # what fake tensors cannot run: data-dependent Python, ops without a fake kernel
-        raise CannotRecord(f"{type(err).__name__}: {first_line(err)}") from err
+        raise CannotRecord(named_error(err)) from err
     if reads_tensor_values(graph):
         raise CannotRecord("it reads a tensor's value in Python, e.g. with .item()")
     return graph
