@@ -384,3 +384,11 @@ def test_data_outside_the_support_is_refused_naming_a_point_and_a_value():
     simplex.setup((3,))
     with pytest.raises(pv.DataError, match=r"but 1 of the 2 points lie outside it \(point 1, e.g. 0.5\)"):
         simplex.check_data(torch.tensor([[0.2, 0.3, 0.5], [0.5, 0.6, 0.1]]))
+
+
+def test_a_model_that_fails_to_build_leaves_its_prior_and_likelihood_free():
+    prior, likelihood = pv.priors.VampPrior(num_components=3), pv.likelihoods.Bernoulli()
+    with pytest.raises(ValueError, match="Unknown activation"):
+        pv.VAE(X_SHAPE, Z_DIM, prior=prior, likelihood=likelihood, hidden=(8,), activation="sigmoid")
+    vae = pv.VAE(X_SHAPE, Z_DIM, prior=prior, likelihood=likelihood, hidden=(8,))  # the same two, once it builds
+    assert vae.prior is prior and prior.owned and likelihood.owned

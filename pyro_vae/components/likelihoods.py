@@ -41,13 +41,16 @@ class Likelihood(nn.Module):
     name: ClassVar[str]
     params_per_dim: ClassVar[int] = 1
     support: ClassVar[constraints.Constraint] = constraints.real
+    #: Whether a model was built with this likelihood (set by the model; see :meth:`setup`).
+    owned = False
 
     def setup(self, x_shape: tuple[int, ...]) -> None:
         """Called once by the VAE; builds whatever depends on the data shape.
 
-        A likelihood belongs to one model: a second setup (the same instance given to another model) is refused.
+        A likelihood belongs to one model: once a model is built with it (``owned``), a setup for another model
+        is refused.
         """
-        if "x_shape" in self.__dict__:
+        if self.owned:
             raise ValueError(
                 f"This {type(self).__name__} belongs to a model already; give each model a likelihood of its own "
                 f"(build_likelihood({self.config()!r}) builds another)."

@@ -48,14 +48,16 @@ class Prior(nn.Module):
     """Base class: ``prior()`` returns a distribution with event shape ``(z_dim,)``."""
 
     name: ClassVar[str]
+    #: Whether a model was built with this prior (set by the model; see :meth:`setup`).
+    owned = False
 
     def setup(self, z_dim: int, *, x_shape: tuple[int, ...], encoder: nn.Module) -> None:
         """Called once by the VAE before use; builds whatever depends on the sizes.
 
-        A prior belongs to one model: a second setup (the same instance given to another model) is refused,
-        since it would rebuild the first model's prior for the second's sizes and encoder.
+        A prior belongs to one model: once a model is built with it (``owned``), a setup for another model is
+        refused, since it would rebuild the first model's prior for the second's sizes and encoder.
         """
-        if "z_dim" in self.__dict__:
+        if self.owned:
             raise ValueError(
                 f"This {type(self).__name__} belongs to a model already; give each model a prior of its own "
                 f"(build_prior({self.config()!r}) builds another)."

@@ -144,6 +144,7 @@ class HierarchicalVAE(Model):
         )
         self.prior = as_prior(prior)
         self.prior.setup(self.z_dims[-1], x_shape=self.x_shape, encoder=MeanPath(self.encoders))
+        self.prior.owned = self.likelihood.owned = True  # built: another model may not set them up again
         self.pyro_name = name or f"hvae{next(_instance_ids)}"
 
     @property

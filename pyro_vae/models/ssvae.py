@@ -277,6 +277,7 @@ class SSVAE(SemiSupervisedModel):
         self.class_prior_net = ClassPrior(self.num_classes, learned=class_prior == "learned")
         self.prior = as_prior(prior)
         self.prior.setup(self.z_dim, x_shape=self.x_shape, encoder=self._encode_with_predicted_label)
+        self.prior.owned = self.likelihood.owned = True  # built: another model may not set them up again
         self.pyro_name = name or f"ssvae{next(_instance_ids)}"
 
     # ----------------------------------------------------------------- Pyro

@@ -114,6 +114,7 @@ class VAE(Model):
             self._check_net_shapes()
         self.prior = as_prior(prior)
         self.prior.setup(self.z_dim, x_shape=self.x_shape, encoder=self.encoder)
+        self.prior.owned = self.likelihood.owned = True  # built: another model may not set them up again
         self.pyro_name = name or f"vae{next(_instance_ids)}"
 
     def _check_net_shapes(self) -> None:
