@@ -55,11 +55,6 @@ def device_of(component: nn.Module) -> torch.device:
     return torch.device("cpu") if tensor is None else tensor.device
 
 
-def _random_streams_kept(device: torch.device):
-    """The global random state of the CPU, and of ``device`` if it is a GPU, restored after the block."""
-    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
-
-
 def config_that_rebuilds(component: nn.Module, kind: str, build, setup, log_density) -> dict:
     """``component.config()``, refused unless it rebuilds ``component``: a copy built from it (``build``, then
     ``setup``) and given ``component``'s state must give the same ``log_density`` on a fixed probe.
@@ -72,7 +67,7 @@ def config_that_rebuilds(component: nn.Module, kind: str, build, setup, log_dens
         f"The {kind} {config.get('name')!r} is not rebuilt by its config() {config}: a copy built from it gives "
         f"another density. Return every constructor argument from config() (see docs/howto/custom-prior-likelihood.md)."
     )
-    with _random_streams_kept(torch.device("cpu")):  # building the copy draws its weights: not the user's stream
+    with torch.random.fork_rng(devices=[]):  # building the copy draws its initial weights: not from the user's stream
         copy = build(config)
         setup(copy)
     try:
@@ -102,7 +97,7 @@ def likelihood_config(likelihood: nn.Module, x_shape: tuple[int, ...]) -> dict:
     size = likelihood.params_per_dim * math.prod(x_shape)
     params = torch.linspace(-1.0, 1.0, 2 * size).reshape(2, likelihood.params_per_dim, *x_shape)
     params = params.to(device := device_of(likelihood))
-    with torch.no_grad(), _random_streams_kept(device):
+    with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # GPU's too
         torch.manual_seed(0)
         x = likelihood(params).sample()
     return config_that_rebuilds(
