@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checks import first_line, is_whole_number
+from .checks import first_line, is_whole_number, whole_number
 
 BINARIZE_MODES = ("dynamic", "fixed", "none")
 TORCHVISION_DATASETS = {"fashion-mnist": "FashionMNIST", "kmnist": "KMNIST", "mnist-torchvision": "MNIST"}
@@ -96,8 +96,8 @@ class Dataset:
         of a subset included."""
         wanted = {"train": train, "val": val, "test": test}
         for split, n in wanted.items():
-            if n is not None and (not is_whole_number(n) or n < 1):
-                raise ValueError(f"subset: {split} must be a whole number >= 1 (None keeps the split); got {n!r}.")
+            if n is not None:
+                whole_number(n, f"subset: {split}", note="(None keeps the split)")
         spec = None
         if self.spec is not None:
             before = self.spec.get("subset") or {}

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .checks import is_whole_number
+from .checks import is_whole_number, whole_number
 from .data import Dataset
 from .infer import (
     BDMC,
@@ -228,8 +228,7 @@ def evaluate_run(
     sizes = {"num_samples": num_samples, "batch_size": batch_size, "num_points": num_points, "num_steps": num_steps}
     sizes |= {"num_chains": num_chains, "leapfrog_steps": leapfrog_steps}
     for key, value in {**sizes, **({"test_points": test_points} if test_points is not None else {})}.items():
-        if not is_whole_number(value) or value < 1:
-            raise ValueError(f"{key} must be a whole number >= 1; got {value!r}.")
+        whole_number(value, key)
     if not is_whole_number(seed) or not 0 <= seed <= MAX_SEED:
         raise ValueError(f"seed must be an integer from 0 to {MAX_SEED}; got {seed!r}.")
     if schedule not in SCHEDULES:

@@ -330,7 +330,7 @@ def test_ais_sums_m2_s_labels_out_and_matches_quadrature_on_a_2d_m2(mnist):
     assert error.abs().mean() < (importance.log_px - truth).abs().mean() < 1.0  # measured 0.41, see above
     with pytest.raises(ValueError, match="compare_is_samples would compare each label"):
         pv.ais_log_marginal_likelihood_by_label(m2.model, m2.guide, x, 10, compare_is_samples=100)
-    with pytest.raises(ValueError, match="a whole number of classes, at least 2"):
+    with pytest.raises(ValueError, match="num_classes must be a whole number >= 2"):
         pv.ais_log_marginal_likelihood_by_label(m2.model, m2.guide, x, 1)
     with pytest.raises(ValueError, match="the model's label site 'y' takes 10 values; give num_classes=10"):
         pv.ais_log_marginal_likelihood_by_label(m2.model, m2.guide, x, 9)

@@ -307,8 +307,8 @@ def test_a_non_positive_k_is_refused(bad, robustness_report):
     "settings, x, message",
     [({"num_particles": 0}, torch.ones(2, 3), "num_particles (and batch_size )?must be (a )?whole numbers? >= 1"),
      ({"num_particles": 2.5}, torch.ones(2, 3), "num_particles (and batch_size )?must be (a )?whole numbers? >= 1"),
-     ({"batch_size": 0}, torch.ones(2, 3), "and batch_size must be whole numbers >= 1"),
-     ({"batch_size": True}, torch.ones(2, 3), "and batch_size must be whole numbers >= 1"),
+     ({"batch_size": 0}, torch.ones(2, 3), "batch_size must be a whole number >= 1"),
+     ({"batch_size": True}, torch.ones(2, 3), "batch_size must be a whole number >= 1"),
      ({}, torch.ones(0, 3), "x is empty")],
     ids=["no-particles", "half-a-particle", "no-batch", "a-bool-batch", "no-points"],
 )  # fmt: skip
@@ -341,7 +341,7 @@ def test_a_pass_size_that_is_not_whole_is_refused(bad, robustness_report):
 @pytest.mark.parametrize("objective", ["trace", "meanfield", "iwae"])
 def test_a_training_objective_refuses_a_particle_count_that_is_not_whole(objective, particles, robustness_report):
     """Truncated, 2.5 particles trained with K = 2 and recorded 2 in the config."""
-    with pytest.raises(ValueError, match="needs a whole num_particles >= 1"):
+    with pytest.raises(ValueError, match="num_particles must be a whole number >= 1"):
         build_objective({"name": objective, "num_particles": particles})
     robustness_report["bad inputs refused or cleaned"] += 1
 

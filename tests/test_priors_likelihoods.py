@@ -359,13 +359,13 @@ def test_a_model_takes_its_prior_and_likelihood_by_name_or_config_and_refuses_ot
 @pytest.mark.parametrize("bad", [0, 2.5, True, "10"])
 def test_prior_sizes_that_are_not_whole_are_refused_when_built(bad):
     """They failed at setup with a TypeError from torch, or (a flow's hidden=0) were replaced silently."""
-    with pytest.raises(ValueError, match="A mixture needs a whole number >= 1 of components"):
+    with pytest.raises(ValueError, match="A mixture's num_components must be a whole number >= 1"):
         pv.priors.MixtureOfGaussians(bad)
-    with pytest.raises(ValueError, match="A VampPrior needs a whole number >= 1 of pseudo-inputs"):
+    with pytest.raises(ValueError, match=r"A VampPrior's num_components \(pseudo-inputs\) must be a whole number >= 1"):
         pv.priors.VampPrior(bad)
-    with pytest.raises(ValueError, match="A flow prior needs a whole number >= 1 of layers"):
+    with pytest.raises(ValueError, match="A flow prior's num_layers must be a whole number >= 1"):
         pv.priors.FlowPrior(bad)
-    with pytest.raises(ValueError, match=r"hidden must be a whole number >= 1 \(None: 4 z_dim\)"):
+    with pytest.raises(ValueError, match=r"A flow prior's hidden must be a whole number >= 1 \(None: 4 z_dim\)"):
         pv.priors.FlowPrior(2, hidden=bad)
 
 

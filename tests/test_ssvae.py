@@ -200,16 +200,16 @@ def test_alpha_grows_with_the_label_count_unless_given_and_a_bad_one_is_refused(
         with pytest.raises(ValueError, match=r"aux_weight \(alpha per labelled point\) must be a number >= 0"):
             SemiSupervisedELBO(aux_weight=bad)
     for bad in (0, -5, 2.5, True):  # the default alpha needs a label count; draw_labelled checks it against the data
-        with pytest.raises(ValueError, match=r"num_labels must be an integer >= 1"):
+        with pytest.raises(ValueError, match=r"num_labels must be a whole number >= 1"):
             SemiSupervisedELBO(num_labels=bad)
     for bad in (-1, 2.7, True, "3"):
-        with pytest.raises(ValueError, match=r"label_seed must be an integer >= 0"):
+        with pytest.raises(ValueError, match=r"label_seed must be a whole number >= 0"):
             SemiSupervisedELBO(label_seed=bad)
     assert SemiSupervisedELBO(classifier_steps=np.int64(5)).classifier_steps == 5  # any integer type, as num_labels
     with pytest.raises(ValueError, match=r"num_labels must be > 0"):
         paper_aux_weight(50_000, 0)
     for bad in (1, 2.5, "10"):
-        with pytest.raises(ValueError, match=r"a whole number of classes, at least 2; got num_classes="):
+        with pytest.raises(ValueError, match=r"num_classes must be a whole number >= 2; got "):
             SSVAE(X_SHAPE, z_dim=2, num_classes=bad, hidden=(8,))
 
 
@@ -331,7 +331,7 @@ def test_runs_written_before_the_warm_start_resume_without_one():
 
 def test_bad_warm_start_lengths_are_refused():
     for steps in (-1, 2.5, True):
-        with pytest.raises(ValueError, match="classifier_steps must be an integer >= 0"):
+        with pytest.raises(ValueError, match="classifier_steps must be a whole number >= 0"):
             SemiSupervisedELBO(classifier_steps=steps)
 
 

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributions import constraints
 
-from ..checks import is_whole_number
+from ..checks import whole_number
 from ..registry import Registry
 from .nets import inverse_softplus
 
@@ -174,11 +174,7 @@ class MixtureOfGaussians(Prior):
 
     def __init__(self, num_components: int = 10):
         super().__init__()
-        if not is_whole_number(num_components) or num_components < 1:
-            raise ValueError(
-                f"A mixture needs a whole number >= 1 of components; got num_components={num_components!r}."
-            )
-        self.num_components = int(num_components)
+        self.num_components = whole_number(num_components, "A mixture's num_components")
 
     def setup(self, z_dim, *, x_shape, encoder):
         super().setup(z_dim, x_shape=x_shape, encoder=encoder)
@@ -218,13 +214,10 @@ class VampPrior(Prior):
         bounds: tuple[float, float] | None = IMAGE_BOUNDS,
     ):
         super().__init__()
-        if not is_whole_number(num_components) or num_components < 1:
-            raise ValueError(
-                f"A VampPrior needs a whole number >= 1 of pseudo-inputs; got num_components={num_components!r}."
-            )
+        num_components = whole_number(num_components, "A VampPrior's num_components (pseudo-inputs)")
         if bounds is not None and not (len(bounds) == 2 and bounds[0] < bounds[1]):
             raise ValueError(f"bounds must be (low, high) with low < high, or None; got {bounds!r}.")
-        self.num_components, self.init_mean, self.init_std = int(num_components), init_mean, init_std
+        self.num_components, self.init_mean, self.init_std = num_components, init_mean, init_std
         self.bounds = None if bounds is None else (float(bounds[0]), float(bounds[1]))
 
     def setup(self, z_dim, *, x_shape, encoder):
@@ -267,11 +260,8 @@ class FlowPrior(Prior):
 
     def __init__(self, num_layers: int = 4, hidden: int | None = None):
         super().__init__()
-        if not is_whole_number(num_layers) or num_layers < 1:
-            raise ValueError(f"A flow prior needs a whole number >= 1 of layers; got num_layers={num_layers!r}.")
-        if hidden is not None and (not is_whole_number(hidden) or hidden < 1):
-            raise ValueError(f"hidden must be a whole number >= 1 (None: 4 z_dim); got {hidden!r}.")
-        self.num_layers, self.hidden = int(num_layers), None if hidden is None else int(hidden)
+        self.num_layers = whole_number(num_layers, "A flow prior's num_layers")
+        self.hidden = None if hidden is None else whole_number(hidden, "A flow prior's hidden", note="(None: 4 z_dim)")
 
     def setup(self, z_dim, *, x_shape, encoder):
         super().setup(z_dim, x_shape=x_shape, encoder=encoder)

@@ -62,7 +62,7 @@ from torch.distributions import biject_to, constraints
 from tqdm.auto import tqdm
 
 from ..accel.bernoulli import log_density_kernels
-from ..checks import is_whole_number
+from ..checks import whole_number
 from .densities import (
     PARTICLE_PLATE,
     _per_point,
@@ -386,17 +386,12 @@ def _check_settings(num_steps, num_chains, leapfrog_steps, step_size, target_acc
     counts = {"num_steps": num_steps, "num_chains": num_chains, "leapfrog_steps": leapfrog_steps,
               "batch_size": batch_size}  # fmt: skip
     for name, value in counts.items():
-        if not is_whole_number(value):
-            raise ValueError(f"{name} must be a whole number; got {value!r}.")
+        whole_number(value, name)
     checks = [
-        (num_steps >= 1, f"num_steps must be >= 1; got {num_steps}"),
-        (num_chains >= 1, f"num_chains must be >= 1; got {num_chains}"),
-        (leapfrog_steps >= 1, f"leapfrog_steps must be >= 1; got {leapfrog_steps}"),
         (step_size > 0 and math.isfinite(step_size), f"step_size must be > 0; got {step_size}"),
         (0 < target_acceptance < 1, f"target_acceptance must lie in (0, 1); got {target_acceptance}"),
         (schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}; got {schedule!r}"),
         (start in STARTS, f"start must be one of {STARTS}; got {start!r}"),
-        (batch_size >= 1, f"batch_size must be >= 1; got {batch_size}"),
     ]
     for ok, message in checks:
         if not ok:
@@ -437,8 +432,7 @@ def ais_log_marginal_likelihood(
         not depend on the others); None uses the global RNG.
     """
     _check_settings(num_steps, num_chains, leapfrog_steps, step_size, target_acceptance, schedule, start, batch_size)
-    if not is_whole_number(compare_is_samples) or compare_is_samples < 0:
-        raise ValueError(f"compare_is_samples must be a whole number >= 0 (0 skips it); got {compare_is_samples!r}.")
+    whole_number(compare_is_samples, "compare_is_samples", minimum=0, note="(0 skips it)")
     check_points_and_batches(x, num_chains, batch_size, "num_chains")
     if max_plate_nesting is None:
         with seeded(seed):  # one trace, drawn without touching the caller's RNG
@@ -495,8 +489,7 @@ def ais_log_marginal_likelihood_by_label(
     ``ais`` (its keyword settings) is passed; a batch holds ``batch_size // num_classes`` points (at least
     one). ``seed`` seeds the whole estimate, whose batches draw one stream in turn.
     """
-    if not is_whole_number(num_classes) or num_classes < 2:
-        raise ValueError(f"A label needs a whole number of classes, at least 2; got num_classes={num_classes!r}.")
+    whole_number(num_classes, "num_classes", minimum=2)
     if ais.get("compare_is_samples"):
         raise ValueError(
             "compare_is_samples would compare each label's AIS with importance sampling given that label; "
@@ -664,8 +657,7 @@ class BDMC:
         _check_settings(
             num_steps, num_chains, leapfrog_steps, step_size, target_acceptance, schedule, "guide", batch_size
         )
-        if not is_whole_number(num_points) or num_points < 1:
-            raise ValueError(f"num_points must be a whole number >= 1; got {num_points!r}.")
+        whole_number(num_points, "num_points")
         self.model, self.guide, self.args, self.kwargs, self.seed = model, guide, args, kwargs, seed
         self.step_size, self.batch_size = step_size, batch_size
         self.settings = _settings(num_steps, num_chains, leapfrog_steps, schedule, "guide", target_acceptance)

@@ -38,7 +38,7 @@ import torch
 from pyro.poutine.util import site_is_subsample
 from torch.nn.utils import stateless
 
-from ..checks import is_whole_number
+from ..checks import whole_number
 
 DATA_PLATE = "data"
 PARTICLE_PLATE = "_pyro_vae_particles"
@@ -194,10 +194,8 @@ def check_reparameterized_guide(guide, x: torch.Tensor, estimator: str) -> None:
 
 def check_points_and_batches(x: torch.Tensor, num_samples: int, batch_size: int, samples: str) -> None:
     """Refuse, before any work, an empty ``x`` or fewer than one draw (named ``samples``) or point per batch."""
-    if not (is_whole_number(num_samples) and is_whole_number(batch_size)) or num_samples < 1 or batch_size < 1:
-        raise ValueError(
-            f"{samples} and batch_size must be whole numbers >= 1; got {num_samples!r} and {batch_size!r}."
-        )
+    whole_number(num_samples, samples)
+    whole_number(batch_size, "batch_size")
     if x.shape[0] == 0:
         raise ValueError("x is empty: give at least one data point.")
 
@@ -222,8 +220,7 @@ def site_log_densities(
         is then evaluated with them held fixed, for the path derivative (see the module's docstring).
     :returns: :class:`SiteLogDensities` with tensors of shape ``(num_particles, N)``.
     """
-    if not is_whole_number(num_particles) or num_particles < 1:
-        raise ValueError(f"num_particles must be a whole number >= 1; got {num_particles!r}.")
+    whole_number(num_particles, "num_particles")
     particle_dim = -max_plate_nesting - 1
     with pyro.plate(PARTICLE_PLATE, num_particles, dim=particle_dim):
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)

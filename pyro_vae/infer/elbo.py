@@ -23,7 +23,7 @@ from typing import ClassVar
 
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 
-from ..checks import is_whole_number
+from ..checks import whole_number
 from .densities import check_reparameterized_guide
 from .objective import ParticleObjective, register_objective
 from .path_derivatives import GRADIENTS, STL_ELBO
@@ -41,8 +41,7 @@ class ELBO(ParticleObjective):
     gradients: ClassVar[tuple[str, ...]] = GRADIENTS["trace"]
 
     def __init__(self, num_particles: int = 1, gradient: str = "standard"):
-        if not is_whole_number(num_particles) or num_particles < 1:
-            raise ValueError(f"The ELBO needs a whole num_particles >= 1; got {num_particles!r}.")
+        num_particles = whole_number(num_particles, "The ELBO's num_particles")
         if gradient not in self.gradients:
             raise ValueError(
                 f"The {self.name!r} ELBO takes the gradient estimators {self.gradients}, not {gradient!r}"

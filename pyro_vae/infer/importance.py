@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from ..accel.bernoulli import log_density_kernels
 from ..accel.replay import record
-from ..checks import is_whole_number
+from ..checks import whole_number
 from .densities import (
     SiteLogDensities,
     check_points_and_batches,
@@ -286,8 +286,7 @@ def log_marginal_likelihood(
     :returns: :class:`MarginalLikelihoodEstimate`.
     """
     check_points_and_batches(x, num_samples, batch_size, "num_samples")
-    if not is_whole_number(max_samples_per_pass) or max_samples_per_pass < 1:
-        raise ValueError(f"max_samples_per_pass must be a whole number >= 1; got {max_samples_per_pass!r}.")
+    whole_number(max_samples_per_pass, "max_samples_per_pass")
     full_chunk = max(1, min(num_samples, max_samples_per_pass // batch_size))
     replayed_passes = (x.shape[0] // batch_size) * (num_samples // full_chunk)
     if replay is None:

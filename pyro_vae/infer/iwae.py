@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from ..checks import is_whole_number
+from ..checks import whole_number
 from .densities import (
     check_reparameterized_guide,
     evaluating,
@@ -43,9 +43,8 @@ class IWAE_ELBO:  # noqa: N801 (named like Pyro's ELBOs)
     """
 
     def __init__(self, num_particles: int = 5, max_plate_nesting: int = 1):
-        if not is_whole_number(num_particles) or num_particles < 1:
-            raise ValueError(f"IWAE needs a whole num_particles >= 1; got {num_particles!r}.")
-        self.num_particles, self.max_plate_nesting = int(num_particles), max_plate_nesting
+        self.num_particles = whole_number(num_particles, "The IWAE bound's num_particles")
+        self.max_plate_nesting = max_plate_nesting
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
         """-sum_n L_K(x_n), differentiable through the reparameterised samples."""

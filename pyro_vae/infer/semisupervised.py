@@ -43,7 +43,7 @@ from pyro.infer import Trace_ELBO, TraceEnum_ELBO, config_enumerate
 from pyro.poutine.messenger import Messenger
 from tqdm.auto import tqdm
 
-from ..checks import is_whole_number
+from ..checks import whole_number
 from ..data import DataError
 from .densities import evaluating, negligible_shares
 from .objective import Objective, register_objective
@@ -148,21 +148,17 @@ class SemiSupervisedELBO(Objective):
         aux_weight: float | None = None,
         classifier_steps: int = 1000,
     ):
-        if not is_whole_number(num_labels) or num_labels < 1:
-            raise ValueError(f"num_labels must be an integer >= 1 (labelled training points); got {num_labels!r}.")
-        if not is_whole_number(label_seed) or label_seed < 0:
-            raise ValueError(f"label_seed must be an integer >= 0 (the seed of the label draw); got {label_seed!r}.")
+        num_labels = whole_number(num_labels, "num_labels", note="(labelled training points)")
+        label_seed = whole_number(label_seed, "label_seed", minimum=0, note="(the seed of the label draw)")
         if aux_weight is None:
-            aux_weight = default_aux_weight(int(num_labels))
+            aux_weight = default_aux_weight(num_labels)
         if isinstance(aux_weight, bool) or not isinstance(aux_weight, int | float) or not 0 <= aux_weight < math.inf:
             raise ValueError(
                 f"aux_weight (alpha per labelled point) must be a number >= 0; got {aux_weight!r}. Kingma et al.'s "
                 "is pyro_vae.infer.semisupervised.paper_aux_weight(num_data, num_labels)."
             )
-        if not is_whole_number(classifier_steps) or classifier_steps < 0:
-            raise ValueError(f"classifier_steps must be an integer >= 0 (0: no warm start); got {classifier_steps!r}.")
-        self.num_labels, self.label_seed, self.aux_weight = int(num_labels), int(label_seed), float(aux_weight)
-        self.classifier_steps = int(classifier_steps)
+        self.num_labels, self.label_seed, self.aux_weight = num_labels, label_seed, float(aux_weight)
+        self.classifier_steps = whole_number(classifier_steps, "classifier_steps", minimum=0, note="(0: no warm start)")
         self.unlabelled_elbo = TraceEnum_ELBO(max_plate_nesting=1)
         self.labelled_elbo = Trace_ELBO(max_plate_nesting=1)
         self.labelled_order, self.cursor = None, 0

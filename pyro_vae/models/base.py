@@ -35,7 +35,7 @@ import pyro
 import torch
 from torch import nn
 
-from ..checks import is_whole_number
+from ..checks import whole_number
 from ..components.likelihoods import build_likelihood
 from ..components.priors import build_prior
 from ..data import DataError, check_finite_and_nonempty
@@ -115,9 +115,7 @@ def data_plate(batch_size: int, num_data: int | None, device) -> pyro.plate:
 
 def latent_size(z_dim) -> int:
     """``z_dim`` as an int, refused unless it is a whole number >= 1 (a model needs a latent code)."""
-    if not is_whole_number(z_dim) or z_dim < 1:
-        raise ValueError(f"z_dim must be a whole number >= 1; got {z_dim!r}.")
-    return int(z_dim)
+    return whole_number(z_dim, "z_dim")
 
 
 def check_points(x: torch.Tensor, x_shape: tuple[int, ...], likelihood, what: str, model: str) -> None:

@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checks import is_whole_number
+from ..checks import whole_number
 from ..components.likelihoods import Likelihood, as_likelihood, build_likelihood
 from ..components.nets import MLPClassifier, MLPDecoder, MLPEncoder, activation_class
 from ..components.priors import Prior, as_prior, build_prior
@@ -259,11 +259,8 @@ class SSVAE(SemiSupervisedModel):
         super().__init__()
         if class_prior not in CLASS_PRIORS:
             raise ValueError(f"Unknown class prior {class_prior!r}; choose one of {CLASS_PRIORS}.")
-        if not is_whole_number(num_classes) or num_classes < 2:
-            raise ValueError(
-                f"A class label needs a whole number of classes, at least 2; got num_classes={num_classes!r}."
-            )
-        self.x_shape, self.z_dim, self.num_classes = tuple(x_shape), latent_size(z_dim), int(num_classes)
+        num_classes = whole_number(num_classes, "num_classes", minimum=2)
+        self.x_shape, self.z_dim, self.num_classes = tuple(x_shape), latent_size(z_dim), num_classes
         self.hidden, self.class_prior, self.activation = tuple(hidden), class_prior, activation
         act = activation_class(activation)
         self.likelihood = as_likelihood(likelihood)
