@@ -221,7 +221,7 @@ class ContinuousBernoulli(Likelihood):
 
         The mean rises monotonically with the logit (E[x] = 0.99 at l = 100, as 1 - 1 / l), so 60 halvings
         of [-100, 100] find it, with the exact mean of :class:`LogitContinuousBernoulli` (torch's stops
-        rising at 0.972).
+        rising at 0.972 in float64).
         """
         target = x.mean(0, dtype=torch.float64).clamp(0.01, 0.99)
         low, high = torch.full_like(target, -100.0), torch.full_like(target, 100.0)
