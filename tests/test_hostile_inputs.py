@@ -127,7 +127,7 @@ def test_a_pickle_that_runs_code_is_never_executed(trained_run, tmp_path, robust
         (np.zeros((10, 3), dtype=np.complex64), "dtype complex64 cannot be modelled"),
         (np.zeros(10, dtype=np.float32), "at least one data dimension"),
         (np.zeros((0, 4), dtype=np.float32), "empty"),
-        (np.full((10, 4), np.nan, dtype=np.float32), "NaN"),
+        (np.full((10, 4), np.nan, dtype=np.float32), "holds 40 NaN and 0 infinite values"),
     ],
     ids=["strings", "complex", "1-d", "empty", "nan"],
 )
@@ -298,7 +298,7 @@ def test_k_of_one_or_two_and_a_batch_of_one(k, robustness_report):
 @pytest.mark.parametrize("bad", [0, -5])
 def test_a_non_positive_k_is_refused(bad, robustness_report):
     vae = pv.VAE((3,), 2, hidden=(4,))
-    with pytest.raises(ValueError, match="num_samples"):
+    with pytest.raises(ValueError, match=f"num_samples must be a whole number >= 1; got {bad}"):
         pv.log_marginal_likelihood(vae.model, vae.guide, torch.ones(1, 3), num_samples=bad)
     robustness_report["bad inputs refused or cleaned"] += 1
 

@@ -1,6 +1,7 @@
 """Every prior with every likelihood, and each density against a computation by hand."""
 
 import math
+import re
 
 import pyro
 import pyro.distributions as dist
@@ -171,15 +172,15 @@ def test_flow_prior_density_integrates_to_one():
         ("bernoulli", 0.5, "continuous-bernoulli"),
         ("continuous-bernoulli", 1.5, "divide by 255"),
         ("continuous-bernoulli", -0.1, "[0, 1]"),
-        ("gaussian", float("nan"), "NaN"),
-        ("laplace", float("inf"), "inf"),
+        ("gaussian", float("nan"), "holds 1 NaN and 0 infinite values (the first in data point 2)"),
+        ("laplace", float("inf"), "holds 0 NaN and 1 infinite values (the first in data point 2)"),
     ],
 )
 def test_data_outside_the_support_is_refused_with_the_fix(likelihood, bad, hint):
     vae = pv.VAE(X_SHAPE, Z_DIM, likelihood=build_likelihood(likelihood), hidden=(16,))
     x = data_for(likelihood)
     x[2, 0, 1, 1] = bad
-    with pytest.raises(pv.DataError, match=hint.replace("[", r"\[").replace("]", r"\]")):
+    with pytest.raises(pv.DataError, match=re.escape(hint)):
         vae.check_data(x)
 
 
