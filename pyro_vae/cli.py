@@ -48,7 +48,7 @@ from .infer.importance import DEFAULT_NUM_SAMPLES, PARETO_THRESHOLD, pareto_k_as
 from .infer.path_derivatives import GRADIENTS
 from .infer.semisupervised import check_label_count
 from .models import SSVAE, VAE, HierarchicalVAE, LatentFeatures, StackedSSVAE
-from .models.ssvae import CLASS_PRIORS
+from .models.ssvae import CLASS_PRIORS, class_count
 from .registry import load_plugins
 from .runs import CheckpointError, RunDirectory, load_run
 from .training import LightningProcesses, TrainingDiverged, TrainingInterrupted
@@ -58,9 +58,6 @@ from .training.schedules import LR_SCHEDULES
 from .workflow import resume_run, train_run
 
 DEFAULT_EVAL_SAMPLES = 1000
-#: The classes of the command line's semi-supervised models: MNIST's and its torchvision kin's ten (a data file's
-#: labels must lie in 0..9; the library's models take any number).
-NUM_CLASSES = 10
 #: --compile values and the ``compile`` argument of ``fit`` each stands for.
 COMPILE_CHOICES = {"auto": "auto", "on": True, "off": False}
 VAE_OBJECTIVES = ("trace", "meanfield", "iwae")
@@ -747,13 +744,14 @@ def _new_model(args):
         if not isinstance(m1.model, VAE):
             raise ValueError(f"--m1 needs the run of a plain VAE; {args.m1} holds a {m1.config['model']['type']}.")
         data = m1.load_data()
-        check_label_count(args.labels, len(data.train), NUM_CLASSES)  # before M1's features are fitted
+        num_classes = class_count(data)
+        check_label_count(args.labels, len(data.train), num_classes)  # before M1's features are fitted
         features = LatentFeatures.fit(m1.model, data.train.x)
         model = StackedSSVAE(
             m1.model,
             features,
             args.z_dim[0],
-            NUM_CLASSES,
+            num_classes,
             prior=prior,
             hidden=args.hidden or [400],
             class_prior=args.class_prior,
@@ -762,11 +760,12 @@ def _new_model(args):
         name = f"{data.name}-m1m2-{args.labels}-labels-{stamp}"
     elif args.semi_supervised:
         data = _load_data(args)
-        check_label_count(args.labels, len(data.train), NUM_CLASSES)
+        num_classes = class_count(data)
+        check_label_count(args.labels, len(data.train), num_classes)
         model = SSVAE(
             data.x_shape,
             args.z_dim[0],
-            NUM_CLASSES,
+            num_classes,
             prior=prior,
             likelihood=build_likelihood(_likelihood_config(args)),
             hidden=args.hidden,

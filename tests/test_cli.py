@@ -227,6 +227,25 @@ def test_a_small_data_file_trains_with_a_validation_split_of_its_size(tmp_path, 
     assert json.loads((tmp_path / "tenth" / "config.json").read_text())["data"]["val_size"] == 0.1
 
 
+def test_semi_supervised_training_takes_the_classes_of_a_data_files_labels(tmp_path, capsys):
+    """M2 from a file of three classes has a label of three values (the command line once fixed it at MNIST's ten,
+    and the file's run failed at its labels' check); labels of one class are refused before anything is written."""
+    rng = np.random.default_rng(0)
+    x = rng.random((300, 4, 4), dtype=np.float32)
+    np.savez(tmp_path / "three.npz", x=x, y=np.arange(300) % 3)
+    np.savez(tmp_path / "one.npz", x=x, y=np.zeros(300, dtype=np.int64))
+    args = ["train", "--semi-supervised", "--labels", "6", "--likelihood", "continuous-bernoulli", "--hidden", "8"]
+    args += ["--z-dim", "2", "--val-size", "30", "--epochs", "1", "--eval-samples", "0", "--no-progress"]
+    args += ["--out", str(tmp_path)]
+    assert main([*args, "--dataset", str(tmp_path / "three.npz"), "--name", "three"]) == 0
+    assert json.loads((tmp_path / "three" / "config.json").read_text())["model"]["num_classes"] == 3
+    assert pv.load_run(tmp_path / "three").model.classify(torch.as_tensor(x[:5]).unsqueeze(1)).max() <= 2
+    capsys.readouterr()
+    assert main([*args, "--dataset", str(tmp_path / "one.npz"), "--name", "one"]) == 2
+    assert "The labels hold one class (0); semi-supervised training needs two or more" in capsys.readouterr().err
+    assert not (tmp_path / "one").exists()
+
+
 def test_an_output_bias_start_from_the_data_that_the_model_has_not_is_refused(tmp_path, capsys):
     """The conv decoder has no start at the data: by default it keeps its random start (the config says so),
     but --output-bias data typed out is refused, not ignored, before anything is written."""

@@ -213,11 +213,29 @@ class SemiSupervisedModel(Model):
     def check_dataset(self, data) -> None:
         """Every split's points and labels, before any training starts."""
         super().check_dataset(data)
-        for split in ("train", "val", "test"):
-            part = getattr(data, split)
-            if part.y is None:
-                raise DataError("Semi-supervised training needs labels for the train, validation and test splits.")
-            self.check_labels(part.y, part.x, f"{split} labels")
+        for split, labels in labels_of(data).items():
+            self.check_labels(labels, getattr(data, split).x, f"{split} labels")
+
+
+def labels_of(data) -> dict[str, torch.Tensor]:
+    """Each split's labels by its name, refused with :class:`~pyro_vae.data.DataError` where a split has none."""
+    splits = {"train": data.train, "val": data.val, "test": data.test}
+    if any(split.y is None for split in splits.values()):
+        raise DataError("Semi-supervised training needs labels for the train, validation and test splits.")
+    return {name: split.y for name, split in splits.items()}
+
+
+def class_count(data) -> int:
+    """How many values a label of ``data`` takes: one more than its largest label in any split (ten for MNIST).
+
+    Labels that are not class indices 0, 1, 2, ... are refused by the model's :meth:`check_dataset`.
+    """
+    largest = max(int(labels.max()) for labels in labels_of(data).values() if len(labels))
+    if largest < 1:
+        raise DataError(
+            f"The labels hold one class ({largest}); semi-supervised training needs two or more, numbered 0, 1, 2, ..."
+        )
+    return largest + 1
 
 
 @register_model
