@@ -334,3 +334,14 @@ def test_ais_sums_m2_s_labels_out_and_matches_quadrature_on_a_2d_m2(mnist):
         pv.ais_log_marginal_likelihood_by_label(m2.model, m2.guide, x, 1)
     with pytest.raises(ValueError, match="the model's label site 'y' takes 10 values; give num_classes=10"):
         pv.ais_log_marginal_likelihood_by_label(m2.model, m2.guide, x, 9)
+
+
+def test_a_proposal_outside_the_support_is_never_accepted():
+    """A leapfrog trajectory that leaves the support has log f = -inf, so H_1 = +inf (or NaN where two infinities
+    meet): its log acceptance is -inf, below which no log-uniform lies, even a uniform drawn as exactly 0. NaN's
+    handling once turned the -inf into the most negative float, which log(0) = -inf was below."""
+    h0 = torch.tensor([1.0, 1.0, 1.0, 1.0])
+    h1 = torch.tensor([math.inf, math.nan, 3.0, -5.0])
+    log_accept = ais_module.log_acceptance(h0, h1)
+    assert log_accept[:2].eq(-math.inf).all() and log_accept[2] == -2.0 and log_accept[3] == 0.0
+    assert not (torch.zeros(4).log() < log_accept)[:2].any()  # a uniform draw of exactly 0

@@ -170,7 +170,7 @@ class Bernoulli(Likelihood):
 
 
 class LogitContinuousBernoulli(dist.ContinuousBernoulli):
-    """The continuous Bernoulli with its log normaliser and mean computed from the logit l, exact at any l.
+    """The continuous Bernoulli with its log normaliser, mean, CDF and draws computed from the logit l, exact at any l.
 
     With lambda = sigmoid(l), 2 atanh(1 - 2 lambda) = -l and 2 lambda - 1 = tanh(l / 2), so::
 
@@ -178,11 +178,17 @@ class LogitContinuousBernoulli(dist.ContinuousBernoulli):
         E[x]  = sigmoid(l) / tanh(l / 2) - 1 / l   (1 / 2 + l / 12 for abs(l) < 0.1, error below abs(l)^3 / 700)
 
     log C grows like log abs(l) and E[x] tends to 1 / abs(l) from its side.
-    ``torch.distributions.ContinuousBernoulli`` computes both from lambda
+    The density is proportional to e^(l x) on [0, 1], so its CDF is
+    F(x) = expm1(l x) / expm1(l) and a draw is F^-1(u) for u uniform (:meth:`icdf`).
+    ``torch.distributions.ContinuousBernoulli`` computes all of these from lambda
     clamped to the dtype's eps, so that beyond abs(l) of about 16 in float32
     they stop moving: log C is 0.23 nats per value too low at abs(l) = 20 and
-    11 at 10^6, where a decoder of near-constant pixels takes its logits.
+    11 at 10^6, where a decoder of near-constant pixels takes its logits, and its
+    draws at l = 100 average 0.937 where the density's mean is 0.990.
     """
+
+    #: Below this abs(l) the CDF and its inverse are their first-order expansions in l (error of order l^2).
+    SMALL_LOGIT = 1e-4
 
     def _cont_bern_log_norm(self):
         logits = self.logits
@@ -196,6 +202,31 @@ class LogitContinuousBernoulli(dist.ContinuousBernoulli):
         small = logits.abs() < 0.1
         safe = torch.where(small, torch.ones_like(logits), logits)
         return torch.where(small, 0.5 + logits / 12, torch.sigmoid(safe) / torch.tanh(safe / 2) - 1 / safe)
+
+    def _logit_signs(self):
+        """abs(l) < SMALL_LOGIT, and l where l > 0 (else 1) and where l < 0 (else -1), each branch free of overflow."""
+        logits = self.logits
+        small = logits.abs() < self.SMALL_LOGIT
+        return small, torch.where(logits > 0, logits, 1.0), torch.where(logits < 0, logits, -1.0)
+
+    def cdf(self, value):
+        """F(x) = expm1(l x) / expm1(l), as e^(l (x - 1)) expm1(-l x) / expm1(-l) for l > 0; 0 below 0 and 1 above 1."""
+        if self._validate_args:
+            self._validate_sample(value)
+        small, above, below = self._logit_signs()
+        x = value.clamp(0.0, 1.0)
+        positive = torch.exp(above * (x - 1)) * torch.expm1(-above * x) / torch.expm1(-above)
+        negative = torch.expm1(below * x) / torch.expm1(below)
+        return torch.where(small, x + self.logits / 2 * x * (x - 1), torch.where(self.logits > 0, positive, negative))
+
+    def icdf(self, value):
+        """x with F(x) = u: log1p(u expm1(l)) / l, as 1 + log(u + (1 - u) e^-l) / l for l > 0; draws are icdf(u)."""
+        small, above, below = self._logit_signs()
+        positive = 1 + torch.log(value + (1 - value) * torch.exp(-above)) / above
+        negative = torch.log1p(value * torch.expm1(below)) / below
+        return torch.where(
+            small, value + self.logits / 2 * value * (1 - value), torch.where(self.logits > 0, positive, negative)
+        )
 
 
 @register_likelihood

@@ -346,10 +346,15 @@ class _Annealer:
             grad = proposal.grad(beta)
             scale = 1.0 if step + 1 < self.leapfrog_steps else 0.5
             p = {name: m + scale * _align(step_size, m) * grad[name] for name, m in p.items()}
-        h1 = -proposal.log_f(beta) + kinetic(p)
-        log_accept = (h0 - h1).nan_to_num(nan=-math.inf).clamp(max=0.0)
+        log_accept = log_acceptance(h0, -proposal.log_f(beta) + kinetic(p))
         accept = torch.rand_like(log_accept).log() < log_accept
         return proposal.where(accept, state), log_accept.exp()
+
+
+def log_acceptance(h0: torch.Tensor, h1: torch.Tensor) -> torch.Tensor:
+    """Metropolis' log min(1, exp(H_0 - H_1)), and -inf where the proposal's energy H_1 is NaN or +inf (outside the
+    support), so that no uniform draw accepts it: log(0) = -inf is not below -inf."""
+    return (h0 - h1).nan_to_num(nan=-math.inf, neginf=-math.inf).clamp(max=0.0)
 
 
 def _align(t: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
