@@ -13,6 +13,8 @@ from pyro.ops.stats import fit_generalized_pareto
 import pyro_vae as pv
 from pyro_vae.infer import importance
 from pyro_vae.infer.importance import fit_generalized_pareto_k
+from pyro_vae.infer.iwae import IWAE_ELBO
+from pyro_vae.infer.path_derivatives import STL_ELBO, DReG_IWAE_ELBO
 
 Z = 2  # the latent dimension of the linear-Gaussian model
 
@@ -294,3 +296,39 @@ def test_vae_estimate_bounds_the_elbo_is_deterministic_and_leaves_the_global_rng
     assert torch.equal(first.log_px, second.log_px)
     assert (first.log_px > first.elbo).all()
     assert set(first.summary()) >= {"log_px", "log_px_se", "elbo", "kl", "reconstruction", "ess_mean", "pareto_k_max"}
+
+
+def test_a_guide_and_a_model_of_other_latent_sites_are_refused_by_every_estimator():
+    """log w = log p(x, z) - log q(z | x) needs the same latents on both sides. A guide's extra site once added its
+    entropy (a 'bound' of +0.70 where log p(x) is -1.52, and a gradient widening q(u) for ever); a model's extra
+    latent was drawn from its prior and scored without a q (the bound off by log 2)."""
+    loc = torch.nn.Parameter(torch.zeros(()))
+
+    def model(x, extra_latent=False, extra_guide_site=False):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            if extra_latent:
+                pyro.sample("y", dist.Normal(0.0, 1.0))
+            pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+    def guide(x, extra_latent=False, extra_guide_site=False):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(loc.expand(x.shape[0]), 1.0))
+            if extra_guide_site:
+                pyro.sample("u", dist.Normal(0.0, 1.0))
+
+    x = torch.ones(4)
+    module = torch.nn.Module()
+    module.loc = loc
+    estimators = [
+        lambda m, g, **kw: pv.log_marginal_likelihood(m, g, x, num_samples=5, **kw),
+        lambda m, g, **kw: IWAE_ELBO(5).differentiable_loss(m, g, x, **kw),
+        lambda m, g, **kw: DReG_IWAE_ELBO(module, 5).differentiable_loss(m, g, x, **kw),
+        lambda m, g, **kw: STL_ELBO(module, 2).differentiable_loss(m, g, x, **kw),
+    ]  # importance sampling, IWAE, DReG, STL
+    for estimate in estimators:
+        estimate(model, guide)  # the same latents: fine
+        with pytest.raises(ValueError, match=r"the guide's \['u'\] are not latent in the model, and the model's \[\]"):
+            estimate(model, guide, extra_guide_site=True)
+        with pytest.raises(ValueError, match=r"the guide's \[\] are not latent in the model, and the model's \['y'\]"):
+            estimate(model, guide, extra_latent=True)

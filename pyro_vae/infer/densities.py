@@ -178,6 +178,20 @@ def latent_sites(trace) -> Iterator[tuple[str, dict]]:
             yield name, site
 
 
+def check_same_latents(guide_trace, model_trace) -> None:
+    """Refuse a guide and model whose latent sites differ: log w = log p(x, z) - log q(z | x) needs each z drawn by
+    the guide and scored by the model. A guide's extra site adds its entropy to the bound (which can then pass
+    log p(x)); a model's extra latent is drawn from its prior and scored without a q."""
+    guide_only = {name for name, _ in latent_sites(guide_trace)} - {name for name, _ in latent_sites(model_trace)}
+    model_only = {name for name, _ in latent_sites(model_trace)} - {name for name, _ in latent_sites(guide_trace)}
+    if guide_only or model_only:
+        raise ValueError(
+            f"The guide and the model must have the same latent sites; the guide's {sorted(guide_only)} are not "
+            f"latent in the model, and the model's {sorted(model_only)} are not drawn by the guide. Draw every latent "
+            "of the model in the guide under the same name, and no other."
+        )
+
+
 def check_reparameterized_guide(guide, x: torch.Tensor, estimator: str) -> None:
     """Refuse a guide whose latent sites do not all draw by reparameterisation (``rsample``), as
     ``estimator``'s gradient through the draws needs; one trace of ``guide(x)``, before any training."""
@@ -228,6 +242,7 @@ def site_log_densities(
             for _, site in latent_sites(guide_trace):
                 site["value"] = site["value"].view_as(site["value"])
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
+        check_same_latents(guide_trace, model_trace)
         density_trace = guide_trace
         if hold_fixed is not None:
             with parameters_held_fixed(hold_fixed):
