@@ -332,3 +332,19 @@ def test_a_guide_and_a_model_of_other_latent_sites_are_refused_by_every_estimato
             estimate(model, guide, extra_guide_site=True)
         with pytest.raises(ValueError, match=r"the guide's \[\] are not latent in the model, and the model's \['y'\]"):
             estimate(model, guide, extra_latent=True)
+
+
+def test_data_outside_the_support_is_refused_in_any_batch():
+    """Pyro's support checks ran on the first pass of the first batch alone: grayscale points in a later batch
+    were scored by the Bernoulli's binary formula, log sigmoid((2x - 1) l), without a word. Now every batch is
+    checked by one particle whose draws are given back, so the estimate of binary data is unchanged."""
+    vae = pv.VAE((1, 4, 4), 2, hidden=(8,))
+    binary = torch.bernoulli(torch.full((20, 1, 4, 4), 0.3), generator=torch.Generator().manual_seed(0))
+    grayscale = binary.clone()
+    grayscale[15] = 0.5
+    with pytest.raises(ValueError, match="Bernoulli"):
+        pv.log_marginal_likelihood(vae.model, vae.guide, grayscale, num_samples=8, batch_size=10)
+    with pyro.validation_enabled(False):  # the checks give back their draws: the same numbers with or without them
+        unchecked = pv.log_marginal_likelihood(vae.model, vae.guide, binary, num_samples=8, batch_size=10)
+    checked = pv.log_marginal_likelihood(vae.model, vae.guide, binary, num_samples=8, batch_size=10)
+    assert torch.equal(checked.log_px, unchecked.log_px)

@@ -242,6 +242,14 @@ class _Passes:
         )
 
 
+def _check_batch(passes: _Passes, xb: torch.Tensor) -> None:
+    """Pyro's argument and support checks on a batch after the first (data outside the likelihood's support
+    raises), by one eager particle whose random draws are given back, so that the estimate's draws stay as
+    they were."""
+    with torch.random.fork_rng(devices=[xb.device] if xb.is_cuda else []), pyro.validation_enabled(True):
+        passes.eager(xb, 1)
+
+
 @torch.no_grad()
 def log_marginal_likelihood(
     model,
@@ -298,18 +306,21 @@ def log_marginal_likelihood(
     kernels = log_density_kernels(x.numel() * num_samples)
     passes = _Passes(model, guide, args, kwargs, max_plate_nesting, replayed_shape, kernels)
     with seeded(seed):
-        results, validate = [], is_validation_enabled()
+        results, validating = [], is_validation_enabled()
         batches = range(0, x.shape[0], batch_size)
         for start in tqdm(batches, desc=f"log p(x), K={num_samples}", disable=not progress, leave=False):
             xb = x[start : start + batch_size]
+            if validating and start > 0:
+                _check_batch(passes, xb)
             chunk = max(1, min(num_samples, max_samples_per_pass // xb.shape[0]))
             stats = _Accumulator(num_samples)
             for done in range(0, num_samples, chunk):
-                # Pyro's argument and support checks run on the first pass only, eagerly: they cost a pass
-                # over every tensor, and a recording cannot take their decisions on tensor values.
-                with pyro.validation_enabled(validate):
-                    stats.add((passes.eager if validate else passes)(xb, min(chunk, num_samples - done)))
-                validate = False
+                # Pyro's argument and support checks run eagerly on the first pass of the first batch (the
+                # others' by _check_batch): they cost a pass over every tensor, and a recording cannot take
+                # their decisions on tensor values.
+                first = validating and start == 0 and done == 0
+                with pyro.validation_enabled(first):
+                    stats.add((passes.eager if first else passes)(xb, min(chunk, num_samples - done)))
             results.append(stats.result())
     columns = [torch.cat([r[i].cpu() for r in results]) for i in range(6)]
     return MarginalLikelihoodEstimate(*columns, num_samples=num_samples)
