@@ -155,19 +155,22 @@ _NAME_FLAGS = {"K": "--samples", "T": "--steps", "C": "--chains", "L": "--leapfr
 
 def evaluate_command(run_dir: str | Path, name: str | None = None) -> str:
     """The ``pyro-vae evaluate`` command that makes the evaluation ``name`` of a run (by default
-    ``test_log_px.npy``'s) again, with the settings and seed it was made with."""
+    ``test_log_px.npy``'s) again, with the settings, seed and batch size it was made with (the batch size
+    changes the random draws, not what is estimated)."""
     metrics = RunDirectory(run_dir).read_metrics()
     if name is None:
         name = f"is-K{metrics.get('test_num_samples', DEFAULT_NUM_SAMPLES)}"
-        seed = metrics.get("log_px_seed", 0)
+        seed, batch_size = metrics.get("log_px_seed", 0), metrics.get("log_px_batch_size", DEFAULT_EVALUATION_BATCH)
     else:
-        seed = metrics.get("evaluations", {}).get(name, {}).get("seed", 0)
+        made = metrics.get("evaluations", {}).get(name) or metrics.get("earlier_evaluations", {}).get(name, {})
+        seed, batch_size = made.get("seed", 0), made.get("batch_size", DEFAULT_EVALUATION_BATCH)
     method, *parts = name.split("-")
     flags = [] if method == "is" else [f"--method {method}"]
     for part in parts:
         number = re.fullmatch(r"(K|T|C|L|N|first)(\d+)", part)
         flags.append(f"{_NAME_FLAGS[number[1]]} {number[2]}" if number else f"--schedule {part}")
     flags += [f"--seed {seed}"] if seed else []
+    flags += [f"--batch-size {batch_size}"] if batch_size != DEFAULT_EVALUATION_BATCH else []
     return " ".join(["pyro-vae evaluate", str(run_dir), *flags])
 
 
@@ -285,7 +288,7 @@ def evaluate_run(
         else:
             arrays, summary = _evaluate_test_points(directory, name, model, x, method, num_samples, batch_size,
                                                     ais, seed, progress, identity, clock)  # fmt: skip
-        summary.update(method=method, seconds=clock.seconds(), seed=seed)
+        summary.update(method=method, seconds=clock.seconds(), seed=seed, batch_size=batch_size)
         test_digest = identity.get("test_digest")
         points = {} if test_digest is None else {"test_digest": test_digest}
         estimator = {"pilot_chains": identity["pilot_chains"]} if "pilot_chains" in identity else {}  # AIS's
@@ -296,10 +299,12 @@ def evaluate_run(
         earlier.pop(name, None)  # its file now holds these weights' numbers
         metrics.update({"earlier_evaluations": earlier} if earlier else {})
         if method == "is" and test_points is None:  # the headline numbers and test_log_px.npy: all test points
-            headline = {key: value for key, value in summary.items() if key not in ("method", "seed", "seconds")}
+            kept_apart = ("method", "seed", "batch_size", "seconds")
+            headline = {key: value for key, value in summary.items() if key not in kept_apart}
             metrics.update({f"test_{key}": value for key, value in headline.items()})
             per_layer = active_units_per_layer(model, x)
             metrics.update({"active_units": sum(per_layer), "z_dim": model.z_dim, "log_px_seed": seed})
+            metrics["log_px_batch_size"] = batch_size
             metrics[RunDirectory.LOG_PX_DIGEST] = identity["model_digest"]  # the weights test_log_px.npy describes
             metrics[RunDirectory.LOG_PX_TEST_DIGEST] = test_digest  # and the points
             if len(per_layer) > 1:

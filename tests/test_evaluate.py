@@ -10,7 +10,7 @@ from conftest import small_vae
 
 import pyro_vae as pv
 from pyro_vae.cli import main
-from pyro_vae.evaluate import comparison_markdown, current_evaluation
+from pyro_vae.evaluate import comparison_markdown, current_evaluation, evaluate_command
 from pyro_vae.infer.ais import DEFAULT_STEPS
 
 
@@ -218,19 +218,26 @@ def test_an_evaluation_of_older_weights_is_not_compared(two_runs, tmp_path, caps
     wide, _ = two_runs
     run = tmp_path / "run"
     shutil.copytree(wide, run)
-    assert main(["evaluate", str(run), "--samples", "20", "--test-points", "20", "--no-progress"]) == 0
-    assert current_evaluation(run, "is-K20-first20")["log_px"].shape == (20,)
+    made = ["--samples", "20", "--test-points", "20", "--seed", "3", "--batch-size", "7"]
+    assert main(["evaluate", str(run), *made, "--no-progress"]) == 0
+    first = current_evaluation(run, "is-K20-first20")["log_px"]
+    assert first.shape == (20,)
     assert current_evaluation(run, "is-K30-first20") is None  # never made
+    # the command that remakes it has its seed and batch size, which choose its draws: the same numbers again
+    again = evaluate_command(run, "is-K20-first20")
+    assert again == f"pyro-vae evaluate {run} {' '.join(made)}"
+    assert main([*again.split()[1:], "--no-progress"]) == 0
+    np.testing.assert_array_equal(current_evaluation(run, "is-K20-first20")["log_px"], first)
     assert main(["train", "--resume", str(run), "--epochs", "3", "--eval-samples", "0", "--no-progress"]) == 0
     assert current_evaluation(run, "is-K20-first20") is None  # kept, but of the weights before
     capsys.readouterr()
     assert main(["compare", str(run), "--evaluation", "is-K20-first20"]) == 2
     err = capsys.readouterr().err
     assert "made of other weights than its best checkpoint now" in err
-    assert f"make it again: pyro-vae evaluate {run} --samples 20 --test-points 20" in err  # the command that does
+    assert f"make it again: pyro-vae evaluate {run} {' '.join(made)}" in err  # the command that does
     metrics = pv.RunDirectory(run).read_metrics()  # its summary is set apart, not read as the run's
     assert "is-K20-first20" in metrics["earlier_evaluations"] and "is-K20-first20" not in metrics.get("evaluations", {})
-    assert main(["evaluate", str(run), "--samples", "20", "--test-points", "20", "--no-progress"]) == 0
+    assert main(["evaluate", str(run), *made, "--no-progress"]) == 0
     metrics = pv.RunDirectory(run).read_metrics()
     assert "is-K20-first20" in metrics["evaluations"] and "is-K20-first20" not in metrics.get("earlier_evaluations", {})
     assert main(["compare", str(run), "--evaluation", "is-K20-first20", "--out", str(tmp_path / "table")]) == 0

@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import pyro_vae as pv
+from pyro_vae.evaluate import evaluate_command
 from pyro_vae.infer import build_objective, importance
 from pyro_vae.runs.files import load_checkpoint
 
@@ -362,8 +363,12 @@ def test_numpy_integers_are_taken_and_written_as_python_s(small_mnist, tmp_path,
     data = small_mnist.subset(train=np.int64(200), test=np.int64(20))
     prior = pv.priors.MixtureOfGaussians(np.int64(3))
     pv.fit(pv.VAE((1, 28, 28), 2, prior=prior, hidden=(16,)), data, epochs=1, run_dir=tmp_path / "r", progress=False)
-    summary = pv.evaluate_run(tmp_path / "r", num_samples=np.int64(5), seed=np.int64(1), progress=False)
+    summary = pv.evaluate_run(
+        tmp_path / "r", num_samples=np.int64(5), seed=np.int64(1), batch_size=np.int64(8), progress=False
+    )
     metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
     assert metrics["log_px_seed"] == 1 and metrics["test_num_samples"] == 5 and summary["evaluation"] == "is-K5"
+    assert metrics["log_px_batch_size"] == 8 and "test_batch_size" not in metrics
+    assert evaluate_command(tmp_path / "r") == f"pyro-vae evaluate {tmp_path / 'r'} --samples 5 --seed 1 --batch-size 8"
     assert json.loads((tmp_path / "r" / "config.json").read_text())["data"]["subset"]["train"] == 200
     robustness_report["bad inputs refused or cleaned"] += 1

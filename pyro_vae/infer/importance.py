@@ -288,6 +288,9 @@ def log_marginal_likelihood(
     :param max_samples_per_pass: the most particle x point evaluations in one vectorised pass (at least one
         particle a pass, whatever the batch).
     :param seed: makes the estimate deterministic (the caller's RNG state is left untouched); None uses the global RNG.
+        The points draw their particles from one stream, batch after batch and chunk after chunk, so another
+        ``batch_size``, ``max_samples_per_pass`` or order of the points gives other draws: another estimate of
+        the same quantity, which differs within its standard error.
     :param replay: record the pass over a full batch and chunk of particles and replay it compiled. None
         does so when there are at least ``MIN_REPLAYED_PASSES`` such passes; False always runs Pyro, for
         programs whose Python reads state that changes between calls.
