@@ -144,8 +144,9 @@ def _pareto_k(top_log_weights: torch.Tensor, num_samples: int) -> torch.Tensor:
     # As in Pyro's psis_diagnostic: fewer than MIN_TAIL weights above a cutoff of 1e-15 times the largest
     # means a few samples carry all the weight (k = inf). Largest weights equal up to rounding
     # (spanning less than 1e-3 nats) are bounded: k = -inf. Unlike Pyro, which fits the weights above the
-    # cutoff alone, the fit takes all M, those at or below the cutoff as 1e-300; the two differ only on ties
-    # with the cutoff or where it is clamped at 1e-15, tails far heavier than k = 0.7, judged untrusted by both.
+    # cutoff alone, the fit takes all M, those at or below the cutoff as 1e-300, as PSIS without the cutoff
+    # would: the two differ on ties with the cutoff and where it is clamped at 1e-15, where a few weights
+    # carry all the mass; there Pyro's fit of those few can give a small k, and this one gives k far above 0.7.
     in_tail = (tail > 0).sum(-1)
     flat = -lw[-1] < 1e-3
     k[(in_tail < MIN_TAIL) & ~flat] = math.inf
