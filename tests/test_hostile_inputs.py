@@ -272,6 +272,8 @@ def test_a_huge_k_is_chunked_and_agrees_with_one_pass(robustness_report, monkeyp
 
     monkeypatch.setattr(importance, "site_log_densities", counted)
     chunked = pv.log_marginal_likelihood(vae.model, vae.guide, x, num_samples=200_000, max_samples_per_pass=4096)
+    checks, passes = passes[:1], passes[1:]  # one particle a point, the points' checks (draws given back)
+    assert checks == [len(x)]
     assert max(passes) <= 4096 and sum(passes) == 200_000 * len(x)  # every particle counted once
     one_pass = pv.log_marginal_likelihood(vae.model, vae.guide, x, num_samples=200_000, max_samples_per_pass=400_000)
     # different chunkings draw different particles, so the two agree to Monte Carlo error: per point the

@@ -336,7 +336,7 @@ def test_a_guide_and_a_model_of_other_latent_sites_are_refused_by_every_estimato
 
 def test_data_outside_the_support_is_refused_in_any_batch():
     """Pyro's support checks ran on the first pass of the first batch alone: grayscale points in a later batch
-    were scored by the Bernoulli's binary formula, log sigmoid((2x - 1) l), without a word. Now every batch is
+    were scored by the Bernoulli's binary formula, log sigmoid((2x - 1) l), without a word. Now every point is
     checked by one particle whose draws are given back, so the estimate of binary data is unchanged."""
     vae = pv.VAE((1, 4, 4), 2, hidden=(8,))
     binary = torch.bernoulli(torch.full((20, 1, 4, 4), 0.3), generator=torch.Generator().manual_seed(0))

@@ -65,7 +65,7 @@ def bernoulli_vae():
 
 
 def evaluate(model, guide, x, replay):
-    """20 points in 2 full batches, 4 passes of 50 particles each: one validated eager pass, then replays."""
+    """20 points in 2 full batches, 4 passes of 50 particles each, after one checked pass of a particle a point."""
     return pv.log_marginal_likelihood(
         model, guide, x, num_samples=200, batch_size=10, max_samples_per_pass=500, seed=3, replay=replay
     )
@@ -77,9 +77,9 @@ def test_a_replay_draws_the_eager_samples_and_gives_the_eager_numbers(program):
     eager_guide, replayed_guide = Counted(guide), Counted(guide)
     eager = evaluate(model, eager_guide, x, replay=False)
     replayed = evaluate(model, replayed_guide, x, replay=True)
-    # 1 call to find the plate nesting, 8 passes eagerly; with replay: the nesting, the validated
-    # first pass and the recording (on fake tensors), and no call for the 7 replayed passes.
-    assert (eager_guide.calls, replayed_guide.calls) == (9, 3)
+    # 1 call to find the plate nesting, 1 to check the points, 8 passes eagerly; with replay: the nesting, the
+    # check and the recording (on fake tensors), and no call for the 8 replayed passes.
+    assert (eager_guide.calls, replayed_guide.calls) == (10, 3)
     # The same draws (fallback_random), so the same numbers up to the rounding of fused float32 kernels.
     for name in ("log_px", "elbo", "reconstruction", "kl"):
         torch.testing.assert_close(getattr(replayed, name), getattr(eager, name), rtol=1e-5, atol=1e-4)
@@ -103,7 +103,7 @@ def test_python_that_decides_on_tensor_values_is_not_recorded_but_runs_eagerly(c
     with caplog.at_level(logging.INFO, logger="pyro_vae.accel.replay"):
         replayed = evaluate(model, counted, x, replay=True)
     assert "cannot be recorded" in caplog.text
-    assert counted.calls == 1 + 1 + 8  # the nesting, the failed recording, every pass eagerly
+    assert counted.calls == 1 + 1 + 1 + 8  # the nesting, the check, the failed recording, every pass eagerly
     eager = evaluate(model, branching_guide, x, replay=False)
     assert torch.equal(replayed.log_px, eager.log_px)
 
@@ -112,7 +112,7 @@ def test_replay_is_chosen_by_the_amount_of_work(monkeypatch):
     model, guide, x = linear_gaussian()
     counted = Counted(guide)
     pv.log_marginal_likelihood(model, counted, x, num_samples=200, batch_size=10, max_samples_per_pass=500)
-    assert counted.calls == 9  # 8 passes, below MIN_REPLAYED_PASSES: not worth compiling
+    assert counted.calls == 10  # the nesting, the check, 8 passes: below MIN_REPLAYED_PASSES, not worth compiling
     monkeypatch.setattr(importance, "MIN_REPLAYED_PASSES", 8)
     counted.calls = 0
     pv.log_marginal_likelihood(model, counted, x, num_samples=200, batch_size=10, max_samples_per_pass=500)
@@ -129,7 +129,7 @@ def test_a_compiler_failure_warns_and_runs_every_pass_eagerly(monkeypatch):
     counted = Counted(guide)
     with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler.*run eagerly"):
         replayed = evaluate(model, counted, x, replay=True)
-    assert counted.calls == 1 + 1 + 8  # the nesting, the recording, every pass eagerly
+    assert counted.calls == 1 + 1 + 1 + 8  # the nesting, the check, the recording, every pass eagerly
     assert torch.equal(replayed.log_px, evaluate(model, guide, x, replay=False).log_px)
 
 

@@ -222,7 +222,7 @@ class _Passes:
         return SiteLogDensities(*self.replay(xb))
 
     def eager(self, xb: torch.Tensor, num_particles: int) -> SiteLogDensities:
-        """A pass through Pyro outside the replay: the first, validating one, and any of another shape.
+        """A pass through Pyro outside the replay: one of another shape than the replayed passes'.
 
         Where the full passes are replayed, these few do without the compiled kernels: compiling those for
         them would cost seconds (a recording takes the kernels' definitions in, without compiling them).
@@ -243,12 +243,14 @@ class _Passes:
         )
 
 
-def _check_batch(passes: _Passes, xb: torch.Tensor) -> None:
-    """Pyro's argument and support checks on a batch after the first (data outside the likelihood's support
-    raises), by one eager particle whose random draws are given back, so that the estimate's draws stay as
-    they were."""
-    with torch.random.fork_rng(devices=[xb.device] if xb.is_cuda else []), pyro.validation_enabled(True):
-        passes.eager(xb, 1)
+def _check_points(passes: _Passes, x: torch.Tensor, points_per_pass: int) -> None:
+    """Pyro's argument and support checks on every point (data outside the likelihood's support raises), by one
+    eager particle a point, ``points_per_pass`` points at a time, whose random draws are given back: the
+    estimate draws what it draws without the checks. The passes themselves run unchecked, since a recording
+    cannot take the checks' decisions on tensor values."""
+    with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []), pyro.validation_enabled(True):
+        for start in range(0, x.shape[0], points_per_pass):
+            passes.traced(x[start : start + points_per_pass], 1, {})  # no kernels to compile for one pass
 
 
 @torch.no_grad()
@@ -309,22 +311,17 @@ def log_marginal_likelihood(
     replayed_shape = (batch_size, full_chunk) if replay else None
     kernels = log_density_kernels(x.numel() * num_samples)
     passes = _Passes(model, guide, args, kwargs, max_plate_nesting, replayed_shape, kernels)
-    with seeded(seed):
-        results, validating = [], is_validation_enabled()
+    if is_validation_enabled():
+        _check_points(passes, x, max_samples_per_pass)
+    with seeded(seed), pyro.validation_enabled(False):
+        results = []
         batches = range(0, x.shape[0], batch_size)
         for start in tqdm(batches, desc=f"log p(x), K={num_samples}", disable=not progress, leave=False):
             xb = x[start : start + batch_size]
-            if validating and start > 0:
-                _check_batch(passes, xb)
             chunk = max(1, min(num_samples, max_samples_per_pass // xb.shape[0]))
             stats = _Accumulator(num_samples)
             for done in range(0, num_samples, chunk):
-                # Pyro's argument and support checks run eagerly on the first pass of the first batch (the
-                # others' by _check_batch): they cost a pass over every tensor, and a recording cannot take
-                # their decisions on tensor values.
-                first = validating and start == 0 and done == 0
-                with pyro.validation_enabled(first):
-                    stats.add((passes.eager if first else passes)(xb, min(chunk, num_samples - done)))
+                stats.add(passes(xb, min(chunk, num_samples - done)))
             results.append(stats.result())
     columns = [torch.cat([r[i].cpu() for r in results]) for i in range(6)]
     return MarginalLikelihoodEstimate(*columns, num_samples=num_samples)
