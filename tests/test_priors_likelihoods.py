@@ -248,6 +248,12 @@ def test_continuous_bernoulli_draws_follow_its_density_at_any_logit():
     torch.testing.assert_close(exact.cdf(edges[1:].unsqueeze(-1)), integrated, rtol=0, atol=1e-5)
     u = torch.rand(1000, len(logits), dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(exact.cdf(exact.icdf(u)), u, rtol=0, atol=1e-10)
+    # in float32 too, just above the small-logit expansion, where 1 + log(u + (1 - u) e^-l) / l cancelled by 1e-3
+    near_zero = torch.tensor([1.01e-4, -1.01e-4, 3e-4, 1e-3])
+    u = torch.rand(10_000, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    in_float64 = LogitContinuousBernoulli(logits=near_zero.double()).icdf(u)
+    in_float32 = LogitContinuousBernoulli(logits=near_zero).icdf(u.float()).double()
+    torch.testing.assert_close(in_float32, in_float64, rtol=0, atol=1e-6)  # float32's rounding of x: 6e-8
     pyro.set_rng_seed(0)
     float32 = LogitContinuousBernoulli(logits=logits)
     draws = float32.sample((100_000,))

@@ -220,9 +220,9 @@ class LogitContinuousBernoulli(dist.ContinuousBernoulli):
         return torch.where(small, x + self.logits / 2 * x * (x - 1), torch.where(self.logits > 0, positive, negative))
 
     def icdf(self, value):
-        """x with F(x) = u: log1p(u expm1(l)) / l, as 1 + log(u + (1 - u) e^-l) / l for l > 0; draws are icdf(u)."""
+        """x with F(x) = u: log1p(u expm1(l)) / l, as 1 + log1p((1 - u) expm1(-l)) / l for l > 0; draws are icdf(u)."""
         small, above, below = self._logit_signs()
-        positive = 1 + torch.log(value + (1 - value) * torch.exp(-above)) / above
+        positive = 1 + torch.log1p((1 - value) * torch.expm1(-above)) / above
         negative = torch.log1p(value * torch.expm1(below)) / below
         return torch.where(
             small, value + self.logits / 2 * value * (1 - value), torch.where(self.logits > 0, positive, negative)
