@@ -441,3 +441,20 @@ def test_a_model_that_fails_to_build_leaves_its_prior_and_likelihood_free():
         pv.VAE(X_SHAPE, Z_DIM, prior=prior, likelihood=likelihood, hidden=(8,), activation="sigmoid")
     vae = pv.VAE(X_SHAPE, Z_DIM, prior=prior, likelihood=likelihood, hidden=(8,))  # the same two, once it builds
     assert vae.prior is prior and prior.owned and likelihood.owned
+
+
+def test_the_flow_scores_a_z_again_after_a_step_with_the_new_weights():
+    """Pyro's autoregressive transform answered the same z tensor from its last call: after an in-place step
+    the flow gave the density before it, and a z first scored without gradients gave the last layer none."""
+    prior = pv.priors.FlowPrior(num_layers=2)
+    prior.setup(4, x_shape=X_SHAPE, encoder=None)
+    z = torch.randn(5, 4)
+    prior().log_prob(z)
+    with torch.no_grad():
+        for parameter in prior.parameters():
+            parameter.add_(0.3 * torch.randn_like(parameter))
+    torch.testing.assert_close(prior().log_prob(z), prior().log_prob(z.clone()))
+    with torch.no_grad():
+        prior().log_prob(z)
+    prior().log_prob(z).sum().backward()
+    assert all(layer.arn.layers[0].weight.grad.abs().sum() > 0 for layer in prior.layers)

@@ -137,8 +137,10 @@ class DiagonalNormalMixture(dist.TorchDistribution):
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:
         z64, locs, precision = z.double(), self.locs.double(), self.scales.double().pow(-2)
         squared_distance = (
-            z64.square() @ precision.T - 2 * z64 @ (locs * precision).T + (locs.square() * precision).sum(-1)
-        ).clamp(min=0).to(z.dtype)
+            (z64.square() @ precision.T - 2 * z64 @ (locs * precision).T + (locs.square() * precision).sum(-1))
+            .clamp(min=0)
+            .to(z.dtype)
+        )
         log_normaliser = -self.scales.log().sum(-1) - 0.5 * self.locs.shape[-1] * math.log(2 * math.pi)
         return torch.logsumexp(self.log_weights + log_normaliser - 0.5 * squared_distance, dim=-1)
 
@@ -278,11 +280,17 @@ class FlowPrior(Prior):
         self.register_buffer("reverse", torch.arange(z_dim - 1, -1, -1))
 
     def forward(self):
+        """The flow's distribution, its transforms made anew around the layers' networks at every call.
+
+        A Pyro transform keeps its last input and output and answers the same input tensor from them: a z
+        scored again after an optimiser step was given the density before the step (and, first scored
+        without gradients, none). The new transforms' memory lasts as long as the distribution.
+        """
         transforms = []
         for i, layer in enumerate(self.layers):
             if i:
                 transforms.append(T.Permute(self.reverse))
-            transforms.append(layer.inv)
+            transforms.append(T.AffineAutoregressive(layer.arn).inv)
         return dist.TransformedDistribution(dist.Normal(self.loc, self.scale).to_event(1), transforms)
 
     def config(self):
