@@ -2,6 +2,7 @@
 
 import json
 import math
+import random
 import time
 import warnings
 from dataclasses import replace
@@ -119,6 +120,28 @@ def test_the_iwae_learning_rate_schedule_is_burda_et_als():
         previous = 2e-3 * 10 ** (-max(stage - 1, 0) / 7)
         assert iwae_learning_rate(first - 1, 2e-3, 364) == pytest.approx(previous, rel=1e-12)  # any run length
     assert iwae_learning_rate(3280, 1e-3, 3280) == iwae_learning_rate(10**6, 1e-3, 10**6) == pytest.approx(1e-4)
+
+
+class ELBOAndDraws(ELBO):
+    """The ELBO plus a constant drawn from NumPy's and Python's generators, as a model of one's own may draw:
+    the same gradients, and a training objective that shows the draws."""
+
+    def loss(self, model, x, *, kl_weight):
+        return super().loss(model, x, kl_weight=kl_weight) + float(np.random.rand() + random.random())
+
+
+def test_a_resumed_run_continues_numpy_and_pythons_random_streams(small_mnist, tmp_path):
+    """Checkpoints held torch's generators alone: a resumed run drew from NumPy and Python's where the process
+    had left them, not where the run had."""
+    data = small_mnist.subset(train=256)
+    settings = {"epochs": 2, "batch_size": 64, "compile": False, "progress": False}  # a replay would freeze the draws
+    pyro.set_rng_seed(0)
+    straight = pv.fit(small_vae(), data, objective=ELBOAndDraws(), run_dir=tmp_path / "straight", **settings)
+    pyro.set_rng_seed(0)
+    pv.fit(small_vae(), data, objective=ELBOAndDraws(), run_dir=tmp_path / "resumed", **{**settings, "epochs": 1})
+    np.random.seed(123), random.seed(123)  # where another process would have them
+    resumed = pv.fit(small_vae(), data, objective=ELBOAndDraws(), run_dir=tmp_path / "resumed", resume=True, **settings)
+    assert resumed[2]["train_objective"] == straight[2]["train_objective"]
 
 
 def test_a_learning_rate_schedule_trains_with_its_rates_and_resumes_exactly(small_mnist, tmp_path):

@@ -19,10 +19,12 @@ import json
 import math
 import os
 import pickle
+import random
 import tempfile
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..checks import first_line
@@ -204,16 +206,27 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
 
 
 def rng_state() -> dict:
-    """This process's torch random number generators' states."""
+    """This process's random number generators' states: torch's (CPU and every GPU), Python's and NumPy's, which
+    ``pyro.set_rng_seed`` seeds with them and a model of one's own may draw from. NumPy's key is kept as a
+    tensor, so that checkpoints load with ``weights_only=True``."""
+    kind, key, position, has_gauss, cached_gaussian = np.random.get_state()
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(key.astype(np.int64)), position, has_gauss, cached_gaussian),
     }
 
 
 def restore_rng(rng: dict) -> None:
-    """Set this process's generators to the states :func:`rng_state` returned."""
+    """Set this process's generators to the states :func:`rng_state` returned (checkpoints written before
+    2026-12-07 hold torch's alone)."""
     torch.set_rng_state(rng["torch"].cpu())  # a checkpoint loaded onto a GPU brings its states along
     if rng["cuda"] and torch.cuda.is_available():
         for device, state in enumerate(rng["cuda"][: torch.cuda.device_count()]):
             torch.cuda.set_rng_state(state.cpu(), device)
+    if "python" in rng:
+        random.setstate(rng["python"])
+    if "numpy" in rng:
+        kind, key, position, has_gauss, cached_gaussian = rng["numpy"]
+        np.random.set_state((kind, key.cpu().numpy().astype(np.uint32), position, has_gauss, cached_gaussian))
