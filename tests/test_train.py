@@ -144,6 +144,17 @@ def test_a_resumed_run_continues_numpy_and_pythons_random_streams(small_mnist, t
     assert resumed[2]["train_objective"] == straight[2]["train_objective"]
 
 
+def test_a_resumed_run_steps_eagerly_or_compiled_as_it_did(small_mnist, tmp_path, monkeypatch):
+    """compile="auto" (fit's default) decided from the call's epochs: a run made eager, resumed to a length that
+    "auto" compiles, switched to the compiled step and rewrote its config. It continues as it was made."""
+    monkeypatch.setattr(engine_module, "AUTO_COMPILE_STEPS", 1)  # every run long enough to compile
+    data = small_mnist.subset(train=128)
+    pv.fit(small_vae(), data, epochs=1, batch_size=64, compile=False, run_dir=tmp_path / "r", progress=False)
+    history = pv.fit(small_vae(), data, epochs=2, batch_size=64, run_dir=tmp_path / "r", resume=True, progress=False)
+    assert "compile_seconds" not in history[2]  # nothing was compiled
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["train"]["compile"] is False
+
+
 def test_a_learning_rate_schedule_trains_with_its_rates_and_resumes_exactly(small_mnist, tmp_path):
     """Epoch 2 of the iwae schedule runs at 10^(-1/7) of the rate: recorded, used, and the same after a resume."""
     data = small_mnist.subset(train=500)

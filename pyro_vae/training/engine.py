@@ -397,8 +397,8 @@ def fit(
     :param compile: True replays every full-size step after the first
         compiled (:mod:`pyro_vae.accel.training_step`); False runs every step
         eagerly; ``"auto"`` compiles runs of at least :data:`AUTO_COMPILE_STEPS`
-        steps (``epochs`` times the steps per epoch, so that a resumed run
-        decides as the run it continues did).
+        steps (``epochs`` times the steps per epoch), and a resumed run as the
+        run it continues was (its config's ``compile``).
     :param matmul_precision: the precision of the optimisation's float32 matrix products,
         one of :data:`~pyro_vae.training.precision.MATMUL_PRECISIONS`: ``"highest"``
         (float32), ``"high"`` (TensorFloat-32 where the hardware has it) or ``"medium"``
@@ -444,6 +444,8 @@ def fit(
             run.check_weights()
         else:
             run.check_fresh()  # before the lock makes the folder, so that a refused run leaves nothing behind
+    if resume and compile == "auto":  # a resumed run steps as the run it continues did, compiled or eager
+        compile = run.read_config()["train"].get("compile", "auto")
     engine = _Engine(model, data.to(device), objective, processes, device, settings, seed, progress, compile)
     if run is None or not processes.is_writer:
         return engine.train(run, resume)
