@@ -9,6 +9,7 @@ from pyro.infer import SVI, Predictive, Trace_ELBO, TraceMeanField_ELBO
 from torch import nn
 
 import pyro_vae as pv
+from pyro_vae.components.nets import build_nets
 from pyro_vae.models import build_model
 from pyro_vae.runs.directory import model_config_matches
 
@@ -174,3 +175,15 @@ def test_custom_networks_of_the_wrong_shape_are_refused_at_construction():
 def test_conv_architecture_rejects_non_image_shapes():
     with pytest.raises(ValueError, match="divisible by 4"):
         pv.VAE((1, 30, 30), 4, arch="conv")
+
+
+def test_the_networks_take_any_number_of_leading_batch_dimensions_none_included():
+    """The conv encoder failed on one image without a batch dimension (unflatten of an empty shape)."""
+    for arch in ("mlp", "conv"):
+        encoder, decoder = build_nets(arch, (1, 28, 28), 3, (16,), params_per_dim=1)
+        x = torch.rand(2, 5, 1, 28, 28)
+        loc, scale = encoder(x)
+        single_loc, single_scale = encoder(x[0, 0])
+        assert loc.shape == scale.shape == (2, 5, 3) and single_loc.shape == single_scale.shape == (3,)
+        torch.testing.assert_close(single_loc, loc[0, 0])
+        assert decoder(loc).shape == (2, 5, 1, 1, 28, 28) and decoder(single_loc).shape == (1, 1, 28, 28)

@@ -158,7 +158,7 @@ class ConvEncoder(nn.Module):
 
     def forward(self, x):
         batch = x.shape[:-3]
-        return self.head(self.net(x.reshape(-1, *self.x_shape)).unflatten(0, batch))
+        return self.head(self.net(x.reshape(-1, *self.x_shape)).reshape(*batch, -1))
 
 
 class ConvDecoder(nn.Module):
