@@ -1,4 +1,4 @@
-"""Lightning DDP: two CPU processes (gloo) train one VAE and leave an ordinary run directory."""
+"""Lightning DDP: two CPU processes (gloo) train one VAE and leave an ordinary run directory; the global gradient."""
 
 import importlib.util
 import os
@@ -6,11 +6,15 @@ import subprocess
 import sys
 
 import pytest
+import torch
+from conftest import small_vae
 
 import pyro_vae as pv
 from pyro_vae import cli
+from pyro_vae.infer import build_objective
 from pyro_vae.runs.files import read_json
-from pyro_vae.training.parallel import parameter_digest
+from pyro_vae.training.engine import adam, take_step
+from pyro_vae.training.parallel import SingleProcess, parameter_digest
 
 needs_lightning = pytest.mark.skipif(
     importlib.util.find_spec("lightning") is None, reason="needs pyro-vae[distributed]"
@@ -78,3 +82,43 @@ def test_without_lightning_the_error_names_the_extra(tmp_path, monkeypatch, caps
     code = cli.main(["train", "--devices", "2", *SMALL, "--epochs", "1", "--out", str(tmp_path)])
     assert code == 2
     assert 'pip install "pyro-vae[distributed]"' in capsys.readouterr().err
+
+
+class TwoProcesses(SingleProcess):
+    """Process 0 of two, the other's step given: its totals (loss, points, batch share) are added by the
+    all-reduce, and the weight this process gives its gradient in the global sum is recorded."""
+
+    world_size = 2
+
+    def __init__(self, others_totals):
+        self.others_totals, self.weights = torch.tensor(others_totals, dtype=torch.float64), []
+
+    def all_reduce(self, tensor):
+        return tensor + self.others_totals
+
+    def sum_gradients(self, parameters, weight=1.0):
+        self.weights.append(weight)
+
+
+def test_the_global_gradient_sums_summed_losses_and_weighs_whole_set_estimates_by_share(small_mnist):
+    """The ELBO sums over each process's points: their gradients add up to the global batch's. M2's loss is an
+    estimate of the whole set's on each process: their gradients are weighed by each one's share of the global
+    batch. Averaging both over the processes gave the ELBO half its gradient, and gave M2's short last batch,
+    all of it on one process, half of its."""
+    data = small_mnist.subset(train=300)
+    vae = small_vae()
+    elbo = build_objective("trace")
+    elbo.setup(vae, data, batch_size=4)
+    processes = TwoProcesses([-400.0, 4, 4])
+    take_step(vae, elbo, adam(vae.parameters(), 1e-3, torch.device("cpu")), data, torch.arange(4), processes=processes)
+    assert processes.weights == [1.0]
+
+    m2 = pv.SSVAE((1, 28, 28), 2, hidden=(8,))
+    semi = build_objective({"name": "semi-supervised", "num_labels": 20, "classifier_steps": 0})
+    semi.setup(m2, data, batch_size=4)
+    optimizer = adam(m2.parameters(), 1e-3, torch.device("cpu"))
+    # one point here, and none, one or three on the other process: a short last batch, even and uneven shares
+    for others_share, weight in ((0, 1.0), (1, 0.5), (3, 0.25)):
+        processes = TwoProcesses([-100.0, semi.num_data, others_share])
+        take_step(m2, semi, optimizer, data, semi.unlabelled[:1], processes=processes)
+        assert processes.weights == [weight]

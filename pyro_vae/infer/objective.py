@@ -48,6 +48,10 @@ class Objective(ABC):
     supports_kl_weight: ClassVar[bool] = True
     #: Arguments added to :meth:`config` after runs were written without them, with the values those runs had.
     legacy_config: ClassVar[dict] = {}
+    #: Whether :meth:`loss` estimates the loss of the whole training set (its plates sized to the set, as M2's
+    #: are), where the default sums over the batch's points. Over several processes the gradients of summed
+    #: losses are summed, and estimates of the whole set's are weighed by each process's share of the batch.
+    loss_scaled_to_data: ClassVar[bool] = False
     #: The history column whose maximum picks the best checkpoint, where the objective has its own (one of
     #: :meth:`validate`'s, prefixed ``val_``); None leaves it to the model's ``validation_metric``.
     validation_metric: ClassVar[str | None] = None

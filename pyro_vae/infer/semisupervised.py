@@ -139,6 +139,7 @@ class SemiSupervisedELBO(Objective):
     """
 
     name = "semi-supervised"
+    loss_scaled_to_data = True  # both terms' plates are sized to their whole sets
     legacy_config = {"classifier_steps": 0}  # runs written before the warm start had none
 
     def __init__(

@@ -252,11 +252,14 @@ def take_step(
         total, count = loss.item(), objective.points(batch)
     else:  # a process whose share of a short last batch is empty: no gradient, but every collective
         total, count = 0.0, 0
+    weight = 1.0  # of this process's gradient in the global batch's
     if processes.world_size > 1:
-        totals = torch.tensor([total, float(count)], dtype=torch.float64, device=processes.device)
-        total, count = processes.all_reduce(totals).tolist()
+        totals = torch.tensor([total, float(count), float(len(indices))], dtype=torch.float64, device=processes.device)
+        total, count, global_batch = processes.all_reduce(totals).tolist()
+        if objective.loss_scaled_to_data:  # each process's loss estimates the whole set's: weigh them by share
+            weight = len(indices) / global_batch
     if math.isfinite(total):
-        processes.average_gradients([p for p in model.parameters() if p.requires_grad])
+        processes.sum_gradients([p for p in model.parameters() if p.requires_grad], weight)
         optimizer.step()
     return total, count
 

@@ -9,8 +9,8 @@ collected here, behind one small interface:
   ``ddp`` strategy starts the local ones by re-running the command, and
   ``torchrun`` or SLURM can start them all). Each process draws its own
   share of every global batch; after each backward pass the gradients are
-  averaged over the processes in one all-reduce (what DDP does), so that
-  every replica takes the same Adam step.
+  summed over the processes in one all-reduce (as DDP averages them), so that
+  every replica takes the same Adam step, on the gradient of the global batch.
 
 Lightning is an optional dependency: ``pip install "pyro-vae[distributed]"``.
 """
@@ -67,8 +67,9 @@ class SingleProcess:
         """The sum of ``tensor`` over the processes."""
         return tensor
 
-    def average_gradients(self, parameters: list[torch.nn.Parameter]) -> None:
-        """Replace every gradient by its mean over the processes."""
+    def sum_gradients(self, parameters: list[torch.nn.Parameter], weight: float = 1.0) -> None:
+        """Replace every gradient by the sum over the processes of ``weight`` times it (each process its own
+        weight)."""
 
     def gather(self, obj) -> list:
         """``obj`` of every process, in rank order."""
@@ -122,13 +123,14 @@ class LightningProcesses(SingleProcess):
             torch.distributed.all_reduce(tensor)
         return tensor
 
-    def average_gradients(self, parameters):
+    def sum_gradients(self, parameters, weight=1.0):
         if not self._distributed():
             return
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
         flat = torch.cat([g.reshape(-1) for g in grads])
+        if weight != 1.0:
+            flat *= weight
         torch.distributed.all_reduce(flat)
-        flat /= self.world_size
         offset = 0
         for p, g in zip(parameters, grads, strict=True):
             p.grad = flat[offset : offset + g.numel()].view_as(p).clone()
