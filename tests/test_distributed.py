@@ -72,8 +72,23 @@ def test_a_distributed_run_never_overwrites_another(tmp_path):
     (tmp_path / "taken" / "checkpoint.pt").write_bytes(b"an earlier run")
     done = train(*SMALL, "--epochs", "1", "--out", str(tmp_path), "--name", "taken", cwd=tmp_path)
     assert done.returncode != 0
-    assert "already holds a run" in done.stderr
+    assert done.stderr.count("already holds a run") == 2  # each process refuses it, none waits for the other
     assert (tmp_path / "taken" / "checkpoint.pt").read_bytes() == b"an earlier run"
+
+
+@needs_lightning
+def test_a_run_held_by_another_job_is_refused_by_every_process(tmp_path):
+    """Process 0 alone took the lock: its refusal left process 1 waiting in a collective, which failed (gloo:
+    "Connection closed by peer") or hung (NCCL). Every process now refuses, with the holder named."""
+    assert (
+        cli.main(["train", *SMALL, "--epochs", "1", "--eval-samples", "0", "--out", str(tmp_path), "--name", "r"]) == 0
+    )
+    with pv.RunDirectory(tmp_path / "r").lock():  # another job writing it
+        done = train("--resume", str(tmp_path / "r"), "--epochs", "2", "--no-progress", cwd=tmp_path)
+    assert done.returncode != 0
+    assert "is being written by another process" in done.stderr, done.stderr[-3000:]
+    assert "Process 0 could not take" in done.stderr and "Connection closed" not in done.stderr
+    assert pv.load_run(tmp_path / "r").epoch == 1
 
 
 def test_without_lightning_the_error_names_the_extra(tmp_path, monkeypatch, capsys):

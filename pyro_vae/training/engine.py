@@ -441,7 +441,7 @@ def fit(
     device = processes.device or resolve_device(device)
     data = as_dataset(data)
     run = None if run_dir is None else RunDirectory(run_dir)
-    if run is not None and processes.is_writer:  # before the data moves or the model is checked
+    if run is not None:  # before the data moves or the model is checked; on every process, which all refuse alike
         if resume:
             run.check_resumable()
             run.check_weights()
@@ -450,11 +450,20 @@ def fit(
     if resume and compile == "auto":  # a resumed run steps as the run it continues did, compiled or eager
         compile = run.read_config()["train"].get("compile", "auto")
     engine = _Engine(model, data.to(device), objective, processes, device, settings, seed, progress, compile)
-    if run is None or not processes.is_writer:
+    if run is None:
         return engine.train(run, resume)
-    with run.lock():
-        if not resume:
-            run.check_fresh()  # again: another process may have started it meanwhile
+    with contextlib.ExitStack() as held:
+        refused = None
+        if processes.is_writer:
+            try:
+                held.enter_context(run.lock())
+                if not resume:
+                    run.check_fresh()  # again: another process may have started it meanwhile
+            except CheckpointError as err:
+                refused = err
+        # process 0 tells the others whether it holds the run, before any of them waits for it in a collective
+        if processes.broadcast(torch.tensor(float(refused is not None), device=processes.device)).item():
+            raise refused or CheckpointError(f"Process 0 could not take {run.path} for writing; its error says why.")
         return engine.train(run, resume)
 
 
