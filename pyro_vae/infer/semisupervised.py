@@ -251,7 +251,9 @@ class SemiSupervisedELBO(Objective):
         return {f"{prefix}accuracy": model.accuracy(split.x, split.y), f"{prefix}elbo": -loss / len(split)}
 
     def state_dict(self):
-        return {"labelled_order": self.labelled_order, "cursor": self.cursor}
+        """The labelled order (on the CPU, as every process's is gathered into process 0's checkpoint) and cursor."""
+        order = None if self.labelled_order is None else self.labelled_order.cpu()
+        return {"labelled_order": order, "cursor": self.cursor}
 
     def load_state_dict(self, state):
         self.labelled_order, self.cursor = state.get("labelled_order"), state.get("cursor", 0)  # {} from version 1
