@@ -345,7 +345,11 @@ def table(model: str, runs: dict[int, list[Path]]) -> str:
     each run (or its kept record)."""
     m2 = model == "m2"
     header = "| labels | test accuracy of q(y \\| x) (mean +- sd over draws) | each draw |"
-    header += " generative classifier, argmax_y log p(x, y) | best epoch | training minutes per run |" if m2 else ""
+    header += (
+        " generative classifier, argmax_y log p(x, y) (mean over draws) | best epoch | training minutes per run |"
+        if m2
+        else ""
+    )
     header += " Kingma et al.'s M2 | Pyro's example, run here |" if m2 else ""
     header += " target | test log p(x) (mean +- sd over draws; one draw: +- its standard error) |"
     lines = [header, "|" + "---|" * header.count(" |")]

@@ -25,7 +25,7 @@ TINY = {
     "semi_supervised_study.py": (
         ["--epochs", "1", "--subset", "2000", "--labels", "100", "--label-seeds", "0", "1", "--classifier-steps", "50"]
         + ["--samples", "5", "--jobs", "2", "--out", "study"],
-        "generative classifier, argmax_y log p(x, y) | best epoch | training minutes per run |",
+        "generative classifier, argmax_y log p(x, y) (mean over draws) | best epoch | training minutes per run |",
     ),
     "iwae_study.py": (
         [
