@@ -44,7 +44,7 @@ from .infer.ais import (
     DEFAULT_STEPS,
     SCHEDULES,
 )
-from .infer.importance import DEFAULT_NUM_SAMPLES, PARETO_THRESHOLD, pareto_k_assessable
+from .infer.importance import DEFAULT_NUM_SAMPLES, pareto_k_assessable, pareto_threshold
 from .infer.path_derivatives import GRADIENTS
 from .infer.semisupervised import check_label_count
 from .models import SSVAE, VAE, HierarchicalVAE, LatentFeatures, StackedSSVAE
@@ -413,7 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
         "sampling from the encoder (HMC along the geometric path from q(z|x) to p(x, z), spaced by --schedule; for "
         "M2 and M1+M2 with each label given, y summed out). "
         "--method auto: importance sampling, then AIS on "
-        f"the points whose Pareto k exceeds {PARETO_THRESHOLD} or cannot be assessed (K < 46). "
+        "the points whose Pareto k exceeds min(1 - 1/log10 K, 0.7) (0.7 from K = 2154) or cannot be assessed "
+        "(K < 46). "
         "--method bdmc: lower and upper bounds on points simulated from "
         "the model, whose gap bounds the error of AIS at its settings (not for M2 and M1+M2). Every method's "
         "per-point values go to evaluations/<method and settings>.npz; an interrupted AIS or BDMC evaluation "
@@ -631,7 +632,7 @@ def _evaluate(args) -> None:
         escalated = ""
         if args.method == "auto":
             why = (
-                f"Pareto k > {PARETO_THRESHOLD}"
+                f"Pareto k > {pareto_threshold(args.samples):.2f}"
                 if pareto_k_assessable(args.samples)
                 else f"Pareto k not assessable at K = {args.samples}"
             )
@@ -659,7 +660,7 @@ def pareto_words(num_samples: int, num_unreliable: int) -> str:
     """How many points' importance weights Pareto-k flags, or that K is too small to tell."""
     if not pareto_k_assessable(num_samples):
         return f"Pareto k not assessable at K = {num_samples}: too few weights (K >= 46), so none is trusted"
-    return f"Pareto k > {PARETO_THRESHOLD} on {num_unreliable} points"
+    return f"Pareto k > {pareto_threshold(num_samples):.2f} on {num_unreliable} points"
 
 
 def check_folder(path: str | Path, flag: str, what: str) -> None:

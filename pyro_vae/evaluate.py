@@ -338,7 +338,7 @@ def _evaluate_test_points(
         saved = {**identity, "is_log_px": is_log_px, "pareto_k": pareto_k, "seconds": clock.seconds()}
         directory.write_evaluation(name, saved, partial=True)  # kept if the AIS that follows is interrupted
     importance_pass = {"is_log_px": is_log_px, "pareto_k": pareto_k}
-    unreliable = np.flatnonzero(untrusted(pareto_k))
+    unreliable = np.flatnonzero(untrusted(pareto_k, num_samples))
     log_px = is_log_px.copy()
     summary = {"num_points": len(x), "num_escalated": len(unreliable), "is_log_px": float(log_px.mean())}
     if len(unreliable):

@@ -243,7 +243,16 @@ def test_pareto_k_needs_ten_weights_in_its_tail_and_without_them_nothing_is_trus
     log_weights = torch.randn(45, 4, generator=torch.Generator().manual_seed(0))
     assert importance._pareto_k(log_weights.topk(importance._tail_size(45) + 1, dim=0).values, 45).isnan().all()
     k = torch.tensor([float("nan"), 0.5, 0.8, -math.inf, math.inf])
-    assert importance.untrusted(k).tolist() == [True, False, True, False, True]
+    assert importance.untrusted(k, 5000).tolist() == [True, False, True, False, True]
+
+
+def test_the_pareto_threshold_falls_with_k_as_vehtari_et_al_2024_give_it():
+    """min(1 - 1 / log10 K, 0.7): 0.7 from K = 10^(10/3) (about 2,154) on, 2/3 at K = 1000, 1/2 at K = 100."""
+    assert importance.pareto_threshold(5000) == importance.pareto_threshold(2155) == 0.7
+    assert importance.pareto_threshold(1000) == pytest.approx(2 / 3) and importance.pareto_threshold(100) == 0.5
+    k = torch.tensor([0.6, 0.68, 0.75])
+    assert importance.untrusted(k, 1000).tolist() == [False, True, True]
+    assert importance.untrusted(k, 5000).tolist() == [False, False, True]
 
 
 def test_batched_pareto_fit_matches_pyro():

@@ -120,7 +120,7 @@ class AISEstimate:
     * ``acceptance``: the HMC acceptance rate, averaged over steps and the C chains (not the pilots);
     * ``step_size``: the adapted leapfrog step size at the end;
     * ``is_log_px``, ``is_pareto_k``: the importance-sampling estimate of the same points, for comparison
-      (None when not asked for).
+      (None when not asked for), from ``is_num_samples`` weights a point.
     """
 
     log_px: torch.Tensor
@@ -130,6 +130,7 @@ class AISEstimate:
     settings: dict
     is_log_px: torch.Tensor | None = None
     is_pareto_k: torch.Tensor | None = None
+    is_num_samples: int = 0
 
     @property
     def chain_std(self) -> torch.Tensor:
@@ -151,7 +152,7 @@ class AISEstimate:
                 is_log_px=float(self.is_log_px.mean()),
                 ais_minus_is=float(diff.mean()),
                 ais_minus_is_se=standard_error(diff),
-                is_num_unreliable=int(untrusted(self.is_pareto_k).sum()),
+                is_num_unreliable=int(untrusted(self.is_pareto_k, self.is_num_samples).sum()),
             )
         return out
 
@@ -472,6 +473,7 @@ def ais_log_marginal_likelihood(
             **kwargs,
         )  # fmt: skip
         estimate.is_log_px, estimate.is_pareto_k = is_estimate.log_px, is_estimate.pareto_k
+        estimate.is_num_samples = compare_is_samples
     return estimate
 
 
