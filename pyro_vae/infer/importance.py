@@ -114,6 +114,7 @@ class MarginalLikelihoodEstimate:
             "ess_min": float(self.ess.min()),
             "pareto_k_max": float(self.pareto_k.max()),  # NaN where K is too small to assess it
             "num_unreliable": int(self.unreliable.sum()),
+            "pareto_threshold": pareto_threshold(self.num_samples),  # the bar num_unreliable counts above
         }
 
 
