@@ -182,9 +182,10 @@ def check_same_latents(guide_trace, model_trace) -> None:
     """Refuse a guide and model whose latent sites differ: log w = log p(x, z) - log q(z | x) needs each z drawn by
     the guide and scored by the model. A guide's extra site adds its entropy to the bound (which can then pass
     log p(x)); a model's extra latent is drawn from its prior and scored without a q."""
-    guide_only = {name for name, _ in latent_sites(guide_trace)} - {name for name, _ in latent_sites(model_trace)}
-    model_only = {name for name, _ in latent_sites(model_trace)} - {name for name, _ in latent_sites(guide_trace)}
-    if guide_only or model_only:
+    guide_latents = {name for name, _ in latent_sites(guide_trace)}
+    model_latents = {name for name, _ in latent_sites(model_trace)}
+    if guide_latents != model_latents:
+        guide_only, model_only = guide_latents - model_latents, model_latents - guide_latents
         raise ValueError(
             f"The guide and the model must have the same latent sites; the guide's {sorted(guide_only)} are not "
             f"latent in the model, and the model's {sorted(model_only)} are not drawn by the guide. Draw every latent "
