@@ -91,6 +91,43 @@ def test_a_run_held_by_another_job_is_refused_by_every_process(tmp_path):
     assert pv.load_run(tmp_path / "r").epoch == 1
 
 
+#: Loaded by every process of the run below (``sitecustomize``, from PYTHONPATH): the disk fills after epoch 1.
+FULL_DISK_AFTER_EPOCH_1 = """
+from pyro_vae.runs.directory import RunDirectory
+
+save_checkpoint = RunDirectory.save_checkpoint
+
+
+def full_after_epoch_1(self, *, epoch, **kwargs):
+    if epoch > 1:
+        raise OSError(28, "No space left on device", str(self.path / "checkpoint.pt"))
+    return save_checkpoint(self, epoch=epoch, **kwargs)
+
+
+RunDirectory.save_checkpoint = full_after_epoch_1
+"""
+
+
+@needs_lightning
+def test_a_write_that_fails_on_process_0_stops_every_process(tmp_path):
+    """Process 0 alone writes the run: its failed checkpoint left process 1 in the next epoch's first
+    collective, which failed (gloo: "Connection closed by peer") or hung (NCCL). Every process now stops with an
+    error that says what failed, and the epochs saved before it are kept."""
+    (tmp_path / "faults").mkdir()
+    (tmp_path / "faults" / "sitecustomize.py").write_text(FULL_DISK_AFTER_EPOCH_1)
+    done = subprocess.run(
+        [sys.executable, "-m", "pyro_vae.cli", "train", "--devices", "2", "--accelerator", "cpu", *SMALL,
+         "--epochs", "3", "--eval-samples", "0", "--out", str(tmp_path), "--name", "r"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(tmp_path / "faults")},
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert "No space left on device" in done.stderr, done.stderr[-3000:]  # process 0's own error
+    assert "Process 0 could not write the checkpoint of epoch 2" in done.stderr, done.stderr[-3000:]
+    assert "Connection closed" not in done.stderr
+    assert pv.load_run(tmp_path / "r").epoch == 1
+
+
 def test_without_lightning_the_error_names_the_extra(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "lightning", None)  # import lightning now fails
     monkeypatch.setitem(sys.modules, "lightning.fabric", None)

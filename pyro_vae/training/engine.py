@@ -523,7 +523,8 @@ class _Engine:
             self.config["distributed"] = processes.config()
         self.history: list[dict] = []
         self.best_epoch, self.best_state = 0, None
-        self.run: RunDirectory | None = None
+        self.run: RunDirectory | None = None  # the run directory on process 0, its one writer
+        self.source: RunDirectory | None = None  # the run directory on every process, which all read
 
     def _check_validation_metric(self) -> None:
         """Refuse, before any work, an objective whose validation lacks the metric that picks the best epoch
@@ -539,8 +540,8 @@ class _Engine:
 
     # --------------------------------------------------------------- start
     def train(self, run: RunDirectory | None, resume: bool) -> list[dict]:
-        self.run = run if self.processes.is_writer else None  # only process 0 writes
-        self.source = run  # every process may read it
+        self.run = run if self.processes.is_writer else None
+        self.source = run
         epochs = self.settings["epochs"]
         with InterruptRequests() as interrupt:  # a Ctrl-C while starting stops after the first step, saved
             position, start_epoch = self._resume(run) if resume else self._start_fresh()
@@ -561,8 +562,7 @@ class _Engine:
         self.processes.share(self.model)  # process 0's start for every process
         self.history = [{"epoch": 0, **self._validate()}]
         self.best_epoch = 0
-        if self.run is not None:
-            self.run.write_config(self.config)
+        self._written_by_process_0(lambda run: run.write_config(self.config), "the run's config")
         self._save(0, best=True)
         return None, 0
 
@@ -619,8 +619,7 @@ class _Engine:
         position = state["position"]
         if position is not None and position.get("global_batch", self.global_batch) != self.global_batch:
             position = None  # stopped part-way with another number of processes: the epoch starts again
-        if self.run is not None:
-            self.run.write_config(self.config)  # records the new epoch target
+        self._written_by_process_0(lambda run: run.write_config(self.config), "the run's config")  # the new target
         if not run.file(run.BEST).exists():  # a run written before best.pt: the resumed weights are its best
             self.best_epoch = epoch
             self._save(epoch, best=True, position=position)
@@ -750,26 +749,53 @@ class _Engine:
         """The checkpoint after ``epoch`` (every process's RNG and objective state), and the best weights."""
         rngs = self.processes.gather(rng_state())
         objective_states = self.processes.gather(self.objective.state_dict())
-        if self.run is None:
+        if self.source is None:
             if best:  # kept in memory, since there is no best.pt
                 self.best_state = copy.deepcopy(self._kept_state())
             return
         world = self.processes.world_size
-        self.run.save_checkpoint(
-            best=best,
-            model_state=self._kept_state(),
-            averaging=None
-            if self.average is None
-            else {"iterates": self.model.state_dict(), "steps": self.average.steps},
-            optimizer_state=self.optimizer.state_dict(),
-            epoch=epoch,
-            history=self.history,
-            config=self.config,
-            position=position,
-            objective_state=objective_states[0] if world == 1 else {"per_rank": objective_states},
-            best_epoch=self.best_epoch,
-            rng=rngs[0] if world == 1 else {**rngs[0], "per_rank": rngs},
-        )
+
+        def write(run: RunDirectory) -> None:
+            run.save_checkpoint(
+                best=best,
+                model_state=self._kept_state(),
+                averaging=None
+                if self.average is None
+                else {"iterates": self.model.state_dict(), "steps": self.average.steps},
+                optimizer_state=self.optimizer.state_dict(),
+                epoch=epoch,
+                history=self.history,
+                config=self.config,
+                position=position,
+                objective_state=objective_states[0] if world == 1 else {"per_rank": objective_states},
+                best_epoch=self.best_epoch,
+                rng=rngs[0] if world == 1 else {**rngs[0], "per_rank": rngs},
+            )
+
+        self._written_by_process_0(write, f"the checkpoint of epoch {epoch}")
+
+    def _written_by_process_0(self, write, what: str) -> None:
+        """``write(run)`` on process 0, the run's one writer; every process learns whether it failed.
+
+        An error there (a full disk) stops every process with it, instead of leaving the others to wait for
+        process 0 in their next collective call (NCCL waits for ever; gloo fails with "Connection closed by
+        peer"). One broadcast of a flag, and only with several processes.
+        """
+        error = None
+        if self.run is not None:
+            try:
+                write(self.run)
+            except Exception as err:  # every process raises, process 0 its own error
+                error = err
+        if self.processes.world_size > 1 and self.source is not None:
+            flag = torch.tensor([float(error is not None)], device=self.device)
+            if self.processes.broadcast(flag).item() and error is None:
+                raise CheckpointError(
+                    f"Process 0 could not write {what} in {self.source.path}; its error says why. The epochs saved "
+                    f"before it are kept: resume with pyro-vae train --resume {self.source.path}"
+                )
+        if error is not None:
+            raise error
 
     def _finish(self) -> None:
         """Every process ends with the best weights; process 0 writes their test metrics."""
