@@ -747,6 +747,7 @@ def _new_model(args):
         m1 = load_run(args.m1)
         if not isinstance(m1.model, VAE):
             raise ValueError(f"--m1 needs the run of a plain VAE; {args.m1} holds a {m1.config['model']['type']}.")
+        StackedSSVAE.check_m1(m1.model)  # before the data are loaded and M1's features fitted
         data = m1.load_data()
         num_classes = class_count(data)
         check_label_count(args.labels, len(data.train), num_classes)  # before M1's features are fitted

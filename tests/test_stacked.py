@@ -21,12 +21,19 @@ def _set_scale(encoder: torch.nn.Module, z_dim: int, scale: float) -> None:
         last.bias[z_dim:] = inverse_softplus(torch.tensor(scale))
 
 
-@pytest.fixture
-def tiny():
+@pytest.fixture(params=["standard-normal", "learned-gaussian"])
+def tiny(request):
     """x in R^2, M1's z1 in R^2 with unit 0 active (standardised by m = 0.3, s = 2) and unit 1 inactive,
-    M2 with z in R^1 and two classes: three continuous latents and y, small enough for quadrature."""
+    M2 with z in R^1 and two classes: three continuous latents and y, small enough for quadrature. M1's prior
+    is N(0, I), or a learned Gaussian N(3, 0.5^2) on the inactive unit, where its posterior collapses."""
     torch.manual_seed(1)
-    m1 = pv.VAE((2,), z_dim=2, hidden=(8,), likelihood=pv.likelihoods.Gaussian("fixed", init_sigma=2.0))
+    m1 = pv.VAE(
+        (2,), z_dim=2, hidden=(8,), likelihood=pv.likelihoods.Gaussian("fixed", init_sigma=2.0), prior=request.param
+    )
+    if request.param == "learned-gaussian":
+        with torch.no_grad():
+            m1.prior.loc[1] = 3.0
+            m1.prior.raw_scale[1] = inverse_softplus(torch.tensor(0.5))
     features = LatentFeatures(2, [0])
     features.mean.fill_(0.3)
     features.std.fill_(2.0)
@@ -34,11 +41,17 @@ def tiny():
     # Proposals wider than the posteriors, so that the importance weights have a finite variance.
     _set_scale(m1.encoder, 2, 2.4)
     _set_scale(stacked.m2.encoder, 1, 1.5)
+    if request.param == "learned-gaussian":  # q(u | x) collapsed near the prior, a little wider
+        with torch.no_grad():
+            m1.encoder.net[-1].weight[[1, 3]] = 0.0
+            m1.encoder.net[-1].bias[1] = 3.0
+            m1.encoder.net[-1].bias[3] = inverse_softplus(torch.tensor(0.6))
     return stacked
 
 
 def stacked_log_px_by_quadrature(stacked: StackedSSVAE, x: torch.Tensor, n: int = 481) -> torch.Tensor:
-    """log p(x) = log sum_y p(y) int p(z) p(f | y, z) p(u) p(x | m + s f, u) dz df du on a grid.
+    """log p(x) = log sum_y p(y) int p(z) p(f | y, z) p(u) p(x | m + s f, u) dz df du on a grid, with p(u) M1's
+    prior on its inactive unit.
 
     Computed from the networks' forward passes alone, none of the Pyro model code.
     """
@@ -54,7 +67,9 @@ def stacked_log_px_by_quadrature(stacked: StackedSSVAE, x: torch.Tensor, n: int 
     grid = torch.stack(torch.meshgrid(f, u, indexing="ij"), -1)  # (n, n, 2) with z1 = (m + s f, u)
     z1 = torch.stack([features.mean + features.std * grid[..., 0], grid[..., 1]], -1)
     log_lik = m1.decode(z1.reshape(-1, 2)).log_prob(x[:, None, :]).reshape(len(x), n, n)
-    a = torch.logsumexp(log_lik + normal.log_prob(u), -1)  # (N, f)
+    m1_prior = m1.prior().base_dist
+    p_u = torch.distributions.Normal(m1_prior.loc[1], m1_prior.scale[1])
+    a = torch.logsumexp(log_lik + p_u.log_prob(u), -1)  # (N, f)
     # b[y, z, f]: log p(y) + log p(z) + log p(f | y, z).
     b = []
     for label in range(stacked.num_classes):
@@ -77,6 +92,14 @@ def test_the_stacked_log_px_matches_quadrature(tiny):
     # 0.03 allows 3 sd; a wrong Jacobian of z1 = m + s f would be off by log s = 0.69.
     assert estimate.ess.min() > 1000
     torch.testing.assert_close(estimate.log_px.double(), truth, atol=0.03, rtol=0)
+
+
+def test_an_m1_whose_prior_does_not_factorise_is_refused():
+    """The inactive units' p(u) is M1's prior on them: a mixture's or a flow's has no such marginal here."""
+    for prior in ("mixture", "vamp", "flow"):
+        m1 = pv.VAE((1, 4, 4), z_dim=2, hidden=(8,), prior=prior)
+        with pytest.raises(ValueError, match=f"this M1 has the '{prior}' prior. Train M1 with the standard-normal"):
+            StackedSSVAE(m1, LatentFeatures(2, [0]), z_dim=1, num_classes=2, hidden=(8,))
 
 
 def test_features_split_and_reassemble_the_code():

@@ -8,14 +8,16 @@ Generative model (``StackedSSVAE.model``), in the plate "data"::
     y_n  ~ p(y)                                       site "y"
     z_n  ~ p(z)                                       site "z"   (M2's code, the "style")
     f_n  ~ p(f | y_n, z_n) = N(mu(y_n, z_n), diag sigma^2)   site "z1"  (M2's likelihood)
-    u_n  ~ N(0, I)                                    site "z1_inactive"
+    u_n  ~ p_M1(u)                                    site "z1_inactive"  (M1's prior on those units)
     x_n  ~ p(x | z1_n) = M1's likelihood(M1's decoder(z1_n))  site "x"
 
 where z1 is put together from f on M1's *active* units (Burda et al.'s
 Var_x E_q[z1_d] > 0.01), standardised, z1_d = m_d + s_d f_d, and from u on
-the inactive ones, whose posteriors stay at the prior. The standardisation
-(m, s) and the choice of units are fixed from the training data by
-:class:`LatentFeatures`.
+the inactive ones, whose posteriors stay at M1's prior: p_M1(u) is that
+prior on those units, so M1 needs a prior that factorises over its units,
+a diagonal Gaussian (standard normal, Kingma et al.'s, or learned). The
+standardisation (m, s) and the choice of units are fixed from the training
+data by :class:`LatentFeatures`.
 
 Inference network (``StackedSSVAE.guide``)::
 
@@ -102,6 +104,11 @@ class LatentFeatures(nn.Module):
         return z1
 
 
+def _is_diagonal_normal(prior: dist.TorchDistribution) -> bool:
+    """Whether ``prior`` is ``Normal(loc, scale).to_event(1)``: independent Gaussian units."""
+    return isinstance(prior, dist.Independent) and type(prior.base_dist) is dist.Normal
+
+
 @register_model
 class StackedSSVAE(SemiSupervisedModel):
     """M1+M2: a semi-supervised M2 on the code of a trained, frozen VAE (M1).
@@ -137,10 +144,7 @@ class StackedSSVAE(SemiSupervisedModel):
         name: str | None = None,
     ):
         super().__init__()
-        if not isinstance(m1, VAE):
-            raise TypeError(
-                f"M1 must be a pv.VAE (one stochastic layer, whose code M2 models); got a {type(m1).__name__}."
-            )
+        self.check_m1(m1)
         named = {"name": prior} if isinstance(prior, str) else prior
         if isinstance(named, dict) and named.get("name") == "vamp":  # M2's data: standardised features, not images
             prior = {"bounds": None, **named}
@@ -161,6 +165,21 @@ class StackedSSVAE(SemiSupervisedModel):
         self.pyro_name = name or f"stacked{next(_instance_ids)}"
 
     name = "stacked-ssvae"
+
+    @staticmethod
+    def check_m1(m1) -> None:
+        """Refuse an M1 that the stacked model cannot take: not a :class:`~pyro_vae.models.vae.VAE`, or one whose
+        prior does not factorise over the units (p_M1(u) on the inactive ones is its marginal)."""
+        if not isinstance(m1, VAE):
+            raise TypeError(
+                f"M1 must be a pv.VAE (one stochastic layer, whose code M2 models); got a {type(m1).__name__}."
+            )
+        if not _is_diagonal_normal(m1.prior()):
+            raise ValueError(
+                f"M1+M2 models M1's inactive units by M1's prior on them, which needs a prior that factorises over "
+                f"the units (standard-normal or learned-gaussian); this M1 has the {m1.prior.name!r} prior. Train "
+                "M1 with the standard-normal prior, Kingma et al.'s M1 (pyro-vae train --prior standard-normal)."
+            )
 
     @property
     def x_shape(self) -> tuple[int, ...]:
@@ -195,7 +214,7 @@ class StackedSSVAE(SemiSupervisedModel):
         return self.m2.class_prior_net()
 
     def observe(self, z, y_onehot, n, device, x):
-        """f ~ p(f | y, z), u ~ N(0, I), x ~ p(x | z1 = (m + s f, u))."""
+        """f ~ p(f | y, z), u ~ p_M1(u), x ~ p(x | z1 = (m + s f, u))."""
         f = pyro.sample("z1", self.m2.decode(z, y_onehot))
         u = self._sample_inactive(n, device)
         return pyro.sample("x", self.m1.decode(self.features.assemble(f, u)), obs=x)
@@ -215,11 +234,16 @@ class StackedSSVAE(SemiSupervisedModel):
     def encode_features(self, features, y_onehot):
         return self.m2.encode(features, y_onehot)
 
+    def _inactive_prior(self) -> dist.Normal:
+        """p_M1(u): M1's prior, a diagonal Gaussian (checked when built), on its inactive units."""
+        prior, inactive = self.m1.prior().base_dist, self.features.inactive
+        return dist.Normal(prior.loc[inactive], prior.scale[inactive])
+
     def _sample_inactive(self, n: int, device) -> torch.Tensor:
         inactive = len(self.features.inactive)
         if not inactive:
             return torch.zeros(n, 0, device=device)
-        return pyro.sample("z1_inactive", dist.Normal(torch.zeros(n, inactive, device=device), 1.0).to_event(1))
+        return pyro.sample("z1_inactive", self._inactive_prior().expand([n, inactive]).to_event(1))
 
     # ------------------------------------------------------------ utilities
     def feature_means(self, x: torch.Tensor) -> torch.Tensor:
@@ -234,9 +258,9 @@ class StackedSSVAE(SemiSupervisedModel):
         return self.m2.encode(self.feature_means(x), y_onehot)
 
     def decode(self, z: torch.Tensor, y_onehot: torch.Tensor):
-        """p(x | z1) at z1 = (the mean of p(f | y, z), u = 0)."""
+        """p(x | z1) at z1 = (the mean of p(f | y, z), the mean of p_M1(u))."""
         f = self.m2.decode(z, y_onehot).mean
-        return self.m1.decode(self.features.assemble(f, f.new_zeros(len(self.features.inactive))))
+        return self.m1.decode(self.features.assemble(f, self._inactive_prior().mean))
 
     def sample_labels(self, num_samples: int) -> torch.Tensor:
         """Class indices drawn from p(y)."""
