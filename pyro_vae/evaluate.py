@@ -34,8 +34,8 @@ smaller than the two separate standard errors would suggest.
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
+import math
 import re
 import time
 from pathlib import Path
@@ -70,7 +70,7 @@ from .models import Model, SemiSupervisedModel
 from .models.base import ACTIVE_UNIT_THRESHOLD
 from .runs import RunDirectory, load_run
 from .training.engine import MAX_SEED, resolve_device
-from .training.parallel import parameter_digest, state_digest
+from .training.parallel import parameter_digest, points_digest, state_digest
 
 METHODS = ("is", "ais", "auto", "bdmc")
 #: Test points per batch of an evaluation (each batch saved as it finishes) unless told otherwise.
@@ -188,14 +188,44 @@ def current_evaluation(run_dir: str | Path, name: str) -> dict | None:
     return arrays if _of_current_weights(directory, arrays.get("model_digest")) else None
 
 
-def _of_current_weights(directory: RunDirectory, made_of) -> bool:
-    """Whether values made of the weights of digest ``made_of`` describe the run's best checkpoint now.
+def _current_digest(directory: RunDirectory) -> str | None:
+    """The digest of the weights a run's numbers must be of: its best checkpoint's, or for a kept record (no
+    checkpoint) the one its ``metrics.json`` records (None: a record of a run that finished before 2026-12-07)."""
+    if directory.holds_run():
+        return state_digest(directory.load_checkpoint("best")["model"])
+    made_of = directory.read_metrics().get("model_digest")
+    return None if made_of is None else str(made_of)
 
-    A kept record (no checkpoint), or values saved without a digest, cannot be checked: True.
+
+def _of_current_weights(directory: RunDirectory, made_of) -> bool:
+    """Whether values made of the weights of digest ``made_of`` describe the run's best weights now.
+
+    Values saved without a digest, or a record that does not say which weights it is of, cannot be checked: True.
     """
-    if made_of is None or not directory.holds_run():
-        return True
-    return str(made_of) == state_digest(directory.load_checkpoint("best")["model"])
+    current = _current_digest(directory)
+    return made_of is None or current is None or str(made_of) == current
+
+
+def check_metrics_of_best(directory: RunDirectory) -> None:
+    """Refuse a run whose ``metrics.json`` describes other weights than its best checkpoint.
+
+    A run writes its metrics (best epoch, test ELBO, ...) when it finishes. Resumed and stopped part-way
+    after it improved on them, its best checkpoint holds newer weights than its metrics describe, and an
+    evaluation of those beside them would mix two models' numbers.
+    """
+    metrics = directory.read_metrics()
+    if not directory.holds_run() or "best_epoch" not in metrics:
+        return
+    best = directory.load_checkpoint("best")
+    recorded = metrics.get("model_digest")
+    if (recorded is None and metrics["best_epoch"] == best["epoch"]) or recorded == state_digest(best["model"]):
+        return
+    raise ValueError(
+        f"{directory.path}'s metrics.json describes the best weights of epoch {metrics['best_epoch']}, but its best "
+        f"checkpoint now holds those of epoch {best['epoch']}: training was stopped part-way after improving on "
+        f"them, and a run writes its metrics when it finishes. Finish it first (pyro-vae train --resume "
+        f"{directory.path}), then evaluate or compare it."
+    )
 
 
 def evaluate_run(
@@ -244,6 +274,7 @@ def evaluate_run(
     device = resolve_device(device)
     directory = RunDirectory(run_dir)
     directory.check_resumable()
+    check_metrics_of_best(directory)
     run = load_run(directory.path, model=model, map_location=device)
     if method == "bdmc" and isinstance(run.model, SemiSupervisedModel):
         raise ValueError(
@@ -352,7 +383,10 @@ def _evaluate_test_points(
     summary["nll"] = -summary["log_px"]
     escalated = np.zeros(len(x), dtype=bool)
     escalated[unreliable] = True
-    return {"log_px": log_px, "pareto_k": pareto_k, "escalated": escalated}, summary
+    arrays = {"log_px": log_px, "pareto_k": pareto_k, "escalated": escalated, "is_log_px": is_log_px}
+    if len(unreliable):  # the escalated points' AIS diagnostics, in the order of their indices
+        arrays.update({f"escalated_{key}": estimate[key] for key in AIS_COLUMNS if key != "log_px"})
+    return arrays, summary
 
 
 class _WallClock:
@@ -459,11 +493,6 @@ def _resumable_ais(
     return {key: np.asarray(value) for key, value in columns.items()}
 
 
-def points_digest(x: torch.Tensor) -> str:
-    """SHA-256 of the points' float32 bytes: which test points an evaluation is of."""
-    return hashlib.sha256(x.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()).hexdigest()
-
-
 def annealed_log_px(model: Model, x: torch.Tensor, **ais) -> AISEstimate:
     """AIS of a model's log p(x); for a semi-supervised model, the sum over its labels (M2's y is discrete)."""
     if isinstance(model, SemiSupervisedModel):
@@ -518,6 +547,10 @@ def compare_runs(run_dirs: list[str | Path], evaluation: str | None = None) -> l
     :param evaluation: the name of the evaluation to compare (method and settings, e.g.
         ``ais-T400-C16-L2-sigmoid``); by default the importance-sampled ``test_log_px.npy``.
         Runs are paired only on the same evaluation of the same test points.
+
+    The test ELBO and active units are of every test point: beside an evaluation of fewer points
+    (``test_points``) they are left out (NaN and None). A run whose metrics describe other weights than
+    its best checkpoint (stopped part-way after improving on them) is refused.
     """
     if len(run_dirs) < 1:
         raise ValueError("Give at least one run directory to compare.")
@@ -527,6 +560,7 @@ def compare_runs(run_dirs: list[str | Path], evaluation: str | None = None) -> l
     runs = []
     for run_dir in map(Path, run_dirs):
         directory = RunDirectory(run_dir)
+        check_metrics_of_best(directory)
         metrics = directory.read_metrics()
         if evaluation is None:
             log_px, made_of = directory.read_log_px(), metrics.get(directory.LOG_PX_DIGEST)
@@ -579,6 +613,7 @@ def compare_runs(run_dirs: list[str | Path], evaluation: str | None = None) -> l
     for run_dir, config, metrics, log_px, _ in runs:
         diff = log_px - best[3]
         n = len(diff)
+        whole = n == metrics.get("num_test", n)  # the ELBO and active units are of every test point
         rows.append(
             {
                 "run": str(run_dir),
@@ -588,8 +623,8 @@ def compare_runs(run_dirs: list[str | Path], evaluation: str | None = None) -> l
                 "log_px_se": standard_error(log_px),
                 "diff_to_best": float(diff.mean()),
                 "diff_se": standard_error(diff),
-                "elbo": metrics.get("test_elbo", float("nan")),
-                "active_units": metrics.get("active_units"),
+                "elbo": metrics.get("test_elbo", float("nan")) if whole else float("nan"),
+                "active_units": metrics.get("active_units") if whole else None,
                 "evaluation": evaluation or f"is-K{metrics.get('test_num_samples')}",
                 "num_points": n,
             }
@@ -607,9 +642,11 @@ def comparison_markdown(rows: list[dict]) -> str:
         diff = (
             "best" if r["diff_to_best"] == 0 and r["diff_se"] == 0 else f"{r['diff_to_best']:.2f} +- {r['diff_se']:.2f}"
         )
+        elbo = "-" if math.isnan(r["elbo"]) else f"{r['elbo']:.2f}"  # "-": of other points than the log p(x)
+        active = "-" if r["active_units"] is None else r["active_units"]
         lines.append(
             f"| {r['run']} | {r['prior']} | {r['likelihood']} | {r['log_px']:.2f} +- {r['log_px_se']:.2f} | {diff} | "
-            f"{r['elbo']:.2f} | {r['active_units']} | {r['evaluation']} |"
+            f"{elbo} | {active} | {r['evaluation']} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -1,6 +1,7 @@
 """pyro-vae evaluate and compare on small trained runs."""
 
 import json
+import math
 import shutil
 
 import numpy as np
@@ -116,6 +117,12 @@ def test_ais_auto_and_bdmc_from_the_command_line(two_runs, capsys, tmp_path):
     threshold = pareto_threshold(50)  # 0.41: K = 50 weights cannot bear heavier tails
     assert 0 < escalated.sum() == (auto["pareto_k"] > threshold).sum() <= 200  # K = 50 leaves many unreliable
     assert f"AIS on {escalated.sum()} points whose Pareto k > {threshold:.2f}" in capsys.readouterr().out
+    # the file holds what its summary is made of: the importance pass, and the AIS diagnostics of the escalated
+    summary = json.loads((wide / "metrics.json").read_text())["evaluations"]["auto-K50-T20-C4-L1-sigmoid"]
+    assert summary["is_log_px"] == pytest.approx(auto["is_log_px"].mean())
+    np.testing.assert_array_equal(auto["log_px"][~escalated], auto["is_log_px"][~escalated])
+    assert summary["escalated_acceptance_mean"] == pytest.approx(auto["escalated_acceptance"].mean())
+    assert auto["escalated_chain_std"].shape == auto["escalated_step_size"].shape[:1] == (escalated.sum(),)
     # K = 20 weights have no tail to fit (fewer than 10 in it): Pareto k cannot tell, so every point goes to AIS
     assert main(["evaluate", str(wide), "--method", "auto", "--samples", "20", *FAST_AIS, "--no-progress"]) == 0
     auto = np.load(wide / "evaluations" / "auto-K20-T20-C4-L1-sigmoid.npz")
@@ -263,15 +270,72 @@ def test_training_on_keeps_the_evaluations_and_compare_refuses_an_older_log_px(t
     assert main(["train", "--resume", str(run), "--epochs", "1", "--no-progress"]) == 2  # below what it trained
     assert "has trained 2 epochs; resume it to at least 2 epochs in all, not 1" in capsys.readouterr().err
     assert json.loads((run / "metrics.json").read_text()) == kept  # refused before anything was written
-    # trained on: the named evaluations' summaries are set apart (their files record their weights); the
-    # headline is the new weights'
-    assert main(["train", "--resume", str(run), "--epochs", "3", "--eval-samples", "5", "--no-progress"]) == 0
+    # trained on without a test log p(x): the named evaluations' summaries are set apart (their files record
+    # their weights), and test_log_px.npy is of the older weights, which compare refuses
+    assert main(["train", "--resume", str(run), "--epochs", "3", "--eval-samples", "0", "--no-progress"]) == 0
     after = json.loads((run / "metrics.json").read_text())
     assert after["earlier_evaluations"] == evaluated["evaluations"] and "evaluations" not in after
-    assert after["test_num_samples"] == 5
+    assert "test_log_px" not in after and after["model_digest"] != after["log_px_model_digest"]
     capsys.readouterr()
     assert main(["compare", str(run)]) == 2
     assert "'test_log_px.npy' of" in capsys.readouterr().err
+    # trained on with one: its per-point values go to test_log_px.npy with the headline, of the new weights
+    assert main(["train", "--resume", str(run), "--epochs", "4", "--eval-samples", "5", "--no-progress"]) == 0
+    last = json.loads((run / "metrics.json").read_text())
+    assert last["test_num_samples"] == 5 and last["log_px_model_digest"] == last["model_digest"]
+    assert np.load(run / "test_log_px.npy").mean() == pytest.approx(last["test_log_px"], rel=1e-6)
+    assert main(["compare", str(run)]) == 0
+
+
+def test_metrics_of_older_weights_than_the_best_checkpoint_are_refused_and_a_record_says_its_weights(
+    two_runs, tmp_path, monkeypatch, capsys
+):
+    """Resumed and stopped after improving, before its metrics were written, a run's best.pt holds newer
+    weights than its metrics.json describes: evaluate and compare refuse it rather than put the two side by side.
+    A kept record (no weights) says which weights it is of, so that compare refuses its older files."""
+    import shutil
+
+    from pyro_vae.training.engine import _Engine
+
+    wide, narrow = two_runs
+    run = tmp_path / "run"
+    shutil.copytree(wide, run)
+    assert main(["evaluate", str(run), "--samples", "20", "--no-progress"]) == 0
+    record = pv.RunDirectory(run).keep_record(tmp_path / "record-before")
+    assert main(["compare", str(record.path)]) == 0  # its test_log_px.npy is of the weights its metrics name
+
+    def stopped(self):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patched:
+        patched.setattr(_Engine, "_finish", stopped)  # stopped after the epochs, before the metrics
+        assert main(["train", "--resume", str(run), "--epochs", "5", "--no-progress"]) == 130
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert pv.RunDirectory(run).load_checkpoint("best")["epoch"] > metrics["best_epoch"] == 2  # it improved
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "--samples", "20", "--no-progress"]) == 2
+    assert main(["compare", str(run), str(narrow)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("describes the best weights of epoch 2, but its best checkpoint now holds those of epoch") == 2
+    assert f"Finish it first (pyro-vae train --resume {run})" in err
+    assert json.loads((run / "metrics.json").read_text()) == metrics  # nothing written
+
+    # finished: the metrics are the new weights', and test_log_px.npy (evaluate's, of the older) is refused
+    assert main(["train", "--resume", str(run), "--epochs", "5", "--eval-samples", "0", "--no-progress"]) == 0
+    record = pv.RunDirectory(run).keep_record(tmp_path / "record-after")
+    capsys.readouterr()
+    for kept in (run, record.path):  # the record, without weights, by the digest its metrics.json records
+        assert main(["compare", str(kept)]) == 2
+        assert "'test_log_px.npy' of" in capsys.readouterr().err
+
+
+def test_compare_leaves_out_the_elbo_and_active_units_beside_fewer_test_points(two_runs, capsys):
+    wide, narrow = two_runs
+    for run in (wide, narrow):
+        assert main(["evaluate", str(run), "--samples", "20", "--test-points", "50", "--no-progress"]) == 0
+    rows = pv.compare_runs([wide, narrow], evaluation="is-K20-first50")
+    assert all(math.isnan(row["elbo"]) and row["active_units"] is None and row["num_points"] == 50 for row in rows)
+    assert comparison_markdown(rows).splitlines()[2].endswith("| - | - | is-K20-first50 |")
 
 
 def test_an_interrupted_bdmc_evaluation_continues_to_the_same_bounds(two_runs, monkeypatch, tmp_path):

@@ -88,7 +88,7 @@ from ..runs.directory import RunDirectory, model_config_matches
 from ..runs.files import CheckpointError, restore_rng, rng_state
 from .averaging import WeightAverage
 from .interrupts import InterruptRequests
-from .parallel import ReplicasDiverged, SingleProcess, parameter_digest
+from .parallel import ReplicasDiverged, SingleProcess, parameter_digest, points_digest
 from .precision import MATMUL_PRECISIONS, float32_matmul_precision
 from .schedules import LR_SCHEDULES, kl_weight_schedule, length_conflict
 
@@ -272,6 +272,9 @@ def compiled_step(model: Model, objective: Objective) -> CompiledStep:
     return CompiledStep(lambda *inputs: objective.loss(model, *inputs[:-1], kl_weight=inputs[-1]), model)
 
 
+#: The seed and batch size of the test log p(x) that a run with ``eval_samples`` estimates when it finishes
+#: (``pyro-vae evaluate RUN --samples K`` at its defaults makes the same numbers).
+TEST_LOG_PX_SEED, TEST_LOG_PX_BATCH = 0, 100
 #: With ``compile="auto"``, runs of at least this many steps are compiled: in shorter runs compiling
 #: costs more than the replays save (benchmarks/RESULTS.md, "Training speed").
 AUTO_COMPILE_STEPS = 2000
@@ -809,12 +812,12 @@ class _Engine:
         if self.run is None:
             return
         pyro.set_rng_seed(self.seed)  # the test metrics depend on the weights and the seed, not on how training went
-        metrics = {"best_epoch": self.best_epoch}
+        best_digest = parameter_digest(self.model)
+        metrics = {"best_epoch": self.best_epoch, "model_digest": best_digest}  # the weights every number is of
         best_row = self.history[self.best_epoch_index]
         if self.metric in best_row:
             metrics[self.metric] = best_row[self.metric]
         metrics.update(self.objective.validate(self.model, self.data.test, "test_"))
-        best_digest = parameter_digest(self.model)
         evaluated = self._evaluations_kept(best_digest)
         if self.settings["eval_samples"] and evaluated.get(self.run.LOG_PX_DIGEST) != best_digest:
             self.model.eval()
@@ -823,10 +826,16 @@ class _Engine:
                 self.model.guide,
                 self.data.test.x,
                 num_samples=self.settings["eval_samples"],
-                batch_size=100,
+                batch_size=TEST_LOG_PX_BATCH,
+                seed=TEST_LOG_PX_SEED,
                 progress=self.progress,
             )
             metrics.update({f"test_{key}": value for key, value in estimate.summary().items()})
+            # its per-point values, as pyro-vae evaluate RUN --samples K writes them, which remakes them
+            self.run.write_log_px(estimate.log_px.double().cpu().numpy())
+            evaluated.update(log_px_seed=TEST_LOG_PX_SEED, log_px_batch_size=TEST_LOG_PX_BATCH)
+            evaluated[self.run.LOG_PX_DIGEST] = best_digest
+            evaluated[self.run.LOG_PX_TEST_DIGEST] = points_digest(self.data.test.x)
         metrics.update(
             num_test=len(self.data.test),
             binarize=self.data.binarize,
@@ -863,6 +872,6 @@ class _Engine:
         kept.update({"earlier_evaluations": earlier} if earlier else {})
         if previous.get(self.run.LOG_PX_DIGEST) != digest:
             return kept
-        training = {"best_epoch", self.metric, "num_test", "binarize", "epochs", "train_seconds", "world_size",
-                    "replica_parameter_digests", "evaluations", "earlier_evaluations"}  # fmt: skip
+        training = {"best_epoch", "model_digest", self.metric, "num_test", "binarize", "epochs", "train_seconds",
+                    "world_size", "replica_parameter_digests", "evaluations", "earlier_evaluations"}  # fmt: skip
         return {**{key: value for key, value in previous.items() if key not in training}, **kept}

@@ -36,6 +36,11 @@ def state_digest(state: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
+def points_digest(x: torch.Tensor) -> str:
+    """SHA-256 of the points' float32 bytes: which test points an evaluation is of."""
+    return hashlib.sha256(x.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()).hexdigest()
+
+
 class ReplicasDiverged(RuntimeError):
     """The processes of a data-parallel run ended with different parameters."""
 
