@@ -329,6 +329,26 @@ def test_metrics_of_older_weights_than_the_best_checkpoint_are_refused_and_a_rec
         assert "'test_log_px.npy' of" in capsys.readouterr().err
 
 
+def test_an_evaluation_at_another_k_keeps_the_headline_of_training_apart(two_runs, tmp_path):
+    """Training's test log p(x) (eval_samples) has no evaluation file of its own: an evaluation of every test
+    point at another K, which takes over the headline and test_log_px.npy, keeps it as is-K<K>."""
+    wide, _ = two_runs
+    run = tmp_path / "run"
+    shutil.copytree(wide, run)
+    assert main(["train", "--resume", str(run), "--epochs", "3", "--eval-samples", "30", "--no-progress"]) == 0
+    trained = json.loads((run / "metrics.json").read_text())
+    per_point = np.load(run / "test_log_px.npy")
+    assert main(["evaluate", str(run), "--samples", "5", "--no-progress"]) == 0
+    after = json.loads((run / "metrics.json").read_text())
+    assert after["test_num_samples"] == 5 and set(after["evaluations"]) == {"is-K5", "is-K30"}
+    kept = after["evaluations"]["is-K30"]
+    assert kept["log_px"] == trained["test_log_px"] and kept["num_samples"] == 30 and kept["seed"] == 0
+    arrays = pv.RunDirectory(run).read_evaluation("is-K30")
+    np.testing.assert_array_equal(arrays["log_px"], per_point)
+    assert arrays["model_digest"] == after["model_digest"]
+    assert pv.compare_runs([run], evaluation="is-K30")[0]["log_px"] == pytest.approx(trained["test_log_px"])
+
+
 def test_compare_leaves_out_the_elbo_and_active_units_beside_fewer_test_points(two_runs, capsys):
     wide, narrow = two_runs
     for run in (wide, narrow):
