@@ -688,6 +688,12 @@ def _compare(args) -> None:
     if not out.name:
         raise ValueError(f"--out {args.out!r} names no file; give a path and a name, e.g. --out runs/comparison.")
     check_folder(out.parent, "--out", "a path whose folder can be written, e.g. --out runs/comparison")
+    folder = RunDirectory(out.parent)
+    if folder.holds_run() or folder.file(folder.CONFIG).exists():  # its history.csv would be overwritten
+        raise ValueError(
+            f"--out {args.out}: {out.parent} is a run directory, whose own files (history.csv among them) the "
+            "tables would overwrite or sit among; write them elsewhere, e.g. --out runs/comparison."
+        )
     rows = compare_runs(args.runs, evaluation=args.evaluation)
     table = comparison_markdown(rows)
     out.parent.mkdir(parents=True, exist_ok=True)

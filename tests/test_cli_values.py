@@ -189,6 +189,7 @@ def test_a_new_run_never_overwrites_an_old_one(finished_run, capsys, monkeypatch
         (["compare", "RUN", "RUN"], "a run is given twice; give each run once"),
         (["compare", "RUN", "--out", ""], "names no file; give a path and a name, e.g. --out runs/comparison"),
         (["compare", "RUN", "--out", "AFILE/table"], "--out AFILE is a file; give a path whose folder can be written"),
+        (["compare", "RUN", "--out", "RUN/history"], "is a run directory, whose own files (history.csv among them)"),
         (["train", "--out", "AFILE/runs"], "--out AFILE/runs cannot be made a folder (AFILE is a file)"),
         (["train", "--m1", "NOWHERE"], "does not exist"),
         (["train", "--m1", "RUN", "--output-bias", "data"], "--output-bias cannot be used with --m1"),
@@ -197,12 +198,13 @@ def test_a_new_run_never_overwrites_an_old_one(finished_run, capsys, monkeypatch
 def test_evaluate_compare_and_train_refuse_bad_values_and_paths(finished_run, tmp_path, argv, message, capsys):
     (tmp_path / "afile").write_text("a file, not a folder")
     names = {"RUN": str(finished_run), "NOWHERE": str(tmp_path / "nowhere")}
-    argv = [names.get(a, a.replace("AFILE", str(tmp_path / "afile"))) for a in argv]
-    metrics = (finished_run / "metrics.json").read_text()
+    argv = [names.get(a, a.replace("AFILE", str(tmp_path / "afile")).replace("RUN/", f"{finished_run}/")) for a in argv]
+    metrics, history = (finished_run / "metrics.json").read_text(), (finished_run / "history.csv").read_text()
     code, err = _run(argv, capsys)
     assert code == 2 and message.replace("AFILE", str(tmp_path / "afile")) in err and err.count("\n") == 1, err
     assert (tmp_path / "afile").read_text() == "a file, not a folder"
     assert (finished_run / "metrics.json").read_text() == metrics
+    assert (finished_run / "history.csv").read_text() == history
 
 
 @pytest.mark.parametrize("value", [0, 2.0, True])
