@@ -169,6 +169,15 @@ def test_a_full_disk_while_drawing_a_figure_keeps_the_previous_figure(tmp_path, 
     assert path.read_bytes() == before and not list(path.parent.glob(".*.tmp"))
 
 
+def test_the_latent_space_of_one_or_two_points_is_drawn(tmp_path):
+    """PCA of fewer points than two components (a tiny --subset's test split) pads with zeros, instead of
+    failing after training; points that coincide explain all their (zero) variance."""
+    vae = small_vae(z_dim=4)
+    for n in (1, 2, 3):
+        path = plots.plot_latent_space(vae, torch.rand(n, 1, 28, 28), torch.arange(n), tmp_path / f"latent{n}.png")
+        assert path.read_bytes().startswith(b"\x89PNG")
+
+
 def test_json_files_are_strict_json_and_read_back_their_non_finite_numbers(tmp_path):
     written = {"se": math.nan, "k": [math.inf, 0.5, -math.inf], "nested": {"name": "NaNo", "x": 1.0}}
     files.write_json(tmp_path / "m.json", written)
