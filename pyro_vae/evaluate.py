@@ -69,7 +69,7 @@ from .infer.importance import DEFAULT_NUM_SAMPLES, untrusted
 from .models import Model, SemiSupervisedModel
 from .models.base import ACTIVE_UNIT_THRESHOLD
 from .runs import RunDirectory, load_run
-from .training.engine import MAX_SEED, resolve_device
+from .training.engine import MAX_SEED, resolve_device, split_digest
 from .training.parallel import parameter_digest, points_digest, state_digest
 
 METHODS = ("is", "ais", "auto", "bdmc")
@@ -294,7 +294,14 @@ def evaluate_run(
             f"{directory.path} was trained on data with {counts['test']} test points; data= has {len(data.test)}. "
             "Give the pv.Dataset the run was trained on."
         )
-    test = (run.load_data() if data is None else data).test.x
+    test_split = (run.load_data() if data is None else data).test
+    recorded = (run.config.get("data_digests") or {}).get("test")  # runs before 2026-12-07 recorded none
+    if recorded is not None and recorded != split_digest(test_split):
+        raise ValueError(
+            f"{directory.path} was trained with other test points than these (their values differ from the digest "
+            "its config records: the data file was changed since). Restore the data it was trained on."
+        )
+    test = test_split.x
     if test_points is not None and test_points > len(test):
         raise ValueError(
             f"test_points must be at most the run's {len(test)} test points; got {test_points} "

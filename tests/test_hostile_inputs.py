@@ -155,6 +155,47 @@ def test_a_data_file_that_is_no_numpy_file_is_refused_naming_what_to_give(tmp_pa
     robustness_report["bad inputs refused or cleaned"] += 1
 
 
+def test_a_data_file_changed_in_place_is_refused_on_resume_and_evaluation(tmp_path, robustness_report, capsys):
+    """The same file name and counts, other values: the run records each split's digest and refuses them."""
+    from pyro_vae import cli
+
+    rng = np.random.default_rng(0)
+    data = tmp_path / "vec.npz"
+    np.savez(data, x=rng.random((300, 6), dtype=np.float32), x_test=rng.random((50, 6), dtype=np.float32))
+    flags = [
+        "--dataset",
+        str(data),
+        "--val-size",
+        "50",
+        "--binarize",
+        "none",
+        "--likelihood",
+        "gaussian",
+        "--hidden",
+        "8",
+    ]
+    flags += ["--z-dim", "2"]
+    assert cli.main(["train", *flags, "--epochs", "1", "--eval-samples", "0", "--no-progress", "--out",
+                     str(tmp_path), "--name", "r"]) == 0  # fmt: skip
+    run = tmp_path / "r"
+    checkpoint, metrics = (run / "checkpoint.pt").read_bytes(), (run / "metrics.json").read_bytes()
+    for changed in ("x", "x_test"):
+        arrays = dict(np.load(data))
+        np.savez(data, **{**arrays, changed: arrays[changed] * 5})
+        capsys.readouterr()
+        assert cli.main(["train", "--resume", str(run), "--epochs", "2", "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        split = "train, val" if changed == "x" else "test"
+        assert f"was trained on other values of the same data: its {split} points or labels differ" in err, err
+        assert cli.main(["evaluate", str(run), "--samples", "5", "--no-progress"]) == (2 if changed == "x_test" else 0)
+        if changed == "x_test":
+            assert "was trained with other test points than these" in capsys.readouterr().err
+        np.savez(data, **arrays)
+        (run / "metrics.json").write_bytes(metrics)  # the evaluation of the unchanged test points aside
+    assert (run / "checkpoint.pt").read_bytes() == checkpoint
+    robustness_report["bad inputs refused or cleaned"] += 2
+
+
 def test_data_of_the_wrong_shape_for_the_model_is_refused(trained_run, robustness_report):
     run = pv.load_run(trained_run)
     with pytest.raises(pv.DataError, match=r"shape \(784,\) but the model expects \(1, 28, 28\)"):

@@ -314,6 +314,17 @@ def data_points(data) -> dict[str, int]:
     return {split: len(getattr(data, split)) for split in ("train", "val", "test")}
 
 
+def split_digest(split) -> str:
+    """The digest of a split's points, and of its labels where it has them."""
+    return points_digest(split.x) + ("" if split.y is None else "-" + points_digest(split.y))
+
+
+def data_digests(data) -> dict[str, str]:
+    """The digest of each split, which a run records: a data file changed in place (the same name and counts,
+    other values) is refused when the run is resumed or evaluated."""
+    return {split: split_digest(getattr(data, split)) for split in ("train", "val", "test")}
+
+
 def _what_the_data_are(spec: dict) -> dict:
     """A data set's spec without where its files are: no ``data_dir``, a data file by its file name (runs before
     2026-12-06 recorded the path as typed, later ones the absolute path), and no subset as ``subset`` None."""
@@ -342,6 +353,20 @@ def check_same_data(run: RunDirectory, saved: dict, current: dict) -> None:
             f"{run.path} was trained on other data ({', '.join(changed)}); resume it on its own data (pv.resume_run "
             "and pyro-vae train --resume rebuild it from the run's config), or start a new run."
         )
+    digests = saved.get("data_digests") or {}  # runs written before 2026-12-07 did not record them
+    if differ := [split for split, digest in digests.items() if digest != current["data_digests"][split]]:
+        raise CheckpointError(
+            f"{run.path} was trained on other values of the same data: its {', '.join(differ)} points or labels "
+            f"differ from those it recorded{_where(current['data'])}. Restore the data it was trained on, or start "
+            "a new run."
+        )
+
+
+def _where(spec: dict | None) -> str:
+    """Where a data set's values come from, in words, for a message (a data file's path)."""
+    if spec is None:
+        return " (the tensors given)"
+    return f" ({spec['name']})" if Path(spec["name"]).suffix in (".npy", ".npz") else ""
 
 
 def fit(
@@ -505,6 +530,7 @@ class _Engine:
             "model": model.config() if model.describable else None,
             "data": data.spec,
             "data_points": data_points(data),
+            "data_digests": data_digests(data),
             "train": {
                 "epochs": settings["epochs"],
                 "batch_size": settings["batch_size"],
