@@ -337,7 +337,7 @@ def evaluate_run(
         earlier.pop(name, None)  # its file now holds these weights' numbers
         metrics.update({"earlier_evaluations": earlier} if earlier else {})
         if method == "is" and test_points is None:  # the headline numbers and test_log_px.npy: all test points
-            _keep_headline_apart(directory, metrics, identity["model_digest"], num_samples)
+            directory.keep_headline_apart(metrics, identity["model_digest"], num_samples)
             kept_apart = ("method", "seed", "batch_size", "seconds")
             headline = {key: value for key, value in summary.items() if key not in kept_apart}
             metrics.update({f"test_{key}": value for key, value in headline.items()})
@@ -353,29 +353,6 @@ def evaluate_run(
     if method == "is" and test_points is None:
         return {"evaluation": name, **{key: value for key, value in metrics.items() if key != "evaluations"}}
     return {"evaluation": name, **summary}
-
-
-def _keep_headline_apart(directory: RunDirectory, metrics: dict, digest: str, num_samples: int) -> None:
-    """Before an importance-sampled evaluation of every test point at K = ``num_samples`` replaces the
-    headline of ``metrics`` and ``test_log_px.npy``: keep a headline of the same weights at another K (the
-    one training's ``eval_samples`` made, which has no file of its own) as the named evaluation it is,
-    ``is-K<K>``, so that no finished estimate is lost. Its per-point values are ``test_log_px.npy``'s.
-    """
-    earlier_k = metrics.get("test_num_samples")
-    if earlier_k in (None, num_samples) or metrics.get(RunDirectory.LOG_PX_DIGEST) != digest:
-        return
-    name = f"is-K{earlier_k}"
-    if name in metrics.get("evaluations", {}) or not directory.file(directory.LOG_PX).exists():
-        return
-    points = metrics.get(RunDirectory.LOG_PX_TEST_DIGEST)
-    directory.write_evaluation(
-        name,
-        {"log_px": directory.read_log_px(), "model_digest": digest, **({"test_digest": points} if points else {})},
-    )
-    summary = {key.removeprefix("test_"): value for key, value in metrics.items() if key.startswith("test_")}
-    summary.update(method="is", seed=metrics.get("log_px_seed", 0))
-    summary["batch_size"] = metrics.get("log_px_batch_size", DEFAULT_EVALUATION_BATCH)
-    metrics.setdefault("evaluations", {})[name] = summary
 
 
 def _evaluate_test_points(

@@ -331,7 +331,8 @@ def test_metrics_of_older_weights_than_the_best_checkpoint_are_refused_and_a_rec
 
 def test_an_evaluation_at_another_k_keeps_the_headline_of_training_apart(two_runs, tmp_path):
     """Training's test log p(x) (eval_samples) has no evaluation file of its own: an evaluation of every test
-    point at another K, which takes over the headline and test_log_px.npy, keeps it as is-K<K>."""
+    point at another K, which takes over the headline and test_log_px.npy, keeps it as is-K<K>; a resume with
+    another eval_samples makes the headline at its K."""
     wide, _ = two_runs
     run = tmp_path / "run"
     shutil.copytree(wide, run)
@@ -347,6 +348,12 @@ def test_an_evaluation_at_another_k_keeps_the_headline_of_training_apart(two_run
     np.testing.assert_array_equal(arrays["log_px"], per_point)
     assert arrays["model_digest"] == after["model_digest"]
     assert pv.compare_runs([run], evaluation="is-K30")[0]["log_px"] == pytest.approx(trained["test_log_px"])
+    # resumed with a larger --eval-samples (nothing left to train): the headline is made at the new K; with a
+    # smaller one (as in the test above) it stays
+    assert main(["train", "--resume", str(run), "--epochs", "3", "--eval-samples", "40", "--no-progress"]) == 0
+    resumed = json.loads((run / "metrics.json").read_text())
+    assert resumed["test_num_samples"] == 40 and set(resumed["evaluations"]) == {"is-K5", "is-K30"}
+    assert np.load(run / "test_log_px.npy").mean() == pytest.approx(resumed["test_log_px"], rel=1e-6)
 
 
 def test_compare_leaves_out_the_elbo_and_active_units_beside_fewer_test_points(two_runs, capsys):

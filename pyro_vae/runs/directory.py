@@ -242,6 +242,28 @@ class RunDirectory:
         fix = "delete it to start that evaluation again." if partial else "delete it and run pyro-vae evaluate again."
         return load_numpy(path, fix, CheckpointError)
 
+    def keep_headline_apart(self, metrics: dict, digest: str, num_samples: int) -> None:
+        """Before an importance-sampled estimate of every test point at K = ``num_samples`` replaces the headline
+        of ``metrics`` and :attr:`LOG_PX`: keep a headline of the same weights (``digest``) at another K as the
+        named evaluation it is, ``is-K<K>``, in ``metrics["evaluations"]`` and its file, so that no finished
+        estimate is lost. Training's (``eval_samples``) has no file of its own until then; its per-point
+        values are :attr:`LOG_PX`'s.
+        """
+        earlier_k = metrics.get("test_num_samples")
+        if earlier_k in (None, num_samples) or metrics.get(self.LOG_PX_DIGEST) != digest:
+            return
+        name = f"is-K{earlier_k}"
+        if name in metrics.get("evaluations", {}) or not self.file(self.LOG_PX).exists():
+            return
+        points = metrics.get(self.LOG_PX_TEST_DIGEST)
+        arrays = {"log_px": self.read_log_px(), "model_digest": digest, **({"test_digest": points} if points else {})}
+        self.write_evaluation(name, arrays)
+        summary = {key.removeprefix("test_"): value for key, value in metrics.items() if key.startswith("test_")}
+        summary.update(method="is", seed=metrics.get("log_px_seed", 0))
+        if "log_px_batch_size" in metrics:
+            summary["batch_size"] = metrics["log_px_batch_size"]
+        metrics.setdefault("evaluations", {})[name] = summary
+
     def keep_record(self, destination: str | Path, extra: tuple[str, ...] = ()) -> RunDirectory:
         """Copy the run's record to ``destination``: :attr:`RECORD`, the finished evaluations, and the files
         named in ``extra``, whichever the run has; no checkpoint and no figures (a few hundred kB).

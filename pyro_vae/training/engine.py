@@ -422,8 +422,10 @@ def fit(
         ``"random"``); ``"random"`` always keeps it.
     :param run_dir: write config, checkpoints, history and metrics here.
     :param resume: continue from ``run_dir``'s checkpoint up to ``epochs`` in all.
-    :param eval_samples: K of a test log p(x) of the best checkpoint in ``metrics.json`` (with ``run_dir``);
-        0 skips it.
+    :param eval_samples: K of a test log p(x) of the best checkpoint in ``metrics.json`` and
+        ``test_log_px.npy`` (with ``run_dir``), seed 0 and batches of 100 as ``pyro-vae evaluate RUN --samples
+        K`` makes it; 0 skips it. A resumed run whose best weights are those of its headline keeps it where it
+        was made with at least K samples; one made with fewer is kept apart as the evaluation ``is-K<its K>``.
     :param processes: :class:`~pyro_vae.training.parallel.LightningProcesses` to train on several.
     :param compile: True replays every full-size step after the first
         compiled (:mod:`pyro_vae.accel.training_step`); False runs every step
@@ -845,13 +847,18 @@ class _Engine:
             metrics[self.metric] = best_row[self.metric]
         metrics.update(self.objective.validate(self.model, self.data.test, "test_"))
         evaluated = self._evaluations_kept(best_digest)
-        if self.settings["eval_samples"] and evaluated.get(self.run.LOG_PX_DIGEST) != best_digest:
+        num_samples = self.settings["eval_samples"]
+        if num_samples and (
+            evaluated.get(self.run.LOG_PX_DIGEST) != best_digest or evaluated.get("test_num_samples", 0) < num_samples
+        ):  # new weights, or the same estimated with fewer samples (kept apart, then replaced); more are kept
+            self.run.keep_headline_apart(evaluated, best_digest, num_samples)
+            evaluated = {key: value for key, value in evaluated.items() if not key.startswith("test_")}
             self.model.eval()
             estimate = log_marginal_likelihood(
                 self.model.model,
                 self.model.guide,
                 self.data.test.x,
-                num_samples=self.settings["eval_samples"],
+                num_samples=num_samples,
                 batch_size=TEST_LOG_PX_BATCH,
                 seed=TEST_LOG_PX_SEED,
                 progress=self.progress,
