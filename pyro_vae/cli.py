@@ -53,6 +53,7 @@ from .registry import load_plugins
 from .runs import CheckpointError, RunDirectory, load_run
 from .training import LightningProcesses, TrainingDiverged, TrainingInterrupted
 from .training.engine import AUTO_COMPILE_STEPS, MAX_SEED, OUTPUT_BIAS_STARTS, resolve_device
+from .training.parallel import STRATEGIES
 from .training.precision import MATMUL_PRECISIONS
 from .training.schedules import LR_SCHEDULES
 from .workflow import resume_run, train_run
@@ -385,7 +386,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parallel.add_argument("--devices", type=_devices, help="processes (CPU) or GPUs per node, e.g. 2, or auto")
     parallel.add_argument("--num-nodes", type=positive_int, help="machines [default: 1]")
-    parallel.add_argument("--strategy", help="Lightning strategy [default: ddp]")
+    parallel.add_argument(
+        "--strategy", choices=STRATEGIES, help="Lightning strategy: whole replicas, started by re-running the command"
+    )
     parallel.add_argument("--accelerator", choices=["cpu", "gpu", "auto"], help="[default: cpu]")
 
     output = train.add_argument_group("output")

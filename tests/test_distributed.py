@@ -14,7 +14,7 @@ from pyro_vae import cli
 from pyro_vae.infer import build_objective
 from pyro_vae.runs.files import read_json
 from pyro_vae.training.engine import adam, take_step
-from pyro_vae.training.parallel import SingleProcess, parameter_digest
+from pyro_vae.training.parallel import LightningProcesses, SingleProcess, parameter_digest
 
 needs_lightning = pytest.mark.skipif(
     importlib.util.find_spec("lightning") is None, reason="needs pyro-vae[distributed]"
@@ -126,6 +126,18 @@ def test_a_write_that_fails_on_process_0_stops_every_process(tmp_path):
     assert "Process 0 could not write the checkpoint of epoch 2" in done.stderr, done.stderr[-3000:]
     assert "Connection closed" not in done.stderr
     assert pv.load_run(tmp_path / "r").epoch == 1
+
+
+def test_a_strategy_that_does_not_replicate_the_model_by_re_running_the_command_is_refused(tmp_path, capsys):
+    """ddp_spawn needs a function to start processes from (a TypeError deep in Lightning), FSDP and DeepSpeed
+    shard the model the engine sums the gradients of: refused before anything starts, by the API and the CLI."""
+    for strategy in ("ddp_spawn", "fsdp", "deepspeed"):
+        with pytest.raises(ValueError, match=f"strategy '{strategy}' is not one a run can take; choose one of"):
+            LightningProcesses(devices=2, strategy=strategy)
+        with pytest.raises(SystemExit):
+            cli.main(["train", "--devices", "2", "--strategy", strategy, "--out", str(tmp_path)])
+        assert "argument --strategy: invalid choice" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
 
 
 def test_without_lightning_the_error_names_the_extra(tmp_path, monkeypatch, capsys):

@@ -81,6 +81,12 @@ class SingleProcess:
         return [obj]
 
 
+#: The Lightning strategies a run can take: every process holds a whole replica of the model (the engine sums
+#: the gradients itself), and the processes are started by re-running the command (or by torchrun, SLURM).
+#: ``ddp_spawn`` and ``ddp_fork`` start them from a function, FSDP and DeepSpeed shard the model.
+STRATEGIES = ("ddp",)
+
+
 class LightningProcesses(SingleProcess):
     """Several processes launched and connected by ``lightning.fabric.Fabric``.
 
@@ -91,6 +97,11 @@ class LightningProcesses(SingleProcess):
     """
 
     def __init__(self, devices: int | str = "auto", num_nodes: int = 1, strategy: str = "ddp", accelerator="cpu"):
+        if strategy not in STRATEGIES:
+            raise ValueError(
+                f"strategy {strategy!r} is not one a run can take; choose one of {STRATEGIES} (replicas of the whole "
+                "model, the processes started by re-running the command)."
+            )
         try:
             from lightning.fabric import Fabric
         except ImportError as err:
