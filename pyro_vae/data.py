@@ -235,10 +235,12 @@ def _torchvision(name: str, data_dir: str | None, download: bool) -> tuple[Split
         try:
             ds = cls(root=data_dir, train=train, download=download)
         except RuntimeError as err:
-            raise DataError(
-                f"{name} was not found under {data_dir} ({err}). Pass download=True (--download) to fetch it, "
-                "which needs a network."
-            ) from err
+            fix = (
+                "The download failed: check the network, or put the data set's files there yourself."
+                if download
+                else "Pass download=True (--download) to fetch it, which needs a network."
+            )
+            raise DataError(f"{name} was not found under {data_dir} ({first_line(err)}). {fix}") from err
         splits.append(Split(ds.data.unsqueeze(1).float().div_(255.0), ds.targets.long()))
     return splits[0], splits[1]
 

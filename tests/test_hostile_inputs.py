@@ -196,6 +196,25 @@ def test_a_data_file_changed_in_place_is_refused_on_resume_and_evaluation(tmp_pa
     robustness_report["bad inputs refused or cleaned"] += 2
 
 
+def test_a_moved_data_file_or_one_without_labels_is_refused_naming_the_fix(tmp_path, robustness_report, capsys):
+    from pyro_vae import cli
+
+    data = tmp_path / "vec.npz"
+    np.savez(data, x=np.random.default_rng(0).random((120, 6), dtype=np.float32))
+    flags = ["--dataset", str(data), "--val-size", "20", "--binarize", "none", "--likelihood", "gaussian"]
+    flags += ["--hidden", "8", "--z-dim", "2", "--epochs", "1", "--eval-samples", "0", "--no-progress"]
+    assert cli.main(["train", *flags, "--semi-supervised", "--labels", "10", "--out", str(tmp_path)]) == 2
+    assert "give a labelled data set (mnist, or an .npz with y beside x" in capsys.readouterr().err
+    assert cli.main(["train", *flags, "--out", str(tmp_path), "--name", "r"]) == 0
+    data.rename(tmp_path / "moved.npz")
+    capsys.readouterr()
+    for command in (["evaluate", str(tmp_path / "r"), "--samples", "5"], ["train", "--resume", str(tmp_path / "r")]):
+        assert cli.main(command) == 2
+        err = capsys.readouterr().err
+        assert f"was trained on the data file {data}, which is no longer there; put it back at that path" in err
+    robustness_report["bad inputs refused or cleaned"] += 3
+
+
 def test_data_of_the_wrong_shape_for_the_model_is_refused(trained_run, robustness_report):
     run = pv.load_run(trained_run)
     with pytest.raises(pv.DataError, match=r"shape \(784,\) but the model expects \(1, 28, 28\)"):

@@ -221,7 +221,10 @@ def labels_of(data) -> dict[str, torch.Tensor]:
     """Each split's labels by its name, refused with :class:`~pyro_vae.data.DataError` where a split has none."""
     splits = {"train": data.train, "val": data.val, "test": data.test}
     if any(split.y is None for split in splits.values()):
-        raise DataError("Semi-supervised training needs labels for the train, validation and test splits.")
+        raise DataError(
+            "Semi-supervised training needs labels for the train, validation and test splits: give a labelled data "
+            "set (mnist, or an .npz with y beside x and y_test beside x_test)."
+        )
     return {name: split.y for name, split in splits.items()}
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data import Dataset, dataset_from_spec, load_numpy
+from ..data import DataError, Dataset, dataset_from_spec, load_numpy
 from ..models import Model, build_model
 from ..models.base import completed_model_config
 from .files import (
@@ -340,7 +340,13 @@ def data_from_config(path: Path, config: dict) -> Dataset:
             f"{path} was trained on tensors of your own; pass them as data= (pv.evaluate_run, pv.resume_run), "
             "or load them yourself."
         )
-    return dataset_from_spec(config["data"])
+    spec = config["data"]
+    if Path(spec["name"]).suffix in (".npy", ".npz") and not Path(spec["name"]).exists():
+        raise DataError(
+            f"{path} was trained on the data file {spec['name']}, which is no longer there; put it back at that "
+            "path (config.json records it) to resume or evaluate the run."
+        )
+    return dataset_from_spec(spec)
 
 
 def load_run(path: str | Path, *, model: Model | None = None, checkpoint: str = "best", map_location="cpu") -> Run:
