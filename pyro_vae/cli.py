@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import math
 import os
 import sys
@@ -748,6 +749,13 @@ def _processes(args) -> LightningProcesses | None:
     )
 
 
+def _free_name(folder: Path, name: str) -> str:
+    """``name``, or ``name-2``, ``name-3``, ... where a run of the same default name (another run started in the
+    same second, a sweep's) is already in ``folder``."""
+    candidates = itertools.chain([name], (f"{name}-{i}" for i in itertools.count(2)))
+    return next(candidate for candidate in candidates if not (folder / candidate).exists())
+
+
 def _new_model(args):
     """The model, the data and the objective that the flags describe, and the run's default name."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -848,7 +856,7 @@ def _train(args) -> None:
                 f"--output-bias data: this {model.name} has no output bias to start at the data (its decoder has "
                 "no start_output_at, as the conv decoder, or its likelihood no constant fit); drop --output-bias."
             )
-        run_dir = RunDirectory(Path(args.out) / (args.name or name))
+        run_dir = RunDirectory(Path(args.out) / (args.name or _free_name(Path(args.out), name)))
         run_dir.check_fresh()
         _announce(run_dir.path, processes)
         settings = dict(

@@ -163,6 +163,23 @@ def test_resuming_a_folder_of_runs_names_them_and_the_fix(finished_run, capsys):
     assert "is a folder of runs (r)" in err and f"pyro-vae train --resume {finished_run}" in err
 
 
+def test_runs_of_one_default_name_get_their_own_folders(tmp_path):
+    """Runs started in the same second (a sweep's) share their default name: the later ones take name-2, ..."""
+    stem = "mnist-bernoulli-standard-normal-20261207-120000"
+    assert cli._free_name(tmp_path, stem) == stem
+    for taken in (stem, f"{stem}-2"):
+        (tmp_path / taken).mkdir()
+    assert cli._free_name(tmp_path, stem) == f"{stem}-3"
+
+
+def test_a_file_where_the_figures_go_is_refused_before_training(tmp_path, capsys, monkeypatch):
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "figures").write_text("a file")
+    monkeypatch.setattr(cli, "_new_model", lambda args: pytest.fail("the model was built before the refusal"))
+    code, err = _run(["train", *SMALL, "--out", str(tmp_path), "--name", "r"], capsys)
+    assert code == 2 and "figures is a file where the run's figures go; move it away" in err
+
+
 def test_a_new_run_never_overwrites_an_old_one(finished_run, capsys, monkeypatch):
     config = (finished_run / "config.json").read_text()
 

@@ -109,6 +109,10 @@ class RunDirectory:
                 "or a run whose weights were removed): it cannot be resumed, and a new run here would overwrite "
                 "it. Choose another name, or move the folder away first."
             )
+        if self.figures.exists() and not self.figures.is_dir():  # the figures, drawn after training, would fail
+            raise CheckpointError(
+                f"{self.figures} is a file where the run's figures go; move it away, or choose another name."
+            )
 
     def check_resumable(self) -> None:
         """A run to resume must be here; a folder of runs gets a message that names them."""
