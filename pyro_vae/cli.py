@@ -601,7 +601,7 @@ def check_evaluate_flags(evaluate: argparse.ArgumentParser, args: argparse.Names
     given = typed & set().union(*METHOD_FLAGS.values())
     if wrong := sorted(given - METHOD_FLAGS[args.method]):
         flags = ", ".join("--" + dest.replace("_", "-") for dest in wrong)
-        evaluate.error(f"{flags} do not apply to --method {args.method}")
+        evaluate.error(f"{flags} {'does' if len(wrong) == 1 else 'do'} not apply to --method {args.method}")
 
 
 # --------------------------------------------------------------- commands

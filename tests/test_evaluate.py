@@ -205,14 +205,15 @@ def test_a_subset_of_test_points_is_named_and_paired_only_with_itself(two_runs, 
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--method", "is", "--steps", "10"], "--steps do not apply to --method is"),
+        (["--method", "is", "--steps", "10"], "--steps does not apply to --method is"),
         (
             ["--method", "is", "--steps", str(DEFAULT_STEPS)],
-            "--steps do not apply to --method is",
+            "--steps does not apply to --method is",
         ),  # the default, given
-        (["--method", "ais", "--samples", "10"], "--samples do not apply to --method ais"),
-        (["--method", "bdmc", "--test-points", "10"], "--test-points do not apply to --method bdmc"),
-        (["--method", "auto", "--points", "10"], "--points do not apply to --method auto"),
+        (["--method", "ais", "--samples", "10"], "--samples does not apply to --method ais"),
+        (["--method", "bdmc", "--test-points", "10"], "--test-points does not apply to --method bdmc"),
+        (["--method", "auto", "--points", "10"], "--points does not apply to --method auto"),
+        (["--method", "is", "--steps", "10", "--chains", "2"], "--chains, --steps do not apply to --method is"),
     ],
 )
 def test_evaluate_refuses_flags_its_method_ignores(two_runs, flags, message, capsys):
