@@ -38,7 +38,7 @@ def state_digest(state: dict[str, torch.Tensor]) -> str:
 
 def points_digest(x: torch.Tensor) -> str:
     """SHA-256 of the points' float32 bytes: which test points an evaluation is of."""
-    return hashlib.sha256(x.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()).hexdigest()
+    return hashlib.sha256(x.detach().to("cpu", torch.float32).contiguous().numpy()).hexdigest()  # no copy: a buffer
 
 
 class ReplicasDiverged(RuntimeError):
