@@ -39,6 +39,7 @@ import math
 import re
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -549,6 +550,17 @@ def _describe_test_points(config: dict) -> str:
     return f"{data.get('name')} test points, binarize {data.get('binarize')}" + (f", first {subset}" if subset else "")
 
 
+class _Compared(NamedTuple):
+    """A run as :func:`compare_runs` reads it: its per-point values, the points' digest and how they were made."""
+
+    path: Path
+    config: dict
+    metrics: dict
+    log_px: np.ndarray
+    points: str | None
+    made: dict
+
+
 def compare_runs(run_dirs: list[str | Path], evaluation: str | None = None) -> list[dict]:
     """One row per run: test log p(x) +- se, and the paired difference to the best run +- its se.
 
@@ -573,38 +585,42 @@ def compare_runs(run_dirs: list[str | Path], evaluation: str | None = None) -> l
         if evaluation is None:
             log_px, made_of = directory.read_log_px(), metrics.get(directory.LOG_PX_DIGEST)
             of_points = metrics.get(directory.LOG_PX_TEST_DIGEST)
+            draws = {"seed": metrics.get("log_px_seed"), "batch_size": metrics.get("log_px_batch_size")}
         else:
             arrays = directory.read_evaluation(evaluation)
             log_px, made_of, of_points = arrays["log_px"], arrays.get("model_digest"), arrays.get("test_digest")
+            summary = metrics.get("evaluations", {}).get(evaluation, {})
+            draws = {"seed": summary.get("seed"), "batch_size": summary.get("batch_size")}
         if not _of_current_weights(directory, made_of):
             raise ValueError(
                 f"The evaluation {evaluation or 'test_log_px.npy'!r} of {run_dir} was made of other weights "
                 f"than its best checkpoint now (the run trained further); make it again: "
                 f"{evaluate_command(run_dir, evaluation)}"
             )
-        runs.append((run_dir, directory.read_config(), metrics, log_px, of_points))
-    if evaluation is None and len({metrics.get("test_num_samples") for _, _, metrics, *_ in runs}) > 1:
+        made = {**draws, "model_digest": None if made_of is None else str(made_of)}  # for the CSV: how it was made
+        runs.append(_Compared(run_dir, directory.read_config(), metrics, log_px, of_points, made))
+    if evaluation is None and len({run.metrics.get("test_num_samples") for run in runs}) > 1:
         raise ValueError(
             "The runs' test log p(x) were estimated with different numbers of importance samples, and the "
             "estimate rises with K, favouring the larger: "
-            + ", ".join(f"{run_dir}: K = {metrics.get('test_num_samples')}" for run_dir, _, metrics, *_ in runs)
+            + ", ".join(f"{run.path}: K = {run.metrics.get('test_num_samples')}" for run in runs)
             + ". Evaluate them at one K (pyro-vae evaluate RUN --samples K), or compare a named evaluation."
         )
-    by_digest = all(of_points is not None for *_, of_points in runs)
+    by_digest = all(run.points is not None for run in runs)
     if by_digest:
-        identities = [str(of_points) for *_, of_points in runs]  # the digests of the points themselves
+        identities = [str(run.points) for run in runs]  # the digests of the points themselves
     else:
-        identities = [_test_set_identity(config) for _, config, *_ in runs]
-        if len(runs) > 1 and any(config["data"] is None for _, config, *_ in runs):
+        identities = [_test_set_identity(run.config) for run in runs]
+        if len(runs) > 1 and any(run.config["data"] is None for run in runs):
             raise ValueError(
                 "A run trained on tensors of your own has an evaluation made before its test points were recorded "
                 "with it, so it cannot be paired with other runs; run pyro-vae evaluate on each run again."
             )
-    if len(set(identities)) > 1 or len({len(run[3]) for run in runs}) > 1:
+    if len(set(identities)) > 1 or len({len(run.log_px) for run in runs}) > 1:
         raise ValueError(
             "The runs were evaluated on different test points, so their log p(x) cannot be compared point by point: "
             + "; ".join(
-                f"{run[0]}: {_describe_test_points(run[1])}, {len(run[3])} of them ({identity})"
+                f"{run.path}: {_describe_test_points(run.config)}, {len(run.log_px)} of them ({identity})"
                 for run, identity in zip(runs, identities, strict=True)
             )
             + (
@@ -616,10 +632,10 @@ def compare_runs(run_dirs: list[str | Path], evaluation: str | None = None) -> l
             + ". Evaluate them on the same points (pyro-vae evaluate RUN with one --test-points), or compare runs "
             "of one data set."
         )
-    best = max(runs, key=lambda run: run[3].mean())
+    best = max(runs, key=lambda run: run.log_px.mean())
     rows = []
-    for run_dir, config, metrics, log_px, _ in runs:
-        diff = log_px - best[3]
+    for run_dir, config, metrics, log_px, _, made in runs:
+        diff = log_px - best.log_px
         n = len(diff)
         whole = n == metrics.get("num_test", n)  # the ELBO and active units are of every test point
         rows.append(
@@ -635,6 +651,7 @@ def compare_runs(run_dirs: list[str | Path], evaluation: str | None = None) -> l
                 "active_units": metrics.get("active_units") if whole else None,
                 "evaluation": evaluation or f"is-K{metrics.get('test_num_samples')}",
                 "num_points": n,
+                **made,
             }
         )
     return sorted(rows, key=lambda row: -row["log_px"])

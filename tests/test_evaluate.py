@@ -3,6 +3,7 @@
 import json
 import math
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -71,6 +72,11 @@ def test_compare_gives_paired_differences(two_runs, tmp_path, capsys):
     assert other["diff_se"] == pytest.approx(diff.std(ddof=1) / np.sqrt(len(diff)))
     assert "paired difference to best" in (tmp_path / "table.md").read_text()
     assert (tmp_path / "table.csv").read_text().startswith("run,")
+    # each row says how its numbers were made: the seed, the batch size and the weights
+    for row in rows:
+        metrics = json.loads((Path(row["run"]) / "metrics.json").read_text())
+        assert (row["seed"], row["batch_size"]) == (0, 100) and row["model_digest"] == metrics["model_digest"]
+    assert (tmp_path / "table.csv").read_text().splitlines()[0].endswith(",seed,batch_size,model_digest")
 
 
 def test_compare_refuses_unevaluated_runs_and_different_test_points(two_runs, tmp_path, mnist, capsys):
