@@ -331,7 +331,8 @@ def evaluate_run(
         test_digest = identity.get("test_digest")
         points = {} if test_digest is None else {"test_digest": test_digest}
         estimator = {"pilot_chains": identity["pilot_chains"]} if "pilot_chains" in identity else {}  # AIS's
-        directory.write_evaluation(name, {**arrays, "model_digest": identity["model_digest"], **points, **estimator})
+        made = {"model_digest": identity["model_digest"], "seed": seed, "batch_size": batch_size}  # what remakes it
+        directory.write_evaluation(name, {**arrays, **made, **points, **estimator})
         metrics = directory.read_metrics()
         metrics.setdefault("evaluations", {})[name] = summary
         earlier = metrics.pop("earlier_evaluations", {})

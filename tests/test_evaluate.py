@@ -124,6 +124,7 @@ def test_ais_auto_and_bdmc_from_the_command_line(two_runs, capsys, tmp_path):
     assert 0 < escalated.sum() == (auto["pareto_k"] > threshold).sum() <= 200  # K = 50 leaves many unreliable
     assert f"AIS on {escalated.sum()} points whose Pareto k > {threshold:.2f}" in capsys.readouterr().out
     # the file holds what its summary is made of: the importance pass, and the AIS diagnostics of the escalated
+    assert (int(auto["seed"]), int(auto["batch_size"])) == (0, 100)  # the file says what remakes it
     summary = json.loads((wide / "metrics.json").read_text())["evaluations"]["auto-K50-T20-C4-L1-sigmoid"]
     assert summary["is_log_px"] == pytest.approx(auto["is_log_px"].mean())
     np.testing.assert_array_equal(auto["log_px"][~escalated], auto["is_log_px"][~escalated])
