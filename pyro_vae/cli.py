@@ -750,8 +750,9 @@ def _processes(args) -> LightningProcesses | None:
 
 
 def _free_name(folder: Path, name: str) -> str:
-    """``name``, or ``name-2``, ``name-3``, ... where a run of the same default name (another run started in the
-    same second, a sweep's) is already in ``folder``."""
+    """``name``, or ``name-2``, ``name-3``, ... where a run of the same default name (one started in the same
+    second, a sweep's) is already in ``folder``. Two started at once may still choose one name: the later is
+    refused by the run's lock, naming the process that holds it."""
     candidates = itertools.chain([name], (f"{name}-{i}" for i in itertools.count(2)))
     return next(candidate for candidate in candidates if not (folder / candidate).exists())
 
@@ -764,7 +765,6 @@ def _new_model(args):
         m1 = load_run(args.m1)
         if not isinstance(m1.model, VAE):
             raise ValueError(f"--m1 needs the run of a plain VAE; {args.m1} holds a {m1.config['model']['type']}.")
-        StackedSSVAE.check_m1(m1.model)  # before the data are loaded and M1's features fitted
         data = m1.load_data()
         num_classes = class_count(data)
         check_label_count(args.labels, len(data.train), num_classes)  # before M1's features are fitted

@@ -70,7 +70,7 @@ from .infer.importance import DEFAULT_NUM_SAMPLES, untrusted
 from .models import Model, SemiSupervisedModel
 from .models.base import ACTIVE_UNIT_THRESHOLD
 from .runs import RunDirectory, load_run
-from .training.engine import MAX_SEED, resolve_device, split_digest
+from .training.engine import MAX_SEED, resolve_device
 from .training.parallel import parameter_digest, points_digest, state_digest
 
 METHODS = ("is", "ais", "auto", "bdmc")
@@ -297,10 +297,10 @@ def evaluate_run(
         )
     test_split = (run.load_data() if data is None else data).test
     recorded = (run.config.get("data_digests") or {}).get("test")  # runs before 2026-12-07 recorded none
-    if recorded is not None and recorded != split_digest(test_split):
+    if recorded is not None and recorded["x"] != points_digest(test_split.x):  # log p(x) reads no labels
         raise ValueError(
             f"{directory.path} was trained with other test points than these (their values differ from the digest "
-            "its config records: the data file was changed since). Restore the data it was trained on."
+            "its config records: the data changed since). Restore the data it was trained on."
         )
     test = test_split.x
     if test_points is not None and test_points > len(test):
@@ -638,7 +638,7 @@ def compare_runs(run_dirs: list[str | Path], evaluation: str | None = None) -> l
     for run_dir, config, metrics, log_px, _, made in runs:
         diff = log_px - best.log_px
         n = len(diff)
-        whole = n == metrics.get("num_test", n)  # the ELBO and active units are of every test point
+        whole = n == metrics.get("num_test", metrics.get("test_num_points"))  # the ELBO's and active units' points
         rows.append(
             {
                 "run": str(run_dir),

@@ -27,6 +27,7 @@ def train_run(model: Model, data, run_dir: str | Path, **settings) -> Run | None
     the first (which writes the run), None.
     """
     data = as_dataset(data)
+    RunDirectory(run_dir).check_figures()
     history = fit(model, data, run_dir=run_dir, **settings)
     processes = settings.get("processes")
     if processes is not None and not processes.is_writer:

@@ -12,6 +12,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import small_vae
@@ -167,6 +168,22 @@ def test_a_full_disk_while_drawing_a_figure_keeps_the_previous_figure(tmp_path, 
     with pytest.raises(pv.CheckpointError, match=r"the disk is full; the previous samples\.png is intact"):
         plots.plot_samples(small_vae(), path, n=4)
     assert path.read_bytes() == before and not list(path.parent.glob(".*.tmp"))
+
+
+def test_a_headline_kept_apart_leaves_the_earlier_evaluations(tmp_path):
+    """Kept apart as is-K10, the headline's file holds these weights' numbers: a summary of that name among the
+    earlier weights' evaluations goes."""
+    run = pv.RunDirectory(tmp_path)
+    run.write_log_px(np.array([-1.0, -3.0]))
+    metrics = {"test_num_samples": 10, "test_log_px": -2.0, run.LOG_PX_DIGEST: "d", "log_px_batch_size": 100}
+    metrics.update(evaluations={"is-K5": {"log_px": -2.5}}, earlier_evaluations={"is-K10": {"log_px": -9.0}})
+    run.keep_headline_apart(metrics, "d", num_samples=5)
+    assert metrics["evaluations"]["is-K10"] == {"num_samples": 10, "log_px": -2.0, "method": "is", "seed": 0,
+                                                "batch_size": 100}  # fmt: skip
+    assert "earlier_evaluations" not in metrics
+    np.testing.assert_array_equal(run.read_evaluation("is-K10")["log_px"], [-1.0, -3.0])
+    run.keep_headline_apart(metrics, "other weights", num_samples=5)  # another digest: nothing to keep
+    assert set(metrics["evaluations"]) == {"is-K5", "is-K10"}
 
 
 def test_the_latent_space_of_one_or_two_points_is_drawn(tmp_path):

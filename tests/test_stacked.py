@@ -100,6 +100,7 @@ def test_an_m1_whose_prior_does_not_factorise_is_refused():
         m1 = pv.VAE((1, 4, 4), z_dim=2, hidden=(8,), prior=prior)
         with pytest.raises(ValueError, match=f"this M1 has the '{prior}' prior. Train M1 with the standard-normal"):
             StackedSSVAE(m1, LatentFeatures(2, [0]), z_dim=1, num_classes=2, hidden=(8,))
+        StackedSSVAE(m1, LatentFeatures(2, [0, 1]), z_dim=1, num_classes=2, hidden=(8,))  # no inactive unit: no p(u)
 
 
 def test_features_split_and_reassemble_the_code():

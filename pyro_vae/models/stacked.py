@@ -144,7 +144,7 @@ class StackedSSVAE(SemiSupervisedModel):
         name: str | None = None,
     ):
         super().__init__()
-        self.check_m1(m1)
+        self.check_m1(m1, features)
         named = {"name": prior} if isinstance(prior, str) else prior
         if isinstance(named, dict) and named.get("name") == "vamp":  # M2's data: standardised features, not images
             prior = {"bounds": None, **named}
@@ -167,14 +167,14 @@ class StackedSSVAE(SemiSupervisedModel):
     name = "stacked-ssvae"
 
     @staticmethod
-    def check_m1(m1) -> None:
-        """Refuse an M1 that the stacked model cannot take: not a :class:`~pyro_vae.models.vae.VAE`, or one whose
-        prior does not factorise over the units (p_M1(u) on the inactive ones is its marginal)."""
+    def check_m1(m1, features: LatentFeatures) -> None:
+        """Refuse an M1 that the stacked model cannot take: not a :class:`~pyro_vae.models.vae.VAE`, or one with
+        inactive units whose prior does not factorise over the units (p_M1(u) on those is its marginal)."""
         if not isinstance(m1, VAE):
             raise TypeError(
                 f"M1 must be a pv.VAE (one stochastic layer, whose code M2 models); got a {type(m1).__name__}."
             )
-        if not _is_diagonal_normal(m1.prior()):
+        if len(features.inactive) and not _is_diagonal_normal(m1.prior()):
             raise ValueError(
                 f"M1+M2 models M1's inactive units by M1's prior on them, which needs a prior that factorises over "
                 f"the units (standard-normal or learned-gaussian); this M1 has the {m1.prior.name!r} prior. Train "

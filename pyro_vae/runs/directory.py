@@ -109,10 +109,12 @@ class RunDirectory:
                 "or a run whose weights were removed): it cannot be resumed, and a new run here would overwrite "
                 "it. Choose another name, or move the folder away first."
             )
-        if self.figures.exists() and not self.figures.is_dir():  # the figures, drawn after training, would fail
-            raise CheckpointError(
-                f"{self.figures} is a file where the run's figures go; move it away, or choose another name."
-            )
+        self.check_figures()
+
+    def check_figures(self) -> None:
+        """Refuse a file where the figures go, before training: they are drawn after it."""
+        if self.figures.exists() and not self.figures.is_dir():
+            raise CheckpointError(f"{self.figures} is a file where the run's figures go; move it away.")
 
     def check_resumable(self) -> None:
         """A run to resume must be here; a folder of runs gets a message that names them."""
@@ -267,6 +269,9 @@ class RunDirectory:
         if "log_px_batch_size" in metrics:
             summary["batch_size"] = metrics["log_px_batch_size"]
         metrics.setdefault("evaluations", {})[name] = summary
+        earlier = metrics.pop("earlier_evaluations", {})
+        earlier.pop(name, None)  # its file now holds these weights' numbers
+        metrics.update({"earlier_evaluations": earlier} if earlier else {})
 
     def keep_record(self, destination: str | Path, extra: tuple[str, ...] = ()) -> RunDirectory:
         """Copy the run's record to ``destination``: :attr:`RECORD`, the finished evaluations, and the files

@@ -314,15 +314,13 @@ def data_points(data) -> dict[str, int]:
     return {split: len(getattr(data, split)) for split in ("train", "val", "test")}
 
 
-def split_digest(split) -> str:
-    """The digest of a split's points, and of its labels where it has them."""
-    return points_digest(split.x) + ("" if split.y is None else "-" + points_digest(split.y))
-
-
-def data_digests(data) -> dict[str, str]:
-    """The digest of each split, which a run records: a data file changed in place (the same name and counts,
-    other values) is refused when the run is resumed or evaluated."""
-    return {split: split_digest(getattr(data, split)) for split in ("train", "val", "test")}
+def data_digests(data) -> dict[str, dict[str, str | None]]:
+    """The digests of each split's points ``x`` and labels ``y`` (None without), which a run records: a data file
+    changed in place (the same name and counts, other values) is refused when the run is resumed or evaluated."""
+    return {
+        name: {"x": points_digest(split.x), "y": None if split.y is None else points_digest(split.y)}
+        for name, split in (("train", data.train), ("val", data.val), ("test", data.test))
+    }
 
 
 def _what_the_data_are(spec: dict) -> dict:
@@ -354,11 +352,17 @@ def check_same_data(run: RunDirectory, saved: dict, current: dict) -> None:
             "and pyro-vae train --resume rebuild it from the run's config), or start a new run."
         )
     digests = saved.get("data_digests") or {}  # runs written before 2026-12-07 did not record them
-    if differ := [split for split, digest in digests.items() if digest != current["data_digests"][split]]:
+    read = ("x", "y") if current["train"]["objective"]["name"] == "semi-supervised" else ("x",)  # what it trains on
+    differ = [
+        f"{split} {'points' if part == 'x' else 'labels'}"
+        for split, recorded in digests.items()
+        for part in read
+        if recorded[part] != current["data_digests"][split][part]
+    ]
+    if differ:
         raise CheckpointError(
-            f"{run.path} was trained on other values of the same data: its {', '.join(differ)} points or labels "
-            f"differ from those it recorded{_where(current['data'])}. Restore the data it was trained on, or start "
-            "a new run."
+            f"{run.path} was trained on other values of the same data: its {', '.join(differ)} differ from those it "
+            f"recorded{_where(current['data'])}. Restore the data it was trained on, or start a new run."
         )
 
 

@@ -92,7 +92,7 @@ class LightningProcesses(SingleProcess):
 
     :param devices: processes (CPU) or GPUs per node, or ``"auto"``.
     :param num_nodes: machines.
-    :param strategy: a Fabric strategy with a process group, e.g. ``"ddp"``.
+    :param strategy: the Fabric strategy, one of :data:`STRATEGIES` (``"ddp"``).
     :param accelerator: ``"cpu"``, ``"gpu"`` or ``"auto"``.
     """
 
