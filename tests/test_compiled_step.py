@@ -294,3 +294,119 @@ def test_a_failed_guard_restores_the_generator_of_the_gpu_the_inputs_are_on(monk
     assert torch.equal(torch.get_rng_state(), cpu_state) and list(restored) == [gpu]
     assert torch.equal(restored[gpu], torch.tensor([7]))
     assert len(training_step.CompiledStep._random_states([torch.zeros(2)])) == 1  # CPU inputs: no GPU is read
+
+
+def replay_and_eager(model, objective, data, step=None, seed: int = 1):
+    """The compiled step's loss and gradients on one batch, and the eager step's on the same draws."""
+    step = step or compiled_step(model, objective)
+    batch = objective.batch(data, torch.arange(32))
+    pyro.set_rng_seed(seed)
+    replayed = step(*batch, torch.tensor(1.0))
+    pyro.set_rng_seed(seed)
+    eager = objective.loss(model, *batch, kl_weight=1.0)
+    expected = torch.autograd.grad(eager, [p for p in step.parameters if p.requires_grad], allow_unused=True)
+    pyro.clear_param_store()
+    return replayed, (eager, expected), step
+
+
+def test_a_weight_shared_by_two_layers_gets_the_gradient_of_both_uses(small_mnist):
+    """A module's parameters list a shared weight once: each of its uses must read the recording's input, or
+    the second would be recorded as a constant and its part of the gradient lost."""
+    model = pv.VAE((1, 28, 28), 4, hidden=(32, 32))
+    model.decoder.net[2].weight = model.encoder.net[2].weight  # both 32 x 32
+    objective = build_objective({"name": "trace"})
+    objective.setup(model, small_mnist, batch_size=32)
+    (loss, gradients), (eager, expected), _ = replay_and_eager(model, objective, small_mnist)
+    assert loss.item() == pytest.approx(eager.item(), rel=1e-6)
+    assert_same_gradients(gradients, expected)
+
+
+def test_a_frozen_parameter_or_another_mode_after_recording_steps_as_the_eager_step(small_mnist):
+    """The recording fixes the module's mode and its trainable parameters: with another, the step is eager."""
+    model = pv.VAE((1, 28, 28), 4, hidden=(32,), prior="learned-gaussian")
+    objective = build_objective({"name": "trace"})
+    objective.setup(model, small_mnist, batch_size=32)
+    step = compiled_step(model, objective)
+    model.prior.requires_grad_(False)  # frozen when recorded: no gradient for it
+    (_, gradients), (_, expected), _ = replay_and_eager(model, objective, small_mnist, step)
+    frozen = [name for name, gradient in zip(step.names, gradients, strict=True) if gradient is None]
+    assert frozen == ["prior.loc", "prior.raw_scale"]
+    assert_same_gradients([gradient for gradient in gradients if gradient is not None], expected)
+    batch = objective.batch(small_mnist, torch.arange(32))
+    model.prior.requires_grad_(True)  # unfrozen since: the eager step, which computes its gradient
+    assert step(*batch, torch.tensor(1.0)) is None
+    model.prior.requires_grad_(False)
+    assert step(*batch, torch.tensor(1.0)) is not None
+    model.eval()  # dropout and batch statistics off: not the recorded program
+    assert step(*batch, torch.tensor(1.0)) is None
+
+
+class BatchNormVAE(BranchingVAE):
+    """The branching guide over an encoder with batch normalisation, whose running statistics a step updates."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.encoder.net.insert(1, nn.BatchNorm1d(32))
+
+
+def test_a_failed_guard_gives_back_the_running_statistics_the_replay_updated(small_mnist, monkeypatch, recwarn):
+    monkeypatch.setattr(BranchingVAE, "threshold", 2.0)  # never holds: every replay's guard fails
+    (compiled, params), (eager, reference) = fit_both(BatchNormVAE, small_mnist.subset(train=200))
+    assert compiled == eager and all(torch.equal(a, b) for a, b in zip(params, reference, strict=True))
+    buffers = {}
+    for compile in (True, False):  # the statistics too: updated once a step, by the eager step alone
+        pyro.clear_param_store()
+        pyro.set_rng_seed(0)
+        model = BatchNormVAE((1, 28, 28), 4, hidden=(32,))
+        pv.fit(model, small_mnist.subset(train=200), epochs=1, batch_size=50, progress=False, compile=compile)
+        buffers[compile] = [buffer.clone() for buffer in model.buffers()]
+    assert all(torch.equal(a, b) for a, b in zip(buffers[True], buffers[False], strict=True))
+
+
+def interrupted_and_resumed(model_class, data, tmp_path, stop_at: int, **settings):
+    """The final parameters of a compiled run, and of the same run stopped after ``stop_at`` steps (and epoch
+    ends) and resumed."""
+    from pyro_vae.training import engine
+
+    def run(run_dir, resume=False):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(0)
+        model = model_class((1, 28, 28), 4, hidden=(32,))
+        pv.fit(model, data, **settings, progress=False, compile=True, run_dir=run_dir, resume=resume)
+        return list(model.parameters())
+
+    reference = run(tmp_path / "whole")
+    calls = iter(range(1, 10_000))
+    with pytest.MonkeyPatch.context() as patched:
+        patched.setattr(engine._Engine, "_interrupted", lambda self, interrupt: next(calls) == stop_at)
+        with pytest.raises(pv.TrainingInterrupted):
+            run(tmp_path / "cut")
+    return reference, run(tmp_path / "cut", resume=True)
+
+
+def test_a_run_resumed_at_the_short_last_batch_records_a_full_one(small_mnist, tmp_path):
+    """Resumed where the next step is the epoch's short last batch, the run recorded that shape and stepped every
+    full batch eagerly: now the short batch steps eagerly, as in the run that was not stopped."""
+    data = small_mnist.subset(train=200, val=50, test=50)  # batches of 64, 64, 64 and 8
+    whole, resumed = interrupted_and_resumed(pv.VAE, data, tmp_path, stop_at=8, epochs=3, batch_size=64)
+    assert all(torch.equal(a, b) for a, b in zip(whole, resumed, strict=True))
+
+
+class WarmupBranchingVAE(pv.VAE):
+    """A guide that decides on the KL weight, which warm-up raises: the recording's branch fails at first."""
+
+    def guide(self, x=None, *, kl_weight=1.0, num_data=None, batch_size=None):
+        pyro.module(f"{self.pyro_name}.encoder", self.encoder)
+        loc, scale = self.encoder(x)
+        if kl_weight > 0.75:
+            loc = loc * 1.0
+        with data_plate(x.shape[0], num_data, x.device), pyro.poutine.scale(scale=kl_weight):
+            return pyro.sample("z", pyro.distributions.Normal(loc, scale).to_event(1))
+
+
+def test_a_recording_dropped_after_failed_guards_stays_dropped_when_resumed(small_mnist, tmp_path, recwarn):
+    data = small_mnist.subset(train=200, val=50, test=50)  # 10 steps of 20 an epoch, the KL weight (t + 1) / 10
+    whole, resumed = interrupted_and_resumed(
+        WarmupBranchingVAE, data, tmp_path, stop_at=8, epochs=2, batch_size=20, warmup_epochs=1
+    )
+    assert all(torch.equal(a, b) for a, b in zip(whole, resumed, strict=True))

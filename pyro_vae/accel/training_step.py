@@ -42,7 +42,13 @@ A recording fixes the shapes and every Python decision of the step.
   frozen at their recorded values: such a step is not replayed.
 * **Inputs of other shapes** (the last, shorter batch of an epoch) get
   ``None``: the caller runs the eager step, which costs what it always did,
-  instead of compiling a graph for a shape that comes once an epoch.
+  instead of compiling a graph for a shape that comes once an epoch. So do
+  calls with the module in another mode (``train()``/``eval()``) or with
+  other parameters trainable than when it was recorded.
+* **In-place updates of buffers** (batch normalisation's running
+  statistics) of a replay whose guards fail are given back with its random
+  draws. A weight shared by two layers is one input of the recording, read
+  by both.
 
 A step that cannot be recorded, or a machine where TorchInductor fails,
 gets ``None`` from then on, after one warning.
@@ -136,6 +142,8 @@ class CompiledStep:
         if self.failed:
             return None
         signature = [(tensor.shape, tensor.dtype, tensor.device) for tensor in inputs]
+        # the recording's mode (dropout, batch statistics) and trainable set: another one steps eagerly
+        signature.append((self.module.training, tuple(p.requires_grad for p in self.module.parameters())))
         if self.compiled is None:
             started = time.perf_counter()
             self.compiled = self._compile(inputs)
@@ -147,9 +155,12 @@ class CompiledStep:
         if signature != self.signature:
             return None
         generators = self._random_states(inputs) if self._guarded else None
+        buffers = [buffer.clone() for buffer in self.module.buffers()] if self._guarded else None
         outputs = list(self.compiled(*self._state(), *inputs))
-        if self._guarded and not outputs.pop().item():
+        if self._guarded and not outputs.pop().item():  # the eager step runs instead, from the same state
             self._restore_random_states(generators)
+            for buffer, before in zip(self.module.buffers(), buffers, strict=True):
+                buffer.copy_(before)  # a running statistic the replay updated in place
             self._guard_failures += 1
             if self._guard_failures >= MAX_GUARD_FAILURES:
                 self.failed = True
@@ -164,6 +175,14 @@ class CompiledStep:
         outputs = iter(outputs)
         loss = next(outputs)
         return loss, [next(outputs) if used else None for used in self._used]
+
+    def state_dict(self) -> dict:
+        """What a resumed run needs to step as the uninterrupted one: a recording dropped for the eager step,
+        and the failed guards in a row (the recording itself is made again)."""
+        return {"failed": self.failed, "guard_failures": self._guard_failures}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.failed, self._guard_failures = bool(state["failed"]), int(state["guard_failures"])
 
     @staticmethod
     def _random_states(inputs) -> list:
@@ -189,17 +208,24 @@ class CompiledStep:
         parameters = state[: len(self.names)]
         tensors = dict(zip(self.names + self.buffer_names, state, strict=True))
         guards: list[torch.Tensor] = []
-        with stateless._reparametrize_module(self.module, tensors), ModuleParameters(parameters), assume_true(guards):
+        tied = stateless._reparametrize_module(self.module, tensors, tie_weights=True)  # a shared weight: every use
+        trainable = [
+            tensor for tensor, parameter in zip(parameters, self.parameters, strict=True) if parameter.requires_grad
+        ]
+        with tied, ModuleParameters(parameters), assume_true(guards):
             loss = self.loss_fn(*inputs)
-            gradients = torch.autograd.grad(loss, parameters, allow_unused=True)
+            found = iter(torch.autograd.grad(loss, trainable, allow_unused=True))
+        gradients = [next(found) if parameter.requires_grad else None for parameter in self.parameters]  # frozen: none
         self._used = [gradient is not None for gradient in gradients]
         self._guarded = bool(guards)
         held = (torch.stack(guards).all(),) if guards else ()
         return (loss.detach(), *(gradient for gradient in gradients if gradient is not None), *held)
 
     def _compile(self, inputs: tuple[torch.Tensor, ...]) -> Callable | None:
-        state = self._state()
-        state[: len(self.names)] = [parameter.requires_grad_(True) for parameter in state[: len(self.names)]]
+        state = self._state()  # detached: the recording's own leaves, trainable as the parameters are now
+        trainable = [parameter.requires_grad for parameter in self.parameters]
+        parameters = zip(state[: len(self.names)], trainable, strict=True)
+        state[: len(self.names)] = [tensor.requires_grad_(grad) for tensor, grad in parameters]
         try:
             graph = record_graph(self._step, state, *inputs)
         except CannotRecord as why:

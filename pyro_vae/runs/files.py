@@ -137,6 +137,7 @@ def save_checkpoint(
     best_epoch: int | None = None,
     rng: dict | None = None,
     averaging: dict | None = None,
+    compiled_step: dict | None = None,
 ) -> None:
     """Atomically save everything needed to continue training exactly where it stopped, to each of ``paths``.
 
@@ -147,7 +148,8 @@ def save_checkpoint(
     epoch of the best checkpoint so far; ``rng`` the random number generators'
     states (by default this process's, :func:`rng_state`). With an average of the weights
     (:mod:`pyro_vae.training.averaging`), ``model_state`` is the average and ``averaging`` holds the
-    iterates (``"iterates"``) and how many steps the average spans (``"steps"``); else None.
+    iterates (``"iterates"``) and how many steps the average spans (``"steps"``); else None. ``compiled_step``
+    is the compiled step's own (:meth:`pyro_vae.accel.training_step.CompiledStep.state_dict`), or None.
     """
     state = {
         "format": CHECKPOINT_FORMAT,
@@ -162,6 +164,7 @@ def save_checkpoint(
         "best_epoch": best_epoch,
         "rng": rng_state() if rng is None else rng,
         "averaging": averaging,
+        "compiled_step": compiled_step,
     }
     buffer = io.BytesIO()
     torch.save(state, buffer)

@@ -637,6 +637,8 @@ class _Engine:
             self.model.load_state_dict(state["averaging"]["iterates"])
             self.average.load(state["model"], state["averaging"]["steps"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.compiled is not None and state.get("compiled_step"):  # a dropped recording stays dropped
+            self.compiled.load_state_dict(state["compiled_step"])
         self.history, epoch = list(state["history"]), state["epoch"]
         self.best_epoch = state["best_epoch"] if state["best_epoch"] is not None else self._best_epoch_of_history()
         world, rank = self.processes.world_size, self.processes.rank
@@ -691,8 +693,10 @@ class _Engine:
             global_step = (epoch - 1) * self.steps_per_epoch + step
             kl_weight = kl_weight_schedule(global_step, beta=self.settings["beta"], warmup_steps=self.warmup_steps)
             batch = order[step * self.global_batch : (step + 1) * self.global_batch][rank::world]
-            # Pyro's argument and support checks run on the first step only; they cost time on every step.
-            compiled = self.compiled if global_step > 0 else None
+            # Pyro's argument and support checks run on the first step only; they cost time on every step. A
+            # short last batch steps eagerly: a resumed run's first step may be one, which must not be recorded.
+            full = len(batch) == self.settings["batch_size"]
+            compiled = self.compiled if global_step > 0 and full else None
             compiling = compiled is not None and compiled.compiled is None and not compiled.failed
             if compiling:
                 bar.set_postfix_str("compiling the step")
@@ -805,6 +809,7 @@ class _Engine:
                 objective_state=objective_states[0] if world == 1 else {"per_rank": objective_states},
                 best_epoch=self.best_epoch,
                 rng=rngs[0] if world == 1 else {**rngs[0], "per_rank": rngs},
+                compiled_step=None if self.compiled is None else self.compiled.state_dict(),
             )
 
         self._written_by_process_0(write, f"the checkpoint of epoch {epoch}")
