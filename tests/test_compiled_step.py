@@ -321,6 +321,7 @@ def test_a_weight_shared_by_two_layers_gets_the_gradient_of_both_uses(small_mnis
     assert_same_gradients(gradients, expected)
 
 
+@pytest.mark.filterwarnings("ignore:.*was not registered in the param store because requires_grad=False")
 def test_a_frozen_parameter_or_another_mode_after_recording_steps_as_the_eager_step(small_mnist):
     """The recording fixes the module's mode and its trainable parameters: with another, the step is eager."""
     model = pv.VAE((1, 28, 28), 4, hidden=(32,), prior="learned-gaussian")
