@@ -27,7 +27,7 @@ from .checks import first_line
 from .components.likelihoods import LIKELIHOODS, Gaussian, build_likelihood
 from .components.nets import ACTIVATIONS, ARCHITECTURES
 from .components.priors import PRIORS
-from .data import BINARIZE_MODES, DATASET_NAMES, TORCHVISION_DATASETS, DataError, Dataset, load_dataset
+from .data import BINARIZE_MODES, DATASET_NAMES, TORCHVISION_DATASETS, DataError, Dataset, is_data_file, load_dataset
 from .evaluate import (
     DEFAULT_EVALUATION_BATCH,
     METHODS,
@@ -104,7 +104,7 @@ decay_value = _number(float, 0, 1, high_open=True)
 
 
 def _dataset_name(value: str) -> str:
-    if value in DATASET_NAMES or Path(value).suffix in (".npy", ".npz"):
+    if value in DATASET_NAMES or is_data_file(value):
         return value
     raise argparse.ArgumentTypeError(
         f"unknown data set {value!r} (choose from {', '.join(DATASET_NAMES)}, or a .npy/.npz file)"

@@ -392,6 +392,15 @@ def _assemble(name, train: Split, test: Split | None, *, binarize, val_size, tes
     return Dataset(name, train, val, test, binarize)
 
 
+#: The suffixes of the data files :func:`load_dataset` reads (NumPy's).
+DATA_FILE_SUFFIXES = (".npy", ".npz")
+
+
+def is_data_file(name: str | Path) -> bool:
+    """Whether a data set's name is the path of a data file, not the name of a known data set."""
+    return Path(name).suffix in DATA_FILE_SUFFIXES
+
+
 def load_dataset(
     name: str = "mnist",
     *,
@@ -416,7 +425,7 @@ def load_dataset(
         train, test = _embedded_mnist()
     elif name in TORCHVISION_DATASETS:
         train, test = _torchvision(name, data_dir, download)
-    elif path.suffix in (".npy", ".npz"):
+    elif is_data_file(path):
         train, test = _from_file(path)
         name, spec_name = path.stem, str(path.resolve())  # a run resumed from another folder finds it
     else:

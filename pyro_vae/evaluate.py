@@ -70,12 +70,12 @@ from .infer.importance import DEFAULT_NUM_SAMPLES, untrusted
 from .models import Model, SemiSupervisedModel
 from .models.base import ACTIVE_UNIT_THRESHOLD
 from .runs import RunDirectory, load_run
-from .training.engine import MAX_SEED, resolve_device
+from .training.engine import MAX_SEED, TEST_LOG_PX_BATCH, resolve_device
 from .training.parallel import parameter_digest, points_digest, state_digest
 
 METHODS = ("is", "ais", "auto", "bdmc")
 #: Test points per batch of an evaluation (each batch saved as it finishes) unless told otherwise.
-DEFAULT_EVALUATION_BATCH = 100
+DEFAULT_EVALUATION_BATCH = TEST_LOG_PX_BATCH  # so that training's test log p(x) is evaluate's
 #: The per-point results an AIS evaluation saves (attributes of ``AISEstimate``).
 AIS_COLUMNS = ("log_px", "chain_std", "acceptance", "step_size")
 

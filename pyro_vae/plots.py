@@ -97,7 +97,7 @@ def plot_latent_space(vae: VAE, x: torch.Tensor, y: torch.Tensor | None, path: P
     if vae.z_dim > 2:
         centred = loc - loc.mean(0)
         _, s, v = torch.linalg.svd(centred, full_matrices=False)  # min(points, z_dim) components
-        points = torch.cat([centred @ v[:2].T, torch.zeros(len(loc), max(0, 2 - len(v)))], 1)  # one point: one
+        points = torch.cat([centred @ v[:2].T, torch.zeros(len(loc), max(0, 2 - len(v)))], 1)  # zeros: no 2nd PC
         variance = (s**2).sum()
         explained = (s[:2] ** 2).sum() / variance if variance > 0 else torch.tensor(1.0)  # the points coincide
         labels = ("PC 1", "PC 2")

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data import DataError, Dataset, dataset_from_spec, load_numpy
+from ..data import DataError, Dataset, dataset_from_spec, is_data_file, load_numpy
 from ..models import Model, build_model
 from ..models.base import completed_model_config
 from .files import (
@@ -350,7 +350,7 @@ def data_from_config(path: Path, config: dict) -> Dataset:
             "or load them yourself."
         )
     spec = config["data"]
-    if Path(spec["name"]).suffix in (".npy", ".npz") and not Path(spec["name"]).exists():
+    if is_data_file(spec["name"]) and not Path(spec["name"]).exists():
         raise DataError(
             f"{path} was trained on the data file {spec['name']}, which is no longer there; put it back at that "
             "path (config.json records it) to resume or evaluate the run."

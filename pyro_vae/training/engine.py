@@ -80,7 +80,7 @@ from tqdm.auto import tqdm
 from .._version import __version__
 from ..accel.training_step import CompiledStep
 from ..checks import is_whole_number
-from ..data import Dataset, make_dataset
+from ..data import Dataset, is_data_file, make_dataset
 from ..infer import build_objective, log_marginal_likelihood
 from ..infer.objective import Objective, completed_objective_config
 from ..models import Model
@@ -327,7 +327,7 @@ def _what_the_data_are(spec: dict) -> dict:
     """A data set's spec without where its files are: no ``data_dir``, a data file by its file name (runs before
     2026-12-06 recorded the path as typed, later ones the absolute path), and no subset as ``subset`` None."""
     spec = {key: value for key, value in spec.items() if key != "data_dir"}
-    if Path(spec.get("name", "")).suffix in (".npy", ".npz"):
+    if is_data_file(spec.get("name", "")):
         spec["name"] = Path(spec["name"]).name
     return {"subset": None, **spec}
 
@@ -370,7 +370,7 @@ def _where(spec: dict | None) -> str:
     """Where a data set's values come from, in words, for a message (a data file's path)."""
     if spec is None:
         return " (the tensors given)"
-    return f" ({spec['name']})" if Path(spec["name"]).suffix in (".npy", ".npz") else ""
+    return f" ({spec['name']})" if is_data_file(spec["name"]) else ""
 
 
 def fit(
