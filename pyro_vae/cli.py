@@ -54,7 +54,7 @@ from .registry import load_plugins
 from .runs import CheckpointError, RunDirectory, load_run
 from .training import LightningProcesses, TrainingDiverged, TrainingInterrupted
 from .training.engine import AUTO_COMPILE_STEPS, MAX_SEED, OUTPUT_BIAS_STARTS, resolve_device
-from .training.parallel import STRATEGIES
+from .training.parallel import STRATEGIES, ProcessFailed
 from .training.precision import MATMUL_PRECISIONS
 from .training.schedules import LR_SCHEDULES
 from .workflow import resume_run, train_run
@@ -924,7 +924,7 @@ def main(argv: list[str] | None = None) -> int:
     fill_mode_defaults(args)
     try:
         {"train": _train, "evaluate": _evaluate, "compare": _compare}[args.command](args)
-    except (DataError, CheckpointError, TrainingDiverged, ValueError) as err:
+    except (DataError, CheckpointError, TrainingDiverged, ValueError, ProcessFailed) as err:
         print(f"pyro-vae: error: {err}", file=sys.stderr)
         return 2
     except (TrainingInterrupted, EvaluationInterrupted) as err:

@@ -123,7 +123,52 @@ def test_a_write_that_fails_on_process_0_stops_every_process(tmp_path):
     )  # fmt: skip
     assert done.returncode != 0
     assert "No space left on device" in done.stderr, done.stderr[-3000:]  # process 0's own error
-    assert "Process 0 could not write the checkpoint of epoch 2" in done.stderr, done.stderr[-3000:]
+    assert "Process 0 failed to write the checkpoint of epoch 2 in" in done.stderr, done.stderr[-3000:]
+    assert "Connection closed" not in done.stderr
+    assert pv.load_run(tmp_path / "r").epoch == 1
+
+
+#: Loaded by every process of the run below (``sitecustomize``): process 0's validation of epoch 2 fails.
+VALIDATION_FAILS_AT_EPOCH_2 = """
+from pyro_vae.training.engine import _Engine
+
+start = _Engine.__init__
+
+
+def started(self, *args, **kwargs):
+    start(self, *args, **kwargs)
+    validate, epochs = self.objective.validate, []
+
+    def failing(model, data, prefix):
+        if len(data) > 2:  # not the check of its metrics on two points at the start
+            epochs.append(len(epochs))
+            if epochs[-1] == 2 and self.processes.is_writer:
+                raise RuntimeError("the validation blew up")
+        return validate(model, data, prefix)
+
+    self.objective.validate = failing
+
+
+_Engine.__init__ = started
+"""
+
+
+@needs_lightning
+def test_a_validation_that_fails_on_process_0_stops_every_process(tmp_path):
+    """Validation runs on process 0 alone: its failure left process 1 in the next collective call."""
+    (tmp_path / "faults").mkdir()
+    (tmp_path / "faults" / "sitecustomize.py").write_text(VALIDATION_FAILS_AT_EPOCH_2)
+    done = subprocess.run(
+        [sys.executable, "-m", "pyro_vae.cli", "train", "--devices", "2", "--accelerator", "cpu", *SMALL,
+         "--epochs", "3", "--eval-samples", "0", "--out", str(tmp_path), "--name", "r"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(tmp_path / "faults")},
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert "the validation blew up" in done.stderr, done.stderr[-3000:]  # process 0's own error
+    assert "Process 0 failed to validate epoch 2; its error says why; the epochs saved before it are kept" in (
+        done.stderr
+    ), done.stderr[-3000:]
     assert "Connection closed" not in done.stderr
     assert pv.load_run(tmp_path / "r").epoch == 1
 

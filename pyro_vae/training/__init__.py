@@ -3,6 +3,14 @@ Ctrl-C handling, the precision of its products
 (:mod:`.precision`), and several processes."""
 
 from .engine import TrainingDiverged, TrainingInterrupted, fit
-from .parallel import LightningProcesses, ReplicasDiverged, SingleProcess
+from .parallel import LightningProcesses, ProcessFailed, ReplicasDiverged, SingleProcess
 
-__all__ = ["LightningProcesses", "ReplicasDiverged", "SingleProcess", "TrainingDiverged", "TrainingInterrupted", "fit"]
+__all__ = [
+    "LightningProcesses",
+    "ProcessFailed",
+    "ReplicasDiverged",
+    "SingleProcess",
+    "TrainingDiverged",
+    "TrainingInterrupted",
+    "fit",
+]

@@ -88,7 +88,7 @@ from ..runs.directory import RunDirectory, model_config_matches
 from ..runs.files import CheckpointError, restore_rng, rng_state
 from .averaging import WeightAverage
 from .interrupts import InterruptRequests
-from .parallel import ReplicasDiverged, SingleProcess, parameter_digest, points_digest
+from .parallel import ProcessFailed, ReplicasDiverged, SingleProcess, parameter_digest, points_digest
 from .precision import MATMUL_PRECISIONS, float32_matmul_precision
 from .schedules import LR_SCHEDULES, kl_weight_schedule, length_conflict
 
@@ -595,9 +595,10 @@ class _Engine:
         with float32_matmul_precision(self.settings["matmul_precision"]):
             self.objective.start(self.model, self.data, progress=self.progress and self.processes.is_writer)
         self.processes.share(self.model)  # process 0's start for every process
-        self.history = [{"epoch": 0, **self._validate()}]
+        self.history = [{"epoch": 0, **self._validate(0)}]
         self.best_epoch = 0
-        self._written_by_process_0(lambda run: run.write_config(self.config), "the run's config")
+        if self.source is not None:
+            self._by_process_0(lambda: self.run.write_config(self.config), "write the run's config")
         self._save(0, best=True)
         return None, 0
 
@@ -656,7 +657,7 @@ class _Engine:
         position = state["position"]
         if position is not None and position.get("global_batch", self.global_batch) != self.global_batch:
             position = None  # stopped part-way with another number of processes: the epoch starts again
-        self._written_by_process_0(lambda run: run.write_config(self.config), "the run's config")  # the new target
+        self._by_process_0(lambda: self.run.write_config(self.config), "write the run's config")  # the new target
         if not run.file(run.BEST).exists():  # a run written before best.pt: the resumed weights are its best
             self.best_epoch = epoch
             self._save(epoch, best=True, position=position)
@@ -730,7 +731,7 @@ class _Engine:
         row = {"epoch": epoch, "train_objective": -position["total"] / position["count"], "kl_weight": kl_weight}
         if self.settings["lr_schedule"] != "constant":
             row["lr"] = lr
-        row.update(self._validate())
+        row.update(self._validate(epoch))
         row.update(seconds=trained - started, val_seconds=time.perf_counter() - trained)
         if self.compiled is not None:
             row["compile_seconds"] = compile_seconds
@@ -760,11 +761,14 @@ class _Engine:
         )
         return TrainingInterrupted(f"Interrupted {where}{resume}")
 
-    def _validate(self) -> dict:
-        if not self.processes.is_writer:
-            return {}
-        with self.average.applied(self.model) if self.average is not None else contextlib.nullcontext():
-            return self.objective.validate(self.model, self.data.val, "val_")
+    def _validate(self, epoch: int) -> dict:
+        """The validation metrics of ``epoch`` on process 0 (the average's, where the run keeps one); {} elsewhere."""
+
+        def validate() -> dict:
+            with self.average.applied(self.model) if self.average is not None else contextlib.nullcontext():
+                return self.objective.validate(self.model, self.data.val, "val_")
+
+        return self._by_process_0(validate, f"validate epoch {epoch}") or {}
 
     def _kept_state(self) -> dict:
         """The weights the run keeps and evaluates: the average over the steps, or the iterates themselves."""
@@ -812,30 +816,36 @@ class _Engine:
                 compiled_step=None if self.compiled is None else self.compiled.state_dict(),
             )
 
-        self._written_by_process_0(write, f"the checkpoint of epoch {epoch}")
+        self._by_process_0(lambda: write(self.run), f"write the checkpoint of epoch {epoch} in {self.source.path}")
 
-    def _written_by_process_0(self, write, what: str) -> None:
-        """``write(run)`` on process 0, the run's one writer; every process learns whether it failed.
+    def _by_process_0(self, action, what: str):
+        """``action()`` on process 0 alone (the run's writes, validation), its result there; every process
+        learns whether it failed.
 
-        An error there (a full disk) stops every process with it, instead of leaving the others to wait for
-        process 0 in their next collective call (NCCL waits for ever; gloo fails with "Connection closed by
-        peer"). One broadcast of a flag, and only with several processes.
+        An error there (a full disk, a validation out of memory) stops every process with it, instead of
+        leaving the others to wait for process 0 in their next collective call (NCCL waits for ever; gloo
+        fails with "Connection closed by peer"). One broadcast of a flag, and only with several processes.
         """
-        error = None
-        if self.run is not None:
+        result, error = None, None
+        if self.processes.is_writer:
             try:
-                write(self.run)
+                result = action()
             except Exception as err:  # every process raises, process 0 its own error
                 error = err
-        if self.processes.world_size > 1 and self.source is not None:
+        if self.processes.world_size > 1:
             flag = torch.tensor([float(error is not None)], device=self.device)
             if self.processes.broadcast(flag).item() and error is None:
-                raise CheckpointError(
-                    f"Process 0 could not write {what} in {self.source.path}; its error says why. The epochs saved "
-                    f"before it are kept: resume with pyro-vae train --resume {self.source.path}"
+                kept = (
+                    "."
+                    if self.source is None
+                    else (
+                        f"; the epochs saved before it are kept: resume with pyro-vae train --resume {self.source.path}"
+                    )
                 )
+                raise ProcessFailed(f"Process 0 failed to {what}; its error says why{kept}")
         if error is not None:
             raise error
+        return result
 
     def _finish(self) -> None:
         """Every process ends with the best weights; process 0 writes their test metrics."""

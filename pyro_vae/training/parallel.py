@@ -41,6 +41,11 @@ def points_digest(x: torch.Tensor) -> str:
     return hashlib.sha256(x.detach().to("cpu", torch.float32).contiguous().numpy()).hexdigest()  # no copy: a buffer
 
 
+class ProcessFailed(RuntimeError):
+    """What the other processes of a data-parallel run raise when process 0 failed at its own work (a write, the
+    validation): its own error says why."""
+
+
 class ReplicasDiverged(RuntimeError):
     """The processes of a data-parallel run ended with different parameters."""
 
