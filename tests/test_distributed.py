@@ -24,13 +24,20 @@ SMALL = ["--subset", "512", "--hidden", "32", "--z-dim", "4", "--batch-size", "3
 SMALL += ["--no-progress"]  # K = 10 for the test log p(x): no test reads it
 
 
-def train(*args: str, cwd) -> subprocess.CompletedProcess:
+def train(*args: str, cwd, faults: str | None = None) -> subprocess.CompletedProcess:
+    """``pyro-vae train`` on two CPU processes; ``faults``, Python that every process loads first (a
+    ``sitecustomize``), injects a failure."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # two processes on two cores
+    if faults is not None:
+        (cwd / "faults").mkdir()
+        (cwd / "faults" / "sitecustomize.py").write_text(faults)
+        env["PYTHONPATH"] = str(cwd / "faults")
     return subprocess.run(
         [sys.executable, "-m", "pyro_vae.cli", "train", "--devices", "2", "--accelerator", "cpu", *args],
         capture_output=True,
         text=True,
         cwd=cwd,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},  # two processes on two cores
+        env=env,
         timeout=300,
     )
 
@@ -113,14 +120,8 @@ def test_a_write_that_fails_on_process_0_stops_every_process(tmp_path):
     """Process 0 alone writes the run: its failed checkpoint left process 1 in the next epoch's first
     collective, which failed (gloo: "Connection closed by peer") or hung (NCCL). Every process now stops with an
     error that says what failed, and the epochs saved before it are kept."""
-    (tmp_path / "faults").mkdir()
-    (tmp_path / "faults" / "sitecustomize.py").write_text(FULL_DISK_AFTER_EPOCH_1)
-    done = subprocess.run(
-        [sys.executable, "-m", "pyro_vae.cli", "train", "--devices", "2", "--accelerator", "cpu", *SMALL,
-         "--epochs", "3", "--eval-samples", "0", "--out", str(tmp_path), "--name", "r"],
-        capture_output=True, text=True, cwd=tmp_path, timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(tmp_path / "faults")},
-    )  # fmt: skip
+    args = [*SMALL, "--epochs", "3", "--eval-samples", "0", "--out", str(tmp_path), "--name", "r"]
+    done = train(*args, cwd=tmp_path, faults=FULL_DISK_AFTER_EPOCH_1)
     assert done.returncode != 0
     assert "No space left on device" in done.stderr, done.stderr[-3000:]  # process 0's own error
     assert "Process 0 failed to write the checkpoint of epoch 2 in" in done.stderr, done.stderr[-3000:]
@@ -156,14 +157,8 @@ _Engine.__init__ = started
 @needs_lightning
 def test_a_validation_that_fails_on_process_0_stops_every_process(tmp_path):
     """Validation runs on process 0 alone: its failure left process 1 in the next collective call."""
-    (tmp_path / "faults").mkdir()
-    (tmp_path / "faults" / "sitecustomize.py").write_text(VALIDATION_FAILS_AT_EPOCH_2)
-    done = subprocess.run(
-        [sys.executable, "-m", "pyro_vae.cli", "train", "--devices", "2", "--accelerator", "cpu", *SMALL,
-         "--epochs", "3", "--eval-samples", "0", "--out", str(tmp_path), "--name", "r"],
-        capture_output=True, text=True, cwd=tmp_path, timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(tmp_path / "faults")},
-    )  # fmt: skip
+    args = [*SMALL, "--epochs", "3", "--eval-samples", "0", "--out", str(tmp_path), "--name", "r"]
+    done = train(*args, cwd=tmp_path, faults=VALIDATION_FAILS_AT_EPOCH_2)
     assert done.returncode != 0
     assert "the validation blew up" in done.stderr, done.stderr[-3000:]  # process 0's own error
     assert "Process 0 failed to validate epoch 2; its error says why; the epochs saved before it are kept" in (
