@@ -15,7 +15,9 @@ Binarisation (a Bernoulli likelihood is a density only for binary data):
 
 Whatever the mode, the validation and test sets are binarised once with a
 fixed seed (unless the mode is ``"none"``), so evaluations stay comparable
-between epochs and between runs.
+between epochs and between runs. They keep their intensities beside
+(``Split.intensities``): a classifier reads the images, not one noisy
+binarisation of them.
 """
 
 from __future__ import annotations
@@ -55,20 +57,31 @@ class DataError(ValueError):
 
 @dataclass
 class Split:
-    """One split of a data set: ``x`` of shape ``(N, *x_shape)``, float32; ``y`` labels or None."""
+    """One split of a data set: ``x`` of shape ``(N, *x_shape)``, float32; ``y`` labels or None.
+
+    ``intensities``: the pixel intensities in [0, 1] that ``x`` was binarised from, for the validation and
+    test splits of a binarised data set (what a classifier reads, :attr:`unbinarised`); None where ``x`` is
+    the data as loaded.
+    """
 
     x: torch.Tensor
     y: torch.Tensor | None = None
+    intensities: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.x.shape[0]
 
+    @property
+    def unbinarised(self) -> torch.Tensor:
+        """The points before binarisation: ``intensities`` where ``x`` was binarised once, else ``x`` itself."""
+        return self.x if self.intensities is None else self.intensities
+
     def to(self, device) -> Split:
-        return Split(self.x.to(device), None if self.y is None else self.y.to(device))
+        return Split(*(None if t is None else t.to(device) for t in (self.x, self.y, self.intensities)))
 
     def subset(self, n: int) -> Split:
         """The first ``n`` points (all of them when ``n`` is None or larger)."""
-        return Split(self.x[:n], None if self.y is None else self.y[:n])
+        return Split(*(None if t is None else t[:n] for t in (self.x, self.y, self.intensities)))
 
 
 @dataclass
@@ -387,8 +400,8 @@ def _assemble(name, train: Split, test: Split | None, *, binarize, val_size, tes
             train = Split(binarize_once(train.x, seed), train.y)
         else:  # dynamic: resampled per batch, so only the range is checked here
             check_unit_interval(train.x)
-        val = Split(binarize_once(val.x, EVALUATION_BINARIZATION_SEED), val.y)
-        test = Split(binarize_once(test.x, EVALUATION_BINARIZATION_SEED), test.y)
+        val = Split(binarize_once(val.x, EVALUATION_BINARIZATION_SEED), val.y, intensities=val.x)
+        test = Split(binarize_once(test.x, EVALUATION_BINARIZATION_SEED), test.y, intensities=test.x)
     return Dataset(name, train, val, test, binarize)
 
 
