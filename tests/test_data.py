@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import pyro_vae as pv
-from pyro_vae.data import binarize, dataset_from_spec
+from pyro_vae.data import EVALUATION_BINARIZATION_SEED, binarize, binarize_once, dataset_from_spec
 
 
 def test_embedded_mnist_is_complete(mnist):
@@ -55,6 +55,21 @@ def test_dynamic_binarisation_has_the_resolution_it_states():
     assert 10 < binarize(torch.full((n,), 1.0 / 2**16)).sum() < 60
     # 1/2: the standard error of the frequency is 0.00035
     assert abs(float(binarize(torch.full((n,), 0.5)).mean()) - 0.5) < 0.002
+
+
+def test_binarised_evaluation_splits_keep_the_intensities_they_were_binarised_from():
+    x, y = torch.rand(60, 4), torch.arange(60) % 3
+    for mode in ("dynamic", "fixed"):
+        data = pv.make_dataset(x, y, binarize=mode, seed=1)
+        for split in (data.val, data.test):
+            assert torch.equal(split.x, binarize_once(split.intensities, EVALUATION_BINARIZATION_SEED))
+            assert (split.intensities[:, None] == x).all(-1).any(-1).all()  # each a row of the data as given
+            assert split.unbinarised is split.intensities
+        assert data.train.intensities is None  # a classifier's training reads binarised batches
+        smaller = data.subset(val=3, test=2).to("cpu")
+        assert torch.equal(smaller.val.intensities, data.val.intensities[:3]) and len(smaller.test.intensities) == 2
+    as_given = pv.make_dataset(x, y, binarize="none")
+    assert as_given.val.intensities is None and as_given.val.unbinarised is as_given.val.x
 
 
 def test_fixed_binarisation_is_seeded():

@@ -51,11 +51,11 @@ def test_the_semi_supervised_study_takes_the_library_s_alpha_for_each_label_coun
     """Without --aux-weight each count gets default_aux_weight, and a record at another alpha is refused."""
     study = load_example("semi_supervised_study.py")
     args = argparse.Namespace(aux_weight=None, subset=None, model="m2", lr=3e-3, classifier_steps=1000, ema_decay=0.0)
-    args.output_bias, args.lr_schedule, args.epochs = "data", "step", 200
+    args.output_bias, args.lr_schedule, args.epochs, args.accuracy_on = "data", "step", 200, "intensities"
     assert [study.alpha(args, labels) for labels in (100, 600, 3000)] == [46.0, 276.0, 1380.0]
     assert study.alpha(argparse.Namespace(**{**vars(args), "aux_weight": 7.5}), 600) == 7.5
     objective = {"name": "semi-supervised", "num_labels": 600, "label_seed": 0, "aux_weight": 46.0}
-    objective["classifier_steps"] = 1000
+    objective.update(classifier_steps=1000, accuracy_on="intensities")
     config = {"data": {"name": "mnist"}, "train": {"lr": 3e-3, "output_bias": "data", "objective": objective}}
     config["train"].update(lr_schedule="step", epochs=200)
     (tmp_path / pv.RunDirectory.CONFIG).write_text(json.dumps(config))
@@ -68,13 +68,13 @@ def test_the_semi_supervised_study_takes_the_library_s_alpha_for_each_label_coun
 
 def test_the_semi_supervised_study_refuses_a_run_of_another_schedule_length_under_step_or_precision(tmp_path):
     """The step schedule's rates depend on the run's epochs: a 100-epoch run is not the start of a 200-epoch one.
-    A run of reduced-precision products (--matmul-precision medium), or one of another average of the weights
-    (--ema-decay), is not mixed into the table."""
+    A run of reduced-precision products (--matmul-precision medium), one of another average of the weights
+    (--ema-decay), or one whose accuracy classified other images (--accuracy-on), is not mixed into the table."""
     study = load_example("semi_supervised_study.py")
     args = argparse.Namespace(aux_weight=None, subset=None, model="m2", lr=3e-3, classifier_steps=1000, ema_decay=0.0)
-    args.output_bias, args.lr_schedule, args.epochs = "data", "step", 200
+    args.output_bias, args.lr_schedule, args.epochs, args.accuracy_on = "data", "step", 200, "intensities"
     objective = {"name": "semi-supervised", "num_labels": 100, "label_seed": 0, "aux_weight": 46.0}
-    objective["classifier_steps"] = 1000
+    objective.update(classifier_steps=1000, accuracy_on="intensities")
     train = {"lr": 3e-3, "output_bias": "data", "objective": objective, "epochs": 200}
     for settings, message in [
         ({}, "trained with --lr-schedule constant, not step"),  # a run written before the option
@@ -85,6 +85,10 @@ def test_the_semi_supervised_study_refuses_a_run_of_another_schedule_length_unde
         ({"lr_schedule": "step", "matmul_precision": "medium"},
          "trained with --matmul-precision medium; the study trains in float32 \\(highest\\): give another --out"),
         ({"lr_schedule": "step", "ema_decay": 0.9999}, "trained with --ema-decay 0.9999, not 0; give that, or another"),
+        ({"lr_schedule": "step", "objective": {**objective, "accuracy_on": "binarised"}},
+         "measured its accuracy on the binarised images, not the intensities; give --accuracy-on binarised, or"),
+        ({"lr_schedule": "step", "objective": {key: objective[key] for key in objective if key != "accuracy_on"}},
+         "measured its accuracy on the binarised images"),  # a run written before the option
         ({"lr_schedule": "step", "matmul_precision": "highest"}, None),  # the study's own
     ]:  # fmt: skip
         config = {"data": {"name": "mnist"}, "train": {**train, **settings}}

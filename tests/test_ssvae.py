@@ -329,6 +329,28 @@ def test_runs_written_before_the_warm_start_resume_without_one():
             check_same_training(run, saved, {"objective": {**saved["objective"], "classifier_steps": 0, **changed}})
 
 
+def test_the_accuracy_classifies_the_images_intensities_unless_told_otherwise(small):
+    """Validation and test splits binarised once keep their intensities: the accuracy reads those by default, the
+    one binarisation with accuracy_on="binarised" (the measure of runs written before the option)."""
+    ssvae, _ = small
+    intensities = torch.rand(200, *X_SHAPE)
+    split = pv.data.Split(torch.bernoulli(intensities), intensities=intensities)
+    split.y = ssvae.classify(intensities)  # every point right from its intensities
+    assert ssvae.accuracy(split.x, split.y) < 1  # and some wrong from the binarisation (else the test cannot fail)
+    measured = {
+        reads: SemiSupervisedELBO(num_labels=4, accuracy_on=reads).validate(ssvae, split, "val_")["val_accuracy"]
+        for reads in ("intensities", "binarised")
+    }
+    assert measured == {"intensities": 1.0, "binarised": ssvae.accuracy(split.x, split.y)}
+    assert SemiSupervisedELBO(num_labels=4).config()["accuracy_on"] == "intensities"
+    as_given = pv.data.Split(split.x, split.y)  # binary as loaded: no intensities, the points themselves
+    assert SemiSupervisedELBO(num_labels=4).validate(ssvae, as_given, "")["accuracy"] == measured["binarised"]
+    old = {"train": {"objective": {"name": "semi-supervised", "num_labels": 100, "label_seed": 0, "aux_weight": 50.0}}}
+    assert training_settings(old)["objective"]["accuracy_on"] == "binarised"  # resumed as it was measured
+    with pytest.raises(ValueError, match=r"accuracy_on must be one of \('intensities', 'binarised'\); got 'grey'"):
+        SemiSupervisedELBO(accuracy_on="grey")
+
+
 def test_bad_warm_start_lengths_are_refused():
     for steps in (-1, 2.5, True):
         with pytest.raises(ValueError, match="classifier_steps must be a whole number >= 0"):
