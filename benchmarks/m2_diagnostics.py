@@ -3,6 +3,7 @@
     python benchmarks/m2_diagnostics.py floor                      # M2's classifier on the labels alone
     python benchmarks/m2_diagnostics.py variant --epochs 8 --lr 3e-4 --init 1e-3 --weight-prior 1
     python benchmarks/m2_diagnostics.py lower-rate RUN --lr 3e-4 --epochs 15 --out OUT
+    python benchmarks/m2_diagnostics.py inputs RUN                  # what q(y | x) classifies best
 
 ``floor`` trains M2's classifier (784-500-10, softplus) on the 100 labelled
 points alone with Adam, cross-entropy on dynamically binarised batches (the
@@ -33,6 +34,15 @@ label draw, alpha) without a second warm start, a fresh Adam at ``--lr``,
 seed 1, ``--epochs`` epochs, into the new run directory ``--out`` (its
 ``metrics.json`` holds the best epoch's test accuracy and ELBO). It asks what
 a lower rate at the end adds to a run trained at a constant one.
+
+``inputs`` measures, on one M2 run's weights (``--checkpoint``, the best by
+default), the validation and test accuracy of q(y | x) read from each of:
+the one fixed binarisation of the split (the ELBO's and log p(x)'s, and the
+library's accuracy before ``accuracy_on``), the images' intensities (the
+library's accuracy since), and the mean of q(y | x) over 1, 10 and 100 fresh
+binarisations of each image (seed 0), the label's probability given the
+image when each image stands for its binarisations. One run's weights for
+every reading: a paired comparison.
 """
 
 import argparse
@@ -162,6 +172,27 @@ def lower_rate(args) -> None:
           f"test ELBO {metrics['test_elbo']:.2f}")  # fmt: skip
 
 
+def inputs(args) -> None:
+    run = pv.load_run(args.run, checkpoint=args.checkpoint)
+    data, model = run.load_data(), run.model
+    if data.val.intensities is None:
+        raise SystemExit(f"{args.run} was trained on data that was not binarised: q(y | x) reads it as it is.")
+    torch.manual_seed(0)
+    print(f"{args.run}, epoch {run.epoch}: accuracy of q(y | x), %")
+    for name in ("val", "test"):
+        split = getattr(data, name)
+        with torch.no_grad():
+            right = lambda logits: 100 * (logits.argmax(-1) == split.y).double().mean().item()  # noqa: E731, B023
+            readings = {"fixed binarisation": right(model.classifier(split.x)),
+                        "intensities": right(model.classifier(split.intensities))}  # fmt: skip
+            probabilities = torch.zeros(len(split), model.num_classes)
+            for draws in range(1, 101):
+                probabilities += model.classifier(pv.data.binarize(split.intensities)).softmax(-1)
+                if draws in (1, 10, 100):
+                    readings[f"mean over {draws} binarisations"] = right(probabilities)
+        print(f"  {name:4}  " + ", ".join(f"{reading} {value:.2f}" for reading, value in readings.items()))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -204,8 +235,11 @@ def main() -> None:
     lower_parser.add_argument("--lr", type=positive_float, default=3e-4)
     lower_parser.add_argument("--epochs", type=positive_int, default=15)
     lower_parser.add_argument("--out", required=True, help="the new run directory")
+    inputs_parser = commands.add_parser("inputs")
+    inputs_parser.add_argument("run", help="an M2 run directory")
+    inputs_parser.add_argument("--checkpoint", choices=("best", "last"), default="best")
     args = parser.parse_args()
-    {"floor": floor, "variant": variant, "lower-rate": lower_rate}[args.command](args)
+    {"floor": floor, "variant": variant, "lower-rate": lower_rate, "inputs": inputs}[args.command](args)
 
 
 if __name__ == "__main__":
