@@ -313,14 +313,14 @@ def test_a_guide_and_a_model_of_other_latent_sites_are_refused_by_every_estimato
     latent was drawn from its prior and scored without a q (the bound off by log 2)."""
     loc = torch.nn.Parameter(torch.zeros(()))
 
-    def model(x, extra_latent=False, extra_guide_site=False):
-        with pyro.plate("data", x.shape[0]):
+    def model(x=None, extra_latent=False, extra_guide_site=False, batch_size=None):
+        with pyro.plate("data", batch_size if x is None else x.shape[0]):  # x None: BDMC simulates batch_size
             z = pyro.sample("z", dist.Normal(0.0, 1.0))
             if extra_latent:
                 pyro.sample("y", dist.Normal(0.0, 1.0))
-            pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+            return pyro.sample("x", dist.Normal(z, 1.0), obs=x)
 
-    def guide(x, extra_latent=False, extra_guide_site=False):
+    def guide(x, extra_latent=False, extra_guide_site=False, batch_size=None):
         with pyro.plate("data", x.shape[0]):
             pyro.sample("z", dist.Normal(loc.expand(x.shape[0]), 1.0))
             if extra_guide_site:
@@ -334,7 +334,9 @@ def test_a_guide_and_a_model_of_other_latent_sites_are_refused_by_every_estimato
         lambda m, g, **kw: IWAE_ELBO(5).differentiable_loss(m, g, x, **kw),
         lambda m, g, **kw: DReG_IWAE_ELBO(module, 5).differentiable_loss(m, g, x, **kw),
         lambda m, g, **kw: STL_ELBO(module, 2).differentiable_loss(m, g, x, **kw),
-    ]  # importance sampling, IWAE, DReG, STL
+        lambda m, g, **kw: pv.ais_log_marginal_likelihood(m, g, x, num_steps=2, num_chains=2, **kw),
+        lambda m, g, **kw: pv.bdmc(m, g, 4, num_steps=2, num_chains=2, **kw),
+    ]  # importance sampling, IWAE, DReG, STL, AIS (once 1.3 nats above log p(x) with the guide's extra site), BDMC
     for estimate in estimators:
         estimate(model, guide)  # the same latents: fine
         with pytest.raises(ValueError, match=r"the guide's \['u'\] are not latent in the model, and the model's \[\]"):

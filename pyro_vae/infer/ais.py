@@ -67,6 +67,7 @@ from .densities import (
     PARTICLE_PLATE,
     _per_point,
     check_points_and_batches,
+    check_same_latents,
     guess_max_plate_nesting,
     latent_sites,
     log_mean_exp,
@@ -563,9 +564,15 @@ def _check_one_plate(max_plate_nesting: int) -> None:
 
 
 def _densities_and_space(model, guide, xb, args, kwargs, settings, max_plate_nesting):
-    """The densities of a batch's chains (pilots included) and the guide's latent space."""
+    """The densities of a batch's chains (pilots included) and the guide's latent space, which must be the model's
+    (:func:`~pyro_vae.infer.densities.check_same_latents`: a model's latent that the chains do not move would be
+    drawn afresh at every density, a guide's site that the model does not score would add to every weight)."""
     densities = _Densities(model, guide, xb, args, kwargs, settings, max_plate_nesting)
-    return densities, _LatentSpace(densities.trace_guide())
+    guide_trace = densities.trace_guide()
+    with torch.no_grad(), densities._plate():
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(xb, *args, **kwargs)
+    check_same_latents(guide_trace, model_trace)
+    return densities, _LatentSpace(guide_trace)
 
 
 def _run_chains(densities, space, u, betas, settings, step_size, bar, prior_start=False):
