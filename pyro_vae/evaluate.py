@@ -11,8 +11,10 @@ by one of four methods:
   semi-supervised model with each label given, the labels summed out,
   :func:`~pyro_vae.infer.ais.ais_log_marginal_likelihood_by_label`);
 * ``"auto"``: importance sampling on every point, then AIS on the points
-  where importance sampling cannot be trusted: Pareto-k above 0.7, or not
-  assessable (K < 46 gives every point's weights too short a tail to fit);
+  where importance sampling cannot be trusted: Pareto-k above
+  min(1 - 1 / log10 K, 0.7) (0.67 at K = 1000;
+  :func:`~pyro_vae.infer.importance.pareto_threshold`), or not assessable
+  (K < 46 gives every point's weights too short a tail to fit);
 * ``"bdmc"``: bidirectional Monte Carlo bounds on points simulated from the
   model (:func:`~pyro_vae.infer.ais.bdmc`), which bound the error of AIS at
   its settings on such points, in expectation (on the test points only as
@@ -352,6 +354,7 @@ def evaluate_run(
                 metrics.update(active_units_per_layer=per_layer, latent_sizes=list(model.latent_sizes))
             directory.write_log_px(arrays["log_px"])
         directory.write_metrics(metrics)
+        directory.remove_partial_evaluation(name)  # only now: a stop before this continues from every batch
     if method == "is" and test_points is None:
         return {"evaluation": name, **{key: value for key, value in metrics.items() if key != "evaluations"}}
     return {"evaluation": name, **summary}

@@ -195,6 +195,37 @@ def test_an_interrupted_ais_evaluation_continues_to_the_same_result(two_runs, mo
     )
 
 
+def test_a_stop_after_the_finished_file_but_before_its_summary_keeps_every_batch(two_runs, monkeypatch, tmp_path):
+    """The batches were deleted with the finished file's writing: a stop before metrics.json took its summary
+    left a file that nothing reads, and the same command ran the whole AIS again."""
+    import shutil
+
+    from pyro_vae import evaluate
+
+    run = tmp_path / "run"
+    shutil.copytree(two_runs[0], run)
+    settings = dict(method="ais", num_steps=10, num_chains=2, leapfrog_steps=1, batch_size=50, progress=False)
+    real_write, real_ais, calls = pv.RunDirectory.write_metrics, evaluate.ais_log_marginal_likelihood, []
+
+    def stopped(self, metrics):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pv.RunDirectory, "write_metrics", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        pv.evaluate_run(run, **settings)
+    name = "ais-T10-C2-L1-sigmoid"
+    assert (
+        "evaluations" not in pv.RunDirectory(run).read_metrics()
+        or name not in pv.RunDirectory(run).read_metrics()["evaluations"]
+    )
+    monkeypatch.setattr(pv.RunDirectory, "write_metrics", real_write)
+    monkeypatch.setattr(evaluate, "ais_log_marginal_likelihood", lambda *a, **k: calls.append(1) or real_ais(*a, **k))
+    pv.evaluate_run(run, **settings)
+    assert calls == []  # every batch was kept: none estimated again
+    assert name in pv.RunDirectory(run).read_metrics()["evaluations"]
+    assert not (run / "evaluations" / f"{name}.partial.npz").exists()
+
+
 def test_a_subset_of_test_points_is_named_and_paired_only_with_itself(two_runs, capsys, tmp_path):
     wide, narrow = two_runs
     for run in (wide, narrow):

@@ -227,12 +227,15 @@ class RunDirectory:
         return sorted(p.name.removesuffix(".npz") for p in folder.glob("*.npz") if ".partial" not in p.name)
 
     def write_evaluation(self, name: str, arrays: dict[str, np.ndarray], *, partial: bool = False) -> None:
-        """Per-point arrays of an evaluation, atomically; ``partial`` for the batches done so far."""
+        """Per-point arrays of an evaluation, atomically; ``partial`` for the batches done so far (removed by
+        :meth:`remove_partial_evaluation` once the finished one's summary is in ``metrics.json``)."""
         buffer = io.BytesIO()
         np.savez(buffer, **{key: np.asarray(value) for key, value in arrays.items()})
         atomic_write_bytes(self.evaluation_path(name, partial), buffer.getvalue())
-        if not partial:
-            self.evaluation_path(name, partial=True).unlink(missing_ok=True)
+
+    def remove_partial_evaluation(self, name: str) -> None:
+        """Remove the batches of an evaluation whose finished file and summary are written."""
+        self.evaluation_path(name, partial=True).unlink(missing_ok=True)
 
     def read_evaluation(self, name: str, *, partial: bool = False) -> dict[str, np.ndarray] | None:
         """An evaluation's per-point arrays; None for a partial one not begun, an error naming the others."""
