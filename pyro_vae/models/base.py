@@ -39,6 +39,7 @@ from ..checks import whole_number
 from ..components.likelihoods import build_likelihood
 from ..components.priors import build_prior
 from ..data import DataError, check_finite_and_nonempty
+from ..infer.densities import seeded
 from ..registry import Registry
 
 if TYPE_CHECKING:
@@ -96,9 +97,8 @@ def likelihood_config(likelihood: nn.Module, x_shape: tuple[int, ...]) -> dict:
     outputs and one draw of data from them (the global random state left as it was)."""
     size = likelihood.params_per_dim * math.prod(x_shape)
     params = torch.linspace(-1.0, 1.0, 2 * size).reshape(2, likelihood.params_per_dim, *x_shape)
-    params = params.to(device := device_of(likelihood))
-    with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # GPU's too
-        torch.manual_seed(0)
+    params = params.to(device_of(likelihood))
+    with torch.no_grad(), seeded(0):  # every generator restored after, each GPU's too
         x = likelihood(params).sample()
     return config_that_rebuilds(
         likelihood, "likelihood", build_likelihood, lambda copy: copy.setup(x_shape),
