@@ -8,6 +8,7 @@ import pyro.distributions as dist
 import pyro.poutine as poutine
 import pytest
 import torch
+import torch.nn.functional as F
 from pyro.infer import Trace_ELBO, TraceEnum_ELBO, config_enumerate
 
 import pyro_vae as pv
@@ -349,6 +350,38 @@ def test_the_accuracy_classifies_the_images_intensities_unless_told_otherwise(sm
     assert training_settings(old)["objective"]["accuracy_on"] == "binarised"  # resumed as it was measured
     with pytest.raises(ValueError, match=r"accuracy_on must be one of \('intensities', 'binarised'\); got 'grey'"):
         SemiSupervisedELBO(accuracy_on="grey")
+
+
+def test_m2_s_vamp_prior_mixes_its_pseudo_inputs_posteriors_over_the_labels():
+    """p(z) = (1/K) sum_k sum_y q(y | u_k) q(z | u_k, y), Tomczak & Welling's prior for M2's guide, against the
+    sum written out; runs written before the choice rebuild with one Gaussian at the soft prediction."""
+    torch.manual_seed(0)
+    ssvae = SSVAE(X_SHAPE, z_dim=3, num_classes=4, hidden=(16,), prior={"name": "vamp", "num_components": 5})
+    with torch.no_grad():
+        ssvae.encoder.net[0].weight[:, -4:].mul_(10.0)  # the label moves q(z | u, y) a long way
+    z = torch.randn(7, 3)
+    u = F.hardtanh(ssvae.prior.pseudo_inputs, 0.0, 1.0)
+    q_y = ssvae.classifier(u).softmax(-1)
+    by_hand = torch.zeros(7, dtype=torch.float64)
+    for k in range(5):
+        for y in range(4):
+            loc, scale = ssvae.encode(u[k : k + 1], torch.eye(4)[y : y + 1])
+            density = torch.distributions.Normal(loc.double(), scale.double()).log_prob(z.double()).sum(-1).exp()
+            by_hand += q_y[k, y].double() / 5 * density
+    assert torch.allclose(ssvae.prior.log_prob(z).double(), by_hand.log(), atol=1e-5)
+    assert q_y.max() < 0.9  # soft predictions, where the two priors differ
+    old = SSVAE.from_config({key: value for key, value in ssvae.config().items() if key != "pseudo_input_labels"})
+    old.load_state_dict(ssvae.state_dict())
+    assert old.pseudo_input_labels == "predicted"
+    loc, scale = ssvae.encode(u, q_y)
+    soft = torch.distributions.Normal(loc[:, None], scale[:, None]).log_prob(z).sum(-1).logsumexp(0) - math.log(5)
+    assert torch.allclose(old.prior.log_prob(z), soft, atol=1e-5)
+    assert not torch.allclose(old.prior.log_prob(z), ssvae.prior.log_prob(z), atol=0.1)
+    x = torch.bernoulli(torch.full((6, *X_SHAPE), 0.3))
+    guide = config_enumerate(ssvae.guide, "parallel")  # z of shape (4, 6, 3) against the 20 components
+    assert torch.isfinite(TraceEnum_ELBO(max_plate_nesting=1).differentiable_loss(ssvae.model, guide, x))
+    with pytest.raises(ValueError, match=r"pseudo_input_labels must be one of \('summed', 'predicted'\)"):
+        SSVAE(X_SHAPE, z_dim=3, num_classes=4, hidden=(16,), pseudo_input_labels="soft")
 
 
 def test_bad_warm_start_lengths_are_refused():

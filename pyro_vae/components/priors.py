@@ -54,6 +54,10 @@ class Prior(nn.Module):
     def setup(self, z_dim: int, *, x_shape: tuple[int, ...], encoder: nn.Module) -> None:
         """Called once by the VAE before use; builds whatever depends on the sizes.
 
+        ``encoder`` maps points x to q(z | x): ``(loc, scale)`` of a diagonal Gaussian, or ``(loc, scale,
+        log_weights)`` of a mixture of them (M2's, summed over its label: locs and scales of shape
+        ``(N, C, z_dim)``, log-weights ``(N, C)``).
+
         A prior belongs to one model: once a model is built with it (``owned``), a setup for another model is
         refused, since it would rebuild the first model's prior for the second's sizes and encoder.
         """
@@ -237,8 +241,12 @@ class VampPrior(Prior):
 
     def forward(self):
         inputs = self.pseudo_inputs if self.bounds is None else F.hardtanh(self.pseudo_inputs, *self.bounds)
-        loc, scale = self.encoder(inputs)
-        return DiagonalNormalMixture(torch.zeros(self.num_components, device=loc.device), loc, scale)
+        posterior = self.encoder(inputs)
+        loc, scale = posterior[:2]
+        # an encoder whose q(z | u) is itself a mixture, sum_c w_c N(loc_c, scale_c^2) (M2's, over the label),
+        # gives log w of shape (K, C) after locs and scales of (K, C, z_dim): each component joins at w_c / K
+        log_weights = posterior[2] if len(posterior) == 3 else torch.zeros(loc.shape[:-1], device=loc.device)
+        return DiagonalNormalMixture(log_weights.flatten(), loc.flatten(0, -2), scale.flatten(0, -2))
 
     def config(self):
         config = {

@@ -71,6 +71,7 @@ from .base import (
 
 _instance_ids = itertools.count()
 CLASS_PRIORS = ("uniform", "learned")
+PSEUDO_INPUT_LABELS = ("summed", "predicted")
 
 
 def concat_broadcast(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -249,8 +250,7 @@ class SSVAE(SemiSupervisedModel):
     :param z_dim: dimension of z (the "style").
     :param num_classes: number of values of y.
     :param prior: a :class:`~pyro_vae.components.priors.Prior` for z, its short name or config dict (default
-        standard normal). The VampPrior's pseudo-inputs go through q(z | u, y) with y the classifier's soft
-        prediction for u.
+        standard normal).
     :param likelihood: a :class:`~pyro_vae.components.likelihoods.Likelihood`, its short name or config dict
         (default Bernoulli).
     :param hidden: hidden sizes of the classifier, encoder and decoder MLPs.
@@ -258,11 +258,17 @@ class SSVAE(SemiSupervisedModel):
     :param activation: of every hidden layer, ``"softplus"`` as in Kingma et al. (2014) and
         Pyro's SS-VAE example, or ``"relu"``. With ReLU, M2 from pixels lost validation
         accuracy epoch after epoch; with softplus it gains (docs/semi-supervised.md).
+    :param pseudo_input_labels: how a VampPrior's pseudo-inputs u_k meet the label. ``"summed"`` (the
+        default): q(z | u) = sum_y q(y | u) q(z | u, y), M2's own posterior of z, so that p(z) =
+        (1/K) sum_k sum_y q(y | u_k) q(z | u_k, y), a mixture of K C Gaussians, is Tomczak & Welling's
+        prior for this guide. ``"predicted"``: one Gaussian q(z | u, y) at the classifier's soft prediction
+        y = q(. | u), a label the encoder never sees in training (runs written before the choice).
     :param name: prefix in Pyro's param store, unique per instance by default.
     """
 
     name = "ssvae"
-    legacy_config = {"activation": "relu"}  # runs written before the choice used ReLU
+    # runs written before the choices used ReLU, and the soft prediction for the pseudo-inputs' label
+    legacy_config = {"activation": "relu", "pseudo_input_labels": "predicted"}
 
     def __init__(
         self,
@@ -275,11 +281,15 @@ class SSVAE(SemiSupervisedModel):
         hidden: Sequence[int] = (500,),
         class_prior: str = "uniform",
         activation: str = "softplus",
+        pseudo_input_labels: str = "summed",
         name: str | None = None,
     ):
         super().__init__()
         if class_prior not in CLASS_PRIORS:
             raise ValueError(f"Unknown class prior {class_prior!r}; choose one of {CLASS_PRIORS}.")
+        if pseudo_input_labels not in PSEUDO_INPUT_LABELS:
+            raise ValueError(f"pseudo_input_labels must be one of {PSEUDO_INPUT_LABELS}; got {pseudo_input_labels!r}.")
+        self.pseudo_input_labels = pseudo_input_labels
         num_classes = whole_number(num_classes, "num_classes", minimum=2)
         self.x_shape, self.z_dim, self.num_classes = tuple(x_shape), latent_size(z_dim), num_classes
         self.hidden, self.class_prior, self.activation = tuple(hidden), class_prior, activation
@@ -294,7 +304,7 @@ class SSVAE(SemiSupervisedModel):
         )
         self.class_prior_net = ClassPrior(self.num_classes, learned=class_prior == "learned")
         self.prior = as_prior(prior)
-        self.prior.setup(self.z_dim, x_shape=self.x_shape, encoder=self._encode_with_predicted_label)
+        self.prior.setup(self.z_dim, x_shape=self.x_shape, encoder=self._pseudo_input_posterior)
         self.prior.owned = self.likelihood.owned = True  # built: another model may not set them up again
         self.pyro_name = name or f"ssvae{next(_instance_ids)}"
 
@@ -341,8 +351,15 @@ class SSVAE(SemiSupervisedModel):
         flat = x.flatten(start_dim=x.ndim - len(self.x_shape))
         return self.encoder.forward_concatenated(flat, y_onehot)  # x multiplied once for every y
 
-    def _encode_with_predicted_label(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.encode(x, self.classifier(x).softmax(-1))
+    def _pseudo_input_posterior(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """q(z | x) for a VampPrior's pseudo-inputs x, as ``pseudo_input_labels`` says: (loc, scale, log q(y | x))
+        of the mixture over the labels y (in dimension -2), or (loc, scale) at the soft prediction."""
+        logits = self.classifier(x)
+        if self.pseudo_input_labels == "predicted":
+            return self.encode(x, logits.softmax(-1))
+        every_label = torch.eye(self.num_classes, device=x.device, dtype=logits.dtype)
+        loc, scale = self.encode(x.unsqueeze(1), every_label)  # (N, 1, *x_shape) against (C, C): (N, C, z_dim)
+        return loc, scale, logits.log_softmax(-1)
 
     def decode(self, z: torch.Tensor, y_onehot: torch.Tensor):
         """The distribution p(x | y, z)."""
@@ -384,7 +401,8 @@ class SSVAE(SemiSupervisedModel):
             "hidden": list(self.hidden),
             "class_prior": self.class_prior,
             "activation": self.activation,
-            "prior": prior_config(self.prior, self.z_dim, self.x_shape, self._encode_with_predicted_label),
+            "pseudo_input_labels": self.pseudo_input_labels,
+            "prior": prior_config(self.prior, self.z_dim, self.x_shape, self._pseudo_input_posterior),
             "likelihood": likelihood_config(self.likelihood, self.x_shape),
         }
 
@@ -401,4 +419,5 @@ class SSVAE(SemiSupervisedModel):
             hidden=config["hidden"],
             class_prior=config["class_prior"],
             activation=config["activation"],
+            pseudo_input_labels=config["pseudo_input_labels"],
         )

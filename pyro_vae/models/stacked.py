@@ -128,6 +128,8 @@ class StackedSSVAE(SemiSupervisedModel):
     :param class_prior: ``"uniform"`` or ``"learned"`` p(y).
     :param activation: M2's hidden activation, ``"softplus"`` (Kingma et al.'s) or ``"relu"`` (runs
         written before 2026-12-02, whose config did not record it).
+    :param pseudo_input_labels: how a VampPrior's pseudo-inputs meet the label, as
+        :class:`~pyro_vae.models.ssvae.SSVAE`'s.
     """
 
     def __init__(
@@ -141,6 +143,7 @@ class StackedSSVAE(SemiSupervisedModel):
         hidden=(500,),
         class_prior: str = "uniform",
         activation: str = "softplus",
+        pseudo_input_labels: str = "summed",
         name: str | None = None,
     ):
         super().__init__()
@@ -161,6 +164,7 @@ class StackedSSVAE(SemiSupervisedModel):
             hidden=hidden,
             class_prior=class_prior,
             activation=activation,
+            pseudo_input_labels=pseudo_input_labels,
         )
         self.pyro_name = name or f"stacked{next(_instance_ids)}"
 
@@ -302,4 +306,5 @@ class StackedSSVAE(SemiSupervisedModel):
             hidden=m2["hidden"],
             class_prior=m2["class_prior"],
             activation=m2["activation"],
+            pseudo_input_labels=m2["pseudo_input_labels"],
         )
