@@ -318,6 +318,23 @@ def test_a_component_whose_config_does_not_rebuild_it_is_refused_before_a_run_st
 
 
 @pytest.mark.parametrize("likelihood", sorted(LIKELIHOODS))
+def test_a_config_s_check_draws_from_its_own_device_s_generator_and_leaves_every_state_as_it_was(
+    likelihood, monkeypatch
+):
+    """The check that a config rebuilds its likelihood draws data once: it reseeded with torch.manual_seed, which
+    reseeds every GPU's generator too, and restored the CPU's and the model's device's alone."""
+    vae = pv.VAE((1, 4, 4), z_dim=2, hidden=(8,), likelihood=likelihood)
+
+    def reseeds_every_device(seed):
+        raise AssertionError("torch.manual_seed reseeds the generator of every GPU")
+
+    monkeypatch.setattr(torch, "manual_seed", reseeds_every_device)
+    state = torch.get_rng_state()
+    assert vae.config() == vae.config()  # the same draw each time
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+@pytest.mark.parametrize("likelihood", sorted(LIKELIHOODS))
 def test_the_constant_fit_maximises_the_likelihood_of_the_data(likelihood):
     """The output bias a fresh decoder starts at: the p(x | .) that ignores z and fits x best.
 

@@ -39,7 +39,6 @@ from ..checks import whole_number
 from ..components.likelihoods import build_likelihood
 from ..components.priors import build_prior
 from ..data import DataError, check_finite_and_nonempty
-from ..infer.densities import seeded
 from ..registry import Registry
 
 if TYPE_CHECKING:
@@ -97,13 +96,21 @@ def likelihood_config(likelihood: nn.Module, x_shape: tuple[int, ...]) -> dict:
     outputs and one draw of data from them (the global random state left as it was)."""
     size = likelihood.params_per_dim * math.prod(x_shape)
     params = torch.linspace(-1.0, 1.0, 2 * size).reshape(2, likelihood.params_per_dim, *x_shape)
-    params = params.to(device_of(likelihood))
-    with torch.no_grad(), seeded(0):  # every generator restored after, each GPU's too
+    params = params.to(device := device_of(likelihood))
+    with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        default_generator(device).manual_seed(0)  # that device's alone: torch.manual_seed reseeds every GPU's
         x = likelihood(params).sample()
     return config_that_rebuilds(
         likelihood, "likelihood", build_likelihood, lambda copy: copy.setup(x_shape),
         lambda candidate: candidate(params).log_prob(x),
     )  # fmt: skip
+
+
+def default_generator(device: torch.device) -> torch.Generator:
+    """The global generator that draws random numbers on ``device`` (the CPU's or one GPU's)."""
+    if device.type == "cuda":
+        return torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
+    return torch.default_generator
 
 
 def data_plate(batch_size: int, num_data: int | None, device) -> pyro.plate:
