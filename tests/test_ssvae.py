@@ -380,6 +380,8 @@ def test_m2_s_vamp_prior_mixes_its_pseudo_inputs_posteriors_over_the_labels():
     x = torch.bernoulli(torch.full((6, *X_SHAPE), 0.3))
     guide = config_enumerate(ssvae.guide, "parallel")  # z of shape (4, 6, 3) against the 20 components
     assert torch.isfinite(TraceEnum_ELBO(max_plate_nesting=1).differentiable_loss(ssvae.model, guide, x))
+    plain = SSVAE(X_SHAPE, z_dim=3, num_classes=4, hidden=(16,))  # a setting of the VampPrior's alone:
+    assert "pseudo_input_labels" not in plain.config()  # other priors' configs are as older runs wrote them
     with pytest.raises(ValueError, match=r"pseudo_input_labels must be one of \('summed', 'predicted'\)"):
         SSVAE(X_SHAPE, z_dim=3, num_classes=4, hidden=(16,), pseudo_input_labels="soft")
 

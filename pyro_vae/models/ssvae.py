@@ -56,7 +56,7 @@ from torch import nn
 from ..checks import whole_number
 from ..components.likelihoods import Likelihood, as_likelihood, build_likelihood
 from ..components.nets import MLPClassifier, MLPDecoder, MLPEncoder, activation_class
-from ..components.priors import Prior, as_prior, build_prior
+from ..components.priors import Prior, VampPrior, as_prior, build_prior
 from ..data import DataError
 from .base import (
     Model,
@@ -393,7 +393,7 @@ class SSVAE(SemiSupervisedModel):
     # --------------------------------------------------------------- config
     def config(self) -> dict:
         """Everything needed to rebuild this model with :meth:`from_config`."""
-        return {
+        config = {
             "type": self.name,
             "x_shape": list(self.x_shape),
             "z_dim": self.z_dim,
@@ -401,10 +401,12 @@ class SSVAE(SemiSupervisedModel):
             "hidden": list(self.hidden),
             "class_prior": self.class_prior,
             "activation": self.activation,
-            "pseudo_input_labels": self.pseudo_input_labels,
             "prior": prior_config(self.prior, self.z_dim, self.x_shape, self._pseudo_input_posterior),
             "likelihood": likelihood_config(self.likelihood, self.x_shape),
         }
+        if isinstance(self.prior, VampPrior):  # the one prior it shapes: the others' configs stay as they were
+            config["pseudo_input_labels"] = self.pseudo_input_labels
+        return config
 
     @classmethod
     def from_config(cls, config: dict) -> SSVAE:
