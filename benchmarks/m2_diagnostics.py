@@ -68,7 +68,7 @@ def floor(args) -> None:
         objective = SemiSupervisedELBO(num_labels=args.labels, label_seed=seed, classifier_steps=args.steps)
         objective.setup(model, data, batch_size=args.labels)  # every labelled point in every step
         objective.start(model, data)  # the warm start alone: the classifier on the labels
-        val, test = (model.accuracy(split.x, split.y) for split in (data.val, data.test))
+        val, test = (model.accuracy(split.unbinarised, split.y) for split in (data.val, data.test))
         print(f"label seed {seed}: {args.steps} steps, validation {100 * val:.1f}%, test {100 * test:.1f}%")
 
 
@@ -160,7 +160,8 @@ def lower_rate(args) -> None:
         raise SystemExit(f"{args.run} is not an M2 run (its objective is {objective['name']!r}).")
     objective.update(classifier_steps=0)  # the classifier was trained with the rest of the run
     data = run.load_data()
-    print(f"{args.run}, epoch {run.epoch}: validation accuracy {100 * run.model.accuracy(data.val.x, data.val.y):.2f}%")
+    images = data.val.unbinarised if objective["accuracy_on"] == "intensities" else data.val.x  # the run's measure
+    print(f"{args.run}, epoch {run.epoch}: validation accuracy {100 * run.model.accuracy(images, data.val.y):.2f}%")
     # output_bias="random" keeps the trained weights as they are (the data start would reset the output bias)
     history = pv.fit(run.model, data, objective=objective, epochs=args.epochs, lr=args.lr, seed=1, compile=True,
                      batch_size=run.config["train"]["batch_size"], output_bias="random", eval_samples=0,
@@ -183,11 +184,11 @@ def inputs(args) -> None:
         split = getattr(data, name)
         with torch.no_grad():
             right = lambda logits: 100 * (logits.argmax(-1) == split.y).double().mean().item()  # noqa: E731, B023
-            readings = {"fixed binarisation": right(model.classifier(split.x)),
-                        "intensities": right(model.classifier(split.intensities))}  # fmt: skip
+            logits = lambda x: model.classifier_logits(model.feature_means(x))  # noqa: E731 (M2's and M1+M2's)
+            readings = {"fixed binarisation": right(logits(split.x)), "intensities": right(logits(split.intensities))}
             probabilities = torch.zeros(len(split), model.num_classes)
             for draws in range(1, 101):
-                probabilities += model.classifier(pv.data.binarize(split.intensities)).softmax(-1)
+                probabilities += logits(pv.data.binarize(split.intensities)).softmax(-1)
                 if draws in (1, 10, 100):
                     readings[f"mean over {draws} binarisations"] = right(probabilities)
         print(f"  {name:4}  " + ", ".join(f"{reading} {value:.2f}" for reading, value in readings.items()))

@@ -49,9 +49,9 @@ def main(epochs: int, labels: int, subset: int | None, samples: int, out: str) -
         print(f"test log p(x) {metrics['test_log_px']:.2f} +- {metrics['test_log_px_se']:.2f} nats (K = {samples})")
 
     # The model's own answer: the label y with the highest log p(x, y), estimated by importance sampling.
-    x = data.test.x[:8]
+    x = data.test.x[:8]  # binarised: log p(x, y) is a density of binary images; q(y | x) reads the intensities
     print(f"true digits              {data.test.y[:8].tolist()}")
-    print(f"classifier q(y | x)      {ssvae.classify(x).tolist()}")
+    print(f"classifier q(y | x)      {ssvae.classify(data.test.unbinarised[:8]).tolist()}")
     print(f"model argmax log p(x, y) {pv.classify_generatively(ssvae, x).tolist()}")
     figures = ", ".join(sorted(path.name for path in directory.figures.glob("*.png")))
     print(f"figures (style transfer, class samples, ...): {figures} in {directory.figures}")

@@ -16,8 +16,8 @@ that order and its cursor are part of the objective's state, saved in every
 checkpoint.
 
 The validation and test accuracy are those of q(y | x) on the images as
-they are, their intensities, as Kingma et al.'s released code and Pyro's
-SS-VAE example classify them, where the ELBO and log p(x) read the splits' one fixed
+they are, their intensities, as Pyro's SS-VAE example and Kingma et al.'s
+released M1+M2 code classify them, where the ELBO and log p(x) read the splits' one fixed
 binarisation (a Bernoulli likelihood is a density of binary images only).
 One binarisation is a noisy copy of the image: on the same weights the
 intensities are classified about half a point better
@@ -148,8 +148,8 @@ class SemiSupervisedELBO(Objective):
     :param classifier_steps: Adam steps of q(y | x) on the labelled cross-entropy alone before the first
         epoch of a fresh run (0: none, the paper's procedure).
     :param accuracy_on: what q(y | x) classifies when the validation and test accuracy are measured, where
-        those splits were binarised: ``"intensities"``, the images themselves, as Kingma et al.'s released
-        code and Pyro's SS-VAE example classify them (the default), or ``"binarised"``, the one binarisation
+        those splits were binarised: ``"intensities"``, the images themselves, as Pyro's SS-VAE example and
+        Kingma et al.'s released M1+M2 code classify them (the default), or ``"binarised"``, the one binarisation
         that the splits' ELBO and log p(x) read (the library's only measure before this option; runs written
         then keep it).
     """
