@@ -4,6 +4,7 @@
     python benchmarks/m2_diagnostics.py variant --epochs 8 --lr 3e-4 --init 1e-3 --weight-prior 1
     python benchmarks/m2_diagnostics.py lower-rate RUN --lr 3e-4 --epochs 15 --out OUT
     python benchmarks/m2_diagnostics.py inputs RUN                  # what q(y | x) classifies best
+    python benchmarks/m2_diagnostics.py prior-cost                  # M2's step by prior
 
 ``floor`` trains M2's classifier (784-500-10, softplus) on the 100 labelled
 points alone with Adam, cross-entropy on dynamically binarised batches (the
@@ -43,15 +44,25 @@ library's accuracy since), and the mean of q(y | x) over 1, 10 and 100 fresh
 binarisations of each image (seed 0), the label's probability given the
 image when each image stands for its binarisations. One run's weights for
 every reading: a paired comparison.
+
+``prior-cost`` times M2's eager step (the enumerated unlabelled loss of a
+batch of 200 and its gradient; z 50, hidden 500) with the standard normal
+prior and with VampPriors of K pseudo-inputs whose labels are summed out
+(``pseudo_input_labels="summed"``, K C components) or set at the soft
+prediction (``"predicted"``, K components), the models interleaved, and
+prints each one's median and its ratio to the standard normal's.
 """
 
 import argparse
 import contextlib
 import math
+import statistics
 import tempfile
+import time
 
 import pyro
 import torch
+from pyro.infer import TraceEnum_ELBO, config_enumerate
 
 import pyro_vae as pv
 from pyro_vae.cli import count_or_zero, non_negative_float, positive_float, positive_int
@@ -194,6 +205,31 @@ def inputs(args) -> None:
         print(f"  {name:4}  " + ", ".join(f"{reading} {value:.2f}" for reading, value in readings.items()))
 
 
+def prior_cost(args) -> None:
+    data = pv.load_dataset("mnist", binarize="dynamic")
+    torch.manual_seed(0)
+    x = data.batch(torch.arange(200))
+    guide_of = {}
+    contenders = {"standard normal": (None, "summed")}
+    for k in args.components:
+        contenders[f"vamp K={k}, labels summed"] = ({"name": "vamp", "num_components": k}, "summed")
+        contenders[f"vamp K={k}, soft prediction"] = ({"name": "vamp", "num_components": k}, "predicted")
+    models = {}
+    for name, (prior, labels) in contenders.items():
+        models[name] = pv.SSVAE(data.x_shape, z_dim=50, hidden=(500,), prior=prior, pseudo_input_labels=labels)
+        guide_of[name] = config_enumerate(models[name].guide, "parallel")
+    elbo, times = TraceEnum_ELBO(max_plate_nesting=1), {name: [] for name in models}
+    for _ in range(args.repeats):
+        for name, model in models.items():
+            start = time.perf_counter()
+            elbo.differentiable_loss(model.model, guide_of[name], x).backward()
+            times[name].append(time.perf_counter() - start)
+            model.zero_grad()
+    base = statistics.median(times["standard normal"])
+    for name, measured in times.items():
+        print(f"{name:32} {1000 * statistics.median(measured):8.1f} ms  {statistics.median(measured) / base:5.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -239,8 +275,18 @@ def main() -> None:
     inputs_parser = commands.add_parser("inputs")
     inputs_parser.add_argument("run", help="an M2 run directory")
     inputs_parser.add_argument("--checkpoint", choices=("best", "last"), default="best")
+    cost_parser = commands.add_parser("prior-cost")
+    cost_parser.add_argument("--components", type=positive_int, nargs="+", default=[500, 50])
+    cost_parser.add_argument("--repeats", type=positive_int, default=7)
     args = parser.parse_args()
-    {"floor": floor, "variant": variant, "lower-rate": lower_rate, "inputs": inputs}[args.command](args)
+    commands = {
+        "floor": floor,
+        "variant": variant,
+        "lower-rate": lower_rate,
+        "inputs": inputs,
+        "prior-cost": prior_cost,
+    }
+    commands[args.command](args)
 
 
 if __name__ == "__main__":
