@@ -67,7 +67,7 @@ from pyro.infer import TraceEnum_ELBO, config_enumerate
 import pyro_vae as pv
 from pyro_vae.cli import count_or_zero, non_negative_float, positive_float, positive_int
 from pyro_vae.infer.densities import parameters_held_fixed
-from pyro_vae.infer.objective import completed_objective_config
+from pyro_vae.infer.objective import build_objective, completed_objective_config
 from pyro_vae.infer.semisupervised import SemiSupervisedELBO, paper_aux_weight
 
 
@@ -171,8 +171,8 @@ def lower_rate(args) -> None:
         raise SystemExit(f"{args.run} is not an M2 run (its objective is {objective['name']!r}).")
     objective.update(classifier_steps=0)  # the classifier was trained with the rest of the run
     data = run.load_data()
-    images = data.val.unbinarised if objective["accuracy_on"] == "intensities" else data.val.x  # the run's measure
-    print(f"{args.run}, epoch {run.epoch}: validation accuracy {100 * run.model.accuracy(images, data.val.y):.2f}%")
+    accuracy = build_objective(objective).validate(run.model, data.val, "val_")["val_accuracy"]  # the run's measure
+    print(f"{args.run}, epoch {run.epoch}: validation accuracy {100 * accuracy:.2f}%")
     # output_bias="random" keeps the trained weights as they are (the data start would reset the output bias)
     history = pv.fit(run.model, data, objective=objective, epochs=args.epochs, lr=args.lr, seed=1, compile=True,
                      batch_size=run.config["train"]["batch_size"], output_bias="random", eval_samples=0,
