@@ -20,6 +20,7 @@ import pyro_vae as pv
 from pyro_vae.infer import build_objective
 from pyro_vae.infer.elbo import ELBO
 from pyro_vae.infer.iwae import IWAEBound
+from pyro_vae.infer.path_derivatives import STL_ELBO, DReG_IWAE_ELBO
 
 REPLICATES = 20_000
 
@@ -172,6 +173,11 @@ def test_objectives_refuse_an_estimator_that_does_not_fit():
         pv.MeanFieldELBO(gradient="stl")
     with pytest.raises(ValueError, match="gradient estimators"):
         ELBO(gradient="dreg")
+    # used directly, as Pyro's ELBOs are, the estimators check their particle count when built
+    with pytest.raises(ValueError, match="DReG's num_particles must be a whole number >= 1; got 0"):
+        DReG_IWAE_ELBO(small_vae(), 0)
+    with pytest.raises(ValueError, match="STL's num_particles must be a whole number >= 1; got 2.5"):
+        STL_ELBO(small_vae(), 2.5)
     # the configs record the estimator only where it is not the standard one (older runs have no key)
     assert IWAEBound(5).config() == {"name": "iwae", "num_particles": 5}
     assert build_objective(IWAEBound(5, gradient="dreg").config()).gradient == "dreg"

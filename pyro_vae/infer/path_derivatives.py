@@ -20,7 +20,10 @@ d/dphi log q_phi(z | x) at fixed z, whose expectation under q is zero.
 
   with wt_k = w_k / sum_j w_j the normalised weights, in place of IWAE's
   sum_k wt_k d log w_k / d phi. The gradient in theta is IWAE's,
-  sum_k wt_k d log w_k / d theta. The signal-to-noise ratio of IWAE's phi
+  sum_k wt_k d log w_k / d theta. Where the prior reads the guide's
+  parameters (the VampPrior's pseudo-inputs pass through the encoder),
+  log p's direct dependence on them gets IWAE's weights wt_k, and only the
+  path through z_k the squared ones. The signal-to-noise ratio of IWAE's phi
   gradient falls as 1 / sqrt(K) (Rainforth et al., *Tighter Variational
   Bounds are Not Necessarily Better*, ICML 2018); DReG's does not.
 
@@ -39,6 +42,7 @@ from __future__ import annotations
 
 import torch
 
+from ..checks import whole_number
 from .densities import DATA_PLATE, SiteLogDensities, log_mean_exp, negligible_shares, site_log_densities
 
 #: The gradient estimators, by the objective they apply to.
@@ -54,6 +58,7 @@ class _PathDerivativeEstimator:
     estimator: str
 
     def __init__(self, module: torch.nn.Module, num_particles: int, max_plate_nesting: int = 1):
+        num_particles = whole_number(num_particles, f"{self.estimator}'s num_particles")
         self.module, self.num_particles, self.max_plate_nesting = module, num_particles, max_plate_nesting
 
     def densities(self, model, guide, *args, **kwargs) -> SiteLogDensities:
