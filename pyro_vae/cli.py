@@ -183,7 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument(
         "--dataset", type=_dataset_name, default="mnist", help=f"one of {', '.join(DATASET_NAMES)}, or a .npy/.npz file"
     )
-    data.add_argument("--data-dir", help="folder of torchvision data sets")
+    data.add_argument(
+        "--data-dir",
+        help="folder of torchvision data sets [with --resume: where the run's own is now, if its files moved]",
+    )
     data.add_argument(
         "--download", action="store_true", help="let torchvision download a missing data set (needs a network)"
     )
@@ -451,6 +454,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--seed", type=seed_value, default=0, help=f"random seed, 0 to {MAX_SEED}")
     evaluate.add_argument("--device", type=_device, default="cpu", help="cpu, cuda, cuda:N or auto")
+    evaluate.add_argument(
+        "--data-dir", help="where the run's torchvision data set is now, if its files moved [default: the run's own]"
+    )
+    evaluate.add_argument(
+        "--download", action="store_true", help="let torchvision download the run's data set (needs a network)"
+    )
     evaluate.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     compare = commands.add_parser(
@@ -481,6 +490,8 @@ MODEL_AND_DATA_FLAGS = (
     "matmul_precision", "ema_decay",
     "semi_supervised", "labels", "label_seed", "aux_weight", "classifier_steps", "class_prior", "m1", "name", "out",
 )  # fmt: skip
+#: Where a run's torchvision data set is, and whether to fetch it: given again where it moved (--resume, evaluate).
+DATA_LOCATION_FLAGS = ("data_dir", "download")
 SEMI_SUPERVISED_FLAGS = ("labels", "label_seed", "aux_weight", "classifier_steps", "class_prior")
 VAE_ONLY_FLAGS = ("elbo", "particles", "gradient")
 
@@ -523,12 +534,14 @@ def check_flag_combinations(parser: argparse.ArgumentParser, args: argparse.Name
     if args.command != "train":
         return
     train = parser.commands["train"]
-    given = [dest for dest in MODEL_AND_DATA_FLAGS if dest in typed]
+    # on --resume, where the data set is may change (the run's data digests check it is the same data)
+    given = [d for d in MODEL_AND_DATA_FLAGS if d in typed and not (args.resume and d in DATA_LOCATION_FLAGS)]
     flag = lambda dest: "--" + dest.replace("_", "-")  # noqa: E731
     if args.resume and given:
         train.error(
             f"{', '.join(map(flag, given))} cannot change a run on --resume (its config.json fixes them); "
-            "only --epochs, --eval-samples, --device, --compile, --no-progress and the distributed flags apply"
+            "only --epochs, --eval-samples, --device, --compile, --no-progress, the distributed flags and, for a "
+            "torchvision data set that moved, --data-dir and --download apply"
         )
     semi_supervised = args.semi_supervised or args.m1
     if not semi_supervised and (wrong := [flag(d) for d in SEMI_SUPERVISED_FLAGS if d in given]):
@@ -621,6 +634,8 @@ def _evaluate(args) -> None:
         seed=args.seed,
         device=resolve_device(args.device),
         progress=not args.no_progress,
+        data_dir=args.data_dir,
+        download=args.download,
     )
     where = Path(args.run) / RunDirectory.EVALUATIONS / f"{metrics['evaluation']}.npz"
     if args.method == "bdmc":
@@ -843,7 +858,7 @@ def _train(args) -> None:
         run_dir = RunDirectory(args.resume)
         run_dir.check_resumable()  # before the run directory is announced
         _announce(run_dir.path, processes)
-        run = resume_run(run_dir.path, epochs=args.epochs, **common)
+        run = resume_run(run_dir.path, epochs=args.epochs, data_dir=args.data_dir, download=args.download, **common)
     else:
         check_folder(args.out, "--out", "the folder that is to hold the runs")
         if args.name:  # refused before the data, M1 or the model are loaded

@@ -251,7 +251,8 @@ def _torchvision(name: str, data_dir: str | None, download: bool) -> tuple[Split
             fix = (
                 "The download failed: check the network, or put the data set's files there yourself."
                 if download
-                else "Pass download=True (--download) to fetch it, which needs a network."
+                else "If its files moved, give their folder with data_dir= (--data-dir); else pass download=True "
+                "(--download) to fetch them, which needs a network."
             )
             raise DataError(f"{name} was not found under {data_dir} ({first_line(err)}). {fix}") from err
         splits.append(Split(ds.data.unsqueeze(1).float().div_(255.0), ds.targets.long()))

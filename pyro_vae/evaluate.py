@@ -248,11 +248,14 @@ def evaluate_run(
     progress: bool = True,
     model: Model | None = None,
     data: Dataset | None = None,
+    data_dir: str | None = None,
+    download: bool = False,
 ) -> dict:
     """Evaluate a run's best checkpoint (the one ``metrics.json`` reports) by ``method``; returns the summary.
 
     The model and test data are rebuilt from ``config.json``; pass ``model`` for a run with custom
-    networks and ``data`` for one trained on your own tensors (its test split is evaluated).
+    networks and ``data`` for one trained on your own tensors (its test split is evaluated). A torchvision
+    data set whose files moved is found at ``data_dir``, or fetched with ``download``.
 
     :param num_samples: K of importance sampling (``"is"``, ``"auto"``).
     :param num_steps, num_chains, leapfrog_steps, schedule: the AIS settings (``"ais"``, ``"auto"``, ``"bdmc"``).
@@ -297,7 +300,7 @@ def evaluate_run(
             f"{directory.path} was trained on data with {counts['test']} test points; data= has {len(data.test)}. "
             "Give the pv.Dataset the run was trained on."
         )
-    test_split = (run.load_data() if data is None else data).test
+    test_split = (run.load_data(data_dir=data_dir, download=download) if data is None else data).test
     recorded = (run.config.get("data_digests") or {}).get("test")  # runs before 2026-12-07 recorded none
     if recorded is not None and recorded["x"] != points_digest(test_split.x):  # log p(x) reads no labels
         raise ValueError(

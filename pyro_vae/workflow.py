@@ -62,21 +62,25 @@ def resume_run(
     epochs: int | None = None,
     model: Model | None = None,
     data: Dataset | None = None,
+    data_dir: str | None = None,
+    download: bool = False,
     **settings,
 ) -> Run | None:
     """Continue the run in ``run_dir`` up to ``epochs`` in all (by default its own target), then redraw its figures.
 
     The model, data and objective are rebuilt from ``config.json``; pass
     ``model`` for a run with custom networks and ``data`` for one trained on
-    your own tensors. Other keyword arguments (``progress``, ``processes``,
-    ``device``) override the recorded ones.
+    your own tensors. A torchvision data set whose files moved is found at
+    ``data_dir`` (then recorded in the config), or fetched with ``download``. Other keyword arguments
+    (``progress``, ``processes``, ``device``) override the recorded ones.
     """
     directory = RunDirectory(run_dir)
     directory.check_resumable()
     directory.check_weights()  # before the lock, which would leave its file in a record
     config = directory.read_config()
     model = model_from_config(directory.path, config) if model is None else model
-    data = data_from_config(directory.path, config) if data is None else data
+    if data is None:
+        data = data_from_config(directory.path, config, data_dir=data_dir, download=download)
     train = {**training_settings(config), **settings}
     if epochs is not None:
         train["epochs"] = epochs

@@ -7,6 +7,9 @@ and ``tests/test_interrupts.py``.
 
 import json
 import math
+import shutil
+import struct
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +41,16 @@ def _rewrite_checkpoint(run: Path, **changes) -> None:
     torch.save(state, run / "checkpoint.pt")
 
 
+def _flip_a_bit_of_a_weight(run: Path) -> None:
+    """One bit of the first tensor's bytes flipped, as a failing disk or copy would: the archive still opens."""
+    with zipfile.ZipFile(run / "checkpoint.pt") as archive:
+        member = archive.getinfo("archive/data/0")
+    content = bytearray((run / "checkpoint.pt").read_bytes())
+    name_length, extra_length = struct.unpack("<HH", content[member.header_offset + 26 : member.header_offset + 30])
+    content[member.header_offset + 30 + name_length + extra_length] ^= 1
+    (run / "checkpoint.pt").write_bytes(bytes(content))
+
+
 @pytest.mark.parametrize(
     "damage, message",
     [
@@ -49,7 +62,15 @@ def _rewrite_checkpoint(run: Path, **changes) -> None:
         (lambda run: torch.save([1, 2, 3], run / "checkpoint.pt"), "not a pyro-vae checkpoint"),
         (lambda run: (run / "config.json").write_text("{not json"), "not valid JSON"),
         (lambda run: (run / "config.json").write_text("[1, 2]"), "holds a JSON list, not the object pyro-vae writes"),
-        (lambda run: (run / "checkpoint.pt").unlink(), "No checkpoint"),
+        (lambda run: (run / "checkpoint.pt").unlink(), r"checkpoint.pt is missing; .*best.pt is a whole checkpoint"),
+        (_flip_a_bit_of_a_weight, "is corrupt: archive/data/0 does not match its checksum"),
+        (lambda run: (run / "config.json").write_text("{}"), "no valid 'model', 'data', 'train' section"),
+        (
+            lambda run: (run / "config.json").write_text(
+                json.dumps({**json.loads((run / "config.json").read_text()), "train": None})
+            ),
+            "no valid 'train' section.*Restore the run's own config.json",
+        ),
         (
             lambda run: (run / "config.json").write_text(
                 json.dumps({**json.loads((run / "config.json").read_text()), "model": {"z_dim": 7}})
@@ -67,6 +88,9 @@ def _rewrite_checkpoint(run: Path, **changes) -> None:
         "bad-json",
         "json-list",
         "missing",
+        "flipped-bit",
+        "config-empty",
+        "config-no-train",
         "config-mismatch",
     ],
 )
@@ -95,15 +119,72 @@ def test_a_damaged_result_file_is_refused_naming_it_and_the_fix(trained_run, nam
     robustness_report["bad inputs refused or cleaned"] += 1
 
 
+def test_a_run_that_lost_its_last_checkpoint_goes_on_from_best_pt_as_its_message_says(trained_run):
+    (trained_run / "checkpoint.pt").unlink()
+    with pytest.raises(pv.CheckpointError, match=r"copy it to checkpoint.pt to go on from that epoch") as refusal:
+        pv.resume_run(trained_run, epochs=2, progress=False)
+    assert "drop --resume" not in str(refusal.value)  # a new run there is refused: it holds a run
+    shutil.copy(trained_run / "best.pt", trained_run / "checkpoint.pt")
+    assert pv.resume_run(trained_run, epochs=2, progress=False).epoch == 2
+
+
+def test_a_config_whose_model_lacks_a_key_is_refused_before_resuming(trained_run):
+    config = json.loads((trained_run / "config.json").read_text())
+    del config["model"]["x_shape"]
+    (trained_run / "config.json").write_text(json.dumps(config))
+    with pytest.raises(pv.CheckpointError, match="describes its model without 'x_shape'.*restore the run's own"):
+        pv.resume_run(trained_run, epochs=2, progress=False)
+
+
 def test_a_run_without_the_best_pt_it_wrote_is_refused_not_read_from_its_last_checkpoint(trained_run):
     """Only runs older than best.pt (their checkpoints record no best epoch) take the last checkpoint as the best."""
     (trained_run / "best.pt").unlink()
+    _rewrite_checkpoint(trained_run, best_epoch=0)  # the best epoch is not the last: its weights are gone
+    before = (trained_run / "checkpoint.pt").read_bytes()
     for use in (lambda: pv.load_run(trained_run), lambda: pv.resume_run(trained_run, epochs=2, progress=False)):
-        with pytest.raises(pv.CheckpointError, match="best.pt is missing, though the run kept its best epoch"):
+        with pytest.raises(pv.CheckpointError, match="best.pt is missing, though the run"):
             use()
+    assert (trained_run / "checkpoint.pt").read_bytes() == before  # refused before any epoch was trained
     assert pv.load_run(trained_run, checkpoint="last").epoch == 1
     _rewrite_checkpoint(trained_run, best_epoch=None)  # as a run written before best.pt
     assert pv.load_run(trained_run).epoch == 1
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda run: (run / "best.pt").write_bytes(b"PK\x03\x04 garbage"), "best.pt cannot be read"),
+        (lambda run: shutil.copy(run / "checkpoint.pt", run / "best.pt"), "best.pt holds epoch 1, not the best"),
+    ],
+    ids=["corrupt", "another-epoch"],
+)
+def test_a_best_pt_that_does_not_hold_the_best_epoch_is_refused_before_training(trained_run, damage, message):
+    """Found at the end, a best.pt that cannot give the best epoch's weights would cost the whole resume."""
+    _rewrite_checkpoint(trained_run, best_epoch=0)
+    damage(trained_run)
+    before = (trained_run / "checkpoint.pt").read_bytes()
+    with pytest.raises(pv.CheckpointError, match=f"{message}.*restore it, or load the last checkpoint"):
+        pv.resume_run(trained_run, epochs=3, progress=False)
+    assert (trained_run / "checkpoint.pt").read_bytes() == before
+
+
+def test_a_best_pt_lost_at_the_last_epoch_is_rebuilt_from_the_last_checkpoint(trained_run):
+    """At the best epoch the last checkpoint holds the best weights: a missing or broken best.pt is its copy."""
+    assert load_checkpoint(trained_run / "checkpoint.pt")["best_epoch"] == 1  # the one epoch improved on the start
+    for damage in ((trained_run / "best.pt").unlink, lambda: (trained_run / "best.pt").write_bytes(b"")):
+        damage()
+        pv.resume_run(trained_run, epochs=1, progress=False)  # trains nothing: ends with the best weights
+        assert (trained_run / "best.pt").read_bytes() == (trained_run / "checkpoint.pt").read_bytes()
+
+
+def test_a_best_pt_ahead_of_the_last_checkpoint_is_named_as_the_later_checkpoint(trained_run, small_mnist):
+    """Runs written before the last checkpoint went first could stop between the writes with best.pt ahead."""
+    pv.resume_run(trained_run, epochs=2, progress=False)
+    best = load_checkpoint(trained_run / "best.pt")
+    assert best["epoch"] == 2  # the second epoch improved too
+    _rewrite_checkpoint(trained_run, epoch=best["epoch"] - 1, best_epoch=0, position=None)
+    with pytest.raises(pv.CheckpointError, match=f"it is the later checkpoint.*resume from epoch {best['epoch']}"):
+        pv.resume_run(trained_run, epochs=3, progress=False)
 
 
 def test_a_pickle_that_runs_code_is_never_executed(trained_run, tmp_path, robustness_report):

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -145,6 +146,30 @@ def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(small_mni
     monkeypatch.undo()
     pv.fit(small_vae(), data, epochs=3, run_dir=run, resume=True, progress=False)  # space freed: it continues
     assert load_checkpoint(run / "checkpoint.pt")["epoch"] == 3
+
+
+def test_a_stop_between_the_checkpoint_and_best_pt_is_mended_on_resume(small_mnist, tmp_path, monkeypatch):
+    """The last checkpoint is written before best.pt: a stop between them leaves it at the new best epoch, and the
+    resume copies it to best.pt before training on, whatever its own epochs come out as."""
+    data = small_mnist.subset(train=200)
+    run = tmp_path / "run"
+    pv.fit(small_vae(), data, epochs=1, run_dir=run, progress=False)
+    write = files.atomic_write_bytes
+
+    def stop_at_best(path, data):
+        if Path(path).name == "best.pt":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        write(path, data)
+
+    monkeypatch.setattr(files, "atomic_write_bytes", stop_at_best)
+    with pytest.raises(OSError, match="No space left"):
+        pv.fit(small_vae(), data, epochs=2, run_dir=run, resume=True, progress=False)
+    monkeypatch.undo()
+    last = load_checkpoint(run / "checkpoint.pt")
+    assert last["epoch"] == last["best_epoch"] == 2 and load_checkpoint(run / "best.pt")["epoch"] == 1
+    pv.fit(small_vae(), data, epochs=2, run_dir=run, resume=True, progress=False)
+    assert (run / "best.pt").read_bytes() == (run / "checkpoint.pt").read_bytes()
+    assert json.loads((run / "metrics.json").read_text())["best_epoch"] == 2
 
 
 def test_a_full_disk_while_writing_results_keeps_the_previous_results(small_mnist, tmp_path, monkeypatch, capsys):
@@ -361,3 +386,36 @@ def test_the_gpus_generators_are_saved_and_restored_where_there_are_gpus(monkeyp
     restored.clear()
     files.restore_rng(saved)
     assert restored == {}
+
+
+def _torchvision_mnist(root: Path, n: int = 40) -> None:
+    """A small MNIST in torchvision's layout (its idx files, uncompressed, under MNIST/raw), of random pixels."""
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    pixels = np.random.default_rng(0).integers(0, 256, (n, 28, 28), dtype=np.uint8)
+    labels = np.arange(n, dtype=np.uint8) % 10
+    for split in ("train", "t10k"):
+        (raw / f"{split}-images-idx3-ubyte").write_bytes(struct.pack(">IIII", 2051, n, 28, 28) + pixels.tobytes())
+        (raw / f"{split}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 2049, n) + labels.tobytes())
+
+
+def test_a_torchvision_data_set_that_moved_is_found_where_it_is_now(tmp_path, small_mnist):
+    """Where the files are is no part of the data (the digests are): resume and evaluate take the new folder, and
+    the resume records it."""
+    _torchvision_mnist(tmp_path / "before")
+    data = pv.load_dataset("mnist-torchvision", data_dir=str(tmp_path / "before"), val_size=10)
+    run = tmp_path / "run"
+    pv.fit(small_vae(), data, epochs=1, run_dir=run, progress=False, eval_samples=0)
+    (tmp_path / "before").rename(tmp_path / "after")
+    with pytest.raises(pv.DataError, match=r"If its files moved, give their folder with data_dir= \(--data-dir\)"):
+        pv.resume_run(run, epochs=2, progress=False)
+    assert cli.main(["train", "--resume", str(run), "--epochs", "2", "--data-dir", str(tmp_path / "after"),
+                     "--no-progress", "--eval-samples", "0"]) == 0  # fmt: skip
+    assert json.loads((run / "config.json").read_text())["data"]["data_dir"] == str(tmp_path / "after")
+    (tmp_path / "after").rename(tmp_path / "again")
+    summary = pv.evaluate_run(run, num_samples=2, data_dir=str(tmp_path / "again"), progress=False)
+    assert summary["test_num_points"] == 40
+    embedded = tmp_path / "embedded"
+    pv.fit(small_vae(), small_mnist.subset(train=100), epochs=1, run_dir=embedded, progress=False, eval_samples=0)
+    with pytest.raises(pv.DataError, match="not on a torchvision data set: a data folder and a download apply"):
+        pv.evaluate_run(embedded, num_samples=2, data_dir=str(tmp_path), progress=False)

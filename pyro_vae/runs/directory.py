@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data import DataError, Dataset, dataset_from_spec, is_data_file, load_numpy
+from ..data import TORCHVISION_DATASETS, DataError, Dataset, dataset_from_spec, is_data_file, load_numpy
 from ..models import Model, build_model
 from ..models.base import completed_model_config
 from .files import (
@@ -163,20 +163,34 @@ class RunDirectory:
             os.close(fd)  # closing drops the lock
 
     # ---------------------------------------------------------------- files
+    #: What every config.json holds (``None`` where the run used networks or tensors of one's own).
+    CONFIG_SECTIONS = {"model": (dict, type(None)), "data": (dict, type(None)), "train": (dict,)}
+
     def read_config(self) -> dict:
-        return read_json(self.file(self.CONFIG))
+        """The run's config.json, refused with the fix where it lacks a section the run is rebuilt from."""
+        config = read_json(self.file(self.CONFIG))
+        wrong = [key for key, kinds in self.CONFIG_SECTIONS.items() if not isinstance(config.get(key, ...), kinds)]
+        if wrong:
+            raise CheckpointError(
+                f"{self.file(self.CONFIG)} has no valid {', '.join(repr(key) for key in wrong)} section: it is not "
+                "the config.json that pyro-vae wrote for this run. Restore the run's own config.json."
+            )
+        return config
 
     def write_config(self, config: dict) -> None:
         write_json(self.file(self.CONFIG), config)
 
     def save_checkpoint(self, *, best: bool = False, **state) -> None:
-        """The checkpoint (atomically) and the history table; with ``best``, first as the best checkpoint.
+        """The checkpoint (atomically) and the history table; with ``best``, then as the best checkpoint.
 
-        The best checkpoint goes first: if the disk fills between the two
-        writes, the last checkpoint is the previous one, and resuming from it
-        retrains the same epoch bit for bit.
+        The last checkpoint goes first: if the process stops between the two
+        writes, it records this epoch as the best while best.pt holds the
+        previous best, and the resume rebuilds best.pt from it
+        (:meth:`check_best_kept`). Written the other way round, a resume that
+        retrains the epoch less than bit for bit (on another device or number
+        of processes) would leave best.pt with weights of no recorded epoch.
         """
-        paths = (self.file(self.BEST), self.file(self.CHECKPOINT)) if best else (self.file(self.CHECKPOINT),)
+        paths = (self.file(self.CHECKPOINT), self.file(self.BEST)) if best else (self.file(self.CHECKPOINT),)
         save_checkpoint(paths, **state)
         write_history_csv(self.file(self.HISTORY), state["history"])
 
@@ -185,6 +199,13 @@ class RunDirectory:
         if which not in ("last", "best"):
             raise ValueError(f"checkpoint must be 'last' or 'best'; got {which!r}.")
         self.check_weights()
+        if which == "last" and not self.file(self.CHECKPOINT).exists():  # best.pt is, by check_weights
+            best = load_checkpoint(self.file(self.BEST), map_location)
+            raise CheckpointError(
+                f"{self.file(self.CHECKPOINT)} is missing; {self.file(self.BEST)} is a whole checkpoint of the run's "
+                f"best epoch ({best['epoch']}): copy it to {self.CHECKPOINT} to go on from that epoch (the epochs "
+                "after it are trained again), or restore the missing file."
+            )
         if which == "last" or self.file(self.BEST).exists():
             return load_checkpoint(self.file(self.BEST if which == "best" else self.CHECKPOINT), map_location)
         last = load_checkpoint(self.file(self.CHECKPOINT), map_location=map_location)
@@ -200,6 +221,48 @@ class RunDirectory:
                 f"restore it, or load the last checkpoint (epoch {last['epoch']}) with "
                 "pv.load_run(run, checkpoint='last')."
             )
+
+    def check_best_before_resuming(self, last: dict) -> None:
+        """Before training on: best.pt is readable, of the same model, and holds the best epoch that the last
+        checkpoint ``last`` records, so that the run can end with the weights its metrics name.
+
+        A stop between the two writes of a best epoch (:meth:`save_checkpoint`) leaves the last checkpoint at
+        that epoch and best.pt at the previous best: best.pt is rebuilt from the last checkpoint. Otherwise a
+        best.pt that does not hold the best epoch is refused, before any epoch is trained.
+        """
+        best_epoch, path = last["best_epoch"], self.file(self.BEST)
+        if best_epoch is None:
+            return  # a run older than best.pt: its last checkpoint is its best
+        at_best = last["position"] is None and last["epoch"] == best_epoch
+        problem, later, unreadable = None, None, None
+        if not path.exists():
+            problem = "is missing"
+        else:
+            try:
+                best = load_checkpoint(path)
+            except CheckpointError as err:
+                problem, unreadable = "cannot be read (truncated, corrupt, or not a pyro-vae checkpoint)", err
+            else:
+                if not model_config_matches(best["config"]["model"], last["config"]["model"]):
+                    problem = "holds the weights of another model than the last checkpoint"
+                elif best["epoch"] != best_epoch:
+                    problem = f"holds epoch {best['epoch']}, not the best epoch that the last checkpoint records"
+                    later = best["epoch"] if best["epoch"] > last["epoch"] else None
+        if problem is None:
+            return
+        if at_best:  # the last checkpoint is the best epoch: best.pt is a copy of it
+            atomic_write_bytes(path, self.file(self.CHECKPOINT).read_bytes())
+            return
+        fix = (
+            f"it is the later checkpoint (a stop between the writes of epoch {later}): copy it over "
+            f"{self.file(self.CHECKPOINT)} to resume from epoch {later}"
+            if later is not None
+            else "restore it, or load the last checkpoint "
+            f"(epoch {last['epoch']}) with pv.load_run(run, checkpoint='last') to use what the run has"
+        )
+        raise CheckpointError(
+            f"{path} {problem}, though the run's best epoch ({best_epoch}) is kept there and nowhere else; {fix}."
+        ) from unreadable
 
     def remove_stale_temporaries(self) -> None:
         """Temporary files left by a process killed while writing (its checkpoints, evaluations or figures)."""
@@ -324,9 +387,10 @@ class Run:
     history: list[dict]
     epoch: int
 
-    def load_data(self) -> Dataset:
-        """The data set the run was trained on, rebuilt from its config."""
-        return data_from_config(self.path, self.config)
+    def load_data(self, *, data_dir: str | None = None, download: bool = False) -> Dataset:
+        """The data set the run was trained on, rebuilt from its config (``data_dir``, ``download``: where a
+        torchvision data set whose files moved is now, or fetch it; :func:`data_from_config`)."""
+        return data_from_config(self.path, self.config, data_dir=data_dir, download=download)
 
 
 class NotRebuildable(CheckpointError, ValueError):
@@ -342,17 +406,34 @@ def model_from_config(path: Path, config: dict) -> Model:
             f"{path} used custom networks; build the same model and pass it as model= (pv.load_run, "
             "pv.evaluate_run, pv.resume_run)."
         )
-    return build_model(config["model"])
+    try:
+        return build_model(config["model"])
+    except KeyError as err:
+        raise CheckpointError(
+            f"{path / RunDirectory.CONFIG} describes its model without {err}, which pyro-vae writes: restore the "
+            "run's own config.json."
+        ) from err
 
 
-def data_from_config(path: Path, config: dict) -> Dataset:
-    """The data set the run at ``path`` was trained on, rebuilt from its ``config``."""
+def data_from_config(path: Path, config: dict, *, data_dir: str | None = None, download: bool = False) -> Dataset:
+    """The data set the run at ``path`` was trained on, rebuilt from its ``config``.
+
+    For a torchvision data set, ``data_dir`` is where its files are now, if they moved, and ``download`` lets
+    torchvision fetch them; the run's data digests still check that they are the same data.
+    """
     if config["data"] is None:
         raise NotRebuildable(
             f"{path} was trained on tensors of your own; pass them as data= (pv.evaluate_run, pv.resume_run), "
             "or load them yourself."
         )
     spec = config["data"]
+    if data_dir is not None or download:
+        if spec["name"] not in TORCHVISION_DATASETS:
+            raise DataError(
+                f"{path} was trained on {spec['name']}, not on a torchvision data set: a data folder and a download "
+                "apply only to those; drop them."
+            )
+        spec = {**spec, "data_dir": spec["data_dir"] if data_dir is None else data_dir, "download": download}
     if is_data_file(spec["name"]) and not Path(spec["name"]).exists():
         raise DataError(
             f"{path} was trained on the data file {spec['name']}, which is no longer there; put it back at that "

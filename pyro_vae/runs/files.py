@@ -182,6 +182,15 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
             f"{path} is truncated or corrupt, or not a checkpoint that pyro-vae wrote (not PyTorch's zip archive). "
             "Delete it and train again, or restore a copy."
         )
+    try:  # torch.load does not check the archive's checksums: a flipped bit would load as a changed weight
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as err:
+        damaged = f"the archive itself ({first_line(err)})"
+    if damaged is not None:
+        raise CheckpointError(
+            f"{path} is corrupt: {damaged} does not match its checksum. Restore a copy, or delete it and train again."
+        )
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:

@@ -606,7 +606,7 @@ class _Engine:
         if self.processes.is_writer:
             run.remove_stale_temporaries()
         state = run.load_checkpoint("last", map_location=self.device)
-        run.check_best_kept(state)
+        self._by_process_0(lambda: run.check_best_before_resuming(state), f"check the best checkpoint of {run.path}")
         trained = state["epoch"] + (state["position"] is not None)  # a run stopped part-way is in its next epoch
         if self.settings["epochs"] < trained:
             target = state["config"].get("train", {}).get("epochs", "not recorded")
@@ -712,10 +712,15 @@ class _Engine:
                     tqdm.write(f"compiled the training step in {compiled.compile_seconds:.1f} s")
             stop = self._interrupted(interrupt)
             if not math.isfinite(total):
-                last = f"; the last checkpoint in {self.run.path} is kept." if self.run is not None else "."
+                kept = (
+                    f" Its checkpoints in {self.run.path} are kept, but resuming it would repeat this step: its "
+                    "seed and rate are fixed."
+                    if self.run is not None
+                    else ""
+                )
                 raise TrainingDiverged(
-                    f"The loss became {total} at epoch {epoch}, step {step + 1}. Lower the learning rate "
-                    f"(now {self.settings['lr']:g}) or check the data for extreme values{last}"
+                    f"The loss became {total} at epoch {epoch}, step {step + 1}.{kept} Start a new run with a lower "
+                    f"learning rate (now {self.settings['lr']:g}), or check the data for extreme values."
                 )
             if self.average is not None:
                 self.average.update(self.model)
