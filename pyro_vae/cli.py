@@ -12,12 +12,16 @@ before any work starts: a bad one gets a one-line error and exit code 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import itertools
+import logging
 import math
 import os
+import re
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pyro
@@ -147,7 +151,15 @@ def _device(value: str) -> str:
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, with its errors on one line: the command, the problem, and where to read more."""
+    """argparse, with its errors on one line: the command, the problem, and where to read more.
+
+    A negative number in any spelling float() reads (``-1e-3``, ``-inf``) is a value, which the flag's type
+    refuses with its range, not an option (argparse's own pattern knows only ``-1`` and ``-.5``).
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"^-(\d+|\d*\.?\d+(e[-+]?\d+)?|\d+\.|inf|infinity|nan)$", re.I)
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -619,7 +631,7 @@ def check_evaluate_flags(evaluate: argparse.ArgumentParser, args: argparse.Names
 
 # --------------------------------------------------------------- commands
 def _evaluate(args) -> None:
-    RunDirectory(args.run).check_resumable()
+    RunDirectory(args.run).check_resumable("pyro-vae evaluate")
     metrics = evaluate_run(
         args.run,
         method=args.method,
@@ -638,6 +650,13 @@ def _evaluate(args) -> None:
         download=args.download,
     )
     where = Path(args.run) / RunDirectory.EVALUATIONS / f"{metrics['evaluation']}.npz"
+    if metrics.get("kept"):
+        print(
+            f"{where} holds this evaluation already, of these weights and points with seed {args.seed} and batch "
+            f"size {args.batch_size}, which give the same numbers: kept, not made again (delete it to make it anew)."
+        )
+    elif "replaced" in metrics:
+        print(f"{where} now replaces the evaluation of that name made {metrics['replaced']}.")
     if args.method == "bdmc":
         print(
             f"{args.run}: BDMC on {metrics['bdmc_num_points']} simulated points: lower {metrics['bdmc_lower']:.3f} "
@@ -700,10 +719,12 @@ def check_folder(path: str | Path, flag: str, what: str) -> None:
 
 def _compare(args) -> None:
     for run in args.runs:
-        RunDirectory(run).check_resumable()
+        RunDirectory(run).check_resumable("pyro-vae compare")
     if len({Path(run).resolve() for run in args.runs}) < len(args.runs):
         raise ValueError(f"{' '.join(map(str, args.runs))}: a run is given twice; give each run once.")
     out = Path(args.out)
+    if args.out and (args.out.endswith(("/", os.sep)) or out.is_dir()):  # a folder: the tables go in it
+        out = out / "comparison"
     if not out.name:
         raise ValueError(f"--out {args.out!r} names no file; give a path and a name, e.g. --out runs/comparison.")
     check_folder(out.parent, "--out", "a path whose folder can be written, e.g. --out runs/comparison")
@@ -716,9 +737,10 @@ def _compare(args) -> None:
     rows = compare_runs(args.runs, evaluation=args.evaluation)
     table = comparison_markdown(rows)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text(table)
-    out.with_suffix(".csv").write_text(comparison_csv(rows))
-    print(table + f"\nwritten to {out.with_suffix('.md')} and {out.with_suffix('.csv')}")
+    markdown, csv = out.with_name(f"{out.name}.md"), out.with_name(f"{out.name}.csv")  # OUT.md: with its dots
+    markdown.write_text(table)
+    csv.write_text(comparison_csv(rows))
+    print(table + f"\nwritten to {markdown} and {csv}")
 
 
 def _prior_config(args) -> dict:
@@ -926,7 +948,28 @@ def _report(run) -> None:
     print(f"figures: {', '.join(sorted(p.name for p in figures.glob('*.png')))} in {figures}")
 
 
+@contextlib.contextmanager
+def _warnings_for_the_command_line():
+    """Warnings as one line each, ``pyro-vae: warning: ...`` (not the source line that raised them), and none
+    of torch's note that a CPU-only install has no CUDA runtime, printed once a compiler is first looked up."""
+    format_warning, cuda_note = warnings.formatwarning, logging.getLogger("torch.utils.cpp_extension")
+    level = cuda_note.level
+    warnings.formatwarning = lambda message, category, *_: f"pyro-vae: warning: {message}\n"
+    if not torch.cuda.is_available():
+        cuda_note.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        warnings.formatwarning = format_warning
+        cuda_note.setLevel(level)
+
+
 def main(argv: list[str] | None = None) -> int:
+    with _warnings_for_the_command_line():
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     try:
         load_plugins()  # before the parser, whose choices list the registered priors, likelihoods and objectives
     except ImportError as err:

@@ -279,7 +279,7 @@ def evaluate_run(
     name = evaluation_name(method, num_samples=num_samples, ais=ais, num_points=num_points, test_points=test_points)
     device = resolve_device(device)
     directory = RunDirectory(run_dir)
-    directory.check_resumable()
+    directory.check_resumable("pyro-vae evaluate")
     check_metrics_of_best(directory)
     run = load_run(directory.path, model=model, map_location=device)
     if method == "bdmc" and isinstance(run.model, SemiSupervisedModel):
@@ -324,6 +324,11 @@ def evaluate_run(
     with directory.lock():
         directory.remove_stale_temporaries()
         _check_partial_evaluation(directory, name, identity)
+        finished = directory.read_evaluation(name) if name in directory.evaluation_names() else None
+        if method != "is" and finished is not None and _same_identity(finished, identity):
+            kept = directory.read_metrics().get("evaluations", {}).get(name)
+            if kept is not None:  # the same weights, points, seed and batch size: the same numbers again
+                return {"evaluation": name, "kept": True, **kept}
         if method == "bdmc":
             bounds = _resumable_bdmc(directory, name, model, num_points, batch_size, ais, seed, progress, identity,
                                      clock)  # fmt: skip
@@ -358,9 +363,24 @@ def evaluate_run(
             directory.write_log_px(arrays["log_px"])
         directory.write_metrics(metrics)
         directory.remove_partial_evaluation(name)  # only now: a stop before this continues from every batch
+    replaced = {} if finished is None else {"replaced": _how_made(finished, identity)}
     if method == "is" and test_points is None:
-        return {"evaluation": name, **{key: value for key, value in metrics.items() if key != "evaluations"}}
-    return {"evaluation": name, **summary}
+        return {
+            "evaluation": name,
+            **replaced,
+            **{key: value for key, value in metrics.items() if key != "evaluations"},
+        }
+    return {"evaluation": name, **replaced, **summary}
+
+
+def _how_made(earlier: dict, identity: dict) -> str:
+    """How an evaluation replaced by one made as ``identity`` says differed from it, in words."""
+    if str(earlier.get("model_digest")) != identity["model_digest"]:
+        return "of earlier weights"
+    if _same_identity(earlier, identity):
+        return "with the same settings (an importance-sampled estimate is made again; its numbers are the same)"
+    settings = [f"{key.replace('_', ' ')} {earlier[key]}" for key in ("seed", "batch_size") if key in earlier]
+    return f"with {', '.join(settings)}" if settings else "by an earlier pyro-vae"
 
 
 def _evaluate_test_points(

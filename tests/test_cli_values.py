@@ -27,6 +27,8 @@ TRAIN_VALUES = [
     (["--batch-size", "0"], "give a value >= 1"),
     (["--lr", "0"], "give a value > 0"),
     (["--lr=-1e-3"], "give a value > 0"),
+    (["--lr", "-1e-3"], "-1e-3 is out of range; give a value > 0"),  # a value, not an option
+    (["--lr", "-inf"], "not a finite number"),
     (["--lr", "nan"], "not a finite number"),
     (["--lr", "inf"], "not a finite number"),
     (["--particles", "0"], "give a value >= 1"),
@@ -157,10 +159,25 @@ def test_resume_refuses_flags_its_config_fixes(finished_run, flags, message, cap
     assert (finished_run / "config.json").read_text() == before
 
 
-def test_resuming_a_folder_of_runs_names_them_and_the_fix(finished_run, capsys):
-    code, err = _run(["train", "--resume", str(finished_run.parent)], capsys)
+@pytest.mark.parametrize(
+    "command, example",
+    [
+        (["train", "--resume"], "pyro-vae train --resume"),
+        (["evaluate"], "pyro-vae evaluate"),
+        (["compare"], "pyro-vae compare"),
+        (["train", "--semi-supervised", "--labels", "100", "--m1"], "e.g."),
+    ],
+    ids=["resume", "evaluate", "compare", "m1"],
+)
+def test_a_folder_of_runs_or_a_file_of_a_run_is_refused_naming_the_run_in_the_command_given(
+    finished_run, command, example, capsys
+):
+    code, err = _run([*command, str(finished_run.parent)], capsys)
     assert code == 2
-    assert "is a folder of runs (r)" in err and f"pyro-vae train --resume {finished_run}" in err
+    assert "is a folder of runs (r)" in err and f"{example} {finished_run}" in err, err
+    code, err = _run([*command, str(finished_run / "config.json")], capsys)
+    assert code == 2
+    assert "config.json is a file, not a run's folder" in err and f"{example} {finished_run}." in err, err
 
 
 def test_runs_of_one_default_name_get_their_own_folders(tmp_path):

@@ -72,6 +72,11 @@ def test_compare_gives_paired_differences(two_runs, tmp_path, capsys):
     assert other["diff_se"] == pytest.approx(diff.std(ddof=1) / np.sqrt(len(diff)))
     assert "paired difference to best" in (tmp_path / "table.md").read_text()
     assert (tmp_path / "table.csv").read_text().startswith("run,")
+    (tmp_path / "tables").mkdir()  # a folder takes the tables in it; a name keeps its dots
+    for out, written in (("tables", "tables/comparison"), ("results.v2", "results.v2"), ("new/", "new/comparison")):
+        assert main(["compare", str(wide), str(narrow), "--out", f"{tmp_path}/{out}"]) == 0
+        assert (tmp_path / f"{written}.md").exists() and (tmp_path / f"{written}.csv").exists(), out
+    assert not (tmp_path / "results.md").exists() and not (tmp_path / "tables.md").exists()
     # each row says how its numbers were made: the seed, the batch size and the weights
     for row in rows:
         metrics = json.loads((Path(row["run"]) / "metrics.json").read_text())
@@ -116,6 +121,14 @@ def test_ais_auto_and_bdmc_from_the_command_line(two_runs, capsys, tmp_path):
     assert "paired difference to best" in capsys.readouterr().out
     assert main(["compare", str(wide), "--evaluation", "ais-T999-C4-L1-sigmoid"]) == 2
     assert "has no evaluation 'ais-T999-C4-L1-sigmoid' (it has: ais-T20-C4-L1-sigmoid" in capsys.readouterr().err
+    # asked again as it was made, a finished AIS is kept (its numbers would come out the same); made otherwise
+    # (another batch size draws otherwise), it is replaced, and the output says so
+    made = (wide / "evaluations" / "ais-T20-C4-L1-sigmoid.npz").stat().st_mtime_ns
+    assert main(["evaluate", str(wide), "--method", "ais", *FAST_AIS, "--no-progress"]) == 0
+    assert "holds this evaluation already" in capsys.readouterr().out
+    assert (wide / "evaluations" / "ais-T20-C4-L1-sigmoid.npz").stat().st_mtime_ns == made
+    assert main(["evaluate", str(wide), "--method", "ais", *FAST_AIS, "--batch-size", "50", "--no-progress"]) == 0
+    assert "now replaces the evaluation of that name made with seed 0, batch size 100" in capsys.readouterr().out
 
     assert main(["evaluate", str(wide), "--method", "auto", "--samples", "50", *FAST_AIS, "--no-progress"]) == 0
     auto = np.load(wide / "evaluations" / "auto-K50-T20-C4-L1-sigmoid.npz")

@@ -419,3 +419,14 @@ def test_a_torchvision_data_set_that_moved_is_found_where_it_is_now(tmp_path, sm
     pv.fit(small_vae(), small_mnist.subset(train=100), epochs=1, run_dir=embedded, progress=False, eval_samples=0)
     with pytest.raises(pv.DataError, match="not on a torchvision data set: a data folder and a download apply"):
         pv.evaluate_run(embedded, num_samples=2, data_dir=str(tmp_path), progress=False)
+
+
+def test_run_files_are_as_readable_as_the_umask_makes_new_files(tmp_path):
+    """Written through a private temporary file, a run's files still get the mode open() would give them, so
+    that the collaborators of a shared folder of runs can read them."""
+    previous = os.umask(0o027)
+    try:
+        files.atomic_write_bytes(tmp_path / "config.json", b"{}")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "config.json").stat().st_mode & 0o777 == 0o640

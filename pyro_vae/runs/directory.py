@@ -116,16 +116,21 @@ class RunDirectory:
         if self.figures.exists() and not self.figures.is_dir():
             raise CheckpointError(f"{self.figures} is a file where the run's figures go; move it away.")
 
-    def check_resumable(self) -> None:
-        """A run to resume must be here; a folder of runs gets a message that names them."""
+    def check_resumable(self, command: str | None = "pyro-vae train --resume") -> None:
+        """A run to resume, evaluate or load must be here; a folder of runs gets a message that names them, and
+        a file of a run its folder, each in an example of ``command`` (None: the path alone)."""
         if self.file(self.CONFIG).exists():
             return
+        example = lambda path: f"e.g. {command} {path}" if command else f"e.g. {path}"  # noqa: E731
+        if self.path.is_file():
+            folder = self.path.parent
+            fix = example(folder) if (folder / self.CONFIG).exists() else "such as runs/<name>"
+            raise CheckpointError(f"{self.path} is a file, not a run's folder; give the folder of a run, {fix}.")
         runs = sorted(p for p in self.path.glob(f"*/{self.CONFIG}")) if self.path.is_dir() else []
         if runs:
             names = ", ".join(p.parent.name for p in runs)
             raise CheckpointError(
-                f"{self.path} is a folder of runs ({names}), not a run; resume one of them, "
-                f"e.g. pyro-vae train --resume {runs[-1].parent}"
+                f"{self.path} is a folder of runs ({names}), not a run; give one of them, {example(runs[-1].parent)}"
             )
         if not self.path.exists():
             raise CheckpointError(f"{self.path} does not exist; give the folder of a run, such as runs/<name>.")
@@ -451,6 +456,7 @@ def load_run(path: str | Path, *, model: Model | None = None, checkpoint: str = 
         ``metrics.json`` reports) or ``"last"``.
     """
     run = RunDirectory(path)
+    run.check_resumable(command=None)
     config = run.read_config()
     state = run.load_checkpoint(checkpoint, map_location=map_location)
     if not model_config_matches(state["config"]["model"], config["model"]):

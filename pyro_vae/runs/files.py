@@ -38,6 +38,13 @@ class CheckpointError(RuntimeError):
     """A checkpoint or run directory that cannot be used; the message names the fix."""
 
 
+def _umask() -> int:
+    """The process's umask (read by setting it, and set straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see the old or the new file, never a partial one."""
     path = Path(path)
@@ -45,6 +52,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's file is private (0600); a run's files are as open() makes them
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

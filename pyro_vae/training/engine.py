@@ -606,6 +606,13 @@ class _Engine:
         if self.processes.is_writer:
             run.remove_stale_temporaries()
         state = run.load_checkpoint("last", map_location=self.device)
+        saved = state["config"]["model"]
+        if not model_config_matches(saved, self.config["model"]):
+            raise CheckpointError(
+                f"The checkpoint in {run.path} was written for the model {saved}, not {self.config['model']}: "
+                "resume it with the model it was written for (where its config.json came from another run, restore "
+                "the one written with this checkpoint)."
+            )
         self._by_process_0(lambda: run.check_best_before_resuming(state), f"check the best checkpoint of {run.path}")
         trained = state["epoch"] + (state["position"] is not None)  # a run stopped part-way is in its next epoch
         if self.settings["epochs"] < trained:
@@ -623,12 +630,6 @@ class _Engine:
             raise ValueError(
                 f"{run.path} {conflict}; resume it to {saved_train.get('epochs')} epochs (pyro-vae train --resume "
                 f"without --epochs), or start a new run of {self.settings['epochs']}."
-            )
-        saved = state["config"]["model"]
-        if not model_config_matches(saved, self.config["model"]):
-            raise CheckpointError(
-                f"The checkpoint in {run.path} was written for the model {saved}, not {self.config['model']}; "
-                "rebuild the model from the run's config.json (pyro_vae.load_run)."
             )
         check_same_training(run, state["config"].get("train", {}), self.config["train"])
         check_same_data(run, state["config"], self.config)
