@@ -73,6 +73,7 @@ from pyro_vae.cli import (
 from pyro_vae.evaluate import EvaluationInterrupted
 from pyro_vae.infer.objective import completed_objective_config
 from pyro_vae.infer.semisupervised import ACCURACY_INPUTS, default_aux_weight, draw_labelled, paper_aux_weight
+from pyro_vae.runs.directory import model_config_matches
 from pyro_vae.training.engine import OUTPUT_BIAS_STARTS
 from pyro_vae.training.parallel import state_digest
 from pyro_vae.training.precision import precision_conflict
@@ -95,6 +96,8 @@ M1_EPOCHS = 250
 PYRO_EXAMPLE_HERE = {100: 64.1, 600: 88.86, 1000: 91.14, 3000: 94.62}
 #: The file of an M2 run (and of its record) that holds the generative classifier's test accuracy.
 GENERATIVE = "generative_classifier.json"
+#: An M1+M2 run's M1: the digest of the best weights of M1 that it is stacked on, kept in its record.
+STACKED_ON = "stacked_on.json"
 
 
 def last_epoch(run: Path) -> int:
@@ -155,6 +158,28 @@ def alpha(args, labels: int) -> float:
     return default_aux_weight(labels) if args.aux_weight is None else args.aux_weight
 
 
+def m1_digest(m1: Path) -> str:
+    """The digest of an M1 run's best weights, which M2 is stacked on."""
+    return state_digest(pv.RunDirectory(m1).load_checkpoint("best")["model"])
+
+
+def check_records_stacked_on(records: list[Path], m1: Path) -> None:
+    """Refuse kept M1+M2 records stacked on M1s other than each other's, or than ``m1`` where it is trained
+    here, rather than tabulate runs of two M1s together."""
+    digests = {}
+    for record in records:
+        if not (record / STACKED_ON).exists():
+            raise SystemExit(f"{record} does not say which M1 it is stacked on (kept before the study recorded it); "
+                             "give another --keep.")  # fmt: skip
+        digests[record] = json.loads((record / STACKED_ON).read_text())["m1_digest"]
+    if len(set(digests.values())) > 1:
+        raise SystemExit(f"The records in --keep are stacked on {len(set(digests.values()))} different M1s; keep "
+                         "each M1's records in a --keep of their own.")  # fmt: skip
+    if digests and pv.RunDirectory(m1).holds_run() and m1_digest(m1) not in digests.values():
+        raise SystemExit(f"The records in --keep are stacked on another M1 than {m1}; give that M1 as --m1, or "
+                         "another --keep.")  # fmt: skip
+
+
 def check_stacked_on(run: Path, m1: Path) -> None:
     """Refuse to continue an M1+M2 run stacked on another M1 than ``m1`` (its frozen copy of M1's weights differs
     from ``m1``'s best checkpoint), rather than tabulate runs of two M1s together."""
@@ -176,13 +201,49 @@ def check_subset(run: Path, args, place: str = "--out") -> None:
         raise SystemExit(f"{run} was trained on {given}; give that, or another {place}.")
 
 
-def check_settings(run: Path, args, place: str = "--out") -> None:
-    """Refuse a run (or a kept record) of another learning rate or schedule, average of the weights, warm start,
-    alpha, output-bias start, subset or matmul precision, or of another length under a schedule that depends on
-    it, rather than mix it in (M1+M2's stacked M2 has no output-bias start). ``place`` is the flag that put it
-    there (``--out``, or ``--keep`` for a record)."""
+def m2_model(x_shape: tuple[int, ...]) -> pv.SSVAE:
+    """The study's M2: Kingma et al.'s 50 latent units and 500 hidden units (``M2_DEFAULTS``), softplus."""
+    return pv.SSVAE(x_shape, z_dim=M2_DEFAULTS["z_dim"][0], hidden=tuple(M2_DEFAULTS["hidden"]))
+
+
+#: M1+M2's stacked M2: 10 latent units, 500 hidden, a standard normal prior (Kingma et al.'s M1+M2).
+STACKED_M2 = {"z_dim": 10, "hidden": (500,)}
+#: The batch and seed of every run of the study.
+BATCH_SIZE, SEED = M2_DEFAULTS["batch_size"], 0
+
+
+def check_model(run: Path, args, place: str) -> None:
+    """Refuse a run (or a kept record) of another model than the study builds, rather than mix it in."""
+    model = pv.RunDirectory(run).read_config()["model"] or {}
+    if args.model == "m2":
+        ours = m2_model(tuple(model.get("x_shape", (1, 28, 28)))).config()
+        same = model_config_matches(model, ours)
+    else:
+        m2 = model.get("m2") or {}
+        same = model.get("type") == pv.StackedSSVAE.name and (m2.get("z_dim"), tuple(m2.get("hidden", ()))) == (
+            STACKED_M2["z_dim"],
+            STACKED_M2["hidden"],
+        )
+        same = same and (m2.get("prior") or {}).get("name") == "standard-normal"
+        ours = f"M1+M2 with an M2 of {STACKED_M2['z_dim']} latent units, hidden {STACKED_M2['hidden']}"
+    if not same:
+        raise SystemExit(f"{run} holds another model than this study's ({model} against {ours}); give another "
+                         f"{place}.")  # fmt: skip
+
+
+def check_settings(run: Path, args, job: tuple[int, int], place: str = "--out") -> None:
+    """Refuse a run (or a kept record) of another model, batch, seed, label count or draw than ``job`` (its
+    labels and label seed), learning rate or schedule, average of the weights, warm start, alpha, output-bias
+    start, subset or matmul precision, or of another length under a schedule that depends on it, rather than mix
+    it in (M1+M2's stacked M2 has no output-bias start). ``place`` is the flag that put it there (``--out``, or
+    ``--keep`` for a record)."""
     train = training_settings(pv.RunDirectory(run).read_config())  # older runs' missing settings filled in
     check_subset(run, args, place)
+    check_model(run, args, place)
+    for key, ours in (("batch_size", BATCH_SIZE), ("seed", SEED)):
+        if train[key] != ours:
+            raise SystemExit(f"{run} was trained with {key.replace('_', ' ')} {train[key]}, not the study's {ours}; "
+                             f"give another {place}.")  # fmt: skip
     if args.model == "m2":
         check_output_bias(run, args, place)
     for key in ("lr", "lr_schedule", "ema_decay"):
@@ -195,12 +256,15 @@ def check_settings(run: Path, args, place: str = "--out") -> None:
     if conflict := length_conflict(train["lr_schedule"], train["epochs"], args.epochs):
         raise SystemExit(f"{run} {conflict}; give --epochs {train['epochs']}, or another {place}.")
     objective = completed_objective_config(train["objective"])
+    if (drawn := (objective["num_labels"], objective["label_seed"])) != job:
+        raise SystemExit(f"{run} was trained on {drawn[0]} labels of draw {drawn[1]}, not the {job[0]} labels of "
+                         f"draw {job[1]} its name says; give another {place}.")  # fmt: skip
     if (measured := objective["accuracy_on"]) != args.accuracy_on:
         raise SystemExit(f"{run} measured its accuracy on the {measured} images, not the {args.accuracy_on}; give "
                          f"--accuracy-on {measured}, or another {place}.")  # fmt: skip
     wanted = {
         "classifier_steps": args.classifier_steps,
-        "aux_weight": alpha(args, objective["num_labels"]),
+        "aux_weight": alpha(args, job[0]),
     }
     for key, value in wanted.items():
         if not math.isclose(objective[key], value):
@@ -215,24 +279,34 @@ def training_points(subset: int | None) -> int:
     return len(load_data(subset).train)
 
 
-def finished(run: Path, args) -> bool:
+def check_length(run: Path, epochs: int, args, place: str) -> None:
+    """Refuse a run (or record) trained longer than ``--epochs``: its best epoch was chosen among more."""
+    if epochs > args.epochs:
+        raise SystemExit(f"{run} has trained {epochs} epochs, more than --epochs {args.epochs}; give --epochs "
+                         f"{epochs}, or another {place}.")  # fmt: skip
+
+
+def finished(run: Path, args, job: tuple[int, int]) -> bool:
     """Whether ``run`` has trained ``--epochs`` and written its metrics (and was trained as this study trains
-    its runs)."""
+    the run of ``job``)."""
     directory = pv.RunDirectory(run)
     if not directory.holds_run():
         return False
-    check_settings(run, args)
-    return directory.training_finished() and last_epoch(run) >= args.epochs
+    check_settings(run, args, job)
+    check_length(run, last_epoch(run), args, "--out")
+    return directory.training_finished() and last_epoch(run) == args.epochs
 
 
-def kept(record: Path, args) -> bool:
-    """Whether ``--keep`` holds the finished record of this run, trained for ``--epochs`` or more."""
+def kept(record: Path, args, job: tuple[int, int]) -> bool:
+    """Whether ``--keep`` holds the finished record of the run of ``job``, trained for ``--epochs`` (one of
+    fewer is trained again, and its record replaced)."""
     directory = pv.RunDirectory(record)
     if not directory.file(directory.METRICS).exists():
         return False
-    check_settings(record, args, "--keep")
+    check_settings(record, args, job, "--keep")
+    check_length(record, directory.read_metrics()["epochs"], args, "--keep")
     generative = args.model == "m1m2" or directory.file(GENERATIVE).exists()
-    return generative and directory.read_metrics()["epochs"] >= args.epochs
+    return generative and directory.read_metrics()["epochs"] == args.epochs
 
 
 def run_name(model: str, labels: int, label_seed: int) -> str:
@@ -242,33 +316,35 @@ def run_name(model: str, labels: int, label_seed: int) -> str:
 def train_m1m2(m1: Path, labels: int, label_seed: int, args, out: Path) -> Path:
     """``pyro-vae train --m1 M1 --labels N --label-seed S --z-dim 10 --hidden 500 --batch-size 200 ...``."""
     run = out / run_name("m1m2", labels, label_seed)
-    if finished(run, args):
-        return run
-    if pv.RunDirectory(run).holds_run():
-        pv.resume_run(run, epochs=max(args.epochs, own_target(run)), eval_samples=args.samples, progress=args.progress)
-        return run
-    pyro.set_rng_seed(0)
-    m1_run = pv.load_run(m1)  # M1's best checkpoint, frozen inside the stacked model
-    vae, data = m1_run.model, m1_run.load_data()
-    features = pv.LatentFeatures.fit(vae, data.train.x)
-    print(f"M2 on {labels} labels (draw {label_seed}): {features.num_active} of M1's {vae.z_dim} units active")
-    stacked = pv.StackedSSVAE(vae, features, z_dim=10, prior=pv.priors.StandardNormal(), hidden=(500,))
-    objective = pv.SemiSupervisedELBO(
-        num_labels=labels, label_seed=label_seed, aux_weight=alpha(args, labels),
-        classifier_steps=args.classifier_steps, accuracy_on=args.accuracy_on,
-    )  # fmt: skip
-    pv.train_run(
-        stacked, data, run, objective=objective, epochs=args.epochs, batch_size=200, lr=args.lr,
-        lr_schedule=args.lr_schedule, ema_decay=args.ema_decay, seed=0, eval_samples=args.samples,
-        progress=args.progress,
-    )  # fmt: skip
+    if pv.RunDirectory(run).holds_run():  # stacked on m1 (check_stacked_on)
+        if not finished(run, args, (labels, label_seed)):
+            pv.resume_run(
+                run, epochs=max(args.epochs, own_target(run)), eval_samples=args.samples, progress=args.progress
+            )
+    else:
+        pyro.set_rng_seed(0)
+        m1_run = pv.load_run(m1)  # M1's best checkpoint, frozen inside the stacked model
+        vae, data = m1_run.model, m1_run.load_data()
+        features = pv.LatentFeatures.fit(vae, data.train.x)
+        print(f"M2 on {labels} labels (draw {label_seed}): {features.num_active} of M1's {vae.z_dim} units active")
+        stacked = pv.StackedSSVAE(vae, features, prior=pv.priors.StandardNormal(), **STACKED_M2)
+        objective = pv.SemiSupervisedELBO(
+            num_labels=labels, label_seed=label_seed, aux_weight=alpha(args, labels),
+            classifier_steps=args.classifier_steps, accuracy_on=args.accuracy_on,
+        )  # fmt: skip
+        pv.train_run(
+            stacked, data, run, objective=objective, epochs=args.epochs, batch_size=BATCH_SIZE, lr=args.lr,
+            lr_schedule=args.lr_schedule, ema_decay=args.ema_decay, seed=SEED, eval_samples=args.samples,
+            progress=args.progress,
+        )  # fmt: skip
+    (run / STACKED_ON).write_text(json.dumps({"m1": str(m1), "m1_digest": m1_digest(m1)}))
     return run
 
 
 def train_m2(labels: int, label_seed: int, args, out: Path) -> Path:
     """``pyro-vae train --semi-supervised --labels N --label-seed S`` (z 50, hidden 500, batch 200), from Python."""
     run = out / run_name("m2", labels, label_seed)
-    if not finished(run, args):
+    if not finished(run, args, (labels, label_seed)):
         if pv.RunDirectory(run).holds_run():
             pv.resume_run(
                 run, epochs=max(args.epochs, own_target(run)), eval_samples=args.samples, progress=args.progress
@@ -276,14 +352,14 @@ def train_m2(labels: int, label_seed: int, args, out: Path) -> Path:
         else:
             pyro.set_rng_seed(0)
             data = load_data(args.subset)
-            model = pv.SSVAE(data.x_shape, z_dim=M2_DEFAULTS["z_dim"][0], hidden=tuple(M2_DEFAULTS["hidden"]))
+            model = m2_model(data.x_shape)
             objective = pv.SemiSupervisedELBO(
                 num_labels=labels, label_seed=label_seed, aux_weight=alpha(args, labels),
                 classifier_steps=args.classifier_steps, accuracy_on=args.accuracy_on,
             )  # fmt: skip
             pv.train_run(
-                model, data, run, objective=objective, epochs=args.epochs, batch_size=M2_DEFAULTS["batch_size"],
-                lr=args.lr, lr_schedule=args.lr_schedule, ema_decay=args.ema_decay, seed=0,
+                model, data, run, objective=objective, epochs=args.epochs, batch_size=BATCH_SIZE,
+                lr=args.lr, lr_schedule=args.lr_schedule, ema_decay=args.ema_decay, seed=SEED,
                 eval_samples=args.samples, output_bias=args.output_bias, progress=args.progress,
             )  # fmt: skip
     generative = run / GENERATIVE
@@ -353,7 +429,8 @@ def table(model: str, runs: dict[int, list[Path]], accuracy_on: str) -> str:
     read = {"intensities": "the images' intensities", "binarised": "one binarisation of each image"}[accuracy_on]
     header = f"| labels | test accuracy of q(y \\| x) from {read} (mean +- sd over draws) | each draw |"
     header += (
-        " generative classifier, argmax_y log p(x, y) (mean over draws) | best epoch | training minutes per run |"
+        " generative classifier, argmax_y log p(x, y) (mean over draws) | best epoch | training minutes per run"
+        " (on the threads each had: --jobs runs one each) |"
         if m2
         else ""
     )
@@ -469,8 +546,11 @@ def main() -> None:
     args.m1_epochs = args.m1_epochs or M1_EPOCHS
     jobs = list(dict.fromkeys((labels, seed) for labels in args.labels for seed in args.label_seeds))
     places = {job: args.keep / run_name(args.model, *job) for job in jobs if args.keep}
-    places = {job: record for job, record in places.items() if kept(record, args)}
+    places = {job: record for job, record in places.items() if kept(record, args, job)}
     to_train = [job for job in jobs if job not in places]
+    stacked_on = Path(args.m1) if args.m1 else out / "m1"
+    if args.model == "m1m2":
+        check_records_stacked_on(list(places.values()), stacked_on)
     if to_train:  # every label count and draw, and every run to continue, checked before any training
         if args.model == "m1m2" and not args.m1 and pv.RunDirectory(out / "m1").holds_run():
             check_output_bias(out / "m1", args)
@@ -481,19 +561,18 @@ def main() -> None:
             if (kind := pv.RunDirectory(args.m1).read_config()["model"].get("type", "vae")) != "vae":
                 parser.error(f"--m1 needs the run of a plain VAE; {args.m1} holds a {kind} model.")
             check_subset(Path(args.m1), args)  # M2 trains on M1's data
-        stacked_on = Path(args.m1) if args.m1 else out / "m1"
-        stacked = []
+        stacked = [record.name for record in places.values()] if args.model == "m1m2" else []  # kept records
         for labels, seed in to_train:
             if pv.RunDirectory(run := out / run_name(args.model, labels, seed)).holds_run():
-                check_settings(run, args)
+                check_settings(run, args, (labels, seed))
                 if args.model == "m1m2":
                     check_stacked_on(run, stacked_on)
                     stacked.append(run.name)
         if stacked and not args.m1 and m1_trains_on(stacked_on, args):
             raise SystemExit(
                 f"{stacked_on} would train further (to --m1-epochs {args.m1_epochs} or its own target), but "
-                f"{', '.join(stacked)} in {out} are stacked on its weights now; give --m1-epochs "
-                f"{last_epoch(stacked_on)}, or another --out."
+                f"{', '.join(stacked)} (in {out}, or kept in --keep) are stacked on its weights now; give "
+                f"--m1-epochs {last_epoch(stacked_on)}, or another --out."
             )
         try:
             data = pv.load_run(args.m1).load_data() if args.m1 else load_data(args.subset)
@@ -516,7 +595,7 @@ def main() -> None:
         """A finished run enters the table, and its record is kept at once: a later stop loses none of it."""
         places[job] = run
         if args.keep:
-            pv.RunDirectory(run).keep_record(args.keep / run.name, extra=(GENERATIVE,))
+            pv.RunDirectory(run).keep_record(args.keep / run.name, extra=(GENERATIVE, STACKED_ON))
 
     try:
         if args.jobs > 1:

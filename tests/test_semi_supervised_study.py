@@ -56,14 +56,20 @@ def test_the_semi_supervised_study_takes_the_library_s_alpha_for_each_label_coun
     assert study.alpha(argparse.Namespace(**{**vars(args), "aux_weight": 7.5}), 600) == 7.5
     objective = {"name": "semi-supervised", "num_labels": 600, "label_seed": 0, "aux_weight": 46.0}
     objective.update(classifier_steps=1000, accuracy_on="intensities")
-    config = {"data": {"name": "mnist"}, "train": {"lr": 3e-3, "output_bias": "data", "objective": objective}}
+    config = _study_config(study, {"lr": 3e-3, "output_bias": "data", "objective": objective})
     config["train"].update(lr_schedule="step", epochs=200)
     (tmp_path / pv.RunDirectory.CONFIG).write_text(json.dumps(config))
     with pytest.raises(SystemExit, match="trained with --aux-weight 46, not 276; give that, or another --out"):
-        study.check_settings(tmp_path, args)  # the old default's 600-label run
+        study.check_settings(tmp_path, args, (600, 0))  # the old default's 600-label run
     objective["aux_weight"] = 276.0
     (tmp_path / pv.RunDirectory.CONFIG).write_text(json.dumps(config))
-    study.check_settings(tmp_path, args)  # the new default's: it goes ahead
+    study.check_settings(tmp_path, args, (600, 0))  # the new default's: it goes ahead
+
+
+def _study_config(study, train: dict, model: dict | None = None) -> dict:
+    """The config of a run as the study trains it (its M2, batch and seed), with ``train``'s settings."""
+    model = study.m2_model((1, 28, 28)).config() if model is None else model
+    return {"model": model, "data": {"name": "mnist"}, "train": {"batch_size": 200, "seed": 0, **train}}
 
 
 def test_the_semi_supervised_study_refuses_a_run_of_another_schedule_length_under_step_or_precision(tmp_path):
@@ -76,6 +82,7 @@ def test_the_semi_supervised_study_refuses_a_run_of_another_schedule_length_unde
     objective = {"name": "semi-supervised", "num_labels": 100, "label_seed": 0, "aux_weight": 46.0}
     objective.update(classifier_steps=1000, accuracy_on="intensities")
     train = {"lr": 3e-3, "output_bias": "data", "objective": objective, "epochs": 200}
+    model = study.m2_model((1, 28, 28)).config()
     for settings, message in [
         ({}, "trained with --lr-schedule constant, not step"),  # a run written before the option
         ({"lr_schedule": "constant"}, "trained with --lr-schedule constant, not step"),
@@ -89,15 +96,43 @@ def test_the_semi_supervised_study_refuses_a_run_of_another_schedule_length_unde
          "measured its accuracy on the binarised images, not the intensities; give --accuracy-on binarised, or"),
         ({"lr_schedule": "step", "objective": {key: objective[key] for key in objective if key != "accuracy_on"}},
          "measured its accuracy on the binarised images"),  # a run written before the option
+        ({"lr_schedule": "step", "batch_size": 100}, "trained with batch size 100, not the study's 200"),
+        ({"lr_schedule": "step", "seed": 3}, "trained with seed 3, not the study's 0"),
+        ({"lr_schedule": "step", "objective": {**objective, "label_seed": 2}},
+         "trained on 100 labels of draw 2, not the 100 labels of draw 0 its name says"),
+        ({"lr_schedule": "step", "model": {**model, "z_dim": 10}}, "holds another model than this study's"),
+        ({"lr_schedule": "step", "model": {**model, "activation": "relu"}}, "holds another model than this study's"),
+        ({"lr_schedule": "step", "model": {**model, "class_prior": "learned"}}, "holds another model than this"),
         ({"lr_schedule": "step", "matmul_precision": "highest"}, None),  # the study's own
     ]:  # fmt: skip
-        config = {"data": {"name": "mnist"}, "train": {**train, **settings}}
+        settings = dict(settings)
+        config = _study_config(study, {**train, **settings}, settings.pop("model", None))
+        config["train"].pop("model", None)
         (tmp_path / pv.RunDirectory.CONFIG).write_text(json.dumps(config))
         if message is None:
-            study.check_settings(tmp_path, args)
+            study.check_settings(tmp_path, args, (100, 0))
             continue
         with pytest.raises(SystemExit, match=message):
-            study.check_settings(tmp_path, args)
+            study.check_settings(tmp_path, args, (100, 0))
+
+
+def test_the_semi_supervised_study_refuses_a_record_longer_than_its_epochs(tmp_path):
+    """Under a rate that does not depend on the length, a 200-epoch record chose its best among more epochs than
+    a 100-epoch study's runs: refused, not tabulated beside them; a shorter one is trained again."""
+    study = load_example("semi_supervised_study.py")
+    args = argparse.Namespace(aux_weight=None, subset=None, model="m2", lr=3e-3, classifier_steps=1000, ema_decay=0.0)
+    args.output_bias, args.lr_schedule, args.accuracy_on = "data", "constant", "intensities"
+    objective = {"name": "semi-supervised", "num_labels": 100, "label_seed": 0, "aux_weight": 46.0}
+    objective.update(classifier_steps=1000, accuracy_on="intensities")
+    config = _study_config(study, {"lr": 3e-3, "output_bias": "data", "objective": objective, "epochs": 200})
+    config["train"]["lr_schedule"] = "constant"
+    (tmp_path / pv.RunDirectory.CONFIG).write_text(json.dumps(config))
+    (tmp_path / pv.RunDirectory.METRICS).write_text(json.dumps({"epochs": 200}))
+    (tmp_path / study.GENERATIVE).write_text("{}")
+    with pytest.raises(SystemExit, match="has trained 200 epochs, more than --epochs 100; give --epochs 200, or"):
+        study.kept(tmp_path, argparse.Namespace(**vars(args), epochs=100), (100, 0))
+    assert study.kept(tmp_path, argparse.Namespace(**vars(args), epochs=200), (100, 0))
+    assert not study.kept(tmp_path, argparse.Namespace(**vars(args), epochs=300), (100, 0))  # trained on
 
 
 def test_the_semi_supervised_study_keeps_each_run_as_it_finishes_and_checks_every_count_first(tmp_path, monkeypatch):
@@ -142,11 +177,14 @@ def test_the_semi_supervised_study_runs_m1_plus_m2(tmp_path):
     # one epoch of M1 on 2,000 points from the data's means has no active unit yet; from the random start it has
     tiny += ["--output-bias", "random"]
     result = run_example(
-        "semi_supervised_study.py", [*tiny, "--model", "m1m2", "--samples", "5", "--out", "s"], tmp_path
+        "semi_supervised_study.py",
+        [*tiny, "--model", "m1m2", "--samples", "5", "--out", "s", "--keep", "kept"],
+        tmp_path,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "M1: s/m1" in result.stdout and "| 100 |" in result.stdout
     assert (tmp_path / "s" / "m1m2-100-labels-draw-0" / "config.json").exists()
+    assert (tmp_path / "kept" / "m1m2-100-labels-draw-0" / "stacked_on.json").exists()  # which M1, by its digest
     other_start = refusal_of("semi_supervised_study.py", [*tiny[:-2], "--model", "m1m2", "--out", "s"], tmp_path)
     assert other_start.returncode != 0 and "m1 started its output bias 'random'" in other_start.stderr
     for ignored in (["--model", "m2"], ["--model", "m1m2", "--m1", "s/m1"]):  # no M1 to train: refused, not ignored
@@ -162,6 +200,11 @@ def test_the_semi_supervised_study_runs_m1_plus_m2(tmp_path):
     torch.save(best, tmp_path / "other-m1" / "best.pt")
     other = refusal_of("semi_supervised_study.py", [*given, "--m1", "other-m1", "--out", "s"], tmp_path)
     assert other.returncode != 0 and "is stacked on another M1 than other-m1" in other.stderr
+    # and so is a kept record of one, which has no weights to compare: its record names its M1's digest
+    kept = refusal_of(
+        "semi_supervised_study.py", [*given, "--m1", "other-m1", "--keep", "kept", "--out", "u"], tmp_path
+    )
+    assert kept.returncode != 0 and "The records in --keep are stacked on another M1 than other-m1" in kept.stderr
     with_bias = refusal_of("semi_supervised_study.py", [*given, "--m1", "s/m1", "--output-bias", "data"], tmp_path)
     assert with_bias.returncode == 2 and "--output-bias sets the start of the M1" in with_bias.stderr
     # an M1 that would train on under runs stacked on it (more --m1-epochs) is refused before it trains
