@@ -33,14 +33,21 @@ class Registry(Mapping, Generic[T]):
     """Classes of one kind, by their short ``name``.
 
     :param kind: what the classes are, for messages ("prior", "likelihood", ...).
+    :param base: the class they all derive from (their interface), checked as each is registered.
     """
 
-    def __init__(self, kind: str):
-        self.kind = kind
+    def __init__(self, kind: str, base: type):
+        self.kind, self.base = kind, base
         self._classes: dict[str, T] = {}
 
     def register(self, cls: T) -> T:
-        """Make ``cls`` known by ``cls.name``; usable as a decorator. A name taken by another class is refused."""
+        """Make ``cls`` known by ``cls.name``; usable as a decorator. A class that is not a subclass of the
+        registry's base, or a name taken by another class, is refused."""
+        if not (isinstance(cls, type) and issubclass(cls, self.base)):
+            raise TypeError(
+                f"A {self.kind} must subclass {self.base.__module__}.{self.base.__name__}, whose methods the "
+                f"library calls; {cls!r} does not."
+            )
         name = getattr(cls, "name", None)
         if not isinstance(name, str) or not name:
             raise ValueError(f"A {self.kind} class needs a non-empty string attribute `name`; {cls!r} has {name!r}.")
@@ -69,17 +76,18 @@ class Registry(Mapping, Generic[T]):
         cls = self.lookup(config["name"])
         return cls(**{key: value for key, value in config.items() if key != "name"})
 
-    def instance(self, value, base: type, default: Callable[[], object]):
-        """``value`` where it is a ``base``; built from its short name or config dict; ``default()`` for None."""
+    def instance(self, value, default: Callable[[], object]):
+        """``value`` where it is an instance of the base; built from its short name or config dict; ``default()``
+        for None."""
         if value is None:
             return default()
         if isinstance(value, str | dict):
             return self.build(value)
-        if not isinstance(value, base):
+        if not isinstance(value, self.base):
             raise TypeError(
-                f"The {self.kind} must be a {base.__name__}, its short name ({', '.join(sorted(self._classes))}) or "
-                f"its config dict; got a {type(value).__name__}. A {self.kind} of your own is a {base.__name__} "
-                "subclass (docs/howto/custom-prior-likelihood.md)."
+                f"The {self.kind} must be a {self.base.__name__}, its short name ({', '.join(sorted(self._classes))}) "
+                f"or its config dict; got a {type(value).__name__}. A {self.kind} of your own is a "
+                f"{self.base.__name__} subclass (docs/howto/custom-prior-likelihood.md)."
             )
         return value
 

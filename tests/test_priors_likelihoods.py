@@ -265,6 +265,61 @@ def test_continuous_bernoulli_draws_follow_its_density_at_any_logit():
     assert torch.isfinite(logits.grad).all()  # the branches not taken give no NaN gradient
 
 
+def test_continuous_bernoulli_draws_at_the_ends_of_the_uniform_stay_in_the_support_at_any_logit():
+    """torch.rand draws exactly 0 about once in 2^24: above abs(l) of 16.6 expm1(-abs(l)) rounds to -1 in float32,
+    and 1 + log1p(expm1(-l)) / l was -inf. The draws at u = 0 and u = 1 are the ends of [0, 1], with finite
+    gradients; between them the float32 draws agree with float64's formula."""
+    logits = torch.tensor([-100.0, -20.0, -17.0, -9.0, -3.0, 3.0, 9.0, 17.0, 20.0, 100.0], requires_grad=True)
+    ends = LogitContinuousBernoulli(logits=logits).icdf(torch.tensor([[0.0], [1.0]]))
+    assert torch.equal(ends.detach(), torch.tensor([[0.0], [1.0]]).expand(2, 10))
+    ends.sum().backward()
+    assert torch.isfinite(logits.grad).all()
+    u = torch.linspace(0, 1, 2001, dtype=torch.float64).unsqueeze(-1)
+    grid = torch.linspace(-30, 30, 601, dtype=torch.float64)
+    exact = torch.log1p(u * torch.expm1(grid)) / grid  # float64: exact to about 1e-15 away from l = 0
+    in_float32 = LogitContinuousBernoulli(logits=grid.float()).icdf(u.float()).double()
+    # float32 rounding of u itself moves x by up to dx/du * 6e-8, which reaches 2e-6 at abs(l) = 30, u near 1 or 0
+    torch.testing.assert_close(in_float32, exact, rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("logit", [-100.0, -10.0, -0.4, 0.0, 0.1, 0.6, 2.0, 16.0, 100.0])
+def test_continuous_bernoulli_variance_and_entropy_are_exact_at_any_logit(logit):
+    """Against the density integrated on a grid in float64 (the trapezoid rule's error is about (h l)^2 / 12
+    relative: 2e-8 at l = 100 with h = 5e-6); torch's, from lambda clamped to eps, stop moving beyond abs(l) of
+    16 (variance 0.0039 at l = 100, where it is 1e-4)."""
+    x = torch.linspace(0, 1, 200_001, dtype=torch.float64)
+    density = torch.exp(logit * x - (logit * x).max())
+    density = density / torch.trapezoid(density, x)
+    mean = torch.trapezoid(x * density, x)
+    variance = torch.trapezoid((x - mean) ** 2 * density, x)
+    entropy = -torch.trapezoid(density * torch.log(density.clamp_min(1e-300)), x)
+    cb = LogitContinuousBernoulli(logits=torch.tensor(logit))
+    # float32: the variance loses 7e-6 relative to cancellation just above the series' range (l = 0.5)
+    assert cb.variance.item() == pytest.approx(variance.item(), rel=2e-5)
+    assert cb.stddev.item() == pytest.approx(variance.sqrt().item(), rel=2e-5)
+    assert cb.entropy().item() == pytest.approx(entropy.item(), abs=2e-6)
+
+
+def test_the_bernoulli_of_scalar_data_gives_one_density_per_point():
+    """x_shape = (): no event dims to flatten; flatten(-0) had flattened the batch into one number."""
+    logits, x = torch.randn(5), torch.tensor([0.0, 1.0, 1.0, 0.0, 1.0])
+    likelihood = build_likelihood("bernoulli")
+    likelihood.setup(())
+    log_prob = likelihood(logits.unsqueeze(-1)).log_prob(x)
+    assert log_prob.shape == (5,)
+    torch.testing.assert_close(log_prob, dist.Bernoulli(logits=logits).log_prob(x))
+
+
+def test_a_class_that_is_no_prior_or_likelihood_is_refused_when_registered():
+    class NotAPrior:
+        name = "not-a-prior"
+
+    for register in (pv.priors.register_prior, pv.likelihoods.register_likelihood):
+        with pytest.raises(TypeError, match="must subclass pyro_vae.components.*; .*NotAPrior.* does not"):
+            register(NotAPrior)
+    assert "not-a-prior" not in PRIORS
+
+
 class StudentT(pv.likelihoods.Likelihood):
     """A user's own likelihood: heavy-tailed, with a fixed scale and 3 degrees of freedom."""
 

@@ -102,7 +102,7 @@ def _in_words(support: constraints.Constraint) -> str:
     return words.get(support, str(support))
 
 
-LIKELIHOODS: Registry[type[Likelihood]] = Registry("likelihood")
+LIKELIHOODS: Registry[type[Likelihood]] = Registry("likelihood", Likelihood)
 #: Make a likelihood known by its ``name`` to configs and the command line (usable as a decorator).
 register_likelihood = LIKELIHOODS.register
 #: A likelihood from its short name, or from the dict that :meth:`Likelihood.config` wrote.
@@ -111,7 +111,7 @@ build_likelihood = LIKELIHOODS.build
 
 def as_likelihood(likelihood: Likelihood | str | dict | None) -> Likelihood:
     """A model's likelihood from itself, its short name or config dict, or None (the Bernoulli)."""
-    return LIKELIHOODS.instance(likelihood, Likelihood, Bernoulli)
+    return LIKELIHOODS.instance(likelihood, Bernoulli)
 
 
 class BinaryBernoulli(dist.Independent):
@@ -129,6 +129,8 @@ class BinaryBernoulli(dist.Independent):
         if self.base_dist._validate_args:
             self.base_dist._validate_sample(value)
         n = self.reinterpreted_batch_ndims
+        if n == 0:  # scalar data: a last dim of one to sum over (flatten(-0) would flatten the batch)
+            return self.base_dist.logits.unsqueeze(-1), value.unsqueeze(-1)
         return self.base_dist.logits.flatten(-n), value.flatten(-n)
 
     def log_prob(self, value):
@@ -180,6 +182,10 @@ class LogitContinuousBernoulli(dist.ContinuousBernoulli):
     log C grows like log abs(l) and E[x] tends to 1 / abs(l) from its side.
     The density is proportional to e^(l x) on [0, 1], so its CDF is
     F(x) = expm1(l x) / expm1(l) and a draw is F^-1(u) for u uniform (:meth:`icdf`).
+    As a natural exponential family in x, its variance is the second derivative
+    of log(expm1(l) / l), Var[x] = 1 / l^2 - 1 / (4 sinh^2(l / 2))
+    (1 / 12 - l^2 / 240 + l^4 / 6048 for abs(l) < 0.5), and its entropy is
+    softplus(l) - l E[x] - log C.
     ``torch.distributions.ContinuousBernoulli`` computes all of these from lambda
     clamped to the dtype's eps, so that beyond abs(l) of about 16 in float32
     they stop moving: log C is 0.23 nats per value too low at abs(l) = 20 and
@@ -203,6 +209,18 @@ class LogitContinuousBernoulli(dist.ContinuousBernoulli):
         safe = torch.where(small, torch.ones_like(logits), logits)
         return torch.where(small, 0.5 + logits / 12, torch.sigmoid(safe) / torch.tanh(safe / 2) - 1 / safe)
 
+    @property
+    def variance(self):
+        logits = self.logits
+        small = logits.abs() < 0.5
+        safe = torch.where(small, torch.ones_like(logits), logits)
+        squared = logits * logits
+        series = 1 / 12 - squared / 240 + squared * squared / 6048
+        return torch.where(small, series, 1 / (safe * safe) - 1 / (4 * torch.sinh(safe / 2) ** 2))
+
+    def entropy(self):
+        return F.softplus(self.logits) - self.logits * self.mean - self._cont_bern_log_norm()
+
     def _logit_signs(self):
         """abs(l) < SMALL_LOGIT, and l where l > 0 (else 1) and where l < 0 (else -1), each branch free of overflow."""
         logits = self.logits
@@ -219,14 +237,35 @@ class LogitContinuousBernoulli(dist.ContinuousBernoulli):
         negative = torch.expm1(below * x) / torch.expm1(below)
         return torch.where(small, x + self.logits / 2 * x * (x - 1), torch.where(self.logits > 0, positive, negative))
 
+    #: Above this abs(l), e^-abs(l) is below float32's rounding of 1: :meth:`icdf` goes by logaddexp.
+    LARGE_LOGIT = 8.0
+
     def icdf(self, value):
-        """x with F(x) = u: log1p(u expm1(l)) / l, as 1 + log1p((1 - u) expm1(-l)) / l for l > 0; draws are icdf(u)."""
+        """x with F(x) = u: log1p(u expm1(l)) / l, as 1 + log1p((1 - u) expm1(-l)) / l for l > 0; draws are icdf(u).
+
+        For abs(l) > ``LARGE_LOGIT``, expm1(-abs(l)) rounds to -1 and log1p(-1) at u = 0 (which ``torch.rand``
+        draws) would give -inf: there the same x is 1 + logaddexp(log u, log(1 - u) - l) / l for l > 0 and
+        logaddexp(log(1 - u), log u + l) / l for l < 0, exactly 0 and 1 at the ends.
+        """
         small, above, below = self._logit_signs()
-        positive = 1 + torch.log1p((1 - value) * torch.expm1(-above)) / above
-        negative = torch.log1p(value * torch.expm1(below)) / below
-        return torch.where(
+        large = self.logits.abs() > self.LARGE_LOGIT
+        log_u, log_1mu = torch.log(value), torch.log1p(-value)
+        # each branch at logits it is exact for, and finite in value and gradient where torch.where drops it
+        moderate_above, moderate_below = torch.where(large, 1.0, above), torch.where(large, -1.0, below)
+        positive = torch.where(
+            large,
+            1 + torch.logaddexp(log_u, log_1mu - above) / above,
+            1 + torch.log1p((1 - value) * torch.expm1(-moderate_above)) / moderate_above,
+        )
+        negative = torch.where(
+            large,
+            torch.logaddexp(log_1mu, log_u + below) / below,
+            torch.log1p(value * torch.expm1(moderate_below)) / moderate_below,
+        )
+        x = torch.where(
             small, value + self.logits / 2 * value * (1 - value), torch.where(self.logits > 0, positive, negative)
         )
+        return x.clamp(0.0, 1.0)  # the support: rounding at the ends can leave it by an ulp
 
 
 @register_likelihood

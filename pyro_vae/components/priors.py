@@ -84,7 +84,7 @@ class Prior(nn.Module):
         return {"name": self.name}
 
 
-PRIORS: Registry[type[Prior]] = Registry("prior")
+PRIORS: Registry[type[Prior]] = Registry("prior", Prior)
 #: Make a prior known by its ``name`` to configs and the command line (usable as a decorator).
 register_prior = PRIORS.register
 #: A prior from its short name, or from the dict that :meth:`Prior.config` wrote.
@@ -93,7 +93,7 @@ build_prior = PRIORS.build
 
 def as_prior(prior: Prior | str | dict | None) -> Prior:
     """A model's prior from itself, its short name or config dict, or None (the standard normal)."""
-    return PRIORS.instance(prior, Prior, StandardNormal)
+    return PRIORS.instance(prior, StandardNormal)
 
 
 @register_prior

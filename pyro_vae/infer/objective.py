@@ -119,7 +119,7 @@ def evaluate_elbo(model, x: torch.Tensor, *, num_particles: int = 1, batch_size:
     return estimate.summary(prefix)
 
 
-OBJECTIVES: Registry[type[Objective]] = Registry("objective")
+OBJECTIVES: Registry[type[Objective]] = Registry("objective", Objective)
 #: Make an objective known by its ``name`` to configs and the command line (usable as a decorator).
 register_objective = OBJECTIVES.register
 #: An objective from its short name, or from the dict that :meth:`Objective.config` wrote.

@@ -226,7 +226,7 @@ class Model(nn.Module):
 
 
 #: Model types by name: :func:`build_model` rebuilds a model from its ``config()``.
-MODELS: Registry[type[Model]] = Registry("model type")
+MODELS: Registry[type[Model]] = Registry("model type", Model)
 #: Make a model type known by its ``name`` to run directories and the command line (usable as a decorator).
 register_model = MODELS.register
 
