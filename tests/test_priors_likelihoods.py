@@ -119,6 +119,20 @@ def test_vamp_prior_keeps_its_pseudo_inputs_in_the_data_s_range_or_leaves_them_f
         pv.priors.VampPrior(bounds=(1.0, 0.0))
 
 
+def test_a_vamp_prior_whose_pseudo_inputs_cannot_reach_the_data_is_refused_before_training():
+    """Standardised data under the default bounds, [0, 1] for images: the pseudo-inputs could not follow."""
+    x = torch.randn(40, *X_SHAPE)
+    data = pv.make_dataset(x, val_size=5, test_size=5)
+    for bounds, refused in ((pv.priors.VampPrior.IMAGE_BOUNDS, True), (None, False), ((-10.0, 10.0), False)):
+        prior = pv.priors.VampPrior(num_components=3, bounds=bounds)
+        vae = pv.VAE(X_SHAPE, Z_DIM, prior=prior, hidden=(16,), likelihood=pv.likelihoods.Gaussian("fixed"))
+        if refused:
+            with pytest.raises(pv.DataError, match=r"keeps its pseudo-inputs in \[0, 1\].*spans \[-.*bounds=None"):
+                vae.check_dataset(data)
+        else:
+            vae.check_dataset(data)
+
+
 def test_mixture_log_prob_is_the_brute_force_sum():
     prior = pv.priors.MixtureOfGaussians(num_components=4)
     prior.setup(Z_DIM, x_shape=X_SHAPE, encoder=None)

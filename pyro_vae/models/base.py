@@ -184,12 +184,21 @@ class Model(nn.Module):
         """Raise :class:`~pyro_vae.data.DataError` naming the fix if the model cannot take ``x``."""
 
     def check_dataset(self, data: Dataset) -> None:
-        """Check every split as the model will see it, before any training starts."""
+        """Check every split as the model will see it, before any training starts; a VampPrior's pseudo-inputs
+        must be able to reach the training data."""
         for split in ("train", "val", "test"):
             x = getattr(data, split).x
             if split == "train" and data.binarize == "dynamic":
                 x = x.round()  # batches are resampled binary; the pixels were checked to lie in [0, 1]
             self.check_data(x, f"{split} data")
+        bounds = getattr(getattr(self, "prior", None), "bounds", None)
+        low, high = data.train.x.aminmax()
+        if bounds is not None and (low < bounds[0] or high > bounds[1]):
+            raise DataError(
+                f"The VampPrior keeps its pseudo-inputs in [{bounds[0]:g}, {bounds[1]:g}] (the range of images), "
+                f"but the training data spans [{low.item():.4g}, {high.item():.4g}]: build it with bounds=None "
+                "(pv.priors.VampPrior(..., bounds=None)), which leaves them free, or with bounds that hold the data."
+            )
 
     @torch.no_grad()
     def latent_means(self, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
