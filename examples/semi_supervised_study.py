@@ -39,10 +39,13 @@ M1+M2's default) a larger ``--epochs`` trains the finished runs further. ``--job
 trains two runs at a time, each in its own process on one thread; a Ctrl-C
 saves the runs in progress and starts no other. With ``--keep DIR`` each
 finished run's record (``pv.RunDirectory.keep_record``: config, history,
-metrics and the generative classifier's accuracy; no checkpoint) is copied
-to DIR/NAME, and a run whose record there has the study's settings and
-``--epochs`` is not trained again: commit DIR, and a study spread over
-sessions on machines that are wiped between them still gets its table.
+metrics and the generative classifier's accuracy, and for M1+M2 the digest
+of the M1 it is stacked on; no checkpoint) is copied to DIR/NAME, and a run
+whose record there has the study's settings and ``--epochs`` is not trained
+again: commit DIR, and a study spread over sessions on machines that are
+wiped between them still gets its table. A run or record of another model,
+batch, seed, label draw, M1 or length than the study's is refused, not
+tabulated beside the others.
 """
 
 import argparse
