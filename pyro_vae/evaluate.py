@@ -257,6 +257,10 @@ def evaluate_run(
     networks and ``data`` for one trained on your own tensors (its test split is evaluated). A torchvision
     data set whose files moved is found at ``data_dir``, or fetched with ``download``.
 
+    A finished AIS, ``auto`` or BDMC evaluation of the same name, weights, points, seed and batch size is not
+    made again: its summary comes back with ``"kept": True``. One made otherwise is replaced, and the summary
+    says how it was made (``"replaced"``).
+
     :param num_samples: K of importance sampling (``"is"``, ``"auto"``).
     :param num_steps, num_chains, leapfrog_steps, schedule: the AIS settings (``"ais"``, ``"auto"``, ``"bdmc"``).
     :param num_points: simulated points of ``"bdmc"``.
@@ -377,6 +381,12 @@ def _how_made(earlier: dict, identity: dict) -> str:
     """How an evaluation replaced by one made as ``identity`` says differed from it, in words."""
     if str(earlier.get("model_digest")) != identity["model_digest"]:
         return "of earlier weights"
+    if (
+        "test_digest" in earlier
+        and "test_digest" in identity
+        and str(earlier["test_digest"]) != identity["test_digest"]
+    ):
+        return "of other test points"
     if _same_identity(earlier, identity):
         return "with the same settings (an importance-sampled estimate is made again; its numbers are the same)"
     settings = [f"{key.replace('_', ' ')} {earlier[key]}" for key in ("seed", "batch_size") if key in earlier]

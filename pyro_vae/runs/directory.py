@@ -191,7 +191,7 @@ class RunDirectory:
         The last checkpoint goes first: if the process stops between the two
         writes, it records this epoch as the best while best.pt holds the
         previous best, and the resume rebuilds best.pt from it
-        (:meth:`check_best_kept`). Written the other way round, a resume that
+        (:meth:`check_best_before_resuming`). Written the other way round, a resume that
         retrains the epoch less than bit for bit (on another device or number
         of processes) would leave best.pt with weights of no recorded epoch.
         """
