@@ -192,8 +192,10 @@ class Model(nn.Module):
                 x = x.round()  # batches are resampled binary; the pixels were checked to lie in [0, 1]
             self.check_data(x, f"{split} data")
         bounds = getattr(getattr(self, "prior", None), "bounds", None)
-        low, high = data.train.x.aminmax()
-        if bounds is not None and (low < bounds[0] or high > bounds[1]):
+        if bounds is None:
+            return
+        low, high = data.train.x.aminmax()  # one pass, only where a VampPrior has bounds
+        if low < bounds[0] or high > bounds[1]:
             raise DataError(
                 f"The VampPrior keeps its pseudo-inputs in [{bounds[0]:g}, {bounds[1]:g}] (the range of images), "
                 f"but the training data spans [{low.item():.4g}, {high.item():.4g}]: build it with bounds=None "
