@@ -76,7 +76,7 @@ def resume_run(
     """
     directory = RunDirectory(run_dir)
     directory.check_resumable()
-    directory.check_weights()  # before the lock, which would leave its file in a record
+    directory.check_weights(resuming=True)  # before the lock, which would leave its file in a record
     config = directory.read_config()
     model = model_from_config(directory.path, config) if model is None else model
     if data is None:

@@ -10,6 +10,9 @@ A run directory holds::
     test_log_px.npy   per-point test log p(x) by importance sampling, written by ``pyro-vae evaluate``
     evaluations/      per-point results of every evaluation, one .npz per method and settings
     figures/          PNG figures
+    starts/           with ``starts`` > 1: the first epochs of each start (``seed-S/``, their config and
+                      history once the best is chosen), the weights they began from (``initial.pt``) and
+                      the choice (``starts.json``)
 
 Only one process writes a run directory at a time: :meth:`RunDirectory.lock`
 takes an exclusive ``flock`` on ``.lock`` (which names the holder's process
@@ -58,9 +61,12 @@ class RunDirectory:
     LOG_PX = "test_log_px.npy"
     EVALUATIONS = "evaluations"
     FIGURES = "figures"
+    STARTS = "starts"
+    #: In :attr:`STARTS`: the weights every start began from, and every start's metric with the choice.
+    INITIAL_WEIGHTS, STARTS_RECORD = "initial.pt", "starts.json"
     LOCK = ".lock"
     #: The files of a run's record (:meth:`keep_record`): its settings and what it measured, not its weights.
-    RECORD = (CONFIG, HISTORY, METRICS, LOG_PX)
+    RECORD = (CONFIG, HISTORY, METRICS, LOG_PX, f"{STARTS}/{STARTS_RECORD}")
     #: The metrics key of the digest (``parameter_digest``) of the weights whose log p(x) :attr:`LOG_PX` holds.
     LOG_PX_DIGEST = "log_px_model_digest"
     #: The metrics key of the digest (``pyro_vae.evaluate.points_digest``) of the test points :attr:`LOG_PX` is of.
@@ -99,7 +105,7 @@ class RunDirectory:
         """A new run must not overwrite a finished or interrupted one, nor a run's record (:meth:`keep_record`)."""
         if self.path.exists() and not self.path.is_dir():
             raise CheckpointError(f"{self.path} is a file; choose another name for the run, or move the file away.")
-        if self.holds_run():
+        if self.holds_run() or self.choosing_start():
             raise CheckpointError(f"{self.path} already holds a run; resume it (--resume) or choose another name.")
         measured = [name for name in (self.HISTORY, self.METRICS, self.LOG_PX) if self.file(name).exists()]
         measured += [f"{self.EVALUATIONS}/"] if self.evaluation_names() else []
@@ -136,9 +142,26 @@ class RunDirectory:
             raise CheckpointError(f"{self.path} does not exist; give the folder of a run, such as runs/<name>.")
         raise CheckpointError(f"{self.path} holds no pyro-vae run (no {self.CONFIG}); give the folder of a run.")
 
-    def check_weights(self) -> None:
+    def choosing_start(self) -> bool:
+        """Whether the run is still training its starts (``fit(starts=...)``): it has them and its config, but no
+        checkpoint of its own yet."""
+        weights = self.file(self.STARTS) / self.INITIAL_WEIGHTS  # a kept record has the choice, not the weights
+        return weights.exists() and self.file(self.CONFIG).exists() and not self.holds_run()
+
+    def start(self, seed: int) -> RunDirectory:
+        """The run directory of the run's start from ``seed`` (``fit(starts=...)``)."""
+        return RunDirectory(self.file(self.STARTS) / f"seed-{seed}")
+
+    def check_weights(self, *, resuming: bool = False) -> None:
         """A run to load, evaluate or resume holds its weights; a study's kept record (config, history, metrics,
-        :meth:`keep_record`) does not."""
+        :meth:`keep_record`) does not, nor a run still choosing among its starts (unless ``resuming`` it)."""
+        if self.choosing_start():
+            if resuming:
+                return
+            raise CheckpointError(
+                f"{self.path} is still training its starts ({self.file(self.STARTS)}) and has no weights of its own "
+                f"yet; finish it first: pyro-vae train --resume {self.path}"
+            )
         weights = (self.file(self.CHECKPOINT), self.file(self.BEST))
         if self.file(self.CONFIG).exists() and not any(path.exists() for path in weights):
             raise CheckpointError(
@@ -269,6 +292,28 @@ class RunDirectory:
             f"{path} {problem}, though the run's best epoch ({best_epoch}) is kept there and nowhere else; {fix}."
         ) from unreadable
 
+    def continue_from(self, start: RunDirectory, config: dict) -> None:
+        """Make the checkpoints of the run in ``start`` (one of this run's starts) this run's, under its
+        ``config``: ``best.pt`` first, then ``checkpoint.pt`` with the history, whose arrival makes this
+        directory hold the run (:meth:`holds_run`); a stop between the two leaves the choice to be made again."""
+        for name in (self.BEST, self.CHECKPOINT):
+            state = start.load_checkpoint("best" if name == self.BEST else "last")
+            kept = ("epoch", "position", "history", "best_epoch", "rng", "averaging", "compiled_step")
+            save_checkpoint(
+                self.file(name),
+                model_state=state["model"],
+                optimizer_state=state["optimizer"],
+                objective_state=state["objective"],
+                config=config,
+                **{key: state[key] for key in kept},
+            )
+        write_history_csv(self.file(self.HISTORY), state["history"])
+
+    def drop_weights(self) -> None:
+        """Remove the checkpoints, keeping the record (config, history): what is left of a start not continued."""
+        for name in (self.CHECKPOINT, self.BEST):
+            self.file(name).unlink(missing_ok=True)
+
     def remove_stale_temporaries(self) -> None:
         """Temporary files left by a process killed while writing (its checkpoints, evaluations or figures)."""
         for stale in self.path.rglob(".*.tmp"):
@@ -357,6 +402,7 @@ class RunDirectory:
         record.path.mkdir(parents=True, exist_ok=True)
         for name in (*self.RECORD, *extra):
             if self.file(name).exists():
+                record.file(name).parent.mkdir(exist_ok=True)  # starts/
                 atomic_write_bytes(record.file(name), self.file(name).read_bytes())
         for name in self.evaluation_names():
             record.evaluation_path(name).parent.mkdir(exist_ok=True)

@@ -36,7 +36,10 @@ Whatever the model and objective, the engine guarantees:
   in the history (``compile_seconds``). Whether a step runs compiled depends
   only on its position, so a resumed run takes the same path as one that
   never stopped;
-* **one writer**: the run directory is locked while the run writes it.
+* **one writer**: the run directory is locked while the run writes it;
+* **several starts** (``starts``): each start is a run of its own in
+  ``run_dir/starts/``, with all of the above, and the best by the validation
+  metric after ``start_epochs`` is continued as the run.
 
 With ``ema_decay`` the run validates, keeps and returns an exponential
 moving average of its weights over the steps (:mod:`.averaging`), while the
@@ -66,6 +69,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import io
 import math
 import numbers
 import time
@@ -85,7 +89,7 @@ from ..infer import build_objective, log_marginal_likelihood
 from ..infer.objective import Objective, completed_objective_config
 from ..models import Model
 from ..runs.directory import RunDirectory, model_config_matches
-from ..runs.files import CheckpointError, restore_rng, rng_state
+from ..runs.files import CheckpointError, atomic_write_bytes, read_json, restore_rng, rng_state, write_json
 from .averaging import WeightAverage
 from .interrupts import InterruptRequests
 from .parallel import ProcessFailed, ReplicasDiverged, SingleProcess, parameter_digest, points_digest
@@ -204,10 +208,25 @@ def check_settings(objective: Objective, **settings) -> None:
             real(settings["ema_decay"]) and 0 <= settings["ema_decay"] < 1,
             "a number from 0 (no averaging) to below 1",
         ),
+        "starts": (
+            is_whole_number(settings["starts"]) and settings["starts"] >= 1,
+            "an integer >= 1 (1: the run from its seed alone)",
+        ),
+        "start_epochs": (
+            is_whole_number(settings["start_epochs"]) and 1 <= settings["start_epochs"],
+            "an integer >= 1 (the epochs of each start before the choice)",
+        ),
     }
     for name, (valid, what) in checks.items():
         if not valid:
             raise ValueError(f"{name} must be {what}; got {settings[name]!r}.")
+    if settings["starts"] > 1 and settings["start_epochs"] > settings["epochs"]:
+        raise ValueError(
+            f"start_epochs ({settings['start_epochs']}) must not exceed the run's epochs ({settings['epochs']}): the "
+            "starts are the first epochs of the run."
+        )
+    if settings["seed"] + settings["starts"] - 1 > MAX_SEED:
+        raise ValueError(f"the starts' seeds run from seed to seed + starts - 1, which must not exceed {MAX_SEED}.")
     if not objective.supports_kl_weight and (settings["warmup_epochs"] or settings["beta"] != 1.0):
         raise ValueError(
             f"KL warm-up and beta do not apply to the {objective.name!r} objective; use the 'trace' ELBO for them."
@@ -287,10 +306,13 @@ MAX_SEED = 2**32 - 1
 
 #: The values of settings added to ``fit`` after runs were written without them: what those runs did (the
 #: random start of the output bias, no learning-rate schedule, float32 products, no averaging).
-LEGACY_SETTINGS = {"output_bias": "random", "lr_schedule": "constant", "matmul_precision": "highest", "ema_decay": 0.0}
+LEGACY_SETTINGS = {
+    "output_bias": "random", "lr_schedule": "constant", "matmul_precision": "highest", "ema_decay": 0.0, "starts": 1,
+}  # fmt: skip
 #: Training settings that a resumed run must share with the run it continues.
 RESUMED_SETTINGS = (
     "batch_size", "lr", "lr_schedule", "objective", "warmup_epochs", "beta", "seed", "matmul_precision", "ema_decay",
+    "starts",
 )  # fmt: skip
 
 
@@ -300,7 +322,8 @@ def check_same_training(run: RunDirectory, saved: dict, current: dict) -> None:
     for settings in (saved, current):
         if isinstance(settings.get("objective"), dict):
             settings["objective"] = completed_objective_config(settings["objective"])
-    changed = [key for key in RESUMED_SETTINGS if key in saved and saved[key] != current[key]]
+    compared = (*RESUMED_SETTINGS, "start_epochs") if saved["starts"] > 1 else RESUMED_SETTINGS
+    changed = [key for key in compared if key in saved and saved[key] != current.get(key)]
     if changed:
         details = ", ".join(f"{key} {saved[key]!r} -> {current[key]!r}" for key in changed)
         raise CheckpointError(
@@ -395,6 +418,9 @@ def fit(
     compile: bool | str = "auto",
     matmul_precision: str = "highest",
     ema_decay: float = 0.0,
+    starts: int = 1,
+    start_epochs: int = 10,
+    stop_after: int | None = None,
 ) -> list[dict]:
     """Train ``model`` on ``data`` and return the history, one dict per epoch.
 
@@ -447,6 +473,13 @@ def fit(
         (:mod:`~pyro_vae.training.averaging`, Kingma & Ba's temporal averaging, its decay warmed
         up as min(d, t / (t + 9)) at step t) that the run validates, keeps as its best and
         returns; 0 keeps the iterates themselves. A run resumes only with its own.
+    :param starts: with more than 1, train that many starts of the run for ``start_epochs`` epochs, each from
+        the model's weights with its own seed (``seed``, ``seed + 1``, ...), in ``run_dir/starts/``, and
+        continue the one whose validation metric is best at that epoch; the run is then that start's, epoch
+        for epoch, and ``metrics.json`` names its seed (``start_seed``). Needs ``run_dir``, and one process.
+    :param start_epochs: how many of the run's epochs each start trains before the choice (at most ``epochs``).
+    :param stop_after: return after this epoch (resumable to ``epochs``, with the rates of a run of
+        ``epochs``), the model holding its last weights; None trains to ``epochs`` and finishes.
     """
     objective = as_objective(objective, model)
     settings = dict(
@@ -460,12 +493,20 @@ def fit(
         output_bias=output_bias,
         matmul_precision=matmul_precision,
         ema_decay=ema_decay,
+        starts=starts,
+        start_epochs=start_epochs,
     )
     if compile not in (True, False, "auto"):
         raise ValueError(f"compile must be True, False or 'auto'; got {compile!r}.")
     check_settings(objective, seed=seed, **settings)
     if resume and run_dir is None:
         raise ValueError("resume=True needs the run_dir to resume from.")
+    if stop_after is not None and not (is_whole_number(stop_after) and stop_after >= 0):
+        raise ValueError(f"stop_after must be None or an epoch >= 0; got {stop_after!r}.")
+    if starts > 1 and run_dir is None:
+        raise ValueError(f"starts={starts} trains each start in run_dir/starts/; give run_dir.")
+    if starts > 1 and processes is not None and processes.world_size > 1:
+        raise ValueError(f"starts={starts} trains its starts on one process; train it without several processes.")
     if eval_samples and run_dir is None:
         raise ValueError(
             "eval_samples writes the test log p(x) into the run directory's metrics.json; give run_dir, or estimate "
@@ -478,14 +519,14 @@ def fit(
     if run is not None:  # before the data moves or the model is checked; on every process, which all refuse alike
         if resume:
             run.check_resumable()
-            run.check_weights()
+            run.check_weights(resuming=True)
         else:
             run.check_fresh()  # before the lock makes the folder, so that a refused run leaves nothing behind
     if resume and compile == "auto":  # a resumed run steps as the run it continues did, compiled or eager
         compile = run.read_config()["train"].get("compile", "auto")
     engine = _Engine(model, data.to(device), objective, processes, device, settings, seed, progress, compile)
     if run is None:
-        return engine.train(run, resume)
+        return engine.train(run, resume, stop_after)
     with contextlib.ExitStack() as held:
         refused = None
         if processes.is_writer:
@@ -498,7 +539,7 @@ def fit(
         # process 0 tells the others whether it holds the run, before any of them waits for it in a collective
         if processes.broadcast(torch.tensor(float(refused is not None), device=processes.device)).item():
             raise refused or CheckpointError(f"Process 0 could not take {run.path} for writing; its error says why.")
-        return engine.train(run, resume)
+        return engine.train(run, resume, stop_after)
 
 
 class _Engine:
@@ -552,6 +593,8 @@ class _Engine:
                 "matmul_precision": settings["matmul_precision"],
                 "ema_decay": settings["ema_decay"],
                 "eval_samples": settings["eval_samples"],
+                "starts": settings["starts"],
+                "start_epochs": settings["start_epochs"],
             },
         }
         if processes.config() is not None:
@@ -574,19 +617,86 @@ class _Engine:
             )
 
     # --------------------------------------------------------------- start
-    def train(self, run: RunDirectory | None, resume: bool) -> list[dict]:
+    def train(self, run: RunDirectory | None, resume: bool, stop_after: int | None = None) -> list[dict]:
         self.run = run if self.processes.is_writer else None
         self.source = run
         epochs = self.settings["epochs"]
+        last = epochs if stop_after is None else min(stop_after, epochs)
+        if self.settings["starts"] > 1 and not (resume and run.holds_run()):
+            self.choose_start(run, resume)
+            resume = True
         with InterruptRequests() as interrupt:  # a Ctrl-C while starting stops after the first step, saved
             position, start_epoch = self._resume(run) if resume else self._start_fresh()
-            for epoch in range(start_epoch + 1, epochs + 1):
+            for epoch in range(start_epoch + 1, last + 1):
                 self._train_epoch(epoch, position, interrupt)
                 position = None
                 if self._interrupted(interrupt) and epoch < epochs:
                     raise self._interruption(f"after epoch {epoch}")
+        if last < epochs:
+            return self.history
         self._finish()
         return self.history
+
+    def choose_start(self, run: RunDirectory, resume: bool) -> None:
+        """Train each of the run's starts for ``start_epochs`` epochs, and make the best of them this run.
+
+        Start k is this run from the model's weights with the seed ``seed + k``: its own start of the
+        objective (M2's classifier from the labels), batch order and draws. Each is a run of its own in
+        ``starts/seed-S/``, so that Ctrl-C, resuming and a non-finite loss work there as in any run, paused
+        after ``start_epochs`` of this run's ``epochs`` (the rates of the whole run's schedule). The start
+        whose validation metric is best at that epoch (the first of equals) becomes this run: its
+        checkpoints are copied here (:meth:`RunDirectory.continue_from`) and training resumes from them, so
+        the run is, epoch for epoch, the run of the chosen seed. ``starts/starts.json`` records every
+        start's metric and seconds and the choice; the starts keep their config and history, not their
+        weights. The weights all starts begin from are written first (``starts/initial.pt``, removed after
+        the choice), so that a stopped choice resumes with them.
+        """
+        folder, initial = run.file(run.STARTS), run.file(run.STARTS) / run.INITIAL_WEIGHTS
+        if resume:  # a choice stopped part-way: this run's settings must be those it began with
+            saved = run.read_config()
+            check_same_training(run, saved["train"], self.config["train"])
+            check_same_data(run, saved, self.config)
+        else:
+            run.write_config(self.config)
+            folder.mkdir(exist_ok=True)
+        if not initial.exists():  # no start can have begun before this file was written
+            buffer = io.BytesIO()
+            torch.save(self.model.state_dict(), buffer)
+            atomic_write_bytes(initial, buffer.getvalue())
+        weights = torch.load(initial, map_location=self.device, weights_only=True)
+        starts, epochs = self.settings["starts"], self.settings["start_epochs"]
+        trained = []
+        for k in range(starts):
+            seed, start = self.seed + k, run.start(self.seed + k)
+            if not start.holds_run() or start.load_checkpoint("last")["epoch"] < epochs:
+                tqdm.write(f"start {k + 1} of {starts} (seed {seed}): {epochs} epochs in {start.path}")
+                model = copy.deepcopy(self.model)
+                model.load_state_dict(weights)
+                settings = {key: value for key, value in self.settings.items() if key not in ("starts", "eval_samples")}
+                try:
+                    fit(
+                        model, self.data, objective=copy.deepcopy(self.objective), seed=seed, run_dir=start.path,
+                        resume=start.holds_run(), stop_after=epochs, device=self.device, progress=self.progress,
+                        compile=self.config["train"]["compile"], **settings,
+                    )  # fmt: skip
+                except TrainingInterrupted:
+                    raise self._interruption(f"in start {k + 1} of {starts} (seed {seed})") from None
+            history = start.load_checkpoint("last")["history"]
+            score = next(row for row in history if row["epoch"] == epochs)[self.metric]
+            seconds = sum(row["seconds"] + row.get("val_seconds", 0.0) for row in history[1:])
+            trained.append({"seed": seed, self.metric: score, "seconds": seconds})
+        chosen = max(trained, key=lambda start: start[self.metric])
+        record = {"metric": self.metric, "epoch": epochs, "starts": trained, "chosen_seed": chosen["seed"]}
+        write_json(folder / run.STARTS_RECORD, record)
+        run.continue_from(run.start(chosen["seed"]), self.config)
+        for start in trained:
+            run.start(start["seed"]).drop_weights()
+        initial.unlink()
+        scores = ", ".join(f"{start[self.metric]:.4f}" for start in trained)
+        tqdm.write(
+            f"continuing the start of seed {chosen['seed']}: {self.metric} {chosen[self.metric]:.4f} at epoch "
+            f"{epochs}, the best of the {starts} starts' ({scores})"
+        )
 
     def _start_fresh(self) -> tuple[None, int]:
         pyro.set_rng_seed((self.seed + self.processes.rank) % 2**32)
@@ -902,6 +1012,10 @@ class _Engine:
         )
         if self.processes.world_size > 1:
             metrics.update(world_size=self.processes.world_size, replica_parameter_digests=digests)
+        if self.settings["starts"] > 1:
+            record = read_json(self.run.file(self.run.STARTS) / self.run.STARTS_RECORD)
+            others = [start["seconds"] for start in record["starts"] if start["seed"] != record["chosen_seed"]]
+            metrics.update(start_seed=record["chosen_seed"], starts_seconds=sum(others))
         self.run.write_metrics({**metrics, **evaluated})
 
     def _evaluation_digest(self, name: str) -> str | None:
@@ -931,5 +1045,6 @@ class _Engine:
         if previous.get(self.run.LOG_PX_DIGEST) != digest:
             return kept
         training = {"best_epoch", "model_digest", self.metric, "num_test", "binarize", "epochs", "train_seconds",
-                    "world_size", "replica_parameter_digests", "evaluations", "earlier_evaluations"}  # fmt: skip
+                    "world_size", "replica_parameter_digests", "evaluations", "earlier_evaluations", "start_seed",
+                    "starts_seconds"}  # fmt: skip
         return {**{key: value for key, value in previous.items() if key not in training}, **kept}
