@@ -329,6 +329,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     training.add_argument("--seed", type=seed_value, default=0, help=f"random seed, 0 to {MAX_SEED}")
     training.add_argument(
+        "--starts",
+        type=positive_int,
+        help="train this many starts of the run, from the same weights with the seeds --seed, --seed + 1, ..., "
+        "for --start-epochs epochs each, and continue the one whose validation metric (M2: accuracy) is best "
+        f"[default: 1; {M2_STARTS} for --semi-supervised without --m1 of {M2_STARTS_FROM_EPOCHS} epochs or more]",
+    )
+    training.add_argument(
+        "--start-epochs",
+        type=positive_int,
+        default=START_EPOCHS,
+        help="epochs of each start before the choice (--starts) [default: %(default)s]",
+    )
+    training.add_argument(
         "--output-bias",
         choices=OUTPUT_BIAS_STARTS,
         default="data",
@@ -499,7 +512,7 @@ MODEL_AND_DATA_FLAGS = (
     "dataset", "data_dir", "download", "binarize", "val_size", "subset", "z_dim", "hidden", "upper_hidden",
     "activation", "arch", "prior", "likelihood", "components", "flow_layers", "scale", "init_scale", "elbo",
     "particles", "gradient", "warmup_epochs", "beta", "batch_size", "lr", "lr_schedule", "seed", "output_bias",
-    "matmul_precision", "ema_decay",
+    "matmul_precision", "ema_decay", "starts", "start_epochs",
     "semi_supervised", "labels", "label_seed", "aux_weight", "classifier_steps", "class_prior", "m1", "name", "out",
 )  # fmt: skip
 #: Where a run's torchvision data set is, and whether to fetch it: given again where it moved (--resume, evaluate).
@@ -513,15 +526,40 @@ VAE_ONLY_FLAGS = ("elbo", "particles", "gradient")
 #: of the study whose runs reach the paper's accuracy (docs/semi-supervised.md, benchmarks/RESULTS.md).
 M2_DEFAULTS = {"z_dim": [50], "hidden": [500], "batch_size": 200, "lr": 3e-3, "lr_schedule": "step", "epochs": 200}
 VAE_DEFAULTS = {"z_dim": [20], "batch_size": 128, "lr": 1e-3, "lr_schedule": "constant", "epochs": 30}
+#: M2 from pixels trains this many starts (``--starts``) in runs of at least ``M2_STARTS_FROM_EPOCHS`` epochs: from
+#: 100 labels its accuracy is settled by its first epochs' draws (docs/semi-supervised.md, "Several starts").
+M2_STARTS, M2_STARTS_FROM_EPOCHS, START_EPOCHS = 4, 100, 10
+
+
+def mode_defaults(args: argparse.Namespace) -> dict:
+    """The defaults of the kind of training asked for: M2 from pixels, or the VAE's (M1+M2 takes those)."""
+    return M2_DEFAULTS if args.semi_supervised and not args.m1 else VAE_DEFAULTS
+
+
+def run_epochs(args: argparse.Namespace) -> int:
+    """``--epochs``, or the default of the kind of training asked for."""
+    return args.epochs or mode_defaults(args)["epochs"]
+
+
+def m2_starts(epochs: int) -> int:
+    """M2 from pixels' starts by default: M2_STARTS in runs of M2_STARTS_FROM_EPOCHS epochs or more, else 1."""
+    return M2_STARTS if epochs >= M2_STARTS_FROM_EPOCHS else 1
+
+
+def default_starts(args: argparse.Namespace) -> int:
+    """``--starts`` where it is not given: :func:`m2_starts` for M2 from pixels, else 1."""
+    return m2_starts(run_epochs(args)) if mode_defaults(args) is M2_DEFAULTS else 1
 
 
 def fill_mode_defaults(args: argparse.Namespace) -> None:
     """Give the flags left unset the defaults of the kind of training asked for."""
     if args.command != "train" or args.resume:
         return
-    for dest, value in (M2_DEFAULTS if args.semi_supervised and not args.m1 else VAE_DEFAULTS).items():
+    for dest, value in mode_defaults(args).items():
         if getattr(args, dest) is None:
             setattr(args, dest, value)
+    if args.starts is None:
+        args.starts = default_starts(args)
 
 
 def flags_given(argv: list[str] | None) -> set[str]:
@@ -579,6 +617,16 @@ def check_flag_combinations(parser: argparse.ArgumentParser, args: argparse.Name
         train.error("--elbo meanfield needs a mean-field guide; with several stochastic layers use trace or iwae")
     if layers == 1 and "upper_hidden" in given:
         train.error("--upper-hidden applies only with several stochastic layers (two or more --z-dim sizes)")
+    starts = args.starts or default_starts(args)
+    if "start_epochs" in given and starts == 1:
+        train.error("--start-epochs applies only with --starts 2 or more")
+    if not args.resume and args.seed + starts - 1 > MAX_SEED:
+        train.error(f"--starts {starts} from --seed {args.seed} needs seeds above {MAX_SEED}; give a lower --seed")
+    if not args.resume and starts > 1 and args.start_epochs > run_epochs(args):
+        train.error(
+            f"--start-epochs {args.start_epochs} exceeds --epochs {run_epochs(args)}: the starts are the run's first "
+            "epochs (give fewer --start-epochs, or --starts 1)"
+        )
     if "val_size" in given and "subset" in given:
         train.error("--subset sets its own validation split (a fifth of N); give --val-size or --subset, not both")
     if args.arch == "conv" and len(args.hidden or ()) > 1:
@@ -908,6 +956,8 @@ def _train(args) -> None:
             output_bias=args.output_bias,
             matmul_precision=args.matmul_precision,
             ema_decay=args.ema_decay,
+            starts=args.starts,
+            start_epochs=args.start_epochs,
         )
         common.setdefault("eval_samples", DEFAULT_EVAL_SAMPLES)
         run = train_run(model, data, run_dir.path, **settings, **common)

@@ -98,6 +98,14 @@ TRAIN_VALUES = [
     (["--dataset", "mnist", "--download"], "--dataset mnist does not need it: drop it"),
     (["--data-dir", "data", "--download"], "--dataset mnist needs neither: drop them"),
     (["--seed", "4294967295", "--epochs", "0"], "give a value >= 1"),
+    (["--start-epochs", "5"], "--start-epochs applies only with --starts 2 or more"),
+    (["--starts", "2", "--start-epochs", "5"], "--start-epochs 5 exceeds --epochs 1"),
+    (["--semi-supervised", "--epochs", "100", "--start-epochs", "101"], "--start-epochs 101 exceeds --epochs 100"),
+    (["--starts", "0"], "give a value >= 1"),
+    (
+        ["--starts", "2", "--start-epochs", "1", "--seed", "4294967295"],
+        "needs seeds above 4294967295; give a lower --seed",
+    ),
     (["--binarize", "none"], "--binarize dynamic"),  # Bernoulli on grayscale: the fix named
     (["--likelihood", "bernoulli", "--binarize", "none"], "binarise"),
 ]
@@ -300,6 +308,24 @@ def test_each_kind_of_run_gets_its_length_unless_one_is_given(flags, epochs):
     args = cli.build_parser().parse_args(["train", *flags])
     cli.fill_mode_defaults(args)
     assert args.epochs == epochs
+
+
+@pytest.mark.parametrize(
+    "flags, starts",
+    [
+        (["--semi-supervised"], 4),  # M2 from pixels, 200 epochs: its first epochs settle it (docs, "Several starts")
+        (["--semi-supervised", "--epochs", "100"], 4),
+        (["--semi-supervised", "--epochs", "99"], 1),  # a quick look trains one
+        (["--semi-supervised", "--starts", "2"], 2),
+        (["--m1", "RUN", "--labels", "100", "--epochs", "300"], 1),  # M1+M2 and the VAE: one unless asked
+        ([], 1),
+        (["--starts", "3"], 3),
+    ],
+)
+def test_m2_from_pixels_trains_several_starts_unless_the_run_is_short_or_told(flags, starts):
+    args = cli.build_parser().parse_args(["train", *flags])
+    cli.fill_mode_defaults(args)
+    assert (args.starts, args.start_epochs) == (starts, 10)
 
 
 def test_the_config_records_what_the_flags_said(finished_run):
