@@ -13,7 +13,9 @@ tenth of the epochs at a tenth of the rate), alpha ``--aux-weight`` per labelled
 (0.46 per label by default), the classifier first trained on the labels for
 ``--classifier-steps``, the decoder's output bias
 started at the logits of the pixels' means unless ``--output-bias random``,
-the weights themselves validated and kept unless ``--ema-decay d`` averages them),
+the weights themselves validated and kept unless ``--ema-decay d`` averages them,
+``--starts`` starts of ``--start-epochs`` epochs with the best continued, 4 of 10
+by default in runs of 100 epochs or more),
 which is what ``pyro-vae train --semi-supervised --labels N --label-seed S``
 does. The accuracy of q(y | x) is that of the test images' intensities
 (``--accuracy-on binarised``: of the one binarisation that the test log p(x)
@@ -65,9 +67,13 @@ import torch
 import pyro_vae as pv
 from pyro_vae.cli import (
     M2_DEFAULTS,
+    M2_STARTS,
+    M2_STARTS_FROM_EPOCHS,
+    START_EPOCHS,
     VAE_DEFAULTS,
     count_or_zero,
     decay_value,
+    m2_starts,
     non_negative_float,
     positive_float,
     positive_int,
@@ -249,7 +255,8 @@ def check_settings(run: Path, args, job: tuple[int, int], place: str = "--out") 
                              f"give another {place}.")  # fmt: skip
     if args.model == "m2":
         check_output_bias(run, args, place)
-    for key in ("lr", "lr_schedule", "ema_decay"):
+    compared = ("lr", "lr_schedule", "ema_decay", "starts") + (("start_epochs",) if args.starts > 1 else ())
+    for key in compared:
         if (theirs := train[key]) != (ours := getattr(args, key)):
             theirs, ours = (f"{value:g}" if isinstance(value, float) else value for value in (theirs, ours))
             raise SystemExit(f"{run} was trained with --{key.replace('_', '-')} {theirs}, not {ours}; give that, or "
@@ -289,6 +296,12 @@ def check_length(run: Path, epochs: int, args, place: str) -> None:
                          f"{epochs}, or another {place}.")  # fmt: skip
 
 
+def started(run: Path) -> bool:
+    """Whether ``run`` holds a run, or one still training its starts: either is resumed, not begun again."""
+    directory = pv.RunDirectory(run)
+    return directory.holds_run() or directory.choosing_start()
+
+
 def finished(run: Path, args, job: tuple[int, int]) -> bool:
     """Whether ``run`` has trained ``--epochs`` and written its metrics (and was trained as this study trains
     the run of ``job``)."""
@@ -319,7 +332,7 @@ def run_name(model: str, labels: int, label_seed: int) -> str:
 def train_m1m2(m1: Path, labels: int, label_seed: int, args, out: Path) -> Path:
     """``pyro-vae train --m1 M1 --labels N --label-seed S --z-dim 10 --hidden 500 --batch-size 200 ...``."""
     run = out / run_name("m1m2", labels, label_seed)
-    if pv.RunDirectory(run).holds_run():  # stacked on m1 (check_stacked_on)
+    if started(run):  # stacked on m1 (check_stacked_on)
         if not finished(run, args, (labels, label_seed)):
             pv.resume_run(
                 run, epochs=max(args.epochs, own_target(run)), eval_samples=args.samples, progress=args.progress
@@ -337,8 +350,8 @@ def train_m1m2(m1: Path, labels: int, label_seed: int, args, out: Path) -> Path:
         )  # fmt: skip
         pv.train_run(
             stacked, data, run, objective=objective, epochs=args.epochs, batch_size=BATCH_SIZE, lr=args.lr,
-            lr_schedule=args.lr_schedule, ema_decay=args.ema_decay, seed=SEED, eval_samples=args.samples,
-            progress=args.progress,
+            lr_schedule=args.lr_schedule, ema_decay=args.ema_decay, seed=SEED, starts=args.starts,
+            start_epochs=args.start_epochs, eval_samples=args.samples, progress=args.progress,
         )  # fmt: skip
     (run / STACKED_ON).write_text(json.dumps({"m1": str(m1), "m1_digest": m1_digest(m1)}))
     return run
@@ -348,7 +361,7 @@ def train_m2(labels: int, label_seed: int, args, out: Path) -> Path:
     """``pyro-vae train --semi-supervised --labels N --label-seed S`` (z 50, hidden 500, batch 200), from Python."""
     run = out / run_name("m2", labels, label_seed)
     if not finished(run, args, (labels, label_seed)):
-        if pv.RunDirectory(run).holds_run():
+        if started(run):
             pv.resume_run(
                 run, epochs=max(args.epochs, own_target(run)), eval_samples=args.samples, progress=args.progress
             )
@@ -362,8 +375,9 @@ def train_m2(labels: int, label_seed: int, args, out: Path) -> Path:
             )  # fmt: skip
             pv.train_run(
                 model, data, run, objective=objective, epochs=args.epochs, batch_size=BATCH_SIZE,
-                lr=args.lr, lr_schedule=args.lr_schedule, ema_decay=args.ema_decay, seed=SEED,
-                eval_samples=args.samples, output_bias=args.output_bias, progress=args.progress,
+                lr=args.lr, lr_schedule=args.lr_schedule, ema_decay=args.ema_decay, seed=SEED, starts=args.starts,
+                start_epochs=args.start_epochs, eval_samples=args.samples, output_bias=args.output_bias,
+                progress=args.progress,
             )  # fmt: skip
     generative = run / GENERATIVE
     best = pv.load_run(run)
@@ -446,7 +460,7 @@ def table(model: str, runs: dict[int, list[Path]], accuracy_on: str) -> str:
         row = f"| {labels} | {mean_and_spread(accuracies, '%')} | {', '.join(f'{a:.2f}' for a in accuracies)} |"
         if m2:
             generative = [json.loads((run / GENERATIVE).read_text()) for run in dirs]
-            minutes = [m["train_seconds"] / 60 for m in metrics]
+            minutes = [(m["train_seconds"] + m.get("starts_seconds", 0.0)) / 60 for m in metrics]
             row += f" {statistics.mean(100 * g['test_accuracy'] for g in generative):.2f}% |"
             row += f" {', '.join(str(m['best_epoch']) for m in metrics)} | {statistics.mean(minutes):.1f} |"
             for known in (PAPER_M2, PYRO_EXAMPLE_HERE):
@@ -504,6 +518,15 @@ def main() -> None:
         "[default: 0, the weights themselves]",
     )
     parser.add_argument(
+        "--starts",
+        type=positive_int,
+        help="starts of each run, the best at --start-epochs continued, as pyro-vae train's --starts [default: "
+        f"{M2_STARTS} for m2 of {M2_STARTS_FROM_EPOCHS} epochs or more, else 1]",
+    )
+    parser.add_argument(
+        "--start-epochs", type=positive_int, default=START_EPOCHS, help="epochs of each start [default: %(default)s]"
+    )
+    parser.add_argument(
         "--classifier-steps",
         type=count_or_zero,
         default=1000,
@@ -546,6 +569,10 @@ def main() -> None:
     if args.output_bias is not None and args.m1:
         parser.error("--output-bias sets the start of the M1 that --model m1m2 trains without --m1; drop it.")
     args.output_bias = args.output_bias or "data"
+    if args.starts is None:  # as pyro-vae train
+        args.starts = m2_starts(args.epochs) if args.model == "m2" else 1
+    if args.starts > 1 and args.start_epochs > args.epochs:
+        parser.error(f"--start-epochs {args.start_epochs} exceeds --epochs {args.epochs}; give fewer, or --starts 1.")
     args.m1_epochs = args.m1_epochs or M1_EPOCHS
     jobs = list(dict.fromkeys((labels, seed) for labels in args.labels for seed in args.label_seeds))
     places = {job: args.keep / run_name(args.model, *job) for job in jobs if args.keep}
@@ -566,9 +593,9 @@ def main() -> None:
             check_subset(Path(args.m1), args)  # M2 trains on M1's data
         stacked = [record.name for record in places.values()] if args.model == "m1m2" else []  # kept records
         for labels, seed in to_train:
-            if pv.RunDirectory(run := out / run_name(args.model, labels, seed)).holds_run():
+            if started(run := out / run_name(args.model, labels, seed)):
                 check_settings(run, args, (labels, seed))
-                if args.model == "m1m2":
+                if args.model == "m1m2" and pv.RunDirectory(run).holds_run():
                     check_stacked_on(run, stacked_on)
                     stacked.append(run.name)
         if stacked and not args.m1 and m1_trains_on(stacked_on, args):

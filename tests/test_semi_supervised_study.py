@@ -50,7 +50,9 @@ def test_the_semi_supervised_study_takes_kept_records_and_does_not_train_them_ag
 def test_the_semi_supervised_study_takes_the_library_s_alpha_for_each_label_count(tmp_path):
     """Without --aux-weight each count gets default_aux_weight, and a record at another alpha is refused."""
     study = load_example("semi_supervised_study.py")
-    args = argparse.Namespace(aux_weight=None, subset=None, model="m2", lr=3e-3, classifier_steps=1000, ema_decay=0.0)
+    args = argparse.Namespace(
+        aux_weight=None, subset=None, model="m2", lr=3e-3, classifier_steps=1000, ema_decay=0.0, starts=1
+    )
     args.output_bias, args.lr_schedule, args.epochs, args.accuracy_on = "data", "step", 200, "intensities"
     assert [study.alpha(args, labels) for labels in (100, 600, 3000)] == [46.0, 276.0, 1380.0]
     assert study.alpha(argparse.Namespace(**{**vars(args), "aux_weight": 7.5}), 600) == 7.5
@@ -77,11 +79,14 @@ def test_the_semi_supervised_study_refuses_a_run_of_another_schedule_length_unde
     A run of reduced-precision products (--matmul-precision medium), one of another average of the weights
     (--ema-decay), or one whose accuracy classified other images (--accuracy-on), is not mixed into the table."""
     study = load_example("semi_supervised_study.py")
-    args = argparse.Namespace(aux_weight=None, subset=None, model="m2", lr=3e-3, classifier_steps=1000, ema_decay=0.0)
+    args = argparse.Namespace(
+        aux_weight=None, subset=None, model="m2", lr=3e-3, classifier_steps=1000, ema_decay=0.0, starts=1
+    )
     args.output_bias, args.lr_schedule, args.epochs, args.accuracy_on = "data", "step", 200, "intensities"
     objective = {"name": "semi-supervised", "num_labels": 100, "label_seed": 0, "aux_weight": 46.0}
     objective.update(classifier_steps=1000, accuracy_on="intensities")
-    train = {"lr": 3e-3, "output_bias": "data", "objective": objective, "epochs": 200}
+    train = {"lr": 3e-3, "output_bias": "data", "objective": objective, "epochs": 200, "starts": 4, "start_epochs": 10}
+    args.starts, args.start_epochs = 4, 10
     model = study.m2_model((1, 28, 28)).config()
     for settings, message in [
         ({}, "trained with --lr-schedule constant, not step"),  # a run written before the option
@@ -97,6 +102,9 @@ def test_the_semi_supervised_study_refuses_a_run_of_another_schedule_length_unde
         ({"lr_schedule": "step", "objective": {key: objective[key] for key in objective if key != "accuracy_on"}},
          "measured its accuracy on the binarised images"),  # a run written before the option
         ({"lr_schedule": "step", "batch_size": 100}, "trained with batch size 100, not the study's 200"),
+        ({"lr_schedule": "step", "starts": 1}, "trained with --starts 1, not 4; give that, or another --out"),
+        ({"lr_schedule": "step", "starts": None}, "trained with --starts 1, not 4"),  # a run written before the option
+        ({"lr_schedule": "step", "start_epochs": 5}, "trained with --start-epochs 5, not 10; give that, or another"),
         ({"lr_schedule": "step", "seed": 3}, "trained with seed 3, not the study's 0"),
         ({"lr_schedule": "step", "objective": {**objective, "label_seed": 2}},
          "trained on 100 labels of draw 2, not the 100 labels of draw 0 its name says"),
@@ -108,6 +116,7 @@ def test_the_semi_supervised_study_refuses_a_run_of_another_schedule_length_unde
         settings = dict(settings)
         config = _study_config(study, {**train, **settings}, settings.pop("model", None))
         config["train"].pop("model", None)
+        config["train"] = {key: value for key, value in config["train"].items() if value is not None}
         (tmp_path / pv.RunDirectory.CONFIG).write_text(json.dumps(config))
         if message is None:
             study.check_settings(tmp_path, args, (100, 0))
@@ -120,7 +129,9 @@ def test_the_semi_supervised_study_refuses_a_record_longer_than_its_epochs(tmp_p
     """Under a rate that does not depend on the length, a 200-epoch record chose its best among more epochs than
     a 100-epoch study's runs: refused, not tabulated beside them; a shorter one is trained again."""
     study = load_example("semi_supervised_study.py")
-    args = argparse.Namespace(aux_weight=None, subset=None, model="m2", lr=3e-3, classifier_steps=1000, ema_decay=0.0)
+    args = argparse.Namespace(
+        aux_weight=None, subset=None, model="m2", lr=3e-3, classifier_steps=1000, ema_decay=0.0, starts=1
+    )
     args.output_bias, args.lr_schedule, args.accuracy_on = "data", "constant", "intensities"
     objective = {"name": "semi-supervised", "num_labels": 100, "label_seed": 0, "aux_weight": 46.0}
     objective.update(classifier_steps=1000, accuracy_on="intensities")
