@@ -296,12 +296,6 @@ def check_length(run: Path, epochs: int, args, place: str) -> None:
                          f"{epochs}, or another {place}.")  # fmt: skip
 
 
-def started(run: Path) -> bool:
-    """Whether ``run`` holds a run, or one still training its starts: either is resumed, not begun again."""
-    directory = pv.RunDirectory(run)
-    return directory.holds_run() or directory.choosing_start()
-
-
 def finished(run: Path, args, job: tuple[int, int]) -> bool:
     """Whether ``run`` has trained ``--epochs`` and written its metrics (and was trained as this study trains
     the run of ``job``)."""
@@ -332,7 +326,7 @@ def run_name(model: str, labels: int, label_seed: int) -> str:
 def train_m1m2(m1: Path, labels: int, label_seed: int, args, out: Path) -> Path:
     """``pyro-vae train --m1 M1 --labels N --label-seed S --z-dim 10 --hidden 500 --batch-size 200 ...``."""
     run = out / run_name("m1m2", labels, label_seed)
-    if started(run):  # stacked on m1 (check_stacked_on)
+    if pv.RunDirectory(run).started():  # stacked on m1 (check_stacked_on)
         if not finished(run, args, (labels, label_seed)):
             pv.resume_run(
                 run, epochs=max(args.epochs, own_target(run)), eval_samples=args.samples, progress=args.progress
@@ -361,7 +355,7 @@ def train_m2(labels: int, label_seed: int, args, out: Path) -> Path:
     """``pyro-vae train --semi-supervised --labels N --label-seed S`` (z 50, hidden 500, batch 200), from Python."""
     run = out / run_name("m2", labels, label_seed)
     if not finished(run, args, (labels, label_seed)):
-        if started(run):
+        if pv.RunDirectory(run).started():
             pv.resume_run(
                 run, epochs=max(args.epochs, own_target(run)), eval_samples=args.samples, progress=args.progress
             )
@@ -571,6 +565,8 @@ def main() -> None:
     args.output_bias = args.output_bias or "data"
     if args.starts is None:  # as pyro-vae train
         args.starts = m2_starts(args.epochs) if args.model == "m2" else 1
+    if args.model == "m1m2" and args.starts > 1:
+        parser.error("--starts applies to --model m2: M1+M2 trains one start (its runs did not depend on the seed).")
     if args.starts > 1 and args.start_epochs > args.epochs:
         parser.error(f"--start-epochs {args.start_epochs} exceeds --epochs {args.epochs}; give fewer, or --starts 1.")
     args.m1_epochs = args.m1_epochs or M1_EPOCHS
@@ -593,7 +589,7 @@ def main() -> None:
             check_subset(Path(args.m1), args)  # M2 trains on M1's data
         stacked = [record.name for record in places.values()] if args.model == "m1m2" else []  # kept records
         for labels, seed in to_train:
-            if started(run := out / run_name(args.model, labels, seed)):
+            if pv.RunDirectory(run := out / run_name(args.model, labels, seed)).started():
                 check_settings(run, args, (labels, seed))
                 if args.model == "m1m2" and pv.RunDirectory(run).holds_run():
                     check_stacked_on(run, stacked_on)

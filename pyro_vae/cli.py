@@ -546,9 +546,15 @@ def m2_starts(epochs: int) -> int:
     return M2_STARTS if epochs >= M2_STARTS_FROM_EPOCHS else 1
 
 
+def distributed(args: argparse.Namespace) -> bool:
+    """Whether any distributed flag is given (Lightning's processes then train the run)."""
+    return bool(args.devices or args.num_nodes or args.strategy or args.accelerator)
+
+
 def default_starts(args: argparse.Namespace) -> int:
-    """``--starts`` where it is not given: :func:`m2_starts` for M2 from pixels, else 1."""
-    return m2_starts(run_epochs(args)) if mode_defaults(args) is M2_DEFAULTS else 1
+    """``--starts`` where it is not given: :func:`m2_starts` for M2 from pixels on one process, else 1 (the
+    starts train on one process)."""
+    return m2_starts(run_epochs(args)) if mode_defaults(args) is M2_DEFAULTS and not distributed(args) else 1
 
 
 def fill_mode_defaults(args: argparse.Namespace) -> None:
@@ -620,6 +626,8 @@ def check_flag_combinations(parser: argparse.ArgumentParser, args: argparse.Name
     starts = args.starts or default_starts(args)
     if "start_epochs" in given and starts == 1:
         train.error("--start-epochs applies only with --starts 2 or more")
+    if not args.resume and starts > 1 and distributed(args):
+        train.error(f"--starts {starts} trains its starts on one process: drop the distributed flags, or --starts")
     if not args.resume and args.seed + starts - 1 > MAX_SEED:
         train.error(f"--starts {starts} from --seed {args.seed} needs seeds above {MAX_SEED}; give a lower --seed")
     if not args.resume and starts > 1 and args.start_epochs > run_epochs(args):
@@ -653,10 +661,10 @@ def check_flag_combinations(parser: argparse.ArgumentParser, args: argparse.Name
         )
     if args.elbo == "iwae" and ("warmup_epochs" in given or "beta" in given):
         train.error("--warmup-epochs and --beta do not apply to the IWAE bound; use --elbo trace for them")
-    distributed = [flag(d) for d in ("devices", "num_nodes", "strategy", "accelerator") if d in typed]
-    if "device" in typed and distributed:
+    parallel_flags = [flag(d) for d in ("devices", "num_nodes", "strategy", "accelerator") if d in typed]
+    if "device" in typed and parallel_flags:
         train.error(
-            f"--device does not apply with {', '.join(distributed)} (Lightning places the processes); "
+            f"--device does not apply with {', '.join(parallel_flags)} (Lightning places the processes); "
             "choose the hardware with --accelerator cpu|gpu instead"
         )
 
@@ -824,7 +832,7 @@ def _load_data(args) -> Dataset:
 
 def _processes(args) -> LightningProcesses | None:
     """Lightning's processes when any distributed flag is given (this launches them), else None."""
-    if not (args.devices or args.num_nodes or args.strategy or args.accelerator):
+    if not distributed(args):
         return None
     return LightningProcesses(
         devices=args.devices or "auto",

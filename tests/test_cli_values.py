@@ -102,6 +102,7 @@ TRAIN_VALUES = [
     (["--starts", "2", "--start-epochs", "5"], "--start-epochs 5 exceeds --epochs 1"),
     (["--semi-supervised", "--epochs", "100", "--start-epochs", "101"], "--start-epochs 101 exceeds --epochs 100"),
     (["--starts", "0"], "give a value >= 1"),
+    (["--starts", "2", "--start-epochs", "1", "--devices", "2"], "--starts 2 trains its starts on one process"),
     (
         ["--starts", "2", "--start-epochs", "1", "--seed", "4294967295"],
         "needs seeds above 4294967295; give a lower --seed",
@@ -320,6 +321,7 @@ def test_each_kind_of_run_gets_its_length_unless_one_is_given(flags, epochs):
         (["--m1", "RUN", "--labels", "100", "--epochs", "300"], 1),  # M1+M2 and the VAE: one unless asked
         ([], 1),
         (["--starts", "3"], 3),
+        (["--semi-supervised", "--devices", "2"], 1),  # the starts train on one process
     ],
 )
 def test_m2_from_pixels_trains_several_starts_unless_the_run_is_short_or_told(flags, starts):

@@ -105,7 +105,7 @@ class RunDirectory:
         """A new run must not overwrite a finished or interrupted one, nor a run's record (:meth:`keep_record`)."""
         if self.path.exists() and not self.path.is_dir():
             raise CheckpointError(f"{self.path} is a file; choose another name for the run, or move the file away.")
-        if self.holds_run() or self.choosing_start():
+        if self.started():
             raise CheckpointError(f"{self.path} already holds a run; resume it (--resume) or choose another name.")
         measured = [name for name in (self.HISTORY, self.METRICS, self.LOG_PX) if self.file(name).exists()]
         measured += [f"{self.EVALUATIONS}/"] if self.evaluation_names() else []
@@ -147,6 +147,10 @@ class RunDirectory:
         checkpoint of its own yet."""
         weights = self.file(self.STARTS) / self.INITIAL_WEIGHTS  # a kept record has the choice, not the weights
         return weights.exists() and self.file(self.CONFIG).exists() and not self.holds_run()
+
+    def started(self) -> bool:
+        """Whether a run is here, or one still training its starts: either is resumed, not begun again."""
+        return self.holds_run() or self.choosing_start()
 
     def start(self, seed: int) -> RunDirectory:
         """The run directory of the run's start from ``seed`` (``fit(starts=...)``)."""

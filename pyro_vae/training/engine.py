@@ -87,7 +87,7 @@ from ..checks import is_whole_number
 from ..data import Dataset, is_data_file, make_dataset
 from ..infer import build_objective, log_marginal_likelihood
 from ..infer.objective import Objective, completed_objective_config
-from ..models import Model
+from ..models import Model, build_model
 from ..runs.directory import RunDirectory, model_config_matches
 from ..runs.files import CheckpointError, atomic_write_bytes, read_json, restore_rng, rng_state, write_json
 from .averaging import WeightAverage
@@ -316,6 +316,11 @@ RESUMED_SETTINGS = (
 )  # fmt: skip
 
 
+def training_seconds(history: list[dict]) -> float:
+    """The seconds of a run's epochs, their validation included (row 0, the start, has none)."""
+    return sum(row["seconds"] + row.get("val_seconds", 0.0) for row in history[1:])
+
+
 def check_same_training(run: RunDirectory, saved: dict, current: dict) -> None:
     """Refuse to resume a run with other training settings than its own (the epoch target may change)."""
     saved, current = {**LEGACY_SETTINGS, **saved}, {**LEGACY_SETTINGS, **current}
@@ -473,13 +478,16 @@ def fit(
         (:mod:`~pyro_vae.training.averaging`, Kingma & Ba's temporal averaging, its decay warmed
         up as min(d, t / (t + 9)) at step t) that the run validates, keeps as its best and
         returns; 0 keeps the iterates themselves. A run resumes only with its own.
-    :param starts: with more than 1, train that many starts of the run for ``start_epochs`` epochs, each from
-        the model's weights with its own seed (``seed``, ``seed + 1``, ...), in ``run_dir/starts/``, and
-        continue the one whose validation metric is best at that epoch; the run is then that start's, epoch
-        for epoch, and ``metrics.json`` names its seed (``start_seed``). Needs ``run_dir``, and one process.
+    :param starts: with more than 1, train that many starts of the run for ``start_epochs`` epochs, each with
+        its own seed (``seed``, ``seed + 1``, ...), the first from the model's weights and the others from
+        weights drawn under their seed, in ``run_dir/starts/``, and continue the one whose validation metric
+        is best at that epoch; the run is then that start's, epoch for epoch, and ``metrics.json`` names its
+        seed (``start_seed``). Needs ``run_dir``, one process, and a model that its config describes.
     :param start_epochs: how many of the run's epochs each start trains before the choice (at most ``epochs``).
-    :param stop_after: return after this epoch (resumable to ``epochs``, with the rates of a run of
-        ``epochs``), the model holding its last weights; None trains to ``epochs`` and finishes.
+    :param stop_after: return after this epoch without finishing (no test metrics; resuming without it
+        goes on to ``epochs`` at the rates of a run of ``epochs``, and finishes), the model holding the weights
+        it trains (the iterates, where ``ema_decay`` averages them); a run of several starts returns after its
+        choice at the earliest. None trains to ``epochs`` and finishes.
     """
     objective = as_objective(objective, model)
     settings = dict(
@@ -505,8 +513,16 @@ def fit(
         raise ValueError(f"stop_after must be None or an epoch >= 0; got {stop_after!r}.")
     if starts > 1 and run_dir is None:
         raise ValueError(f"starts={starts} trains each start in run_dir/starts/; give run_dir.")
-    if starts > 1 and processes is not None and processes.world_size > 1:
-        raise ValueError(f"starts={starts} trains its starts on one process; train it without several processes.")
+    if starts > 1 and not model.describable:
+        raise ValueError(
+            f"starts={starts} draws each start's weights by rebuilding the model from its config, which cannot "
+            "describe networks of one's own; train one start (starts=1), or several runs with their own seeds."
+        )
+    if starts > 1 and processes is not None and processes.world_size > 1 and not RunDirectory(run_dir).holds_run():
+        raise ValueError(
+            f"starts={starts} trains its starts on one process; train them without several processes (a run whose "
+            "start is chosen resumes on several)."
+        )
     if eval_samples and run_dir is None:
         raise ValueError(
             "eval_samples writes the test log p(x) into the run directory's metrics.json; give run_dir, or estimate "
@@ -625,78 +641,123 @@ class _Engine:
         if self.settings["starts"] > 1 and not (resume and run.holds_run()):
             self.choose_start(run, resume)
             resume = True
+        elif self.settings["starts"] > 1:
+            self._drop_starts_weights(run)  # what a stop between the choice and its clean-up left
         with InterruptRequests() as interrupt:  # a Ctrl-C while starting stops after the first step, saved
             position, start_epoch = self._resume(run) if resume else self._start_fresh()
             for epoch in range(start_epoch + 1, last + 1):
                 self._train_epoch(epoch, position, interrupt)
                 position = None
-                if self._interrupted(interrupt) and epoch < epochs:
+                if self._interrupted(interrupt) and (epoch < epochs or stop_after is not None):
                     raise self._interruption(f"after epoch {epoch}")
-        if last < epochs:
-            return self.history
-        self._finish()
+        if stop_after is None:
+            self._finish()
         return self.history
 
     def choose_start(self, run: RunDirectory, resume: bool) -> None:
         """Train each of the run's starts for ``start_epochs`` epochs, and make the best of them this run.
 
-        Start k is this run from the model's weights with the seed ``seed + k``: its own start of the
+        Start k is this run with the seed ``seed + k``: the first from the model's weights as given, the
+        others from weights drawn under their seed (:meth:`_start_weights`), each with its own start of the
         objective (M2's classifier from the labels), batch order and draws. Each is a run of its own in
         ``starts/seed-S/``, so that Ctrl-C, resuming and a non-finite loss work there as in any run, paused
-        after ``start_epochs`` of this run's ``epochs`` (the rates of the whole run's schedule). The start
+        after ``start_epochs`` of this run's ``epochs`` (the rates of the whole run's schedule). A start whose
+        loss diverges is left out of the choice (resumed, it diverges again at the same step). The start
         whose validation metric is best at that epoch (the first of equals) becomes this run: its
         checkpoints are copied here (:meth:`RunDirectory.continue_from`) and training resumes from them, so
-        the run is, epoch for epoch, the run of the chosen seed. ``starts/starts.json`` records every
-        start's metric and seconds and the choice; the starts keep their config and history, not their
-        weights. The weights all starts begin from are written first (``starts/initial.pt``, removed after
-        the choice), so that a stopped choice resumes with them.
+        the run is, epoch for epoch, the chosen start's.
+        ``starts/starts.json`` records every start's metric and seconds and the choice; the starts keep
+        their config and history, not their weights. The model's weights as given are written first
+        (``starts/initial.pt``, removed after the choice), so that a stopped choice resumes with them.
         """
         folder, initial = run.file(run.STARTS), run.file(run.STARTS) / run.INITIAL_WEIGHTS
-        if resume:  # a choice stopped part-way: this run's settings must be those it began with
+        if resume:  # a choice stopped part-way goes on as it began
             saved = run.read_config()
-            check_same_training(run, saved["train"], self.config["train"])
-            check_same_data(run, saved, self.config)
+            self._check_continues(run, saved)
+            self.settings["output_bias"] = saved["train"]["output_bias"]
         else:
             run.write_config(self.config)
             folder.mkdir(exist_ok=True)
-        if not initial.exists():  # no start can have begun before this file was written
-            buffer = io.BytesIO()
-            torch.save(self.model.state_dict(), buffer)
-            atomic_write_bytes(initial, buffer.getvalue())
-        weights = torch.load(initial, map_location=self.device, weights_only=True)
         starts, epochs = self.settings["starts"], self.settings["start_epochs"]
-        trained = []
-        for k in range(starts):
-            seed, start = self.seed + k, run.start(self.seed + k)
-            if not start.holds_run() or start.load_checkpoint("last")["epoch"] < epochs:
-                tqdm.write(f"start {k + 1} of {starts} (seed {seed}): {epochs} epochs in {start.path}")
-                model = copy.deepcopy(self.model)
-                model.load_state_dict(weights)
-                settings = {key: value for key, value in self.settings.items() if key not in ("starts", "eval_samples")}
-                try:
-                    fit(
-                        model, self.data, objective=copy.deepcopy(self.objective), seed=seed, run_dir=start.path,
-                        resume=start.holds_run(), stop_after=epochs, device=self.device, progress=self.progress,
-                        compile=self.config["train"]["compile"], **settings,
-                    )  # fmt: skip
-                except TrainingInterrupted:
-                    raise self._interruption(f"in start {k + 1} of {starts} (seed {seed})") from None
-            history = start.load_checkpoint("last")["history"]
-            score = next(row for row in history if row["epoch"] == epochs)[self.metric]
-            seconds = sum(row["seconds"] + row.get("val_seconds", 0.0) for row in history[1:])
-            trained.append({"seed": seed, self.metric: score, "seconds": seconds})
-        chosen = max(trained, key=lambda start: start[self.metric])
-        record = {"metric": self.metric, "epoch": epochs, "starts": trained, "chosen_seed": chosen["seed"]}
-        write_json(folder / run.STARTS_RECORD, record)
-        run.continue_from(run.start(chosen["seed"]), self.config)
-        for start in trained:
-            run.start(start["seed"]).drop_weights()
-        initial.unlink()
-        scores = ", ".join(f"{start[self.metric]:.4f}" for start in trained)
-        tqdm.write(
-            f"continuing the start of seed {chosen['seed']}: {self.metric} {chosen[self.metric]:.4f} at epoch "
-            f"{epochs}, the best of the {starts} starts' ({scores})"
-        )
+        with InterruptRequests() as interrupt:  # between the starts, and while they are compared and copied
+            if not initial.exists():  # no start can have begun before this file was written
+                buffer = io.BytesIO()
+                torch.save(self.model.state_dict(), buffer)
+                atomic_write_bytes(initial, buffer.getvalue())
+            weights = torch.load(initial, map_location=self.device, weights_only=True)
+            trained = []
+            for k in range(starts):
+                seed, start = self.seed + k, run.start(self.seed + k)
+                where = f"in start {k + 1} of {starts} (seed {seed})"
+                diverged = None
+                if not start.holds_run() or start.load_checkpoint("last")["epoch"] < epochs:
+                    tqdm.write(f"start {k + 1} of {starts} (seed {seed}): {epochs} epochs in {start.path}")
+                    diverged = self._train_start(start, seed, self._start_weights(k, weights), where)
+                if interrupt.requested:
+                    raise self._interruption(f"after start {k + 1} of {starts}")
+                if diverged is not None:
+                    tqdm.write(f"start {k + 1} of {starts} (seed {seed}) diverged and is left out: {diverged}")
+                    trained.append({"seed": seed, self.metric: None, "diverged": str(diverged)})
+                    continue
+                history = start.load_checkpoint("last")["history"]
+                score = next(row for row in history if row["epoch"] == epochs)[self.metric]
+                trained.append({"seed": seed, self.metric: score, "seconds": training_seconds(history)})
+            candidates = [start for start in trained if start[self.metric] is not None]
+            if not candidates:
+                raise TrainingDiverged(
+                    f"Every start of {run.path} diverged ({starts} of them); start a new run with a lower learning "
+                    f"rate (now {self.settings['lr']:g})."
+                )
+            chosen = max(candidates, key=lambda start: start[self.metric])
+            record = {"metric": self.metric, "epoch": epochs, "starts": trained, "chosen_seed": chosen["seed"]}
+            write_json(folder / run.STARTS_RECORD, record)
+            # how the chosen start began its decoder's output bias (a model without a constant fit: "random")
+            self.config["train"]["output_bias"] = run.start(chosen["seed"]).read_config()["train"]["output_bias"]
+            run.continue_from(run.start(chosen["seed"]), self.config)
+            self._drop_starts_weights(run)
+            scores = ", ".join("diverged" if s[self.metric] is None else f"{s[self.metric]:.4f}" for s in trained)
+            tqdm.write(
+                f"continuing the start of seed {chosen['seed']}: {self.metric} {chosen[self.metric]:.4f} at epoch "
+                f"{epochs}, the best of the {starts} starts' ({scores})"
+            )
+            if interrupt.requested:
+                raise self._interruption(f"after the choice of the start of seed {chosen['seed']}")
+
+    def _start_weights(self, k: int, given: dict) -> dict:
+        """The weights start ``k`` begins from: the model's as given for the first; for the others the parameters
+        that train drawn afresh under the seed ``seed + k`` (the model rebuilt from its config), and the
+        rest (a frozen M1, buffers) as given."""
+        if k == 0:
+            return given
+        pyro.set_rng_seed((self.seed + k) % 2**32)
+        fresh = build_model(self.model.config()).state_dict()
+        trains = {name for name, parameter in self.model.named_parameters() if parameter.requires_grad}
+        return {name: fresh[name].to(value.device) if name in trains else value for name, value in given.items()}
+
+    def _train_start(self, start: RunDirectory, seed: int, weights: dict, where: str) -> TrainingDiverged | None:
+        """Train (or resume) one start to ``start_epochs``: a run of its own from ``weights`` with ``seed``."""
+        model = copy.deepcopy(self.model)
+        model.load_state_dict(weights)
+        settings = {key: value for key, value in self.settings.items() if key not in ("starts", "eval_samples")}
+        try:
+            fit(
+                model, self.data, objective=copy.deepcopy(self.objective), seed=seed, run_dir=start.path,
+                resume=start.holds_run(), stop_after=self.settings["start_epochs"], device=self.device,
+                progress=self.progress, compile=self.config["train"]["compile"], **settings,
+            )  # fmt: skip
+        except TrainingInterrupted:
+            raise self._interruption(where) from None
+        except TrainingDiverged as err:
+            return err
+        return None
+
+    @staticmethod
+    def _drop_starts_weights(run: RunDirectory) -> None:
+        """Remove the starts' weights and the weights they began from, once the run holds the chosen one's."""
+        folder = run.file(run.STARTS)
+        for start in folder.glob("seed-*"):
+            RunDirectory(start).drop_weights()
+        (folder / run.INITIAL_WEIGHTS).unlink(missing_ok=True)
 
     def _start_fresh(self) -> tuple[None, int]:
         pyro.set_rng_seed((self.seed + self.processes.rank) % 2**32)
@@ -716,33 +777,8 @@ class _Engine:
         if self.processes.is_writer:
             run.remove_stale_temporaries()
         state = run.load_checkpoint("last", map_location=self.device)
-        saved = state["config"]["model"]
-        if not model_config_matches(saved, self.config["model"]):
-            raise CheckpointError(
-                f"The checkpoint in {run.path} was written for the model {saved}, not {self.config['model']}: "
-                "resume it with the model it was written for (where its config.json came from another run, restore "
-                "the one written with this checkpoint)."
-            )
+        self._check_continues(run, state["config"], state)
         self._by_process_0(lambda: run.check_best_before_resuming(state), f"check the best checkpoint of {run.path}")
-        trained = state["epoch"] + (state["position"] is not None)  # a run stopped part-way is in its next epoch
-        if self.settings["epochs"] < trained:
-            target = state["config"].get("train", {}).get("epochs", "not recorded")
-            raise ValueError(
-                f"{run.path} has trained {state['epoch']} epochs"
-                f"{' and part of the next' if state['position'] is not None else ''}; resume it to at least "
-                f"{trained} epochs in all, not {self.settings['epochs']} (its target is {target})."
-            )
-        saved_train = state["config"].get("train", {})
-        schedule = self.settings["lr_schedule"]
-        if saved_train.get("lr_schedule") == schedule and (
-            conflict := length_conflict(schedule, saved_train.get("epochs"), self.settings["epochs"])
-        ):
-            raise ValueError(
-                f"{run.path} {conflict}; resume it to {saved_train.get('epochs')} epochs (pyro-vae train --resume "
-                f"without --epochs), or start a new run of {self.settings['epochs']}."
-            )
-        check_same_training(run, state["config"].get("train", {}), self.config["train"])
-        check_same_data(run, state["config"], self.config)
         if self.average is None:
             self.model.load_state_dict(state["model"])
         else:  # the iterates go on from where they were; "model" holds their average
@@ -773,6 +809,37 @@ class _Engine:
             self.best_epoch = epoch
             self._save(epoch, best=True, position=position)
         return position, epoch
+
+    def _check_continues(self, run: RunDirectory, saved: dict, state: dict | None = None) -> None:
+        """Refuse to continue the run in ``run``, whose config is ``saved``, as another model, to fewer epochs
+        than its checkpoint ``state`` has trained, over another length of a schedule that depends on it, or with
+        other training settings or data."""
+        if not model_config_matches(saved["model"], self.config["model"]):
+            raise CheckpointError(
+                f"The checkpoint in {run.path} was written for the model {saved['model']}, not "
+                f"{self.config['model']}: resume it with the model it was written for (where its config.json came "
+                "from another run, restore the one written with this checkpoint)."
+            )
+        saved_train = saved.get("train", {})
+        if state is not None:
+            trained = state["epoch"] + (state["position"] is not None)  # a run stopped part-way is in its next epoch
+            if self.settings["epochs"] < trained:
+                raise ValueError(
+                    f"{run.path} has trained {state['epoch']} epochs"
+                    f"{' and part of the next' if state['position'] is not None else ''}; resume it to at least "
+                    f"{trained} epochs in all, not {self.settings['epochs']} (its target is "
+                    f"{saved_train.get('epochs', 'not recorded')})."
+                )
+        schedule = self.settings["lr_schedule"]
+        if saved_train.get("lr_schedule") == schedule and (
+            conflict := length_conflict(schedule, saved_train.get("epochs"), self.settings["epochs"])
+        ):
+            raise ValueError(
+                f"{run.path} {conflict}; resume it to {saved_train.get('epochs')} epochs (pyro-vae train --resume "
+                f"without --epochs), or start a new run of {self.settings['epochs']}."
+            )
+        check_same_training(run, saved_train, self.config["train"])
+        check_same_data(run, saved, self.config)
 
     def _best_epoch_of_history(self) -> int:
         scored = [row for row in self.history if self.metric in row]
@@ -1008,13 +1075,13 @@ class _Engine:
             num_test=len(self.data.test),
             binarize=self.data.binarize,
             epochs=self.settings["epochs"],
-            train_seconds=sum(row["seconds"] + row.get("val_seconds", 0.0) for row in self.history[1:]),
+            train_seconds=training_seconds(self.history),
         )
         if self.processes.world_size > 1:
             metrics.update(world_size=self.processes.world_size, replica_parameter_digests=digests)
-        if self.settings["starts"] > 1:
-            record = read_json(self.run.file(self.run.STARTS) / self.run.STARTS_RECORD)
-            others = [start["seconds"] for start in record["starts"] if start["seed"] != record["chosen_seed"]]
+        if (record_path := self.run.file(self.run.STARTS) / self.run.STARTS_RECORD).exists():
+            record = read_json(record_path)
+            others = [start.get("seconds", 0.0) for start in record["starts"] if start["seed"] != record["chosen_seed"]]
             metrics.update(start_seed=record["chosen_seed"], starts_seconds=sum(others))
         self.run.write_metrics({**metrics, **evaluated})
 
