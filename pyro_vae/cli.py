@@ -528,7 +528,7 @@ M2_DEFAULTS = {"z_dim": [50], "hidden": [500], "batch_size": 200, "lr": 3e-3, "l
 VAE_DEFAULTS = {"z_dim": [20], "batch_size": 128, "lr": 1e-3, "lr_schedule": "constant", "epochs": 30}
 #: M2 from pixels trains this many starts (``--starts``) in runs of at least ``M2_STARTS_FROM_EPOCHS`` epochs: from
 #: 100 labels its accuracy is settled by its first epochs' draws (docs/semi-supervised.md, "Several starts").
-M2_STARTS, M2_STARTS_FROM_EPOCHS, START_EPOCHS = 4, 100, 10
+M2_STARTS, M2_STARTS_FROM_EPOCHS, START_EPOCHS = 8, 100, 5
 
 
 def mode_defaults(args: argparse.Namespace) -> dict:

@@ -424,7 +424,7 @@ def fit(
     matmul_precision: str = "highest",
     ema_decay: float = 0.0,
     starts: int = 1,
-    start_epochs: int = 10,
+    start_epochs: int = 5,
     stop_after: int | None = None,
 ) -> list[dict]:
     """Train ``model`` on ``data`` and return the history, one dict per epoch.
