@@ -9,8 +9,8 @@ labels").
 3e-3, batch 200) for two epochs on the first 10,000 training points, every dynamic binarisation drawn by
 ``torch.bernoulli`` from the training seed, so that two versions of the package draw the same binary images
 however their own ``binarize`` draws them, on one thread, and prints the history: the same objective gives the same
-numbers to rounding. ``--keep-negligible`` (of either command) enumerates every value of y (no ``NegligibleValuesDropped``), as the
-code before 2026-12-06 did; ``--compile`` replays the compiled step.
+numbers to rounding. ``--keep-negligible`` (of either command) enumerates every value of y (no
+``NegligibleValuesDropped``), as the code before 2026-12-06 did; ``--compile`` replays the compiled step.
 
 ``seed S`` trains the same M2 on all the training points for ten epochs at a constant rate, from the weights drawn
 under seed 0 (those of ``pyro-vae train --seed 0`` and of the study) with the training seed S, into ``--out``, and
