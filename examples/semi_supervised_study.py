@@ -566,7 +566,7 @@ def main() -> None:
     if args.starts is None:  # as pyro-vae train
         args.starts = m2_starts(args.epochs) if args.model == "m2" else 1
     if args.model == "m1m2" and args.starts > 1:
-        parser.error("--starts applies to --model m2: M1+M2 trains one start (its runs did not depend on the seed).")
+        parser.error("--starts applies to --model m2: the study trains each M1+M2 run as one start.")
     if args.starts > 1 and args.start_epochs > args.epochs:
         parser.error(f"--start-epochs {args.start_epochs} exceeds --epochs {args.epochs}; give fewer, or --starts 1.")
     args.m1_epochs = args.m1_epochs or M1_EPOCHS
