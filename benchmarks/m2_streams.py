@@ -14,7 +14,9 @@ numbers to rounding. ``--keep-negligible`` (of either command) enumerates every 
 
 ``seed S`` trains the same M2 on all the training points for ten epochs at a constant rate, from the weights drawn
 under seed 0 (those of ``pyro-vae train --seed 0`` and of the study) with the training seed S, into ``--out``, and
-prints the validation accuracy by epoch.
+prints the validation accuracy by epoch. ``--binarize`` draws the training batches' binary images with the
+package's own ``binarize``, ``torch.bernoulli`` (the package's before commit e81f9a2), or the 16-bit draws of
+e81f9a2 (the package's since; given here to run on the commits before it).
 
 Either runs against another commit's package: ``PYTHONPATH=<a worktree of it> python benchmarks/m2_streams.py ...``
 (it uses only ``pv.load_dataset``, ``pv.SSVAE``, ``pv.SemiSupervisedELBO`` and ``pv.fit``, which every commit since
@@ -58,9 +60,22 @@ def same_draws(args) -> None:
                if not key.endswith("seconds")})  # fmt: skip
 
 
+def binarize_16_bit(x: torch.Tensor) -> torch.Tensor:
+    """Commit e81f9a2's ``pyro_vae.data.binarize``: x_bin = 1 where u < x, u on the midpoints of 2^16 cells."""
+    words = torch.empty(-(-x.numel() // 4), dtype=torch.int64, device=x.device).random_(-(2**63), None)
+    levels = words.view(torch.int16)[: x.numel()].view(x.shape).to(torch.float32)
+    return (levels.add_(2**15 + 0.5).mul_(2.0**-16) < x).to(x.dtype)
+
+
+#: ``--binarize``: how the training batches are binarised.
+BINARIZE = {"package": None, "bernoulli": torch.bernoulli, "16-bit": binarize_16_bit}
+
+
 def seed(args) -> None:
     if args.keep_negligible:
         keep_negligible()
+    if BINARIZE[args.binarize] is not None:
+        pyro_vae.data.binarize = BINARIZE[args.binarize]
     pyro.set_rng_seed(0)
     data = pv.load_dataset("mnist", binarize="dynamic")
     history = pv.fit(
@@ -80,6 +95,7 @@ def main() -> None:
     seeded.add_argument("seed", type=int)
     seeded.add_argument("--out", required=True, help="the run directory")
     seeded.add_argument("--keep-negligible", action="store_true", help="enumerate every value of y")
+    seeded.add_argument("--binarize", choices=BINARIZE, default="package", help="the training batches' binarisation")
     args = parser.parse_args()
     {"same-draws": same_draws, "seed": seed}[args.command](args)
 
