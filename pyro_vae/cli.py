@@ -339,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--start-epochs",
         type=positive_int,
         default=START_EPOCHS,
-        help="epochs of each start before the choice (--starts) [default: %(default)s]",
+        help="epochs of each start before the choice (--starts)",
     )
     training.add_argument(
         "--output-bias",
