@@ -14,8 +14,8 @@ tenth of the epochs at a tenth of the rate), alpha ``--aux-weight`` per labelled
 ``--classifier-steps``, the decoder's output bias
 started at the logits of the pixels' means unless ``--output-bias random``,
 the weights themselves validated and kept unless ``--ema-decay d`` averages them,
-``--starts`` starts of ``--start-epochs`` epochs with the best continued, 8 of 5
-by default in runs of 100 epochs or more),
+``--starts`` starts of ``--start-epochs`` epochs with the best continued, eight
+of five epochs by default in runs of 100 epochs or more),
 which is what ``pyro-vae train --semi-supervised --labels N --label-seed S``
 does. The accuracy of q(y | x) is that of the test images' intensities
 (``--accuracy-on binarised``: of the one binarisation that the test log p(x)
