@@ -354,7 +354,8 @@ def test_metrics_of_older_weights_than_the_best_checkpoint_are_refused_and_a_rec
     shutil.copytree(wide, run)
     assert main(["evaluate", str(run), "--samples", "20", "--no-progress"]) == 0
     record = pv.RunDirectory(run).keep_record(tmp_path / "record-before")
-    assert main(["compare", str(record.path)]) == 0  # its test_log_px.npy is of the weights its metrics name
+    comparison = str(record.path.parent / "comparison")  # not into the folder the tests run from
+    assert main(["compare", str(record.path), "--out", comparison]) == 0  # its test_log_px.npy is of its weights
 
     def stopped(self):
         raise KeyboardInterrupt
