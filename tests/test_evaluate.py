@@ -336,7 +336,7 @@ def test_training_on_keeps_the_evaluations_and_compare_refuses_an_older_log_px(t
     last = json.loads((run / "metrics.json").read_text())
     assert last["test_num_samples"] == 5 and last["log_px_model_digest"] == last["model_digest"]
     assert np.load(run / "test_log_px.npy").mean() == pytest.approx(last["test_log_px"], rel=1e-6)
-    assert main(["compare", str(run)]) == 0
+    assert main(["compare", str(run), "--out", str(tmp_path / "comparison")]) == 0  # not where the tests run
 
 
 def test_metrics_of_older_weights_than_the_best_checkpoint_are_refused_and_a_record_says_its_weights(
