@@ -331,8 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument(
         "--starts",
         type=positive_int,
-        help="train this many starts of the run, from the same weights with the seeds --seed, --seed + 1, ..., "
-        "for --start-epochs epochs each, and continue the one whose validation metric (M2: accuracy) is best "
+        help="train this many starts of the run, with the seeds --seed, --seed + 1, ... (each but the first "
+        "drawing its own weights), for --start-epochs epochs each, and continue the one whose validation metric "
+        "(M2: accuracy) is best "
         f"[default: 1; {M2_STARTS} for --semi-supervised without --m1 of {M2_STARTS_FROM_EPOCHS} epochs or more]",
     )
     training.add_argument(
