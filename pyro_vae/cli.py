@@ -208,6 +208,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="binarisation of the pixels [default: dynamic for the bernoulli likelihood, none for the others]",
     )
     data.add_argument(
+        "--split-seed",
+        type=seed_value,
+        default=0,
+        help="seed of the validation split (and of --binarize fixed's one binarisation), apart from --seed: runs "
+        "of any --seed, and their --starts, share one split, and with --labels one label draw",
+    )
+    data.add_argument(
         "--val-size",
         type=_val_size,
         metavar="N",
@@ -327,7 +334,13 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument(
         "--beta", type=positive_float, default=1.0, help="final weight of the KL term (1 is the ELBO)"
     )
-    training.add_argument("--seed", type=seed_value, default=0, help=f"random seed, 0 to {MAX_SEED}")
+    training.add_argument(
+        "--seed",
+        type=seed_value,
+        default=0,
+        help=f"seed of the weights and of training's random numbers (not of the data's split: --split-seed), "
+        f"0 to {MAX_SEED}",
+    )
     training.add_argument(
         "--starts",
         type=positive_int,
@@ -510,9 +523,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 #: Flags that the run's config fixes on --resume, and those that only one kind of training takes.
 MODEL_AND_DATA_FLAGS = (
-    "dataset", "data_dir", "download", "binarize", "val_size", "subset", "z_dim", "hidden", "upper_hidden",
-    "activation", "arch", "prior", "likelihood", "components", "flow_layers", "scale", "init_scale", "elbo",
-    "particles", "gradient", "warmup_epochs", "beta", "batch_size", "lr", "lr_schedule", "seed", "output_bias",
+    "dataset", "data_dir", "download", "binarize", "split_seed", "val_size", "subset", "z_dim", "hidden",
+    "upper_hidden", "activation", "arch", "prior", "likelihood", "components", "flow_layers", "scale", "init_scale",
+    "elbo", "particles", "gradient", "warmup_epochs", "beta", "batch_size", "lr", "lr_schedule", "seed", "output_bias",
     "matmul_precision", "ema_decay", "starts", "start_epochs",
     "semi_supervised", "labels", "label_seed", "aux_weight", "classifier_steps", "class_prior", "m1", "name", "out",
 )  # fmt: skip
@@ -605,7 +618,7 @@ def check_flag_combinations(parser: argparse.ArgumentParser, args: argparse.Name
         train.error(f"{flags_apply(wrong)} only with --semi-supervised or --m1")
     if semi_supervised and (wrong := [flag(d) for d in VAE_ONLY_FLAGS if d in given]):
         train.error(f"{flags_apply(wrong)} only to VAE training, not to the semi-supervised objective")
-    m1_fixes = ("dataset", "binarize", "val_size", "subset", "likelihood", "arch")
+    m1_fixes = ("dataset", "binarize", "split_seed", "val_size", "subset", "likelihood", "arch")
     if args.m1 and (wrong := [flag(d) for d in m1_fixes if d in given]):
         train.error(f"{', '.join(wrong)} cannot be used with --m1 (M1's run fixes the data and the likelihood)")
     if args.m1 and "output_bias" in given:
@@ -821,7 +834,7 @@ def _load_data(args) -> Dataset:
     data = load_dataset(
         args.dataset,
         binarize=args.binarize or ("dynamic" if args.likelihood == "bernoulli" else "none"),
-        seed=args.seed,
+        seed=args.split_seed,
         data_dir=args.data_dir,
         download=args.download,
         **({} if args.val_size is None else {"val_size": args.val_size}),

@@ -317,3 +317,22 @@ def test_running_out_of_memory_or_an_unwritable_path_is_one_line_that_names_the_
     monkeypatch.setattr(cli, "_train", failing)
     with pytest.raises(RuntimeError, match="some other failure"):  # only memory is turned into a message
         main(["train", "--out", str(tmp_path)])
+
+
+def test_the_seed_leaves_the_split_and_the_label_draw_to_the_split_seed(tmp_path):
+    """`--seed` seeded the validation split until 2026-12-07, so that M2 runs of two seeds were given two label
+    draws: now the runs of any --seed share a split (and their labels); --split-seed draws another."""
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "two.npz", x=rng.random((300, 4, 4), dtype=np.float32), y=np.arange(300) % 2)
+    args = ["train", "--dataset", str(tmp_path / "two.npz"), "--semi-supervised", "--labels", "4", "--hidden", "8"]
+    args += ["--likelihood", "continuous-bernoulli", "--z-dim", "2", "--val-size", "30", "--epochs", "1"]
+    args += ["--eval-samples", "0", "--no-progress", "--out", str(tmp_path)]
+    runs = {"seed-0": [], "seed-3": ["--seed", "3"], "split-3": ["--split-seed", "3"]}
+    configs = {}
+    for name, flags in runs.items():
+        assert main([*args, *flags, "--name", name]) == 0
+        configs[name] = json.loads((tmp_path / name / "config.json").read_text())
+    assert [configs[name]["data"]["seed"] for name in runs] == [0, 0, 3]
+    assert configs["seed-3"]["train"]["seed"] == 3
+    assert configs["seed-0"]["data_digests"] == configs["seed-3"]["data_digests"]
+    assert configs["seed-0"]["data_digests"]["train"] != configs["split-3"]["data_digests"]["train"]
