@@ -632,6 +632,8 @@ def main() -> None:
     except INTERRUPTS:
         print("Interrupted: the runs in progress were saved; the same command resumes the study.", file=sys.stderr)
         raise SystemExit(130) from None
+    except pv.RunLocked as err:  # another study (or pyro-vae train) on this --out
+        raise SystemExit(f"{err} Two studies on one --out would share its runs: give this one another --out.") from None
     runs = {labels: [places[job] for job in jobs if job[0] == labels] for labels in args.labels}
     result = table(args.model, runs, args.accuracy_on)
     out.mkdir(parents=True, exist_ok=True)

@@ -183,6 +183,23 @@ def test_the_semi_supervised_study_keeps_each_run_as_it_finishes_and_checks_ever
     assert pv.RunDirectory(tmp_path / "s" / "m2-100-labels-draw-0").load_checkpoint("last")["epoch"] == 1
 
 
+def test_a_run_held_by_another_process_stops_the_study_with_one_line(tmp_path, monkeypatch, capsys):
+    """Two studies on one --out: the second stops with the lock's message, not a traceback of RunLocked."""
+    study = load_example("semi_supervised_study.py")
+
+    def locked_run(labels, label_seed, args, out):
+        run = pv.RunDirectory(out / study.run_name("m2", labels, label_seed))
+        with run.lock(), run.lock():  # a second hold of one lock, as a second process would try
+            pass
+
+    monkeypatch.setattr(study, "train_m2", locked_run)
+    monkeypatch.chdir(tmp_path)
+    tiny = ["--epochs", "1", "--subset", "2000", "--labels", "100", "--label-seeds", "0", "--out", "s"]
+    monkeypatch.setattr(sys, "argv", ["study", *tiny])
+    with pytest.raises(SystemExit, match=r"is being written by another process \(pid \d+\).*give this one another"):
+        study.main()
+
+
 def test_the_semi_supervised_study_runs_m1_plus_m2(tmp_path):
     tiny = ["--m1-epochs", "1", "--epochs", "1", "--subset", "2000", "--labels", "100", "--label-seeds", "0"]
     # one epoch of M1 on 2,000 points from the data's means has no active unit yet; from the random start it has
