@@ -15,8 +15,8 @@ numbers to rounding. ``--keep-negligible`` (of either command) enumerates every 
 ``seed S`` trains the same M2 on all the training points for ten epochs at a constant rate, from the weights drawn
 under seed 0 (those of ``pyro-vae train --seed 0`` and of the study) with the training seed S, into ``--out``, and
 prints the validation accuracy by epoch. ``--binarize`` draws the training batches' binary images with the
-package's own ``binarize``, ``torch.bernoulli`` (the package's before commit e81f9a2), or the 16-bit draws of
-e81f9a2 (the package's since; given here to run on the commits before it).
+package's own ``binarize``, ``torch.bernoulli`` (the package's draws before commit e81f9a2 and again since
+2026-12-07), or the 16-bit draws of e81f9a2 (the package's between; given here to run on any commit).
 
 Either runs against another commit's package: ``PYTHONPATH=<a worktree of it> python benchmarks/m2_streams.py ...``
 (it uses only ``pv.load_dataset``, ``pv.SSVAE``, ``pv.SemiSupervisedELBO`` and ``pv.fit``, which every commit since

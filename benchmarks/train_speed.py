@@ -31,8 +31,9 @@ the four forward products and the seven backward ones of every step, run
 back to back on tensors of the same shapes.
 
 **Binarising a batch** of the training images, first: ``torch.bernoulli``
-as the plain loops draw, one float uniform per pixel below its intensity,
-and ``pyro_vae.data.binarize`` (16 random bits per pixel), medians of 200.
+as the plain loops draw, one float uniform per pixel below its intensity
+as a boolean made float, and ``pyro_vae.data.binarize`` (the same uniforms,
+compared into floats), medians of 200.
 
 **Steps** (``--steps`` timed steps after warm-up, interleaved, medians):
 the enumerated M2 step (``pv.SSVAE``, z 50, hidden 500, batch 200, 100

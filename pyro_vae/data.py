@@ -183,19 +183,15 @@ def check_unit_interval(x: torch.Tensor) -> None:
 
 
 def binarize(x: torch.Tensor) -> torch.Tensor:
-    """A fresh binarisation of intensities in [0, 1]: x_bin = 1 where u < x, u uniform on 2^16 levels.
+    """A fresh binarisation of intensities in [0, 1]: x_bin = 1 where u < x, one uniform u per pixel.
 
-    Each pixel gets 16 random bits b, read as u = (b + 1/2) / 2^16, a uniform on the midpoints of
-    2^16 equal cells of (0, 1), so P(x_bin = 1) is 2^-16 round(2^16 x): Bernoulli(x) to within
-    2^-17, exact at 0 and 1, and also exact at any x on that grid. The bits come four to a 64-bit
-    word of the generator, and the comparison writes floats directly (its speed: benchmarks/RESULTS.md,
-    "Training speed").
+    The distribution of ``torch.bernoulli(x)``, and on CPU its very draws: each pixel takes one uniform of
+    the generator (24 random bits in float32, 53 in float64; float16 pixels are compared with float32
+    uniforms), and the comparison writes into the uniforms' floats. Why not fewer random bits a pixel:
+    docs/data.md, "Binarisation".
     """
-    words = torch.empty(-(-x.numel() // 4), dtype=torch.int64, device=x.device).random_(-(2**63), None)
-    dtype = torch.promote_types(x.dtype, torch.float32)  # 2^15 + 1/2 needs 17 significant bits
-    levels = words.view(torch.int16)[: x.numel()].view(x.shape).to(dtype)  # b - 2^15, in [-2^15, 2^15)
-    uniforms = levels.add_(2**15 + 0.5).mul_(2.0**-16)
-    return torch.lt(uniforms, x, out=uniforms) if dtype == x.dtype else (uniforms < x).to(x.dtype)
+    uniforms = torch.rand_like(x, dtype=torch.promote_types(x.dtype, torch.float32))
+    return torch.lt(uniforms, x, out=uniforms) if uniforms.dtype == x.dtype else (uniforms < x).to(x.dtype)
 
 
 def binarize_once(x: torch.Tensor, seed: int) -> torch.Tensor:
