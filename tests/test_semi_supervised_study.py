@@ -183,7 +183,7 @@ def test_the_semi_supervised_study_keeps_each_run_as_it_finishes_and_checks_ever
     assert pv.RunDirectory(tmp_path / "s" / "m2-100-labels-draw-0").load_checkpoint("last")["epoch"] == 1
 
 
-def test_a_run_held_by_another_process_stops_the_study_with_one_line(tmp_path, monkeypatch, capsys):
+def test_a_run_held_by_another_process_stops_the_study_with_one_line(tmp_path, monkeypatch):
     """Two studies on one --out: the second stops with the lock's message, not a traceback of RunLocked."""
     study = load_example("semi_supervised_study.py")
 
