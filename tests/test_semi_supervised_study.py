@@ -245,10 +245,11 @@ def test_the_semi_supervised_study_runs_m1_plus_m2(tmp_path):
 def test_a_ctrl_c_saves_the_semi_supervised_study_runs_in_progress_and_starts_no_other(tmp_path, jobs):
     """SIGINT to the process group (a terminal's Ctrl-C) saves the runs in progress and starts none of the others.
 
-    150 epochs of 10 steps stay below the steps at which a run is compiled, so the runs train at once.
+    150 epochs of 10 steps stay below the steps at which a run is compiled, so the runs train at once; one
+    start each, so that the signal lands in the continued run (a Ctrl-C among the starts: ``test_starts.py``).
     """
     args = ["--epochs", "150", "--subset", "2000", "--labels", "100", "--label-seeds", "0", "1", "2"]
-    args += ["--classifier-steps", "50", "--samples", "0", "--jobs", str(jobs), "--out", "study"]
+    args += ["--classifier-steps", "50", "--samples", "0", "--starts", "1", "--jobs", str(jobs), "--out", "study"]
     process = subprocess.Popen(
         [sys.executable, str(EXAMPLES / "semi_supervised_study.py"), *args],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
